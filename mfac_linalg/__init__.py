@@ -1,0 +1,11 @@
+"""mfac_linalg: cheap inverse (empirical) Fisher operators for NumPy and CuPy.
+
+See README.md and docs/ for the mathematics and the API.
+"""
+from ._operator import Operator, OutOfRangeError
+from .static import FisherOperator, StaticInverseFisher
+
+__version__ = "0.1.0"
+
+__all__ = ["Operator", "OutOfRangeError", "StaticInverseFisher", "FisherOperator",
+           "__version__"]

@@ -1,0 +1,295 @@
+"""Backend layer: the only module that knows NumPy from CuPy.
+
+It picks the array namespace from the inputs (NumPy arrays -> CPU, CuPy arrays
+-> GPU), imports CuPy lazily and optionally, accepts any object exporting
+``__dlpack__`` (PyTorch, JAX, ...) zero-copy on its own device, maps
+``scipy.linalg`` to ``cupyx.scipy.linalg`` and owns the dtype policy:
+
+* big data (gradients, d-sized vectors) keeps float32 or float64; float16 and
+  bfloat16 are storage formats of the GPU kernels only and are promoted to
+  float32 on entry elsewhere; integers and booleans become float64;
+* every small matrix (m x m capacitance, Cholesky factors) is float64;
+* complex input is refused with a ``TypeError``.
+"""
+from __future__ import annotations
+
+import functools
+import numbers
+
+import numpy as np
+
+__all__ = [
+    "Backend", "CPU", "backend_of", "asarray", "as_vector_block", "cupy_available",
+    "gpu_available", "default_device", "check_finite", "to_host", "SMALL_DTYPE",
+]
+
+SMALL_DTYPE = np.float64
+
+_KDL_CPU = 1
+_KDL_CUDA = 2
+_KDL_CUDA_MANAGED = 13
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy():
+    """Return the ``cupy`` module, or ``None`` when it cannot be imported."""
+    try:
+        import cupy  # noqa: PLC0415  (optional dependency, imported lazily)
+    except Exception:  # ImportError, or a broken CUDA installation
+        return None
+    return cupy
+
+
+def cupy_available() -> bool:
+    """True when CuPy imports."""
+    return _cupy() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device that works."""
+    cp = _cupy()
+    if cp is None:
+        return False
+    try:
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            return False
+        cp.zeros(1).sum().item()  # forces context creation and a kernel launch
+        return True
+    except Exception:
+        return False
+
+
+def default_device() -> str:
+    """``"gpu"`` when a usable GPU is there, else ``"cpu"``."""
+    return "gpu" if gpu_available() else "cpu"
+
+
+class Backend:
+    """An array namespace plus the matching dense linear algebra.
+
+    Attributes
+    ----------
+    xp : module
+        ``numpy`` or ``cupy``.
+    name : str
+        ``"cpu"`` or ``"gpu"``.
+    device_id : int or None
+        The CUDA device ordinal (GPU) or None (CPU).
+    """
+
+    def __init__(self, xp, name, device_id=None):
+        self.xp = xp
+        self.name = name
+        self.device_id = device_id
+
+    # -- dense linear algebra on small float64 matrices -------------------
+    @property
+    def linalg(self):
+        """``scipy.linalg`` or ``cupyx.scipy.linalg``."""
+        if self.name == "cpu":
+            import scipy.linalg as sla
+            return sla
+        import cupyx.scipy.linalg as csla
+        return csla
+
+    def cholesky_lower(self, a):
+        """Lower Cholesky factor of a symmetric positive-definite float64 matrix.
+
+        Raises ``numpy.linalg.LinAlgError`` when ``a`` is not numerically
+        positive definite (CuPy returns NaNs instead of raising: we check).
+        """
+        if self.name == "cpu":
+            import scipy.linalg as sla
+            return sla.cholesky(a, lower=True, check_finite=False)
+        L = self.xp.linalg.cholesky(a)
+        if not bool(self.xp.isfinite(L[-1, -1])) or not bool(self.xp.all(self.xp.isfinite(L))):
+            raise np.linalg.LinAlgError("matrix is not positive definite")
+        return L
+
+    def solve_triangular(self, L, b, *, trans=False, lower=True, overwrite_b=False):
+        """Solve ``L x = b`` (``trans=False``) or ``L^T x = b`` (``trans=True``)."""
+        return self.linalg.solve_triangular(
+            L, b, trans=1 if trans else 0, lower=lower, overwrite_b=overwrite_b,
+            check_finite=False)
+
+    def eigh(self, a):
+        return self.xp.linalg.eigh(a)
+
+    def device_context(self):
+        """Context manager making this backend's device current (no-op on CPU)."""
+        if self.name == "cpu":
+            import contextlib
+            return contextlib.nullcontext()
+        return _cupy().cuda.Device(self.device_id)
+
+    def __eq__(self, other):
+        return (isinstance(other, Backend) and self.name == other.name
+                and self.device_id == other.device_id)
+
+    def __hash__(self):
+        return hash((self.name, self.device_id))
+
+    def __repr__(self):
+        return "cpu" if self.name == "cpu" else f"gpu:{self.device_id}"
+
+
+CPU = Backend(np, "cpu")
+
+
+def _gpu_backend(device_id: int) -> Backend:
+    return Backend(_cupy(), "gpu", int(device_id))
+
+
+def backend_for_device(device) -> Backend:
+    """Backend for a device spec: None/"cpu"/"numpy", "gpu"/"cuda"/"cupy" or "cuda:N"."""
+    if device is None or device in ("cpu", "numpy"):
+        return CPU
+    if isinstance(device, Backend):
+        return device
+    if isinstance(device, str) and device.split(":")[0] in ("gpu", "cuda", "cupy"):
+        if not gpu_available():
+            raise ValueError(f"device={device!r} asks for a GPU, but CuPy or a usable CUDA "
+                             "device is not available")
+        parts = device.split(":")
+        dev = int(parts[1]) if len(parts) > 1 else _cupy().cuda.runtime.getDevice()
+        return _gpu_backend(dev)
+    raise ValueError(f"device must be 'cpu', 'gpu' or 'cuda:N'; got {device!r}")
+
+
+def _is_cupy_array(x) -> bool:
+    cp = _cupy() if "cupy" in type(x).__module__ else None
+    return cp is not None and isinstance(x, cp.ndarray)
+
+
+def _from_foreign(x, name):
+    """Import a non-NumPy, non-CuPy array through DLPack, zero-copy."""
+    try:
+        dev_type, dev_id = x.__dlpack_device__()
+    except Exception as exc:  # pragma: no cover - malformed producer
+        raise TypeError(f"{name}: object of type {type(x).__name__} has __dlpack__ but "
+                        f"no usable __dlpack_device__ ({exc})") from None
+    if dev_type == _KDL_CPU:
+        return np.from_dlpack(x), CPU
+    if dev_type in (_KDL_CUDA, _KDL_CUDA_MANAGED):
+        cp = _cupy()
+        if cp is None:
+            raise TypeError(f"{name} lives on a CUDA device but CuPy is not installed; "
+                            "install the 'cuda12' or 'cuda13' extra")
+        with cp.cuda.Device(dev_id):
+            return cp.from_dlpack(x), _gpu_backend(dev_id)
+    raise TypeError(f"{name}: DLPack device type {dev_type} is not supported "
+                    "(only CPU and CUDA)")
+
+
+def _raw(x, name):
+    """Return ``(array, backend)`` for one input without dtype changes."""
+    if isinstance(x, np.ndarray):
+        return x, CPU
+    if _is_cupy_array(x):
+        return x, _gpu_backend(x.device.id)
+    if isinstance(x, (numbers.Number, list, tuple, np.generic)):
+        return np.asarray(x), CPU
+    if hasattr(x, "__dlpack__"):
+        return _from_foreign(x, name)
+    if hasattr(x, "__array__"):
+        return np.asarray(x), CPU
+    raise TypeError(f"{name} must be an array (NumPy, CuPy or a DLPack tensor); "
+                    f"got {type(x).__name__}")
+
+
+def _storage_dtype(dtype, name, backend):
+    """Apply the dtype policy to the dtype of big data."""
+    dtype = np.dtype(dtype) if not _is_bfloat16(dtype) else dtype
+    if _is_bfloat16(dtype):
+        return dtype if backend.name == "gpu" else np.dtype(np.float32)
+    kind = dtype.kind
+    if kind == "c":
+        raise TypeError(f"{name} must be real; got complex dtype {dtype}")
+    if kind in "biu":
+        return np.dtype(np.float64)
+    if kind != "f":
+        raise TypeError(f"{name} must have a real numeric dtype; got {dtype}")
+    if dtype == np.float16:
+        return dtype if backend.name == "gpu" else np.dtype(np.float32)
+    if dtype.itemsize > 8:  # long double: nothing below computes in it
+        return np.dtype(np.float64)
+    return dtype
+
+
+def _is_bfloat16(dtype) -> bool:
+    return getattr(dtype, "name", str(dtype)) == "bfloat16"
+
+
+def asarray(x, name, *, backend=None, dtype=None, allow_half=False):
+    """Convert one input to an array of ``backend`` under the dtype policy.
+
+    Parameters
+    ----------
+    x : array_like, cupy.ndarray or DLPack tensor
+    name : str
+        The argument name, used in error messages.
+    backend : Backend, optional
+        The backend the array must live on.  Mixing CPU and GPU, or two GPUs,
+        raises ``TypeError`` (nothing is copied between devices silently).
+    dtype : numpy dtype, optional
+        Force this floating dtype (after the policy checks).
+    allow_half : bool
+        Keep float16/bfloat16 (GPU storage); else they become float32.
+
+    Returns
+    -------
+    (array, Backend)
+    """
+    arr, be = _raw(x, name)
+    if backend is not None and be != backend:
+        raise TypeError(f"{name} lives on {be!r} but the operator lives on {backend!r}; "
+                        "move it explicitly (no silent host/device copies)")
+    target = _storage_dtype(arr.dtype, name, be)
+    if not allow_half and (target == np.float16 or _is_bfloat16(target)):
+        target = np.dtype(np.float32)
+    if dtype is not None:
+        target = dtype
+    if arr.dtype != target:
+        arr = arr.astype(target)
+    return arr, be
+
+
+def check_finite(arr, name, backend):
+    """Raise ``ValueError`` if ``arr`` holds NaN or infinity."""
+    xp = backend.xp
+    if not bool(xp.isfinite(arr).all()):
+        raise ValueError(f"{name} must be finite; got NaN or infinity")
+
+
+def as_vector_block(x, name, d, backend, *, finite=True):
+    """Validate a right-hand side: (d,) or (d, k).  Returns ``(X2d, was_1d)``."""
+    arr, _ = asarray(x, name, backend=backend)
+    if arr.ndim == 1:
+        if arr.shape[0] != d:
+            raise ValueError(f"{name} must have shape ({d},) or ({d}, k); got shape {arr.shape}")
+        was_1d = True
+        arr = arr[:, None]
+    elif arr.ndim == 2:
+        if arr.shape[0] != d:
+            raise ValueError(f"{name} must have shape ({d},) or ({d}, k); got shape {arr.shape}")
+        was_1d = False
+    else:
+        raise ValueError(f"{name} must be 1-D (d,) or 2-D (d, k); got shape {arr.shape}")
+    if finite:
+        check_finite(arr, name, backend)
+    return arr, was_1d
+
+
+def to_host(a):
+    """Copy to a NumPy array (explicit; only used for small m x m quantities or I/O)."""
+    if isinstance(a, np.ndarray):
+        return a
+    if _is_cupy_array(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def scalar(v):
+    """Python float from a 0-d array on either backend."""
+    return float(to_host(v))

@@ -1,0 +1,257 @@
+"""M-FAC static: the inverse of the damped empirical Fisher of m gradients."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _backend as B
+from . import _capacitance as cap
+from ._operator import Operator, check_damping
+
+__all__ = ["StaticInverseFisher", "FisherOperator", "as_gradients", "right_trsm"]
+
+
+def as_gradients(grads, name="grads", *, backend=None, allow_half=False):
+    """Validate a gradient matrix: 2-D (m, d), m >= 1, d >= 1, finite.  Returns (G, backend)."""
+    G, be = B.asarray(grads, name, backend=backend, allow_half=allow_half)
+    if G.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (m, d); got shape {tuple(G.shape)}")
+    if G.shape[0] < 1 or G.shape[1] < 1:
+        raise ValueError(f"{name} must hold at least one gradient of dimension >= 1; "
+                         f"got shape {tuple(G.shape)}")
+    B.check_finite(G, name, be)
+    return G, be
+
+
+def right_trsm(L, G, backend):
+    """V = L^{-1} G for lower-triangular float64 L (m x m) and G (m x d), in G's dtype.
+
+    On the CPU this is one BLAS ``trsm`` solving X L^T = G^T from the right on
+    the C-ordered G (seen by BLAS as the Fortran-ordered G^T), so no transposed
+    copy of G is made; the factor is rounded to G's dtype for the solve.
+    """
+    if backend.name == "cpu":
+        from scipy.linalg import blas
+        trsm = blas.strsm if G.dtype == np.float32 else blas.dtrsm
+        X = trsm(1.0, L.astype(G.dtype, copy=False), G.T, side=1, lower=1, trans_a=1)
+        return X.T
+    V = backend.solve_triangular(L.astype(G.dtype, copy=False), G, lower=True)
+    return backend.xp.ascontiguousarray(V)
+
+
+class StaticInverseFisher(Operator):
+    r"""Inverse of the damped empirical Fisher of m gradients (M-FAC static).
+
+    Represents :math:`F^{-1}` for
+
+    .. math::  F = \lambda I_d + \frac{1}{m} G^T G, \qquad G = [g_1; \dots; g_m] \in \mathbb{R}^{m\times d},
+
+    in one of two forms, both written :math:`F^{-1} = \alpha I + \beta V^T V`:
+
+    * **dual** (m < d, Woodbury, MATH.md section 1): with the capacitance
+      :math:`C = m\lambda I_m + G G^T = L L^T` (float64) and
+      :math:`V = L^{-1} G` (m x d), :math:`F^{-1} = (I - V^T V)/\lambda`;
+    * **primal** (m >= d): :math:`F = L_F L_F^T` (float64, d x d) and
+      :math:`V = L_F^{-1}`, :math:`F^{-1} = V^T V`.  Same costs with d in place
+      of m (d <= m), and no cancellation: the dual form's ``x - V^T V x`` loses
+      a factor lambda_max(F)/lambda of accuracy, which is far above cond(F)
+      when m >= d and lambda is small.
+
+    Parameters
+    ----------
+    grads : array_like, shape (m, d)
+        The gradients as rows: NumPy (CPU), CuPy (GPU) or any DLPack tensor
+        (zero-copy on its device).  float32 and float64 are kept, integers are
+        promoted to float64.  Never modified; the operator keeps no reference
+        to it (it stores V, its own array).
+    damping : float
+        lambda > 0.
+    check_finite : bool, default True
+        Check vectors passed to ``matvec``/``matmat``/``quad`` for NaN/inf
+        (a reduction over the input; on the GPU it synchronizes).
+
+    Costs (r = min(m, d))
+    -----
+    Set-up O(d m r): one Gram product (G G^T, or G^T G when m >= d), a float64
+    Cholesky O(r^3) and one triangular solve.  ``matvec`` O(d r) (two passes
+    over V), ``matmat`` with k columns O(d r k) as two matrix products,
+    ``entry`` O(r), ``diagonal`` O(d r), ``quad`` O(d r), ``logdet`` O(1).
+    Memory: V (r x d).
+
+    Notes
+    -----
+    m > d, m = 1, duplicate and zero gradients are all fine: C and F are
+    positive definite for every lambda > 0.  For float32 gradients the Gram
+    product runs in float32; if the float64 Cholesky then fails (lambda tiny
+    against the gradients' scale) the Gram matrix is recomputed with float64
+    accumulation.  Accuracy: docs/static.md.
+    """
+
+    def __init__(self, grads, damping, *, check_finite=True):
+        lam = check_damping(damping)
+        G, be = as_gradients(grads)
+        m, d = G.shape
+        with be.device_context():
+            colsq = be.xp.einsum("ij,ij->j", G, G)   # diag(G^T G), for fisher().diagonal()
+            primal = m >= d
+            A = G.T if primal else G                # factor A A^T + shift I
+            shift = lam if primal else m * lam
+            scale = 1.0 / m if primal else 1.0
+            K = cap.gram(A, be) * scale
+            try:
+                L = cap.cholesky_shifted(K, shift, be)
+            except cap.NotPositiveDefinite:
+                if G.dtype == np.float64:
+                    raise
+                K = cap.gram64(A, be) * scale
+                L = cap.cholesky_shifted(K, shift, be)
+            if primal:
+                V = be.solve_triangular(L, be.xp.eye(d), lower=True).astype(G.dtype)
+                self._alpha, self._beta = 0.0, 1.0
+            else:
+                V = right_trsm(L, G, be)
+                self._alpha, self._beta = 1.0 / lam, -1.0 / lam
+        self._init_operator(d, G.dtype, be, check_finite=check_finite)
+        self._m = m
+        self._damping = lam
+        self._primal = primal
+        self._L = L
+        self._V = V
+        self._colsq = colsq
+        self._logdet_L = cap.logdet_factor(L, be)
+
+    # -- attributes ----------------------------------------------------------
+    @property
+    def damping(self):
+        """lambda."""
+        return self._damping
+
+    @property
+    def num_grads(self):
+        """m, the number of gradients."""
+        return self._m
+
+    @property
+    def form(self):
+        """``"dual"`` (Woodbury, m < d) or ``"primal"`` (m >= d)."""
+        return "primal" if self._primal else "dual"
+
+    @property
+    def factor(self):
+        """The float64 lower Cholesky factor: of C = m*lambda*I + G G^T (dual) or of F (primal)."""
+        return self._L
+
+    def _repr_fields(self):
+        return [f"m={self._m}", f"damping={self._damping:.0e}"]
+
+    # -- hooks: F^{-1} = alpha I + beta V^T V ----------------------------------
+    def _matmat(self, X):
+        V = self._V
+        U = V @ X                       # pass 1: (r, k)
+        Y = V.T @ U                     # pass 2
+        Y *= self._beta
+        if self._alpha:
+            Y += self._alpha * X
+        return Y
+
+    def _diagonal(self):
+        s = self._backend.xp.einsum("ij,ij->j", self._V, self._V)
+        return self._alpha + self._beta * s
+
+    def _entry(self, i, j):
+        vi = self._V[:, i].astype(np.float64)
+        vj = self._V[:, j].astype(np.float64)
+        return (self._alpha if i == j else 0.0) + self._beta * B.scalar(vi @ vj)
+
+    def _quad(self, X):
+        xp = self._backend.xp
+        U = self._V @ X
+        return self._alpha * xp.einsum("ij,ij->j", X, X) + self._beta * xp.einsum("ij,ij->j", U, U)
+
+    def _todense(self):
+        xp = self._backend.xp
+        A = self._V.T @ self._V
+        A *= self._beta
+        A[xp.diag_indices(self._d)] += self._alpha
+        return A
+
+    # -- inverse-Fisher extras ---------------------------------------------------
+    def logdet(self):
+        r"""log det F.  O(1) (kept from set-up).
+
+        Dual: d log(lambda) + log det C - m log(m lambda) (determinant lemma);
+        primal: log det (L_F L_F^T).
+        """
+        if self._primal:
+            return self._logdet_L
+        lam, m, d = self._damping, self._m, self._d
+        return d * math.log(lam) + self._logdet_L - m * math.log(m * lam)
+
+    def fisher(self):
+        """The forward operator F = lambda I + G^T G / m (same protocol); ``.inverse()`` gives self."""
+        return FisherOperator(self)
+
+    def inverse(self):
+        """The operator itself (for symmetry with ``fisher().inverse()``)."""
+        return self
+
+    # -- forward products through the factors (used by FisherOperator) -------
+    def _fisher_matmat(self, X):
+        """F X.  Dual: lambda X + V^T (L^T L (V X)) / m; primal: L_F (L_F^T X)."""
+        L = self._L
+        if self._primal:
+            Y = L @ (L.T @ X.astype(np.float64))
+            return Y.astype(X.dtype, copy=False)
+        V = self._V
+        W = L.T @ (L @ (V @ X).astype(np.float64))
+        Y = V.T @ (W * (1.0 / self._m)).astype(V.dtype)
+        Y += self._damping * X
+        return Y
+
+    def _fisher_rows(self, idx):
+        """Columns idx of the float64 factor form of F: F[i, j] = rows[:, i] . rows[:, j] (+ lambda)."""
+        if self._primal:
+            return self._L[idx, :].T
+        return self._L @ self._V[:, idx].astype(np.float64) / math.sqrt(self._m)
+
+
+class FisherOperator(Operator):
+    r"""The damped empirical Fisher :math:`F = \lambda I + G^T G / m` of a static operator.
+
+    Built by ``StaticInverseFisher.fisher()`` from the factors of the inverse
+    (G is not stored twice).  ``matvec`` O(d r + r^2) with r = min(m, d);
+    ``diagonal`` O(d) (the column norms of G are kept from set-up);
+    ``entry`` O(r^2) (dual) or O(d) (primal); ``quad`` O(d r + r^2).
+    """
+
+    def __init__(self, inverse_op):
+        self._inv = inverse_op
+        self._init_operator(inverse_op.shape[0], inverse_op.dtype, inverse_op.backend,
+                            check_finite=inverse_op._check_finite)
+
+    def _repr_fields(self):
+        return self._inv._repr_fields()
+
+    def inverse(self):
+        """The inverse operator this F came from."""
+        return self._inv
+
+    def _matmat(self, X):
+        return self._inv._fisher_matmat(X)
+
+    def _diagonal(self):
+        inv = self._inv
+        return (inv._damping + inv._colsq / inv._m).astype(self._dtype)
+
+    def _entry(self, i, j):
+        inv = self._inv
+        R = inv._fisher_rows([i, j])
+        val = B.scalar(R[:, 0] @ R[:, 1])
+        if not inv._primal and i == j:
+            val += inv._damping
+        return val
+
+    def logdet(self):
+        """log det F (the inverse operator's, from the same factor)."""
+        return self._inv.logdet()

@@ -1,0 +1,32 @@
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+from mfac_linalg import _backend as B
+
+settings.register_profile(
+    "ci", max_examples=25, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "dev", max_examples=500, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def _gpu_param():
+    return pytest.param("gpu", marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not B.gpu_available(), reason="needs CuPy and a CUDA GPU")])
+
+
+@pytest.fixture(params=["cpu", _gpu_param()])
+def backend(request):
+    """The backend under test: the CPU always, the GPU where CuPy sees one."""
+    return B.backend_for_device(request.param)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)

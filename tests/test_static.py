@@ -1,0 +1,148 @@
+"""StaticInverseFisher against dense float64 oracles (scipy.linalg)."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import mfac_linalg as ml
+from mfac_linalg import _backend as B
+
+from battery import check_operator
+from oracles import (EPS32, cond, damping_for, dense_fisher, dense_inverse, float32_tol,
+                     float64_tol, gradients, rel_err)
+
+KINDS = ["normal", "duplicate", "zero", "lowrank", "spread"]
+
+instances = st.fixed_dictionaries({
+    "m": st.integers(1, 40),
+    "d": st.integers(1, 40),
+    "kind": st.sampled_from(KINDS),
+    "log_ratio": st.floats(-8, 2),
+    "log_scale": st.floats(-3, 3),
+    "seed": st.integers(0, 2**32 - 1),
+})
+
+
+def build(inst, dtype=np.float64):
+    rng = np.random.default_rng(inst["seed"])
+    G = gradients(rng, inst["m"], inst["d"], inst["kind"], 10.0 ** inst["log_scale"])
+    lam = damping_for(G, 10.0 ** inst["log_ratio"])
+    return G, lam, rng
+
+
+@given(instances)
+def test_static_matches_dense_oracle_float64(inst):
+    G, lam, rng = build(inst)
+    F = dense_fisher(G, lam)
+    tol = float64_tol(cond(F))
+    op = ml.StaticInverseFisher(G, lam)
+    check_operator(op, dense_inverse(F), tol, rng, logdet=np.linalg.slogdet(F)[1],
+                   forward=F, forward_tol=1e-12)
+
+
+@given(instances)
+def test_static_float32_against_float64_reference(inst):
+    G, lam, rng = build(inst)
+    F = dense_fisher(G, lam)
+    Fi = dense_inverse(F)
+    kappa = cond(F)
+    op = ml.StaticInverseFisher(G.astype(np.float32), lam)
+    assert op.dtype == np.float32
+    x = rng.standard_normal(inst["d"]).astype(np.float32)
+    ref = Fi @ x.astype(np.float64)
+    err = rel_err(op.matvec(x), ref)
+    assert err <= float32_tol(kappa, inst["m"]), (err, kappa)
+    # and the operator is a float32 operator, not a float64 one in disguise
+    assert op._V.dtype == np.float32
+    assert rel_err(op.diagonal(), np.diag(Fi)) <= float32_tol(kappa, inst["m"])
+
+
+@pytest.mark.parametrize("m,d", [(1, 1), (1, 30), (30, 1), (50, 7), (7, 50), (64, 64)])
+def test_static_shapes_on_backend(backend, m, d, rng):
+    G = rng.standard_normal((m, d))
+    lam = 0.1
+    F = dense_fisher(G, lam)
+    op = ml.StaticInverseFisher(backend.xp.asarray(G), lam)
+    assert op.device == repr(backend)
+    check_operator(op, dense_inverse(F), float64_tol(cond(F)), rng,
+                   logdet=np.linalg.slogdet(F)[1], forward=F, forward_tol=1e-12)
+
+
+def test_float64_accuracy_at_moderate_conditioning(rng):
+    # the acceptance figure: 1e-10 relative for well-posed damping, m > d included
+    for m, d in [(20, 200), (200, 20), (64, 64)]:
+        G = rng.standard_normal((m, d))
+        lam = damping_for(G, 1e-3)
+        F = dense_fisher(G, lam)
+        op = ml.StaticInverseFisher(G, lam)
+        X = rng.standard_normal((d, 4))
+        assert rel_err(op.matmat(X), np.linalg.solve(F, X)) < 1e-10
+        assert rel_err(op.diagonal(), np.diag(np.linalg.inv(F))) < 1e-10
+
+
+def test_grads_not_modified_and_not_referenced(rng):
+    G = rng.standard_normal((8, 20)).astype(np.float32)
+    G0 = G.copy()
+    op = ml.StaticInverseFisher(G, 0.5)
+    assert np.array_equal(G, G0)
+    assert not np.shares_memory(op._V, G)
+    y0 = op.matvec(np.ones(20, np.float32))
+    G[:] = 7.0  # mutating the caller's array afterwards changes nothing
+    assert np.array_equal(op.matvec(np.ones(20, np.float32)), y0)
+
+
+def test_integer_grads_promoted_to_float64():
+    G = np.arange(12).reshape(3, 4)
+    op = ml.StaticInverseFisher(G, 1)
+    assert op.dtype == np.float64
+    F = dense_fisher(G.astype(float), 1.0)
+    assert rel_err(op.todense(), np.linalg.inv(F)) < 1e-12
+
+
+def test_float32_tiny_damping_falls_back_to_float64_gram(rng):
+    # m > d: G G^T is singular; in float32 its computed eigenvalues go negative,
+    # far below m * damping, so the float32 Gram cannot be factored
+    G = (rng.standard_normal((60, 5)) * 100).astype(np.float32)
+    lam = 1e-9
+    op = ml.StaticInverseFisher(G, lam)
+    F = dense_fisher(G, lam)
+    x = rng.standard_normal(5)
+    err = rel_err(op.matvec(x), np.linalg.solve(F, x))
+    assert err <= float32_tol(cond(F), 60)
+    assert np.isfinite(op.logdet())
+
+
+def test_matmat_is_one_pass(rng):
+    G = rng.standard_normal((6, 30))
+    op = ml.StaticInverseFisher(G, 1.0)
+    calls = []
+
+    class Spy(np.ndarray):
+        def __matmul__(self, other):
+            calls.append(np.shape(other))
+            return np.asarray(self) @ other
+
+    op._V = op._V.view(Spy)
+    op.matmat(rng.standard_normal((30, 9)))
+    # two products (pass 1: V X, pass 2: V^T U), each over all 9 columns at once
+    assert calls == [(30, 9), (6, 9)]
+
+
+def test_logdet_matches_slogdet_over_damping_range(rng):
+    G = rng.standard_normal((10, 25))
+    for ratio in [1e-8, 1e-4, 1.0, 1e2]:
+        lam = damping_for(G, ratio)
+        F = dense_fisher(G, lam)
+        op = ml.StaticInverseFisher(G, lam)
+        assert abs(op.logdet() - np.linalg.slogdet(F)[1]) < 1e-9 * abs(np.linalg.slogdet(F)[1])
+
+
+def test_float32_tolerance_documented_bound_is_not_vacuous(rng):
+    # at moderate conditioning the float32 error is small in absolute terms
+    G = rng.standard_normal((32, 500))
+    lam = damping_for(G, 1e-2)
+    F = dense_fisher(G, lam)
+    op = ml.StaticInverseFisher(G.astype(np.float32), lam)
+    x = rng.standard_normal(500)
+    err = rel_err(op.matvec(x), np.linalg.solve(F, x))
+    assert err < 1e-4
+    assert err > EPS32 / 10  # really computed in float32
