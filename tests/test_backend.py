@@ -1,0 +1,113 @@
+"""The backend layer: namespaces, DLPack, device mixing, dtype policy."""
+import numpy as np
+import pytest
+
+import mfac_linalg as ml
+from mfac_linalg import _backend as B
+
+
+class DLPackOnly:
+    """A foreign tensor that speaks only DLPack (like a PyTorch/JAX CPU tensor)."""
+
+    def __init__(self, arr):
+        self._arr = arr
+
+    def __dlpack__(self, **kwargs):
+        return self._arr.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._arr.__dlpack_device__()
+
+
+def test_dlpack_input_is_zero_copy_on_cpu(rng):
+    G = rng.standard_normal((5, 12))
+    arr, be = B.asarray(DLPackOnly(G), "grads")
+    assert be.name == "cpu" and np.shares_memory(arr, G)
+    op = ml.StaticInverseFisher(DLPackOnly(G), 0.3)
+    ref = ml.StaticInverseFisher(G, 0.3)
+    x = rng.standard_normal(12)
+    assert np.array_equal(op.matvec(DLPackOnly(x)), ref.matvec(x))
+
+
+def test_dlpack_unknown_device_refused():
+    class Weird:
+        def __dlpack__(self, **kw):
+            raise AssertionError("never called")
+
+        def __dlpack_device__(self):
+            return (14, 0)  # e.g. a Metal device
+
+    with pytest.raises(TypeError, match=r"grads: DLPack device type 14 is not supported"):
+        ml.StaticInverseFisher(Weird(), 0.1)
+
+
+@pytest.mark.parametrize("dtype,expected", [
+    (np.float64, np.float64), (np.float32, np.float32), (np.float16, np.float32),
+    (np.int32, np.float64), (np.int64, np.float64), (np.uint8, np.float64), (bool, np.float64),
+])
+def test_dtype_policy_cpu(dtype, expected):
+    arr, _ = B.asarray(np.ones((2, 2), dtype=dtype), "grads")
+    assert arr.dtype == expected
+
+
+def test_lists_are_accepted():
+    op = ml.StaticInverseFisher([[1.0, 2.0], [3.0, 4.0]], 1.0)
+    assert op.dtype == np.float64
+    y = op.matvec([1, 1])
+    assert isinstance(y, np.ndarray) and y.dtype == np.float64
+
+
+def test_output_dtype_follows_input(rng):
+    op32 = ml.StaticInverseFisher(rng.standard_normal((3, 8)).astype(np.float32), 0.1)
+    op64 = ml.StaticInverseFisher(rng.standard_normal((3, 8)), 0.1)
+    x = rng.standard_normal(8)
+    assert op32.matvec(x).dtype == np.float64
+    assert op32.matvec(x.astype(np.float32)).dtype == np.float32
+    assert op64.matvec(x.astype(np.float32)).dtype == np.float32
+    assert op64.matvec(np.arange(8)).dtype == np.float64
+
+
+def test_backend_for_device_errors():
+    with pytest.raises(ValueError, match=r"device must be 'cpu', 'gpu' or 'cuda:N'; got 'tpu'"):
+        B.backend_for_device("tpu")
+    if not B.gpu_available():
+        with pytest.raises(ValueError, match=r"asks for a GPU"):
+            B.backend_for_device("gpu")
+
+
+def test_library_imports_without_cupy():
+    # the package never imports cupy at import time
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['cupy'] = None; import mfac_linalg as ml, numpy as np; "
+            "op = ml.StaticInverseFisher(np.eye(3), 1.0); print(op.device)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not B.gpu_available(), reason="needs CuPy and a CUDA GPU")
+def test_mixing_cpu_and_gpu_is_a_type_error(rng):
+    import cupy as cp
+    op = ml.StaticInverseFisher(cp.asarray(rng.standard_normal((3, 8))), 0.1)
+    with pytest.raises(TypeError, match=r"x lives on cpu but the operator lives on gpu"):
+        op.matvec(np.ones(8))
+    y = op.matvec(cp.ones(8))
+    assert isinstance(y, cp.ndarray)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not B.gpu_available(), reason="needs CuPy and a CUDA GPU")
+def test_torch_cuda_tensor_in_result_on_same_device(rng):
+    torch = pytest.importorskip("torch")
+    import cupy as cp
+    G = torch.randn(6, 40, device="cuda", dtype=torch.float32)
+    op = ml.StaticInverseFisher(G, 0.2)
+    assert op.device == f"gpu:{G.device.index}"
+    x = torch.randn(40, device="cuda", dtype=torch.float32)
+    y = op.matvec(x)
+    assert isinstance(y, cp.ndarray) and y.device.id == G.device.index
+    ref = ml.StaticInverseFisher(G.cpu().numpy(), 0.2).matvec(x.cpu().numpy())
+    assert np.allclose(cp.asnumpy(y), ref, rtol=1e-4, atol=1e-5)
+    back = torch.from_dlpack(y)  # and back into torch, zero-copy
+    assert back.device == G.device

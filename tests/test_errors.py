@@ -1,0 +1,115 @@
+"""Bad input: the right exception type, a message naming the argument, no state damaged."""
+import numpy as np
+import pytest
+
+import mfac_linalg as ml
+
+
+@pytest.fixture
+def op(rng):
+    return ml.StaticInverseFisher(rng.standard_normal((4, 10)), 0.1)
+
+
+@pytest.mark.parametrize("grads,exc,msg", [
+    (np.ones(5), ValueError, r"grads must be 2-D \(m, d\); got shape \(5,\)"),
+    (np.ones((2, 3, 4)), ValueError, r"grads must be 2-D \(m, d\); got shape \(2, 3, 4\)"),
+    (np.ones((0, 5)), ValueError, r"grads must hold at least one gradient.*\(0, 5\)"),
+    (np.ones((3, 0)), ValueError, r"grads must hold at least one gradient.*\(3, 0\)"),
+    (np.array([[1.0, np.nan]]), ValueError, r"grads must be finite"),
+    (np.array([[1.0, np.inf]]), ValueError, r"grads must be finite"),
+    (np.ones((2, 2), dtype=complex), TypeError, r"grads must be real; got complex"),
+    (np.array([["a", "b"]]), TypeError, r"grads must have a real numeric dtype"),
+    ("not an array", TypeError, r"grads must be an array \(NumPy, CuPy or a DLPack tensor\); got str"),
+    (object(), TypeError, r"grads must be an array"),
+])
+def test_bad_grads(grads, exc, msg):
+    with pytest.raises(exc, match=msg):
+        ml.StaticInverseFisher(grads, 0.1)
+
+
+@pytest.mark.parametrize("damping,exc,msg", [
+    (0.0, ValueError, r"damping must be > 0; got 0.0"),
+    (-1e-3, ValueError, r"damping must be > 0; got -0.001"),
+    (float("nan"), ValueError, r"damping must be finite; got nan"),
+    (float("inf"), ValueError, r"damping must be finite; got inf"),
+    ("0.1", TypeError, r"damping must be a real scalar; got str"),
+    (np.array([0.1, 0.2]), TypeError, r"damping must be a real scalar; got ndarray"),
+    (True, TypeError, r"damping must be a real scalar; got bool"),
+    (1 + 1j, TypeError, r"damping must be a real scalar; got complex"),
+])
+def test_bad_damping(damping, exc, msg):
+    with pytest.raises(exc, match=msg):
+        ml.StaticInverseFisher(np.ones((2, 3)), damping)
+
+
+def test_damping_accepts_numpy_scalars_and_ints():
+    assert ml.StaticInverseFisher(np.ones((2, 3)), np.float32(0.5)).damping == 0.5
+    assert ml.StaticInverseFisher(np.ones((2, 3)), 2).damping == 2.0
+    assert ml.StaticInverseFisher(np.ones((2, 3)), np.array(0.25)).damping == 0.25
+
+
+@pytest.mark.parametrize("x,msg", [
+    (np.ones(9), r"x must have shape \(10,\) or \(10, k\); got shape \(9,\)"),
+    (np.ones((10, 1, 1)), r"x must be 1-D \(d,\) or 2-D \(d, k\); got shape \(10, 1, 1\)"),
+    (np.full(10, np.nan), r"x must be finite"),
+    (np.ones((10, 2)), r"x must have shape \(10,\) or \(10, 1\); got shape \(10, 2\)"),
+])
+def test_bad_vectors_matvec(op, x, msg):
+    with pytest.raises(ValueError, match=msg):
+        op.matvec(x)
+
+
+def test_bad_matmat_and_quad(op):
+    with pytest.raises(ValueError, match=r"X must be 2-D with shape \(10, k\); got shape \(10,\)"):
+        op.matmat(np.ones(10))
+    with pytest.raises(ValueError, match=r"X must have shape \(10,\) or \(10, k\); got shape \(3, 2\)"):
+        op.matmat(np.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"x must be finite"):
+        op.quad(np.full(10, np.inf))
+    with pytest.raises(TypeError, match=r"x must be real; got complex"):
+        op.matvec(np.ones(10, dtype=complex))
+
+
+def test_check_finite_can_be_turned_off(rng):
+    op = ml.StaticInverseFisher(rng.standard_normal((4, 10)), 0.1, check_finite=False)
+    assert np.isnan(op.matvec(np.full(10, np.nan))).all()
+
+
+@pytest.mark.parametrize("i,j,exc,msg", [
+    (10, 0, IndexError, r"i must be in \[-10, 10\); got 10"),
+    (0, -11, ValueError, r"j must be in \[-10, 10\); got -11"),
+    (1.0, 0, TypeError, r"i must be an integer; got float"),
+    (0, True, TypeError, r"j must be an integer; got bool"),
+])
+def test_bad_entry(op, i, j, exc, msg):
+    with pytest.raises(exc, match=msg):
+        op.entry(i, j)
+
+
+def test_getitem_needs_a_pair(op):
+    with pytest.raises(TypeError, match=r"index with a pair of integers"):
+        op[3]
+    with pytest.raises(TypeError, match=r"i must be an integer; got slice"):
+        op[1:3, 0]
+    assert op[np.int64(-1), np.int32(0)] == op.entry(9, 0)
+
+
+def test_todense_size_guard(rng):
+    op = ml.StaticInverseFisher(rng.standard_normal((2, 5000)), 1.0)
+    with pytest.raises(ValueError, match=r"todense would build a 5000 x 5000 matrix.*max_elements"):
+        op.todense(max_elements=10**6)
+    assert op.todense(max_elements=25 * 10**6).shape == (5000, 5000)
+
+
+def test_failed_calls_leave_operator_intact(op, rng):
+    x = rng.standard_normal(10)
+    y0 = op.matvec(x)
+    for bad in (np.ones(3), np.full(10, np.nan), np.ones((10, 2, 1))):
+        with pytest.raises(ValueError):
+            op.matvec(bad)
+    assert np.array_equal(op.matvec(x), y0)
+
+
+def test_to_cupyx_refused_on_cpu(op):
+    with pytest.raises(TypeError, match=r"to_cupyx\(\) needs a GPU operator"):
+        op.to_cupyx()
