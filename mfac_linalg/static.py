@@ -149,10 +149,12 @@ class StaticInverseFisher(Operator):
     def _matmat(self, X):
         V = self._V
         U = V @ X                       # pass 1: (r, k)
+        if not self._alpha:             # primal: V^T V X
+            return V.T @ U
+        U *= self._beta / self._alpha   # dual: alpha (X + (beta/alpha) V^T U); scale the small side
         Y = V.T @ U                     # pass 2
-        Y *= self._beta
-        if self._alpha:
-            Y += self._alpha * X
+        Y += X                          # in place: no d-sized temporaries
+        Y *= self._alpha
         return Y
 
     def _diagonal(self):
