@@ -211,20 +211,28 @@ class StaticInverseFisher(Operator):
         Y += self._damping * X
         return Y
 
-    def _fisher_rows(self, idx):
-        """Columns idx of the float64 factor form of F: F[i, j] = rows[:, i] . rows[:, j] (+ lambda)."""
+    def _fisher_diagonal(self):
+        """diag F = lambda + diag(G^T G)/m, O(d) (column norms kept from set-up)."""
+        return (self._damping + self._colsq / self._m).astype(self._dtype)
+
+    def _fisher_entry(self, i, j):
+        """F[i, j]: O(d) (primal: rows of L_F) or O(m^2) (dual: columns of G = L V)."""
         if self._primal:
-            return self._L[idx, :].T
-        return self._L @ self._V[:, idx].astype(np.float64) / math.sqrt(self._m)
+            R = self._L[[i, j], :].T
+            return B.scalar(R[:, 0] @ R[:, 1])
+        R = self._L @ self._V[:, [i, j]].astype(np.float64)
+        return B.scalar(R[:, 0] @ R[:, 1]) / self._m + (self._damping if i == j else 0.0)
 
 
 class FisherOperator(Operator):
-    r"""The damped empirical Fisher :math:`F = \lambda I + G^T G / m` of a static operator.
+    r"""The damped empirical Fisher F of an inverse-Fisher operator (the forward map).
 
-    Built by ``StaticInverseFisher.fisher()`` from the factors of the inverse
-    (G is not stored twice).  ``matvec`` O(d r + r^2) with r = min(m, d);
-    ``diagonal`` O(d) (the column norms of G are kept from set-up);
-    ``entry`` O(r^2) (dual) or O(d) (primal); ``quad`` O(d r + r^2).
+    Built by ``fisher()`` of an inverse-Fisher operator, from that operator's
+    own data (G is never stored twice); it follows the inverse operator's
+    state (for the sliding window: later updates).  The inverse operator
+    provides the hooks ``_fisher_matmat(X)``, ``_fisher_diagonal()`` and
+    ``_fisher_entry(i, j)``; their costs are in its docstring.
+    ``inverse()`` returns that operator and ``logdet()`` is its ``logdet()``.
     """
 
     def __init__(self, inverse_op):
@@ -243,16 +251,10 @@ class FisherOperator(Operator):
         return self._inv._fisher_matmat(X)
 
     def _diagonal(self):
-        inv = self._inv
-        return (inv._damping + inv._colsq / inv._m).astype(self._dtype)
+        return self._inv._fisher_diagonal()
 
     def _entry(self, i, j):
-        inv = self._inv
-        R = inv._fisher_rows([i, j])
-        val = B.scalar(R[:, 0] @ R[:, 1])
-        if not inv._primal and i == j:
-            val += inv._damping
-        return val
+        return self._inv._fisher_entry(i, j)
 
     def logdet(self):
         """log det F (the inverse operator's, from the same factor)."""

@@ -1,0 +1,564 @@
+"""M-FAC sliding window: the inverse Fisher of the last m gradients, O(dm + m^2) per update."""
+from __future__ import annotations
+
+import math
+import zipfile
+
+import numpy as np
+
+from . import _backend as B
+from . import _capacitance as cap
+from ._operator import Operator, check_damping
+from .static import FisherOperator
+
+__all__ = ["SlidingWindowInverseFisher"]
+
+FORMAT_VERSION = 1
+_NORMALIZE = ("window", "count")
+
+
+class SlidingWindowInverseFisher(Operator):
+    r"""Inverse of the damped empirical Fisher over the last ``window`` gradients.
+
+    Represents :math:`F^{-1}` for
+
+    .. math:: F = \lambda I + \frac{1}{N} \sum_{i \in \text{held}} g_i g_i^T,
+
+    with N = ``window`` (``normalize="window"``, the published convention:
+    empty slots count as zero gradients) or N = the number of gradients held
+    (``normalize="count"``).  A ring buffer G (window x dim, storage dtype)
+    holds the gradients; with the capacitance C = N lambda I + G_h G_h^T
+    (float64, the n held gradients in arrival order, oldest first) and its
+    Cholesky factor C = L L^T,
+
+    .. math:: F^{-1} x = (x - G_h^T C^{-1} G_h x) / \lambda.
+
+    ``update(g)`` keeps L current in O(dim m + m^2) without refactoring
+    (MATH.md section 2): u = G g (one pass, which also gives the new row of
+    the Gram matrix), delete the oldest = a rank-one update of a block of L,
+    append the newest = one triangular solve.  ``step(g)`` adds g and returns
+    F^{-1} g in two passes over the buffer (u serves as pass 1 of the IHVP and
+    the forward solve comes free with the append).
+
+    Parameters
+    ----------
+    dim : int
+        d, the gradient dimension.
+    window : int
+        m >= 1, the number of gradients kept.
+    damping : float
+        lambda > 0.
+    dtype : {"float32", "float64"}
+        Storage dtype of the buffer (the m x m work is float64).
+    device : None, "cpu", "gpu" or "cuda:N"
+        Where the buffer lives (None: the CPU).
+    normalize : {"window", "count"}
+        N = window, or N = number of gradients held.
+    refresh_every : int, optional
+        Refactor C exactly from the Gram matrix every this many incremental
+        updates (default: ``window``), bounding the drift of the updated
+        factor; amortised it costs O(m^2) per update.
+    check_finite : bool
+        Check vectors for NaN/inf in ``matvec`` and friends (gradients are
+        always checked: they would poison the state).
+
+    Costs (n = gradients held <= m)
+    -----
+    ``update`` O(dim m + m^2); while a ``normalize="count"`` window fills
+    (N changes at every update) the factor is rebuilt lazily at the next
+    query, O(n^3).  ``step`` O(dim m + m^2).  ``matvec`` O(dim n + n^2),
+    ``matmat`` one pass for k columns, ``quad`` O(dim n + n^2), ``entry``
+    O(n^2), ``diagonal`` O(dim n^2) (a triangular solve over the buffer, in
+    column chunks), ``logdet`` O(n).  Memory: the buffer (m x dim) and three
+    m x m float64 matrices (Gram matrix, factor, a second factor buffer so
+    that a failed update leaves the old factor intact).
+    """
+
+    def __init__(self, dim, window, damping, *, dtype="float32", device=None,
+                 normalize="window", refresh_every=None, check_finite=True):
+        dim = _positive_int(dim, "dim")
+        window = _positive_int(window, "window")
+        lam = check_damping(damping)
+        if normalize not in _NORMALIZE:
+            raise ValueError(f"normalize must be 'window' or 'count'; got {normalize!r}")
+        be = B.backend_for_device(device)
+        dt = _storage(dtype, be)
+        refresh_every = window if refresh_every is None else _positive_int(refresh_every,
+                                                                             "refresh_every")
+        self._init_operator(dim, np.float32 if dt.itemsize < 4 else dt, be,
+                            check_finite=check_finite)
+        self._m = window
+        self._damping = lam
+        self._normalize = normalize
+        self._storage = dt
+        self._refresh_every = refresh_every
+        with be.device_context():
+            xp = be.xp
+            self._G = xp.zeros((window, dim), dtype=dt)
+            self._K = xp.zeros((window, window), dtype=np.float64)
+            self._L = cap.padded_identity(window, be)
+            self._Lspare = cap.padded_identity(window, be)
+        self._count = 0
+        self._since_refresh = 0
+        self._stale = False
+
+    # -- state ---------------------------------------------------------------
+    @property
+    def count(self):
+        """Number of gradients held (0 .. window)."""
+        return min(self._count, self._m)
+
+    @property
+    def total(self):
+        """Number of gradients added since construction or ``reset()``."""
+        return self._count
+
+    @property
+    def window(self):
+        """m, the capacity of the window."""
+        return self._m
+
+    @property
+    def damping(self):
+        return self._damping
+
+    @property
+    def normalize(self):
+        return self._normalize
+
+    @property
+    def storage_dtype(self):
+        return self._storage
+
+    def _n(self):
+        return min(self._count, self._m)
+
+    def _N(self):
+        n = self._n()
+        return self._m if self._normalize == "window" else max(n, 1)
+
+    def _perm(self):
+        """Slots of the held gradients in arrival order (oldest first)."""
+        n = self._n()
+        start = (self._count - n) % self._m
+        return (start + np.arange(n)) % self._m
+
+    def _repr_fields(self):
+        return [f"m={self._m}", f"held={self._n()}", f"damping={self._damping:.0e}",
+                f"normalize={self._normalize}"]
+
+    def gradients(self):
+        """The held gradients in arrival order (oldest first), as a copy (n x dim)."""
+        perm = self._perm()
+        if len(perm) == 0:
+            return self._G[:0].copy()
+        return self._G[self._backend.xp.asarray(perm)]
+
+    def reset(self):
+        """Forget every gradient (keeps dim, window, damping, dtype, device)."""
+        self._G[...] = 0
+        self._K[...] = 0
+        xp = self._backend.xp
+        self._L[...] = xp.eye(self._m)
+        self._Lspare[...] = xp.eye(self._m)
+        self._count = 0
+        self._since_refresh = 0
+        self._stale = False
+
+    # -- factor maintenance ------------------------------------------------
+    def _refactor(self):
+        """Exact factor from the Gram matrix in arrival order: O(n^3)."""
+        n = self._n()
+        be = self._backend
+        L = self._Lspare
+        L[...] = be.xp.eye(self._m)
+        if n:
+            p = be.xp.asarray(self._perm())
+            Kp = self._K[p][:, p]
+            L[:n, :n] = cap.cholesky_shifted(Kp, self._N() * self._damping, be)
+        self._L, self._Lspare = L, self._L
+        self._stale = False
+        self._since_refresh = 0
+
+    def _ensure_factor(self):
+        if self._stale:
+            self._refactor()
+
+    def _validate_rows(self, g):
+        arr, _ = B.asarray(g, "g", backend=self._backend)
+        if arr.ndim == 1:
+            arr = arr[None, :]
+        elif arr.ndim != 2:
+            raise ValueError(f"g must be (dim,) or (k, dim) with dim={self._d}; got shape "
+                             f"{tuple(arr.shape)}")
+        if arr.shape[1] != self._d:
+            raise ValueError(f"g must be (dim,) or (k, dim) with dim={self._d}; got "
+                             f"{arr.shape[1]} columns")
+        B.check_finite(arr, "g", self._backend)
+        return arr.astype(self._storage, copy=False)
+
+    def _add_one(self, row):
+        """Add one validated gradient; atomic (restores G and K if the factor update fails).
+
+        Returns (u, z) for the fused step: u = G g in slot order (float64) and,
+        when the factor was updated incrementally, z = L^{-1} u in arrival order.
+        """
+        be = self._backend
+        xp = be.xp
+        m = self._m
+        s = self._count % m
+        n_old = self._n()
+        full = n_old == m
+        old_row = self._G[s].copy()
+        old_K = self._K[s].copy()
+        self._G[s] = row
+        u = (self._G @ self._G[s]).astype(np.float64)   # one pass: the new Gram row
+        self._K[s, :] = u
+        self._K[:, s] = u
+        self._count += 1
+        try:
+            incremental = not self._stale and self._since_refresh < self._refresh_every and (
+                self._normalize == "window" or full)
+            if not incremental:
+                self._stale = True
+                return u, None
+            n = self._n()
+            perm = xp.asarray(self._perm())
+            ua = u[perm]                                  # arrival order, newest last
+            shift = self._N() * self._damping
+            if full:
+                cap.delete_first(self._L, m, self._Lspare, be)
+                Lnew = self._Lspare
+            else:
+                Lnew = self._L
+            try:
+                ell, lnn = cap.append(Lnew, n - 1, ua[:-1], float(ua[-1]) + shift, be)
+            except cap.NotPositiveDefinite:
+                self._refactor()        # exact factor from K; raises if C really is singular
+                return u, None
+            if full:
+                self._L, self._Lspare = self._Lspare, self._L
+            self._since_refresh += 1
+            z = xp.empty(n, dtype=np.float64)
+            z[:-1] = ell
+            z[-1] = (float(ua[-1]) - B.scalar(ell @ ell)) / lnn
+            return u, z
+        except Exception:
+            self._count -= 1
+            self._G[s] = old_row
+            self._K[s, :] = old_K
+            self._K[:, s] = old_K
+            raise
+
+    def update(self, g):
+        """Add one gradient (dim,) or a batch (k, dim) in order, evicting the oldest.
+
+        O(dim m + m^2) per gradient.  Atomic: a gradient with the wrong shape
+        or non-finite values (one bad row in a batch) raises and leaves the
+        state exactly as before.
+        """
+        rows = self._validate_rows(g)
+        if rows.shape[0] == 1:
+            self._add_one(rows[0])
+            return self
+        snap = self._snapshot()
+        try:
+            for r in rows:
+                self._add_one(r)
+        except Exception:
+            self._restore(snap)
+            raise
+        return self
+
+    def step(self, g):
+        """``update(g)`` then return F^{-1} g, fused: two passes over the buffer in all.
+
+        ``g`` is one gradient (dim,); the result has g's dtype and namespace.
+        """
+        arr, _ = B.asarray(g, "g", backend=self._backend)
+        if arr.ndim != 1 or arr.shape[0] != self._d:
+            raise ValueError(f"g must have shape ({self._d},) for step; got shape "
+                             f"{tuple(arr.shape)}")
+        out_dtype = arr.dtype
+        row = self._validate_rows(arr)[0]
+        u, z = self._add_one(row)
+        if z is None:           # factor rebuilt lazily: the general path
+            return self.matvec(arr)
+        c = self._back_solve(z)
+        x = arr.astype(self._dtype, copy=False)
+        return self._combine(x[:, None], c[:, None])[:, 0].astype(out_dtype, copy=False)
+
+    # -- snapshots for atomic batches ----------------------------------------------
+    def _snapshot(self):
+        return {"G": self._G.copy(), "K": self._K.copy(), "L": self._L.copy(),
+                "count": self._count, "since": self._since_refresh, "stale": self._stale}
+
+    def _restore(self, snap):
+        self._G[...] = snap["G"]
+        self._K[...] = snap["K"]
+        self._L[...] = snap["L"]
+        self._count = snap["count"]
+        self._since_refresh = snap["since"]
+        self._stale = snap["stale"]
+
+    # -- products ----------------------------------------------------------------
+    def _held(self):
+        n = self._n()
+        return self._G if n == self._m else self._G[:n]
+
+    def _to_arrival(self, U):
+        """Rows of U (slot order, n rows) into arrival order."""
+        return U[self._backend.xp.asarray(self._perm())]
+
+    def _back_solve(self, Z):
+        """Solve L^T C' = Z (arrival order, n rows) and return C' in slot order (float64)."""
+        be = self._backend
+        n = self._n()
+        m = self._m
+        rhs = be.xp.zeros((m,) + Z.shape[1:], dtype=np.float64)
+        rhs[:n] = Z
+        Ca = cap.backward(self._L, rhs, be)[:n]
+        out = be.xp.empty_like(Ca)
+        out[be.xp.asarray(self._perm())] = Ca
+        return out
+
+    def _solve_C(self, U):
+        """C^{-1} U for U (n, k) in slot order; returns slot order, float64."""
+        be = self._backend
+        n, m = self._n(), self._m
+        rhs = be.xp.zeros((m,) + U.shape[1:], dtype=np.float64)
+        rhs[:n] = self._to_arrival(U)
+        Z = cap.forward(self._L, rhs, be)[:n]
+        return self._back_solve(Z)
+
+    def _combine(self, X, Cs):
+        """(X - G_h^T Cs) / lambda: pass 2."""
+        Gh = self._held()
+        Y = Gh.T @ (-Cs).astype(Gh.dtype)
+        Y = Y.astype(X.dtype, copy=False)
+        Y += X
+        Y *= 1.0 / self._damping
+        return Y
+
+    def _matmat(self, X):
+        if self._n() == 0:
+            return X * (1.0 / self._damping)
+        self._ensure_factor()
+        Gh = self._held()
+        U = (Gh @ X.astype(Gh.dtype, copy=False)).astype(np.float64)   # pass 1
+        return self._combine(X, self._solve_C(U))
+
+    def _quad(self, X):
+        xp = self._backend.xp
+        xx = xp.einsum("ij,ij->j", X, X).astype(np.float64)
+        if self._n() == 0:
+            return xx / self._damping
+        self._ensure_factor()
+        Gh = self._held()
+        U = (Gh @ X.astype(Gh.dtype, copy=False)).astype(np.float64)
+        n, m = self._n(), self._m
+        rhs = xp.zeros((m, U.shape[1]), dtype=np.float64)
+        rhs[:n] = self._to_arrival(U)
+        Z = cap.forward(self._L, rhs, self._backend)[:n]
+        return (xx - xp.einsum("ij,ij->j", Z, Z)) / self._damping
+
+    def _diagonal(self, chunk=4096):
+        xp = self._backend.xp
+        out = xp.full(self._d, 1.0 / self._damping, dtype=self._dtype)
+        n = self._n()
+        if n == 0:
+            return out
+        self._ensure_factor()
+        Gh = self._held()
+        m = self._m
+        perm = xp.asarray(self._perm())
+        for a in range(0, self._d, chunk):
+            b = min(self._d, a + chunk)
+            rhs = xp.zeros((m, b - a), dtype=np.float64)
+            rhs[:n] = Gh[perm, a:b]
+            Z = cap.forward(self._L, rhs, self._backend)[:n]
+            out[a:b] -= (xp.einsum("ij,ij->j", Z, Z) / self._damping).astype(self._dtype)
+        return out
+
+    def _entry(self, i, j):
+        if self._n() == 0:
+            return (1.0 / self._damping) if i == j else 0.0
+        self._ensure_factor()
+        Gh = self._held()
+        U = Gh[:, [i, j]].astype(np.float64)
+        Cs = self._solve_C(U[:, 1:2])
+        val = B.scalar(U[:, 0] @ Cs[:, 0])
+        return ((1.0 if i == j else 0.0) - val) / self._damping
+
+    # -- inverse-Fisher extras -------------------------------------------------------
+    def logdet(self):
+        r"""log det F = d log lambda + log det C - n log(N lambda)  (determinant lemma).  O(n)."""
+        n = self._n()
+        lam = self._damping
+        if n == 0:
+            return self._d * math.log(lam)
+        self._ensure_factor()
+        ld = cap.logdet_factor(self._L[:n, :n], self._backend)
+        return self._d * math.log(lam) + ld - n * math.log(self._N() * lam)
+
+    def fisher(self):
+        """The forward F (same protocol); a live view that follows later updates."""
+        return FisherOperator(self)
+
+    def _fisher_matmat(self, X):
+        """F X = lambda X + G_h^T (G_h X) / N: two passes, O(dim n k)."""
+        Y = X * self._damping
+        if self._n():
+            Gh = self._held()
+            U = Gh @ X.astype(Gh.dtype, copy=False)
+            Y += (Gh.T @ (U * (1.0 / self._N()))).astype(X.dtype, copy=False)
+        return Y
+
+    def _fisher_diagonal(self):
+        """lambda + sum_i g_i^2 / N: one pass, O(dim n)."""
+        xp = self._backend.xp
+        out = xp.full(self._d, self._damping, dtype=self._dtype)
+        if self._n():
+            Gh = self._held()
+            out += (xp.einsum("ij,ij->j", Gh, Gh) / self._N()).astype(self._dtype)
+        return out
+
+    def _fisher_entry(self, i, j):
+        """lambda delta_ij + G_h[:, i] . G_h[:, j] / N: O(n)."""
+        val = self._damping if i == j else 0.0
+        if self._n():
+            Gh = self._held()
+            val += B.scalar(Gh[:, i].astype(np.float64) @ Gh[:, j].astype(np.float64)) / self._N()
+        return val
+
+    # -- checkpointing -------------------------------------------------------------
+    def state_dict(self):
+        """The whole state as host NumPy arrays and Python scalars (a copy)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "dim": self._d, "window": self._m, "damping": self._damping,
+            "normalize": self._normalize, "dtype": self._storage.name,
+            "refresh_every": self._refresh_every,
+            "count": self._count, "since_refresh": self._since_refresh,
+            "stale": self._stale,
+            "G": B.to_host(self._G).copy(), "K": B.to_host(self._K).copy(),
+            "L": B.to_host(self._L).copy(),
+        }
+
+    def load_state_dict(self, state):
+        """Restore a state from :meth:`state_dict` (validated first; nothing changes on error)."""
+        st = _validate_state(state)
+        for key, mine in (("dim", self._d), ("window", self._m)):
+            if st[key] != mine:
+                raise ValueError(f"state: {key}={st[key]} does not match this window's {key}={mine}")
+        if st["dtype"] != self._storage.name:
+            raise ValueError(f"state: dtype={st['dtype']} does not match this window's "
+                             f"dtype={self._storage.name}")
+        xp = self._backend.xp
+        with self._backend.device_context():
+            G, K, L = (xp.asarray(st[k]) for k in ("G", "K", "L"))
+        self._G[...] = G
+        self._K[...] = K
+        self._L[...] = L
+        self._Lspare[...] = xp.eye(self._m)
+        self._damping = st["damping"]
+        self._normalize = st["normalize"]
+        self._refresh_every = st["refresh_every"]
+        self._count = st["count"]
+        self._since_refresh = st["since_refresh"]
+        self._stale = st["stale"]
+        return self
+
+    def save(self, path):
+        """Write the state to an ``.npz`` file (no pickles)."""
+        st = self.state_dict()
+        arrays = {k: np.asarray(v) for k, v in st.items() if k not in ("normalize", "dtype")}
+        arrays["normalize"] = np.array(st["normalize"])
+        arrays["dtype"] = np.array(st["dtype"])
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path, *, device=None):
+        """Read a window written by :meth:`save` (``allow_pickle=False``); refuses bad files."""
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                raw = {k: f[k] for k in f.files}
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+            raise ValueError(f"cannot read a sliding-window file from {path}: {exc}") from None
+        state = {}
+        for k, v in raw.items():
+            state[k] = v if v.ndim else v[()]
+        for k in ("normalize", "dtype"):
+            if k in state:
+                state[k] = str(state[k])
+        st = _validate_state(state)
+        win = cls(st["dim"], st["window"], st["damping"], dtype=st["dtype"], device=device,
+                  normalize=st["normalize"], refresh_every=st["refresh_every"])
+        return win.load_state_dict(st)
+
+
+def _positive_int(v, name):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer; got {type(v).__name__}")
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1; got {v}")
+    return int(v)
+
+
+def _storage(dtype, backend):
+    name = getattr(dtype, "name", None) or (dtype.__name__ if isinstance(dtype, type) else str(dtype))
+    allowed = ("float32", "float64")
+    if name not in allowed:
+        raise ValueError(f"dtype must be one of {allowed}; got {dtype!r}")
+    return np.dtype(name)
+
+
+_STATE_KEYS = ("format_version", "dim", "window", "damping", "normalize", "dtype",
+               "refresh_every", "count", "since_refresh", "stale", "G", "K", "L")
+
+
+def _validate_state(state):
+    """Check a state dict's keys, version, types and shapes; return a clean copy."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict; got {type(state).__name__}")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"state is missing {missing}")
+    ver = int(state["format_version"])
+    if ver != FORMAT_VERSION:
+        raise ValueError(f"state has format version {ver}; this library reads version "
+                         f"{FORMAT_VERSION}")
+    st = {k: state[k] for k in _STATE_KEYS}
+    for k in ("dim", "window", "refresh_every"):
+        st[k] = _positive_int(int(st[k]), k)
+    for k in ("count", "since_refresh"):
+        st[k] = int(st[k])
+        if st[k] < 0:
+            raise ValueError(f"state: {k} must be >= 0; got {st[k]}")
+    st["damping"] = check_damping(float(st["damping"]))
+    st["stale"] = bool(st["stale"])
+    if st["normalize"] not in _NORMALIZE:
+        raise ValueError(f"state: normalize must be 'window' or 'count'; got {st['normalize']!r}")
+    if st["dtype"] not in ("float32", "float64"):
+        raise ValueError(f"state: dtype must be float32 or float64; got {st['dtype']!r}")
+    m, d = st["window"], st["dim"]
+    for k, shape, dt in (("G", (m, d), st["dtype"]), ("K", (m, m), "float64"),
+                         ("L", (m, m), "float64")):
+        a = np.asarray(B.to_host(st[k]))
+        if a.shape != shape:
+            raise ValueError(f"state: {k} must have shape {shape}; got {a.shape}")
+        if a.dtype != np.dtype(dt):
+            raise ValueError(f"state: {k} must have dtype {dt}; got {a.dtype}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"state: {k} holds NaN or infinity")
+        st[k] = a
+    n = min(st["count"], m)
+    if not st["stale"]:
+        diag = np.diagonal(st["L"])
+        if not (diag[:n] > 0).all() or not np.array_equal(st["L"][n:, n:], np.eye(m - n)):
+            raise ValueError("state: L is not a valid factor for the gradients held")
+    if n < m and np.any(st["G"][n:]):
+        raise ValueError(f"state: count={st['count']} but rows beyond {n} of G are not empty")
+    return st
