@@ -83,12 +83,18 @@ def cholesky_shifted(K, shift, backend):
 
 
 def forward(L, b, backend):
-    """Solve L x = b (L lower)."""
+    """Solve L x = b (L lower; on the GPU a 1-D b goes to cuBLAS trsv, no copy of L)."""
+    if backend.name == "gpu" and b.ndim == 1:
+        from .kernels import sliding as K
+        return K.trsv(L, b.astype(np.float64, copy=True), L.shape[0], transpose=False)
     return backend.solve_triangular(L, b, lower=True, trans=False)
 
 
 def backward(L, b, backend):
     """Solve L^T x = b (L lower)."""
+    if backend.name == "gpu" and b.ndim == 1:
+        from .kernels import sliding as K
+        return K.trsv(L, b.astype(np.float64, copy=True), L.shape[0], transpose=True)
     return backend.solve_triangular(L, b, lower=True, trans=True)
 
 
@@ -122,6 +128,8 @@ def delete_first(src, n, dst, backend, block=_BLOCK):
     xp = backend.xp
     m = src.shape[0]
     m1 = n - 1
+    if backend.name == "gpu":
+        return _delete_first_gpu(src, n, dst, backend)
     if m1 > 0:
         # p = L22^{-1} l21 = -l11 * (L^{-1} e_0)[1:n]  (a solve with the whole buffer)
         e0 = xp.zeros(m, dtype=np.float64)
@@ -163,6 +171,28 @@ def delete_first(src, n, dst, backend, block=_BLOCK):
     return dst
 
 
+def _delete_first_gpu(src, n, dst, backend):
+    """GPU: p by one cuBLAS trsv on the L22 block in place, the O(m) coefficients in one
+    block-scan kernel, the O(m^2) update in one kernel (a block per row).
+
+    Writes rows 0..n-2 of ``dst`` on and below the diagonal; the caller's next
+    ``append`` writes row n-1.  Entries above the diagonal stay zero (every
+    factor buffer is lower triangular), so no padding is written here.
+    """
+    from .kernels import sliding as K
+    xp = backend.xp
+    n1 = n - 1
+    if n1 <= 0:
+        return dst
+    p = src[1:n, 0].copy()
+    K.trsv(src, p, n1, transpose=False, offset=1)
+    dj = xp.empty(n1, dtype=np.float64)
+    beta = xp.empty(n1, dtype=np.float64)
+    K.ggms_coeffs(p, dj, beta, n1)
+    K.chol_delete(src, dst, p, dj, beta, n)
+    return dst
+
+
 def append(L, n, c, cnn, backend):
     """Extend the padded factor ``L`` (active size n) by one row for a new column of C.
 
@@ -173,6 +203,8 @@ def append(L, n, c, cnn, backend):
     """
     xp = backend.xp
     m = L.shape[0]
+    if backend.name == "gpu":
+        return _append_gpu(L, n, c, cnn, backend)
     if n:
         rhs = xp.zeros(m, dtype=np.float64)
         rhs[:n] = c
@@ -189,3 +221,24 @@ def append(L, n, c, cnn, backend):
     L[n, :n] = ell
     L[n, n] = lnn
     return ell, lnn
+
+
+def _append_gpu(L, n, c, cnn, backend):
+    """GPU: one trsv with the n x n block (leading dimension m), one kernel for the row."""
+    from .kernels import sliding as K
+    xp = backend.xp
+    ell = c[:n].astype(np.float64, copy=True)
+    K.trsv(L, ell, n, transpose=False)
+    z = xp.empty(n + 1, dtype=np.float64)
+    r_out = xp.empty(1, dtype=np.float64)
+    # unn is not known here (the caller's fused step passes it): z[n] is recomputed there
+    K.append_row(L, ell, z, r_out, n, cnn, 0.0)
+    r = float(r_out.get()[0])
+    if not r > 0.0:
+        # the kernel wrote row n; put back the padding row it replaced
+        L[n, :n + 1] = 0.0
+        L[n, n] = 1.0
+        raise NotPositiveDefinite("appending a gradient made the capacitance matrix "
+                                  "numerically singular: the damping is too small "
+                                  "relative to the gradients' scale")
+    return ell, float(np.sqrt(r))

@@ -9,6 +9,7 @@ import numpy as np
 from . import _backend as B
 from . import _capacitance as cap
 from ._operator import Operator, check_damping
+from .kernels import sliding as K_
 from .static import FisherOperator
 
 __all__ = ["SlidingWindowInverseFisher"]
@@ -82,19 +83,23 @@ class SlidingWindowInverseFisher(Operator):
         if normalize not in _NORMALIZE:
             raise ValueError(f"normalize must be 'window' or 'count'; got {normalize!r}")
         be = B.backend_for_device(device)
-        dt = _storage(dtype, be)
+        dt, kind = _storage(dtype, be)
         refresh_every = window if refresh_every is None else _positive_int(refresh_every,
                                                                              "refresh_every")
-        self._init_operator(dim, np.float32 if dt.itemsize < 4 else dt, be,
+        self._init_operator(dim, np.float64 if dt == np.float64 else np.float32, be,
                             check_finite=check_finite)
         self._m = window
         self._damping = lam
         self._normalize = normalize
         self._storage = dt
+        # GPU kernel path (float32 and 16-bit storage): rows padded to a multiple of 8,
+        # 16-bit values held as raw uint16 (the kernels convert, float32 accumulation)
+        self._kind = kind
+        self._ld = K_.padded(dim) if kind else dim
         self._refresh_every = refresh_every
         with be.device_context():
             xp = be.xp
-            self._G = xp.zeros((window, dim), dtype=dt)
+            self._G = xp.zeros((window, self._ld), dtype=dt)
             self._K = xp.zeros((window, window), dtype=np.float64)
             self._L = cap.padded_identity(window, be)
             self._Lspare = cap.padded_identity(window, be)
@@ -128,7 +133,8 @@ class SlidingWindowInverseFisher(Operator):
 
     @property
     def storage_dtype(self):
-        return self._storage
+        """The buffer's dtype name: float32, float64, or (GPU) float16 / bfloat16."""
+        return self._kind or self._storage.name
 
     def _n(self):
         return min(self._count, self._m)
@@ -148,11 +154,11 @@ class SlidingWindowInverseFisher(Operator):
                 f"normalize={self._normalize}"]
 
     def gradients(self):
-        """The held gradients in arrival order (oldest first), as a copy (n x dim)."""
-        perm = self._perm()
-        if len(perm) == 0:
-            return self._G[:0].copy()
-        return self._G[self._backend.xp.asarray(perm)]
+        """The held gradients in arrival order (oldest first), as a copy (n x dim).
+
+        16-bit buffers come back as float32 (the values as stored)."""
+        perm = self._backend.xp.asarray(self._perm())
+        return self._held()[perm][:, :self._d].copy()
 
     def reset(self):
         """Forget every gradient (keeps dim, window, damping, dtype, device)."""
@@ -195,13 +201,14 @@ class SlidingWindowInverseFisher(Operator):
             raise ValueError(f"g must be (dim,) or (k, dim) with dim={self._d}; got "
                              f"{arr.shape[1]} columns")
         B.check_finite(arr, "g", self._backend)
-        return arr.astype(self._storage, copy=False)
+        return arr.astype(np.float32 if self._kind else self._storage, copy=False)
 
     def _add_one(self, row):
         """Add one validated gradient; atomic (restores G and K if the factor update fails).
 
-        Returns (u, z) for the fused step: u = G g in slot order (float64) and,
-        when the factor was updated incrementally, z = L^{-1} u in arrival order.
+        Returns (u, z, xq) for the fused step: u = G g in slot order (float64);
+        when the factor was updated incrementally, z = L^{-1} u in arrival order
+        (else None); on the kernel path xq, the padded float32 gradient as stored.
         """
         be = self._backend
         xp = be.xp
@@ -211,8 +218,14 @@ class SlidingWindowInverseFisher(Operator):
         full = n_old == m
         old_row = self._G[s].copy()
         old_K = self._K[s].copy()
-        self._G[s] = row
-        u = (self._G @ self._G[s]).astype(np.float64)   # one pass: the new Gram row
+        xq = None
+        if self._kind:      # one kernel: write g into slot s and compute G g
+            xq = self._padded_vector(row, round_=True)
+            u = xp.zeros(m, dtype=np.float64)
+            K_.rows_dot(self._G, self._kind, xq, u, slot=s, rows=min(n_old + 1, m))
+        else:
+            self._G[s] = row
+            u = (self._G @ self._G[s]).astype(np.float64)   # one pass: the new Gram row
         self._K[s, :] = u
         self._K[:, s] = u
         self._count += 1
@@ -221,7 +234,7 @@ class SlidingWindowInverseFisher(Operator):
                 self._normalize == "window" or full)
             if not incremental:
                 self._stale = True
-                return u, None
+                return u, None, xq
             n = self._n()
             perm = xp.asarray(self._perm())
             ua = u[perm]                                  # arrival order, newest last
@@ -235,14 +248,14 @@ class SlidingWindowInverseFisher(Operator):
                 ell, lnn = cap.append(Lnew, n - 1, ua[:-1], float(ua[-1]) + shift, be)
             except cap.NotPositiveDefinite:
                 self._refactor()        # exact factor from K; raises if C really is singular
-                return u, None
+                return u, None, xq
             if full:
                 self._L, self._Lspare = self._Lspare, self._L
             self._since_refresh += 1
             z = xp.empty(n, dtype=np.float64)
             z[:-1] = ell
             z[-1] = (float(ua[-1]) - B.scalar(ell @ ell)) / lnn
-            return u, z
+            return u, z, xq
         except Exception:
             self._count -= 1
             self._G[s] = old_row
@@ -281,10 +294,13 @@ class SlidingWindowInverseFisher(Operator):
                              f"{tuple(arr.shape)}")
         out_dtype = arr.dtype
         row = self._validate_rows(arr)[0]
-        u, z = self._add_one(row)
+        u, z, xq = self._add_one(row)
         if z is None:           # factor rebuilt lazily: the general path
-            return self.matvec(arr)
+            y = self.matvec(arr if xq is None else xq[:self._d])
+            return y.astype(out_dtype, copy=False)
         c = self._back_solve(z)
+        if self._kind:
+            return self._combine_kernel(xq, c)[:self._d].astype(out_dtype, copy=False)
         x = arr.astype(self._dtype, copy=False)
         return self._combine(x[:, None], c[:, None])[:, 0].astype(out_dtype, copy=False)
 
@@ -303,8 +319,35 @@ class SlidingWindowInverseFisher(Operator):
 
     # -- products ----------------------------------------------------------------
     def _held(self):
+        """The held rows in slot order as a float array (n, ld); 16-bit buffers converted."""
         n = self._n()
-        return self._G if n == self._m else self._G[:n]
+        G = self._G if n == self._m else self._G[:n]
+        if self._kind in ("bfloat16", "float16"):
+            return K_.to_float32(G, self._kind)
+        return G
+
+    def _pad(self, X):
+        """X (d, k) zero-padded to the buffer's row length (ld, k)."""
+        if self._ld == self._d:
+            return X
+        Xp = self._backend.xp.zeros((self._ld,) + X.shape[1:], dtype=X.dtype)
+        Xp[:self._d] = X
+        return Xp
+
+    def _padded_vector(self, x, *, round_=False):
+        """A contiguous float32 (ld,) copy of x, rounded to the storage format if asked."""
+        xp = self._backend.xp
+        out = xp.zeros(self._ld, dtype=np.float32)
+        out[:self._d] = x
+        if round_ and self._kind in ("bfloat16", "float16"):
+            K_.round_to(self._kind, out, out)
+        return out
+
+    def _combine_kernel(self, xq, c):
+        """Kernel pass 2: (xq - G_h^T c) / lambda for one padded float32 vector xq."""
+        c32 = c.astype(np.float32)
+        y = xq * np.float32(1.0 / self._damping)
+        return K_.combine(self._G, self._kind, c32, y, -1.0 / self._damping, rows=self._n())
 
     def _to_arrival(self, U):
         """Rows of U (slot order, n rows) into arrival order."""
@@ -334,7 +377,7 @@ class SlidingWindowInverseFisher(Operator):
     def _combine(self, X, Cs):
         """(X - G_h^T Cs) / lambda: pass 2."""
         Gh = self._held()
-        Y = Gh.T @ (-Cs).astype(Gh.dtype)
+        Y = (Gh.T @ (-Cs).astype(Gh.dtype))[:self._d]
         Y = Y.astype(X.dtype, copy=False)
         Y += X
         Y *= 1.0 / self._damping
@@ -344,8 +387,14 @@ class SlidingWindowInverseFisher(Operator):
         if self._n() == 0:
             return X * (1.0 / self._damping)
         self._ensure_factor()
+        if self._kind and X.shape[1] == 1:      # kernel path: two kernel passes
+            xq = self._padded_vector(X[:, 0])
+            u = self._backend.xp.zeros(self._m, dtype=np.float64)
+            K_.rows_dot(self._G, self._kind, xq, u, rows=self._n())
+            c = self._solve_C(u[:self._n(), None])[:, 0]
+            return self._combine_kernel(xq, c)[:self._d, None].astype(X.dtype, copy=False)
         Gh = self._held()
-        U = (Gh @ X.astype(Gh.dtype, copy=False)).astype(np.float64)   # pass 1
+        U = (Gh @ self._pad(X).astype(Gh.dtype, copy=False)).astype(np.float64)   # pass 1
         return self._combine(X, self._solve_C(U))
 
     def _quad(self, X):
@@ -355,7 +404,7 @@ class SlidingWindowInverseFisher(Operator):
             return xx / self._damping
         self._ensure_factor()
         Gh = self._held()
-        U = (Gh @ X.astype(Gh.dtype, copy=False)).astype(np.float64)
+        U = (Gh @ self._pad(X).astype(Gh.dtype, copy=False)).astype(np.float64)
         n, m = self._n(), self._m
         rhs = xp.zeros((m, U.shape[1]), dtype=np.float64)
         rhs[:n] = self._to_arrival(U)
@@ -410,8 +459,8 @@ class SlidingWindowInverseFisher(Operator):
         Y = X * self._damping
         if self._n():
             Gh = self._held()
-            U = Gh @ X.astype(Gh.dtype, copy=False)
-            Y += (Gh.T @ (U * (1.0 / self._N()))).astype(X.dtype, copy=False)
+            U = Gh @ self._pad(X).astype(Gh.dtype, copy=False)
+            Y += (Gh.T @ (U * (1.0 / self._N())))[:self._d].astype(X.dtype, copy=False)
         return Y
 
     def _fisher_diagonal(self):
@@ -419,7 +468,7 @@ class SlidingWindowInverseFisher(Operator):
         xp = self._backend.xp
         out = xp.full(self._d, self._damping, dtype=self._dtype)
         if self._n():
-            Gh = self._held()
+            Gh = self._held()[:, :self._d]
             out += (xp.einsum("ij,ij->j", Gh, Gh) / self._N()).astype(self._dtype)
         return out
 
@@ -437,11 +486,11 @@ class SlidingWindowInverseFisher(Operator):
         return {
             "format_version": FORMAT_VERSION,
             "dim": self._d, "window": self._m, "damping": self._damping,
-            "normalize": self._normalize, "dtype": self._storage.name,
+            "normalize": self._normalize, "dtype": self.storage_dtype,
             "refresh_every": self._refresh_every,
             "count": self._count, "since_refresh": self._since_refresh,
             "stale": self._stale,
-            "G": B.to_host(self._G).copy(), "K": B.to_host(self._K).copy(),
+            "G": B.to_host(self._G[:, :self._d]).copy(), "K": B.to_host(self._K).copy(),
             "L": B.to_host(self._L).copy(),
         }
 
@@ -451,13 +500,13 @@ class SlidingWindowInverseFisher(Operator):
         for key, mine in (("dim", self._d), ("window", self._m)):
             if st[key] != mine:
                 raise ValueError(f"state: {key}={st[key]} does not match this window's {key}={mine}")
-        if st["dtype"] != self._storage.name:
+        if st["dtype"] != self.storage_dtype:
             raise ValueError(f"state: dtype={st['dtype']} does not match this window's "
-                             f"dtype={self._storage.name}")
+                             f"dtype={self.storage_dtype}")
         xp = self._backend.xp
         with self._backend.device_context():
             G, K, L = (xp.asarray(st[k]) for k in ("G", "K", "L"))
-        self._G[...] = G
+        self._G[:, :self._d] = G
         self._K[...] = K
         self._L[...] = L
         self._Lspare[...] = xp.eye(self._m)
@@ -508,11 +557,15 @@ def _positive_int(v, name):
 
 
 def _storage(dtype, backend):
+    """(buffer dtype, kernel kind or None) for a storage dtype name on a backend."""
     name = getattr(dtype, "name", None) or (dtype.__name__ if isinstance(dtype, type) else str(dtype))
-    allowed = ("float32", "float64")
+    allowed = ("float32", "float64") + (("float16", "bfloat16") if backend.name == "gpu" else ())
     if name not in allowed:
-        raise ValueError(f"dtype must be one of {allowed}; got {dtype!r}")
-    return np.dtype(name)
+        extra = "" if backend.name == "gpu" else " (float16 and bfloat16 storage need the GPU)"
+        raise ValueError(f"dtype must be one of {allowed}; got {dtype!r}{extra}")
+    if backend.name != "gpu" or name == "float64":
+        return np.dtype(name), None
+    return (np.dtype(np.float32) if name == "float32" else np.dtype(np.uint16)), name
 
 
 _STATE_KEYS = ("format_version", "dim", "window", "damping", "normalize", "dtype",
@@ -541,17 +594,19 @@ def _validate_state(state):
     st["stale"] = bool(st["stale"])
     if st["normalize"] not in _NORMALIZE:
         raise ValueError(f"state: normalize must be 'window' or 'count'; got {st['normalize']!r}")
-    if st["dtype"] not in ("float32", "float64"):
-        raise ValueError(f"state: dtype must be float32 or float64; got {st['dtype']!r}")
+    if st["dtype"] not in ("float32", "float64", "float16", "bfloat16"):
+        raise ValueError(f"state: dtype must be float32, float64, float16 or bfloat16; got "
+                         f"{st['dtype']!r}")
     m, d = st["window"], st["dim"]
-    for k, shape, dt in (("G", (m, d), st["dtype"]), ("K", (m, m), "float64"),
+    gdt = "uint16" if st["dtype"] in ("float16", "bfloat16") else st["dtype"]
+    for k, shape, dt in (("G", (m, d), gdt), ("K", (m, m), "float64"),
                          ("L", (m, m), "float64")):
         a = np.asarray(B.to_host(st[k]))
         if a.shape != shape:
             raise ValueError(f"state: {k} must have shape {shape}; got {a.shape}")
         if a.dtype != np.dtype(dt):
             raise ValueError(f"state: {k} must have dtype {dt}; got {a.dtype}")
-        if not np.isfinite(a).all():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise ValueError(f"state: {k} holds NaN or infinity")
         st[k] = a
     n = min(st["count"], m)

@@ -12,15 +12,31 @@ from battery import check_operator
 from oracles import cond, dense_inverse, float32_tol, float64_tol, rel_err
 
 
-class DenseWindow:
-    """The reference: a list of float64 gradients and dense linear algebra."""
+def round_storage(g, dtype):
+    """g as the window stores it: rounded to float32 / float16 / bfloat16 (round to nearest even)."""
+    g = np.asarray(B.to_host(g), dtype=np.float64)
+    if dtype == "float64":
+        return g
+    g32 = g.astype(np.float32)
+    if dtype == "float16":
+        return g32.astype(np.float16).astype(np.float64)
+    if dtype == "bfloat16":
+        bits = g32.view(np.uint32).astype(np.uint64)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+    return g32.astype(np.float64)
 
-    def __init__(self, dim, window, damping, normalize):
+
+class DenseWindow:
+    """The reference: a list of float64 gradients (as stored) and dense linear algebra."""
+
+    def __init__(self, dim, window, damping, normalize, dtype="float64"):
         self.dim, self.window, self.damping, self.normalize = dim, window, damping, normalize
+        self.dtype = dtype
         self.held = []
 
     def add(self, g):
-        self.held.append(np.asarray(g, dtype=np.float64))
+        self.held.append(round_storage(g, self.dtype))
         self.held = self.held[-self.window:]
 
     def F(self):
@@ -47,7 +63,14 @@ def assert_same_state(a, b):
 
 
 class WindowMachine(RuleBasedStateMachine):
-    """Interleaves every operation against the dense model (float64, exact to 1e-9)."""
+    """Interleaves every operation against the dense model (float64, exact to 1e-9).
+
+    Subclasses run it on the GPU and with float32 / 16-bit storage, against the
+    dense model of the gradients as stored, with float32 tolerances.
+    """
+
+    DEVICE = "cpu"
+    DTYPE = "float64"
 
     @initialize(window=st.integers(1, 24), dim=st.integers(1, 30),
                 normalize=st.sampled_from(["window", "count"]),
@@ -56,9 +79,14 @@ class WindowMachine(RuleBasedStateMachine):
     def setup(self, window, dim, normalize, log_damping, refresh, seed):
         self.rng = np.random.default_rng(seed)
         lam = 10.0 ** log_damping
-        self.w = ml.SlidingWindowInverseFisher(dim, window, lam, dtype="float64",
-                                               normalize=normalize, refresh_every=refresh)
-        self.ref = DenseWindow(dim, window, lam, normalize)
+        self.be = B.backend_for_device(self.DEVICE)
+        self.w = ml.SlidingWindowInverseFisher(dim, window, lam, dtype=self.DTYPE,
+                                               device=self.DEVICE, normalize=normalize,
+                                               refresh_every=refresh)
+        self.ref = DenseWindow(dim, window, lam, normalize, self.DTYPE)
+
+    def dev(self, a):
+        return self.be.xp.asarray(a)
 
     def _grad(self, kind):
         g = self.rng.standard_normal(self.ref.dim)
@@ -71,27 +99,29 @@ class WindowMachine(RuleBasedStateMachine):
         return g
 
     def _tol(self):
-        return max(1e-9, float64_tol(cond(self.ref.F())))
+        if self.DTYPE == "float64":
+            return max(1e-9, float64_tol(cond(self.ref.F())))
+        return float32_tol(cond(self.ref.F()), self.ref.window)
 
     @rule(kind=st.sampled_from(["normal", "zero", "dup", "big"]))
     def update(self, kind):
         g = self._grad(kind)
-        self.w.update(g)
+        self.w.update(self.dev(g))
         self.ref.add(g)
 
     @rule(k=st.integers(1, 30))
     def update_batch(self, k):
         Gk = self.rng.standard_normal((k, self.ref.dim))
-        self.w.update(Gk)
+        self.w.update(self.dev(Gk))
         for g in Gk:
             self.ref.add(g)
 
     @rule(kind=st.sampled_from(["normal", "zero", "dup"]))
     def step(self, kind):
         g = self._grad(kind)
-        y = self.w.step(g)
+        y = self.w.step(self.dev(g))
         self.ref.add(g)
-        ref = np.linalg.solve(self.ref.F(), g)
+        ref = np.linalg.solve(self.ref.F(), self.ref.held[-1])  # F^{-1} g as stored
         assert rel_err(y, ref) <= self._tol()
 
     @rule()
@@ -100,9 +130,9 @@ class WindowMachine(RuleBasedStateMachine):
         bad = self.rng.standard_normal((3, self.ref.dim))
         bad[1, 0] = np.nan
         with pytest.raises(ValueError, match="g must be finite"):
-            self.w.update(bad)
+            self.w.update(self.dev(bad))
         with pytest.raises(ValueError, match="g must be"):
-            self.w.update(np.ones(self.ref.dim + 1))
+            self.w.update(self.dev(np.ones(self.ref.dim + 1)))
         assert_same_state(before, state_arrays(self.w))
 
     @rule()
@@ -110,8 +140,8 @@ class WindowMachine(RuleBasedStateMachine):
         Fi = dense_inverse(self.ref.F())
         x = self.rng.standard_normal(self.ref.dim)
         X = self.rng.standard_normal((self.ref.dim, 3))
-        assert rel_err(self.w.matvec(x), Fi @ x) <= self._tol()
-        assert rel_err(self.w.matmat(X), Fi @ X) <= self._tol()
+        assert rel_err(self.w.matvec(self.dev(x)), Fi @ x) <= self._tol()
+        assert rel_err(self.w.matmat(self.dev(X)), Fi @ X) <= self._tol()
 
     @rule()
     def diagonal_entry_quad(self):
@@ -121,21 +151,22 @@ class WindowMachine(RuleBasedStateMachine):
         assert abs(self.w.entry(i, j) - Fi[i, j]) <= self._tol() * np.abs(Fi).max()
         x = self.rng.standard_normal(self.ref.dim)
         q = x @ Fi @ x
-        assert abs(self.w.quad(x) - q) <= self._tol() * abs(q)
+        assert abs(self.w.quad(self.dev(x)) - q) <= self._tol() * abs(q)
         F = self.ref.F()
-        assert abs(self.w.logdet() - np.linalg.slogdet(F)[1]) <= 1e-9 * max(1, abs(np.linalg.slogdet(F)[1]))
+        ld = np.linalg.slogdet(F)[1]
+        assert abs(self.w.logdet() - ld) <= max(1e-9, self._tol()) * max(1, abs(ld))
 
     @rule()
     def save_load_bit_exact(self):
         import tempfile, os
-        x = self.rng.standard_normal(self.ref.dim)
+        x = self.dev(self.rng.standard_normal(self.ref.dim))
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "w.npz")
             self.w.save(path)
-            w2 = ml.SlidingWindowInverseFisher.load(path)
+            w2 = ml.SlidingWindowInverseFisher.load(path, device=self.DEVICE)
         g = self.rng.standard_normal(self.ref.dim)
-        assert np.array_equal(w2.matvec(x), self.w.matvec(x))
-        assert np.array_equal(w2.step(g), self.w.step(g))
+        assert np.array_equal(B.to_host(w2.matvec(x)), B.to_host(self.w.matvec(x)))
+        assert np.array_equal(B.to_host(w2.step(self.dev(g))), B.to_host(self.w.step(self.dev(g))))
         self.ref.add(g)
         assert_same_state(state_arrays(w2), state_arrays(self.w))
 
@@ -150,14 +181,33 @@ class WindowMachine(RuleBasedStateMachine):
         if not hasattr(self, "w"):
             return
         assert self.w.count == len(self.ref.held)
-        got = self.w.gradients()
+        got = B.to_host(self.w.gradients())
         assert got.shape == (len(self.ref.held), self.ref.dim)
         if self.ref.held:
-            assert np.array_equal(got, np.array(self.ref.held))
+            assert np.array_equal(got.astype(np.float64), np.array(self.ref.held))
 
 
 TestWindowMachine = WindowMachine.TestCase
 TestWindowMachine.settings = settings(stateful_step_count=25)
+
+_needs_gpu = [pytest.mark.gpu,
+              pytest.mark.skipif(not B.gpu_available(), reason="needs CuPy and a CUDA GPU")]
+
+
+def _gpu_machine(dtype):
+    machine = type(f"WindowMachineGPU_{dtype}", (WindowMachine,),
+                   {"DEVICE": "gpu", "DTYPE": dtype})
+    case = machine.TestCase
+    case.settings = settings(stateful_step_count=20)
+    for mark in _needs_gpu:
+        case = mark(case)
+    return case
+
+
+TestWindowMachineGPU64 = _gpu_machine("float64")
+TestWindowMachineGPU32 = _gpu_machine("float32")
+TestWindowMachineGPUbf16 = _gpu_machine("bfloat16")
+TestWindowMachineGPUf16 = _gpu_machine("float16")
 
 
 @pytest.mark.parametrize("normalize", ["window", "count"])
@@ -366,6 +416,8 @@ def test_bad_constructor_arguments():
         S(10, 3, 0.1, normalize="mean")
     with pytest.raises(ValueError, match="dtype must be one of"):
         S(10, 3, 0.1, dtype="int8")
+    with pytest.raises(ValueError, match="float16 and bfloat16 storage need the GPU"):
+        S(10, 3, 0.1, dtype="bfloat16")
     with pytest.raises(ValueError, match="refresh_every must be >= 1"):
         S(10, 3, 0.1, refresh_every=0)
 
@@ -401,3 +453,51 @@ def test_fisher_view_follows_updates(rng):
     w.update(g)
     assert np.allclose(f.todense(), np.eye(5) + np.outer(g, g) / 2)
     assert f.inverse() is w
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not B.gpu_available(), reason="needs CuPy and a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("dim,window", [(1, 1), (13, 3), (1000, 37), (4099, 130)])
+def test_gpu_kernel_path_step_and_matvec(dtype, dim, window):
+    """The kernel path (odd dims: padding; windows below and above the 32/128 sizes)."""
+    import cupy as cp
+    rng = np.random.default_rng(dim + window)
+    lam = 0.5
+    w = ml.SlidingWindowInverseFisher(dim, window, lam, dtype=dtype, device="gpu",
+                                      refresh_every=10**6)
+    ref = DenseWindow(dim, window, lam, "window", dtype)
+    for t in range(2 * window + 3):
+        g = rng.standard_normal(dim)
+        y = w.step(cp.asarray(g))
+        ref.add(g)
+    F = ref.F()
+    assert isinstance(y, cp.ndarray) and y.dtype == np.float64
+    assert rel_err(y, np.linalg.solve(F, ref.held[-1])) <= float32_tol(cond(F), window)
+    x = rng.standard_normal(dim).astype(np.float32)
+    yx = w.matvec(cp.asarray(x))
+    assert yx.dtype == np.float32
+    assert rel_err(yx, np.linalg.solve(F, x)) <= float32_tol(cond(F), window)
+    # the padding columns of the buffer stay zero
+    assert not cp.any(w._G[:, dim:])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not B.gpu_available(), reason="needs CuPy and a CUDA GPU")
+def test_gpu_bfloat16_error_bound_against_unrounded_reference():
+    """bfloat16 storage against the float64 reference of the *unrounded* gradients.
+
+    The documented bound (docs/sliding.md): relative error <= 2 * 2^-8 * cond(F)."""
+    import cupy as cp
+    rng = np.random.default_rng(7)
+    dim, window, lam = 2000, 64, 1.0
+    w = ml.SlidingWindowInverseFisher(dim, window, lam, dtype="bfloat16", device="gpu")
+    ref = DenseWindow(dim, window, lam, "window", "float64")
+    for _ in range(window + 10):
+        g = rng.standard_normal(dim)
+        w.update(cp.asarray(g))
+        ref.add(g)
+    F = ref.F()
+    x = rng.standard_normal(dim)
+    err = rel_err(w.matvec(cp.asarray(x)), np.linalg.solve(F, x))
+    assert err <= 2 * 2.0 ** -8 * cond(F), (err, cond(F))

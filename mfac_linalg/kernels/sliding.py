@@ -1,0 +1,492 @@
+"""CUDA kernels of the sliding window (and thin launchers), compiled by NVRTC at first use.
+
+Buffers are row-major (m, ld) with ld a multiple of 8 (rows padded with zeros),
+so every thread moves 16 bytes at a time: 4 float32 or 8 float16/bfloat16
+values.  16-bit buffers are held as raw ``uint16`` arrays (CuPy needs no
+bfloat16 dtype); the kernels convert with float32 accumulation.
+
+Kernels
+-------
+rows_dot_*      u[r] += sum_j G[r, j] x[j] for all rows, float32 partial sums per
+                block, float64 atomics into u; optionally writes x into row
+                ``slot`` in the same pass (the fused "write g and compute G g").
+combine_*       y[j] += scale * sum_i G[i, j] c[i]: pass 2 of the IHVP, the rows
+                split across blocks (atomics into y) so small d still fills the GPU.
+round_*         x -> storage dtype -> float32 (the gradient as it will be stored).
+ggms_coeffs     the O(m) coefficients p^2 prefix sums, d_j, beta_j of the rank-one
+                Cholesky update (one block, a block-wide scan).
+chol_delete     the O(m^2) rank-one update itself: one block per row, a scan along
+                the row, written shifted up-left into the spare factor buffer.
+append_row      the new last row of the factor: l_nn = sqrt(c_nn - |ell|^2), and the
+                forward-solved right-hand side z of the fused step.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+SOURCE = r"""
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+__device__ __forceinline__ float warp_sum(float v) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ double warp_sum_d(double v) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// ---- 16-byte loads and stores as float -------------------------------------
+__device__ __forceinline__ void load16(const float* p, float* o) {
+    float4 v = *reinterpret_cast<const float4*>(p);
+    o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
+}
+__device__ __forceinline__ void store16(float* p, const float* o) {
+    *reinterpret_cast<float4*>(p) = make_float4(o[0], o[1], o[2], o[3]);
+}
+__device__ __forceinline__ void load16(const __nv_bfloat16* p, float* o) {
+    uint4 v = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+    #pragma unroll
+    for (int k = 0; k < 4; ++k) { float2 f = __bfloat1622float2(h[k]); o[2*k] = f.x; o[2*k+1] = f.y; }
+}
+__device__ __forceinline__ void store16(__nv_bfloat16* p, const float* o) {
+    uint4 v; __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+    #pragma unroll
+    for (int k = 0; k < 4; ++k) h[k] = __floats2bfloat162_rn(o[2*k], o[2*k+1]);
+    *reinterpret_cast<uint4*>(p) = v;
+}
+__device__ __forceinline__ void load16(const __half* p, float* o) {
+    uint4 v = *reinterpret_cast<const uint4*>(p);
+    const __half2* h = reinterpret_cast<const __half2*>(&v);
+    #pragma unroll
+    for (int k = 0; k < 4; ++k) { float2 f = __half22float2(h[k]); o[2*k] = f.x; o[2*k+1] = f.y; }
+}
+__device__ __forceinline__ void store16(__half* p, const float* o) {
+    uint4 v; __half2* h = reinterpret_cast<__half2*>(&v);
+    #pragma unroll
+    for (int k = 0; k < 4; ++k) h[k] = __floats2half2_rn(o[2*k], o[2*k+1]);
+    *reinterpret_cast<uint4*>(p) = v;
+}
+template <int V> __device__ __forceinline__ void loadx(const float* p, float* o) {
+    #pragma unroll
+    for (int k = 0; k < V; k += 4) load16(p + k, o + k);
+}
+
+// ---- pass 1: u = G x (float64 out), optional fused write of x into row slot --
+template <typename T, int R>
+__device__ void rows_dot_impl(const float* __restrict__ x, T* __restrict__ G,
+                              double* __restrict__ u, int m, long long ld, int slot,
+                              long long chunk) {
+    constexpr int V = 16 / sizeof(T);
+    const long long c0 = (long long)blockIdx.x * chunk;
+    const long long c1 = min(c0 + chunk, ld);
+    const int r0 = blockIdx.y * R;
+    float acc[R];
+    #pragma unroll
+    for (int k = 0; k < R; ++k) acc[k] = 0.f;
+    for (long long j = c0 + (long long)threadIdx.x * V; j < c1; j += (long long)blockDim.x * V) {
+        float xv[V];
+        loadx<V>(x + j, xv);
+        #pragma unroll
+        for (int k = 0; k < R; ++k) {
+            const int r = r0 + k;
+            if (r < m) {
+                T* p = G + (long long)r * ld + j;
+                float gv[V];
+                if (r == slot) {
+                    store16(p, xv);
+                    #pragma unroll
+                    for (int t = 0; t < V; ++t) gv[t] = xv[t];
+                } else {
+                    load16(p, gv);
+                }
+                #pragma unroll
+                for (int t = 0; t < V; ++t) acc[k] = fmaf(gv[t], xv[t], acc[k]);
+            }
+        }
+    }
+    __shared__ float red[R][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    #pragma unroll
+    for (int k = 0; k < R; ++k) {
+        float v = warp_sum(acc[k]);
+        if (lane == 0) red[k][warp] = v;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        #pragma unroll
+        for (int k = 0; k < R; ++k) {
+            float v = lane < nw ? red[k][lane] : 0.f;
+            v = warp_sum(v);
+            if (lane == 0 && r0 + k < m) atomicAdd(u + r0 + k, (double)v);
+        }
+    }
+}
+
+// ---- pass 2: y += scale * G^T c, rows split across blockIdx.y ---------------
+template <typename T>
+__device__ void combine_impl(const T* __restrict__ G, const float* __restrict__ c,
+                             float* __restrict__ y, int m, long long ld, int rows_per,
+                             float scale) {
+    constexpr int V = 16 / sizeof(T);
+    extern __shared__ float cs[];
+    const int i0 = blockIdx.y * rows_per;
+    const int i1 = min(i0 + rows_per, m);
+    for (int i = threadIdx.x; i < i1 - i0; i += blockDim.x) cs[i] = c[i0 + i];
+    __syncthreads();
+    const long long j = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * V;
+    if (j >= ld) return;
+    float acc[V];
+    #pragma unroll
+    for (int t = 0; t < V; ++t) acc[t] = 0.f;
+    int i = i0;
+    for (; i + 4 <= i1; i += 4) {
+        float g0[V], g1[V], g2[V], g3[V];
+        load16(G + (long long)(i + 0) * ld + j, g0);
+        load16(G + (long long)(i + 1) * ld + j, g1);
+        load16(G + (long long)(i + 2) * ld + j, g2);
+        load16(G + (long long)(i + 3) * ld + j, g3);
+        const float a0 = cs[i - i0], a1 = cs[i + 1 - i0], a2 = cs[i + 2 - i0], a3 = cs[i + 3 - i0];
+        #pragma unroll
+        for (int t = 0; t < V; ++t)
+            acc[t] = fmaf(g3[t], a3, fmaf(g2[t], a2, fmaf(g1[t], a1, fmaf(g0[t], a0, acc[t]))));
+    }
+    for (; i < i1; ++i) {
+        float g0[V];
+        load16(G + (long long)i * ld + j, g0);
+        const float a0 = cs[i - i0];
+        #pragma unroll
+        for (int t = 0; t < V; ++t) acc[t] = fmaf(g0[t], a0, acc[t]);
+    }
+    if (gridDim.y == 1) {
+        float yv[4];
+        #pragma unroll
+        for (int t = 0; t < V; t += 4) {
+            load16(y + j + t, yv);
+            #pragma unroll
+            for (int q = 0; q < 4; ++q) yv[q] = fmaf(scale, acc[t + q], yv[q]);
+            store16(y + j + t, yv);
+        }
+    } else {
+        #pragma unroll
+        for (int t = 0; t < V; ++t) atomicAdd(y + j + t, scale * acc[t]);
+    }
+}
+
+extern "C" {
+__global__ void rows_dot_f32(const float* x, float* G, double* u, int m, long long ld, int slot, long long chunk)
+{ rows_dot_impl<float, 4>(x, G, u, m, ld, slot, chunk); }
+__global__ void rows_dot_bf16(const float* x, __nv_bfloat16* G, double* u, int m, long long ld, int slot, long long chunk)
+{ rows_dot_impl<__nv_bfloat16, 4>(x, G, u, m, ld, slot, chunk); }
+__global__ void rows_dot_f16(const float* x, __half* G, double* u, int m, long long ld, int slot, long long chunk)
+{ rows_dot_impl<__half, 4>(x, G, u, m, ld, slot, chunk); }
+
+__global__ void combine_f32(const float* G, const float* c, float* y, int m, long long ld, int rows_per, float scale)
+{ combine_impl<float>(G, c, y, m, ld, rows_per, scale); }
+__global__ void combine_bf16(const __nv_bfloat16* G, const float* c, float* y, int m, long long ld, int rows_per, float scale)
+{ combine_impl<__nv_bfloat16>(G, c, y, m, ld, rows_per, scale); }
+__global__ void combine_f16(const __half* G, const float* c, float* y, int m, long long ld, int rows_per, float scale)
+{ combine_impl<__half>(G, c, y, m, ld, rows_per, scale); }
+
+__global__ void round_bf16(const float* x, float* out, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = __bfloat162float(__float2bfloat16_rn(x[i]));
+}
+__global__ void round_f16(const float* x, float* out, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = __half2float(__float2half_rn(x[i]));
+}
+
+// ---- the O(m) coefficients of the rank-one update (one block of 1024) --------
+// inputs p (n1), outputs dj, beta (n1): 1/alpha_j = 1 + sum_{k<j} p_k^2
+__global__ void ggms_coeffs(const double* __restrict__ p, double* __restrict__ dj,
+                            double* __restrict__ beta, int n1) {
+    __shared__ double wsum[32];
+    __shared__ double carry;
+    if (threadIdx.x == 0) carry = 0.0;
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int base = 0; base < n1; base += blockDim.x) {
+        const int j = base + threadIdx.x;
+        const double pj = j < n1 ? p[j] : 0.0;
+        const double sq = pj * pj;
+        // inclusive scan of sq within the block
+        double v = sq;
+        #pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            double t = __shfl_up_sync(0xffffffffu, v, o);
+            if (lane >= o) v += t;
+        }
+        if (lane == 31) wsum[warp] = v;
+        __syncthreads();
+        if (warp == 0) {
+            double w = lane < (blockDim.x >> 5) ? wsum[lane] : 0.0;
+            #pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                double t = __shfl_up_sync(0xffffffffu, w, o);
+                if (lane >= o) w += t;
+            }
+            wsum[lane] = w;
+        }
+        __syncthreads();
+        const double incl = v + (warp > 0 ? wsum[warp - 1] : 0.0) + carry;
+        const double excl = incl - sq;
+        if (j < n1) {
+            const double alpha = 1.0 / (1.0 + excl);
+            const double d = sqrt(1.0 + alpha * sq);
+            dj[j] = d;
+            beta[j] = alpha * pj / d;
+        }
+        __syncthreads();
+        if (threadIdx.x == blockDim.x - 1) carry = incl;
+        __syncthreads();
+    }
+}
+
+// ---- the O(m^2) rank-one update: row i of the new factor (i < n1 = n - 1) ----
+// new[i, j] = L22[i, j] d_j + beta_j (v_i - sum_{k<=j} L22[i, k] p_k), j <= i,
+// L22 = src[1:, 1:], v = src[1:, 0]; src and dst are m x m row-major.
+__global__ void chol_delete(const double* __restrict__ src, double* __restrict__ dst,
+                            const double* __restrict__ p, const double* __restrict__ dj,
+                            const double* __restrict__ beta, int m, int n1) {
+    const int i = blockIdx.x;
+    if (i >= n1) return;
+    const double* row = src + (long long)(i + 1) * m + 1;
+    const double vi = src[(long long)(i + 1) * m];
+    double* out = dst + (long long)i * m;
+    __shared__ double wsum[32];
+    __shared__ double carry;
+    if (threadIdx.x == 0) carry = 0.0;
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int base = 0; base <= i; base += blockDim.x) {
+        const int j = base + threadIdx.x;
+        const double lij = j <= i ? row[j] : 0.0;
+        const double term = j <= i ? lij * p[j] : 0.0;
+        double v = term;
+        #pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            double t = __shfl_up_sync(0xffffffffu, v, o);
+            if (lane >= o) v += t;
+        }
+        if (lane == 31) wsum[warp] = v;
+        __syncthreads();
+        if (warp == 0) {
+            double w = lane < (blockDim.x >> 5) ? wsum[lane] : 0.0;
+            #pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                double t = __shfl_up_sync(0xffffffffu, w, o);
+                if (lane >= o) w += t;
+            }
+            wsum[lane] = w;
+        }
+        __syncthreads();
+        const double s = v + (warp > 0 ? wsum[warp - 1] : 0.0) + carry;
+        if (j <= i) out[j] = lij * dj[j] + beta[j] * (vi - s);
+        __syncthreads();
+        if (threadIdx.x == blockDim.x - 1) carry = s;
+        __syncthreads();
+    }
+}
+
+// ---- the new last row of the factor and the fused forward solve ------------
+// L (m x m): writes L[n, 0:n] = ell, L[n, n] = sqrt(cnn - |ell|^2).
+// z (n + 1): z[:n] = ell, z[n] = (unn - |ell|^2) / lnn.  r_out[0] = cnn - |ell|^2.
+__global__ void append_row(double* __restrict__ L, const double* __restrict__ ell,
+                           double* __restrict__ z, double* __restrict__ r_out,
+                           int m, int n, double cnn, double unn) {
+    __shared__ double red[32];
+    double s = 0.0;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) { const double e = ell[j]; s += e * e; }
+    s = warp_sum_d(s);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) red[warp] = s;
+    __syncthreads();
+    if (warp == 0) {
+        double w = lane < (blockDim.x >> 5) ? red[lane] : 0.0;
+        w = warp_sum_d(w);
+        if (lane == 0) red[0] = w;
+    }
+    __syncthreads();
+    const double ss = red[0];
+    const double r = cnn - ss;
+    const double lnn = r > 0.0 ? sqrt(r) : 0.0;
+    double* row = L + (long long)n * m;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) { row[j] = ell[j]; z[j] = ell[j]; }
+    if (threadIdx.x == 0) {
+        row[n] = lnn;
+        z[n] = r > 0.0 ? (unn - ss) / lnn : 0.0;
+        r_out[0] = r;
+    }
+}
+
+// ---- Gram row/column update and arrival-order gather ------------------------
+// K[s, :] = K[:, s] = u; ua[k] = u[(start + k) % m] for k < n; cn = ua with the
+// last entry shifted: the right-hand side of the append.
+__global__ void gram_update(double* __restrict__ K, const double* __restrict__ u,
+                            double* __restrict__ ua, int m, int s, int start, int n) {
+    const int k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k < m) {
+        const double v = u[k];
+        K[(long long)s * m + k] = v;
+        K[(long long)k * m + s] = v;
+    }
+    if (k < n) ua[k] = u[(start + k) % m];
+}
+
+// slot-order float32 coefficients from the arrival-order solution: c[(start+k)%m] = ca[k]
+__global__ void scatter_f32(const double* __restrict__ ca, float* __restrict__ c,
+                            int m, int start, int n) {
+    const int k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k < n) c[(start + k) % m] = (float)ca[k];
+}
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def module():
+    """The compiled RawModule (NVRTC, cached by CuPy on disk as well)."""
+    import cupy as cp
+    return cp.RawModule(code=SOURCE, options=("-std=c++17",))
+
+
+def fn(name):
+    return module().get_function(name)
+
+
+#: storage dtype name -> kernel suffix
+SUFFIX = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+#: storage dtype name -> itemsize
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+PAD = 8
+
+
+def padded(d):
+    """Row length of a buffer for dimension d: a multiple of 8 (16-byte vectors)."""
+    return (d + PAD - 1) // PAD * PAD
+
+
+def rows_dot(G, kind, x, u, slot=-1, rows=None):
+    """u[:rows] += G[:rows] @ x (float64 u); writes x into row ``slot`` if slot >= 0.
+
+    G: (m, ld) float32 or uint16 (raw 16-bit) buffer; x: (ld,) float32, zero-padded.
+    """
+    m = G.shape[0] if rows is None else rows
+    ld = G.shape[1]
+    if m == 0:
+        return u
+    threads = 256
+    vec = 16 // ITEMSIZE[kind]
+    chunk = threads * vec * 8
+    R = 4
+    grid = ((ld + chunk - 1) // chunk, (m + R - 1) // R)
+    fn("rows_dot_" + SUFFIX[kind])(grid, (threads,), (x, G, u, np.int32(m), np.int64(ld),
+                                                      np.int32(slot), np.int64(chunk)))
+    return u
+
+
+def combine(G, kind, c, y, scale, rows=None):
+    """y += scale * G[:rows]^T c (float32 c and y, y of length ld)."""
+    import cupy as cp
+    m = G.shape[0] if rows is None else rows
+    ld = G.shape[1]
+    if m == 0:
+        return y
+    threads = 256
+    vec = 16 // ITEMSIZE[kind]
+    bx = (ld // vec + threads - 1) // threads
+    splits = max(1, min((m + 31) // 32, -(-2048 // bx)))
+    rows_per = -(-m // splits)
+    splits = -(-m // rows_per)
+    fn("combine_" + SUFFIX[kind])((bx, splits), (threads,),
+                                  (G, c, y, np.int32(m), np.int64(ld), np.int32(rows_per),
+                                   np.float32(scale)),
+                                  shared_mem=rows_per * 4)
+    del cp
+    return y
+
+
+def round_to(kind, x, out):
+    """out = float32(storage(x)): the value a gradient entry has once stored."""
+    n = x.shape[0]
+    threads = 256
+    fn("round_" + SUFFIX[kind])(((n + threads - 1) // threads,), (threads,),
+                                (x, out, np.int64(n)))
+    return out
+
+
+def _cublas():
+    from cupy_backends.cuda.libs import cublas
+    return cublas
+
+
+def trsv(L, b, n, *, transpose, offset=0):
+    """In place: solve A x = b[:n] (transpose=False) or A^T x = b[:n] (True).
+
+    A is the n x n lower-triangular block starting at row and column ``offset``
+    of the row-major (m, m) float64 buffer L: cuBLAS (column-major) sees it as
+    the upper-triangular A^T with leading dimension m, so no block is copied.
+    """
+    import cupy as cp
+    if n <= 0:
+        return b
+    cb = _cublas()
+    handle = cp.cuda.device.get_cublas_handle()
+    cb.setStream(handle, cp.cuda.get_current_stream().ptr)
+    trans = cb.CUBLAS_OP_N if transpose else cb.CUBLAS_OP_T
+    m = int(L.shape[0])
+    ptr = L.data.ptr + (offset * m + offset) * 8
+    cb.dtrsv(handle, cb.CUBLAS_FILL_MODE_UPPER, trans, cb.CUBLAS_DIAG_NON_UNIT, int(n),
+             ptr, m, b.data.ptr, 1)
+    return b
+
+
+def to_float32(G, kind):
+    """A float32 copy of a raw buffer (float32 buffers are returned as they are)."""
+    import cupy as cp
+    if kind == "float32":
+        return G
+    if kind == "bfloat16":
+        return (G.astype(cp.uint32) << 16).view(cp.float32)
+    return G.view(cp.float16).astype(cp.float32)
+
+
+def chol_delete(src, dst, p, dj, beta, n):
+    """dst[:n-1, :n-1] = factor after deleting the first row/column (rows in parallel)."""
+    m = src.shape[0]
+    n1 = n - 1
+    if n1 <= 0:
+        return dst
+    fn("chol_delete")((n1,), (256,), (src, dst, p, dj, beta, np.int32(m), np.int32(n1)))
+    return dst
+
+
+def ggms_coeffs(p, dj, beta, n1):
+    fn("ggms_coeffs")((1,), (1024,), (p, dj, beta, np.int32(n1)))
+
+
+def append_row(L, ell, z, r_out, n, cnn, unn):
+    m = L.shape[0]
+    fn("append_row")((1,), (512,), (L, ell, z, r_out, np.int32(m), np.int32(n),
+                                    np.float64(cnn), np.float64(unn)))
+
+
+def gram_update(K, u, ua, s, start, n):
+    m = K.shape[0]
+    threads = 256
+    fn("gram_update")(((m + threads - 1) // threads,), (threads,),
+                      (K, u, ua, np.int32(m), np.int32(s), np.int32(start), np.int32(n)))
+
+
+def scatter_f32(ca, c, start, n):
+    m = c.shape[0]
+    threads = 256
+    fn("scatter_f32")(((m + threads - 1) // threads,), (threads,),
+                      (ca, c, np.int32(m), np.int32(start), np.int32(n)))
