@@ -231,8 +231,8 @@ def _append_gpu(L, n, c, cnn, backend):
     K.trsv(L, ell, n, transpose=False)
     z = xp.empty(n + 1, dtype=np.float64)
     r_out = xp.empty(1, dtype=np.float64)
-    # unn is not known here (the caller's fused step passes it): z[n] is recomputed there
-    K.append_row(L, ell, z, r_out, n, cnn, 0.0)
+    un = xp.full(1, float(cnn), dtype=np.float64)
+    K.append_row(L, ell, z, r_out, un, n, 0.0)
     r = float(r_out.get()[0])
     if not r > 0.0:
         # the kernel wrote row n; put back the padding row it replaced

@@ -210,6 +210,8 @@ class SlidingWindowInverseFisher(Operator):
         when the factor was updated incrementally, z = L^{-1} u in arrival order
         (else None); on the kernel path xq, the padded float32 gradient as stored.
         """
+        if self._kind:
+            return self._add_one_kernel(row)
         be = self._backend
         xp = be.xp
         m = self._m
@@ -219,13 +221,8 @@ class SlidingWindowInverseFisher(Operator):
         old_row = self._G[s].copy()
         old_K = self._K[s].copy()
         xq = None
-        if self._kind:      # one kernel: write g into slot s and compute G g
-            xq = self._padded_vector(row, round_=True)
-            u = xp.zeros(m, dtype=np.float64)
-            K_.rows_dot(self._G, self._kind, xq, u, slot=s, rows=min(n_old + 1, m))
-        else:
-            self._G[s] = row
-            u = (self._G @ self._G[s]).astype(np.float64)   # one pass: the new Gram row
+        self._G[s] = row
+        u = (self._G @ self._G[s]).astype(np.float64)   # one pass: the new Gram row
         self._K[s, :] = u
         self._K[:, s] = u
         self._count += 1
@@ -263,6 +260,73 @@ class SlidingWindowInverseFisher(Operator):
             self._K[:, s] = old_K
             raise
 
+    def _add_one_kernel(self, row):
+        """The GPU kernel path of :meth:`_add_one` (float32 and 16-bit storage).
+
+        About a dozen launches and one host synchronisation (the positivity
+        check of the new pivot): one kernel writes g into its slot and computes
+        u = G g; one updates the Gram row/column and gathers u in arrival order;
+        the factor update is a trsv, a one-block coefficient kernel and a
+        row-parallel kernel; the append is a trsv and one kernel that also
+        yields z = L^{-1} u.  Returns (u, z, xq) like :meth:`_add_one`.
+        """
+        be = self._backend
+        xp = be.xp
+        m = self._m
+        s = self._count % m
+        n_old = self._n()
+        full = n_old == m
+        old_row = self._G[s].copy()
+        old_K = self._K[s].copy()
+        xq = self._padded_vector(row, round_=True)
+        u = xp.zeros(m, dtype=np.float64)
+        K_.rows_dot(self._G, self._kind, xq, u, slot=s, rows=min(n_old + 1, m))
+        self._count += 1
+        n = self._n()
+        start = (self._count - n) % m
+        try:
+            ua = xp.empty(m, dtype=np.float64)
+            K_.gram_update(self._K, u, ua, s, start, n)
+            incremental = not self._stale and self._since_refresh < self._refresh_every and (
+                self._normalize == "window" or full)
+            if not incremental:
+                self._stale = True
+                return u, None, xq
+            if full:
+                cap.delete_first(self._L, m, self._Lspare, be)
+                Lnew = self._Lspare
+            else:
+                Lnew = self._L
+            ell = ua[:n - 1].copy()
+            K_.trsv(Lnew, ell, n - 1, transpose=False)
+            z = xp.empty(n, dtype=np.float64)
+            r_out = xp.empty(1, dtype=np.float64)
+            K_.append_row(Lnew, ell, z, r_out, ua[n - 1:n], n - 1, self._N() * self._damping)
+            if not float(r_out.get()[0]) > 0.0:      # the one host synchronisation
+                if not full:                           # put back the padding row
+                    Lnew[n - 1, :n] = 0.0
+                    Lnew[n - 1, n - 1] = 1.0
+                self._refactor()        # exact factor from K; raises if C really is singular
+                return u, None, xq
+            if full:
+                self._L, self._Lspare = self._Lspare, self._L
+            self._since_refresh += 1
+            return u, z, xq
+        except Exception:
+            self._count -= 1
+            self._G[s] = old_row
+            self._K[s, :] = old_K
+            self._K[:, s] = old_K
+            raise
+
+    def _coefficients_kernel(self, z):
+        """Back-substitute L^T c = z in place and scatter c to slot order as float32."""
+        n = self._n()
+        K_.trsv(self._L, z, n, transpose=True)
+        c32 = self._backend.xp.empty(self._m, dtype=np.float32)
+        K_.scatter_f32(z, c32, (self._count - n) % self._m, n)
+        return c32
+
     def update(self, g):
         """Add one gradient (dim,) or a batch (k, dim) in order, evicting the oldest.
 
@@ -298,9 +362,10 @@ class SlidingWindowInverseFisher(Operator):
         if z is None:           # factor rebuilt lazily: the general path
             y = self.matvec(arr if xq is None else xq[:self._d])
             return y.astype(out_dtype, copy=False)
-        c = self._back_solve(z)
         if self._kind:
-            return self._combine_kernel(xq, c)[:self._d].astype(out_dtype, copy=False)
+            y = self._combine_kernel(xq, self._coefficients_kernel(z))
+            return y[:self._d].astype(out_dtype, copy=False)
+        c = self._back_solve(z)
         x = arr.astype(self._dtype, copy=False)
         return self._combine(x[:, None], c[:, None])[:, 0].astype(out_dtype, copy=False)
 
@@ -343,9 +408,8 @@ class SlidingWindowInverseFisher(Operator):
             K_.round_to(self._kind, out, out)
         return out
 
-    def _combine_kernel(self, xq, c):
+    def _combine_kernel(self, xq, c32):
         """Kernel pass 2: (xq - G_h^T c) / lambda for one padded float32 vector xq."""
-        c32 = c.astype(np.float32)
         y = xq * np.float32(1.0 / self._damping)
         return K_.combine(self._G, self._kind, c32, y, -1.0 / self._damping, rows=self._n())
 
@@ -388,11 +452,20 @@ class SlidingWindowInverseFisher(Operator):
             return X * (1.0 / self._damping)
         self._ensure_factor()
         if self._kind and X.shape[1] == 1:      # kernel path: two kernel passes
-            xq = self._padded_vector(X[:, 0])
-            u = self._backend.xp.zeros(self._m, dtype=np.float64)
-            K_.rows_dot(self._G, self._kind, xq, u, rows=self._n())
-            c = self._solve_C(u[:self._n(), None])[:, 0]
-            return self._combine_kernel(xq, c)[:self._d, None].astype(X.dtype, copy=False)
+            xp = self._backend.xp
+            x = X[:, 0]
+            if self._ld == self._d and x.dtype == np.float32 and x.flags.c_contiguous:
+                xq = x
+            else:
+                xq = self._padded_vector(x)
+            n, m = self._n(), self._m
+            start = (self._count - n) % m
+            u = xp.zeros(m, dtype=np.float64)
+            K_.rows_dot(self._G, self._kind, xq, u, rows=n)                # pass 1
+            z = K_.gather_f64(u, xp.empty(m, dtype=np.float64), start, n)
+            K_.trsv(self._L, z, n, transpose=False)
+            y = self._combine_kernel(xq, self._coefficients_kernel(z))    # pass 2
+            return y[:self._d, None].astype(X.dtype, copy=False)
         Gh = self._held()
         U = (Gh @ self._pad(X).astype(Gh.dtype, copy=False)).astype(np.float64)   # pass 1
         return self._combine(X, self._solve_C(U))

@@ -296,11 +296,12 @@ __global__ void chol_delete(const double* __restrict__ src, double* __restrict__
 }
 
 // ---- the new last row of the factor and the fused forward solve ------------
-// L (m x m): writes L[n, 0:n] = ell, L[n, n] = sqrt(cnn - |ell|^2).
-// z (n + 1): z[:n] = ell, z[n] = (unn - |ell|^2) / lnn.  r_out[0] = cnn - |ell|^2.
+// L (m x m): writes L[n, 0:n] = ell, L[n, n] = lnn = sqrt(cnn - |ell|^2), cnn = un[0] + shift.
+// z (n + 1): z[:n] = ell, z[n] = (un[0] - |ell|^2) / lnn (= L_new^{-1} u, last entry).
+// r_out[0] = cnn - |ell|^2 (the caller checks r > 0 on the host: one sync per update).
 __global__ void append_row(double* __restrict__ L, const double* __restrict__ ell,
                            double* __restrict__ z, double* __restrict__ r_out,
-                           int m, int n, double cnn, double unn) {
+                           const double* __restrict__ un, int m, int n, double shift) {
     __shared__ double red[32];
     double s = 0.0;
     for (int j = threadIdx.x; j < n; j += blockDim.x) { const double e = ell[j]; s += e * e; }
@@ -315,13 +316,14 @@ __global__ void append_row(double* __restrict__ L, const double* __restrict__ el
     }
     __syncthreads();
     const double ss = red[0];
-    const double r = cnn - ss;
+    const double u_n = un[0];
+    const double r = u_n + shift - ss;
     const double lnn = r > 0.0 ? sqrt(r) : 0.0;
     double* row = L + (long long)n * m;
     for (int j = threadIdx.x; j < n; j += blockDim.x) { row[j] = ell[j]; z[j] = ell[j]; }
     if (threadIdx.x == 0) {
         row[n] = lnn;
-        z[n] = r > 0.0 ? (unn - ss) / lnn : 0.0;
+        z[n] = r > 0.0 ? (u_n - ss) / lnn : 0.0;
         r_out[0] = r;
     }
 }
@@ -337,6 +339,13 @@ __global__ void gram_update(double* __restrict__ K, const double* __restrict__ u
         K[(long long)s * m + k] = v;
         K[(long long)k * m + s] = v;
     }
+    if (k < n) ua[k] = u[(start + k) % m];
+}
+
+// arrival order from slot order: ua[k] = u[(start + k) % m], k < n
+__global__ void gather_f64(const double* __restrict__ u, double* __restrict__ ua,
+                           int m, int start, int n) {
+    const int k = blockIdx.x * blockDim.x + threadIdx.x;
     if (k < n) ua[k] = u[(start + k) % m];
 }
 
@@ -423,8 +432,11 @@ def round_to(kind, x, out):
 
 
 def _cublas():
-    from cupy_backends.cuda.libs import cublas
+    from cupy.cuda import cublas
     return cublas
+
+
+_ONE = np.array(1.0, dtype=np.float64)
 
 
 def trsv(L, b, n, *, transpose, offset=0):
@@ -437,14 +449,18 @@ def trsv(L, b, n, *, transpose, offset=0):
     import cupy as cp
     if n <= 0:
         return b
+    if b.dtype != np.float64 or not b.flags.c_contiguous:
+        raise TypeError("trsv needs a contiguous float64 right-hand side")
     cb = _cublas()
     handle = cp.cuda.device.get_cublas_handle()
     cb.setStream(handle, cp.cuda.get_current_stream().ptr)
     trans = cb.CUBLAS_OP_N if transpose else cb.CUBLAS_OP_T
     m = int(L.shape[0])
     ptr = L.data.ptr + (offset * m + offset) * 8
-    cb.dtrsv(handle, cb.CUBLAS_FILL_MODE_UPPER, trans, cb.CUBLAS_DIAG_NON_UNIT, int(n),
-             ptr, m, b.data.ptr, 1)
+    # one right-hand side through trsm (this CuPy exposes no trsv); alpha by host pointer
+    cb.dtrsm(handle, cb.CUBLAS_SIDE_LEFT, cb.CUBLAS_FILL_MODE_UPPER, trans,
+             cb.CUBLAS_DIAG_NON_UNIT, int(n), 1, _ONE.ctypes.data, ptr, m, b.data.ptr,
+             max(int(n), 1))
     return b
 
 
@@ -472,10 +488,19 @@ def ggms_coeffs(p, dj, beta, n1):
     fn("ggms_coeffs")((1,), (1024,), (p, dj, beta, np.int32(n1)))
 
 
-def append_row(L, ell, z, r_out, n, cnn, unn):
+def append_row(L, ell, z, r_out, un, n, shift):
+    """Row n of L from ell (n,), the new Gram entry un (a 1-element device view) and the shift."""
     m = L.shape[0]
-    fn("append_row")((1,), (512,), (L, ell, z, r_out, np.int32(m), np.int32(n),
-                                    np.float64(cnn), np.float64(unn)))
+    fn("append_row")((1,), (512,), (L, ell, z, r_out, un, np.int32(m), np.int32(n),
+                                    np.float64(shift)))
+
+
+def gather_f64(u, ua, start, n):
+    m = u.shape[0]
+    threads = 256
+    fn("gather_f64")(((max(n, 1) + threads - 1) // threads,), (threads,),
+                     (u, ua, np.int32(m), np.int32(start), np.int32(n)))
+    return ua
 
 
 def gram_update(K, u, ua, s, start, n):
