@@ -90,7 +90,8 @@ def bench_window(d, m, dtype, bw, rows):
     itemsize = 4 if dtype == "float32" else 2
     need = m * d * itemsize
     if need > 0.7 * cp.cuda.Device().mem_info[1]:
-        rows.append([f"{d:.0e}", m, dtype, "does not fit", "", "", "", "", ""])
+        rows.append([f"{d:.0e}", m, dtype, "does not fit", "-", "-", "-", "-", "-", "-"])
+        print("  " + " | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
         return
     lam = 1e-3 * d
     w = filled_window(d, m, dtype, lam)
@@ -108,6 +109,7 @@ def bench_window(d, m, dtype, bw, rows):
     floor = 2 * m * d * itemsize / bw * 1e3
     rows.append([f"{d:.0e}", m, dtype, f"{floor:.3f}", f"{t_mv:.3f}", f"{t_mv / floor:.2f}",
                  f"{t_up:.3f}", f"{t_up / floor:.2f}", f"{t_st:.3f}", f"{t_st / floor:.2f}"])
+    print("  " + " | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
     del w, gs
     free()
     return t_st
@@ -169,9 +171,7 @@ def main(quick=False, out=None):
     for d in dims:
         for m in windows:
             for dtype in ("float32", "bfloat16"):
-                t = bench_window(d, m, dtype, bw, rows)
-                steps[(d, m, dtype)] = t
-                print(f"  done d={d} m={m} {dtype}", file=sys.stderr, flush=True)
+                steps[(d, m, dtype)] = bench_window(d, m, dtype, bw, rows)
     lines.append("sliding window (ms; ratio = time / floor, floor = 2 m d bytes / copy bandwidth)")
     lines.append(table(["d", "m", "storage", "floor ms", "matvec", "ratio", "update", "ratio",
                         "step", "ratio"], rows))
