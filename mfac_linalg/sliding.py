@@ -190,7 +190,7 @@ class SlidingWindowInverseFisher(Operator):
         if self._stale:
             self._refactor()
 
-    def _validate_rows(self, g):
+    def _validate_rows(self, g, finite=True):
         arr, _ = B.asarray(g, "g", backend=self._backend)
         if arr.ndim == 1:
             arr = arr[None, :]
@@ -200,18 +200,22 @@ class SlidingWindowInverseFisher(Operator):
         if arr.shape[1] != self._d:
             raise ValueError(f"g must be (dim,) or (k, dim) with dim={self._d}; got "
                              f"{arr.shape[1]} columns")
-        B.check_finite(arr, "g", self._backend)
+        if finite:
+            B.check_finite(arr, "g", self._backend)
         return arr.astype(np.float32 if self._kind else self._storage, copy=False)
 
-    def _add_one(self, row):
-        """Add one validated gradient; atomic (restores G and K if the factor update fails).
+    def _add_one(self, row, checked=True):
+        """Add one gradient; atomic (restores G and K if the factor update fails).
+
+        ``checked``: the row was checked for NaN/inf already (else the kernel
+        path checks it at its synchronisation point and undoes the update).
 
         Returns (u, z, xq) for the fused step: u = G g in slot order (float64);
         when the factor was updated incrementally, z = L^{-1} u in arrival order
         (else None); on the kernel path xq, the padded float32 gradient as stored.
         """
         if self._kind:
-            return self._add_one_kernel(row)
+            return self._add_one_kernel(row, check=not checked)
         be = self._backend
         xp = be.xp
         m = self._m
@@ -260,7 +264,7 @@ class SlidingWindowInverseFisher(Operator):
             self._K[:, s] = old_K
             raise
 
-    def _add_one_kernel(self, row):
+    def _add_one_kernel(self, row, check=True):
         """The GPU kernel path of :meth:`_add_one` (float32 and 16-bit storage).
 
         About a dozen launches and one host synchronisation (the positivity
@@ -278,7 +282,11 @@ class SlidingWindowInverseFisher(Operator):
         full = n_old == m
         old_row = self._G[s].copy()
         old_K = self._K[s].copy()
-        xq = self._padded_vector(row, round_=True)
+        if self._kind == "float32" and self._ld == self._d and row.flags.c_contiguous:
+            xq = row                       # written as it is: no copy
+        else:
+            xq = self._padded_vector(row, round_=True)
+        finite = xp.isfinite(xq).all() if check else None   # read at the one sync below
         u = xp.zeros(m, dtype=np.float64)
         K_.rows_dot(self._G, self._kind, xq, u, slot=s, rows=min(n_old + 1, m))
         self._count += 1
@@ -290,6 +298,8 @@ class SlidingWindowInverseFisher(Operator):
             incremental = not self._stale and self._since_refresh < self._refresh_every and (
                 self._normalize == "window" or full)
             if not incremental:
+                if check and not bool(finite):
+                    raise ValueError("g must be finite; got NaN or infinity")
                 self._stale = True
                 return u, None, xq
             if full:
@@ -302,7 +312,16 @@ class SlidingWindowInverseFisher(Operator):
             z = xp.empty(n, dtype=np.float64)
             r_out = xp.empty(1, dtype=np.float64)
             K_.append_row(Lnew, ell, z, r_out, ua[n - 1:n], n - 1, self._N() * self._damping)
-            if not float(r_out.get()[0]) > 0.0:      # the one host synchronisation
+            if check:                                  # the one host synchronisation
+                ok, r = xp.stack([finite.astype(np.float64), r_out[0]]).get()
+            else:
+                ok, r = 1.0, float(r_out.get()[0])
+            if not ok:
+                if not full:
+                    Lnew[n - 1, :n] = 0.0
+                    Lnew[n - 1, n - 1] = 1.0
+                raise ValueError("g must be finite; got NaN or infinity")
+            if not r > 0.0:
                 if not full:                           # put back the padding row
                     Lnew[n - 1, :n] = 0.0
                     Lnew[n - 1, n - 1] = 1.0
@@ -357,8 +376,9 @@ class SlidingWindowInverseFisher(Operator):
             raise ValueError(f"g must have shape ({self._d},) for step; got shape "
                              f"{tuple(arr.shape)}")
         out_dtype = arr.dtype
-        row = self._validate_rows(arr)[0]
-        u, z, xq = self._add_one(row)
+        # on the kernel path the finiteness of g is read at the update's one sync
+        row = self._validate_rows(arr, finite=not self._kind)[0]
+        u, z, xq = self._add_one(row, checked=not self._kind)
         if z is None:           # factor rebuilt lazily: the general path
             y = self.matvec(arr if xq is None else xq[:self._d])
             return y.astype(out_dtype, copy=False)

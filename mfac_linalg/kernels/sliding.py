@@ -183,9 +183,9 @@ extern "C" {
 __global__ void rows_dot_f32(const float* x, float* G, double* u, int m, long long ld, int slot, long long chunk)
 { rows_dot_impl<float, 4>(x, G, u, m, ld, slot, chunk); }
 __global__ void rows_dot_bf16(const float* x, __nv_bfloat16* G, double* u, int m, long long ld, int slot, long long chunk)
-{ rows_dot_impl<__nv_bfloat16, 4>(x, G, u, m, ld, slot, chunk); }
+{ rows_dot_impl<__nv_bfloat16, 8>(x, G, u, m, ld, slot, chunk); }
 __global__ void rows_dot_f16(const float* x, __half* G, double* u, int m, long long ld, int slot, long long chunk)
-{ rows_dot_impl<__half, 4>(x, G, u, m, ld, slot, chunk); }
+{ rows_dot_impl<__half, 8>(x, G, u, m, ld, slot, chunk); }
 
 __global__ void combine_f32(const float* G, const float* c, float* y, int m, long long ld, int rows_per, float scale)
 { combine_impl<float>(G, c, y, m, ld, rows_per, scale); }
@@ -394,7 +394,7 @@ def rows_dot(G, kind, x, u, slot=-1, rows=None):
     threads = 256
     vec = 16 // ITEMSIZE[kind]
     chunk = threads * vec * 8
-    R = 4
+    R = 4 if kind == "float32" else 8     # rows per block: the x chunk is loaded once for R rows
     grid = ((ld + chunk - 1) // chunk, (m + R - 1) // R)
     fn("rows_dot_" + SUFFIX[kind])(grid, (threads,), (x, G, u, np.int32(m), np.int64(ld),
                                                       np.int32(slot), np.int64(chunk)))
