@@ -3,11 +3,13 @@
 See README.md and docs/ for the mathematics and the API.
 """
 from ._operator import Operator, OutOfRangeError
+from . import obs
+from .blockwise import BlockInverseFisher
 from .sliding import SlidingWindowInverseFisher
 from .static import FisherOperator, StaticInverseFisher
 
 __version__ = "0.1.0"
 
-__all__ = ["Operator", "OutOfRangeError", "StaticInverseFisher", "FisherOperator",
+__all__ = ["BlockInverseFisher", "obs", "Operator", "OutOfRangeError", "StaticInverseFisher", "FisherOperator",
            "SlidingWindowInverseFisher",
            "__version__"]

@@ -543,6 +543,21 @@ class SlidingWindowInverseFisher(Operator):
         ld = cap.logdet_factor(self._L[:n, :n], self._backend)
         return self._d * math.log(lam) + ld - n * math.log(self._N() * lam)
 
+    def lowrank_batches(self):
+        """Yield (columns (1, d), 1/lambda, -1/lambda, V (1, n, d)) with V = L^{-1} G_h (arrival
+        order): F^{-1} = (I - V^T V)/lambda.  Forms V: O(dim n^2) time, n x dim memory."""
+        n = self._n()
+        xp = self._backend.xp
+        if n == 0:
+            yield np.arange(self._d)[None, :], 1.0 / self._damping, 0.0, \
+                xp.zeros((1, 1, self._d), dtype=self._dtype)
+            return
+        self._ensure_factor()
+        Gh = self._held()[xp.asarray(self._perm())][:, :self._d].astype(np.float64)
+        V = self._backend.solve_triangular(self._L[:n, :n], Gh, lower=True)
+        yield np.arange(self._d)[None, :], 1.0 / self._damping, -1.0 / self._damping, \
+            V.astype(self._dtype)[None]
+
     def fisher(self):
         """The forward F (same protocol); a live view that follows later updates."""
         return FisherOperator(self)

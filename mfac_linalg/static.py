@@ -204,6 +204,14 @@ class StaticInverseFisher(Operator):
         """The operator itself (for symmetry with ``fisher().inverse()``)."""
         return self
 
+    def lowrank_batches(self):
+        """Yield the one block (columns (1, d), alpha, beta, V (1, r, d)): F^{-1} = alpha I + beta V^T V."""
+        yield np.arange(self._d)[None, :], self._alpha, self._beta, self._V[None]
+
+    def with_gradients(self, grads):
+        """A new operator with the same damping for new gradients."""
+        return StaticInverseFisher(grads, self._damping, check_finite=self._check_finite)
+
     # -- forward products through the factors (used by FisherOperator) -------
     def _fisher_matmat(self, X):
         """F X.  Dual: lambda X + V^T (L^T L (V X)) / m; primal: L_F (L_F^T X)."""
