@@ -255,6 +255,17 @@ def asarray(x, name, *, backend=None, dtype=None, allow_half=False):
     return arr, be
 
 
+def as_bool(x, name, backend):
+    """A boolean array on ``backend`` (no dtype policy: only real booleans pass)."""
+    arr, be = _raw(x, name)
+    if be != backend:
+        raise TypeError(f"{name} lives on {be!r} but the operator lives on {backend!r}; "
+                        "move it explicitly (no silent host/device copies)")
+    if arr.dtype != np.bool_:
+        raise ValueError(f"{name} must be a boolean array; got dtype {arr.dtype}")
+    return arr
+
+
 def check_finite(arr, name, backend):
     """Raise ``ValueError`` if ``arr`` holds NaN or infinity."""
     xp = backend.xp

@@ -277,10 +277,10 @@ def prune(w, op, *, sparsity=None, count=None, method="joint", mask=None, group_
     if mask is None:
         m0 = xp.zeros(d, dtype=bool)
     else:
-        m0, _ = B.asarray(mask, "mask", backend=be)
-        if m0.shape != (d,) or m0.dtype != bool:
-            raise ValueError(f"mask must be a boolean array of shape ({d},); got "
-                             f"{m0.dtype} {tuple(m0.shape)}")
+        m0 = B.as_bool(mask, "mask", be)
+        if m0.shape != (d,):
+            raise ValueError(f"mask must be a boolean array of shape ({d},); got shape "
+                             f"{tuple(m0.shape)}")
     if (sparsity is None) == (count is None):
         raise ValueError("give exactly one of sparsity= and count=")
     if count is None:

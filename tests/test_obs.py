@@ -1,0 +1,196 @@
+"""Optimal Brain Surgeon against dense KKT solves."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import mfac_linalg as ml
+from mfac_linalg import obs
+
+from oracles import rel_err
+
+
+def dense_F(op, G, lam):
+    bounds = op.bounds if hasattr(op, "bounds") else np.array([0, G.shape[1]])
+    m, d = G.shape
+    F = np.zeros((d, d))
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        F[a:b, a:b] = lam * np.eye(b - a) + G[:, a:b].T @ G[:, a:b] / m
+    return F
+
+
+def kkt(F, w, Q):
+    """min 1/2 dw^T F dw s.t. dw_Q = -w_Q, by the full KKT system."""
+    d = len(w)
+    q = len(Q)
+    E = np.zeros((d, q))
+    E[Q, np.arange(q)] = 1
+    K = np.block([[F, E], [E.T, np.zeros((q, q))]])
+    sol = np.linalg.solve(K, np.r_[np.zeros(d), -w[Q]])
+    dw = sol[:d]
+    return dw, 0.5 * dw @ F @ dw
+
+
+def make_ops(G, lam):
+    return [ml.StaticInverseFisher(G, lam), ml.BlockInverseFisher(G, lam, block_size=8),
+            ml.BlockInverseFisher(G, lam, block_size=16, blocks=[12, 20])]
+
+
+@given(st.integers(1, 25), st.integers(0, 2**31), st.floats(0.05, 0.95),
+       st.sampled_from([0, 1, 2]))
+def test_joint_is_the_kkt_solution_and_beats_independent(m, seed, sparsity, which):
+    rng = np.random.default_rng(seed)
+    d, lam = 32, 0.05
+    G = rng.standard_normal((m, d))
+    op = make_ops(G, lam)[which]
+    F = dense_F(op, G, lam)
+    w = rng.standard_normal(d)
+    rj = obs.prune(w, op, sparsity=sparsity, method="joint")
+    ri = obs.prune(w, op, sparsity=sparsity, method="independent")
+    Q = np.flatnonzero(rj.mask)
+    assert np.array_equal(rj.mask, ri.mask)            # same set, like for like
+    assert np.all(rj.weights[Q] == 0) and np.all(ri.weights[Q] == 0)
+    dw_ref, loss_ref = kkt(F, w, Q)
+    dw = rj.weights - w
+    assert rel_err(dw, dw_ref) < 1e-8
+    assert abs(rj.loss - loss_ref) <= 1e-9 * max(1, loss_ref)
+    assert abs(rj.loss - 0.5 * dw @ F @ dw) <= 1e-9 * max(1, loss_ref)
+    dwi = ri.weights - w
+    assert abs(ri.loss - 0.5 * dwi @ F @ dwi) <= 1e-9 * max(1, ri.loss)
+    assert rj.loss <= ri.loss * (1 + 1e-9) + 1e-12
+
+
+def test_saliency_and_single_weight_agree(rng):
+    d, lam = 20, 0.1
+    G = rng.standard_normal((6, d))
+    op = ml.StaticInverseFisher(G, lam)
+    H = np.linalg.inv(dense_F(op, G, lam))
+    w = rng.standard_normal(d)
+    rho = obs.saliency(w, op)
+    assert rel_err(rho, w ** 2 / (2 * np.diag(H))) < 1e-12
+    assert rel_err(obs.saliency(w, H), rho) < 1e-12      # dense H as the operator
+    q = int(np.argmin(rho))
+    for method in ("joint", "independent"):
+        r = obs.prune(w, op, count=1, method=method)
+        assert np.flatnonzero(r.mask).tolist() == [q]
+        expected = w - (w[q] / H[q, q]) * H[:, q]
+        assert rel_err(r.weights, np.where(r.mask, 0, expected)) < 1e-10
+        assert abs(r.loss - rho[q]) < 1e-10 * rho[q]
+
+
+def test_magnitude_baseline_and_ordering(rng):
+    d, lam = 24, 0.05
+    G = rng.standard_normal((30, d)) * np.logspace(0, 1, d)
+    op = ml.BlockInverseFisher(G, lam, block_size=8)
+    w = rng.standard_normal(d)
+    rm = obs.prune(w, op, sparsity=0.5, method="magnitude")
+    Q = np.flatnonzero(rm.mask)
+    assert set(Q) == set(np.argsort(np.abs(w))[:12])
+    assert np.array_equal(rm.weights, np.where(rm.mask, 0, w))
+    F = dense_F(op, G, lam)
+    assert abs(rm.loss - 0.5 * w[Q] @ F[np.ix_(Q, Q)] @ w[Q]) < 1e-10 * rm.loss
+
+
+def test_mask_stays_zero_and_is_excluded(rng):
+    d, lam = 16, 0.1
+    G = rng.standard_normal((5, d))
+    op = ml.StaticInverseFisher(G, lam)
+    F = dense_F(op, G, lam)
+    w = rng.standard_normal(d)
+    mask = np.zeros(d, bool)
+    mask[[1, 5]] = True
+    for method in ("joint", "independent", "magnitude"):
+        r = obs.prune(w, op, count=6, mask=mask, method=method)
+        assert r.mask.sum() == 6 and r.mask[[1, 5]].all()
+        assert np.all(r.weights[r.mask] == 0)
+    # joint with a mask: the KKT solution keeping the masked weights at zero
+    r = obs.prune(w, op, count=6, mask=mask, method="joint")
+    w0 = np.where(mask, 0, w)
+    dw_ref, _ = kkt(F, w0, np.flatnonzero(r.mask))
+    assert rel_err(r.weights - w0, dw_ref) < 1e-8
+
+
+def test_group_saliency_and_group_prune_vs_dense(rng):
+    d, lam, g = 32, 0.1, 4
+    G = rng.standard_normal((10, d))
+    op = ml.BlockInverseFisher(G, lam, block_size=8)
+    H = np.linalg.inv(dense_F(op, G, lam))
+    w = rng.standard_normal(d)
+    gs = obs.group_saliency(w, op, group_size=g)
+    ref = [0.5 * w[i:i + g] @ np.linalg.solve(H[i:i + g, i:i + g], w[i:i + g])
+           for i in range(0, d, g)]
+    assert rel_err(gs, ref) < 1e-10
+    r = obs.prune(w, op, sparsity=0.5, group_size=g, method="joint")
+    removed = r.mask.reshape(-1, g)
+    assert np.all(removed.all(axis=1) | ~removed.any(axis=1))       # whole groups
+    chosen = np.flatnonzero(removed.all(axis=1))
+    assert set(chosen) == set(np.argsort(ref)[:len(chosen)])
+    Q = np.flatnonzero(r.mask)
+    dw_ref, loss_ref = kkt(dense_F(op, G, lam), w, Q)
+    assert rel_err(r.weights - w, dw_ref) < 1e-8 and abs(r.loss - loss_ref) < 1e-9
+
+
+def test_woodbury_branch_of_joint_for_large_sets(rng):
+    """|Q| above the direct limit on the static dual form: Woodbury in m dims."""
+    d, lam = 1200, 0.05
+    G = rng.standard_normal((12, d))
+    op = ml.StaticInverseFisher(G, lam)
+    w = rng.standard_normal(d)
+    r = obs.prune(w, op, sparsity=0.6, method="joint")
+    Q = np.flatnonzero(r.mask)
+    H = op.todense()
+    t = np.linalg.solve(H[np.ix_(Q, Q)], w[Q])
+    assert abs(r.loss - 0.5 * w[Q] @ t) < 1e-8 * r.loss
+    assert rel_err(r.weights - w, np.where(r.mask, -w, -(H[:, Q] @ t))) < 1e-8
+
+
+def test_steps_with_regrad_rebuilds_the_operator(rng):
+    d, lam = 24, 0.1
+    G = rng.standard_normal((8, d))
+    op = ml.BlockInverseFisher(G, lam, block_size=8)
+    w = rng.standard_normal(d)
+    seen = []
+
+    def regrad(weights, mask):
+        seen.append(int(mask.sum()))
+        return rng.standard_normal((8, d)) * ~mask          # gradients of remaining weights
+
+    r = obs.prune(w, op, sparsity=0.75, steps=3, regrad=regrad)
+    assert seen == [6, 12] and r.mask.sum() == 18
+    assert np.all(r.weights[r.mask] == 0)
+    r1 = obs.prune(w, op, sparsity=0.75, steps=3)            # without regrad: same operator
+    assert r1.mask.sum() == 18
+
+
+def test_sliding_window_works_with_obs(rng):
+    d, lam = 20, 0.2
+    win = ml.SlidingWindowInverseFisher(d, 6, lam, dtype="float64")
+    Gs = rng.standard_normal((9, d))
+    win.update(Gs)
+    F = lam * np.eye(d) + Gs[-6:].T @ Gs[-6:] / 6
+    w = rng.standard_normal(d)
+    r = obs.prune(w, win, sparsity=0.5, method="joint")
+    dw_ref, loss_ref = kkt(F, w, np.flatnonzero(r.mask))
+    assert rel_err(r.weights - w, dw_ref) < 1e-8 and abs(r.loss - loss_ref) < 1e-9 * loss_ref
+
+
+def test_obs_bad_input(rng):
+    op = ml.StaticInverseFisher(rng.standard_normal((3, 8)), 0.1)
+    w = rng.standard_normal(8)
+    with pytest.raises(ValueError, match="give exactly one of sparsity= and count="):
+        obs.prune(w, op)
+    with pytest.raises(ValueError, match="method must be one of"):
+        obs.prune(w, op, count=2, method="random")
+    with pytest.raises(ValueError, match=r"w must have shape \(8,\)"):
+        obs.prune(np.ones(7), op, count=2)
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        obs.prune(w, op, sparsity=1.5)
+    with pytest.raises(ValueError, match="group_size=3 must divide"):
+        obs.group_saliency(w, op, group_size=3)
+    with pytest.raises(ValueError, match="below the 3 weights the mask already removes"):
+        obs.prune(w, op, count=2, mask=np.array([1, 1, 1, 0, 0, 0, 0, 0], bool))
+    with pytest.raises(ValueError, match="mask must be a boolean array; got dtype float64"):
+        obs.prune(w, op, count=2, mask=np.zeros(8))
+    with pytest.raises(ValueError, match="w must be finite"):
+        obs.saliency(np.full(8, np.nan), op)
+    with pytest.raises(TypeError, match="not an inverse-Fisher operator"):
+        obs.saliency(w, op.fisher())
