@@ -13,3 +13,12 @@ def test_sliding_optimizer_example_runs_and_mfac_wins_at_the_end():
     assert t == 300
     assert mfac < sgd
     assert mfac < hist[0][2] / 100  # and it really optimised
+
+
+def test_obs_pruning_example_ordering_at_high_sparsity():
+    import obs_pruning
+    base, rows = obs_pruning.run(sparsities=(0.8, 0.9), verbose=False)
+    for row in rows:
+        mag, ind, joint = (row[k][0] for k in ("magnitude", "independent", "joint"))
+        assert joint <= ind <= mag, row
+    assert rows[-1]["joint"][1] > rows[-1]["magnitude"][1]   # accuracy at 90%
