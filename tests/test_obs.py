@@ -194,3 +194,30 @@ def test_obs_bad_input(rng):
         obs.saliency(np.full(8, np.nan), op)
     with pytest.raises(TypeError, match="not an inverse-Fisher operator"):
         obs.saliency(w, op.fisher())
+
+
+@pytest.mark.parametrize("kind", ["static", "block"])
+def test_obs_on_backend_matches_cpu(backend, kind, rng):
+    """The same pruning on the backend under test as on the CPU (GPU: cupy arrays in and out)."""
+    d, lam = 48, 0.05
+    G = rng.standard_normal((20, d))
+    w = rng.standard_normal(d)
+    mk = (lambda A: ml.StaticInverseFisher(A, lam)) if kind == "static" else \
+        (lambda A: ml.BlockInverseFisher(A, lam, block_size=16))
+    op_cpu, op = mk(G), mk(backend.xp.asarray(G))
+    wd = backend.xp.asarray(w)
+    for method in ("joint", "independent", "magnitude"):
+        a = obs.prune(w, op_cpu, sparsity=0.6, method=method)
+        b = obs.prune(wd, op, sparsity=0.6, method=method)
+        assert isinstance(b.weights, type(wd))
+        assert np.array_equal(B_host(b.mask), a.mask)
+        assert rel_err(B_host(b.weights), a.weights) < 1e-10
+        assert abs(b.loss - a.loss) < 1e-10 * max(1, a.loss)
+    assert rel_err(B_host(obs.group_saliency(wd, op, group_size=4)),
+                   obs.group_saliency(w, op_cpu, group_size=4)) < 1e-10
+    assert rel_err(B_host(obs.saliency(wd, op)), obs.saliency(w, op_cpu)) < 1e-12
+
+
+def B_host(a):
+    from mfac_linalg import _backend
+    return _backend.to_host(a)
