@@ -5,11 +5,14 @@ See README.md and docs/ for the mathematics and the API.
 from ._operator import Operator, OutOfRangeError
 from . import obs
 from .blockwise import BlockInverseFisher
+from .kronecker import (block_diag, deflation, ekfac, fisher_error, kfac, kfac_corrected,
+                        kpsvd)
 from .sliding import SlidingWindowInverseFisher
 from .static import FisherOperator, StaticInverseFisher
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockInverseFisher", "obs", "Operator", "OutOfRangeError", "StaticInverseFisher", "FisherOperator",
+__all__ = ["BlockInverseFisher", "obs", "kfac", "ekfac", "kpsvd", "deflation",
+           "kfac_corrected", "fisher_error", "block_diag", "Operator", "OutOfRangeError", "StaticInverseFisher", "FisherOperator",
            "SlidingWindowInverseFisher",
            "__version__"]
