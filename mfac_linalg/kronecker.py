@@ -110,8 +110,12 @@ def _top_triples(R, RT, d_out, d_in, k, xp, *, tol, maxiter, init=None, deflate=
             info["converged"] = True
             break
         sig_old = sig
-    Pk = (u[:, :k].T @ Pm).reshape(k, d_out, d_out)
-    Qk = (vt[:k] @ Qm).reshape(k, d_in, d_in)
+    kk = min(k, p)          # R(F) has rank <= min(d_out^2, d_in^2): missing triples are zero
+    Pk = xp.zeros((k, d_out, d_out))
+    Qk = xp.zeros((k, d_in, d_in))
+    Pk[:kk] = (u[:, :kk].T @ Pm).reshape(kk, d_out, d_out)
+    Qk[:kk] = (vt[:kk] @ Qm).reshape(kk, d_in, d_in)
+    sig = xp.concatenate([sig, xp.zeros(k - kk)]) if kk < k else sig
     # residuals ||R q - sigma p|| relative to sigma_1
     Rq = R(Qk).reshape(k, -1)
     info["residual"] = float(B.to_host(xp.linalg.norm(Rq - sig[:, None] * Pk.reshape(k, -1),
@@ -478,7 +482,9 @@ def fisher_error(approx, activations, output_grads, *, bias=False):
     <F, B kron C> = (1/n) sum_n (g_n^T B g_n)(a_n^T C a_n);
     ||sum_i B_i kron C_i||^2 = sum_{ij} <B_i, B_j><C_i, C_j>;
     EKFAC: <F, F~> = (1/n) sum_n sum_pq S*_pq (U_G^T g_n)_p^2 (U_A^T a_n)_q^2, ||F~|| = ||S*||.
-    O(n^2 (d_in + d_out) + n (d_in^2 + d_out^2)) per term.
+    O(n^2 (d_in + d_out) + n (d_in^2 + d_out^2)) per term.  The formula subtracts squares,
+    ||F||^2 - 2 <F, F~> + ||F~||^2, so its absolute accuracy is about sqrt(eps) ~ 1.5e-8:
+    errors below that read as a few 1e-8.
     """
     A, G, be = _layer_inputs(activations, output_grads, bias)
     xp = be.xp
