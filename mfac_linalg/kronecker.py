@@ -83,14 +83,17 @@ def rearranged_products(A, G):
 
 def _top_triples(R, RT, d_out, d_in, k, xp, *, tol, maxiter, init=None, deflate=None):
     """Top-k singular triples of R(F) (minus vec(P0) vec(Q0)^T if ``deflate``) by subspace
-    iteration with Rayleigh-Ritz, k + 2 vectors.  Returns (sigma, P (k, d_out, d_out),
-    Q (k, d_in, d_in), info)."""
+    iteration with Rayleigh-Ritz on k vectors (k = 1: alternating power iteration; each
+    iteration costs one R and one R^T product, about one K-FAC factor build).  ``init``
+    starts the first vector (K-FAC's A by default in :func:`kpsvd`: near the top right
+    singular vector).  Stops when the singular values change by <= tol relative.
+    Returns (sigma, P (k, d_out, d_out), Q (k, d_in, d_in), info)."""
     if deflate is not None:
         P0, Q0 = deflate
         R0, RT0 = R, RT
         R = lambda Q: R0(Q) - P0[None] * (Q0[None] * Q).sum(axis=(1, 2))[:, None, None]  # noqa: E731
         RT = lambda P: RT0(P) - Q0[None] * (P0[None] * P).sum(axis=(1, 2))[:, None, None]  # noqa: E731
-    p = min(k + 2, d_in * d_in, d_out * d_out)
+    p = min(k, d_in * d_in, d_out * d_out)
     rng = np.random.default_rng(0)
     Q = xp.asarray(rng.standard_normal((p, d_in, d_in)))
     Q = Q + Q.transpose(0, 2, 1)
@@ -360,7 +363,7 @@ def _kpsvd_terms(A, G, k, xp, tol, maxiter, init, deflate=None):
     return terms, info
 
 
-def kpsvd(activations, output_grads, damping, *, bias=False, tol=1e-10, maxiter=200,
+def kpsvd(activations, output_grads, damping, *, bias=False, tol=1e-8, maxiter=500,
           init=None, indefinite="clip"):
     r"""The best single Kronecker product min ||F - B kron C||_F (Van Loan-Pitsianis).
 
@@ -382,6 +385,8 @@ def kpsvd(activations, output_grads, damping, *, bias=False, tol=1e-10, maxiter=
             raise ValueError(f"init must be a ({A.shape[1]}, {A.shape[1]}) factor C; got shape "
                              f"{tuple(init.shape)}")
         init = init.astype(np.float64)
+    else:
+        init = A.T @ A / A.shape[0]
     terms, info = _kpsvd_terms(A, G, 1, xp, tol, maxiter, init)
     (Bm, Cm), = terms
     op = _eig_inverse("kpsvd", Bm, Cm, lambda sB, sC: sB[:, None] * sC[None, :] + lam,
@@ -428,7 +433,7 @@ def _two_term_inverse(method, B1, C1, B2, C2, lam, be, info, indefinite, terms):
                             terms=terms, damping=lam, backend=be, info=info, clipped=clipped)
 
 
-def deflation(activations, output_grads, damping, *, bias=False, tol=1e-10, maxiter=200,
+def deflation(activations, output_grads, damping, *, bias=False, tol=1e-8, maxiter=500,
               indefinite="clip"):
     r"""The best sum of two Kronecker products: the top two singular triples of R(F).
 
@@ -442,14 +447,14 @@ def deflation(activations, output_grads, damping, *, bias=False, tol=1e-10, maxi
     _check_indefinite(indefinite)
     t0 = time.perf_counter()
     A, G, be = _layer_inputs(activations, output_grads, bias)
-    terms, info = _kpsvd_terms(A, G, 2, be.xp, tol, maxiter, None)
+    terms, info = _kpsvd_terms(A, G, 2, be.xp, tol, maxiter, A.T @ A / A.shape[0])
     (B1, C1), (B2, C2) = terms
     op = _two_term_inverse("deflation", B1, C1, B2, C2, lam, be, info, indefinite, terms)
     op.info["build_seconds"] = time.perf_counter() - t0
     return op
 
 
-def kfac_corrected(activations, output_grads, damping, *, bias=False, tol=1e-10, maxiter=200,
+def kfac_corrected(activations, output_grads, damping, *, bias=False, tol=1e-8, maxiter=500,
                    indefinite="clip"):
     r"""K-FAC plus the best Kronecker product of its residual: Gamma kron A + B2 kron C2,
     (B2, C2) the top singular triple of R(F) - vec(Gamma) vec(A)^T (matrix-free).

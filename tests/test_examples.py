@@ -22,3 +22,17 @@ def test_obs_pruning_example_ordering_at_high_sparsity():
         mag, ind, joint = (row[k][0] for k in ("magnitude", "independent", "joint"))
         assert joint <= ind <= mag, row
     assert rows[-1]["joint"][1] > rows[-1]["magnitude"][1]   # accuracy at 90%
+
+
+def test_kronecker_quality_example_orderings_and_cost():
+    import warnings
+
+    import kronecker_quality as kq
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = kq.run(checkpoints=(0, 100), n=600, verbose=False)
+    for _, _, rows in out:
+        for _, _, _, e, t in rows:
+            assert e["deflation"] <= e["KPSVD"] + 1e-7 <= e["K-FAC"] + 2e-7
+            assert e["K-FAC corr."] <= e["K-FAC"] + 1e-7
+    assert len(out) == 2 and len(out[0][2]) == 4
