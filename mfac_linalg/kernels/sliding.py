@@ -203,6 +203,35 @@ __global__ void round_f16(const float* x, float* out, long long n) {
     if (i < n) out[i] = __half2float(__float2half_rn(x[i]));
 }
 
+// Inclusive prefix sum of v over the block (one tile), plus the running total *carry
+// of earlier tiles; afterwards *carry holds the running total including this tile.
+// Every thread of the block must call it (it synchronises); wsum: 32 shared doubles.
+__device__ double block_scan_carry(double v, double* wsum, double* carry) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    #pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        double t = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += t;
+    }
+    if (lane == 31) wsum[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        double w = lane < (blockDim.x >> 5) ? wsum[lane] : 0.0;
+        #pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            double t = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += t;
+        }
+        wsum[lane] = w;
+    }
+    __syncthreads();
+    const double s = v + (warp > 0 ? wsum[warp - 1] : 0.0) + *carry;
+    __syncthreads();                       // every thread has read *carry and wsum
+    if (threadIdx.x == blockDim.x - 1) *carry = s;
+    __syncthreads();
+    return s;
+}
+
 // ---- the O(m) coefficients of the rank-one update (one block of 1024) --------
 // inputs p (n1), outputs dj, beta (n1): 1/alpha_j = 1 + sum_{k<j} p_k^2
 __global__ void ggms_coeffs(const double* __restrict__ p, double* __restrict__ dj,
@@ -211,41 +240,17 @@ __global__ void ggms_coeffs(const double* __restrict__ p, double* __restrict__ d
     __shared__ double carry;
     if (threadIdx.x == 0) carry = 0.0;
     __syncthreads();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int base = 0; base < n1; base += blockDim.x) {
         const int j = base + threadIdx.x;
         const double pj = j < n1 ? p[j] : 0.0;
         const double sq = pj * pj;
-        // inclusive scan of sq within the block
-        double v = sq;
-        #pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            double t = __shfl_up_sync(0xffffffffu, v, o);
-            if (lane >= o) v += t;
-        }
-        if (lane == 31) wsum[warp] = v;
-        __syncthreads();
-        if (warp == 0) {
-            double w = lane < (blockDim.x >> 5) ? wsum[lane] : 0.0;
-            #pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                double t = __shfl_up_sync(0xffffffffu, w, o);
-                if (lane >= o) w += t;
-            }
-            wsum[lane] = w;
-        }
-        __syncthreads();
-        const double incl = v + (warp > 0 ? wsum[warp - 1] : 0.0) + carry;
-        const double excl = incl - sq;
+        const double excl = block_scan_carry(sq, wsum, &carry) - sq;
         if (j < n1) {
             const double alpha = 1.0 / (1.0 + excl);
             const double d = sqrt(1.0 + alpha * sq);
             dj[j] = d;
             beta[j] = alpha * pj / d;
         }
-        __syncthreads();
-        if (threadIdx.x == blockDim.x - 1) carry = incl;
-        __syncthreads();
     }
 }
 
@@ -264,34 +269,11 @@ __global__ void chol_delete(const double* __restrict__ src, double* __restrict__
     __shared__ double carry;
     if (threadIdx.x == 0) carry = 0.0;
     __syncthreads();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int base = 0; base <= i; base += blockDim.x) {
         const int j = base + threadIdx.x;
         const double lij = j <= i ? row[j] : 0.0;
-        const double term = j <= i ? lij * p[j] : 0.0;
-        double v = term;
-        #pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            double t = __shfl_up_sync(0xffffffffu, v, o);
-            if (lane >= o) v += t;
-        }
-        if (lane == 31) wsum[warp] = v;
-        __syncthreads();
-        if (warp == 0) {
-            double w = lane < (blockDim.x >> 5) ? wsum[lane] : 0.0;
-            #pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                double t = __shfl_up_sync(0xffffffffu, w, o);
-                if (lane >= o) w += t;
-            }
-            wsum[lane] = w;
-        }
-        __syncthreads();
-        const double s = v + (warp > 0 ? wsum[warp - 1] : 0.0) + carry;
+        const double s = block_scan_carry(j <= i ? lij * p[j] : 0.0, wsum, &carry);
         if (j <= i) out[j] = lij * dj[j] + beta[j] * (vi - s);
-        __syncthreads();
-        if (threadIdx.x == blockDim.x - 1) carry = s;
-        __syncthreads();
     }
 }
 
