@@ -1,8 +1,9 @@
 """Where the time of one sliding-window step goes on the GPU (d = 1e5, m = 1024).
 
 Times each stage alone (CUDA events, medians) so that the fixed costs
-(launches, synchronisations, small kernels, triangular solves) can be read
-next to the two passes over the buffer.  Usage: python benchmarks/gpu_breakdown.py
+(launches, synchronisations, small kernels, the m x m work of the explicit-inverse
+path and, for comparison, of the Cholesky path) can be read next to the two
+passes over the buffer.  Usage: python benchmarks/gpu_breakdown.py
 """
 import sys
 
@@ -26,14 +27,21 @@ def main(d=100_000, m=1024, dtype="float32"):
     c32 = cp.ones(m, dtype=cp.float32)
     y = cp.zeros(w._ld, dtype=cp.float32)
     be = w._backend
+    a = cp.ones(m, dtype=cp.float64)
+    ax2 = cp.ones((), dtype=cp.float64)
+    det = cp.empty(1, dtype=cp.float64)
+    Ci = w._L
     parts = {
         "step (whole)": lambda: w.step(x),
         "matvec (whole)": lambda: w.matvec(x),
         "matvec, check_finite off": None,
         "rows_dot (pass 1)": lambda: K.rows_dot(w._G, w._kind, x, u, rows=m),
         "combine (pass 2)": lambda: K.combine(w._G, w._kind, c32, y, -1.0, rows=m),
-        "trsv (cuBLAS trsm, 1 rhs)": lambda: K.trsv(w._L, z, m, transpose=False),
-        "delete_first (trsv + 2 kernels)": lambda: cap.delete_first(w._L, m, w._Lspare, be),
+        "GEMV C^-1 a (explicit path)": lambda: Ci @ a,
+        "rank2_update kernel (explicit path)":
+            lambda: K.rank2_update(Ci, w._Lspare, Ci[0], a, ax2, det, 0),
+        "trsv (cuBLAS trsm, 1 rhs; factor path)": lambda: K.trsv(w._L, z, m, transpose=False),
+        "delete_first (factor path)": lambda: cap.delete_first(w._L, m, w._Lspare, be),
         "isfinite(x).all() + bool": lambda: bool(cp.isfinite(x).all()),
         "cp.zeros(m)": lambda: cp.zeros(m, dtype=cp.float64),
         "one tiny kernel (gather)": lambda: K.gather_f64(u, z, 0, m),

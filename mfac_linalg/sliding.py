@@ -106,6 +106,21 @@ class SlidingWindowInverseFisher(Operator):
         self._count = 0
         self._since_refresh = 0
         self._stale = False
+        # GPU kernel path: _L / _Lspare hold the explicit inverse C^{-1} over all m slots
+        # (slot order; empty slots are zero gradients) instead of a Cholesky factor, updated
+        # by rank-two Woodbury steps: GEMV-shaped, no sequential triangular solves
+        # (MATH.md section 2, "pick by measurement"); the exact refresh bounds its drift.
+        self._explicit = bool(kind) and normalize == "window"
+        self._logdetC = 0.0
+        if self._explicit:
+            self._init_explicit()
+
+    def _init_explicit(self):
+        xp = self._backend.xp
+        s = self._N() * self._damping
+        self._L[...] = xp.eye(self._m) / s
+        self._Lspare[...] = xp.eye(self._m) / s
+        self._logdetC = self._m * math.log(s)
 
     # -- state ---------------------------------------------------------------
     @property
@@ -170,10 +185,14 @@ class SlidingWindowInverseFisher(Operator):
         self._count = 0
         self._since_refresh = 0
         self._stale = False
+        if self._explicit:
+            self._init_explicit()
 
     # -- factor maintenance ------------------------------------------------
     def _refactor(self):
         """Exact factor from the Gram matrix in arrival order: O(n^3)."""
+        if self._explicit:
+            return self._refactor_explicit()
         n = self._n()
         be = self._backend
         L = self._Lspare
@@ -183,6 +202,18 @@ class SlidingWindowInverseFisher(Operator):
             Kp = self._K[p][:, p]
             L[:n, :n] = cap.cholesky_shifted(Kp, self._N() * self._damping, be)
         self._L, self._Lspare = L, self._L
+        self._stale = False
+        self._since_refresh = 0
+
+    def _refactor_explicit(self):
+        """Exact C^{-1} = (N lambda I + K)^{-1} over all m slots from its Cholesky factor."""
+        be = self._backend
+        xp = be.xp
+        Lc = cap.cholesky_shifted(self._K, self._N() * self._damping, be)
+        Li = be.solve_triangular(Lc, xp.eye(self._m), lower=True)
+        self._Lspare[...] = Li.T @ Li
+        self._L, self._Lspare = self._Lspare, self._L
+        self._logdetC = cap.logdet_factor(Lc, be)
         self._stale = False
         self._since_refresh = 0
 
@@ -292,6 +323,8 @@ class SlidingWindowInverseFisher(Operator):
         self._count += 1
         n = self._n()
         start = (self._count - n) % m
+        if self._explicit:
+            return self._replace_explicit(u, s, finite, xq, old_row, old_K)
         try:
             ua = xp.empty(m, dtype=np.float64)
             K_.gram_update(self._K, u, ua, s, start, n)
@@ -331,6 +364,47 @@ class SlidingWindowInverseFisher(Operator):
                 self._L, self._Lspare = self._Lspare, self._L
             self._since_refresh += 1
             return u, z, xq
+        except Exception:
+            self._count -= 1
+            self._G[s] = old_row
+            self._K[s, :] = old_K
+            self._K[:, s] = old_K
+            raise
+
+    def _replace_explicit(self, u, s, finite, xq, old_row, old_K):
+        """Rank-two update of C^{-1} for the new Gram row u of slot s (explicit path).
+
+        Returns (u, z, xq) like :meth:`_add_one` with z = C_new^{-1} u (slot order), or z None
+        when the inverse was rebuilt exactly instead (refresh due, or a doubtful pivot).
+        """
+        xp = self._backend.xp
+        m = self._m
+        try:
+            a = xp.empty(m, dtype=np.float64)
+            K_.window_prep(u, self._K, a, s)
+            if self._stale or self._since_refresh >= self._refresh_every:
+                if finite is not None and not bool(finite):
+                    raise ValueError("g must be finite; got NaN or infinity")
+                self._stale = True
+                return u, None, xq
+            Ci = self._L
+            x2 = Ci @ a
+            ax2 = a @ x2
+            det = xp.empty(1, dtype=np.float64)
+            K_.rank2_update(Ci, self._Lspare, Ci[s], x2, ax2, det, s)
+            if finite is not None:                 # the one host synchronisation
+                ok, dv = xp.stack([finite.astype(np.float64), det[0]]).get()
+            else:
+                ok, dv = 1.0, float(det.get()[0])
+            if not ok:
+                raise ValueError("g must be finite; got NaN or infinity")
+            if not (dv > 1e-300 and math.isfinite(dv)):
+                self._refactor()         # exact inverse from K; raises if C really is singular
+                return u, None, xq
+            self._L, self._Lspare = self._Lspare, self._L
+            self._logdetC += math.log(dv)
+            self._since_refresh += 1
+            return u, self._L @ u, xq
         except Exception:
             self._count -= 1
             self._G[s] = old_row
@@ -383,7 +457,8 @@ class SlidingWindowInverseFisher(Operator):
             y = self.matvec(arr if xq is None else xq[:self._d])
             return y.astype(out_dtype, copy=False)
         if self._kind:
-            y = self._combine_kernel(xq, self._coefficients_kernel(z))
+            c32 = z.astype(np.float32) if self._explicit else self._coefficients_kernel(z)
+            y = self._combine_kernel(xq, c32)
             return y[:self._d].astype(out_dtype, copy=False)
         c = self._back_solve(z)
         x = arr.astype(self._dtype, copy=False)
@@ -392,12 +467,14 @@ class SlidingWindowInverseFisher(Operator):
     # -- snapshots for atomic batches ----------------------------------------------
     def _snapshot(self):
         return {"G": self._G.copy(), "K": self._K.copy(), "L": self._L.copy(),
+                "logdetC": self._logdetC,
                 "count": self._count, "since": self._since_refresh, "stale": self._stale}
 
     def _restore(self, snap):
         self._G[...] = snap["G"]
         self._K[...] = snap["K"]
         self._L[...] = snap["L"]
+        self._logdetC = snap["logdetC"]
         self._count = snap["count"]
         self._since_refresh = snap["since"]
         self._stale = snap["stale"]
@@ -451,6 +528,9 @@ class SlidingWindowInverseFisher(Operator):
 
     def _solve_C(self, U):
         """C^{-1} U for U (n, k) in slot order; returns slot order, float64."""
+        if self._explicit:
+            n = self._n()
+            return self._L[:n, :n] @ U
         be = self._backend
         n, m = self._n(), self._m
         rhs = be.xp.zeros((m,) + U.shape[1:], dtype=np.float64)
@@ -482,6 +562,9 @@ class SlidingWindowInverseFisher(Operator):
             start = (self._count - n) % m
             u = xp.zeros(m, dtype=np.float64)
             K_.rows_dot(self._G, self._kind, xq, u, rows=n)                # pass 1
+            if self._explicit:
+                y = self._combine_kernel(xq, (self._L @ u).astype(np.float32))
+                return y[:self._d, None].astype(X.dtype, copy=False)
             z = K_.gather_f64(u, xp.empty(m, dtype=np.float64), start, n)
             K_.trsv(self._L, z, n, transpose=False)
             y = self._combine_kernel(xq, self._coefficients_kernel(z))    # pass 2
@@ -498,6 +581,8 @@ class SlidingWindowInverseFisher(Operator):
         self._ensure_factor()
         Gh = self._held()
         U = (Gh @ self._pad(X).astype(Gh.dtype, copy=False)).astype(np.float64)
+        if self._explicit:
+            return (xx - xp.einsum("ij,ij->j", U, self._solve_C(U))) / self._damping
         n, m = self._n(), self._m
         rhs = xp.zeros((m, U.shape[1]), dtype=np.float64)
         rhs[:n] = self._to_arrival(U)
@@ -513,6 +598,13 @@ class SlidingWindowInverseFisher(Operator):
         self._ensure_factor()
         Gh = self._held()
         m = self._m
+        if self._explicit:      # 1 - sum_i g_i (C^{-1} G_h)_i, in column chunks: O(dim n^2)
+            for a in range(0, self._d, chunk):
+                b = min(self._d, a + chunk)
+                Gc = Gh[:, a:b].astype(np.float64)
+                s_ = (Gc * self._solve_C(Gc)).sum(axis=0)
+                out[a:b] -= (s_ / self._damping).astype(self._dtype)
+            return out
         perm = xp.asarray(self._perm())
         for a in range(0, self._d, chunk):
             b = min(self._d, a + chunk)
@@ -540,7 +632,10 @@ class SlidingWindowInverseFisher(Operator):
         if n == 0:
             return self._d * math.log(lam)
         self._ensure_factor()
-        ld = cap.logdet_factor(self._L[:n, :n], self._backend)
+        if self._explicit:      # log det C over all m slots, less the m - n empty ones
+            ld = self._logdetC - (self._m - n) * math.log(self._N() * lam)
+        else:
+            ld = cap.logdet_factor(self._L[:n, :n], self._backend)
         return self._d * math.log(lam) + ld - n * math.log(self._N() * lam)
 
     def lowrank_batches(self):
@@ -553,8 +648,13 @@ class SlidingWindowInverseFisher(Operator):
                 xp.zeros((1, 1, self._d), dtype=self._dtype)
             return
         self._ensure_factor()
-        Gh = self._held()[xp.asarray(self._perm())][:, :self._d].astype(np.float64)
-        V = self._backend.solve_triangular(self._L[:n, :n], Gh, lower=True)
+        if self._explicit:      # a Cholesky factor on demand, slot order: O(n^3)
+            Gh = self._held()[:, :self._d].astype(np.float64)
+            Lh = cap.cholesky_shifted(self._K[:n, :n], self._N() * self._damping, self._backend)
+        else:
+            Gh = self._held()[xp.asarray(self._perm())][:, :self._d].astype(np.float64)
+            Lh = self._L[:n, :n]
+        V = self._backend.solve_triangular(Lh, Gh, lower=True)
         yield np.arange(self._d)[None, :], 1.0 / self._damping, -1.0 / self._damping, \
             V.astype(self._dtype)[None]
 
@@ -590,7 +690,14 @@ class SlidingWindowInverseFisher(Operator):
 
     # -- checkpointing -------------------------------------------------------------
     def state_dict(self):
-        """The whole state as host NumPy arrays and Python scalars (a copy)."""
+        """The whole state as host NumPy arrays and Python scalars (a copy).
+
+        On the GPU kernel path (explicit C^{-1}) the checkpoint stores no factor: it is
+        marked stale, and this window is marked stale too, so both rebuild C^{-1} exactly
+        from the Gram matrix at their next use and stay bit-identical.
+        """
+        if self._explicit:
+            self._stale = True
         return {
             "format_version": FORMAT_VERSION,
             "dim": self._d, "window": self._m, "damping": self._damping,
@@ -599,7 +706,7 @@ class SlidingWindowInverseFisher(Operator):
             "count": self._count, "since_refresh": self._since_refresh,
             "stale": self._stale,
             "G": B.to_host(self._G[:, :self._d]).copy(), "K": B.to_host(self._K).copy(),
-            "L": B.to_host(self._L).copy(),
+            "L": np.eye(self._m) if self._explicit else B.to_host(self._L).copy(),
         }
 
     def load_state_dict(self, state):
@@ -623,7 +730,7 @@ class SlidingWindowInverseFisher(Operator):
         self._refresh_every = st["refresh_every"]
         self._count = st["count"]
         self._since_refresh = st["since_refresh"]
-        self._stale = st["stale"]
+        self._stale = st["stale"] or self._explicit
         return self
 
     def save(self, path):

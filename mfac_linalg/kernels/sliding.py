@@ -331,6 +331,38 @@ __global__ void gather_f64(const double* __restrict__ u, double* __restrict__ ua
     if (k < n) ua[k] = u[(start + k) % m];
 }
 
+// ---- explicit inverse of C (GPU kernel path): rank-two replacement of slot s ---------
+// a = delta - (delta_s / 2) e_s with delta = u - K[s, :]; then K[s, :] = K[:, s] = u.
+__global__ void window_prep(const double* __restrict__ u, double* __restrict__ K,
+                            double* __restrict__ a, int m, int s) {
+    const int k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k < m) {
+        const double old = K[(long long)s * m + k];
+        const double dlt = u[k] - old;
+        a[k] = k == s ? 0.5 * dlt : dlt;
+        K[(long long)s * m + k] = u[k];
+        K[(long long)k * m + s] = u[k];
+    }
+}
+
+// out = Ci - [x1 x2] M^{-1} [x2 x1]^T with x1 = Ci e_s (row s of Ci), x2 = Ci a,
+// M = [[1 + x2_s, a.x2], [x1_s, 1 + x2_s]]; det(M) = det(C_new) / det(C) -> det_out.
+__global__ void rank2_update(const double* __restrict__ Ci, double* __restrict__ out,
+                             const double* __restrict__ x1, const double* __restrict__ x2,
+                             const double* __restrict__ ax2, double* __restrict__ det_out,
+                             int m, int s) {
+    const double m00 = 1.0 + x2[s], m01 = ax2[0], m10 = x1[s], m11 = 1.0 + x2[s];
+    const double det = m00 * m11 - m01 * m10;
+    const double i00 = m11 / det, i01 = -m01 / det, i10 = -m10 / det, i11 = m00 / det;
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx == 0) det_out[0] = det;
+    if (idx < (long long)m * m) {
+        const int i = (int)(idx / m), j = (int)(idx % m);
+        const double d = x1[i] * (i00 * x2[j] + i01 * x1[j]) + x2[i] * (i10 * x2[j] + i11 * x1[j]);
+        out[idx] = Ci[idx] - d;
+    }
+}
+
 // slot-order float32 coefficients from the arrival-order solution: c[(start+k)%m] = ca[k]
 __global__ void scatter_f32(const double* __restrict__ ca, float* __restrict__ c,
                             int m, int start, int n) {
@@ -490,6 +522,18 @@ def gram_update(K, u, ua, s, start, n):
     threads = 256
     fn("gram_update")(((m + threads - 1) // threads,), (threads,),
                       (K, u, ua, np.int32(m), np.int32(s), np.int32(start), np.int32(n)))
+
+
+def window_prep(u, K, a, s):
+    m = K.shape[0]
+    fn("window_prep")(((m + 255) // 256,), (256,), (u, K, a, np.int32(m), np.int32(s)))
+
+
+def rank2_update(Ci, out, x1, x2, ax2, det_out, s):
+    m = Ci.shape[0]
+    total = m * m
+    fn("rank2_update")(((total + 255) // 256,), (256,),
+                       (Ci, out, x1, x2, ax2, det_out, np.int32(m), np.int32(s)))
 
 
 def scatter_f32(ca, c, start, n):
