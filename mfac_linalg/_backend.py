@@ -19,7 +19,7 @@ import numbers
 import numpy as np
 
 __all__ = [
-    "Backend", "CPU", "backend_of", "asarray", "as_vector_block", "cupy_available",
+    "Backend", "CPU", "backend_for_device", "asarray", "as_bool", "as_vector_block", "cupy_available",
     "gpu_available", "default_device", "check_finite", "to_host", "SMALL_DTYPE",
 ]
 

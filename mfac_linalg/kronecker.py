@@ -492,7 +492,6 @@ def fisher_error(approx, activations, output_grads, *, bias=False):
     errors below that read as a few 1e-8.
     """
     A, G, be = _layer_inputs(activations, output_grads, bias)
-    xp = be.xp
     n = A.shape[0]
     if not isinstance(approx, KroneckerInverse):
         raise TypeError(f"approx must be an operator from kfac/ekfac/kpsvd/deflation/"

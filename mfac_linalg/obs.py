@@ -18,7 +18,6 @@ dense (d, d) matrix H.  For block operators every solve stays inside a block.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np

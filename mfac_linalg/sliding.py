@@ -371,14 +371,54 @@ class SlidingWindowInverseFisher(Operator):
             self._K[:, s] = old_K
             raise
 
+    def _step_explicit(self, row, arr):
+        """The fused step on the explicit path: every kernel of the step (pass 1, the
+        rank-two update, C^{-1} u, pass 2) is enqueued before the one synchronisation, so
+        the host's launches overlap the GPU's work."""
+        xp = self._backend.xp
+        m = self._m
+        s = self._count % m
+        n_old = self._n()
+        old_row = self._G[s].copy()
+        old_K = self._K[s].copy()
+        if self._kind == "float32" and self._ld == self._d and row.flags.c_contiguous:
+            xq = row
+        else:
+            xq = self._padded_vector(row, round_=True)
+        finite = xp.isfinite(xq).all()
+        u = xp.zeros(m, dtype=np.float64)
+        K_.rows_dot(self._G, self._kind, xq, u, slot=s, rows=min(n_old + 1, m))
+        self._count += 1
+        pending = self._replace_explicit_launch(u, s, finite, xq, old_row, old_K)
+        if pending["z"] is None:                     # stale: rebuilt at the query below
+            return self.matvec(xq[:self._d])
+        y = self._combine_kernel(xq, pending["z"].astype(np.float32))   # pass 2, enqueued
+        if not self._replace_explicit_finish(pending):
+            return self.matvec(xq[:self._d])
+        return y[:self._d]
+
     def _replace_explicit(self, u, s, finite, xq, old_row, old_K):
         """Rank-two update of C^{-1} for the new Gram row u of slot s (explicit path).
 
         Returns (u, z, xq) like :meth:`_add_one` with z = C_new^{-1} u (slot order), or z None
         when the inverse was rebuilt exactly instead (refresh due, or a doubtful pivot).
         """
+        pending = self._replace_explicit_launch(u, s, finite, xq, old_row, old_K)
+        if pending["z"] is None:
+            return u, None, xq
+        return u, (pending["z"] if self._replace_explicit_finish(pending) else None), xq
+
+    def _replace_explicit_launch(self, u, s, finite, xq, old_row, old_K):
+        """Enqueue the rank-two update into the spare buffer; no host synchronisation.
+
+        The check (det M > 0, g finite) and the commit happen in
+        :meth:`_replace_explicit_finish`, so that a caller can enqueue more work first
+        (the fused step launches its second pass before it waits).
+        """
         xp = self._backend.xp
         m = self._m
+        pending = {"u": u, "s": s, "finite": finite, "old_row": old_row, "old_K": old_K,
+                   "z": None}
         try:
             a = xp.empty(m, dtype=np.float64)
             K_.window_prep(u, self._K, a, s)
@@ -386,31 +426,47 @@ class SlidingWindowInverseFisher(Operator):
                 if finite is not None and not bool(finite):
                     raise ValueError("g must be finite; got NaN or infinity")
                 self._stale = True
-                return u, None, xq
+                return pending
             Ci = self._L
             x2 = Ci @ a
-            ax2 = a @ x2
             det = xp.empty(1, dtype=np.float64)
-            K_.rank2_update(Ci, self._Lspare, Ci[s], x2, ax2, det, s)
-            if finite is not None:                 # the one host synchronisation
-                ok, dv = xp.stack([finite.astype(np.float64), det[0]]).get()
+            K_.rank2_update(Ci, self._Lspare, Ci[s], x2, a @ x2, det, s)
+            pending["det"] = det
+            pending["z"] = self._Lspare @ u           # C_new^{-1} u, slot order
+            return pending
+        except Exception:
+            self._rollback(pending)
+            raise
+
+    def _replace_explicit_finish(self, pending):
+        """Synchronise once, check, and commit (True) or rebuild exactly (False); raises and
+        rolls back if g was not finite or C cannot be factored."""
+        xp = self._backend.xp
+        try:
+            if pending["finite"] is not None:
+                ok, dv = xp.stack([pending["finite"].astype(np.float64),
+                                   pending["det"][0]]).get()
             else:
-                ok, dv = 1.0, float(det.get()[0])
+                ok, dv = 1.0, float(pending["det"].get()[0])
             if not ok:
                 raise ValueError("g must be finite; got NaN or infinity")
             if not (dv > 1e-300 and math.isfinite(dv)):
                 self._refactor()         # exact inverse from K; raises if C really is singular
-                return u, None, xq
-            self._L, self._Lspare = self._Lspare, self._L
-            self._logdetC += math.log(dv)
-            self._since_refresh += 1
-            return u, self._L @ u, xq
+                return False
         except Exception:
-            self._count -= 1
-            self._G[s] = old_row
-            self._K[s, :] = old_K
-            self._K[:, s] = old_K
+            self._rollback(pending)
             raise
+        self._L, self._Lspare = self._Lspare, self._L
+        self._logdetC += math.log(dv)
+        self._since_refresh += 1
+        return True
+
+    def _rollback(self, pending):
+        s = pending["s"]
+        self._count -= 1
+        self._G[s] = pending["old_row"]
+        self._K[s, :] = pending["old_K"]
+        self._K[:, s] = pending["old_K"]
 
     def _coefficients_kernel(self, z):
         """Back-substitute L^T c = z in place and scatter c to slot order as float32."""
@@ -452,6 +508,8 @@ class SlidingWindowInverseFisher(Operator):
         out_dtype = arr.dtype
         # on the kernel path the finiteness of g is read at the update's one sync
         row = self._validate_rows(arr, finite=not self._kind)[0]
+        if self._explicit:
+            return self._step_explicit(row, arr).astype(out_dtype, copy=False)
         u, z, xq = self._add_one(row, checked=not self._kind)
         if z is None:           # factor rebuilt lazily: the general path
             y = self.matvec(arr if xq is None else xq[:self._d])
