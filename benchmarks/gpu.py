@@ -11,7 +11,6 @@ over the floor. Then accuracy: float32 and bfloat16 results against float64.
 Usage: python benchmarks/gpu.py [--quick] [--out FILE.md]
 """
 import sys
-import time
 
 import numpy as np
 

@@ -25,7 +25,6 @@ def check_operator(op, dense, tol, rng, *, backend=None, logdet=None, forward=No
     the dense F, checked against ``op.fisher()`` by the same battery.
     """
     backend = backend or op.backend
-    xp = backend.xp
     d = dense.shape[0]
     assert op.shape == (d, d) and op.ndim == 2
     dtype = op.dtype

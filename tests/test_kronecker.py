@@ -153,7 +153,6 @@ def test_two_term_inverse_vs_dense(rng):
     for build in (ml.deflation, ml.kfac_corrected):
         op = build(A, G, 0.2)
         (B1, C1), (B2, C2) = op.factors
-        Gam, Aa = B1, C1
         pi = np.sqrt((np.trace(C1) / 4) / (np.trace(B1) / 3))
         M = np.kron(B1 + np.sqrt(0.2) / pi * np.eye(3), C1 + pi * np.sqrt(0.2) * np.eye(4)) \
             + np.kron(B2, C2)

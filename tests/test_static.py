@@ -4,7 +4,6 @@ import pytest
 from hypothesis import given, strategies as st
 
 import mfac_linalg as ml
-from mfac_linalg import _backend as B
 
 from battery import check_operator
 from oracles import (EPS32, cond, damping_for, dense_fisher, dense_inverse, float32_tol,
