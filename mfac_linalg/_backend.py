@@ -19,7 +19,7 @@ import numbers
 import numpy as np
 
 __all__ = [
-    "Backend", "CPU", "backend_for_device", "asarray", "as_bool", "as_vector_block", "cupy_available",
+    "Backend", "CPU", "backend_for_device", "asarray", "as_bool", "as_vector_block",
     "gpu_available", "default_device", "check_finite", "to_host", "SMALL_DTYPE",
 ]
 
@@ -38,11 +38,6 @@ def _cupy():
     except Exception:  # ImportError, or a broken CUDA installation
         return None
     return cupy
-
-
-def cupy_available() -> bool:
-    """True when CuPy imports."""
-    return _cupy() is not None
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,9 +107,6 @@ class Backend:
         return self.linalg.solve_triangular(
             L, b, trans=1 if trans else 0, lower=lower, overwrite_b=overwrite_b,
             check_finite=False)
-
-    def eigh(self, a):
-        return self.xp.linalg.eigh(a)
 
     def device_context(self):
         """Context manager making this backend's device current (no-op on CPU)."""

@@ -32,8 +32,8 @@ import numpy as np
 
 from . import _backend as B
 
-__all__ = ["gram", "cholesky_shifted", "delete_first", "append", "solve",
-           "forward", "backward", "logdet_factor"]
+__all__ = ["gram", "gram64", "cholesky_shifted", "delete_first", "append", "forward",
+           "backward", "logdet_factor", "padded_identity", "NotPositiveDefinite"]
 
 _BLOCK = 128
 
@@ -96,11 +96,6 @@ def backward(L, b, backend):
         from .kernels import sliding as K
         return K.trsv(L, b.astype(np.float64, copy=True), L.shape[0], transpose=True)
     return backend.solve_triangular(L, b, lower=True, trans=True)
-
-
-def solve(L, b, backend):
-    """Solve (L L^T) x = b: two triangular solves, O(m^2) per right-hand side."""
-    return backward(L, forward(L, b, backend), backend)
 
 
 def logdet_factor(L, backend):
