@@ -41,6 +41,11 @@ class SlidingWindowInverseFisher(Operator):
     F^{-1} g in two passes over the buffer (u serves as pass 1 of the IHVP and
     the forward solve comes free with the append).
 
+    On the GPU with float32 / float16 / bfloat16 storage the passes run as CUDA
+    kernels, and (``normalize="window"``) the m x m work keeps the explicit inverse
+    C^{-1} in slot order, updated by rank-two Woodbury steps (GEMV-shaped, O(m^2), no
+    triangular solves) with the same exact refresh (docs/sliding.md).
+
     Parameters
     ----------
     dim : int
@@ -49,7 +54,7 @@ class SlidingWindowInverseFisher(Operator):
         m >= 1, the number of gradients kept.
     damping : float
         lambda > 0.
-    dtype : {"float32", "float64"}
+    dtype : {"float32", "float64"} (and "float16", "bfloat16" on the GPU)
         Storage dtype of the buffer (the m x m work is float64).
     device : None, "cpu", "gpu" or "cuda:N"
         Where the buffer lives (None: the CPU).
