@@ -2,8 +2,8 @@
 
 See README.md and docs/ for the mathematics and the API.
 """
-from ._operator import Operator, OutOfRangeError
 from . import obs
+from ._operator import Operator, OutOfRangeError
 from .blockwise import BlockInverseFisher
 from .kronecker import (block_diag, deflation, ekfac, fisher_error, kfac, kfac_corrected,
                         kpsvd)
@@ -12,7 +12,9 @@ from .static import FisherOperator, StaticInverseFisher
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockInverseFisher", "obs", "kfac", "ekfac", "kpsvd", "deflation",
-           "kfac_corrected", "fisher_error", "block_diag", "Operator", "OutOfRangeError", "StaticInverseFisher", "FisherOperator",
-           "SlidingWindowInverseFisher",
-           "__version__"]
+__all__ = [
+    "Operator", "OutOfRangeError", "FisherOperator",
+    "StaticInverseFisher", "SlidingWindowInverseFisher", "BlockInverseFisher", "obs",
+    "kfac", "ekfac", "kpsvd", "deflation", "kfac_corrected", "fisher_error", "block_diag",
+    "__version__",
+]
