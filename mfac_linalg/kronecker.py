@@ -488,8 +488,10 @@ def fisher_error(approx, activations, output_grads, *, bias=False):
     ||sum_i B_i kron C_i||^2 = sum_{ij} <B_i, B_j><C_i, C_j>;
     EKFAC: <F, F~> = (1/n) sum_n sum_pq S*_pq (U_G^T g_n)_p^2 (U_A^T a_n)_q^2, ||F~|| = ||S*||.
     O(n^2 (d_in + d_out) + n (d_in^2 + d_out^2)) per term.  The formula subtracts squares,
-    ||F||^2 - 2 <F, F~> + ||F~||^2, so its absolute accuracy is about sqrt(eps) ~ 1.5e-8:
-    errors below that read as a few 1e-8.
+    ||F||^2 - 2 <F, F~> + ||F~||^2, so its absolute accuracy is about
+    sqrt(eps) (||F|| + sum_i ||B_i|| ||C_i||) / ||F||: a few 1e-8 when the terms are of
+    the size of F, more when large terms cancel (a 1 x 1 layer whose K-FAC term is 7 ||F||
+    read 1.1e-7 for an exact approximation).
     """
     A, G, be = _layer_inputs(activations, output_grads, bias)
     n = A.shape[0]
