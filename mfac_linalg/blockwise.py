@@ -216,12 +216,19 @@ class BlockInverseFisher(Operator):
             out[grp.idx] = grp.alpha + grp.beta * (grp.V * grp.V).sum(axis=1)
         return out
 
-    def _entry(self, i, j):
+    def _common_block(self, i, j):
+        """(group, position, first column) of the block holding both i and j, or None."""
         k = self.block_of(i)
         if self.block_of(j) != k:
-            return 0.0
+            return None
         grp, pos = self._locate(k)
-        s = int(self._bounds[k])
+        return grp, pos, int(self._bounds[k])
+
+    def _entry(self, i, j):
+        blk = self._common_block(i, j)
+        if blk is None:
+            return 0.0
+        grp, pos, s = blk
         V = grp.V[pos]
         val = B.scalar(V[:, i - s].astype(np.float64) @ V[:, j - s].astype(np.float64))
         return (grp.alpha if i == j else 0.0) + grp.beta * val
@@ -263,11 +270,10 @@ class BlockInverseFisher(Operator):
         return (self._damping + self._colsq / self._m).astype(self._dtype)
 
     def _fisher_entry(self, i, j):
-        k = self.block_of(i)
-        if self.block_of(j) != k:
+        blk = self._common_block(i, j)
+        if blk is None:
             return 0.0
-        grp, pos = self._locate(k)
-        s = int(self._bounds[k])
+        grp, pos, s = blk
         L = grp.L[pos]
         if grp.primal:
             return B.scalar(L[i - s] @ L[j - s])
