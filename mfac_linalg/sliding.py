@@ -131,7 +131,7 @@ class SlidingWindowInverseFisher(Operator):
     @property
     def count(self):
         """Number of gradients held (0 .. window)."""
-        return min(self._count, self._m)
+        return self._n()
 
     @property
     def total(self):
@@ -258,8 +258,7 @@ class SlidingWindowInverseFisher(Operator):
         s = self._count % m
         n_old = self._n()
         full = n_old == m
-        old_row = self._G[s].copy()
-        old_K = self._K[s].copy()
+        undo = {"s": s, "old_row": self._G[s].copy(), "old_K": self._K[s].copy()}
         xq = None
         self._G[s] = row
         u = (self._G @ self._G[s]).astype(np.float64)   # one pass: the new Gram row
@@ -294,10 +293,7 @@ class SlidingWindowInverseFisher(Operator):
             z[-1] = (float(ua[-1]) - B.scalar(ell @ ell)) / lnn
             return u, z, xq
         except Exception:
-            self._count -= 1
-            self._G[s] = old_row
-            self._K[s, :] = old_K
-            self._K[:, s] = old_K
+            self._rollback(undo)
             raise
 
     def _add_one_kernel(self, row, check=True):
@@ -313,23 +309,13 @@ class SlidingWindowInverseFisher(Operator):
         be = self._backend
         xp = be.xp
         m = self._m
-        s = self._count % m
-        n_old = self._n()
-        full = n_old == m
-        old_row = self._G[s].copy()
-        old_K = self._K[s].copy()
-        if self._kind == "float32" and self._ld == self._d and row.flags.c_contiguous:
-            xq = row                       # written as it is: no copy
-        else:
-            xq = self._padded_vector(row, round_=True)
-        finite = xp.isfinite(xq).all() if check else None   # read at the one sync below
-        u = xp.zeros(m, dtype=np.float64)
-        K_.rows_dot(self._G, self._kind, xq, u, slot=s, rows=min(n_old + 1, m))
-        self._count += 1
+        full = self._n() == m
+        pending = self._kernel_pass1(row, check)
+        s, u, finite, xq = pending["s"], pending["u"], pending["finite"], pending["xq"]
         n = self._n()
         start = (self._count - n) % m
         if self._explicit:
-            return self._replace_explicit(u, s, finite, xq, old_row, old_K)
+            return self._replace_explicit(pending)
         try:
             ua = xp.empty(m, dtype=np.float64)
             K_.gram_update(self._K, u, ua, s, start, n)
@@ -354,15 +340,12 @@ class SlidingWindowInverseFisher(Operator):
                 ok, r = xp.stack([finite.astype(np.float64), r_out[0]]).get()
             else:
                 ok, r = 1.0, float(r_out.get()[0])
-            if not ok:
-                if not full:
-                    Lnew[n - 1, :n] = 0.0
-                    Lnew[n - 1, n - 1] = 1.0
-                raise ValueError("g must be finite; got NaN or infinity")
-            if not r > 0.0:
+            if not (ok and r > 0.0):
                 if not full:                           # put back the padding row
                     Lnew[n - 1, :n] = 0.0
                     Lnew[n - 1, n - 1] = 1.0
+                if not ok:
+                    raise ValueError("g must be finite; got NaN or infinity")
                 self._refactor()        # exact factor from K; raises if C really is singular
                 return u, None, xq
             if full:
@@ -370,31 +353,36 @@ class SlidingWindowInverseFisher(Operator):
             self._since_refresh += 1
             return u, z, xq
         except Exception:
-            self._count -= 1
-            self._G[s] = old_row
-            self._K[s, :] = old_K
-            self._K[:, s] = old_K
+            self._rollback(pending)
             raise
+
+    def _kernel_pass1(self, row, check):
+        """Kernel path, first pass: write g into the oldest slot s and compute u = G g in
+        one kernel; bump the count.  Returns the pending update: s, u, the stored gradient
+        xq (padded float32), its finiteness flag (a device scalar, read at the update's one
+        synchronisation; None when ``check`` is off) and what :meth:`_rollback` restores.
+        """
+        xp = self._backend.xp
+        m = self._m
+        s = self._count % m
+        rows = min(self._n() + 1, m)
+        pending = {"s": s, "old_row": self._G[s].copy(), "old_K": self._K[s].copy()}
+        if self._kind == "float32" and self._ld == self._d and row.flags.c_contiguous:
+            xq = row                       # written as it is: no copy
+        else:
+            xq = self._padded_vector(row, round_=True)
+        u = xp.zeros(m, dtype=np.float64)
+        pending.update(xq=xq, u=u, finite=xp.isfinite(xq).all() if check else None, z=None)
+        K_.rows_dot(self._G, self._kind, xq, u, slot=s, rows=rows)
+        self._count += 1
+        return pending
 
     def _step_explicit(self, row, arr):
         """The fused step on the explicit path: every kernel of the step (pass 1, the
         rank-two update, C^{-1} u, pass 2) is enqueued before the one synchronisation, so
         the host's launches overlap the GPU's work."""
-        xp = self._backend.xp
-        m = self._m
-        s = self._count % m
-        n_old = self._n()
-        old_row = self._G[s].copy()
-        old_K = self._K[s].copy()
-        if self._kind == "float32" and self._ld == self._d and row.flags.c_contiguous:
-            xq = row
-        else:
-            xq = self._padded_vector(row, round_=True)
-        finite = xp.isfinite(xq).all()
-        u = xp.zeros(m, dtype=np.float64)
-        K_.rows_dot(self._G, self._kind, xq, u, slot=s, rows=min(n_old + 1, m))
-        self._count += 1
-        pending = self._replace_explicit_launch(u, s, finite, xq, old_row, old_K)
+        pending = self._replace_explicit_launch(self._kernel_pass1(row, check=True))
+        xq = pending["xq"]
         if pending["z"] is None:                     # stale: rebuilt at the query below
             return self.matvec(xq[:self._d])
         y = self._combine_kernel(xq, pending["z"].astype(np.float32))   # pass 2, enqueued
@@ -402,18 +390,19 @@ class SlidingWindowInverseFisher(Operator):
             return self.matvec(xq[:self._d])
         return y[:self._d]
 
-    def _replace_explicit(self, u, s, finite, xq, old_row, old_K):
-        """Rank-two update of C^{-1} for the new Gram row u of slot s (explicit path).
+    def _replace_explicit(self, pending):
+        """Rank-two update of C^{-1} for the pending slot replacement (explicit path).
 
         Returns (u, z, xq) like :meth:`_add_one` with z = C_new^{-1} u (slot order), or z None
         when the inverse was rebuilt exactly instead (refresh due, or a doubtful pivot).
         """
-        pending = self._replace_explicit_launch(u, s, finite, xq, old_row, old_K)
+        pending = self._replace_explicit_launch(pending)
+        u, xq = pending["u"], pending["xq"]
         if pending["z"] is None:
             return u, None, xq
         return u, (pending["z"] if self._replace_explicit_finish(pending) else None), xq
 
-    def _replace_explicit_launch(self, u, s, finite, xq, old_row, old_K):
+    def _replace_explicit_launch(self, pending):
         """Enqueue the rank-two update into the spare buffer; no host synchronisation.
 
         The check (det M > 0, g finite) and the commit happen in
@@ -422,8 +411,7 @@ class SlidingWindowInverseFisher(Operator):
         """
         xp = self._backend.xp
         m = self._m
-        pending = {"u": u, "s": s, "finite": finite, "old_row": old_row, "old_K": old_K,
-                   "z": None}
+        u, s, finite = pending["u"], pending["s"], pending["finite"]
         try:
             a = xp.empty(m, dtype=np.float64)
             K_.window_prep(u, self._K, a, s)
@@ -467,6 +455,7 @@ class SlidingWindowInverseFisher(Operator):
         return True
 
     def _rollback(self, pending):
+        """Undo a slot replacement: the count, the buffer row and the Gram row/column."""
         s = pending["s"]
         self._count -= 1
         self._G[s] = pending["old_row"]
