@@ -27,6 +27,12 @@ from . import _backend as B
 
 __all__ = ["Operator", "OutOfRangeError", "check_damping", "DENSE_LIMIT"]
 
+
+class NonFiniteInput(Exception):
+    """Raised by a ``_matmat`` that checks its input for NaN/inf itself (see
+    ``Operator._checks_own_finite``); the public method turns it into a ValueError
+    naming the argument."""
+
 #: ``todense`` refuses operators with more than this many entries (64 Mi entries,
 #: 512 MiB in float64) unless ``max_elements`` is raised explicitly.
 DENSE_LIMIT = 1 << 26
@@ -113,13 +119,27 @@ class Operator:
         return self._backend
 
     # -- products ------------------------------------------------------------
-    def _prepare(self, x, name):
-        X, was_1d = B.as_vector_block(x, name, self._d, self._backend,
-                                      finite=self._check_finite)
+    def _prepare(self, x, name, *, fused=False):
+        """Validate x; check it for NaN/inf unless ``fused`` and the operator's
+        ``_matmat`` checks it itself, in the same pass (``_checks_own_finite``)."""
+        X, was_1d = B.as_vector_block(x, name, self._d, self._backend, finite=False)
+        if self._check_finite and not (fused and self._checks_own_finite(X)):
+            B.check_finite(X, name, self._backend)
         out_dtype = X.dtype
         if X.dtype != self._dtype:
             X = X.astype(self._dtype)
         return X, was_1d, out_dtype
+
+    def _checks_own_finite(self, X):
+        """True where ``_matmat(X)`` checks X for NaN/inf itself (raising
+        ``NonFiniteInput``), sparing a separate pass and synchronisation."""
+        return False
+
+    def _matmat_named(self, X, name):
+        try:
+            return self._matmat(X)
+        except NonFiniteInput:
+            raise ValueError(f"{name} must be finite; got NaN or infinity") from None
 
     def _finish(self, Y, was_1d, out_dtype):
         if Y.dtype != out_dtype:
@@ -128,18 +148,18 @@ class Operator:
 
     def matvec(self, x):
         """``A @ x`` for ``x`` of shape (d,) or (d, 1); same shape and dtype back."""
-        X, was_1d, out_dtype = self._prepare(x, "x")
+        X, was_1d, out_dtype = self._prepare(x, "x", fused=True)
         if X.shape[1] != 1:
             raise ValueError(f"x must have shape ({self._d},) or ({self._d}, 1); got shape "
                              f"{tuple(X.shape) if not was_1d else (self._d,)}")
-        return self._finish(self._matmat(X), was_1d, out_dtype)
+        return self._finish(self._matmat_named(X, "x"), was_1d, out_dtype)
 
     def matmat(self, X):
         """``A @ X`` for ``X`` of shape (d, k), one pass over the operator's data."""
-        X, was_1d, out_dtype = self._prepare(X, "X")
+        X, was_1d, out_dtype = self._prepare(X, "X", fused=True)
         if was_1d:
             raise ValueError(f"X must be 2-D with shape ({self._d}, k); got shape ({self._d},)")
-        return self._finish(self._matmat(X), False, out_dtype)
+        return self._finish(self._matmat_named(X, "X"), False, out_dtype)
 
     def rmatvec(self, x):
         """``A^T @ x`` (= ``A @ x``: the operator is symmetric)."""
@@ -151,8 +171,8 @@ class Operator:
 
     def dot(self, x):
         """``A @ x`` for (d,) or (d, k) input."""
-        X, was_1d, out_dtype = self._prepare(x, "x")
-        return self._finish(self._matmat(X), was_1d, out_dtype)
+        X, was_1d, out_dtype = self._prepare(x, "x", fused=True)
+        return self._finish(self._matmat_named(X, "x"), was_1d, out_dtype)
 
     def __matmul__(self, x):
         if isinstance(x, Operator):

@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 
 import mfac_linalg as ml
+from mfac_linalg import _backend as B
+from mfac_linalg._operator import NonFiniteInput, Operator
 
 
 @pytest.fixture
@@ -113,3 +115,45 @@ def test_failed_calls_leave_operator_intact(op, rng):
 def test_to_cupyx_refused_on_cpu(op):
     with pytest.raises(TypeError, match=r"to_cupyx\(\) needs a GPU operator"):
         op.to_cupyx()
+
+
+class _SelfChecking(Operator):
+    """2 I, with a _matmat that checks single vectors for NaN/inf itself (the protocol
+    the GPU sliding window uses to fold the check into its first pass)."""
+
+    def __init__(self, d, check_finite=True):
+        self._init_operator(d, np.float64, B.backend_for_device("cpu"),
+                            check_finite=check_finite)
+
+    def _checks_own_finite(self, X):
+        return X.shape[1] == 1
+
+    def _matmat(self, X):
+        if X.shape[1] == 1 and self._check_finite and not np.isfinite(X).all():
+            raise NonFiniteInput
+        return 2 * X
+
+
+def test_operators_can_check_finiteness_in_their_own_pass(monkeypatch):
+    calls = []
+    real = B.check_finite
+    monkeypatch.setattr(B, "check_finite", lambda *a: calls.append(a[1]) or real(*a))
+    op = _SelfChecking(4)
+    bad = np.array([1.0, np.nan, 0.0, 0.0])
+    # one vector: the operator's own check, named after the argument; no separate pass
+    with pytest.raises(ValueError, match=r"^x must be finite; got NaN or infinity$"):
+        op.matvec(bad)
+    with pytest.raises(ValueError, match=r"^x must be finite"):
+        op @ bad
+    with pytest.raises(ValueError, match=r"^X must be finite"):
+        op.matmat(bad[:, None])
+    assert calls == []
+    assert np.array_equal(op.matvec(np.ones(4)), 2 * np.ones(4))
+    # several columns, and quad (not a _matmat call): the generic check runs
+    with pytest.raises(ValueError, match=r"^X must be finite"):
+        op.matmat(np.stack([bad, bad], axis=1))
+    with pytest.raises(ValueError, match=r"^x must be finite"):
+        op.quad(bad)
+    assert calls == ["X", "x"]
+    # check_finite=False: neither check, NaN goes through
+    assert np.isnan(_SelfChecking(4, check_finite=False).matvec(bad)).any()
