@@ -190,6 +190,9 @@ def _raw(x, name):
                     f"got {type(x).__name__}")
 
 
+_NATIVE_FLOATS = frozenset((np.dtype(np.float32), np.dtype(np.float64)))
+
+
 def _storage_dtype(dtype, name, backend):
     """Apply the dtype policy to the dtype of big data."""
     dtype = np.dtype(dtype) if not _is_bfloat16(dtype) else dtype
@@ -237,7 +240,9 @@ def asarray(x, name, *, backend=None, dtype=None, allow_half=False):
     if backend is not None and be != backend:
         raise TypeError(f"{name} lives on {be!r} but the operator lives on {backend!r}; "
                         "move it explicitly (no silent host/device copies)")
-    target = _storage_dtype(arr.dtype, name, be)
+    # float32 / float64, the common case, pass the policy as they are (a fast path: this
+    # runs before the first launch of every GPU call)
+    target = arr.dtype if arr.dtype in _NATIVE_FLOATS else _storage_dtype(arr.dtype, name, be)
     if not allow_half and (target == np.float16 or _is_bfloat16(target)):
         target = np.dtype(np.float32)
     if dtype is not None:
