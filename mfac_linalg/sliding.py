@@ -8,7 +8,7 @@ import numpy as np
 
 from . import _backend as B
 from . import _capacitance as cap
-from ._operator import Operator, check_damping
+from ._operator import NonFiniteInput, Operator, check_damping
 from .kernels import sliding as K_
 from .static import FisherOperator
 
@@ -117,6 +117,18 @@ class SlidingWindowInverseFisher(Operator):
         # (MATH.md section 2, "pick by measurement"); the exact refresh bounds its drift.
         self._explicit = bool(kind) and normalize == "window"
         self._logdetC = 0.0
+        if kind:
+            # kernel-path workspace, reused by every call (stream-ordered): ws = [u (m),
+            # NaN/inf flag, det, a.x2], zeroed by one memset per pass 1; the old row and
+            # Gram row of the slot being replaced (for a rollback); x2, z, c of the
+            # explicit step
+            with be.device_context():
+                self._ws = xp.zeros(window + 3, dtype=np.float64)
+                self._Gold = xp.zeros(self._ld, dtype=dt)
+                self._Kold = xp.zeros(window, dtype=np.float64)
+                self._x2 = xp.zeros(window, dtype=np.float64)
+                self._z = xp.zeros(window, dtype=np.float64)
+                self._c32 = xp.zeros(window, dtype=np.float32)
         if self._explicit:
             self._init_explicit()
 
@@ -296,34 +308,35 @@ class SlidingWindowInverseFisher(Operator):
             self._rollback(undo)
             raise
 
-    def _add_one_kernel(self, row, check=True):
+    def _add_one_kernel(self, row, check=True, y=None):
         """The GPU kernel path of :meth:`_add_one` (float32 and 16-bit storage).
 
         About a dozen launches and one host synchronisation (the positivity
-        check of the new pivot): one kernel writes g into its slot and computes
-        u = G g; one updates the Gram row/column and gathers u in arrival order;
-        the factor update is a trsv, a one-block coefficient kernel and a
-        row-parallel kernel; the append is a trsv and one kernel that also
-        yields z = L^{-1} u.  Returns (u, z, xq) like :meth:`_add_one`.
+        check of the new pivot and the NaN/inf flag of g): one kernel writes g
+        into its slot and computes u = G g (and, given ``y``, starts the step's
+        pass 2: y = g / lambda); one updates the Gram row/column and gathers u in
+        arrival order; the factor update is a trsv, a one-block coefficient
+        kernel and a row-parallel kernel; the append is a trsv and one kernel that
+        also yields z = L^{-1} u.  Returns (u, z, xq) like :meth:`_add_one`.
         """
         be = self._backend
         xp = be.xp
         m = self._m
         full = self._n() == m
-        pending = self._kernel_pass1(row, check)
-        s, u, finite, xq = pending["s"], pending["u"], pending["finite"], pending["xq"]
+        pending = self._kernel_pass1(row, check, y)
+        s, u, xq = pending["s"], pending["u"], pending["xq"]
         n = self._n()
         start = (self._count - n) % m
         if self._explicit:
             return self._replace_explicit(pending)
         try:
             ua = xp.empty(m, dtype=np.float64)
-            K_.gram_update(self._K, u, ua, s, start, n)
+            K_.gram_update(self._K, u, self._Kold, s, ua, start, n)
+            pending["old_K"] = self._Kold
             incremental = not self._stale and self._since_refresh < self._refresh_every and (
                 self._normalize == "window" or full)
             if not incremental:
-                if check and not bool(finite):
-                    raise ValueError("g must be finite; got NaN or infinity")
+                self._check_flag(pending)
                 self._stale = True
                 return u, None, xq
             if full:
@@ -334,17 +347,15 @@ class SlidingWindowInverseFisher(Operator):
             ell = ua[:n - 1].copy()
             K_.trsv(Lnew, ell, n - 1, transpose=False)
             z = xp.empty(n, dtype=np.float64)
-            r_out = xp.empty(1, dtype=np.float64)
-            K_.append_row(Lnew, ell, z, r_out, ua[n - 1:n], n - 1, self._N() * self._damping)
-            if check:                                  # the one host synchronisation
-                ok, r = xp.stack([finite.astype(np.float64), r_out[0]]).get()
-            else:
-                ok, r = 1.0, float(r_out.get()[0])
-            if not (ok and r > 0.0):
+            ws = self._ws
+            K_.append_row(Lnew, ell, z, ws[m + 1:m + 2], ua[n - 1:n], n - 1,
+                          self._N() * self._damping)
+            bad, r = ws[m:m + 2].get()                 # the one host synchronisation
+            if bad or not r > 0.0:
                 if not full:                           # put back the padding row
                     Lnew[n - 1, :n] = 0.0
                     Lnew[n - 1, n - 1] = 1.0
-                if not ok:
+                if bad:
                     raise ValueError("g must be finite; got NaN or infinity")
                 self._refactor()        # exact factor from K; raises if C really is singular
                 return u, None, xq
@@ -356,36 +367,45 @@ class SlidingWindowInverseFisher(Operator):
             self._rollback(pending)
             raise
 
-    def _kernel_pass1(self, row, check):
+    def _kernel_pass1(self, row, check, y=None):
         """Kernel path, first pass: write g into the oldest slot s and compute u = G g in
-        one kernel; bump the count.  Returns the pending update: s, u, the stored gradient
-        xq (padded float32), its finiteness flag (a device scalar, read at the update's one
-        synchronisation; None when ``check`` is off) and what :meth:`_rollback` restores.
+        one kernel (which also saves the old row for :meth:`_rollback`, raises the
+        workspace's NaN/inf flag if ``check``, and sets y = g / lambda if y is given);
+        bump the count.  Returns the pending update: s, u (a view of the workspace), the
+        stored gradient xq (padded float32) and what :meth:`_rollback` restores.
         """
-        xp = self._backend.xp
         m = self._m
         s = self._count % m
         rows = min(self._n() + 1, m)
-        pending = {"s": s, "old_row": self._G[s].copy(), "old_K": self._K[s].copy()}
         if self._kind == "float32" and self._ld == self._d and row.flags.c_contiguous:
             xq = row                       # written as it is: no copy
         else:
             xq = self._padded_vector(row, round_=True)
-        u = xp.zeros(m, dtype=np.float64)
-        pending.update(xq=xq, u=u, finite=xp.isfinite(xq).all() if check else None, z=None)
-        K_.rows_dot(self._G, self._kind, xq, u, slot=s, rows=rows)
+        ws = self._ws
+        ws.data.memset_async(0, ws.nbytes)
+        u = ws[:m]
+        K_.rows_dot(self._G, self._kind, xq, u, slot=s, rows=rows, backup=self._Gold,
+                    flag=ws[m:m + 1] if check else None, y=y, inv_lam=1.0 / self._damping)
         self._count += 1
-        return pending
+        return {"s": s, "old_row": self._Gold, "old_K": None, "xq": xq, "u": u, "z": None}
 
-    def _step_explicit(self, row, arr):
-        """The fused step on the explicit path: every kernel of the step (pass 1, the
-        rank-two update, C^{-1} u, pass 2) is enqueued before the one synchronisation, so
-        the host's launches overlap the GPU's work."""
-        pending = self._replace_explicit_launch(self._kernel_pass1(row, check=True))
+    def _check_flag(self, pending):
+        """Synchronise and raise if pass 1 found NaN or infinity in g (the flag is zero
+        when the check was off)."""
+        if self._ws[self._m:self._m + 1].get()[0]:
+            raise ValueError("g must be finite; got NaN or infinity")
+
+    def _step_explicit(self, row):
+        """The fused step on the explicit path: five launches (a memset, pass 1 with the
+        slot write and y = g / lambda, the two kernels of the rank-two update, which also
+        give the coefficients c = C_new^{-1} u, and pass 2), all enqueued before the one
+        synchronisation, so the host's launches overlap the GPU's work."""
+        y = self._backend.xp.empty(self._ld, dtype=np.float32)
+        pending = self._replace_explicit_launch(self._kernel_pass1(row, True, y))
         xq = pending["xq"]
         if pending["z"] is None:                     # stale: rebuilt at the query below
             return self.matvec(xq[:self._d])
-        y = self._combine_kernel(xq, pending["z"].astype(np.float32))   # pass 2, enqueued
+        self._combine_kernel(y, self._c32)           # pass 2, enqueued
         if not self._replace_explicit_finish(pending):
             return self.matvec(xq[:self._d])
         return y[:self._d]
@@ -403,29 +423,27 @@ class SlidingWindowInverseFisher(Operator):
         return u, (pending["z"] if self._replace_explicit_finish(pending) else None), xq
 
     def _replace_explicit_launch(self, pending):
-        """Enqueue the rank-two update into the spare buffer; no host synchronisation.
+        """Enqueue the rank-two update into the spare buffer; no host synchronisation
+        (except when a refresh is due: the Gram row is updated, g's flag checked, and the
+        window marked stale).
 
         The check (det M > 0, g finite) and the commit happen in
         :meth:`_replace_explicit_finish`, so that a caller can enqueue more work first
         (the fused step launches its second pass before it waits).
         """
-        xp = self._backend.xp
         m = self._m
-        u, s, finite = pending["u"], pending["s"], pending["finite"]
+        u, s, ws = pending["u"], pending["s"], self._ws
         try:
-            a = xp.empty(m, dtype=np.float64)
-            K_.window_prep(u, self._K, a, s)
             if self._stale or self._since_refresh >= self._refresh_every:
-                if finite is not None and not bool(finite):
-                    raise ValueError("g must be finite; got NaN or infinity")
+                K_.gram_update(self._K, u, self._Kold, s)
+                pending["old_K"] = self._Kold
+                self._check_flag(pending)
                 self._stale = True
                 return pending
-            Ci = self._L
-            x2 = Ci @ a
-            det = xp.empty(1, dtype=np.float64)
-            K_.rank2_update(Ci, self._Lspare, Ci[s], x2, a @ x2, det, s)
-            pending["det"] = det
-            pending["z"] = self._Lspare @ u           # C_new^{-1} u, slot order
+            K_.window_replace(self._L, self._Lspare, u, self._K, self._Kold, self._x2,
+                              ws[m + 2:m + 3], self._z, self._c32, ws[m + 1:m + 2], s)
+            pending["old_K"] = self._Kold
+            pending["z"] = self._z                    # C_new^{-1} u, slot order
             return pending
         except Exception:
             self._rollback(pending)
@@ -434,14 +452,10 @@ class SlidingWindowInverseFisher(Operator):
     def _replace_explicit_finish(self, pending):
         """Synchronise once, check, and commit (True) or rebuild exactly (False); raises and
         rolls back if g was not finite or C cannot be factored."""
-        xp = self._backend.xp
+        m = self._m
         try:
-            if pending["finite"] is not None:
-                ok, dv = xp.stack([pending["finite"].astype(np.float64),
-                                   pending["det"][0]]).get()
-            else:
-                ok, dv = 1.0, float(pending["det"].get()[0])
-            if not ok:
+            bad, dv = self._ws[m:m + 2].get()
+            if bad:
                 raise ValueError("g must be finite; got NaN or infinity")
             if not (dv > 1e-300 and math.isfinite(dv)):
                 self._refactor()         # exact inverse from K; raises if C really is singular
@@ -455,12 +469,14 @@ class SlidingWindowInverseFisher(Operator):
         return True
 
     def _rollback(self, pending):
-        """Undo a slot replacement: the count, the buffer row and the Gram row/column."""
+        """Undo a slot replacement: the count, the buffer row and (if it was written) the
+        Gram row/column."""
         s = pending["s"]
         self._count -= 1
         self._G[s] = pending["old_row"]
-        self._K[s, :] = pending["old_K"]
-        self._K[:, s] = pending["old_K"]
+        if pending["old_K"] is not None:
+            self._K[s, :] = pending["old_K"]
+            self._K[:, s] = pending["old_K"]
 
     def _coefficients_kernel(self, z):
         """Back-substitute L^T c = z in place and scatter c to slot order as float32."""
@@ -477,14 +493,16 @@ class SlidingWindowInverseFisher(Operator):
         or non-finite values (one bad row in a batch) raises and leaves the
         state exactly as before.
         """
-        rows = self._validate_rows(g)
+        # on the kernel path each row's NaN/inf check is fused into its first pass
+        rows = self._validate_rows(g, finite=not self._kind)
+        checked = not self._kind
         if rows.shape[0] == 1:
-            self._add_one(rows[0])
+            self._add_one(rows[0], checked=checked)
             return self
         snap = self._snapshot()
         try:
             for r in rows:
-                self._add_one(r)
+                self._add_one(r, checked=checked)
         except Exception:
             self._restore(snap)
             raise
@@ -503,15 +521,17 @@ class SlidingWindowInverseFisher(Operator):
         # on the kernel path the finiteness of g is read at the update's one sync
         row = self._validate_rows(arr, finite=not self._kind)[0]
         if self._explicit:
-            return self._step_explicit(row, arr).astype(out_dtype, copy=False)
-        u, z, xq = self._add_one(row, checked=not self._kind)
-        if z is None:           # factor rebuilt lazily: the general path
-            y = self.matvec(arr if xq is None else xq[:self._d])
-            return y.astype(out_dtype, copy=False)
+            return self._step_explicit(row).astype(out_dtype, copy=False)
         if self._kind:
-            c32 = z.astype(np.float32) if self._explicit else self._coefficients_kernel(z)
-            y = self._combine_kernel(xq, c32)
+            y = self._backend.xp.empty(self._ld, dtype=np.float32)
+            u, z, xq = self._add_one_kernel(row, check=True, y=y)
+            if z is None:       # factor rebuilt lazily: the general path
+                return self.matvec(xq[:self._d]).astype(out_dtype, copy=False)
+            self._combine_kernel(y, self._coefficients_kernel(z))
             return y[:self._d].astype(out_dtype, copy=False)
+        u, z, xq = self._add_one(row)
+        if z is None:           # factor rebuilt lazily: the general path
+            return self.matvec(arr).astype(out_dtype, copy=False)
         c = self._back_solve(z)
         x = arr.astype(self._dtype, copy=False)
         return self._combine(x[:, None], c[:, None])[:, 0].astype(out_dtype, copy=False)
@@ -557,9 +577,8 @@ class SlidingWindowInverseFisher(Operator):
             K_.round_to(self._kind, out, out)
         return out
 
-    def _combine_kernel(self, xq, c32):
-        """Kernel pass 2: (xq - G_h^T c) / lambda for one padded float32 vector xq."""
-        y = xq * np.float32(1.0 / self._damping)
+    def _combine_kernel(self, y, c32):
+        """Kernel pass 2: y -= G_h^T c / lambda, in place (y = x / lambda from pass 1)."""
         return K_.combine(self._G, self._kind, c32, y, -1.0 / self._damping, rows=self._n())
 
     def _to_arrival(self, U):
@@ -612,18 +631,30 @@ class SlidingWindowInverseFisher(Operator):
                 xq = self._padded_vector(x)
             n, m = self._n(), self._m
             start = (self._count - n) % m
-            u = xp.zeros(m, dtype=np.float64)
-            K_.rows_dot(self._G, self._kind, xq, u, rows=n)                # pass 1
+            ws = self._ws
+            ws.data.memset_async(0, ws.nbytes)
+            u = ws[:m]
+            y = xp.empty(self._ld, dtype=np.float32)
+            K_.rows_dot(self._G, self._kind, xq, u, rows=n,                 # pass 1
+                        flag=ws[m:m + 1] if self._check_finite else None, y=y,
+                        inv_lam=1.0 / self._damping)
             if self._explicit:
-                y = self._combine_kernel(xq, (self._L @ u).astype(np.float32))
-                return y[:self._d, None].astype(X.dtype, copy=False)
-            z = K_.gather_f64(u, xp.empty(m, dtype=np.float64), start, n)
-            K_.trsv(self._L, z, n, transpose=False)
-            y = self._combine_kernel(xq, self._coefficients_kernel(z))    # pass 2
+                c32 = (self._L @ u).astype(np.float32)
+            else:
+                z = K_.gather_f64(u, xp.empty(m, dtype=np.float64), start, n)
+                K_.trsv(self._L, z, n, transpose=False)
+                c32 = self._coefficients_kernel(z)
+            self._combine_kernel(y, c32)                                   # pass 2
+            if self._check_finite and ws[m:m + 1].get()[0]:
+                raise NonFiniteInput
             return y[:self._d, None].astype(X.dtype, copy=False)
         Gh = self._held()
         U = (Gh @ self._pad(X).astype(Gh.dtype, copy=False)).astype(np.float64)   # pass 1
         return self._combine(X, self._solve_C(U))
+
+    def _checks_own_finite(self, X):
+        """The kernel path of one vector flags NaN/inf during its first pass."""
+        return bool(self._kind) and X.shape[1] == 1 and self._n() > 0
 
     def _quad(self, X):
         xp = self._backend.xp

@@ -8,8 +8,9 @@ bfloat16 dtype); the kernels convert with float32 accumulation.
 Kernels
 -------
 rows_dot_*      u[r] += sum_j G[r, j] x[j] for all rows, float32 partial sums per
-                block, float64 atomics into u; optionally writes x into row
-                ``slot`` in the same pass (the fused "write g and compute G g").
+                block, float64 atomics into u; optionally, in the same pass, writes x
+                into row ``slot`` (saving the old row), flags NaN/inf in x and writes
+                y = x / lambda (the fused "write g and compute G g").
 combine_*       y[j] += scale * sum_i G[i, j] c[i]: pass 2 of the IHVP, the rows
                 split across blocks (atomics into y) so small d still fills the GPU.
 round_*         x -> storage dtype -> float32 (the gradient as it will be stored).
@@ -19,6 +20,10 @@ chol_delete     the O(m^2) rank-one update itself: one block per row, a scan alo
                 the row, written shifted up-left into the spare factor buffer.
 append_row      the new last row of the factor: l_nn = sqrt(c_nn - |ell|^2), and the
                 forward-solved right-hand side z of the fused step.
+gram_update     the Gram row/column of the new slot (old row saved for a rollback).
+window_gemv, rank2_rows
+                the explicit inverse's rank-two slot replacement: a GEMV, then one
+                block per row writing the new inverse and z = C_new^{-1} u.
 """
 from __future__ import annotations
 
@@ -79,20 +84,45 @@ template <int V> __device__ __forceinline__ void loadx(const float* p, float* o)
 }
 
 // ---- pass 1: u = G x (float64 out), optional fused write of x into row slot --
+// One block: R rows x one column chunk; the 1-D grid runs over the row groups first,
+// so consecutive blocks read the same chunk of x (from L2) for different rows.
+// Optional, in the same read of the buffer: the old contents of row ``slot`` are
+// saved to ``backup`` before x overwrites them; a NaN or infinity in x sets
+// flag[0] = 1; y = inv_lam * x is written (the start of pass 2).
 template <typename T, int R>
 __device__ void rows_dot_impl(const float* __restrict__ x, T* __restrict__ G,
                               double* __restrict__ u, int m, long long ld, int slot,
-                              long long chunk) {
+                              long long chunk, int groups, T* __restrict__ backup,
+                              double* __restrict__ flag, float* __restrict__ y,
+                              float inv_lam) {
     constexpr int V = 16 / sizeof(T);
-    const long long c0 = (long long)blockIdx.x * chunk;
+    const int grp = (int)(blockIdx.x % (unsigned)groups);
+    const long long c0 = (long long)(blockIdx.x / (unsigned)groups) * chunk;
     const long long c1 = min(c0 + chunk, ld);
-    const int r0 = blockIdx.y * R;
+    const int r0 = grp * R;
+    const bool first = grp == 0;
+    bool bad = false;
     float acc[R];
     #pragma unroll
     for (int k = 0; k < R; ++k) acc[k] = 0.f;
     for (long long j = c0 + (long long)threadIdx.x * V; j < c1; j += (long long)blockDim.x * V) {
         float xv[V];
         loadx<V>(x + j, xv);
+        if (first) {
+            if (flag != nullptr) {
+                #pragma unroll
+                for (int t = 0; t < V; ++t) bad |= !isfinite(xv[t]);
+            }
+            if (y != nullptr) {
+                #pragma unroll
+                for (int t = 0; t < V; t += 4) {
+                    float yv[4];
+                    #pragma unroll
+                    for (int q = 0; q < 4; ++q) yv[q] = xv[t + q] * inv_lam;
+                    store16(y + j + t, yv);
+                }
+            }
+        }
         #pragma unroll
         for (int k = 0; k < R; ++k) {
             const int r = r0 + k;
@@ -100,6 +130,10 @@ __device__ void rows_dot_impl(const float* __restrict__ x, T* __restrict__ G,
                 T* p = G + (long long)r * ld + j;
                 float gv[V];
                 if (r == slot) {
+                    if (backup != nullptr) {
+                        uint4 old = *reinterpret_cast<const uint4*>(p);
+                        *reinterpret_cast<uint4*>(backup + j) = old;
+                    }
                     store16(p, xv);
                     #pragma unroll
                     for (int t = 0; t < V; ++t) gv[t] = xv[t];
@@ -111,6 +145,7 @@ __device__ void rows_dot_impl(const float* __restrict__ x, T* __restrict__ G,
             }
         }
     }
+    if (bad) flag[0] = 1.0;
     __shared__ float red[R][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     #pragma unroll
@@ -180,12 +215,18 @@ __device__ void combine_impl(const T* __restrict__ G, const float* __restrict__ 
 }
 
 extern "C" {
-__global__ void rows_dot_f32(const float* x, float* G, double* u, int m, long long ld, int slot, long long chunk)
-{ rows_dot_impl<float, 4>(x, G, u, m, ld, slot, chunk); }
-__global__ void rows_dot_bf16(const float* x, __nv_bfloat16* G, double* u, int m, long long ld, int slot, long long chunk)
-{ rows_dot_impl<__nv_bfloat16, 8>(x, G, u, m, ld, slot, chunk); }
-__global__ void rows_dot_f16(const float* x, __half* G, double* u, int m, long long ld, int slot, long long chunk)
-{ rows_dot_impl<__half, 8>(x, G, u, m, ld, slot, chunk); }
+__global__ void rows_dot_f32(const float* x, float* G, double* u, int m, long long ld, int slot,
+                             long long chunk, int groups, float* backup, double* flag, float* y,
+                             float inv_lam)
+{ rows_dot_impl<float, 4>(x, G, u, m, ld, slot, chunk, groups, backup, flag, y, inv_lam); }
+__global__ void rows_dot_bf16(const float* x, __nv_bfloat16* G, double* u, int m, long long ld, int slot,
+                             long long chunk, int groups, __nv_bfloat16* backup, double* flag, float* y,
+                             float inv_lam)
+{ rows_dot_impl<__nv_bfloat16, 8>(x, G, u, m, ld, slot, chunk, groups, backup, flag, y, inv_lam); }
+__global__ void rows_dot_f16(const float* x, __half* G, double* u, int m, long long ld, int slot,
+                             long long chunk, int groups, __half* backup, double* flag, float* y,
+                             float inv_lam)
+{ rows_dot_impl<__half, 8>(x, G, u, m, ld, slot, chunk, groups, backup, flag, y, inv_lam); }
 
 __global__ void combine_f32(const float* G, const float* c, float* y, int m, long long ld, int rows_per, float scale)
 { combine_impl<float>(G, c, y, m, ld, rows_per, scale); }
@@ -311,17 +352,19 @@ __global__ void append_row(double* __restrict__ L, const double* __restrict__ el
 }
 
 // ---- Gram row/column update and arrival-order gather ------------------------
-// K[s, :] = K[:, s] = u; ua[k] = u[(start + k) % m] for k < n; cn = ua with the
-// last entry shifted: the right-hand side of the append.
+// oldK[k] = K[s, k] (the row before, for a rollback); K[s, :] = K[:, s] = u;
+// ua[k] = u[(start + k) % m] for k < n (skipped when ua is null).
 __global__ void gram_update(double* __restrict__ K, const double* __restrict__ u,
-                            double* __restrict__ ua, int m, int s, int start, int n) {
+                            double* __restrict__ ua, double* __restrict__ oldK,
+                            int m, int s, int start, int n) {
     const int k = blockIdx.x * blockDim.x + threadIdx.x;
     if (k < m) {
         const double v = u[k];
+        oldK[k] = K[(long long)s * m + k];
         K[(long long)s * m + k] = v;
         K[(long long)k * m + s] = v;
     }
-    if (k < n) ua[k] = u[(start + k) % m];
+    if (ua != nullptr && k < n) ua[k] = u[(start + k) % m];
 }
 
 // arrival order from slot order: ua[k] = u[(start + k) % m], k < n
@@ -332,34 +375,87 @@ __global__ void gather_f64(const double* __restrict__ u, double* __restrict__ ua
 }
 
 // ---- explicit inverse of C (GPU kernel path): rank-two replacement of slot s ---------
-// a = delta - (delta_s / 2) e_s with delta = u - K[s, :]; then K[s, :] = K[:, s] = u.
-__global__ void window_prep(const double* __restrict__ u, double* __restrict__ K,
-                            double* __restrict__ a, int m, int s) {
-    const int k = blockIdx.x * blockDim.x + threadIdx.x;
-    if (k < m) {
-        const double old = K[(long long)s * m + k];
-        const double dlt = u[k] - old;
-        a[k] = k == s ? 0.5 * dlt : dlt;
-        K[(long long)s * m + k] = u[k];
-        K[(long long)k * m + s] = u[k];
+// Replacing gradient s changes C by a e_s^T + e_s a^T with a = delta - (delta_s / 2) e_s,
+// delta = u - K[s, :] (u: the new Gram row).  Two kernels, no host synchronisation:
+//   window_gemv: x2 = Ci a (a formed on the fly from u and the old K[s, :]), and
+//                ws[0] += a . x2 (ws[0] zeroed beforehand);
+//   rank2_rows:  out = Ci - [x1 x2] M^{-1} [x2 x1]^T, x1 = Ci e_s (row s of Ci),
+//                M = [[1 + x2_s, a.x2], [x1_s, 1 + x2_s]], det M = det C_new / det C;
+//                in the same read, z = out u (= C_new^{-1} u, the step's coefficients,
+//                float64 and float32), and K[s, :] = K[:, s] = u (old row to oldK).
+__device__ __forceinline__ double block_sum_d(double v, double* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum_d(v);
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        double w = lane < nw ? red[lane] : 0.0;
+        w = warp_sum_d(w);
+        if (lane == 0) red[0] = w;
+    }
+    __syncthreads();
+    return red[0];
+}
+
+__device__ __forceinline__ double window_a(const double* u, const double* Ks, int k, int s) {
+    const double dlt = u[k] - Ks[k];
+    return k == s ? 0.5 * dlt : dlt;
+}
+
+// one block per row i of Ci
+__global__ void window_gemv(const double* __restrict__ Ci, const double* __restrict__ u,
+                            const double* __restrict__ K, double* __restrict__ x2,
+                            double* __restrict__ ax2, int m, int s) {
+    __shared__ double red[32];
+    const int i = blockIdx.x;
+    const double* row = Ci + (long long)i * m;
+    const double* Ks = K + (long long)s * m;
+    double v0 = 0.0, v1 = 0.0;
+    int k = threadIdx.x;
+    for (; k + (int)blockDim.x < m; k += 2 * blockDim.x) {
+        v0 = fma(row[k], window_a(u, Ks, k, s), v0);
+        v1 = fma(row[k + blockDim.x], window_a(u, Ks, k + blockDim.x, s), v1);
+    }
+    if (k < m) v0 = fma(row[k], window_a(u, Ks, k, s), v0);
+    const double xi = block_sum_d(v0 + v1, red);
+    if (threadIdx.x == 0) {
+        x2[i] = xi;
+        atomicAdd(ax2, window_a(u, Ks, i, s) * xi);
     }
 }
 
-// out = Ci - [x1 x2] M^{-1} [x2 x1]^T with x1 = Ci e_s (row s of Ci), x2 = Ci a,
-// M = [[1 + x2_s, a.x2], [x1_s, 1 + x2_s]]; det(M) = det(C_new) / det(C) -> det_out.
-__global__ void rank2_update(const double* __restrict__ Ci, double* __restrict__ out,
-                             const double* __restrict__ x1, const double* __restrict__ x2,
-                             const double* __restrict__ ax2, double* __restrict__ det_out,
-                             int m, int s) {
-    const double m00 = 1.0 + x2[s], m01 = ax2[0], m10 = x1[s], m11 = 1.0 + x2[s];
+// one block per row i of the new inverse
+__global__ void rank2_rows(const double* __restrict__ Ci, double* __restrict__ out,
+                           const double* __restrict__ x2, const double* __restrict__ ax2,
+                           const double* __restrict__ u, double* __restrict__ K,
+                           double* __restrict__ oldK, double* __restrict__ z,
+                           float* __restrict__ c, double* __restrict__ det_out, int m, int s) {
+    __shared__ double red[32];
+    const double* x1 = Ci + (long long)s * m;          // Ci is symmetric: column s = row s
+    const double m00 = 1.0 + x2[s], m01 = ax2[0], m10 = x1[s], m11 = m00;
     const double det = m00 * m11 - m01 * m10;
     const double i00 = m11 / det, i01 = -m01 / det, i10 = -m10 / det, i11 = m00 / det;
-    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx == 0) det_out[0] = det;
-    if (idx < (long long)m * m) {
-        const int i = (int)(idx / m), j = (int)(idx % m);
-        const double d = x1[i] * (i00 * x2[j] + i01 * x1[j]) + x2[i] * (i10 * x2[j] + i11 * x1[j]);
-        out[idx] = Ci[idx] - d;
+    const int i = blockIdx.x;
+    const double x1i = x1[i], x2i = x2[i];
+    // out_ij = Ci_ij - (x1_i (i00 x2_j + i01 x1_j) + x2_i (i10 x2_j + i11 x1_j))
+    const double p = x1i * i00 + x2i * i10, q = x1i * i01 + x2i * i11;
+    const double* row = Ci + (long long)i * m;
+    double* orow = out + (long long)i * m;
+    double acc = 0.0;
+    for (int j = threadIdx.x; j < m; j += blockDim.x) {
+        const double v = row[j] - (p * x2[j] + q * x1[j]);
+        orow[j] = v;
+        acc = fma(v, u[j], acc);
+    }
+    const double zi = block_sum_d(acc, red);
+    if (threadIdx.x == 0) {
+        z[i] = zi;
+        c[i] = (float)zi;
+        if (i == 0) det_out[0] = det;
+        const double ui = u[i];
+        oldK[i] = K[(long long)s * m + i];
+        K[(long long)s * m + i] = ui;
+        K[(long long)i * m + s] = ui;
     }
 }
 
@@ -381,6 +477,13 @@ def module():
 
 
 def fn(name):
+    """A kernel of the module by name, for the current device (looked up once each)."""
+    import cupy as cp
+    return _fn(name, cp.cuda.runtime.getDevice())
+
+
+@functools.lru_cache(maxsize=None)
+def _fn(name, device):
     return module().get_function(name)
 
 
@@ -396,10 +499,19 @@ def padded(d):
     return (d + PAD - 1) // PAD * PAD
 
 
-def rows_dot(G, kind, x, u, slot=-1, rows=None):
+def _ptr(a):
+    """A kernel pointer argument: the array, or a null pointer for None."""
+    return np.uintp(0) if a is None else a
+
+
+def rows_dot(G, kind, x, u, slot=-1, rows=None, *, backup=None, flag=None, y=None,
+             inv_lam=1.0):
     """u[:rows] += G[:rows] @ x (float64 u); writes x into row ``slot`` if slot >= 0.
 
     G: (m, ld) float32 or uint16 (raw 16-bit) buffer; x: (ld,) float32, zero-padded.
+    In the same pass, where given: ``backup`` (ld,) receives row ``slot`` as it was
+    before; ``flag[0]`` (float64) is set to 1 if x holds NaN or infinity; ``y`` (ld,)
+    float32 is set to ``inv_lam * x``.
     """
     m = G.shape[0] if rows is None else rows
     ld = G.shape[1]
@@ -409,9 +521,11 @@ def rows_dot(G, kind, x, u, slot=-1, rows=None):
     vec = 16 // ITEMSIZE[kind]
     chunk = threads * vec * 8
     R = 4 if kind == "float32" else 8     # rows per block: the x chunk is loaded once for R rows
-    grid = ((ld + chunk - 1) // chunk, (m + R - 1) // R)
-    fn("rows_dot_" + SUFFIX[kind])(grid, (threads,), (x, G, u, np.int32(m), np.int64(ld),
-                                                      np.int32(slot), np.int64(chunk)))
+    groups = (m + R - 1) // R
+    grid = (groups * ((ld + chunk - 1) // chunk),)
+    fn("rows_dot_" + SUFFIX[kind])(grid, (threads,), (
+        x, G, u, np.int32(m), np.int64(ld), np.int32(slot), np.int64(chunk), np.int32(groups),
+        _ptr(backup), _ptr(flag), _ptr(y), np.float32(inv_lam)))
     return u
 
 
@@ -517,23 +631,24 @@ def gather_f64(u, ua, start, n):
     return ua
 
 
-def gram_update(K, u, ua, s, start, n):
+def gram_update(K, u, oldK, s, ua=None, start=0, n=0):
+    """oldK = K[s, :]; K[s, :] = K[:, s] = u; ua[:n] = u in arrival order (if given)."""
     m = K.shape[0]
     threads = 256
     fn("gram_update")(((m + threads - 1) // threads,), (threads,),
-                      (K, u, ua, np.int32(m), np.int32(s), np.int32(start), np.int32(n)))
+                      (K, u, _ptr(ua), oldK, np.int32(m), np.int32(s), np.int32(start),
+                       np.int32(n)))
 
 
-def window_prep(u, K, a, s):
-    m = K.shape[0]
-    fn("window_prep")(((m + 255) // 256,), (256,), (u, K, a, np.int32(m), np.int32(s)))
-
-
-def rank2_update(Ci, out, x1, x2, ax2, det_out, s):
+def window_replace(Ci, out, u, K, oldK, x2, ax2, z, c, det, s):
+    """The explicit inverse's slot replacement (two kernels; see the CUDA source):
+    out = C_new^{-1} (rank two from Ci), z = out @ u (float64), c = float32(z),
+    det[0] = det C_new / det C, K row/column s = u with the old row in oldK.
+    ``ax2`` (a one-element float64 view) must be zero on entry."""
     m = Ci.shape[0]
-    total = m * m
-    fn("rank2_update")(((total + 255) // 256,), (256,),
-                       (Ci, out, x1, x2, ax2, det_out, np.int32(m), np.int32(s)))
+    fn("window_gemv")((m,), (128,), (Ci, u, K, x2, ax2, np.int32(m), np.int32(s)))
+    fn("rank2_rows")((m,), (128,), (Ci, out, x2, ax2, u, K, oldK, z, c, det, np.int32(m),
+                                    np.int32(s)))
 
 
 def scatter_f32(ca, c, start, n):
