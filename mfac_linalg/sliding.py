@@ -77,7 +77,10 @@ class SlidingWindowInverseFisher(Operator):
     O(n^2), ``diagonal`` O(dim n^2) (a triangular solve over the buffer, in
     column chunks), ``logdet`` O(n).  Memory: the buffer (m x dim) and three
     m x m float64 matrices (Gram matrix, factor, a second factor buffer so
-    that a failed update leaves the old factor intact).
+    that a failed update leaves the old factor intact); on the GPU kernel path
+    also one spare row (the replaced gradient, kept until the update commits)
+    and a few length-m vectors.  The kernel path reuses that workspace from call
+    to call: use a window from one CUDA stream at a time.
     """
 
     def __init__(self, dim, window, damping, *, dtype="float32", device=None,
