@@ -339,7 +339,7 @@ class SlidingWindowInverseFisher(Operator):
             incremental = not self._stale and self._since_refresh < self._refresh_every and (
                 self._normalize == "window" or full)
             if not incremental:
-                self._check_flag(pending)
+                self._check_flag()
                 self._stale = True
                 return u, None, xq
             if full:
@@ -392,7 +392,7 @@ class SlidingWindowInverseFisher(Operator):
         self._count += 1
         return {"s": s, "old_row": self._Gold, "old_K": None, "xq": xq, "u": u, "z": None}
 
-    def _check_flag(self, pending):
+    def _check_flag(self):
         """Synchronise and raise if pass 1 found NaN or infinity in g (the flag is zero
         when the check was off)."""
         if self._ws[self._m:self._m + 1].get()[0]:
@@ -440,7 +440,7 @@ class SlidingWindowInverseFisher(Operator):
             if self._stale or self._since_refresh >= self._refresh_every:
                 K_.gram_update(self._K, u, self._Kold, s)
                 pending["old_K"] = self._Kold
-                self._check_flag(pending)
+                self._check_flag()
                 self._stale = True
                 return pending
             K_.window_replace(self._L, self._Lspare, u, self._K, self._Kold, self._x2,

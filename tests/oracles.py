@@ -8,6 +8,18 @@ EPS64 = np.finfo(np.float64).eps
 EPS32 = np.finfo(np.float32).eps
 
 
+def bf16_bits(g32):
+    """The raw bfloat16 words of a float32 NumPy array, rounded to nearest even (as the
+    GPU stores them)."""
+    bits = np.asarray(g32, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def bf16_values(raw):
+    """float32 values of raw bfloat16 words."""
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
 def dense_fisher(G, damping, N=None):
     """F = damping I + G^T G / N in float64 (N = number of rows by default)."""
     G = np.asarray(B.to_host(G), dtype=np.float64)

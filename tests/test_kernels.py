@@ -11,6 +11,8 @@ import pytest
 import mfac_linalg as ml
 from mfac_linalg import _backend as B
 
+from oracles import bf16_bits, bf16_values
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not B.gpu_available(), reason="needs CuPy and a CUDA GPU")]
 
@@ -22,9 +24,8 @@ def _stored(G32, kind):
     if kind == "float16":
         h = G32.astype(np.float16)
         return h.view(np.uint16), h.astype(np.float64)
-    bits = G32.view(np.uint32).astype(np.uint64)
-    raw = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    return raw, (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    raw = bf16_bits(G32)
+    return raw, bf16_values(raw).astype(np.float64)
 
 
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "float16"])

@@ -9,7 +9,7 @@ import mfac_linalg as ml
 from mfac_linalg import _backend as B
 
 from battery import check_operator
-from oracles import cond, dense_inverse, float32_tol, float64_tol, rel_err
+from oracles import bf16_bits, bf16_values, cond, dense_inverse, float32_tol, float64_tol, rel_err
 
 
 def round_storage(g, dtype):
@@ -21,9 +21,7 @@ def round_storage(g, dtype):
     if dtype == "float16":
         return g32.astype(np.float16).astype(np.float64)
     if dtype == "bfloat16":
-        bits = g32.view(np.uint32).astype(np.uint64)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+        return bf16_values(bf16_bits(g32)).astype(np.float64)
     return g32.astype(np.float64)
 
 
