@@ -174,18 +174,55 @@ def _from_foreign(x, name):
                     "(only CPU and CUDA)")
 
 
+def _host_from_sequence(x, name):
+    """np.asarray of a list/tuple/scalar; a ragged or non-numeric sequence is an error
+    that names the argument."""
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} must be a rectangular array of numbers; got a "
+                         f"{type(x).__name__} that NumPy cannot make one of ({exc})") from None
+    if arr.dtype == object:
+        raise TypeError(f"{name} must be an array of numbers; got a {type(x).__name__} of "
+                        "objects")
+    return arr
+
+
+def _untrack(x):
+    """A PyTorch-like tensor that requires grad is detached (zero-copy) before DLPack;
+    a bfloat16 CPU tensor (NumPy has no bfloat16) is promoted to float32, which the dtype
+    policy would do anyway."""
+    if getattr(x, "requires_grad", False) and hasattr(x, "detach"):
+        x = x.detach()
+    dt = str(getattr(x, "dtype", ""))
+    if dt.endswith("bfloat16") and hasattr(x, "float"):
+        try:
+            dev_type, _ = x.__dlpack_device__()
+        except Exception:
+            dev_type = None
+        if dev_type == _KDL_CPU:
+            x = x.float()
+    return x
+
+
 def _raw(x, name):
     """Return ``(array, backend)`` for one input without dtype changes."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} must not be a masked array (its masked entries would be "
+                        f"used as they are); pass {name}.filled(value) or a plain array")
     if isinstance(x, np.ndarray):
         return x, CPU
     if _is_cupy_array(x):
         return x, _gpu_backend(x.device.id)
+    if isinstance(x, (str, bytes)):
+        raise TypeError(f"{name} must be an array (NumPy, CuPy or a DLPack tensor); got "
+                        f"{type(x).__name__}")
     if isinstance(x, (numbers.Number, list, tuple, np.generic)):
-        return np.asarray(x), CPU
+        return _host_from_sequence(x, name), CPU
     if hasattr(x, "__dlpack__"):
-        return _from_foreign(x, name)
+        return _from_foreign(_untrack(x), name)
     if hasattr(x, "__array__"):
-        return np.asarray(x), CPU
+        return _host_from_sequence(x, name), CPU
     raise TypeError(f"{name} must be an array (NumPy, CuPy or a DLPack tensor); "
                     f"got {type(x).__name__}")
 
