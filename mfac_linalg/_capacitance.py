@@ -1,7 +1,7 @@
 """The m x m machinery shared by the static and sliding-window operators.
 
 Everything here is float64 and O(m^2) or O(m^3); nothing touches d-sized data
-except :func:`gram`, the one O(d m^2) product.  Notation of MATH.md section 1:
+except :func:`gram`, the one O(d m^2) product.  Notation of docs/math.md section 1:
 C = s I + K with K = G G^T the Gram matrix of the gradients and s = N * damping,
 factored as C = L L^T (L lower triangular, rows and columns in the order the
 gradients arrived).

@@ -59,7 +59,7 @@ class BlockInverseFisher(Operator):
 
     Represents :math:`\mathrm{blockdiag}_k(F_k^{-1})` with
     :math:`F_k = \lambda I + G_k^T G_k / m`, G_k the columns of G (m x d) in
-    block k (MATH.md section 3).  Each block's inverse is held as
+    block k (docs/math.md section 3).  Each block's inverse is held as
     :math:`\alpha I + \beta V_k^T V_k`:
 
     * m < b (Woodbury): C_k = m lambda I + G_k G_k^T = L_k L_k^T,

@@ -1,4 +1,4 @@
-r"""Kronecker-factored approximations of one layer's empirical Fisher (MATH.md section 4).
+r"""Kronecker-factored approximations of one layer's empirical Fisher (docs/math.md section 4).
 
 A layer W (d_out x d_in), per-sample inputs a_n (append 1 for a bias) and output
 gradients g_n; per-sample gradient DW_n = g_n a_n^T, flattened row-major as NumPy
@@ -396,7 +396,7 @@ def kpsvd(activations, output_grads, damping, *, bias=False, tol=1e-8, maxiter=5
 
 
 def _two_term_inverse(method, B1, C1, B2, C2, lam, be, info, indefinite, terms):
-    r"""(M)^{-1} for M = (B1 + lB I) kron (C1 + lC I) + B2 kron C2 (MATH.md section 4).
+    r"""(M)^{-1} for M = (B1 + lB I) kron (C1 + lC I) + B2 kron C2 (docs/math.md section 4).
 
     Generalised eigenproblems B2 x = s (B1 + lB I) x via the Cholesky factor of
     B1 + lB I: K_B = L^{-T} W with W the eigenvectors of L^{-1} B2 L^{-T}, so

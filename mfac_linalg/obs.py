@@ -1,4 +1,4 @@
-r"""Optimal Brain Surgeon with inverse-Fisher operators (MATH.md section 3).
+r"""Optimal Brain Surgeon with inverse-Fisher operators (docs/math.md section 3).
 
 With H = F^{-1} and weights w:
 

@@ -35,7 +35,7 @@ class SlidingWindowInverseFisher(Operator):
     .. math:: F^{-1} x = (x - G_h^T C^{-1} G_h x) / \lambda.
 
     ``update(g)`` keeps L current in O(dim m + m^2) without refactoring
-    (MATH.md section 2): u = G g (one pass, which also gives the new row of
+    (docs/math.md section 2): u = G g (one pass, which also gives the new row of
     the Gram matrix), delete the oldest = a rank-one update of a block of L,
     append the newest = one triangular solve.  ``step(g)`` adds g and returns
     F^{-1} g in two passes over the buffer (u serves as pass 1 of the IHVP and
@@ -117,7 +117,7 @@ class SlidingWindowInverseFisher(Operator):
         # GPU kernel path: _L / _Lspare hold the explicit inverse C^{-1} over all m slots
         # (slot order; empty slots are zero gradients) instead of a Cholesky factor, updated
         # by rank-two Woodbury steps: GEMV-shaped, no sequential triangular solves
-        # (MATH.md section 2, "pick by measurement"); the exact refresh bounds its drift.
+        # (docs/math.md section 2, "pick by measurement"); the exact refresh bounds its drift.
         self._explicit = bool(kind) and normalize == "window"
         self._logdetC = 0.0
         if kind:

@@ -55,7 +55,7 @@ class StaticInverseFisher(Operator):
 
     in one of two forms, both written :math:`F^{-1} = \alpha I + \beta V^T V`:
 
-    * **dual** (m < d, Woodbury, MATH.md section 1): with the capacitance
+    * **dual** (m < d, Woodbury, docs/math.md section 1): with the capacitance
       :math:`C = m\lambda I_m + G G^T = L L^T` (float64) and
       :math:`V = L^{-1} G` (m x d), :math:`F^{-1} = (I - V^T V)/\lambda`;
     * **primal** (m >= d): :math:`F = L_F L_F^T` (float64, d x d) and
