@@ -20,5 +20,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
         "extra: pip install 'mfac-linalg[torch]'") from exc
 
 from .layout import LayerSpec, ParameterLayout, PermutedOperator, kronecker_index
+from .optim import MFAC
 
-__all__ = ["LayerSpec", "ParameterLayout", "PermutedOperator", "kronecker_index"]
+__all__ = ["LayerSpec", "ParameterLayout", "PermutedOperator", "kronecker_index", "MFAC"]

@@ -51,3 +51,35 @@ def to_torch(arr, *, dtype=None, device=None):
 def tensor_dtype_name(dtype):
     """``torch.float32`` -> ``"float32"``."""
     return str(dtype).replace("torch.", "")
+
+
+def _tensor_state(state):
+    """A library state dict (NumPy arrays, NumPy and Python scalars) with every array as a
+    CPU tensor and every scalar as a plain Python value: ``torch.load(weights_only=True)``
+    accepts it."""
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, np.ndarray):
+            out[k] = torch.from_numpy(np.array(v, copy=True))
+        elif isinstance(v, np.generic):
+            out[k] = v.item()
+        elif isinstance(v, dict):
+            out[k] = _tensor_state(v)
+        else:
+            out[k] = v
+    return out
+
+
+def _numpy_state(state):
+    """The inverse of :func:`_tensor_state`: tensors back to (host) NumPy arrays."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict; got {type(state).__name__}")
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.detach().cpu().numpy()
+        elif isinstance(v, dict):
+            out[k] = _numpy_state(v)
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,241 @@
+"""mfac_linalg.torch.MFAC against a dense reference of docs/math.md §10."""
+import io
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mfac_linalg import _backend as B  # noqa: E402
+from mfac_linalg.torch import MFAC  # noqa: E402
+
+M, LAM, STEPS = 6, 1e-2, 50
+
+
+def _model(dtype=torch.float64, device="cpu", sparse=False):
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 2)).to(dtype=dtype, device=device)
+    if sparse:
+        with torch.no_grad():
+            model[0].weight[0, :2] = 0.0
+            model[0].weight[2, 1] = 0.0
+            model[2].weight[1, :3] = 0.0
+            model[2].bias[0] = 0.0
+    return model
+
+
+def _data(dtype=torch.float64, device="cpu"):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(STEPS, 8, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(STEPS, 8, 2, generator=g, dtype=torch.float64)
+    return x.to(dtype=dtype, device=device), y.to(dtype=dtype, device=device)
+
+
+GROUPS = [dict(lr=0.05, momentum=0.9, weight_decay=1e-2), dict(lr=0.1, momentum=0.0,
+                                                                weight_decay=0.0)]
+
+
+def _groups(model, cfg):
+    return [dict(params=list(model[0].parameters()), **cfg[0]),
+            dict(params=list(model[2].parameters()), **cfg[1])]
+
+
+def _loss(model, x, y):
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def _reference(model, cfg, normalize, sparse, steps=STEPS):
+    """docs/math.md §10 with an explicit F^{-1} from the held gradients (float64)."""
+    x, y = _data()
+    params = [list(model[0].parameters()), list(model[2].parameters())]
+    flat = torch.cat([p.detach().reshape(-1) for ps in params for p in ps])
+    idx = torch.nonzero(flat != 0).reshape(-1) if sparse else torch.arange(flat.numel())
+    sizes = [sum(p.numel() for p in ps) for ps in params]
+    held = []
+    v = torch.zeros(idx.numel(), dtype=torch.float64)
+    for t in range(steps):
+        model.zero_grad()
+        _loss(model, x[t], y[t]).backward()
+        g = torch.cat([(p.grad + c["weight_decay"] * p.detach()).reshape(-1)
+                       for ps, c in zip(params, cfg) for p in ps])[idx]
+        held = (held + [g])[-M:]
+        G = torch.stack(held)
+        N = M if normalize == "window" else len(held)
+        F = LAM * torch.eye(idx.numel(), dtype=torch.float64) + G.T @ G / N
+        u = torch.linalg.solve(F, g)
+        upd_c = torch.empty_like(u)
+        start = off = 0
+        for k, c in enumerate(cfg):
+            kept = int(((idx >= off) & (idx < off + sizes[k])).sum())
+            a, b = start, start + kept
+            if c["momentum"] > 0:
+                v[a:b] = c["momentum"] * v[a:b] + (1 - c["momentum"]) * u[a:b]
+            else:
+                v[a:b] = u[a:b]
+            upd_c[a:b] = v[a:b]
+            start, off = b, off + sizes[k]
+        upd = torch.zeros(flat.numel(), dtype=torch.float64)
+        upd[idx] = upd_c
+        off = 0
+        with torch.no_grad():
+            for ps, c in zip(params, cfg):
+                for p in ps:
+                    p -= c["lr"] * upd[off:off + p.numel()].view_as(p)
+                    off += p.numel()
+    return torch.cat([p.detach().reshape(-1) for ps in params for p in ps])
+
+
+def _train(model, opt, start, stop, dtype=torch.float64, device="cpu"):
+    x, y = _data(dtype, device)
+    for t in range(start, stop):
+        opt.zero_grad()
+        _loss(model, x[t], y[t]).backward()
+        opt.step()
+
+
+def _flat(model):
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+
+
+@pytest.mark.parametrize("normalize", ["window", "count"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fifty_steps_equal_dense_reference(normalize, sparse):
+    ref = _reference(_model(sparse=sparse), GROUPS, normalize, sparse)
+    model = _model(sparse=sparse)
+    zero0 = _flat(model) == 0
+    opt = MFAC(_groups(model, GROUPS), lr=1.0, window=M, damping=LAM, normalize=normalize,
+               sparse=sparse)
+    assert opt.dim == (int((~zero0).sum()) if sparse else zero0.numel())
+    assert opt.window_operator.storage_dtype == "float64"
+    _train(model, opt, 0, STEPS)
+    w = _flat(model)
+    err = float((w - ref).abs().max())
+    assert err <= 1e-10, err
+    assert float((w - _flat(_model(sparse=sparse))).abs().max()) > 1e-2   # it moved
+    if sparse:
+        assert torch.equal(w[zero0], torch.zeros(int(zero0.sum()), dtype=w.dtype))
+
+
+def test_single_group_defaults_and_plain_step():
+    ref = _reference(_model(), [dict(lr=0.05, momentum=0.5, weight_decay=0.0)] * 2, "window",
+                     False, steps=12)
+    model = _model()
+    opt = MFAC(model.parameters(), lr=0.05, momentum=0.5, window=M, damping=LAM)
+    _train(model, opt, 0, 12)
+    assert float((_flat(model) - ref).abs().max()) <= 1e-10
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_resume_from_weights_only_load_is_bit_exact(sparse):
+    model = _model(sparse=sparse)
+    opt = MFAC(_groups(model, GROUPS), lr=1.0, window=M, damping=LAM, sparse=sparse)
+    _train(model, opt, 0, 20)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _train(model, opt, 20, 35)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    model2 = _model(sparse=sparse)
+    opt2 = MFAC(_groups(model2, GROUPS), lr=1.0, window=M, damping=LAM, sparse=sparse)
+    model2.load_state_dict(ck["model"])
+    opt2.load_state_dict(ck["opt"])
+    _train(model2, opt2, 20, 35)
+    assert torch.equal(_flat(model2), _flat(model))
+    assert opt2.param_groups[0]["lr"] == 0.05 and opt2.window_operator.count == M
+
+
+def test_failed_step_and_bad_state_change_nothing():
+    model = _model()
+    opt = MFAC(model.parameters(), lr=0.1, window=M, damping=LAM, momentum=0.9)
+    _train(model, opt, 0, 3)
+    w0, sd0 = _flat(model).clone(), opt.state_dict()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    with pytest.raises(ValueError, match="NaN or infinity; nothing was changed"):
+        opt.step()
+    assert torch.equal(_flat(model), w0)
+    sd1 = opt.state_dict()
+    assert torch.equal(sd1["mfac"]["v"], sd0["mfac"]["v"])
+    assert torch.equal(sd1["mfac"]["window"]["G"], sd0["mfac"]["window"]["G"])
+    bad = dict(sd0, mfac=dict(sd0["mfac"], v=torch.zeros(3, dtype=torch.float64)))
+    with pytest.raises(ValueError, match=r"\['v'\] must be a torch.float64 tensor of shape"):
+        opt.load_state_dict(bad)
+    bad = dict(sd0, mfac=dict(sd0["mfac"], window=dict(sd0["mfac"]["window"], window=M + 1)))
+    with pytest.raises(ValueError, match="state: G must have shape"):
+        opt.load_state_dict(bad)
+    with pytest.raises(ValueError, match="no 'mfac' entry"):
+        opt.load_state_dict({"state": {}, "param_groups": sd0["param_groups"]})
+    assert torch.equal(opt.state_dict()["mfac"]["window"]["K"], sd0["mfac"]["window"]["K"])
+
+
+def test_arguments_are_checked():
+    model = _model()
+    ps = list(model.parameters())
+    with pytest.raises(ValueError, match="momentum must be < 1"):
+        MFAC(ps, lr=0.1, momentum=1.0)
+    with pytest.raises(TypeError, match="window must be an integer"):
+        MFAC(ps, lr=0.1, window=4.5)
+    with pytest.raises(ValueError, match="damping must be"):
+        MFAC(ps, lr=0.1, damping=0.0)
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        MFAC(ps, lr=-1.0)
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        MFAC(ps, lr=0.1, normalize="mean")
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['lr'\] must be >= 0"):
+        MFAC([dict(params=ps[:2]), dict(params=ps[2:], lr=-2.0)], lr=0.1)
+    with pytest.raises(ValueError, match="one dtype"):
+        MFAC([ps[0], torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        MFAC(ps, lr=0.1, dtype="int8")
+    with pytest.raises(ValueError, match="float16 and bfloat16 storage need the GPU"):
+        MFAC(ps, lr=0.1, dtype="float16")
+    with pytest.raises(ValueError, match="every parameter is zero"):
+        MFAC([torch.nn.Parameter(torch.zeros(3))], lr=0.1, sparse=True)
+    opt = MFAC(ps, lr=0.1, window=4)
+    with pytest.raises(RuntimeError, match="after construction"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+
+
+def test_float32_model_keeps_float32_and_closure_returns_loss():
+    model = _model(dtype=torch.float32)
+    opt = MFAC(model.parameters(), lr=0.1, window=4, damping=1e-2)
+    assert opt.window_operator.storage_dtype == "float32"
+    x, y = _data(torch.float32)
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(model, x[0], y[0])
+        loss.backward()
+        return loss
+    l0 = opt.step(closure)
+    for _ in range(10):
+        opt.step(closure)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert float(closure().detach()) < float(l0.detach())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not B.gpu_available() or not torch.cuda.is_available(),
+                    reason="needs CuPy, a CUDA GPU and a CUDA build of torch")
+@pytest.mark.parametrize("normalize", ["window", "count"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_gpu_float32_matches_dense_reference(normalize, sparse):
+    """Float32 on the GPU against the float64 dense reference: the window's float32
+    storage and float32 model arithmetic allow ~1e-4 relative over 50 steps
+    (stated tolerance: 2e-4 * max |w|)."""
+    ref = _reference(_model(sparse=sparse), GROUPS, normalize, sparse)
+    model = _model(dtype=torch.float32, device="cuda", sparse=sparse)
+    opt = MFAC(_groups(model, GROUPS), lr=1.0, window=M, damping=LAM, normalize=normalize,
+               sparse=sparse)
+    _train(model, opt, 0, STEPS, torch.float32, "cuda")
+    w = _flat(model).double().cpu()
+    assert float((w - ref).abs().max()) <= 2e-4 * float(ref.abs().max())
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    model_cpu = _model(dtype=torch.float32, sparse=sparse)
+    opt_cpu = MFAC(_groups(model_cpu, GROUPS), lr=1.0, window=M, damping=LAM,
+                   normalize=normalize, sparse=sparse)
+    opt_cpu.load_state_dict(torch.load(buf, weights_only=True))     # another device
+    assert opt_cpu.window_operator.count == M
