@@ -1,0 +1,1115 @@
+r"""Testing tools for curvature operators: exact oracles, hypothesis strategies and
+the protocol check the library runs on its own operators.
+
+Three parts (docs/testing.md shows them together):
+
+* **Exact oracles** (:class:`Oracle`).  An oracle knows the exact matrix an operator
+  represents and returns ``A @ X`` rounded once to float64.  For the damped
+  empirical Fisher F = λI + GᵀG/N (docs/math.md §1) and its inverse,
+  :func:`inverse_fisher_oracle` applies F in the factored form λX + Gᵀ(GX)/N in
+  mpmath (F is never formed in mpmath) and solves with F by iterative refinement
+  whose residuals are computed in that exact form (:func:`refined_solve`): the
+  oracle stays exact to about one rounding where a dense float64 inverse is off by
+  ε·cond(F).  :func:`kronecker_oracle` does the same for sums of Kronecker products
+  (docs/math.md §4, built with ``np.kron``, never from the operator under test),
+  :func:`block_diag_oracle` stacks oracles and :meth:`Oracle.from_dense` takes a
+  float64 matrix as exact.
+* **Strategies** (:func:`gradient_matrices`, :func:`fisher_problems`): gradient
+  matrices with a chosen rank, duplicate rows, zero rows, row scales over decades,
+  m > d and m = 1, and dampings over decades of λ/λ_max.  Hypothesis is imported
+  only when a strategy is asked for.
+* **The protocol check** (:func:`check_operator`): every method of the operator
+  protocol against the oracle, each with its documented error bound
+  c·(ε·κ + δ) (:data:`DEFAULT_TOLERANCES`), plus the structural rules (shapes,
+  dtypes, one pass for k right-hand sides, the caller's arrays untouched,
+  read-only internals, pickling).  It works on any object with ``shape`` and
+  ``matvec``; methods an operator lacks are reported as skipped.
+
+mpmath (a SciPy dependency's dependency, installed with SymPy) is needed by the
+exact oracles; everything runs on the host in float64 or in mpmath.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+
+import numpy as np
+
+__all__ = [
+    "Oracle", "inverse_fisher_oracle", "kronecker_oracle", "block_diag_oracle",
+    "refined_solve", "gradient_matrices", "fisher_problems", "check_operator",
+    "CheckReport", "OperatorCheckError", "DEFAULT_TOLERANCES",
+]
+
+#: Working precision (bits) of the exact residuals: products of two doubles need 106
+#: bits; 320 bits leave every sum of the small sizes used in tests exact to far below
+#: one float64 rounding.
+MP_PREC = 320
+
+#: Per-method constants c of the bound ``c * (eps * kappa + model_error)``
+#: (relative, see :func:`check_operator` for how each error is measured).
+DEFAULT_TOLERANCES = {
+    "matvec": 16.0, "matmat": 16.0, "rmatvec": 16.0, "rmatmat": 16.0, "matmul": 16.0,
+    "adjoint": 16.0, "to_scipy": 16.0, "todense": 16.0, "diagonal": 16.0,
+    "entry": 16.0, "quad": 16.0, "logdet": 16.0,
+}
+
+
+# -- mpmath helpers --------------------------------------------------------------------
+
+def _mpmath():
+    try:
+        import mpmath
+    except ImportError as exc:  # pragma: no cover - mpmath ships with SymPy/SciPy setups
+        raise ImportError("the exact oracles of mfac_linalg.testing need mpmath "
+                          "(pip install mpmath)") from exc
+    return mpmath
+
+
+def _to_mp(a):
+    """float64 array -> object array of mpf (exact: every double is an mpf)."""
+    if isinstance(a, np.ndarray) and a.dtype == object:
+        return a
+    mp = _mpmath()
+    return np.frompyfunc(mp.mpf, 1, 1)(np.asarray(a, dtype=np.float64)).astype(object)
+
+
+def _to_float(a):
+    """object array of mpf -> float64, each entry rounded once to nearest."""
+    return np.frompyfunc(float, 1, 1)(a).astype(np.float64)
+
+
+def _host64(a):
+    """Any array (NumPy, CuPy, DLPack) -> float64 NumPy array on the host."""
+    from . import _backend as B
+    return np.asarray(B.to_host(a), dtype=np.float64)
+
+
+def refined_solve(apply_exact, solve, X, *, maxiter=60):
+    r"""Solve A Y = X to float64 accuracy by iterative refinement with exact residuals.
+
+    Repeats ``Y <- Y + solve(round(X - A Y))`` with the residual computed exactly by
+    ``apply_exact`` (mpmath) and Y accumulated in mpmath, until the correction is
+    below 2⁻⁶⁰ of Y; the result is Y rounded once to float64.  Each sweep shrinks the
+    error by about ε·cond(A) (``solve`` is any float64 solver, e.g. a Cholesky
+    factorization), so it converges for cond(A) up to about 10¹⁵ and then is exact
+    to one rounding, whatever cond(A) (docs/math.md §5).
+
+    Parameters
+    ----------
+    apply_exact : callable
+        ``apply_exact(Ymp)``: A times an object array of mpf (d, k), exactly.
+    solve : callable
+        ``solve(R)``: an approximate float64 solution of A Z = R for R (d, k).
+    X : array_like, shape (d, k)
+        The right-hand sides (float64).
+    maxiter : int
+        Sweeps before giving up.
+
+    Returns
+    -------
+    numpy.ndarray, float64, shape (d, k)
+
+    Raises
+    ------
+    ArithmeticError
+        If the corrections stop shrinking (A too ill-conditioned for ``solve``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_linalg.testing import refined_solve
+    >>> from fractions import Fraction
+    >>> A = np.array([[1.0, 1.0], [1.0, 1.0 + 1e-12]])          # cond(A) ~ 4e12
+    >>> X = np.array([[1.0], [0.0]])
+    >>> Y = refined_solve(lambda Y: A @ Y, lambda R: np.linalg.solve(A, R), X)
+    >>> exact = -1 / (Fraction(A[1, 1]) - 1)                  # y_2 = -1/(A_22 - 1)
+    >>> bool(Y[1, 0] == float(exact))                          # correctly rounded
+    True
+    """
+    mp = _mpmath()
+    X = np.asarray(X, dtype=np.float64)
+    with mp.workprec(MP_PREC):
+        Xmp = _to_mp(X)
+        Y = _to_mp(solve(X))
+        last = math.inf
+        for _ in range(maxiter):
+            R = _to_float(Xmp - apply_exact(Y))
+            D = np.asarray(solve(R), dtype=np.float64)
+            Y = Y + _to_mp(D)
+            size = float(np.abs(_to_float(Y)).max()) if Y.size else 0.0
+            step = float(np.abs(D).max()) if D.size else 0.0
+            if step <= 2.0 ** -60 * size or step == 0.0:
+                return _to_float(Y)
+            if step > 0.5 * last:
+                raise ArithmeticError(
+                    "refined_solve: the corrections stopped shrinking (the matrix is too "
+                    "ill-conditioned for the float64 solver); use a better-conditioned case")
+            last = step
+    raise ArithmeticError(f"refined_solve: no convergence in {maxiter} sweeps")
+
+
+# -- oracles ---------------------------------------------------------------------------
+
+class Oracle:
+    r"""The exact d × d matrix an operator represents, for :func:`check_operator`.
+
+    Products come back rounded once to float64 from an exact computation, so a
+    check against them needs no allowance for the oracle's own error.
+
+    Parameters
+    ----------
+    d : int
+        The dimension.
+    apply : callable
+        ``apply(X)``: A @ X for a float64 (d, k) array, exact to one rounding.
+    kappa : float
+        The conditioning factor κ of the operator's documented error bound (e.g.
+        κ_W = λ_max(F)/λ for the Woodbury form, docs/math.md §1, §7).
+    logdet : float, optional
+        The value ``op.logdet()`` must return (for an inverse-Fisher operator: log det F).
+    logdet_scale : float, optional
+        The size against which logdet errors are measured (default d).
+    fisher : Oracle, optional
+        The oracle of ``op.fisher()`` (the forward matrix).
+    model_error : float
+        A relative error the operator is allowed on top of rounding, e.g. the
+        documented convergence error of an iterative factorization (r/gap).
+    symmetric, positive_definite : bool
+        Properties of A used by the checks (adjoints, CG).
+
+    Notes
+    -----
+    ``dense()`` is ``apply(I)``, computed once (O(d) products).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_linalg.testing import Oracle
+    >>> o = Oracle.from_dense(np.diag([1.0, 2.0, 4.0]))
+    >>> o.matmat(np.ones((3, 1)))[:, 0].tolist(), o.kappa
+    ([1.0, 2.0, 4.0], 4.0)
+    """
+
+    def __init__(self, d, apply, *, kappa, logdet=None, logdet_scale=None, fisher=None,
+                 model_error=0.0, symmetric=True, positive_definite=True, name="A"):
+        self.d = int(d)
+        self._apply = apply
+        self.kappa = float(kappa)
+        self.logdet = None if logdet is None else float(logdet)
+        self.logdet_scale = float(self.d if logdet_scale is None else logdet_scale)
+        self.fisher = fisher
+        self.model_error = float(model_error)
+        self.symmetric = bool(symmetric)
+        self.positive_definite = bool(positive_definite)
+        self.name = name
+        self._dense = None
+
+    def __repr__(self):
+        return f"<Oracle {self.name} d={self.d} kappa={self.kappa:.3g}>"
+
+    def matmat(self, X):
+        """A @ X (float64, exact to one rounding) for X of shape (d, k) or (d,)."""
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim == 1:
+            return self._apply(X[:, None])[:, 0]
+        return self._apply(X)
+
+    def dense(self):
+        """The matrix itself, float64 (d, d); computed once."""
+        if self._dense is None:
+            self._dense = self._apply(np.eye(self.d))
+            self._dense.setflags(write=False)
+        return self._dense
+
+    @classmethod
+    def from_dense(cls, A, *, kappa=None, logdet=None, fisher=None, model_error=0.0):
+        """An oracle for a float64 matrix taken as exact: products in mpmath.
+
+        ``kappa`` defaults to the 2-norm condition number of A; ``logdet``, if not
+        given, is computed exactly in mpmath when A is symmetric positive definite.
+        Cost O(d³) mpmath operations once, O(d²k) per product.
+        """
+        A = np.array(_host64(A), dtype=np.float64)
+        if A.ndim != 2 or A.shape[0] != A.shape[1]:
+            raise ValueError(f"A must be a square matrix; got shape {A.shape}")
+        A.setflags(write=False)
+        d = A.shape[0]
+        symmetric = bool(np.array_equal(A, A.T))
+        s = np.linalg.svd(A, compute_uv=False) if d else np.ones(1)
+        if kappa is None:
+            kappa = float(s[0] / s[-1]) if s[-1] > 0 else math.inf
+        pd = symmetric and d > 0 and bool(np.linalg.eigvalsh(A)[0] > 0)
+        mp = _mpmath()
+        Amp = _to_mp(A)
+
+        def apply_mp(X):
+            with mp.workprec(MP_PREC):
+                return Amp @ _to_mp(X)
+
+        def apply(X):
+            with mp.workprec(MP_PREC):
+                return _to_float(apply_mp(X))
+
+        if logdet is None and pd:
+            logdet = _mp_logdet(Amp)
+        o = cls(d, apply, kappa=kappa, logdet=logdet, fisher=fisher, model_error=model_error,
+                symmetric=symmetric, positive_definite=pd, name="dense")
+        o._dense = A
+        o._apply_mp = apply_mp
+        return o
+
+    def inverse(self, solve=None, *, logdet=None):
+        """The oracle of A⁻¹ by :func:`refined_solve` (exact residuals from ``apply``).
+
+        ``solve`` is the float64 solver for the corrections (default: Cholesky of
+        ``dense()``, or LU where A is not positive definite)."""
+        import scipy.linalg as sla
+        mp = _mpmath()
+        if solve is None:
+            D = self.dense()
+            if self.positive_definite:
+                c = sla.cho_factor(D, lower=True)
+                solve = lambda R: sla.cho_solve(c, R)  # noqa: E731
+            else:
+                lu = sla.lu_factor(D)
+                solve = lambda R: sla.lu_solve(lu, R)  # noqa: E731
+        fwd = self
+        exact = getattr(self, "_apply_mp", None)
+
+        def apply_exact(Ymp):
+            if exact is not None:
+                return exact(Ymp)
+            # an oracle without an mpmath product: apply it to the float64 parts of Y
+            # (Y = Y0 + Y1, both rounded), each product exact to one rounding
+            Y0 = _to_float(Ymp)
+            Y1 = _to_float(Ymp - _to_mp(Y0))
+            return _to_mp(fwd.matmat(Y0)) + _to_mp(fwd.matmat(Y1))
+
+        def apply(X):
+            return refined_solve(apply_exact, solve, X)
+
+        inv = Oracle(self.d, apply, kappa=self.kappa,
+                     logdet=logdet if logdet is not None else self.logdet,
+                     logdet_scale=self.logdet_scale, fisher=self, model_error=self.model_error,
+                     symmetric=self.symmetric, positive_definite=self.positive_definite,
+                     name=f"inv({self.name})")
+        del mp
+        return inv
+
+
+def _mp_logdet(Amp):
+    """log det of a symmetric positive definite object array of mpf (Cholesky, mpmath)."""
+    mp = _mpmath()
+    with mp.workprec(MP_PREC):
+        L = mp.cholesky(mp.matrix(Amp.tolist()))
+        return float(2 * mp.fsum(mp.log(L[i, i]) for i in range(L.rows)))
+
+
+def inverse_fisher_oracle(grads, damping, *, N=None):
+    r"""The exact oracle of F⁻¹ for F = λI + GᵀG/N (docs/math.md §1, §5).
+
+    Products with F are computed exactly in the factored form λX + Gᵀ(GX)/N
+    (mpmath, F never formed); products with F⁻¹ by :func:`refined_solve` with those
+    exact residuals, so both are exact to one float64 rounding.  ``logdet`` is
+    log det F by the determinant lemma, d log λ + log det(NλI + GGᵀ) − m log(Nλ),
+    with the m × m (or, for m > d, the d × d) determinant in mpmath.
+
+    Parameters
+    ----------
+    grads : array_like, shape (m, d)
+        The gradients the operator holds, exactly as stored (round them to the
+        operator's storage dtype first: a float32 window represents F of the float32
+        values).
+    damping : float
+        λ > 0.
+    N : float, optional
+        The normalization (default m).
+
+    Returns
+    -------
+    Oracle
+        For F⁻¹, with ``kappa`` = κ_W = λ_max(F)/λ, ``logdet`` = log det F and
+        ``fisher`` the oracle of F (same κ).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mfac_linalg as ml
+    >>> from mfac_linalg.testing import inverse_fisher_oracle
+    >>> G = np.random.default_rng(0).standard_normal((3, 6))
+    >>> o = inverse_fisher_oracle(G, 1e-3)
+    >>> x = np.ones(6)
+    >>> F = 1e-3 * np.eye(6) + G.T @ G / 3
+    >>> bool(np.allclose(F @ o.matmat(x), x, rtol=0, atol=1e-9))
+    True
+    >>> bool(abs(o.logdet - np.linalg.slogdet(F)[1]) < 1e-9)
+    True
+    """
+    import scipy.linalg as sla
+    mp = _mpmath()
+    G = np.array(_host64(grads), dtype=np.float64)
+    if G.ndim != 2:
+        raise ValueError(f"grads must be 2-D (m, d); got shape {G.shape}")
+    m, d = G.shape
+    lam = float(damping)
+    if not lam > 0:
+        raise ValueError(f"damping must be > 0; got {damping}")
+    N = float(m if N is None else N)
+    with mp.workprec(MP_PREC):
+        Gmp = _to_mp(G)
+        lam_mp, N_mp = mp.mpf(lam), mp.mpf(N)
+        if m <= d:
+            C = Gmp @ Gmp.T + np.diag([N_mp * lam_mp] * m).astype(object)
+            ld = d * float(mp.log(lam_mp)) + _mp_logdet(C) - m * float(mp.log(N_mp * lam_mp))
+        else:
+            Fm = (Gmp.T @ Gmp) / N_mp + np.diag([lam_mp] * d).astype(object)
+            ld = _mp_logdet(Fm)
+    top = (np.linalg.norm(G, 2) ** 2 / N) if G.size else 0.0
+    kappa = (lam + top) / lam
+    eig = lam + np.concatenate([np.linalg.svd(G, compute_uv=False) ** 2 / N,
+                                np.zeros(max(0, d - min(m, d)))])
+    scale = float(max(m, d) + np.abs(np.log(eig)).sum())
+
+    def apply_mp(X):
+        with mp.workprec(MP_PREC):
+            Xmp = _to_mp(X)
+            return lam_mp * Xmp + (Gmp.T @ (Gmp @ Xmp)) / N_mp
+
+    def apply_F(X):
+        with mp.workprec(MP_PREC):
+            return _to_float(apply_mp(X))
+
+    fwd = Oracle(d, apply_F, kappa=kappa, logdet=ld, logdet_scale=scale, name="F")
+    fwd._apply_mp = apply_mp
+    # float64 corrections through the dual (Woodbury) form when m < d, else Cholesky of F
+    if m < d:
+        cC = sla.cho_factor(N * lam * np.eye(m) + G @ G.T, lower=True)
+        solve = lambda R: (R - G.T @ sla.cho_solve(cC, G @ R)) / lam  # noqa: E731
+    else:
+        cF = sla.cho_factor(lam * np.eye(d) + G.T @ G / N, lower=True)
+        solve = lambda R: sla.cho_solve(cF, R)  # noqa: E731
+    inv = fwd.inverse(solve)
+    inv.name = "inv(F)"
+    return inv
+
+
+def kronecker_oracle(terms=(), *, shift=0.0, basis=None, inverse=True):
+    r"""The exact oracle of a damped Kronecker-factored matrix or of its inverse.
+
+    M = Σ_t P_t ⊗ Q_t + shift·I, or, with ``basis=(U, W, S)``,
+    M = (U ⊗ W) diag(vec S) (U ⊗ W)ᵀ + shift·I (EKFAC, docs/math.md §4).  Vectors
+    are row-major vec(V) of V (d_out × d_in), the library's layout:
+    (P ⊗ Q) vec(V) = vec(P V Qᵀ).  Products with M are exact in mpmath from the given
+    factors (taken as exact); with M⁻¹ by :func:`refined_solve`, corrections solved
+    with the dense ``np.kron`` matrix.
+
+    Parameters
+    ----------
+    terms : sequence of (P, Q)
+        Square float64 factors, P (d_out, d_out), Q (d_in, d_in).
+    shift : float
+        The multiple of I added.
+    basis : (U, W, S), optional
+        An eigenbasis form instead of (or added to) ``terms``.
+    inverse : bool
+        Return the oracle of M⁻¹ (default) or of M.
+
+    Returns
+    -------
+    Oracle
+        ``kappa`` = cond(M), ``logdet`` = log det M (mpmath), ``fisher`` = the oracle of
+        M when ``inverse``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_linalg.testing import kronecker_oracle
+    >>> P, Q = np.diag([1.0, 2.0]), np.diag([1.0, 3.0, 5.0])
+    >>> o = kronecker_oracle([(P, Q)], shift=1.0)
+    >>> o.matmat(np.ones(6)).tolist()
+    [0.5, 0.25, 0.16666666666666666, 0.3333333333333333, 0.14285714285714285, 0.09090909090909091]
+    """
+    mp = _mpmath()
+    terms = [(np.array(_host64(P)), np.array(_host64(Q))) for P, Q in terms]
+    if basis is not None:
+        U, W, S = (np.array(_host64(a)) for a in basis)
+        d_out, d_in = U.shape[0], W.shape[0]
+    else:
+        if not terms:
+            raise ValueError("kronecker_oracle needs terms or basis")
+        d_out, d_in = terms[0][0].shape[0], terms[0][1].shape[0]
+    d = d_out * d_in
+    dense = shift * np.eye(d)
+    for P, Q in terms:
+        dense = dense + np.kron(P, Q)
+    if basis is not None:
+        K = np.kron(U, W)
+        dense = dense + (K * S.reshape(-1)[None, :]) @ K.T
+    with mp.workprec(MP_PREC):
+        terms_mp = [(_to_mp(P), _to_mp(Q)) for P, Q in terms]
+        shift_mp = mp.mpf(float(shift))
+        if basis is not None:
+            U_mp, W_mp, S_mp = _to_mp(U), _to_mp(W), _to_mp(S)
+
+    def apply_mp(X):
+        with mp.workprec(MP_PREC):
+            k = X.shape[1]
+            out = np.empty((d, k), dtype=object)
+            for c in range(k):       # an oracle: clarity over speed
+                V = _to_mp(X[:, c].reshape(d_out, d_in))
+                Y = shift_mp * V
+                for Pm, Qm in terms_mp:
+                    Y = Y + Pm @ V @ Qm.T
+                if basis is not None:
+                    T = U_mp.T @ V @ W_mp
+                    Y = Y + U_mp @ (T * S_mp) @ W_mp.T
+                out[:, c] = Y.reshape(-1)
+            return out
+
+    def apply(X):
+        with mp.workprec(MP_PREC):
+            return _to_float(apply_mp(X))
+
+    eig = np.linalg.eigvalsh((dense + dense.T) / 2)
+    pd = bool(eig[0] > 0)
+    kappa = float(np.abs(eig).max() / np.abs(eig).min())
+    logdet = None
+    if pd:
+        logdet = _mp_logdet(apply_mp(np.eye(d)))
+    fwd = Oracle(d, apply, kappa=kappa, logdet=logdet,
+                 logdet_scale=float(d + np.abs(np.log(np.abs(eig))).sum()),
+                 positive_definite=pd, name="M")
+    fwd._apply_mp = apply_mp
+    fwd._dense = dense
+    dense.setflags(write=False)
+    if not inverse:
+        return fwd
+    inv = fwd.inverse()
+    inv.name = "inv(M)"
+    return inv
+
+
+def block_diag_oracle(oracles):
+    """The oracle of blockdiag(A_1, A_2, ...) from the blocks' oracles.
+
+    ``kappa`` is the largest block κ (each block's products carry their own bound),
+    ``logdet`` the sum and ``fisher`` the block-diagonal of the blocks' ``fisher``
+    where every block has one.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_linalg.testing import Oracle, block_diag_oracle
+    >>> o = block_diag_oracle([Oracle.from_dense(np.eye(2)), Oracle.from_dense(2 * np.eye(1))])
+    >>> o.dense().tolist()
+    [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]]
+    """
+    oracles = list(oracles)
+    if not oracles:
+        raise ValueError("oracles must not be empty")
+    offs = np.concatenate([[0], np.cumsum([o.d for o in oracles])])
+
+    def apply(X):
+        return np.concatenate([o.matmat(X[a:b]) for o, a, b in
+                               zip(oracles, offs[:-1], offs[1:])], axis=0)
+
+    lds = [o.logdet for o in oracles]
+    fis = [o.fisher for o in oracles]
+    return Oracle(int(offs[-1]), apply, kappa=max(o.kappa for o in oracles),
+                  logdet=None if any(v is None for v in lds) else sum(lds),
+                  logdet_scale=sum(o.logdet_scale for o in oracles),
+                  fisher=None if any(f is None for f in fis) else block_diag_oracle(fis),
+                  model_error=max(o.model_error for o in oracles),
+                  symmetric=all(o.symmetric for o in oracles),
+                  positive_definite=all(o.positive_definite for o in oracles),
+                  name="blockdiag")
+
+
+# -- hypothesis strategies -----------------------------------------------------------
+
+_KINDS = ("normal", "lowrank", "duplicates", "zero_rows", "scaled", "tall", "single")
+
+
+def _make_gradients(rng, m, d, kind, rank):
+    if kind == "tall":
+        m = max(m, d + 1)
+    if kind == "single":
+        m = 1
+    G = rng.standard_normal((m, d))
+    if kind == "lowrank":
+        r = max(1, min(rank, m, d))
+        G = rng.standard_normal((m, r)) @ rng.standard_normal((r, d)) / math.sqrt(r)
+    elif kind == "duplicates" and m > 1:
+        src = rng.integers(0, max(1, m // 2), size=m)
+        G = G[src]
+    elif kind == "zero_rows" and m > 1:
+        G[rng.random(m) < 0.5] = 0.0
+    elif kind == "scaled":
+        G = G * (10.0 ** rng.uniform(-4, 4, size=(m, 1)))
+    return G
+
+
+def gradient_matrices(*, max_m=12, max_d=12, kinds=_KINDS, dtype=np.float64):
+    """A hypothesis strategy for gradient matrices G (m, d).
+
+    Kinds: ``"normal"``; ``"lowrank"`` (rank drawn from 1..min(m, d)); ``"duplicates"``
+    (rows repeated); ``"zero_rows"``; ``"scaled"`` (row norms over 8 decades);
+    ``"tall"`` (m > d); ``"single"`` (m = 1).  Values come from a seeded generator
+    (the sizes, kind and rank shrink).  Hypothesis is imported when called.
+
+    Parameters
+    ----------
+    max_m, max_d : int
+        Upper bounds on m (except ``"tall"``, which takes m = max(m, d + 1)) and d.
+    kinds : sequence of str
+        The kinds to draw from.
+    dtype : numpy dtype
+        float64 or float32 (values are rounded once to it).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of numpy.ndarray
+
+    Examples
+    --------
+    >>> from hypothesis import given, settings
+    >>> from mfac_linalg.testing import gradient_matrices
+    >>> @settings(max_examples=5, deadline=None)
+    ... @given(gradient_matrices(max_m=4, max_d=5, kinds=("tall",)))
+    ... def test(G):
+    ...     assert G.shape[0] > G.shape[1]
+    >>> test()
+    """
+    from hypothesis import strategies as st
+    bad = [k for k in kinds if k not in _KINDS]
+    if bad or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {_KINDS}; got {tuple(kinds)}")
+
+    @st.composite
+    def strat(draw):
+        kind = draw(st.sampled_from(tuple(kinds)))
+        m = draw(st.integers(1, max_m))
+        d = draw(st.integers(1, max_d))
+        rank = draw(st.integers(1, max(1, min(m, d))))
+        seed = draw(st.integers(0, 2 ** 32 - 1))
+        G = _make_gradients(np.random.default_rng(seed), m, d, kind, rank)
+        return G.astype(dtype)
+
+    return strat()
+
+
+def fisher_problems(*, max_m=12, max_d=12, kinds=_KINDS, ratio=(1e-8, 1e2),
+                    dtype=np.float64):
+    """A hypothesis strategy for (G, damping): G from :func:`gradient_matrices`, and
+    λ = r·λ_max(GᵀG/m) with r log-uniform in ``ratio`` (r itself when G = 0).
+
+    Examples
+    --------
+    >>> from hypothesis import given, settings
+    >>> from mfac_linalg.testing import fisher_problems
+    >>> @settings(max_examples=5, deadline=None)
+    ... @given(fisher_problems(max_m=3, max_d=3))
+    ... def test(problem):
+    ...     G, lam = problem
+    ...     assert lam > 0
+    >>> test()
+    """
+    from hypothesis import strategies as st
+    lo, hi = (math.log10(float(r)) for r in ratio)
+
+    @st.composite
+    def strat(draw):
+        G = draw(gradient_matrices(max_m=max_m, max_d=max_d, kinds=kinds, dtype=dtype))
+        r = 10.0 ** draw(st.floats(lo, hi))
+        top = float(np.linalg.norm(G.astype(np.float64), 2) ** 2 / G.shape[0])
+        return G, r * (top if top > 0 else 1.0)
+
+    return strat()
+
+
+# -- the protocol check -----------------------------------------------------------------
+
+class OperatorCheckError(AssertionError):
+    """Raised by :func:`check_operator`; ``report`` holds every result."""
+
+    def __init__(self, message, report):
+        super().__init__(message)
+        self.report = report
+
+
+class CheckReport:
+    """What :func:`check_operator` measured: per check, the error / bound ratio (or
+    ``None`` for structural checks that passed), failures and skipped checks."""
+
+    def __init__(self):
+        self.ratios = {}
+        self.failures = []
+        self.skipped = []
+
+    @property
+    def worst(self):
+        """(name, ratio) of the largest error / bound ratio."""
+        rs = [(k, v) for k, v in self.ratios.items() if v is not None]
+        return max(rs, key=lambda kv: kv[1]) if rs else (None, 0.0)
+
+    def __repr__(self):
+        name, r = self.worst
+        return (f"<CheckReport {len(self.ratios)} checks, {len(self.failures)} failed, "
+                f"{len(self.skipped)} skipped, worst {name}={r:.3g}>")
+
+
+def _xp_of(op):
+    be = getattr(op, "backend", None)
+    xp = getattr(be, "xp", None)
+    return xp if xp is not None else np
+
+
+def _col_err(got, ref):
+    """max over columns of ||got - ref|| / ||ref|| (float64, host)."""
+    got = _host64(got).reshape(ref.shape)
+    diff = np.linalg.norm((got - ref).reshape(ref.shape[0], -1), axis=0)
+    den = np.linalg.norm(ref.reshape(ref.shape[0], -1), axis=0)
+    den = np.where(den > 0, den, 1.0)
+    return float((diff / den).max()) if diff.size else 0.0
+
+
+class _Tracer:
+    """Counts ``_matmat`` calls (and the columns in each) and ``_todense`` calls on one
+    library operator instance (instance attributes shadow the class hooks)."""
+
+    def __init__(self, op):
+        self.op = op
+        self.calls = []
+        self.dense = 0
+        from ._operator import Operator
+        self.active = isinstance(op, Operator)
+
+    def __enter__(self):
+        if self.active:
+            op, orig = self.op, type(self.op)._matmat.__get__(self.op)
+            op._matmat = lambda X: self.calls.append(tuple(X.shape)) or orig(X)
+            if hasattr(type(op), "_todense"):
+                origd = type(op)._todense.__get__(op)
+                op._todense = lambda: setattr(self, "dense", self.dense + 1) or origd()
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            self.op.__dict__.pop("_matmat", None)
+            self.op.__dict__.pop("_todense", None)
+        return False
+
+
+def check_operator(op, oracle, *, rng=None, tolerances=None, eps=None, k=3,
+                   methods=None, skip=(), strict=True, _prefix=""):
+    r"""Check every method of the operator protocol against an exact oracle.
+
+    Each numerical check compares with the oracle and passes when its error is at
+    most the method's bound ``c * kappa * (eps + model_error)`` (κ and the model
+    error δ from the oracle, e.g. κ_W = λ_max(F)/λ for the Woodbury form), with
+    ``c`` from ``tolerances`` (default :data:`DEFAULT_TOLERANCES`) and ``eps`` the
+    unit roundoff of ``op.dtype``; no allowance is made for the oracle, which is exact.
+    Errors are measured as:
+
+    * products (``matvec`` on (d,) and (d, 1), ``matmat``, ``rmatvec``, ``rmatmat``,
+      ``@`` both ways, ``.T``/``.H``/``adjoint()``, ``to_scipy()``): per column,
+      ‖y − y*‖ / ‖y*‖;
+    * ``todense``: ‖T − A‖_F / ‖A‖_F;  ``diagonal``, ``entry``/``op[i, j]``:
+      max |e − e*| / ‖A‖₂;  ``quad``: |q − q*| / (‖A‖₂ ‖x‖²);
+    * ``logdet``: |ℓ − ℓ*| / ``oracle.logdet_scale`` (for the Fisher oracles
+      max(m, d) + Σ|log λ_i(F)|; the first-order error of a log-determinant).
+
+    Structural checks: ``shape``; for operators of the library's protocol
+    (subclasses of :class:`mfac_linalg.Operator`) results of the input's type, dtype
+    and shape, ``matmat`` with k columns as one call of the ``_matmat`` hook (no
+    column loop, no dense fallback) and ``entry``/``diagonal`` that never build the
+    dense matrix; ``op[i, j] == op.entry(i, j)``; ``to_scipy()`` passes matmat through
+    in one call and solves with ``scipy.sparse.linalg.cg`` (positive definite
+    oracles); the caller's arrays are never modified; arrays handed out (by
+    ``todense()``, ``diagonal()`` and array-valued properties) are read-only or
+    copies (checked on a deep copy); ``pickle`` and ``copy.deepcopy`` give
+    operators with bit-identical products; ``op.fisher()`` passes the same check
+    against ``oracle.fisher``.
+
+    Cost: O(d) products for ``todense`` plus a few more; the oracle's mpmath
+    products dominate (keep d in the tens).
+
+    Parameters
+    ----------
+    op : operator
+        Anything with ``shape`` and ``matvec``; other methods are checked where
+        they exist and listed in ``report.skipped`` where they do not.
+    oracle : Oracle or array_like
+        The exact matrix (an array is taken as exact, :meth:`Oracle.from_dense`).
+    rng : numpy.random.Generator, optional
+        For the test vectors (default: seed 0).
+    tolerances : dict, optional
+        Overrides of the per-method constants c.
+    eps : float, optional
+        Unit roundoff (default: ``np.finfo(op.dtype).eps``, float64 if no dtype).
+    k : int
+        Columns of the block checks.
+    methods : collection of str, optional
+        Check only these (names as in :data:`DEFAULT_TOLERANCES`, plus ``"pickle"``,
+        ``"readonly"``, ``"fisher"``, ``"cg"``, ``"structure"``).
+    skip : collection of str
+        Checks to leave out (same names).
+    strict : bool
+        Refuse (``ValueError``) a case where some bound is >= 0.5: such a check
+        could not fail.
+
+    Returns
+    -------
+    CheckReport
+        ``ratios`` (error / bound per check), ``skipped``.
+
+    Raises
+    ------
+    OperatorCheckError
+        (an ``AssertionError``) listing every failed check, with the report.
+    ValueError
+        ``strict`` and a bound >= 0.5.
+
+    Examples
+    --------
+    A user-written operator (2 I + u uᵀ, a plain class), checked against its dense
+    matrix; what it does not implement is skipped:
+
+    >>> import numpy as np
+    >>> from mfac_linalg.testing import check_operator
+    >>> class RankOne:
+    ...     def __init__(self, u):
+    ...         self.u, self.shape, self.dtype = u, (u.size, u.size), u.dtype
+    ...     def matvec(self, x):                     # (d,) or (d, 1)
+    ...         return self.matmat(x.reshape(-1, 1)).reshape(x.shape)
+    ...     def matmat(self, X):
+    ...         return 2 * X + np.outer(self.u, self.u @ X)
+    >>> u = np.arange(4.0)
+    >>> report = check_operator(RankOne(u), 2 * np.eye(4) + np.outer(u, u),
+    ...                         skip=("pickle",))    # doctest classes cannot be pickled
+    >>> report.failures, report.ratios["matmat"] < 1
+    ([], True)
+    >>> report.skipped[:3]
+    ['rmatvec', 'matmul', 'adjoint']
+
+    A wrong operator fails, and the error names the method:
+
+    >>> class Wrong(RankOne):
+    ...     def matmat(self, X):
+    ...         return 2 * X
+    >>> check_operator(Wrong(u), 2 * np.eye(4) + np.outer(u, u), skip=("pickle",))
+    Traceback (most recent call last):
+    ...
+    mfac_linalg.testing.OperatorCheckError: Wrong failed 3 check(s):
+      matvec: error 0.862 > bound 2.84e-14
+      matvec.(d,1): error 0.862 > bound 2.84e-14
+      matmat: error 0.871 > bound 2.84e-14
+    """
+    if isinstance(oracle, Oracle):
+        orc = oracle
+    else:
+        orc = Oracle.from_dense(oracle)
+    rng = np.random.default_rng(0) if rng is None else rng
+    tol = dict(DEFAULT_TOLERANCES)
+    if tolerances:
+        unknown = set(tolerances) - set(DEFAULT_TOLERANCES)
+        if unknown:
+            raise ValueError(f"tolerances has unknown methods {sorted(unknown)}; known: "
+                             f"{sorted(DEFAULT_TOLERANCES)}")
+        tol.update(tolerances)
+    op_dtype = np.dtype(getattr(op, "dtype", np.float64))
+    if eps is None:
+        eps = float(np.finfo(op_dtype if op_dtype.kind == "f" else np.float64).eps)
+    d = orc.d
+    rep = CheckReport()
+    base = orc.kappa * (eps + orc.model_error)
+    from ._operator import Operator
+    protocol = isinstance(op, Operator)
+
+    def want(name):
+        return (methods is None or name in methods) and name not in skip
+
+    def bound(method):
+        b = tol[method] * base
+        if strict and b >= 0.5:
+            raise ValueError(f"{_prefix}{method}: the bound {b:.3g} (c={tol[method]}, "
+                             f"eps={eps:.3g}, kappa={orc.kappa:.3g}) is >= 0.5, so the check "
+                             "could not fail; use a better-conditioned case or a smaller eps")
+        return b
+
+    def record(name, method, err):
+        b = bound(method)
+        ratio = err / b if b > 0 else (0.0 if err == 0 else math.inf)
+        rep.ratios[_prefix + name] = ratio
+        if not err <= b:          # NaN fails too
+            rep.failures.append(f"{_prefix}{name}: error {err:.3g} > bound {b:.3g}")
+
+    def structural(name, cond, msg=""):
+        rep.ratios.setdefault(_prefix + name, None)
+        if not cond:
+            rep.failures.append(f"{_prefix}{name}: {msg}")
+
+    def guarded(name, fn):
+        try:
+            fn()
+        except (AttributeError, NotImplementedError) as exc:
+            if isinstance(exc, AttributeError) and not _missing(op, exc):
+                rep.failures.append(f"{_prefix}{name}: raised {type(exc).__name__}: {exc}")
+            else:
+                rep.skipped.append(_prefix + name)
+        except ValueError as exc:
+            if str(exc).startswith(_prefix) and "could not fail" in str(exc):
+                raise
+            rep.failures.append(f"{_prefix}{name}: raised ValueError: {exc}")
+        except AssertionError:
+            raise
+        except Exception as exc:
+            rep.failures.append(f"{_prefix}{name}: raised {type(exc).__name__}: {exc}")
+
+    xp = _xp_of(op)
+    dt = op_dtype if op_dtype.kind == "f" else np.dtype(np.float64)
+    xh = rng.standard_normal(d)
+    Xh = rng.standard_normal((d, k))
+    if orc.symmetric and k >= 2 and d >= 2:
+        # the last column probes the hardest direction: the eigenvector of A's smallest
+        # |eigenvalue| (for an inverse Fisher: F's top eigenvector, where the Woodbury
+        # form's subtraction cancels), so the products' errors reach their bound
+        w, U = np.linalg.eigh(orc.dense())
+        Xh[:, -1] = U[:, np.argmin(np.abs(w))] * math.sqrt(d)
+    # the vectors handed to the operator, in its namespace and dtype; exact float64 copies
+    x = xp.asarray(xh.astype(dt))
+    X = xp.asarray(Xh.astype(dt))
+    xh, Xh = _host64(x), _host64(X)
+    inputs = [(x, xh.copy()), (X, Xh.copy())]
+    ref_x, ref_X = orc.matmat(xh), orc.matmat(Xh)
+    A_T = (lambda Z: orc.matmat(Z)) if orc.symmetric else (lambda Z: orc.dense().T @ Z)
+    ref_tx, ref_tX = A_T(xh), A_T(Xh)
+
+    # -- structure and products ----------------------------------------------------
+    def c_structure():
+        structural("shape", tuple(op.shape) == (d, d), f"shape {tuple(op.shape)} != {(d, d)}")
+        r = repr(op)
+        structural("repr", type(op).__name__ in r or "LinearOperator" in r,
+                   f"repr {r!r} does not name the class")
+
+    def c_matvec():
+        y = op.matvec(x)
+        structural("matvec.type", type(y) is type(x) and tuple(y.shape) == (d,)
+                   and (y.dtype == x.dtype or not protocol),
+                   f"got {type(y).__name__} {tuple(y.shape)} {y.dtype}, expected "
+                   f"{type(x).__name__} {(d,)} {x.dtype}")
+        record("matvec", "matvec", _col_err(y, ref_x))
+        y1 = op.matvec(x[:, None])
+        structural("matvec.(d,1)", tuple(y1.shape) == (d, 1), f"shape {tuple(y1.shape)}")
+        record("matvec.(d,1)", "matvec", _col_err(y1[:, 0], ref_x))
+        if not protocol:
+            return
+        other = np.float64 if dt == np.float32 else np.float32
+        xo = xp.asarray(xh.astype(other))
+        yo = op.matvec(xo)
+        structural("matvec.dtype_kept", yo.dtype == xo.dtype,
+                   f"{np.dtype(other).name} input gave {yo.dtype}")
+
+    def c_matmat():
+        with _Tracer(op) as tr:
+            Y = op.matmat(X)
+        structural("matmat.type", type(Y) is type(X) and tuple(Y.shape) == (d, k)
+                   and (Y.dtype == X.dtype or not protocol), f"got {type(Y).__name__} {tuple(Y.shape)} {Y.dtype}")
+        if tr.active:
+            structural("matmat.one_pass", tr.calls == [(d, k)] and tr.dense == 0,
+                       f"_matmat calls {tr.calls}, todense calls {tr.dense} (expected one "
+                       f"call with all {k} columns)")
+        record("matmat", "matmat", _col_err(Y, ref_X))
+
+    def c_rmat():
+        record("rmatvec", "rmatvec", _col_err(op.rmatvec(x), ref_tx))
+        record("rmatmat", "rmatmat", _col_err(op.rmatmat(X), ref_tX))
+
+    def c_matmul():
+        if not (hasattr(type(op), "__matmul__") and hasattr(type(op), "__rmatmul__")):
+            rep.skipped.append(_prefix + "matmul")
+            return
+        record("matmul.op@x", "matmul", _col_err(op @ x, ref_x))
+        record("matmul.op@X", "matmul", _col_err(op @ X, ref_X))
+        record("matmul.x@op", "matmul", _col_err(x @ op, ref_tx))
+        record("matmul.X.T@op", "matmul", _col_err((X.T @ op).T, ref_tX))
+
+    def c_adjoint():
+        for name in ("T", "H"):
+            a = getattr(op, name)
+            record(f"adjoint.{name}", "adjoint", _col_err(a.matmat(X), ref_tX))
+        record("adjoint()", "adjoint", _col_err(op.adjoint().matmat(X), ref_tX))
+
+    norm2 = float(np.linalg.norm(orc.dense(), 2)) or 1.0
+
+    def c_diagonal():
+        with _Tracer(op) as tr:
+            g = op.diagonal()
+        structural("diagonal.type", tuple(g.shape) == (d,), f"shape {tuple(g.shape)}")
+        if tr.active:
+            structural("diagonal.no_dense", tr.dense == 0 and (d, d) not in tr.calls,
+                       f"diagonal built the dense matrix ({tr.calls}, todense {tr.dense})")
+        ref = np.diag(orc.dense())
+        record("diagonal", "diagonal", float(np.abs(_host64(g) - ref).max()) / norm2)
+
+    def c_entry():
+        pairs = sorted({(0, 0), (d - 1, 0), (0, d - 1), (d // 2, d // 3), (d - 1, d - 1)})
+        D = orc.dense()
+        worst = 0.0
+        with _Tracer(op) as tr:
+            for i, j in pairs:
+                e = op.entry(i, j)
+                structural("entry.type", isinstance(e, float), f"entry gave {type(e).__name__}")
+                worst = max(worst, abs(e - D[i, j]) / norm2)
+                en = op.entry(i - d, j - d)
+                structural("entry.negative", en == e, f"entry({i - d}, {j - d}) = {en} != {e}")
+                structural("getitem", op[i, j] == e, f"op[{i}, {j}] != entry({i}, {j})")
+        if tr.active:
+            structural("entry.no_dense", tr.dense == 0 and all(c[1] < d or d == 1
+                                                                for c in tr.calls),
+                       f"entry built the dense matrix ({tr.calls}, todense {tr.dense})")
+        record("entry", "entry", worst)
+
+    def c_todense():
+        T = op.todense()
+        structural("todense.type", tuple(T.shape) == (d, d), f"shape {tuple(T.shape)}")
+        D = orc.dense()
+        record("todense", "todense",
+               float(np.linalg.norm(_host64(T) - D) / (np.linalg.norm(D) or 1.0)))
+
+    def c_quad():
+        q = op.quad(x)
+        structural("quad.type", isinstance(q, float), f"quad gave {type(q).__name__}")
+        record("quad", "quad", abs(q - float(xh @ ref_x)) / (norm2 * float(xh @ xh) or 1.0))
+        qs = _host64(op.quad(X))
+        ref = np.einsum("ij,ij->j", Xh, ref_X)
+        structural("quad.block", qs.shape == (k,), f"shape {qs.shape}")
+        record("quad.block", "quad",
+               float((np.abs(qs - ref) / (norm2 * (Xh * Xh).sum(axis=0))).max()))
+
+    def c_logdet():
+        if orc.logdet is None:
+            rep.skipped.append(_prefix + "logdet (no oracle value)")
+            return
+        ld = op.logdet()
+        record("logdet", "logdet", abs(float(ld) - orc.logdet) / orc.logdet_scale)
+
+    def c_to_scipy():
+        import scipy.sparse.linalg as spla
+        if xp is not np:
+            lo = op.to_cupyx()
+            record("to_cupyx", "to_scipy", _col_err(lo.matvec(x), ref_x))
+            return
+        lo = op.to_scipy()
+        structural("to_scipy.type", isinstance(lo, spla.LinearOperator),
+                   f"to_scipy gave {type(lo).__name__}")
+        record("to_scipy.matvec", "to_scipy", _col_err(lo.matvec(x), ref_x))
+        with _Tracer(op) as tr:
+            Y = lo.matmat(X)
+        if tr.active:
+            structural("to_scipy.one_pass", tr.calls == [(d, k)],
+                       f"_matmat calls {tr.calls} (expected one with {k} columns)")
+        record("to_scipy.matmat", "to_scipy", _col_err(Y, ref_X))
+        record("to_scipy.H", "to_scipy", _col_err(lo.H.matvec(x), ref_tx))
+        if want("cg") and orc.positive_definite and orc.symmetric and orc.kappa <= 1e8:
+            b = xh
+            try:
+                sol, info = spla.cg(lo, b, rtol=1e-10, maxiter=50 * d)
+            except TypeError:     # SciPy < 1.12
+                sol, info = spla.cg(lo, b, tol=1e-10, maxiter=50 * d)
+            res = float(np.linalg.norm(orc.matmat(_host64(sol)) - b) / np.linalg.norm(b))
+            structural("cg.converged", info == 0, f"cg info {info}")
+            # cg stops on its own residual (1e-10); the operator's error adds at most
+            # bound * kappa to the residual measured with the exact matrix
+            record("cg.residual", "to_scipy", max(0.0, res - 1e-10) / max(orc.kappa, 1.0))
+
+    def c_readonly_and_copies():
+        y0 = _host64(op.matvec(x))
+        if not (want("pickle") or want("readonly")):
+            return
+        try:
+            clone = copy.deepcopy(op)
+        except Exception as exc:
+            rep.failures.append(f"{_prefix}deepcopy: raised {type(exc).__name__}: {exc}")
+            return
+        structural("deepcopy", np.array_equal(_host64(clone.matvec(x)), y0),
+                   "deepcopy's products differ")
+        if want("pickle"):
+            try:
+                back = pickle.loads(pickle.dumps(op))
+                structural("pickle", np.array_equal(_host64(back.matvec(x)), y0),
+                           "pickle round trip's products differ")
+            except Exception as exc:
+                rep.failures.append(f"{_prefix}pickle: raised {type(exc).__name__}: {exc}")
+        if not want("readonly"):
+            return
+        handed = []
+        for name in ("todense", "diagonal"):
+            if hasattr(clone, name):
+                handed.append((name + "()", getattr(clone, name)()))
+        for name in dir(type(clone)):
+            if name.startswith("_") or not isinstance(getattr(type(clone), name, None), property):
+                continue
+            try:
+                v = getattr(clone, name)
+            except Exception:
+                continue
+            for j, a in enumerate(v if isinstance(v, (list, tuple)) else [v]):
+                for kk, b in enumerate(a if isinstance(a, (list, tuple)) else [a]):
+                    if hasattr(b, "shape") and hasattr(b, "dtype") and getattr(b, "size", 0):
+                        handed.append((f"{name}[{j}][{kk}]", b))
+        for name, arr in handed:
+            try:
+                if getattr(getattr(arr, "flags", None), "writeable", True):
+                    arr[...] = arr * 2 + 1
+            except (ValueError, TypeError):
+                pass        # read-only: fine
+        y1 = _host64(clone.matvec(x))
+        structural("readonly", np.array_equal(y1, y0),
+                   "writing to arrays handed out changed the products: "
+                   + ", ".join(n for n, _ in handed))
+
+    def c_fisher():
+        if orc.fisher is None or not hasattr(op, "fisher"):
+            rep.skipped.append(_prefix + "fisher")
+            return
+        f = op.fisher()
+        sub = check_operator(f, orc.fisher, rng=rng, tolerances=tolerances, eps=eps, k=k,
+                             methods=methods, strict=strict, _prefix=_prefix + "fisher().")
+        rep.ratios.update(sub.ratios)
+        rep.skipped.extend(sub.skipped)
+        if hasattr(f, "inverse"):
+            structural("fisher().inverse", f.inverse() is op, "fisher().inverse() is not op")
+
+    checks = [("structure", c_structure), ("matvec", c_matvec), ("matmat", c_matmat),
+              ("rmatvec", c_rmat), ("matmul", c_matmul), ("adjoint", c_adjoint),
+              ("diagonal", c_diagonal), ("entry", c_entry), ("todense", c_todense),
+              ("quad", c_quad), ("logdet", c_logdet), ("to_scipy", c_to_scipy),
+              ("fisher", c_fisher), ("pickle", c_readonly_and_copies)]
+    for name, fn in checks:
+        if name == "pickle" and not want("pickle") and want("readonly"):
+            pass
+        elif not (want(name) or (name == "rmatvec" and want("rmatmat"))):
+            continue
+        try:
+            guarded(name, fn)
+        except OperatorCheckError as exc:       # from a nested fisher() check
+            rep.ratios.update(exc.report.ratios)
+            rep.failures.extend(exc.report.failures)
+            rep.skipped.extend(exc.report.skipped)
+    for arr, ref in inputs:
+        structural("inputs_unchanged", np.array_equal(_host64(arr), ref),
+                   "the operator modified the caller's array")
+    if rep.failures:
+        raise OperatorCheckError(
+            f"{type(op).__name__} failed {len(rep.failures)} check(s):\n  "
+            + "\n  ".join(rep.failures), rep)
+    return rep
+
+
+def _missing(op, exc):
+    """True when an AttributeError says the operator lacks a method (skip, not fail)."""
+    msg = str(exc)
+    return "object has no attribute" in msg and type(op).__name__ in msg
