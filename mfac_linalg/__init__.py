@@ -2,7 +2,7 @@
 
 See README.md and docs/ for the mathematics and the API.
 """
-from . import obs
+from . import obs, testing
 from ._operator import Operator, OutOfRangeError
 from .blockwise import BlockInverseFisher
 from .kronecker import (block_diag, deflation, ekfac, fisher_error, kfac, kfac_corrected,
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Operator", "OutOfRangeError", "FisherOperator",
     "StaticInverseFisher", "SlidingWindowInverseFisher", "BlockInverseFisher", "obs",
+    "testing",
     "kfac", "ekfac", "kpsvd", "deflation", "kfac_corrected", "fisher_error", "block_diag",
     "__version__",
 ]
