@@ -5,8 +5,8 @@ See README.md and docs/ for the mathematics and the API.
 from . import obs, testing
 from ._operator import Operator, OutOfRangeError
 from .blockwise import BlockInverseFisher
-from .kronecker import (block_diag, deflation, ekfac, fisher_error, kfac, kfac_corrected,
-                        kpsvd)
+from .kronecker import (ConvergenceWarning, block_diag, deflation, ekfac, fisher_error, kfac,
+                        kfac_corrected, kpsvd, lanczos)
 from .sliding import SlidingWindowInverseFisher
 from .static import FisherOperator, StaticInverseFisher
 
@@ -17,5 +17,6 @@ __all__ = [
     "StaticInverseFisher", "SlidingWindowInverseFisher", "BlockInverseFisher", "obs",
     "testing",
     "kfac", "ekfac", "kpsvd", "deflation", "kfac_corrected", "fisher_error", "block_diag",
+    "lanczos", "ConvergenceWarning",
     "__version__",
 ]

@@ -1,0 +1,680 @@
+r"""The builders: K-FAC, EKFAC, KPSVD, deflation, Lanczos, K-FAC corrected (docs/math.md §4, §8).
+
+Every builder takes one layer's ``activations`` and ``output_grads``, 2-D (n, d) for a dense
+layer or 3-D (n, T, d) with T positions per sample (convolution patches, sequence tokens; see
+:mod:`mfac_linalg.kronecker.conv` for the conventions and the scaling of ``output_grads``), and
+returns a :class:`~mfac_linalg.kronecker.operator.KroneckerInverse` over vec(W) in row-major
+order (``[W | b]`` with ``bias=True``).
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+
+import numpy as np
+
+from .. import _backend as B
+from .. import _validate as V
+from .conv import layer_data
+from .operator import KroneckerFisher, KroneckerInverse
+from .rearranged import (Rearranged, _sym, factors_from_triples, lanczos_triples,
+                         sequential_triples, subspace_triples)
+
+__all__ = ["kfac", "ekfac", "kpsvd", "deflation", "lanczos", "kfac_corrected",
+           "kronecker_terms", "fisher_error"]
+
+INDEFINITE = ("abs", "clip", "raise")
+TOL, MAXITER = 1e-12, 1000
+
+
+# -- the shared preamble -------------------------------------------------------------------
+
+def _begin(activations, output_grads, damping, bias, indefinite, *, tol=None, maxiter=None,
+           band=None, positions=None, choices=()):
+    """Every argument checked before any work; returns (layer, lam, tol, maxiter, t0)."""
+    t0 = time.perf_counter()
+    lam = V.damping(damping)
+    V.choice(indefinite, "indefinite", INDEFINITE)
+    for value, name, options in choices:
+        V.choice(value, name, options)
+    if tol is not None:
+        tol = V.real(tol, "tol", low=0.0, low_open=True, high=1.0, high_open=True)
+        maxiter = V.integer(maxiter, "maxiter", minimum=1)
+    layer = layer_data(activations, output_grads, bias, band=band, positions=positions)
+    return layer, lam, tol, maxiter, t0
+
+
+def _done(op, t0, **extra):
+    op.info.update(extra)
+    op.info["build_seconds"] = time.perf_counter() - t0
+    return op
+
+
+def _init_factors(init, layer, skip=0):
+    """Warm start: the right factors C_i of a previous build (an operator from these builders,
+    a list of (B_i, C_i) pairs, or one (d_in, d_in) matrix C), checked."""
+    if init is None:
+        return None
+    if isinstance(init, KroneckerFisher):
+        init = init.inverse()
+    if isinstance(init, KroneckerInverse):
+        if init.method == "ekfac":
+            raise TypeError("init cannot be an EKFAC operator (it has no Kronecker terms); pass "
+                            "a kfac/kpsvd/deflation/lanczos/kfac_corrected operator or factors")
+        init = init.factors[skip:] if len(init.factors) > skip else init.factors
+    if isinstance(init, (list, tuple)):
+        mats = []
+        for i, pair in enumerate(init):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+                raise TypeError(f"init[{i}] must be a pair (B, C); got {type(pair).__name__}")
+            mats.append(_check_init(pair[1], f"init[{i}][1]", layer))
+        if not mats:
+            raise ValueError("init must hold at least one (B, C) pair; got an empty sequence")
+        return mats
+    return [_check_init(init, "init", layer)]
+
+
+def _check_init(C, name, layer):
+    C, _ = B.asarray(C, name, backend=layer.be)
+    if C.shape != (layer.d_in, layer.d_in):
+        raise ValueError(f"{name} must be a ({layer.d_in}, {layer.d_in}) factor C; got shape "
+                         f"{tuple(C.shape)}")
+    C = C.astype(np.float64)
+    V.finite(C, name, layer.be)
+    return _sym(C)
+
+
+# -- inverses ------------------------------------------------------------------------------
+
+def _screen(S_raw, S_abs, indefinite, xp):
+    """The ``indefinite`` rule: entries of S at or below 1e-10 max|S| are never divided by.
+    'abs' uses S_abs (>= the damping term, documented per builder), 'clip' raises them to the
+    floor with a RuntimeWarning, 'raise' refuses.  Returns (S, count of such entries)."""
+    top = float(B.to_host(xp.abs(S_raw).max()))
+    floor = 1e-10 * top if top > 0 else 1e-300
+    nbad = int(B.to_host((S_raw <= floor).sum()))
+    if nbad == 0 or indefinite == "abs":
+        return (S_abs if indefinite == "abs" else S_raw), nbad
+    if indefinite == "raise":
+        raise ValueError(f"the damped approximation is not positive definite: {nbad} of its "
+                         f"{S_raw.size} eigenvalues are <= {floor:.3e} (an indefinite "
+                         "Kronecker term, or too little damping); use indefinite='abs' or "
+                         "more damping")
+    warnings.warn(f"{nbad} eigenvalues of the damped Kronecker approximation were <= "
+                  f"{floor:.3e} and were raised to it (indefinite='clip'): the inverse is up "
+                  "to 1e10 times larger there; indefinite='abs' cannot blow up",
+                  RuntimeWarning, stacklevel=4)
+    return xp.where(S_raw <= floor, floor, S_raw), nbad
+
+
+def _pi_split(Bm, Cm, lam):
+    """Factored Tikhonov damping (lam_B, lam_C), lam_B lam_C = lam, lam_B / lam_C =
+    (tr B / d_B) / (tr C / d_C) (K-FAC's pi); 1:1 when a trace is not positive."""
+    tb = float(B.to_host(Bm.trace())) / Bm.shape[0]
+    tc = float(B.to_host(Cm.trace())) / Cm.shape[0]
+    r = math.sqrt(lam)
+    if tb <= 0 or tc <= 0:
+        return r, r
+    pi = math.sqrt(tb / tc)
+    return r * pi, r / pi
+
+
+def _single_inverse(method, Bm, Cm, lam, damping_mode, indefinite, be, *, terms, info):
+    """(B kron C + lam I)^{-1} ("exact") or ((B + lam_B I) kron (C + lam_C I))^{-1} ("pi")
+    through the eigendecompositions of B and C; O(d_out^3 + d_in^3)."""
+    xp = be.xp
+    sB, UB = xp.linalg.eigh(_sym(Bm))
+    sC, UC = xp.linalg.eigh(_sym(Cm))
+    if damping_mode == "exact":
+        S_raw = sB[:, None] * sC[None, :] + lam
+        S_abs = xp.abs(sB)[:, None] * xp.abs(sC)[None, :] + lam
+    else:
+        lb, lc = _pi_split(Bm, Cm, lam)
+        S_raw = (sB[:, None] + lb) * (sC[None, :] + lc)
+        S_abs = (xp.abs(sB)[:, None] + lb) * (xp.abs(sC)[None, :] + lc)
+    S, nbad = _screen(S_raw, S_abs, indefinite, xp)
+    info.update(damping_mode=damping_mode, indefinite=indefinite)
+    return KroneckerInverse(method, UB, UC, S, KBinvT=UB, KCinvT=UC, logdet_offset=0.0,
+                            terms=terms, damping=lam, backend=be, info=info, clipped=nbad)
+
+
+def _two_term_inverse(method, terms, lam, be, info, indefinite, first_term_damping):
+    r"""M^{-1} for M = (B1 + lB I) kron (C1 + lC I) + B2 kron C2 (docs/math.md §4, §8).
+
+    Generalised eigenproblems B2 x = s (B1 + lB I) x through the Cholesky factor L of
+    B1 + lB I: K_B = L^{-T} W, W the eigenvectors of L^{-1} B2 L^{-T}, so that
+    K_B^T (B1 + lB I) K_B = I and K_B^T B2 K_B = diag(s_B); likewise K_C.  Then
+    M^{-1} vec(V) = vec(K_B [(K_B^T V K_C) ./ S] K_C^T) with S = 1 + s_B s_C^T, or
+    1 + |s_B| |s_C|^T (``indefinite="abs"``, always >= 1).  O(d_out^3 + d_in^3).
+    """
+    xp = be.xp
+    (B1, C1), (B2, C2) = terms
+    lb, lc = _pi_split(B1, C1, lam) if first_term_damping == "split" else (lam, lam)
+
+    def gen(Bf, Bs, shift):
+        Mf = _sym(Bf) + shift * xp.eye(Bf.shape[0])
+        L = be.cholesky_lower(Mf)
+        Li = be.solve_triangular(L, xp.eye(L.shape[0]), lower=True)
+        s, W = xp.linalg.eigh(_sym(Li @ _sym(Bs) @ Li.T))
+        K = Li.T @ W
+        return s, K, Mf @ K, 2.0 * B.scalar(xp.log(xp.diagonal(L)).sum())
+
+    try:
+        sB, KB, KBt, ldB = gen(B1, B2, lb)
+        sC, KC, KCt, ldC = gen(C1, C2, lc)
+    except np.linalg.LinAlgError:
+        raise ValueError(f"{method}: the first Kronecker term plus damping is not positive "
+                         "definite (increase damping)") from None
+    S, nbad = _screen(1.0 + sB[:, None] * sC[None, :],
+                      1.0 + xp.abs(sB)[:, None] * xp.abs(sC)[None, :], indefinite, xp)
+    d_out, d_in = KB.shape[0], KC.shape[0]
+    info.update(indefinite=indefinite, first_term_damping=first_term_damping,
+                first_term_shifts=(lb, lc))
+    # log det M = sum log S + d_in log det(B1 + lB I) + d_out log det(C1 + lC I)
+    return KroneckerInverse(method, KB, KC, S, KBinvT=KBt, KCinvT=KCt,
+                            logdet_offset=d_in * ldB + d_out * ldC, terms=terms, damping=lam,
+                            backend=be, info=info, clipped=nbad)
+
+
+# -- closed-form builders ------------------------------------------------------------------
+
+def kfac(activations, output_grads, damping, *, bias=False, damping_mode="pi",
+         indefinite="abs"):
+    r"""K-FAC: F ~ Gamma kron A (docs/math.md §4; "expand" for T > 1, §8).
+
+    Gamma = (1/n) sum_{n,t} g_nt g_nt^T, A = (1/(n T)) sum_{n,t} a_nt a_nt^T (T = 1 for 2-D
+    input: Gamma = G^T G / n, A = A^T A / n).
+
+    Parameters
+    ----------
+    activations : array (n, d_in) or (n, T, d_in)
+        Layer inputs per sample (and position).
+    output_grads : array (n, d_out) or (n, T, d_out)
+        Gradients of each sample's own loss w.r.t. the layer's outputs (for a mean-reduced
+        batch loss of N samples: PyTorch's gradients times N).
+    damping : float
+        lambda > 0.
+    bias : bool
+        Append a 1 to every input: the operator acts on vec([W | b]) (row-major).
+    damping_mode : {"pi", "exact"}
+        "pi": ((Gamma + lam_G I) kron (A + lam_A I))^{-1}, lam_G = sqrt(lam)/pi,
+        lam_A = pi sqrt(lam), pi = sqrt((tr A / d_in) / (tr Gamma / d_out)); "exact":
+        (Gamma kron A + lam I)^{-1} through the eigendecompositions.
+    indefinite : {"abs", "clip", "raise"}
+        Rounding can leave a factor eigenvalue slightly negative: "abs" uses |s| (never a
+        blow-up), "clip" floors at 1e-10 max S with a warning, "raise" refuses.
+
+    Returns
+    -------
+    KroneckerInverse
+        Build O(n T (d_in^2 + d_out^2) + d_in^3 + d_out^3); products O(d_out d_in (d_out + d_in)).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad shapes or values (the message names the argument).
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> rng = np.random.default_rng(0)
+    >>> a, g = rng.standard_normal((100, 4)), rng.standard_normal((100, 3))
+    >>> op = ml.kfac(a, g, 1e-2, damping_mode="exact")
+    >>> Gam, A = g.T @ g / 100, a.T @ a / 100
+    >>> x = rng.standard_normal(12)
+    >>> bool(np.allclose(op @ x, np.linalg.solve(np.kron(Gam, A) + 1e-2 * np.eye(12), x)))
+    True
+    """
+    layer, lam, _, _, t0 = _begin(activations, output_grads, damping, bias, indefinite,
+                                  choices=[(damping_mode, "damping_mode", ("pi", "exact"))])
+    Gam, Aa = layer.kfac_factors()
+    op = _single_inverse("kfac", Gam, Aa, lam, damping_mode, indefinite, layer.be,
+                         terms=[(Gam, Aa)], info={})
+    op.damping_mode = damping_mode
+    return _done(op, t0)
+
+
+def ekfac(activations, output_grads, damping, *, bias=False, indefinite="abs"):
+    r"""EKFAC: the K-FAC eigenbases with the optimal diagonal in that basis (docs/math.md §4).
+
+    S*_ij = (1/n) sum_n (U_Gamma^T DW_n U_A)_ij^2 with the exact per-sample gradients
+    DW_n = G_n^T A_n; inverse U_Gamma [(U_Gamma^T V U_A) ./ (S* + lam)] U_A^T.  Arguments as
+    :func:`kfac` (S* >= 0, so ``indefinite`` never acts).  Build
+    O(n T (d_in^2 + d_out^2 + d_in d_out) + d_in^3 + d_out^3).
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> rng = np.random.default_rng(0)
+    >>> a, g = rng.standard_normal((100, 4)), rng.standard_normal((100, 3))
+    >>> UG, UA, S = ml.ekfac(a, g, 1e-2).factors
+    >>> U = np.kron(UG, UA)
+    >>> F = sum(np.outer(np.kron(gi, ai), np.kron(gi, ai)) for gi, ai in zip(g, a)) / 100
+    >>> bool(np.allclose(S.ravel(), np.diag(U.T @ F @ U)))
+    True
+    """
+    layer, lam, _, _, t0 = _begin(activations, output_grads, damping, bias, indefinite)
+    xp = layer.xp
+    Gam, Aa = layer.kfac_factors()
+    _, UG = xp.linalg.eigh(Gam)
+    _, UA = xp.linalg.eigh(Aa)
+    Sstar = layer.ekfac_scaling(UG, UA)
+    S, nbad = _screen(Sstar + lam, Sstar + lam, indefinite, xp)
+    op = KroneckerInverse("ekfac", UG, UA, S, KBinvT=UG, KCinvT=UA, logdet_offset=0.0,
+                          ekfac=(UG, UA, Sstar), damping=lam, backend=layer.be, info={},
+                          clipped=nbad)
+    return _done(op, t0)
+
+
+# -- iterative builders ----------------------------------------------------------------------
+
+def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None):
+    Rop = Rearranged(layer, deflate)
+    if solver == "lanczos":
+        sig, P, Q, info = lanczos_triples(Rop, k, tol=tol, maxiter=maxiter, krylov=krylov,
+                                          init=init)
+    elif solver == "sequential":
+        sig, P, Q, info = sequential_triples(Rop, k, tol=tol, maxiter=maxiter, init=init)
+    else:
+        sig, P, Q, info = subspace_triples(Rop, k, tol=tol, maxiter=maxiter, init=init)
+    info["band"] = None if layer.mask is None else "positions at distance <= band"
+    return factors_from_triples(sig, P, Q), info
+
+
+_ITER_DOC = """
+    tol : float in (0, 1)
+        Stop when every triple's two-sided residual
+        max(||R q_i - sigma_i p_i||, ||R^T p_i - sigma_i q_i||) / sigma_1 <= tol
+        (docs/math.md §8): the factors are then accurate to about tol / gap.
+    maxiter : int >= 1
+        Iteration cap; reaching it issues a :class:`ConvergenceWarning` (``info["converged"]``
+        is False) and builds from the last iterate.
+    init : operator, list of (B, C) pairs, or (d_in, d_in) array, optional
+        Warm start from previous factors (as in training): their C factors start the
+        iteration.  Default: K-FAC's A (close to the top right singular vector).
+    band, positions : int >= 0 and (T,) or (T, p) integer array, optional
+        For T > 1 only the position pairs at Chebyshev distance <= band enter R(F) (the
+        paper's approximation); default: every pair (the exact products of docs/math.md §8).
+"""
+
+
+_TWO_DOC = """
+    indefinite : {"abs", "clip", "raise"}
+        The second term is in general indefinite, so 1 + s_B s_C can be <= 0.  "abs" (the
+        default, the paper's) inverts with 1 + |s_B| |s_C| >= 1: ||M^{-1}|| <= 1/(lam_B lam_C)
+        always (the inverse can never blow up); ``fisher()`` is then the matrix inverted,
+        first term + the generalised |B2| kron |C2|.  "clip" floors at 1e-10 max S (up to
+        1e10 times too large in that direction; RuntimeWarning), "raise" refuses.
+        ``op.clipped`` counts the entries <= 1e-10 max S.
+    first_term_damping : {"split", "full"}
+        "split": (B1 + lam_B I) kron (C1 + lam_C I), lam_B lam_C = lam split as K-FAC's pi;
+        "full": lam added to both factors (the paper's optimizer).
+"""
+
+
+def _doc(f):
+    f.__doc__ = f.__doc__.replace("    %(iter)s", _ITER_DOC.strip("\n")).replace(
+        "    %(iter_corrected)s", _ITER_DOC.strip("\n").replace(
+            "Default: K-FAC's A (close to the top right singular vector).",
+            "A previous kfac_corrected operator gives its second term;\n        default: a "
+            "random start.")).replace("%(two)s", _TWO_DOC.rstrip("\n"))
+    return f
+
+
+@_doc
+def kpsvd(activations, output_grads, damping, *, bias=False, damping_mode="exact", tol=TOL,
+          maxiter=MAXITER, init=None, indefinite="abs", band=None, positions=None):
+    r"""KPSVD: the best single Kronecker product min ||F - B kron C||_F (docs/math.md §4, §8).
+
+    The top singular triple (sigma, p, q) of the rearranged Fisher R(F), found matrix-free by
+    subspace iteration (F and R(F) are never formed); B = sqrt(sigma) p, C = sqrt(sigma) q,
+    symmetric with tr(B) > 0 (PSD for a PSD F).
+
+    Parameters
+    ----------
+    activations, output_grads, damping, bias
+        As :func:`kfac`.
+    damping_mode : {"exact", "pi"}
+        "exact": (B kron C + lam I)^{-1}; "pi": ((B + lam_B I) kron (C + lam_C I))^{-1} with
+        lam_B lam_C = lam, lam_B / lam_C = (tr B / d_out) / (tr C / d_in) (K-FAC's pi).
+    indefinite : {"abs", "clip", "raise"}
+        As :func:`kfac`.
+    %(iter)s
+
+    Returns
+    -------
+    KroneckerInverse
+        ``info``: ``sigma``, ``residual`` (the larger side), ``residual_left``,
+        ``residual_right``, ``iterations``, ``products``, ``converged``, ``build_seconds``.
+        Build O(iterations n T (d_in^2 + d_out^2)) (T > 1: plus n T^2 (d_in + d_out)).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad arguments (named in the message).
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> rng = np.random.default_rng(0)
+    >>> a, g = rng.standard_normal((200, 4)), rng.standard_normal((200, 3))
+    >>> op = ml.kpsvd(a, g, 1e-3)
+    >>> op.info["converged"], op.info["residual"] <= 1e-12
+    (True, True)
+    >>> (Bm, Cm), = op.factors
+    >>> bool(np.trace(Bm) > 0)
+    True
+    """
+    layer, lam, tol, maxiter, t0 = _begin(
+        activations, output_grads, damping, bias, indefinite, tol=tol, maxiter=maxiter,
+        band=band, positions=positions,
+        choices=[(damping_mode, "damping_mode", ("exact", "pi"))])
+    start = _init_factors(init, layer) or [layer.kfac_factors()[1]]
+    terms, info = _terms(layer, 1, "subspace", tol, maxiter, start)
+    (Bm, Cm), = terms
+    op = _single_inverse("kpsvd", Bm, Cm, lam, damping_mode, indefinite, layer.be,
+                         terms=terms, info=info)
+    return _done(op, t0)
+
+
+
+
+@_doc
+def deflation(activations, output_grads, damping, *, bias=False, solver="subspace", tol=TOL,
+              maxiter=MAXITER, init=None, indefinite="abs", first_term_damping="split",
+              band=None, positions=None):
+    r"""Deflation: the best sum of two Kronecker products, the top two triples of R(F).
+
+    F ~ B1 kron C1 + B2 kron C2 (docs/math.md §4, §8); the damped approximation
+    M = (B1 + lam_B I) kron (C1 + lam_C I) + B2 kron C2 is inverted through generalised
+    eigendecompositions (docs/math.md §4), O(d_out^3 + d_in^3).
+
+    Parameters
+    ----------
+    activations, output_grads, damping, bias
+        As :func:`kfac`.
+    solver : {"subspace", "sequential"}
+        "subspace": both triples at once (subspace iteration); "sequential": the paper's
+        deflation, the top triple, then the top triple of R - sigma_1 p_1 q_1^T.
+    %(iter)s%(two)s
+
+    Returns
+    -------
+    KroneckerInverse
+        ``info`` as :func:`kpsvd` (lists of two).
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> rng = np.random.default_rng(0)
+    >>> a, g = rng.standard_normal((200, 4)), rng.standard_normal((200, 3))
+    >>> op = ml.deflation(a, g, 1e-3)
+    >>> seq = ml.deflation(a, g, 1e-3, solver="sequential")
+    >>> bool(np.allclose(op.fisher().todense(), seq.fisher().todense(), atol=1e-9))
+    True
+    """
+    layer, lam, tol, maxiter, t0 = _begin(
+        activations, output_grads, damping, bias, indefinite, tol=tol, maxiter=maxiter,
+        band=band, positions=positions,
+        choices=[(solver, "solver", ("subspace", "sequential")),
+                 (first_term_damping, "first_term_damping", ("split", "full"))])
+    start = _init_factors(init, layer) or [layer.kfac_factors()[1]]
+    terms, info = _terms(layer, 2, solver, tol, maxiter, start)
+    op = _two_term_inverse("deflation", terms, lam, layer.be, info, indefinite,
+                           first_term_damping)
+    return _done(op, t0)
+
+
+@_doc
+def lanczos(activations, output_grads, damping, *, bias=False, k=2, krylov=None, tol=TOL,
+            maxiter=MAXITER, init=None, indefinite="abs", first_term_damping="split",
+            band=None, positions=None):
+    r"""Lanczos: the best k-term Kronecker sum from restarted Golub-Kahan bidiagonalization.
+
+    The paper's fourth method (docs/math.md §8): the top k triples of R(F) at once from
+    Golub-Kahan-Lanczos bidiagonalization with full reorthogonalization, restarted from
+    q = sum_i q_i; the same target as :func:`deflation` (k = 2) or :func:`kpsvd` (k = 1).
+    Each cycle costs ``krylov`` products with R and with R^T on one vector.
+
+    Parameters
+    ----------
+    activations, output_grads, damping, bias
+        As :func:`kfac`.
+    k : {1, 2}
+        Terms of the approximation that gets an inverse (more terms: :func:`kronecker_terms`).
+    krylov : int >= 1, optional
+        Steps per cycle K (default max(10, 3k), capped by the dimension); the paper's is 2.
+    %(iter)s%(two)s
+
+    Returns
+    -------
+    KroneckerInverse
+        ``method="lanczos"``; ``info`` as :func:`kpsvd` plus ``krylov``; k = 1 is inverted as
+        :func:`kpsvd` with ``damping_mode="exact"``.
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> rng = np.random.default_rng(0)
+    >>> a, g = rng.standard_normal((200, 4)), rng.standard_normal((200, 3))
+    >>> lz, df = ml.lanczos(a, g, 1e-3), ml.deflation(a, g, 1e-3)
+    >>> bool(np.allclose(lz.fisher().todense(), df.fisher().todense(), atol=1e-9))
+    True
+    """
+    k = V.integer(k, "k", minimum=1)
+    if k > 2:
+        raise ValueError(f"k must be 1 or 2 for an inverse operator; got {k} (the terms of a "
+                         "longer sum: mfac_linalg.kronecker.kronecker_terms)")
+    if krylov is not None:
+        krylov = V.integer(krylov, "krylov", minimum=1)
+    layer, lam, tol, maxiter, t0 = _begin(
+        activations, output_grads, damping, bias, indefinite, tol=tol, maxiter=maxiter,
+        band=band, positions=positions,
+        choices=[(first_term_damping, "first_term_damping", ("split", "full"))])
+    start = _init_factors(init, layer) or [layer.kfac_factors()[1]]
+    terms, info = _terms(layer, k, "lanczos", tol, maxiter, start, krylov=krylov)
+    if k == 1:
+        op = _single_inverse("lanczos", *terms[0], lam, "exact", indefinite, layer.be,
+                             terms=terms, info=info)
+    else:
+        op = _two_term_inverse("lanczos", terms, lam, layer.be, info, indefinite,
+                               first_term_damping)
+    return _done(op, t0)
+
+
+@_doc
+def kfac_corrected(activations, output_grads, damping, *, bias=False, tol=TOL,
+                   maxiter=MAXITER, init=None, indefinite="abs", first_term_damping="split",
+                   band=None, positions=None):
+    r"""K-FAC corrected: Gamma kron A + B2 kron C2, B2 kron C2 the best Kronecker product of the
+    residual, the top triple of R(F) - vec(Gamma) vec(A)^T (docs/math.md §4, §8; matrix-free).
+
+    Parameters
+    ----------
+    activations, output_grads, damping, bias
+        As :func:`kfac` (Gamma, A in the "expand" convention for T > 1).
+    %(iter_corrected)s%(two)s
+
+    Returns
+    -------
+    KroneckerInverse
+        Inverted like :func:`deflation`.
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> rng = np.random.default_rng(0)
+    >>> a, g = rng.standard_normal((200, 4)), rng.standard_normal((200, 3))
+    >>> err = {f.__name__: ml.fisher_error(f(a, g, 1e-3), a, g) for f in (ml.kfac, ml.kfac_corrected)}
+    >>> err["kfac_corrected"] <= err["kfac"]
+    True
+    """
+    layer, lam, tol, maxiter, t0 = _begin(
+        activations, output_grads, damping, bias, indefinite, tol=tol, maxiter=maxiter,
+        band=band, positions=positions,
+        choices=[(first_term_damping, "first_term_damping", ("split", "full"))])
+    start = _init_factors(init, layer, skip=1)
+    Gam, Aa = layer.kfac_factors()
+    res, info = _terms(layer, 1, "subspace", tol, maxiter, start, deflate=(Gam, Aa))
+    terms = [(Gam, Aa), res[0]]
+    op = _two_term_inverse("kfac_corrected", terms, lam, layer.be, info, indefinite,
+                           first_term_damping)
+    return _done(op, t0)
+
+
+def kronecker_terms(activations, output_grads, k=2, *, bias=False, solver="lanczos", tol=TOL,
+                    maxiter=MAXITER, krylov=None, init=None, band=None, positions=None):
+    r"""The best k-term Kronecker sum sum_i B_i kron C_i of F (the top k triples of R(F)).
+
+    No inverse (a sum of more than two terms has no closed-form one); for k <= 2 the
+    builders give operators.  ``solver``: "lanczos", "subspace" or "sequential".
+
+    Returns
+    -------
+    terms : list of (B_i, C_i)
+    info : dict
+        As :func:`kpsvd`.
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> rng = np.random.default_rng(0)
+    >>> a, g = rng.standard_normal((200, 4)), rng.standard_normal((200, 3))
+    >>> terms, info = ml.kronecker.kronecker_terms(a, g, 3)
+    >>> len(terms), info["converged"]
+    (3, True)
+    """
+    k = V.integer(k, "k", minimum=1)
+    if krylov is not None:
+        krylov = V.integer(krylov, "krylov", minimum=1)
+    layer, _, tol, maxiter, _ = _begin(
+        activations, output_grads, 1.0, bias, "abs", tol=tol, maxiter=maxiter, band=band,
+        positions=positions, choices=[(solver, "solver", ("lanczos", "subspace", "sequential"))])
+    start = _init_factors(init, layer) or [layer.kfac_factors()[1]]
+    return _terms(layer, k, solver, tol, maxiter, start, krylov=krylov)
+
+
+# -- approximation error without forming F ---------------------------------------------------
+
+def fisher_error(approx, activations, output_grads, *, bias=False, kind="frobenius"):
+    r"""How far the undamped approximation F~ of ``approx`` is from the layer's F.
+
+    ``kind="frobenius"``: ||F - F~||_F / ||F||_F from n x n Gram identities, never forming F
+    (docs/math.md §4): ||F||^2 = (1/n^2) sum_{n,k} <DW_n, DW_k>^2,
+    <F, B kron C> = (1/n) sum_n <DW_n, B DW_n C^T>, ||sum B_i kron C_i||^2 =
+    sum_{ij} <B_i, B_j><C_i, C_j>; EKFAC: <F, F~> = (1/n) sum_n <S*, (U_G^T DW_n U_A)^2>,
+    ||F~|| = ||S*||.  It subtracts squares: its absolute accuracy is about
+    sqrt(eps) (||F|| + sum_i ||B_i|| ||C_i||) / ||F||.
+    O(n^2 T^2 (d_in + d_out) + n T (d_in^2 + d_out^2)).
+
+    ``kind="spectrum"`` (the paper's second metric, docs/math.md §8):
+    ||sv(F) - sv(F~)||_2 / ||sv(F)||_2, singular values sorted, zero-padded.  F's non-zero
+    eigenvalues are those of the n x n matrix (1/n) <DW_n, DW_k> (O(n^3)); a single product
+    B kron C has the eigenvalues s_B s_C^T, EKFAC S*; a two-term sum is dense for
+    d_out d_in <= 4096, else its top n eigenvalues come from ARPACK on F~'s products and the
+    tail from ||F~||_F^2 minus their squares (F has rank <= n, so this is exact).
+
+    Parameters
+    ----------
+    approx : KroneckerInverse or KroneckerFisher
+        From one of the builders, for this layer.
+    activations, output_grads, bias
+        The layer's data, as given to the builder.
+    kind : {"frobenius", "spectrum"}
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    TypeError
+        ``approx`` is not from the Kronecker builders.
+    ValueError
+        The data do not fit ``approx``'s layer (check ``bias=``), or a bad ``kind``.
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> rng = np.random.default_rng(0)
+    >>> a, g = rng.standard_normal((1, 3)), rng.standard_normal((1, 2))
+    >>> op = ml.kfac(a, g, 0.1)             # one sample: F = (g g^T) kron (a a^T) exactly
+    >>> ml.fisher_error(op, a, g) < 1e-7, ml.fisher_error(op, a, g, kind="spectrum") < 1e-12
+    (True, True)
+    """
+    if isinstance(approx, KroneckerFisher):
+        approx = approx.inverse()
+    if not isinstance(approx, KroneckerInverse):
+        raise TypeError(f"approx must be an operator from kfac/ekfac/kpsvd/deflation/lanczos/"
+                        f"kfac_corrected; got {type(approx).__name__}")
+    V.choice(kind, "kind", ("frobenius", "spectrum"))
+    layer = layer_data(activations, output_grads, bias)
+    if approx.backend != layer.be:
+        raise TypeError(f"approx lives on {approx.device}, the data on {layer.be!r}")
+    if (approx.d_out, approx.d_in) != (layer.d_out, layer.d_in):
+        raise ValueError(f"approx is for a ({approx.d_out}, {approx.d_in}) layer; the data give "
+                         f"({layer.d_out}, {layer.d_in}) (check bias=)")
+    n = layer.n
+    K = layer.gram()
+    if kind == "spectrum":
+        return _spectrum_error(approx, B.to_host(K) / n, n)
+    FF = B.scalar((K ** 2).sum()) / n ** 2
+    if approx._ekfac is not None:
+        UG, UA, Sstar = approx._ekfac
+        cross = layer.ekfac_cross(UG, UA, Sstar) / n
+        AA = B.scalar((Sstar ** 2).sum())
+    else:
+        terms = approx._terms
+        cross = sum(B.scalar(layer.quad_terms(Bi, Ci).sum()) / n for Bi, Ci in terms)
+        AA = _norm2(terms)
+    err2 = max(FF - 2.0 * cross + AA, 0.0)
+    return math.sqrt(err2 / FF) if FF > 0 else 0.0
+
+
+def _norm2(terms):
+    return sum(B.scalar((Bi * Bj).sum()) * B.scalar((Ci * Cj).sum())
+               for Bi, Ci in terms for Bj, Cj in terms)
+
+
+def _spectrum_error(approx, Kn, n):
+    f = np.sort(np.clip(np.linalg.eigvalsh((Kn + Kn.T) / 2), 0.0, None))[::-1]
+    ref = float(np.linalg.norm(f))
+    if ref == 0.0:
+        return 0.0
+    tail2 = 0.0
+    if approx._ekfac is not None:
+        t = B.to_host(approx._ekfac[2]).ravel()
+    elif len(approx._terms) == 1:
+        Bm, Cm = (B.to_host(X) for X in approx._terms[0])
+        t = np.outer(np.linalg.eigvalsh(Bm), np.linalg.eigvalsh(Cm)).ravel()
+    else:
+        t, tail2 = _two_term_spectrum([(B.to_host(b), B.to_host(c)) for b, c in approx._terms], n)
+    t = np.sort(np.abs(t))[::-1]
+    L = max(len(f), len(t))
+    diff = np.zeros(L)
+    diff[:len(f)] += f
+    diff[:len(t)] -= t
+    return math.sqrt(float((diff ** 2).sum()) + max(tail2, 0.0)) / ref
+
+
+def _two_term_spectrum(terms, n):
+    """Eigenvalues of sum B_i kron C_i: all (dense) or the top r >= n plus the tail's energy."""
+    d_out, d_in = terms[0][0].shape[0], terms[0][1].shape[0]
+    D = d_out * d_in
+    if D <= 4096 or n >= D - 1:
+        if D > 16384:
+            raise ValueError(f"the spectrum error of a two-term sum over d = {D} > 16384 "
+                             f"parameters with n = {n} >= d - 1 samples needs a dense "
+                             "eigendecomposition; use fewer samples or kind='frobenius'")
+        return np.linalg.eigvalsh(sum(np.kron(b, c) for b, c in terms)), 0.0
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    def mv(x):
+        X = x.reshape(d_out, d_in)
+        return sum(b @ X @ c.T for b, c in terms).reshape(-1)
+
+    r = min(n, D - 2)
+    t = eigsh(LinearOperator((D, D), matvec=mv, dtype=np.float64), k=r, which="LM",
+              return_eigenvectors=False, v0=np.ones(D))
+    return t, _norm2(terms) - float((t ** 2).sum())

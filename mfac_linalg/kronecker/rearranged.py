@@ -1,0 +1,306 @@
+r"""The rearranged Fisher R(F), matrix-free, and its top singular triples (docs/math.md §4, §8).
+
+R(F) has the row (i, j) = vec of the block F_ij, so that
+``||F - B kron C||_F = ||R(F) - vec(B) vec(C)^T||_F`` (Van Loan-Pitsianis).  With per-sample
+position matrices A_n (T x d_in) and G_n (T x d_out) (T = 1 for a dense layer)
+
+    R vec(Q)   = vec((1/n) sum_n G_n^T (A_n Q A_n^T) G_n)
+    R^T vec(P) = vec((1/n) sum_n A_n^T (G_n P G_n^T) A_n)
+
+(for T = 1: ``(1/n) sum_n (a_n^T Q a_n) g_n g_n^T``).  R maps symmetric matrices to symmetric
+matrices; every vector here is a symmetric matrix, so the triples found are those of R on the
+symmetric matrices (all of R(F) for a dense layer, whose antisymmetric part is zero).
+
+Two solvers, both stopping on the two-sided residual of docs/math.md §8,
+
+    r_i = max(||R q_i - sigma_i p_i||, ||R^T p_i - sigma_i q_i||) / sigma_1 <= tol,
+
+which bounds the error of the factors by about r / gap (a change of sigma of tol sigma_1 would
+bound it by only sqrt(tol)):
+
+* :func:`subspace_triples`: subspace (block power) iteration with Rayleigh-Ritz; one R and one
+  R^T product on a block of k + 2 vectors per iteration.
+* :func:`lanczos_triples`: restarted Golub-Kahan-Lanczos bidiagonalization with full
+  reorthogonalization; the right residual is beta_K |u_{K,i}| for free.
+
+Both report the final residuals from two explicit products (not from the recurrences).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from .. import _backend as B
+
+__all__ = ["ConvergenceWarning", "Rearranged", "subspace_triples", "lanczos_triples",
+           "sequential_triples"]
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """An iterative builder stopped at ``maxiter`` before its residual reached ``tol``.
+
+    The operator is still built from the last iterate; ``op.info`` holds the residual reached.
+    """
+
+
+def _sym(X):
+    return (X + X.swapaxes(-1, -2)) * 0.5
+
+
+class Rearranged:
+    """R = R(F) (minus ``vec(P0) vec(Q0)^T`` when ``deflate=(P0, Q0)``), on stacks of matrices.
+
+    ``layer`` is a :class:`~mfac_linalg.kronecker.conv.LayerData`.  ``R(Q)`` maps
+    (k, d_in, d_in) to (k, d_out, d_out), ``RT(P)`` the other way; each costs
+    O(k n T (d_in^2 + d_out^2) + k n T^2 (d_in + d_out)) (T = 1: O(k n (d_in^2 + d_out^2))).
+    ``products`` counts the matrices multiplied so far.
+    """
+
+    def __init__(self, layer, deflate=None):
+        self.layer = layer
+        self.d_out, self.d_in = layer.d_out, layer.d_in
+        self.xp = layer.xp
+        self.deflate = deflate
+        self.products = 0
+        self.dim = min(self.d_in * (self.d_in + 1) // 2, self.d_out * (self.d_out + 1) // 2)
+
+    def R(self, Q):
+        self.products += Q.shape[0]
+        P = self.layer.r_product(Q)
+        if self.deflate is not None:
+            P0, Q0 = self.deflate
+            P = P - P0[None] * (Q0[None] * Q).sum(axis=(1, 2))[:, None, None]
+        return _sym(P)
+
+    def RT(self, P):
+        self.products += P.shape[0]
+        Q = self.layer.rt_product(P)
+        if self.deflate is not None:
+            P0, Q0 = self.deflate
+            Q = Q - Q0[None] * (P0[None] * P).sum(axis=(1, 2))[:, None, None]
+        return _sym(Q)
+
+
+def _orth(M, xp):
+    """Orthonormal rows spanning the rows of M (k, D) (Householder QR: always orthonormal)."""
+    q, _ = xp.linalg.qr(M.T)
+    return q.T
+
+
+def _random_sym(rng, k, d, xp):
+    X = rng.standard_normal((k, d, d))
+    return xp.asarray(X + X.transpose(0, 2, 1))
+
+
+def _start_block(Rop, p, init, rng):
+    """p orthonormal symmetric (d_in x d_in) start vectors: ``init`` first, then random."""
+    xp, d = Rop.xp, Rop.d_in
+    blocks = [] if init is None else [X[None] for X in init]
+    blocks.append(_random_sym(rng, p, d, xp))
+    V = xp.concatenate(blocks, axis=0)[:p].reshape(p, -1)
+    return _orth(V, xp)
+
+
+def _final(Rop, sig, P, Q, k, info, tol, maxiter, what):
+    """Residuals from two explicit products, ``info`` filled, the warning on non-convergence."""
+    xp = Rop.xp
+    d_out, d_in = Rop.d_out, Rop.d_in
+    kk = min(k, P.shape[0])
+    Pk = xp.zeros((k, d_out, d_out))
+    Qk = xp.zeros((k, d_in, d_in))
+    sk = xp.zeros(k)
+    Pk[:kk] = P[:kk].reshape(kk, d_out, d_out)
+    Qk[:kk] = Q[:kk].reshape(kk, d_in, d_in)
+    sk[:kk] = sig[:kk]
+    s1 = float(B.to_host(sk[0]))
+    left = xp.linalg.norm((Rop.R(Qk) - sk[:, None, None] * Pk).reshape(k, -1), axis=1)
+    right = xp.linalg.norm((Rop.RT(Pk) - sk[:, None, None] * Qk).reshape(k, -1), axis=1)
+    scale = s1 if s1 > 0 else 1.0
+    info["residual_left"] = (B.to_host(left) / scale).tolist()
+    info["residual_right"] = (B.to_host(right) / scale).tolist()
+    info["residual"] = max(info["residual_left"] + info["residual_right"])
+    info["sigma"] = B.to_host(sk).tolist()
+    info["converged"] = bool(info["residual"] <= tol)
+    info["products"] = Rop.products
+    if not info["converged"]:
+        warnings.warn(f"{what} stopped after maxiter={maxiter} iterations with the two-sided "
+                      f"residual {info['residual']:.2e} > tol={tol:.1e}; the factors are "
+                      "accurate to about residual / gap (see op.info)", ConvergenceWarning,
+                      stacklevel=4)
+    return sk, Pk, Qk, info
+
+
+def subspace_triples(Rop, k, *, tol, maxiter, init=None, oversample=2, seed=0):
+    """Top-k singular triples of ``Rop`` by subspace iteration with Rayleigh-Ritz.
+
+    Block of p = k + ``oversample`` vectors (capped by the dimension); the triples i < k
+    converge like (sigma_{p+1} / sigma_i)^(2 iterations).  The right residual of each Ritz
+    triple costs nothing (R^T U is the next power step); the left one is ~eps by construction.
+    Returns ``(sigma (k,), P (k, d_out, d_out), Q (k, d_in, d_in), info)`` with unit-norm P, Q.
+    """
+    xp = Rop.xp
+    rng = np.random.default_rng(seed)
+    kk = min(k, Rop.dim)
+    p = min(kk + oversample, Rop.dim)
+    V = _start_block(Rop, p, init, rng)
+    d_out, d_in = Rop.d_out, Rop.d_in
+    info = {"solver": "subspace", "iterations": 0}
+    for it in range(1, maxiter + 1):
+        U = _orth(Rop.R(V.reshape(p, d_in, d_in)).reshape(p, -1), xp)
+        W = Rop.RT(U.reshape(p, d_out, d_out)).reshape(p, -1)       # rows R^T u_j
+        u, s, vt = xp.linalg.svd(W @ V.T)                              # U^T R V^T... = u s vt
+        P = u.T @ U                                                    # left Ritz vectors
+        Q = vt @ V                                                     # right Ritz vectors
+        RtP = u.T @ W
+        info["iterations"] = it
+        s1 = float(B.to_host(s[0]))
+        if s1 == 0.0:
+            break
+        res = xp.linalg.norm(RtP[:kk] - s[:kk, None] * Q[:kk], axis=1) / s1
+        if float(B.to_host(res.max())) <= tol:
+            break
+        V = _orth(W, xp)
+    return _final(Rop, s, P, Q, k, info, tol, maxiter, "subspace iteration")
+
+
+def sequential_triples(Rop, k, *, tol, maxiter, init=None, seed=0):
+    """The top-k triples one after the other (the paper's deflation, §3.2): triple i is the top
+    triple of ``R - sum_{j<i} sigma_j p_j q_j^T``, each found by :func:`subspace_triples`."""
+    xp = Rop.xp
+    base = Rop.deflate
+    sig, Ps, Qs = [], [], []
+    info = {"solver": "sequential", "iterations": 0}
+    products = 0
+    for i in range(k):
+        defl = list(zip(sig, Ps, Qs))
+        sub = _SumDeflated(Rop.layer, base, defl)
+        start = None if init is None or i >= len(init) else [init[i]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            s, P, Q, sub_info = subspace_triples(sub, 1, tol=tol, maxiter=maxiter, init=start,
+                                                 seed=seed + i)
+        products += sub.products
+        info["iterations"] += sub_info["iterations"]
+        sig.append(s[0])
+        Ps.append(P[0])
+        Qs.append(Q[0])
+    Rop.products += products
+    return _final(Rop, xp.stack(sig), xp.stack(Ps).reshape(k, -1), xp.stack(Qs).reshape(k, -1),
+                  k, info, tol, maxiter, "sequential deflation")
+
+
+class _SumDeflated(Rearranged):
+    """R minus a base term minus the rank-one terms sigma_j p_j q_j^T found so far."""
+
+    def __init__(self, layer, base, terms):
+        super().__init__(layer, base)
+        self._terms = terms
+
+    def R(self, Q):
+        P = super().R(Q)
+        for s, Pj, Qj in self._terms:
+            P = P - s * Pj[None] * (Qj[None] * Q).sum(axis=(1, 2))[:, None, None]
+        return P
+
+    def RT(self, P):
+        Q = super().RT(P)
+        for s, Pj, Qj in self._terms:
+            Q = Q - s * Qj[None] * (Pj[None] * P).sum(axis=(1, 2))[:, None, None]
+        return Q
+
+
+def _reorth(x, basis, j, xp):
+    """x minus its projection on basis[:j] (twice: 'twice is enough')."""
+    if j == 0:
+        return x
+    Bj = basis[:j]
+    x = x - Bj.T @ (Bj @ x)
+    return x - Bj.T @ (Bj @ x)
+
+
+def _fresh(rng, basis, j, d, xp):
+    """A random unit symmetric vector orthogonal to basis[:j] (after a breakdown)."""
+    x = _reorth(_random_sym(rng, 1, d, xp).reshape(-1), basis, j, xp)
+    return x / xp.linalg.norm(x)
+
+
+def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0):
+    r"""Top-k singular triples by restarted Golub-Kahan-Lanczos bidiagonalization.
+
+    One cycle of K steps from a unit q_1 (docs/math.md §8):
+    ``p_j = R q_j - beta_{j-1} p_{j-1}``, ``alpha_j = ||p_j||``;
+    ``q_{j+1} = R^T p_j - alpha_j q_j``, ``beta_j = ||q_{j+1}||``, each vector
+    reorthogonalized against its predecessors (twice).  Then R Q_K = P_K B_K with B_K upper
+    bidiagonal; the SVD B_K = u diag(s) v^T gives the Ritz triples (s_i, P_K u_i, Q_K v_i) with
+    ``||R^T p_i - s_i q_i|| = beta_K |u_{K,i}|``.  Restart (the paper's) from
+    q_1 = sum_{i<k} q_i.  A breakdown (an invariant subspace) continues from a random vector
+    orthogonal to the basis.  ``maxiter`` counts cycles; each costs K products with R and
+    K with R^T on single vectors.  ``krylov`` K defaults to max(10, 3k) (capped by the
+    dimension); the paper's K = 2 is ``krylov=2``.
+    """
+    xp = Rop.xp
+    rng = np.random.default_rng(seed)
+    d_out, d_in = Rop.d_out, Rop.d_in
+    kk = min(k, Rop.dim)
+    K = min(krylov if krylov is not None else max(10, 3 * k), Rop.dim)
+    K = max(K, kk)
+    q = _start_block(Rop, 1, None if init is None else [sum(init)], rng)[0]
+    info = {"solver": "lanczos", "iterations": 0, "krylov": K}
+    for cycle in range(1, maxiter + 1):
+        Qb = xp.zeros((K + 1, d_in * d_in))
+        Pb = xp.zeros((K, d_out * d_out))
+        alpha, beta = np.zeros(K), np.zeros(K)
+        Qb[0] = q / xp.linalg.norm(q)
+        scale = 0.0
+        for j in range(K):
+            p = Rop.R(Qb[j].reshape(1, d_in, d_in)).reshape(-1)
+            if j > 0:
+                p = p - beta[j - 1] * Pb[j - 1]
+            p = _reorth(p, Pb, j, xp)
+            a = float(B.to_host(xp.linalg.norm(p)))
+            scale = max(scale, a)
+            if a <= 1e-13 * scale or a == 0.0:
+                alpha[j], Pb[j] = 0.0, _fresh(rng, Pb, j, d_out, xp)
+            else:
+                alpha[j], Pb[j] = a, p / a
+            qn = Rop.RT(Pb[j].reshape(1, d_out, d_out)).reshape(-1) - alpha[j] * Qb[j]
+            qn = _reorth(qn, Qb, j + 1, xp)
+            b = float(B.to_host(xp.linalg.norm(qn)))
+            scale = max(scale, b)
+            if b <= 1e-13 * scale or b == 0.0:
+                beta[j] = 0.0
+                if j + 1 < K:
+                    Qb[j + 1] = _fresh(rng, Qb, j + 1, d_in, xp)
+            else:
+                beta[j], Qb[j + 1] = b, qn / b
+        Bk = np.diag(alpha) + np.diag(beta[:-1], 1)
+        u, s, vt = np.linalg.svd(Bk)
+        u, s, vt = xp.asarray(u), xp.asarray(s), xp.asarray(vt)
+        P = u.T @ Pb
+        Q = vt @ Qb[:K]
+        info["iterations"] = cycle
+        s1 = float(B.to_host(s[0]))
+        if s1 == 0.0:
+            break
+        res = beta[K - 1] * np.abs(B.to_host(u[K - 1, :kk])) / s1
+        if res.max() <= tol:
+            break
+        q = Q[:kk].sum(axis=0)
+        if float(B.to_host(xp.linalg.norm(q))) < 1e-8:      # cancellation: take the first
+            q = Q[0]
+    return _final(Rop, s, P, Q, k, info, tol, maxiter, "Lanczos bidiagonalization")
+
+
+def factors_from_triples(sig, P, Q):
+    """Kronecker terms (B_i, C_i) = (sqrt(sigma_i) P_i, sqrt(sigma_i) Q_i), symmetric, with the
+    sign fixed so that tr(B_i) >= 0 (B_i kron C_i = sigma_i P_i kron Q_i either way)."""
+    terms = []
+    for i in range(P.shape[0]):
+        r = math.sqrt(max(float(B.to_host(sig[i])), 0.0))
+        Bi, Ci = _sym(P[i]) * r, _sym(Q[i]) * r
+        if float(B.to_host(Bi.trace())) < 0:
+            Bi, Ci = -Bi, -Ci
+        terms.append((Bi, Ci))
+    return terms
