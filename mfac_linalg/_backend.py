@@ -78,6 +78,17 @@ class Backend:
         self.name = name
         self.device_id = device_id
 
+    def __reduce__(self):
+        # pickled by name and device ordinal, never by module (modules do not pickle);
+        # unpickling on a machine without that GPU raises the ValueError of
+        # backend_for_device
+        return (_backend_from_spec, (self.name, self.device_id))
+
+    @property
+    def is_host(self):
+        """True for the CPU backend (NumPy arrays in host memory)."""
+        return self.name == "cpu"
+
     # -- dense linear algebra on small float64 matrices -------------------
     @property
     def linalg(self):
@@ -127,6 +138,11 @@ class Backend:
 
 
 CPU = Backend(np, "cpu")
+
+
+def _backend_from_spec(name, device_id):
+    """Rebuild a Backend from its pickled spec (see ``Backend.__reduce__``)."""
+    return CPU if name == "cpu" else backend_for_device(f"cuda:{int(device_id)}")
 
 
 def _gpu_backend(device_id: int) -> Backend:
@@ -338,3 +354,52 @@ def to_host(a):
 def scalar(v):
     """Python float from a 0-d array on either backend."""
     return float(to_host(v))
+
+
+def readonly(a):
+    """An internal array for handing out: a read-only NumPy view, or a copy on the GPU
+    (CuPy arrays have no read-only flag).  The operator's own array is never exposed."""
+    if isinstance(a, np.ndarray):
+        v = a.view()
+        v.flags.writeable = False
+        return v
+    return a.copy()
+
+
+def trsm_rows(L, G, backend):
+    """V = L^{-1} G for lower-triangular float64 L (m x m) and G (m x d), in G's dtype.
+
+    On the CPU this is one BLAS ``trsm`` solving X L^T = G^T from the right on the
+    C-ordered G (seen by BLAS as the Fortran-ordered G^T), so no transposed copy of G
+    is made; the factor is rounded to G's dtype for the solve.  On the GPU it is one
+    GEMM with the explicit inverse of L (float64, rounded to G's dtype): cuBLAS trsm
+    with a d-column right-hand side is far slower than a GEMM (and cupyx would first
+    copy G to Fortran order).
+    """
+    if backend.is_host:
+        from scipy.linalg import blas
+        trsm = blas.strsm if G.dtype == np.float32 else blas.dtrsm
+        X = trsm(1.0, L.astype(G.dtype, copy=False), G.T, side=1, lower=1, trans_a=1)
+        return X.T
+    xp = backend.xp
+    Linv = backend.solve_triangular(L, xp.eye(L.shape[0], dtype=np.float64), lower=True)
+    return Linv.astype(G.dtype) @ G
+
+
+def linear_operator_base(backend):
+    """The ``LinearOperator`` class matching ``backend``: SciPy's on the CPU, cupyx's on
+    the GPU (imported lazily; the one place outside the kernels that imports cupyx)."""
+    if backend.is_host:
+        from scipy.sparse.linalg import LinearOperator
+    else:
+        from cupyx.scipy.sparse.linalg import LinearOperator
+    return LinearOperator
+
+
+
+def kernel_module(name):
+    """The GPU kernels' module ``mfac_linalg.kernels.<name>``, imported lazily: code
+    outside ``_backend``, ``kernels/`` and the CUDA ring buffer reaches kernels only
+    through here."""
+    import importlib
+    return importlib.import_module(f"{__package__}.kernels.{name}")

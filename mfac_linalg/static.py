@@ -1,49 +1,14 @@
 """M-FAC static: the inverse of the damped empirical Fisher of m gradients."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from . import _backend as B
-from . import _capacitance as cap
-from ._operator import Operator, check_damping
+from . import _lowrank as LR
+from . import _validate as _v
+from ._operator import Operator
 
-__all__ = ["StaticInverseFisher", "FisherOperator", "as_gradients", "right_trsm"]
-
-
-def as_gradients(grads, name="grads", *, backend=None, allow_half=False):
-    """Validate a gradient matrix: 2-D (m, d), m >= 1, d >= 1, finite.  Returns (G, backend)."""
-    G, be = B.asarray(grads, name, backend=backend, allow_half=allow_half)
-    if G.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (m, d); got shape {tuple(G.shape)}")
-    if G.shape[0] < 1 or G.shape[1] < 1:
-        raise ValueError(f"{name} must hold at least one gradient of dimension >= 1; "
-                         f"got shape {tuple(G.shape)}")
-    B.check_finite(G, name, be)
-    return G, be
-
-
-def right_trsm(L, G, backend):
-    """V = L^{-1} G for lower-triangular float64 L (m x m) and G (m x d), in G's dtype.
-
-    On the CPU this is one BLAS ``trsm`` solving X L^T = G^T from the right on
-    the C-ordered G (seen by BLAS as the Fortran-ordered G^T), so no transposed
-    copy of G is made; the factor is rounded to G's dtype for the solve.  On the
-    GPU it is one GEMM with the explicit inverse of L (float64, rounded to G's
-    dtype).
-    """
-    if backend.name == "cpu":
-        from scipy.linalg import blas
-        trsm = blas.strsm if G.dtype == np.float32 else blas.dtrsm
-        X = trsm(1.0, L.astype(G.dtype, copy=False), G.T, side=1, lower=1, trans_a=1)
-        return X.T
-    # GPU: cuBLAS trsm with a d-column right-hand side is far slower than a GEMM
-    # (and cupyx would first copy G to Fortran order): V = (L^{-1}) G, the m x m
-    # inverse formed in float64 (O(m^3)), then one GEMM over G.
-    xp = backend.xp
-    Linv = backend.solve_triangular(L, xp.eye(L.shape[0], dtype=np.float64), lower=True)
-    return Linv.astype(G.dtype) @ G
+__all__ = ["StaticInverseFisher", "FisherOperator"]
 
 
 class StaticInverseFisher(Operator):
@@ -53,16 +18,23 @@ class StaticInverseFisher(Operator):
 
     .. math::  F = \lambda I_d + \frac{1}{m} G^T G, \qquad G = [g_1; \dots; g_m] \in \mathbb{R}^{m\times d},
 
-    in one of two forms, both written :math:`F^{-1} = \alpha I + \beta V^T V`:
+    in one of two forms, both written :math:`F^{-1} = \alpha I + \beta V^T V`
+    (docs/math.md §1):
 
-    * **dual** (m < d, Woodbury, docs/math.md section 1): with the capacitance
-      :math:`C = m\lambda I_m + G G^T = L L^T` (float64) and
-      :math:`V = L^{-1} G` (m x d), :math:`F^{-1} = (I - V^T V)/\lambda`;
-    * **primal** (m >= d): :math:`F = L_F L_F^T` (float64, d x d) and
-      :math:`V = L_F^{-1}`, :math:`F^{-1} = V^T V`.  Same costs with d in place
-      of m (d <= m), and no cancellation: the dual form's ``x - V^T V x`` loses
-      a factor lambda_max(F)/lambda of accuracy, which is far above cond(F)
-      when m >= d and lambda is small.
+    * **dual** (Woodbury): with :math:`W` = G (m < d) or the triangular factor R
+      of G = QR (m >= d, d x d), the capacitance :math:`C = m\lambda I + W W^T = L L^T`
+      (float64) and :math:`V = L^{-1} W`: :math:`F^{-1} = (I - V^T V)/\lambda`;
+    * **primal** (m >= d only): :math:`F = L_F L_F^T` (float64, d x d) and
+      :math:`V = L_F^{-1}`: :math:`F^{-1} = V^T V`.
+
+    The form is chosen by accuracy (``form="auto"``): dual when m < d; when
+    m >= d, dual if :math:`\lambda_{min}(F) \le 4\lambda` (G rank-deficient or
+    nearly so: the dual form then represents the gradients' null space exactly
+    and is accurate to a few eps, where the primal form loses
+    :math:`\epsilon\,\kappa(F)`), primal otherwise (full rank: the dual form's
+    subtraction would lose :math:`\lambda_{max}(F)/\lambda`, far more than
+    :math:`\kappa(F)`).  ``op.form`` says which one was taken; docs/static.md
+    has the error bounds.
 
     Parameters
     ----------
@@ -72,60 +44,72 @@ class StaticInverseFisher(Operator):
         promoted to float64.  Never modified; the operator keeps no reference
         to it (it stores V, its own array).
     damping : float
-        lambda > 0.
+        lambda, inside ``[sqrt(tiny), sqrt(max)]`` of the gradients' dtype
+        (float64: about [1.5e-154, 1.3e154]).
     check_finite : bool, default True
         Check vectors passed to ``matvec``/``matmat``/``quad`` for NaN/inf
         (a reduction over the input; on the GPU it synchronizes).
+    form : {"auto", "dual", "primal"}, default "auto"
+        Force a form ("primal" needs m >= d).
 
-    Costs (r = min(m, d))
+    Raises
+    ------
+    TypeError
+        ``grads`` not an array of real numbers, ``damping`` not a real number,
+        ``form`` not a string, ``check_finite`` not a bool.
+    ValueError
+        ``grads`` not 2-D, empty, or holding NaN/inf (after the cast to its
+        storage dtype); its Gram products overflowing (float64 entries beyond
+        about 1e154: rescale it); ``damping`` outside the range above; a factor
+        that is not numerically positive definite.
+
+    Notes
     -----
-    Set-up O(d m r): one Gram product (G G^T, or G^T G when m >= d), a float64
+    Costs (r = min(m, d)).  Set-up O(d m r): one Gram product G G^T (m < d) or
+    one QR of G (m >= d), an SVD of R O(d^3) to choose the form, a float64
     Cholesky O(r^3) and one triangular solve.  ``matvec`` O(d r) (two passes
     over V), ``matmat`` with k columns O(d r k) as two matrix products,
     ``entry`` O(r), ``diagonal`` O(d r), ``quad`` O(d r), ``logdet`` O(1).
     Memory: V (r x d).
 
-    Notes
-    -----
     m > d, m = 1, duplicate and zero gradients are all fine: C and F are
     positive definite for every lambda > 0.  For float32 gradients the Gram
-    product runs in float32; if the float64 Cholesky then fails (lambda tiny
-    against the gradients' scale) the Gram matrix is recomputed with float64
-    accumulation.  Accuracy: docs/static.md.
+    product runs in float32; if it overflows or the float64 Cholesky then
+    fails (lambda tiny against the gradients' scale) it is recomputed with
+    float64 accumulation.
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> G = np.random.default_rng(0).standard_normal((8, 50))
+    >>> op = ml.StaticInverseFisher(G, damping=1e-2)
+    >>> op
+    <StaticInverseFisher d=50 m=8 damping=1e-02 float64 cpu>
+    >>> F = 1e-2 * np.eye(50) + G.T @ G / 8
+    >>> x = np.ones(50)
+    >>> bool(np.allclose(op @ x, np.linalg.solve(F, x), rtol=1e-10))
+    True
+    >>> op.form, ml.StaticInverseFisher(np.vstack([G, G]).T[:20], 1e-8).form
+    ('dual', 'dual')
     """
 
-    def __init__(self, grads, damping, *, check_finite=True):
-        lam = check_damping(damping)
-        G, be = as_gradients(grads)
+    def __init__(self, grads, damping, *, check_finite=True, form="auto"):
+        G, be = _v.gradients(grads, "grads")
+        lam = _v.damping(damping, "damping", dtype=G.dtype)
+        form = _v.choice(form, "form", ("auto", "dual", "primal"))
+        check_finite = _v.boolean(check_finite, "check_finite")
         m, d = G.shape
+        if form == "primal" and m < d:
+            raise ValueError(f"form='primal' needs m >= d; got grads of shape {(m, d)}")
         with be.device_context():
             colsq = be.xp.einsum("ij,ij->j", G, G)   # diag(G^T G), for fisher().diagonal()
-            primal = m >= d
-            A = G.T if primal else G                # factor A A^T + shift I
-            shift = lam if primal else m * lam
-            scale = 1.0 / m if primal else 1.0
-            K = cap.gram(A, be) * scale
-            try:
-                L = cap.cholesky_shifted(K, shift, be)
-            except cap.NotPositiveDefinite:
-                if G.dtype == np.float64:
-                    raise
-                K = cap.gram64(A, be) * scale
-                L = cap.cholesky_shifted(K, shift, be)
-            if primal:
-                V = be.solve_triangular(L, be.xp.eye(d), lower=True).astype(G.dtype)
-                self._alpha, self._beta = 0.0, 1.0
-            else:
-                V = right_trsm(L, G, be)
-                self._alpha, self._beta = 1.0 / lam, -1.0 / lam
+            _v.gram_finite(colsq, "grads", be)
+            (lr,) = LR.build(G[None], [0], lam, m, be, name="grads", form=form)
         self._init_operator(d, G.dtype, be, check_finite=check_finite)
         self._m = m
         self._damping = lam
-        self._primal = primal
-        self._L = L
-        self._V = V
+        self._lr = lr
         self._colsq = colsq
-        self._logdet_L = cap.logdet_factor(L, be)
 
     # -- attributes ----------------------------------------------------------
     @property
@@ -140,73 +124,53 @@ class StaticInverseFisher(Operator):
 
     @property
     def form(self):
-        """``"dual"`` (Woodbury, m < d) or ``"primal"`` (m >= d)."""
-        return "primal" if self._primal else "dual"
+        """``"dual"`` (Woodbury) or ``"primal"`` (see the class docstring)."""
+        return "primal" if self._lr.primal else "dual"
 
     @property
     def factor(self):
-        """The float64 lower Cholesky factor: of C = m*lambda*I + G G^T (dual) or of F (primal)."""
-        return self._L
+        """The float64 lower Cholesky factor (read-only): of C = m*lambda*I + W W^T
+        (dual) or of F (primal)."""
+        return B.readonly(self._lr.L[0])
 
     def _repr_fields(self):
         return [f"m={self._m}", f"damping={self._damping:.0e}"]
 
     # -- hooks: F^{-1} = alpha I + beta V^T V ----------------------------------
     def _matmat(self, X):
-        V = self._V
-        U = V @ X                       # pass 1: (r, k)
-        if not self._alpha:             # primal: V^T V X
-            return V.T @ U
-        U *= self._beta / self._alpha   # dual: alpha (X + (beta/alpha) V^T U); scale the small side
-        Y = V.T @ U                     # pass 2
-        Y += X                          # in place: no d-sized temporaries
-        Y *= self._alpha
-        return Y
+        return self._lr.matmat(X[None])[0]
 
     def _diagonal(self):
-        s = self._backend.xp.einsum("ij,ij->j", self._V, self._V)
-        return self._alpha + self._beta * s
+        return self._lr.diagonal()[0]
 
     def _entry(self, i, j):
-        vi = self._V[:, i].astype(np.float64)
-        vj = self._V[:, j].astype(np.float64)
-        return (self._alpha if i == j else 0.0) + self._beta * B.scalar(vi @ vj)
+        return self._lr.entry(0, i, j)
 
     def _quad(self, X):
-        xp = self._backend.xp
-        U = self._V @ X
-        return self._alpha * xp.einsum("ij,ij->j", X, X) + self._beta * xp.einsum("ij,ij->j", U, U)
+        return self._lr.quad(X[None])
 
     def _todense(self):
-        xp = self._backend.xp
-        A = self._V.T @ self._V
-        A *= self._beta
-        A[xp.diag_indices(self._d)] += self._alpha
-        return A
+        return self._lr.dense(0)
 
     # -- inverse-Fisher extras ---------------------------------------------------
     def logdet(self):
         r"""log det F.  O(1) (kept from set-up).
 
-        Dual: d log(lambda) + log det C - m log(m lambda) (determinant lemma);
-        primal: log det (L_F L_F^T).
+        Dual: d log(lambda) + log det C - r log(m lambda) (determinant lemma, r
+        rows of W); primal: log det (L_F L_F^T).
         """
-        if self._primal:
-            return self._logdet_L
-        lam, m, d = self._damping, self._m, self._d
-        return d * math.log(lam) + self._logdet_L - m * math.log(m * lam)
+        return self._lr.logdet
 
     def fisher(self):
-        """The forward operator F = lambda I + G^T G / m (same protocol); ``.inverse()`` gives self."""
+        """The forward operator F = lambda I + G^T G / m (same protocol); its
+        ``inverse()`` is this operator, and this operator's ``inverse()`` is F."""
         return FisherOperator(self)
 
-    def inverse(self):
-        """The operator itself (for symmetry with ``fisher().inverse()``)."""
-        return self
-
     def lowrank_batches(self):
-        """Yield the one block (columns (1, d), alpha, beta, V (1, r, d)): F^{-1} = alpha I + beta V^T V."""
-        yield np.arange(self._d)[None, :], self._alpha, self._beta, self._V[None]
+        """Yield the one block (columns (1, d), alpha, beta, V (1, r, d) read-only):
+        F^{-1} = alpha I + beta V^T V."""
+        lr = self._lr
+        yield lr.cols(), lr.alpha, lr.beta, B.readonly(lr.V)
 
     def with_gradients(self, grads):
         """A new operator with the same damping for new gradients."""
@@ -215,27 +179,15 @@ class StaticInverseFisher(Operator):
     # -- forward products through the factors (used by FisherOperator) -------
     def _fisher_matmat(self, X):
         """F X.  Dual: lambda X + V^T (L^T L (V X)) / m; primal: L_F (L_F^T X)."""
-        L = self._L
-        if self._primal:
-            Y = L @ (L.T @ X.astype(np.float64))
-            return Y.astype(X.dtype, copy=False)
-        V = self._V
-        W = L.T @ (L @ (V @ X).astype(np.float64))
-        Y = V.T @ (W * (1.0 / self._m)).astype(V.dtype)
-        Y += self._damping * X
-        return Y
+        return self._lr.fisher_matmat(X[None])[0]
 
     def _fisher_diagonal(self):
         """diag F = lambda + diag(G^T G)/m, O(d) (column norms kept from set-up)."""
         return (self._damping + self._colsq / self._m).astype(self._dtype)
 
     def _fisher_entry(self, i, j):
-        """F[i, j]: O(d) (primal: rows of L_F) or O(m^2) (dual: columns of G = L V)."""
-        if self._primal:
-            R = self._L[[i, j], :].T
-            return B.scalar(R[:, 0] @ R[:, 1])
-        R = self._L @ self._V[:, [i, j]].astype(np.float64)
-        return B.scalar(R[:, 0] @ R[:, 1]) / self._m + (self._damping if i == j else 0.0)
+        """F[i, j]: O(d) (primal: rows of L_F) or O(r^2) (dual: columns of W = L V)."""
+        return self._lr.fisher_entry(0, i, j)
 
 
 class FisherOperator(Operator):

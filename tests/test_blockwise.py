@@ -73,23 +73,29 @@ def test_single_block_equals_static(rng):
 
 
 def test_layout_errors():
-    with pytest.raises(ValueError, match="blocks must sum to d=10; got sum 9"):
+    with pytest.raises(ValueError, match="blocks must sum to 10; got sum 9"):
         block_layout(10, 4, [4, 5])
     with pytest.raises(ValueError, match="block_size must be >= 1; got 0"):
         block_layout(10, 0)
     with pytest.raises(TypeError, match="block_size must be an integer; got float"):
         block_layout(10, 2.5)
-    with pytest.raises(ValueError, match="blocks must be positive integers"):
+    with pytest.raises(ValueError, match=r"blocks\[0\] must be >= 1; got 0"):
         block_layout(10, 4, [0, 10])
+    # issue 11 item 8: float layer sizes are refused, never truncated
+    with pytest.raises(TypeError, match=r"blocks\[0\] must be an integer; got float 12.9"):
+        block_layout(21, 4, [12.9, 8.2])
+    with pytest.raises(TypeError, match="blocks must be a sequence"):
+        block_layout(10, 4, "10")
 
 
 def test_setup_is_batched_not_a_loop_over_blocks(rng, monkeypatch):
     """Thousands of blocks: the number of batched factorizations is the number of sizes."""
     G = rng.standard_normal((8, 10_001))
+    from mfac_linalg import _lowrank
     calls = []
-    orig = np.linalg.cholesky
-    monkeypatch.setattr(np.linalg, "cholesky", lambda a: calls.append(a.shape) or orig(a))
+    orig = _lowrank._cholesky
+    monkeypatch.setattr(_lowrank, "_cholesky", lambda a, be: calls.append(a.shape) or orig(a, be))
     op = ml.BlockInverseFisher(G, 0.1, block_size=16)
     assert op.num_blocks == 626
-    # one block of 1 (m >= b: explicit 1 x 1) and 625 of 16 (Woodbury, 8 x 8): two batches
-    assert calls == [(1, 1, 1), (625, 8, 8)]
+    # one block of 1 (m >= b: primal 1 x 1) and 625 of 16 (Woodbury, 8 x 8): two batches
+    assert sorted(calls) == [(1, 1, 1), (625, 8, 8)]

@@ -1,0 +1,312 @@
+r"""The form shared by the static, block and OBS code: :math:`\alpha I + \beta V^T V`.
+
+An inverse Fisher block :math:`F_k^{-1}` with :math:`F_k = \lambda I_b + G_k^T G_k / N`
+(:math:`G_k` the m x b columns of the gradients in block k) is held as
+:math:`\alpha I + \beta V_k^T V_k` in one of two forms (docs/math.md §1):
+
+* **dual** (Woodbury): with :math:`W_k` any matrix with :math:`W_k^T W_k = G_k^T G_k`
+  (:math:`G_k` itself when m < b, its QR factor :math:`R_k` (b x b) when m >= b),
+  :math:`C_k = N\lambda I + W_k W_k^T = L_k L_k^T` and :math:`V_k = L_k^{-1} W_k`:
+  :math:`F_k^{-1} = (I - V_k^T V_k)/\lambda`, so :math:`\alpha = 1/\lambda`,
+  :math:`\beta = -1/\lambda`;
+* **primal** (m >= b only): :math:`F_k = L_k L_k^T` and :math:`V_k = L_k^{-1}`:
+  :math:`\alpha = 0`, :math:`\beta = 1`.
+
+Which form (:func:`build`): the dual form always when m < b.  When m >= b the
+form is chosen by accuracy.  The primal form's relative error is about
+:math:`\epsilon\,\kappa(F_k) = \epsilon\,\lambda_{max}/\lambda_{min}` (the Gram
+product's rounding moves the smallest eigenvalue by :math:`\epsilon\lambda_{max}`);
+the dual form's is at most :math:`\epsilon\,\lambda_{max}/\lambda` (the subtraction
+``x - V^T V x``) and about :math:`\epsilon\,\lambda_{min}/\lambda` for a right-hand
+side that reaches the smallest eigenvalue, because the null space of the
+gradients is represented exactly.  So the dual form is taken when
+:math:`\lambda_{min}(F_k) \le 4\lambda` (rank-deficient or nearly so: its
+worst-case bound is then within a factor 4 of the primal's, and its typical
+error is far smaller); otherwise the primal form.  :math:`\lambda_{min}` comes
+from the singular values of :math:`R_k` (O(b^3), below the O(m b^2) of the QR).
+
+Everything m x m or b x b is float64; V is stored in the gradients' dtype.
+Blocks of equal size and form are stacked (leading axis) and computed as one
+batch; a stack of one block (the static operator) goes through plain 2-D BLAS.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _backend as B
+from . import _validate as _v
+
+__all__ = ["LowRank", "build", "DUAL_MARGIN", "NotPositiveDefinite"]
+
+#: the dual form is chosen for m >= b when lambda_min(F_k) <= DUAL_MARGIN * lambda
+DUAL_MARGIN = 4.0
+
+
+class NotPositiveDefinite(ValueError):
+    """A capacitance matrix (or F_k) is not numerically positive definite."""
+
+
+def _mT(A):
+    return A.swapaxes(-1, -2)
+
+
+def _sumsq(A, xp):
+    """Squared norms of the columns (last axis) over every other axis, no temporaries."""
+    return xp.einsum("ij,ij->j" if A.ndim == 2 else "nij,nij->j", A, A)
+
+
+class LowRank:
+    r"""Stacked blocks of one size b and one form: block k is
+    :math:`\alpha I + \beta V_k^T V_k` on the columns ``starts[k] + arange(b)``.
+
+    Attributes
+    ----------
+    starts : numpy.ndarray (nb,)
+        First column of each block (host).
+    b, nb : int
+        Block size and number of blocks.
+    V : array (nb, r, b)
+        The stored factor, in the gradients' dtype.
+    L : array (nb, r, r), float64
+        Cholesky factor of C_k (dual) or F_k (primal).
+    alpha, beta : float
+    primal : bool
+    N, damping : normalisation and lambda (for the forward products).
+    logdet : float
+        sum_k log det F_k.
+    """
+
+    def __init__(self, starts, b, V, L, alpha, beta, primal, N, damping, logdet, backend):
+        self.starts = np.asarray(starts, dtype=np.int64)
+        self.b = int(b)
+        self.nb = len(self.starts)
+        self.V, self.L = V, L
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.primal = bool(primal)
+        self.N, self.damping = N, damping
+        self.logdet = float(logdet)
+        self.backend = backend
+        self._idx = None
+
+    # -- layout ------------------------------------------------------------
+    def cols(self):
+        """Host (nb, b) column indices of the blocks (a fresh array)."""
+        return self.starts[:, None] + np.arange(self.b)[None, :]
+
+    @property
+    def idx(self):
+        """The same column indices on the backend (for gathers and scatters)."""
+        if self._idx is None:
+            self._idx = self.backend.xp.asarray(self.cols())
+        return self._idx
+
+    def locate(self, start):
+        """Position of the block starting at column ``start``, or None."""
+        pos = int(np.searchsorted(self.starts, start))
+        return pos if pos < self.nb and self.starts[pos] == start else None
+
+    # -- inverse products ------------------------------------------------------
+    def _squeeze(self, Xb):
+        """(V, X) as 2-D arrays for a stack of one (plain BLAS), else as they are."""
+        return (self.V[0], Xb[0]) if self.nb == 1 else (self.V, Xb)
+
+    def matmat(self, Xb):
+        """(alpha I + beta V_k^T V_k) X_k for Xb of shape (nb, b, k): two passes over V.
+
+        The scale goes on the small (r, k) side and the d-sized result is built in
+        place (no d-sized temporaries beyond the result)."""
+        V, X = self._squeeze(Xb)
+        U = V @ X                               # pass 1: (.., r, k)
+        if not self.alpha:                      # primal: beta V^T V X
+            U *= self.beta
+            Y = _mT(V) @ U
+        else:                                   # dual: alpha (X + (beta/alpha) V^T U)
+            U *= self.beta / self.alpha
+            Y = _mT(V) @ U                      # pass 2
+            Y += X
+            Y *= self.alpha
+        return Y[None] if self.nb == 1 else Y
+
+    def diagonal(self):
+        """(nb, b) diagonals: alpha + beta * column norms of V_k squared."""
+        xp = self.backend.xp
+        return self.alpha + self.beta * xp.einsum("nrb,nrb->nb", self.V, self.V)
+
+    def quad(self, Xb):
+        """sum_k x_k^T (alpha I + beta V_k^T V_k) x_k for each of the k columns (float64)."""
+        xp = self.backend.xp
+        V, X = self._squeeze(Xb)
+        U = V @ X
+        return (self.alpha * _sumsq(X, xp).astype(np.float64)
+                + self.beta * _sumsq(U, xp).astype(np.float64))
+
+    def entry(self, pos, i, j):
+        """Entry (i, j) (local indices) of block ``pos``, float64 dot product."""
+        V = self.V[pos]
+        val = B.scalar(V[:, i].astype(np.float64) @ V[:, j].astype(np.float64))
+        return (self.alpha if i == j else 0.0) + self.beta * val
+
+    def dense(self, pos):
+        """The dense b x b inverse block ``pos``, O(b^2 r)."""
+        V = self.V[pos]
+        H = _mT(V) @ V
+        H *= self.beta
+        H[self.backend.xp.diag_indices(self.b)] += self.alpha
+        return H
+
+    # -- forward products (through the factors) -----------------------------------
+    def fisher_matmat(self, Xb):
+        """F_k X_k: dual lambda X + V^T (L^T L (V X)) / N (L V = W); primal L (L^T X)."""
+        X64 = Xb.astype(np.float64)
+        if self.primal:
+            Y = self.L @ (_mT(self.L) @ X64)
+        else:
+            V = self.V.astype(np.float64)
+            W = _mT(self.L) @ (self.L @ (V @ X64))
+            Y = _mT(V) @ W
+            Y *= 1.0 / self.N
+            Y += self.damping * X64
+        return Y.astype(Xb.dtype, copy=False)
+
+    def fisher_entry(self, pos, i, j):
+        """F_k[i, j]: O(r) (primal: rows of L) or O(r^2) (dual: columns of W = L V)."""
+        L = self.L[pos]
+        if self.primal:
+            return B.scalar(L[i] @ L[j])
+        V = self.V[pos]
+        wi = L @ V[:, i].astype(np.float64)
+        wj = L @ V[:, j].astype(np.float64)
+        return B.scalar(wi @ wj) / self.N + (self.damping if i == j else 0.0)
+
+
+# -- construction -------------------------------------------------------------------
+def _gram(W, backend, name):
+    """W W^T (float64, symmetric) for W (nb, r, b); float32 data overflowing or too
+    inexact is redone with float64 accumulation by the caller (``exact=True``)."""
+    K = (W @ _mT(W)).astype(np.float64, copy=False)
+    return (K + _mT(K)) * 0.5
+
+
+def _gram64(W, backend):
+    if W.shape[0] == 1:
+        from ._capacitance import gram64
+        return gram64(W[0], backend)[None]
+    W64 = W.astype(np.float64)
+    K = W64 @ _mT(W64)
+    return (K + _mT(K)) * 0.5
+
+
+def _cholesky(C, backend):
+    """Batched lower Cholesky factor, or None when C is not numerically positive definite."""
+    xp = backend.xp
+    try:
+        L = backend.cholesky_lower(C[0])[None] if C.shape[0] == 1 else xp.linalg.cholesky(C)
+    except np.linalg.LinAlgError:
+        return None
+    return L if bool(xp.isfinite(L).all()) else None
+
+
+def _inv_lower(L, backend):
+    """L^{-1} (batched, lower triangular, float64)."""
+    xp = backend.xp
+    r = L.shape[-1]
+    if L.shape[0] == 1:
+        return backend.solve_triangular(L[0], xp.eye(r), lower=True)[None]
+    return xp.tril(xp.linalg.solve(L, xp.broadcast_to(xp.eye(r), L.shape)))
+
+
+def _logdet_L(L, backend):
+    xp = backend.xp
+    return 2.0 * B.scalar(xp.log(xp.diagonal(L, axis1=-2, axis2=-1)).sum()) if L.size else 0.0
+
+
+def _npd(name, shift):
+    return NotPositiveDefinite(
+        f"the capacitance matrix of {name} is not numerically positive definite: the damping "
+        f"is too small for the gradients' scale (N*damping = {shift:.3e}); raise the damping "
+        "or rescale the gradients")
+
+
+def _dual(W, starts, lam, N, backend, name):
+    """Dual form for W (nb, r, b): C = N lam I + W W^T = L L^T, V = L^{-1} W."""
+    xp = backend.xp
+    nb, r, b = W.shape
+    shift = N * lam
+    eye = xp.eye(r, dtype=np.float64)
+    L = None
+    if W.dtype != np.float64:
+        K = _gram(W, backend, name)
+        if bool(xp.isfinite(K).all()):
+            L = _cholesky(K + shift * eye, backend)
+    if L is None:   # float64 data, or float32 data whose float32 Gram overflowed or was too inexact
+        K = _gram64(W, backend) if W.dtype != np.float64 else _gram(W, backend, name)
+        _v.gram_finite(K, name, backend)
+        L = _cholesky(K + shift * eye, backend)
+        if L is None:
+            raise _npd(name, shift)
+    if nb == 1:
+        V = B.trsm_rows(L[0], W[0], backend)[None]
+    else:
+        V = _inv_lower(L, backend).astype(W.dtype) @ W
+    if not bool(xp.isfinite(V).all()):
+        raise ValueError(f"{name} is too large for its dtype {W.dtype}: the factor overflows; "
+                         "rescale it (and the damping by the square of the scale)")
+    logdet = _logdet_L(L, backend) + nb * (b * math.log(lam) - r * math.log(shift))
+    return LowRank(starts, b, V, L, 1.0 / lam, -1.0 / lam, False, N, lam, logdet, backend)
+
+
+def _primal(R64, starts, lam, N, dtype, backend, name):
+    """Primal form from R (nb, b, b) float64 with R^T R = G_k^T G_k: F = L L^T, V = L^{-1}."""
+    xp = backend.xp
+    K = _mT(R64) @ R64
+    K = (K + _mT(K)) * (0.5 / N)
+    _v.gram_finite(K, name, backend)
+    L = _cholesky(K + lam * xp.eye(R64.shape[-1], dtype=np.float64), backend)
+    if L is None:
+        raise _npd(name, lam)
+    V = _inv_lower(L, backend).astype(dtype)
+    return LowRank(starts, R64.shape[-1], V, L, 0.0, 1.0, True, N, lam,
+                   _logdet_L(L, backend), backend)
+
+
+def build(Gb, starts, lam, N, backend, *, name="grads", form="auto"):
+    """Factor the blocks ``Gb`` (nb, m, b) (storage dtype) of F_k = lam I + G_k^T G_k / N.
+
+    Returns a list of :class:`LowRank` (one per form present: blocks of the same
+    size may take different forms).  ``form`` forces "dual" or "primal" (the
+    primal form needs m >= b).  Cost O(nb m b min(m, b)); raises ValueError naming
+    ``name`` when the products overflow or a factor is not positive definite.
+    """
+    xp = backend.xp
+    nb, m, b = Gb.shape
+    starts = np.asarray(starts, dtype=np.int64)
+    if m < b and form != "primal":
+        return [_dual(Gb, starts, lam, N, backend, name)]
+    if m < b:
+        raise ValueError(f"form='primal' needs m >= b; got m={m}, b={b}")
+    # m >= b: compress to the b x b triangular factor, G_k = Q_k R_k (O(m b^2))
+    R = Gb[0] if nb == 1 else Gb
+    R = xp.linalg.qr(R, mode="r")
+    R = R[None] if nb == 1 else R
+    if not bool(xp.isfinite(R).all()):
+        raise ValueError(f"{name} is too large for its dtype {Gb.dtype}: its QR factor "
+                         "overflows; rescale it (and the damping by the square of the scale)")
+    R64 = R.astype(np.float64)
+    if form == "auto":
+        s = xp.linalg.svd(R64, compute_uv=False)          # (nb, b), descending
+        lam_min = lam + B.to_host(s[:, -1]) ** 2 / N
+        dual = lam_min <= DUAL_MARGIN * lam
+    else:
+        dual = np.full(nb, form == "dual")
+    out = []
+    if dual.any():
+        sel = xp.asarray(np.flatnonzero(dual))
+        W = R[sel] if not dual.all() else R
+        out.append(_dual(W, starts[dual], lam, N, backend, name))
+    if (~dual).any():
+        sel = xp.asarray(np.flatnonzero(~dual))
+        out.append(_primal(R64[sel] if dual.any() else R64, starts[~dual], lam, N, Gb.dtype,
+                           backend, name))
+    return out
