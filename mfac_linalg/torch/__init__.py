@@ -21,5 +21,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 
 from .layout import LayerSpec, ParameterLayout, PermutedOperator, kronecker_index
 from .optim import MFAC
+from .capture import (CapturedStatistics, LayerStatistics, capture_statistics,
+                      kronecker_preconditioner, per_sample_gradients)
 
-__all__ = ["LayerSpec", "ParameterLayout", "PermutedOperator", "kronecker_index", "MFAC"]
+__all__ = ["LayerSpec", "ParameterLayout", "PermutedOperator", "kronecker_index", "MFAC",
+           "per_sample_gradients", "capture_statistics", "kronecker_preconditioner",
+           "CapturedStatistics", "LayerStatistics"]

@@ -1,0 +1,200 @@
+"""mfac_linalg.torch.capture: per-sample gradients, layer statistics, and the Kronecker
+preconditioner against curvlinops and dense oracles."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import mfac_linalg as ml  # noqa: E402
+from mfac_linalg.torch import (ParameterLayout, capture_statistics,  # noqa: E402
+                               kronecker_preconditioner, per_sample_gradients)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(),
+                               torch.nn.Linear(4, 3)).double()
+
+
+def _cnn():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(3, 2, 2, stride=2), torch.nn.Flatten(),
+                               torch.nn.Linear(2 * 2 * 2, 3)).double()
+
+
+def _data(shape, n=12, batches=2, classes=3, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n // batches, *shape, generator=g, dtype=torch.float64),
+             torch.randint(0, classes, (n // batches,), generator=g)) for _ in range(batches)]
+
+
+def _dense_torch_order_grads(model, loss_fn, data):
+    """Per-sample gradients (n, d) by one autograd call per sample (the oracle)."""
+    ps = [p for p in model.parameters()]
+    rows = []
+    for x, y in data:
+        for i in range(x.shape[0]):
+            g = torch.autograd.grad(loss_fn(model(x[i:i + 1]), y[i:i + 1]), ps)
+            rows.append(torch.cat([t.reshape(-1) for t in g]))
+    return torch.stack(rows)
+
+
+# -- per-sample gradients --------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["vmap", "loop", "auto"])
+def test_per_sample_gradients_match_autograd(method):
+    model, loss = _cnn(), torch.nn.CrossEntropyLoss()
+    (x, y), = _data((2, 4, 4), n=5, batches=1)
+    G = per_sample_gradients(model, loss, (x, y), method=method)
+    ref = _dense_torch_order_grads(model, loss, [(x, y)])
+    assert G.shape == ref.shape and G.dtype == torch.float64 and not G.requires_grad
+    assert float((G - ref).abs().max()) <= 1e-14 * float(ref.abs().max())
+    # zero-copy into the library: the operator's buffer shares G's memory
+    op = ml.StaticInverseFisher(G, damping=1e-3)
+    x0 = torch.randn(G.shape[1], dtype=torch.float64)
+    Gn = ref.numpy()
+    F = 1e-3 * np.eye(G.shape[1]) + Gn.T @ Gn / Gn.shape[0]
+    np.testing.assert_allclose(op.matvec(x0), np.linalg.solve(F, x0.numpy()), rtol=1e-9)
+
+
+def test_per_sample_gradients_fall_back_for_batchnorm_and_check_arguments():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
+                                torch.nn.Linear(4, 2)).double().eval()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+    loss = torch.nn.CrossEntropyLoss()
+    G = per_sample_gradients(model, loss, (x, y), method="loop")
+    ref = _dense_torch_order_grads(model, loss, [(x, y)])
+    assert torch.allclose(G, ref, rtol=0, atol=1e-14)
+    with pytest.raises(TypeError, match="batch must be a pair"):
+        per_sample_gradients(model, loss, x)
+    with pytest.raises(ValueError, match="same number of samples"):
+        per_sample_gradients(model, loss, (x, y[:2]))
+    with pytest.raises(ValueError, match="method must be one of"):
+        per_sample_gradients(model, loss, (x, y), method="fast")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        per_sample_gradients(lambda t: t, loss, (x, y))
+
+
+# -- captured statistics -------------------------------------------------------------------
+
+def _per_sample_from_stats(st):
+    """vec(DW_n) in torch order from captured (A, G): DW_n = G_n^T [A_n | 1]."""
+    rows = []
+    for L in st.layers:
+        A, G = L.activations, L.output_grads
+        if A.ndim == 2:
+            A, G = A[:, None], G[:, None]
+        W = G.transpose(1, 2) @ A                    # (n, d_out, d_in)
+        parts = [W.reshape(W.shape[0], -1)]
+        if L.spec.bias:
+            parts.append(G.sum(1))
+        rows.append(torch.cat(parts, 1))
+    return torch.cat(rows, 1)
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_captured_statistics_rebuild_the_per_sample_gradients(net, reduction):
+    model = _mlp() if net == "mlp" else _cnn()
+    data = _data((5,) if net == "mlp" else (2, 4, 4))
+    loss = torch.nn.CrossEntropyLoss(reduction=reduction)
+    st = capture_statistics(model, loss, data)
+    assert st.num_samples == 12
+    # per-sample loss gradients: for "sum" the batch gradient is their sum, so the oracle
+    # is the same for both reductions (mean is scaled back by the batch size)
+    ref = _dense_torch_order_grads(model, torch.nn.CrossEntropyLoss(), data)
+    got = _per_sample_from_stats(st)
+    assert float((got - ref).abs().max()) <= 1e-13 * float(ref.abs().max())
+    if net == "cnn":
+        assert st.layers[0].activations.shape == (12, 16, 18)       # T = 4 x 4, d_in = 2*3*3
+        assert st.layers[1].output_grads.shape == (12, 4, 2)
+    for p in model.parameters():
+        assert p.grad is None                                       # .grad untouched
+
+
+def test_linear_with_sequence_inputs_keeps_positions():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2),
+                                torch.nn.Flatten()).double()
+    x = torch.randn(6, 5, 3, dtype=torch.float64)
+    y = torch.randn(6, 10, dtype=torch.float64)
+    loss = torch.nn.MSELoss(reduction="sum")
+    st = capture_statistics(model, loss, (x, y))
+    assert st.layers[0].activations.shape == (6, 5, 3)
+    ref = _dense_torch_order_grads(model, loss, [(x, y)])
+    assert torch.allclose(_per_sample_from_stats(st), ref, rtol=0, atol=1e-13)
+
+
+def test_mc_fisher_is_seeded_and_counts_draws():
+    model, loss = _mlp(), torch.nn.CrossEntropyLoss()
+    data = _data((5,))
+    a = capture_statistics(model, loss, data, fisher="mc", mc_samples=3, seed=5)
+    b = capture_statistics(model, loss, data, fisher="mc", mc_samples=3, seed=5)
+    c = capture_statistics(model, loss, data, fisher="mc", mc_samples=3, seed=6)
+    assert a.num_samples == 36
+    assert torch.equal(a.layers[1].output_grads, b.layers[1].output_grads)
+    assert not torch.equal(a.layers[1].output_grads, c.layers[1].output_grads)
+    # each draw is a valid gradient of the cross-entropy at a sampled label: the output
+    # gradient of a sample is softmax(z) - e_label, so its entries sum to 0
+    assert float(a.layers[1].output_grads.sum(1).abs().max()) < 1e-13
+    with pytest.raises(ValueError, match="mc_samples must be 1"):
+        capture_statistics(model, loss, data, mc_samples=2)
+    with pytest.raises(ValueError, match="fisher='mc' needs loss_fn"):
+        capture_statistics(model, torch.nn.L1Loss(), data, fisher="mc")
+    with pytest.raises(ValueError, match="reduction must be given"):
+        capture_statistics(model, lambda o, t: o.sum(), data)
+    with pytest.raises(ValueError, match="fisher must be one of"):
+        capture_statistics(model, loss, data, fisher="true")
+
+
+# -- against curvlinops ------------------------------------------------------------------------
+
+def _curvlinops_dense(cls, model, loss, data):
+    curvlinops = pytest.importorskip("curvlinops")
+    params = [p for p in model.parameters()]
+    op = getattr(curvlinops, cls)(model, loss, params, data, fisher_type="empirical",
+                                  separate_weight_and_bias=False, check_deterministic=False)
+    D = sum(p.numel() for p in params)
+    return (op @ torch.eye(D, dtype=torch.float64)).detach().numpy()
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+@pytest.mark.parametrize("method,cls", [("kfac", "KFACLinearOperator"),
+                                        ("ekfac", "EKFACLinearOperator")])
+def test_kfac_and_ekfac_equal_curvlinops(net, method, cls):
+    model = _mlp() if net == "mlp" else _cnn()
+    data = _data((5,) if net == "mlp" else (2, 4, 4))
+    loss = torch.nn.CrossEntropyLoss()
+    ref = _curvlinops_dense(cls, model, loss, data)
+    lam = 1e-9
+    kw = {"damping_mode": "exact"} if method == "kfac" else {}
+    P = kronecker_preconditioner(model, loss, data, method, lam, **kw)
+    ours = P.fisher().todense() - lam * np.eye(P.shape[0])
+    err = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert err <= 1e-12, err
+    # without the permutation the two differ (the layers have biases)
+    inner = P.operator.fisher().todense() - lam * np.eye(P.shape[0])
+    assert np.abs(inner - ref).max() / np.abs(ref).max() > 1e-2
+
+
+def test_preconditioner_products_are_tensors_and_match_dense_inverse():
+    model, loss = _mlp(), torch.nn.CrossEntropyLoss()
+    data = _data((5,))
+    P = kronecker_preconditioner(model, loss, data, "kfac", 1e-2, damping_mode="exact")
+    D = P.todense()
+    v = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    y = P @ v
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.float64
+    np.testing.assert_allclose(y.numpy(), D @ v.numpy(), rtol=1e-12)
+    y32 = P @ v.float()
+    assert y32.dtype == torch.float32
+    np.testing.assert_allclose(y32.numpy(), D @ v.float().numpy(), rtol=1e-5)
+    st = capture_statistics(model, loss, data)
+    P2 = kronecker_preconditioner(None, None, None, "kpsvd", 1e-2, statistics=st)
+    assert isinstance(P2.layout, ParameterLayout) and len(P2.blocks) == 2
+    with pytest.raises(ValueError, match="method must be one of"):
+        kronecker_preconditioner(model, loss, data, "shampoo", 1e-2)
+    with pytest.raises(ValueError, match="damping"):
+        kronecker_preconditioner(model, loss, data, "kfac", -1.0)
