@@ -1,0 +1,200 @@
+"""The ring buffer of the sliding window: m gradients as rows, the two passes over them.
+
+A :class:`RingBuffer` holds G (m x ld, the storage dtype; rows of empty slots are
+zero) and computes, over its rows, the only d-sized work of the window
+(docs/math.md §2):
+
+* pass 1, ``project(X, n)``: U = G_h X (float64, n x k), and ``begin(slot, g, rows)``:
+  write g into ``slot`` and return u = G g, the new Gram row (the same pass);
+* pass 2, ``combine(X, C, n, lam)``: Y = (X - G_h^T C) / lambda.
+
+A column-sharded window holds a column block of G on each device and runs the
+same two passes on its block, with an all-reduce of U (or u) between them.
+The CUDA subclass (:mod:`.cuda_buffer`) fuses them into kernels for float32 and
+16-bit storage; :func:`make_buffer` picks.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _validate as V
+
+__all__ = ["RingBuffer", "Write", "make_buffer", "KERNEL_STORAGE"]
+
+KERNEL_STORAGE = ("float32", "float16", "bfloat16")
+
+
+class Write:
+    """One staged slot write: what :meth:`RingBuffer.undo` restores, and pass 1's output.
+
+    ``u``: the new Gram row (float64, length m); ``x``: the gradient as stored (float);
+    ``y``: the fused step's output in progress (CUDA), ``status``: device flags (CUDA)."""
+
+    __slots__ = ("slot", "old", "u", "x", "y", "status")
+
+    def __init__(self, slot, old, u, x, y=None, status=None):
+        self.slot, self.old, self.u, self.x, self.y, self.status = slot, old, u, x, y, status
+
+
+class RingBuffer:
+    """m rows of ``dim`` values in the storage dtype (float32 or float64), any backend.
+
+    Costs: ``begin`` O(dim rows) (one pass), ``project``/``combine`` O(dim n k),
+    ``columns`` O(n), ``gram`` O(dim n^2).  Memory: m x dim plus one row (undo).
+    """
+
+    fused = False                     # no fused one-vector kernels
+    coef_dtype = np.float64           # what combine wants for C
+
+    def __init__(self, window, dim, storage, backend):
+        self.m, self.d, self.ld = int(window), int(dim), int(dim)
+        self.storage = np.dtype(storage)
+        self.name = self.storage.name
+        self.backend = backend
+        with backend.device_context():
+            self.G = backend.xp.zeros((self.m, self.ld), dtype=self.storage)
+
+    @property
+    def compute_dtype(self):
+        """float64 for float64 storage, float32 otherwise (the window's result dtype)."""
+        return np.dtype(np.float64 if self.storage == np.float64 else np.float32)
+
+    # -- rows in --------------------------------------------------------------------
+    def prepare(self, rows, check=True, name="g"):
+        """Rows (k, dim) cast to what the buffer stores; finiteness checked after the
+        cast (a finite float64 value can overflow float32)."""
+        out = rows.astype(self.storage, copy=False)
+        if check:
+            V.finite(out, name, self.backend)
+        return out
+
+    def _room(self, r0, k):
+        if r0 + k > self.m:
+            raise ValueError(f"G must hold window={self.m} rows; got more")
+
+    def write_rows(self, r0, rows):
+        """Write rows r0, r0 + 1, ... in bulk (no Gram row): ``from_gradients``.  Returns
+        the next row."""
+        rows = self.prepare(rows, name="G")
+        self._room(r0, rows.shape[0])
+        self.G[r0:r0 + rows.shape[0], :self.d] = rows
+        return r0 + rows.shape[0]
+
+    def begin(self, slot, row, rows, *, lam=1.0, want_y=False, check=True):
+        """Pass 1 of an update: write ``row`` into ``slot`` and return the new Gram row
+        u = G[:rows] g (float64, length m) with the old row kept for :meth:`undo`."""
+        xp = self.backend.xp
+        old = self.G[slot].copy()
+        self.G[slot] = row
+        x = self.G[slot]
+        u = xp.zeros(self.m, dtype=np.float64)
+        u[:rows] = self.G[:rows] @ x
+        return Write(slot, old, u, x.copy())
+
+    def check_gram(self, w):
+        """u must be finite (a finite g whose products overflow): O(m)."""
+        V.gram_finite(w.u, "g", self.backend)
+
+    def undo(self, w):
+        """Put back the row ``w`` replaced."""
+        self.G[w.slot] = w.old
+
+    def finish_step(self, w, c, n, lam):
+        """Pass 2 of the fused step: (g - G_h^T c) / lambda for the staged write."""
+        return self.combine(w.x[:, None], c[:n, None], n, lam)[:, 0]
+
+    # -- the two passes -----------------------------------------------------------------
+    def held(self, n):
+        """The first n rows (the held gradients in slot order), a view, as floats."""
+        return self.G if n == self.m else self.G[:n]
+
+    def project(self, X, n):
+        """Pass 1: U = G_h X in float64, (n, k); X (dim, k)."""
+        Gh = self.held(n)
+        return (Gh @ self._pad(X).astype(Gh.dtype, copy=False)).astype(np.float64)
+
+    def combine(self, X, C, n, lam):
+        """Pass 2: (X - G_h^T C) / lambda, in X's dtype; C (n, k) float64."""
+        Gh = self.held(n)
+        Y = (Gh.T @ (-C).astype(Gh.dtype))[:self.d]
+        Y = Y.astype(X.dtype, copy=False)
+        Y += X
+        Y *= 1.0 / lam
+        return Y
+
+    def fisher_product(self, X, n, N):
+        """G_h^T (G_h X) / N in X's dtype: the forward Fisher's data term, two passes."""
+        Gh = self.held(n)
+        U = Gh @ self._pad(X).astype(Gh.dtype, copy=False)
+        return (Gh.T @ (U * (1.0 / N)))[:self.d].astype(X.dtype, copy=False)
+
+    def _pad(self, X):
+        if self.ld == self.d:
+            return X
+        Xp = self.backend.xp.zeros((self.ld,) + X.shape[1:], dtype=X.dtype)
+        Xp[:self.d] = X
+        return Xp
+
+    # -- reads -----------------------------------------------------------------------------
+    def held_columns(self, n, cols):
+        """G_h[:, cols] as floats (``cols`` a slice or index list): converts only those."""
+        return self.G[:n, cols]
+
+    def columns(self, idx, n):
+        """Columns ``idx`` of the held rows as float64 (n, len(idx)): O(n len(idx))."""
+        return self.held_columns(n, idx).astype(np.float64)
+
+    def column_chunks(self, n, chunk):
+        """(a, b, G_h[:, a:b] as float64) over the dimension in chunks."""
+        for a in range(0, self.d, chunk):
+            b = min(self.d, a + chunk)
+            yield a, b, self.held_columns(n, slice(a, b)).astype(np.float64)
+
+    def sq_colsum(self, n):
+        """sum_i g_i^2 column by column (the compute dtype), O(dim n)."""
+        Gh = self.held(n)[:, :self.d]
+        return self.backend.xp.einsum("ij,ij->j", Gh, Gh)
+
+    def gram(self, n, chunk=1 << 16):
+        """K = G_h G_h^T over the held rows, float64 (m x m, zero beyond n), with the
+        accumulation of pass 1 (the storage precision; float32 for 16-bit storage)."""
+        xp = self.backend.xp
+        K = xp.zeros((self.m, self.m), dtype=np.float64)
+        for a in range(0, self.ld, chunk):
+            Gc = self.held_columns(n, slice(a, a + chunk))
+            K[:n, :n] += (Gc @ Gc.T).astype(np.float64)
+        return (K + K.T) * 0.5
+
+    def rows(self, order):
+        """Copies of the rows ``order`` (a host index array), as floats, (len, dim)."""
+        Gh = self.held(self.m)
+        return Gh[self.backend.xp.asarray(order)][:, :self.d].copy()
+
+    # -- state -----------------------------------------------------------------------------
+    def host_rows(self):
+        """The raw stored rows (m, dim) as a host NumPy copy (16-bit: raw uint16)."""
+        from .. import _backend as B
+        return np.array(B.to_host(self.G[:, :self.d]), copy=True)
+
+    def load(self, G):
+        """Take raw rows (m, dim) as stored (validated by the caller)."""
+        with self.backend.device_context():
+            self.G[:, :self.d] = self.backend.xp.asarray(G)
+
+    def snapshot(self):
+        return self.G.copy()
+
+    def restore(self, snap):
+        self.G[...] = snap
+
+    def reset(self):
+        self.G[...] = 0
+
+
+def make_buffer(window, dim, storage, backend):
+    """The ring buffer for a storage dtype name: the CUDA one (fused kernels) for float32
+    and 16-bit storage on the GPU, else the array-API one."""
+    if backend.name == "gpu" and storage in KERNEL_STORAGE:
+        from .cuda_buffer import CudaRingBuffer
+        return CudaRingBuffer(window, dim, storage, backend)
+    return RingBuffer(window, dim, storage, backend)

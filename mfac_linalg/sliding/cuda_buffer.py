@@ -1,0 +1,147 @@
+"""The CUDA ring buffer: float32 and 16-bit storage with the fused kernel passes.
+
+Rows are padded to a multiple of 8 values (16-byte vectors); 16-bit rows are held
+as raw ``uint16`` words that the kernels convert with float32 accumulation.  This
+module (with ``_backend`` and ``kernels/``) is the only place of the window that
+touches CuPy: the kernel launches, the workspace memset and the one host read.
+
+Workspace ``ws`` (float64, m + 3), zeroed by one memset per first pass: ``u`` (m),
+then ``status`` = [NaN/inf flag of the vector, the engine's pivot or det, a scratch
+accumulator], shared with the kernel engine so that an update synchronises once.
+The workspace is reused from call to call: use a window from one CUDA stream at a
+time (the window's lock serialises the calls of several host threads).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _backend as B
+from .. import _validate as V
+from ..kernels import sliding as K_
+from .buffer import RingBuffer, Write
+
+__all__ = ["CudaRingBuffer"]
+
+
+class CudaRingBuffer(RingBuffer):
+    """:class:`~.buffer.RingBuffer` whose passes for one vector are fused kernels.
+
+    ``begin`` is one kernel: it writes g into its slot (saving the old row), computes
+    u = G g, flags NaN/inf in g and, for a step, writes y = g / lambda (the start of
+    pass 2); ``finish_step`` is pass 2, y -= G_h^T c / lambda.
+    """
+
+    fused = True
+    coef_dtype = np.float32
+
+    def __init__(self, window, dim, storage, backend):
+        self.m, self.d = int(window), int(dim)
+        self.ld = K_.padded(self.d)
+        self.name = storage
+        self.storage = np.dtype(np.float32 if storage == "float32" else np.uint16)
+        self.backend = backend
+        xp = backend.xp
+        with backend.device_context():
+            self.G = xp.zeros((self.m, self.ld), dtype=self.storage)
+            self.ws = xp.zeros(self.m + 3, dtype=np.float64)
+            self.Gold = xp.zeros(self.ld, dtype=self.storage)
+
+    @property
+    def compute_dtype(self):
+        return np.dtype(np.float32)
+
+    def prepare(self, rows, check=True, name="g"):
+        """float32 rows; their NaN/inf check is fused into the first pass."""
+        return rows.astype(np.float32, copy=False)
+
+    def write_rows(self, r0, rows):
+        """Bulk write (``from_gradients``): rounded to the storage format on the device;
+        a value that is not finite once stored is refused."""
+        xp = self.backend.xp
+        r32 = rows.astype(np.float32, copy=False)
+        self._room(r0, r32.shape[0])
+        V.finite(r32, "G", self.backend)
+        if self.name == "float32":
+            raw = r32
+        else:
+            if self.name == "float16":
+                raw, mask = r32.astype(xp.float16).view(xp.uint16), 0x7C00
+            else:                                  # bfloat16: round to nearest even
+                b = r32.view(xp.uint32)
+                raw = ((b + xp.uint32(0x7FFF) + ((b >> 16) & xp.uint32(1))) >> 16).astype(
+                    xp.uint16)
+                mask = 0x7F80
+            if bool(((raw & xp.uint16(mask)) == mask).any()):
+                raise ValueError(f"G must be finite in {self.name} storage; got values that "
+                                 f"overflow {self.name}")
+        self.G[r0:r0 + raw.shape[0], :self.d] = raw
+        return r0 + raw.shape[0]
+
+    def _stored(self, row):
+        """g as the kernels read it: contiguous float32 of length ld, rounded to the
+        storage format (no copy for unpadded contiguous float32)."""
+        if self.name == "float32" and self.ld == self.d and row.flags.c_contiguous:
+            return row
+        out = self.backend.xp.zeros(self.ld, dtype=np.float32)
+        out[:self.d] = row
+        if self.name != "float32":
+            K_.round_to(self.name, out, out)
+        return out
+
+    def _zero_ws(self):
+        ws = self.ws
+        ws.data.memset_async(0, ws.nbytes)
+        return ws
+
+    def begin(self, slot, row, rows, *, lam=1.0, want_y=False, check=True):
+        m = self.m
+        xq = self._stored(row)
+        ws = self._zero_ws()
+        y = self.backend.xp.empty(self.ld, dtype=np.float32) if want_y else None
+        K_.rows_dot(self.G, self.name, xq, ws[:m], slot=slot, rows=rows, backup=self.Gold,
+                    flag=ws[m:m + 1] if check else None, y=y, inv_lam=1.0 / lam)
+        return Write(slot, self.Gold, ws[:m], xq, y, ws[m:m + 3])
+
+    def check_gram(self, w):
+        """Deferred: an overflowed u shows as a non-finite pivot at the engine's commit."""
+
+    def finish_step(self, w, c32, n, lam):
+        K_.combine(self.G, self.name, c32, w.y, -1.0 / lam, rows=n)
+        return w.y[:self.d]
+
+    # -- one vector: the fused matvec ---------------------------------------------------
+    def start_vector(self, x, n, lam, check):
+        """Pass 1 for one vector: u = G_h x into the workspace, y = x / lambda, x's
+        NaN/inf flag raised if ``check``.  Returns (u, y)."""
+        m = self.m
+        if self.ld == self.d and x.dtype == np.float32 and x.flags.c_contiguous:
+            xq = x
+        else:
+            xq = self.backend.xp.zeros(self.ld, dtype=np.float32)
+            xq[:self.d] = x
+        ws = self._zero_ws()
+        y = self.backend.xp.empty(self.ld, dtype=np.float32)
+        K_.rows_dot(self.G, self.name, xq, ws[:m], rows=n,
+                    flag=ws[m:m + 1] if check else None, y=y, inv_lam=1.0 / lam)
+        return ws[:m], y
+
+    def combine_vector(self, y, c32, n, lam):
+        """Pass 2 for one vector, in place: y -= G_h^T c / lambda."""
+        K_.combine(self.G, self.name, c32, y, -1.0 / lam, rows=n)
+        return y[:self.d]
+
+    def flagged(self):
+        """Synchronise and read the vector's NaN/inf flag."""
+        return bool(B.scalar(self.ws[self.m]))
+
+    # -- reads -----------------------------------------------------------------------------
+    def held(self, n):
+        G = self.G if n == self.m else self.G[:n]
+        return K_.to_float32(G, self.name)
+
+    def held_columns(self, n, cols):
+        return K_.to_float32(self.G[:n, cols], self.name)
+
+    def sq_colsum(self, n):
+        Gh = self.held(n)[:, :self.d]
+        return self.backend.xp.einsum("ij,ij->j", Gh, Gh)
