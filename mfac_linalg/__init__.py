@@ -7,6 +7,7 @@ from ._operator import Operator, OutOfRangeError
 from .blockwise import BlockInverseFisher
 from .kronecker import (ConvergenceWarning, block_diag, deflation, ekfac, fisher_error, kfac,
                         kfac_corrected, kpsvd, lanczos)
+from ._capacitance import NotPositiveDefinite
 from .sliding import SlidingWindowInverseFisher
 from .static import FisherOperator, StaticInverseFisher
 
@@ -17,6 +18,6 @@ __all__ = [
     "StaticInverseFisher", "SlidingWindowInverseFisher", "BlockInverseFisher", "obs",
     "testing",
     "kfac", "ekfac", "kpsvd", "deflation", "kfac_corrected", "fisher_error", "block_diag",
-    "lanczos", "ConvergenceWarning",
+    "lanczos", "ConvergenceWarning", "NotPositiveDefinite",
     "__version__",
 ]
