@@ -15,9 +15,11 @@ from .comm import (Communicator, MPIComm, RemoteRankError, ReplicaDivergenceErro
                    state_digest)
 from .layout import ColumnLayout
 from .sharded import NotPositiveDefinite, ShardedStaticInverseFisher
+from .window import ShardedSlidingWindowInverseFisher
 
 __all__ = [
     "ColumnLayout", "Communicator", "SingleProcessComm", "TorchComm", "MPIComm", "as_comm",
     "RemoteRankError", "ReplicaDivergenceError", "agree", "allgather", "check_replicas",
-    "state_digest", "ShardedStaticInverseFisher", "NotPositiveDefinite",
+    "state_digest", "ShardedStaticInverseFisher", "ShardedSlidingWindowInverseFisher",
+    "NotPositiveDefinite",
 ]

@@ -145,7 +145,11 @@ class ShardedOperator(Operator):
     def _local_block(self, x, name, kind):
         """Validate this rank's slice; never raises (returns the error instead)."""
         try:
-            X, was_1d, out_dtype = self._prepare(x, name)
+            X, was_1d = B.as_vector_block(x, name, self._d, self._backend,
+                                          finite=self._check_finite)
+            out_dtype = X.dtype
+            if X.dtype != self._dtype:
+                X = X.astype(self._dtype)
             if kind == "matvec" and X.shape[1] != 1:
                 raise ValueError(f"{name} must have shape ({self._d},) or ({self._d}, 1) on rank "
                                  f"{self._comm.rank}; got shape {tuple(X.shape)}")
@@ -157,25 +161,81 @@ class ShardedOperator(Operator):
             return None, None, None, exc
 
     # -- the protocol on local slices ----------------------------------------------------------
-    def _apply(self, x, name, kind):
+    def _sharded_apply(self, x, name, kind):
         X, was_1d, out_dtype, err = self._local_block(x, name, kind)
         k = 1 if kind == "matvec" else self._agree_k(X, err, name, kind)
         Y = self._collective_matmat(X, k, err, kind)
-        return self._finish(Y, was_1d, out_dtype)
+        if Y.dtype != out_dtype:
+            Y = Y.astype(out_dtype)
+        return Y[:, 0] if was_1d else Y
 
     def matvec(self, x):
         """This rank's slice of ``A @ x`` from its slice ``x`` (d_p,) or (d_p, 1).  Collective:
         one all-reduce of m float64 numbers (plus one flag per rank)."""
-        return self._apply(x, "x", "matvec")
+        return self._sharded_apply(x, "x", "matvec")
 
     def matmat(self, X):
         """This rank's rows of ``A @ X`` from its rows of ``X`` (d_p, k).  Collective: a
         k-agreement all-reduce of P numbers, then one of m k numbers."""
-        return self._apply(X, "X", "matmat")
+        return self._sharded_apply(X, "X", "matmat")
+
+    def rmatvec(self, x):
+        """``A^T @ x`` = ``A @ x`` (symmetric).  Collective."""
+        return self.matvec(x)
+
+    def rmatmat(self, X):
+        """``A^T @ X`` = ``A @ X`` (symmetric).  Collective."""
+        return self.matmat(X)
 
     def dot(self, x):
         """``matvec`` or ``matmat`` by the shape of this rank's slice.  Collective."""
-        return self._apply(x, "x", "dot")
+        if isinstance(x, Operator):
+            return self._no_algebra()
+        return self._sharded_apply(x, "x", "dot")
+
+    __call__ = dot
+
+    def __matmul__(self, x):
+        return self.dot(x)
+
+    def __rmatmul__(self, x):
+        # x @ A = (A x^T)^T for symmetric A
+        if isinstance(x, Operator):
+            return self._no_algebra()
+        arr, _ = B.asarray(x, "x", backend=self._backend)
+        return self.dot(arr.T).T if arr.ndim == 2 else self.dot(arr)
+
+    def _no_algebra(self, *args):
+        raise TypeError(f"{type(self).__name__} takes part in no lazy algebra (its products are "
+                        "collective over the ranks' slices); combine the results of its "
+                        "products instead")
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __truediv__ = __pow__ = _no_algebra
+    __neg__ = __pos__ = _no_algebra
+
+    def __mul__(self, x):
+        """``op * x`` for an array slice x: ``op @ x`` (SciPy's convention); a scalar or an
+        operator is refused (no lazy algebra)."""
+        if isinstance(x, Operator) or np.ndim(x) == 0 and not hasattr(x, "__len__"):
+            return self._no_algebra()
+        return self.dot(x)
+
+    def __rmul__(self, x):
+        return self._no_algebra()
+
+    def adjoint(self):
+        """The operator itself (symmetric)."""
+        return self
+
+    T = property(adjoint)
+    H = property(adjoint)
+
+    def transpose(self):
+        return self
+
+    def inverse(self):
+        """Not available on a sharded operator (use the products)."""
+        return self._no_algebra()
 
     def quad(self, x):
         """``x^T A x`` (global, the same on every rank) from each rank's slice: a float for

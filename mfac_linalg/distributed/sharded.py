@@ -109,7 +109,7 @@ def layout_digest(layout):
     return state_digest(np.frombuffer(layout.fingerprint().encode(), dtype=np.uint8))
 
 
-def agree_setup(comm, table, *, layout, what, name):
+def agree_setup(comm, table, *, layout, what, name, labels=None):
     """Checks of a set-up header, identical on every rank (so every rank raises alike).
 
     ``table`` is P x (5 + 4): m, d_p, dtype code, damping, has_layout, layout digest.
@@ -118,8 +118,8 @@ def agree_setup(comm, table, *, layout, what, name):
     P = comm.size
     col = {k: [v for v in table[:, c]] for c, k in enumerate(
         ("m", "d", "dtype", "damping", "has_layout"))}
-    for key, label in (("m", f"the number of rows m of {name}"),
-                       ("dtype", f"the dtype of {name}"),
+    labels = labels or {"m": f"the number of rows m of {name}", "dtype": f"the dtype of {name}"}
+    for key, label in (("m", labels["m"]), ("dtype", labels["dtype"]),
                        ("damping", "damping"), ("has_layout", "layout (given or None)")):
         vals = col[key]
         if len(set(vals)) != 1:
