@@ -23,7 +23,9 @@ from .layout import LayerSpec, ParameterLayout, PermutedOperator, kronecker_inde
 from .optim import MFAC
 from .capture import (CapturedStatistics, LayerStatistics, capture_statistics,
                       kronecker_preconditioner, per_sample_gradients)
+from .prune import PruneMasks, PruneReport, PruneStage, prune
 
 __all__ = ["LayerSpec", "ParameterLayout", "PermutedOperator", "kronecker_index", "MFAC",
            "per_sample_gradients", "capture_statistics", "kronecker_preconditioner",
-           "CapturedStatistics", "LayerStatistics"]
+           "CapturedStatistics", "LayerStatistics", "prune", "PruneReport", "PruneStage",
+           "PruneMasks"]

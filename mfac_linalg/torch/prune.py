@@ -1,0 +1,406 @@
+r"""Optimal Brain Surgeon pruning of a PyTorch model (docs/math.md §3, §9).
+
+The weights of the chosen ``nn.Linear`` / ``nn.Conv2d`` layers (biases are kept) form
+one vector w in ``parameters_to_vector`` order.  At each stage the weights not yet
+removed are compressed into w_c, the per-sample gradients G (num_grads × |w_c|) give
+the inverse Fisher H = F⁻¹ of docs/math.md §1 (``fisher="block"``: the block-diagonal
+WoodFisher of §3; ``"static"``: the full M-FAC static operator; ``"sliding"``: a full
+sliding window), and a set Q is removed:
+
+* ``"joint"``: δw = −H E_Q (H_QQ)⁻¹ w_Q, the optimal update for removing all of Q
+  (solved per block), Q the smallest saliencies ρ_q = w_q² / (2 H_qq);
+* ``"independent"``: the single-weight updates −(w_q / H_qq) H e_q summed over the
+  same Q, then w_Q = 0 (the WoodFisher / M-FAC pruner);
+* ``"magnitude"``: Q the smallest |w_q|, no update;
+* ``"obd"``: Q the smallest ½ F_qq w_q², no update.
+
+``first_order=True`` (WoodTaylor, §9) adds the mean gradient ḡ: with r = w_Q − (Hḡ)_Q,
+δw = −Hḡ − H E_Q (H_QQ)⁻¹ r (joint) or −Hḡ − Σ_q (r_q / H_qq) H e_q (independent),
+saliency (w_q − (Hḡ)_q)² / (2 H_qq).  ``scope="global"`` ranks all weights together;
+``"layer"`` removes the same fraction of every layer.  ``steps`` > 1 prunes
+gradually to the sparsity schedule s_t = s_f + (s_i − s_f)(1 − t/T)³ (``"cubic"``, Zhu &
+Gupta 2017) or linearly, recomputing the gradients and H at every stage.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import _backend as B
+from .. import _validate as V
+from ..blockwise import BlockInverseFisher
+from ..sliding import SlidingWindowInverseFisher
+from ..static import StaticInverseFisher
+from ._convert import to_torch
+from .capture import _batches, _check_loss, _check_model, per_sample_gradients
+from .layout import select_layers
+
+__all__ = ["prune", "PruneReport", "PruneStage", "PruneMasks"]
+
+_METHODS = ("joint", "independent", "magnitude", "obd")
+_FISHERS = ("block", "static", "sliding")
+_DIRECT_LIMIT = 512
+
+
+@dataclass
+class PruneStage:
+    """One stage of :func:`prune`: target sparsity, weights removed, the loss on ``data``
+    before and after, the predicted increase of the quadratic model (docs/math.md §3, §9;
+    ``nan`` for magnitude and OBD), each layer's sparsity afterwards and the time taken."""
+    stage: int
+    target_sparsity: float
+    removed: int
+    loss_before: float
+    loss_after: float
+    predicted_increase: float
+    layer_sparsity: dict
+    seconds: float
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune` returns: ``stages`` (list of :class:`PruneStage`), ``masks``
+    (the :class:`PruneMasks` kept on the model), ``sparsity`` (over the pruned layers'
+    weights) and ``method``.  ``str(report)`` is a table."""
+    method: str
+    stages: list = field(default_factory=list)
+    masks: object = None
+    sparsity: float = 0.0
+
+    def __str__(self):
+        names = list(self.stages[0].layer_sparsity) if self.stages else []
+        head = (f"{'stage':>5} {'target':>7} {'removed':>8} {'loss before':>12} "
+                f"{'loss after':>12} {'predicted':>10} {'seconds':>8}  layer sparsity")
+        rows = [f"prune method={self.method}: final sparsity {self.sparsity:.4f}", head]
+        for s in self.stages:
+            per = " ".join(f"{n}={s.layer_sparsity[n]:.3f}" for n in names)
+            rows.append(f"{s.stage:>5} {s.target_sparsity:>7.4f} {s.removed:>8} "
+                        f"{s.loss_before:>12.6g} {s.loss_after:>12.6g} "
+                        f"{s.predicted_increase:>10.4g} {s.seconds:>8.3f}  {per}")
+        return "\n".join(rows)
+
+
+class PruneMasks:
+    """The masks of the pruned layers, kept on the model.
+
+    ``removed[name]`` is a boolean tensor of the weight's shape, True where the weight
+    is removed.  A forward pre-hook on each layer sets the removed weights to zero
+    before every forward pass, so they stay zero under further training (after each
+    optimizer step); :meth:`apply` does it at once, :meth:`remove` takes the hooks off.
+    """
+
+    def __init__(self, named_modules):
+        self._mods = dict(named_modules)
+        self.removed = {n: torch.zeros_like(m.weight, dtype=torch.bool)
+                        for n, m in self._mods.items()}
+        self._handles = [m.register_forward_pre_hook(self._hook(n))
+                         for n, m in self._mods.items()]
+
+    def _hook(self, name):
+        def hook(module, inputs):
+            with torch.no_grad():
+                module.weight.masked_fill_(self.removed[name], 0.0)
+        return hook
+
+    @torch.no_grad()
+    def apply(self):
+        """Set every removed weight to zero now."""
+        for n, m in self._mods.items():
+            m.weight.masked_fill_(self.removed[n], 0.0)
+
+    def remove(self):
+        """Take the hooks off the model (the weights keep their current values)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def sparsity(self):
+        """{layer name: fraction of its weights removed}."""
+        return {n: float(r.float().mean()) for n, r in self.removed.items()}
+
+
+def _schedule(s_i, s_f, steps, schedule):
+    if schedule == "cubic":
+        return [s_f + (s_i - s_f) * (1.0 - t / steps) ** 3 for t in range(1, steps + 1)]
+    return [s_i + (s_f - s_i) * t / steps for t in range(1, steps + 1)]
+
+
+@torch.no_grad()
+def _mean_loss(model, loss_fn, batches):
+    return float(np.mean([float(loss_fn(model(x), y)) for x, y in batches]))
+
+
+def _gradients(model, loss_fn, batches, num_grads, weight_idx):
+    """The first ``num_grads`` per-sample gradients, restricted to the pruned weights."""
+    rows, got = [], 0
+    for x, y in batches:
+        take = min(num_grads - got, x.shape[0])
+        G = per_sample_gradients(model, loss_fn, (x[:take], y[:take]))
+        rows.append(G[:, weight_idx])
+        got += take
+        if got == num_grads:
+            break
+    if got < num_grads:
+        raise ValueError(f"num_grads={num_grads} but data holds only {got} samples")
+    return torch.cat(rows, 0).contiguous()
+
+
+def _operator(G, fisher, damping, block_size, layer_sizes):
+    if fisher == "static":
+        return StaticInverseFisher(G, damping)
+    if fisher == "sliding":
+        win = SlidingWindowInverseFisher(G.shape[1], G.shape[0], damping,
+                                         dtype=str(G.dtype).replace("torch.", ""))
+        win.update(G)
+        return win
+    return BlockInverseFisher(G, damping, block_size=min(block_size, G.shape[1]),
+                              blocks=layer_sizes)
+
+
+def _removal(op, r, Q, xp):
+    """−H E_Q (H_QQ)⁻¹ r_Q and ½ r_Qᵀ (H_QQ)⁻¹ r_Q, per block of H = αI + βVᵀV
+    (docs/math.md §3): one q × q solve per block that loses weights, or its Woodbury
+    form in r dims when q exceeds both r and 512."""
+    d = r.shape[0]
+    dw = xp.zeros(d, dtype=np.float64)
+    loss = 0.0
+    Qh = B.to_host(Q)
+    for cols, alpha, beta, Vs in op.lowrank_batches():
+        sel = Qh[cols]
+        for k in np.flatnonzero(sel.any(axis=1)):
+            loc = np.flatnonzero(sel[k])
+            Vk = Vs[k].astype(np.float64)
+            Vq = Vk[:, xp.asarray(loc)]
+            rq = r[xp.asarray(cols[k, loc])]
+            q, rank = len(loc), Vk.shape[0]
+            if alpha and beta and q > max(rank, _DIRECT_LIMIT):
+                M = Vq @ Vq.T
+                M[xp.diag_indices(rank)] += alpha / beta
+                t = (rq - Vq.T @ xp.linalg.solve(M, Vq @ rq)) / alpha
+            else:
+                Hqq = beta * (Vq.T @ Vq)
+                Hqq[xp.diag_indices(q)] += alpha
+                t = xp.linalg.solve(Hqq, rq)
+            blk = -beta * (Vk.T @ (Vq @ t))
+            blk[xp.asarray(loc)] -= alpha * t
+            dw[xp.asarray(cols[k])] += blk
+            loss += 0.5 * B.scalar(rq @ t)
+    return dw, loss
+
+
+def _select(score, counts, groups, xp):
+    """Boolean mask of the smallest scores: ``counts[k]`` inside group k (global: one group)."""
+    Q = xp.zeros(score.shape[0], dtype=bool)
+    for idx, c in zip(groups, counts):
+        if c <= 0:
+            continue
+        order = xp.argsort(score[idx], kind="stable")[:c]
+        Q[idx[order]] = True
+    return Q
+
+
+def prune(model, loss_fn, data, sparsity, *, method="joint", fisher="block", block_size=128,
+          num_grads=64, damping=1e-5, scope="global", first_order=False, steps=1,
+          schedule="cubic", layers=None, block_layout="layer", between=None):
+    r"""Prune the weights of a model's Linear / Conv2d layers by Optimal Brain Surgeon.
+
+    See the module docstring for the formulas (docs/math.md §3, §9).  Each stage:
+    per-sample gradients of the first ``num_grads`` samples of ``data`` at the current
+    weights (restricted to the weights not yet removed), the inverse Fisher, the
+    saliencies, the removal and the update, then the weights written back in the
+    model's dtype with the removed ones exactly zero.  The masks stay on the model
+    (:class:`PruneMasks`, a forward pre-hook per layer keeps removed weights at zero).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    loss_fn : callable, loss_fn(output, target) -> scalar
+    data : (inputs, targets) or an iterable of such batches: the gradients and the
+        reported losses
+    sparsity : float in [0, 1)
+        Target fraction of removed weights (over the pruned layers' weights; weights
+        that are zero at the start count as removed and stay so).
+    method : {"joint", "independent", "magnitude", "obd"}
+    fisher : {"block", "static", "sliding"}
+        The inverse Fisher: WoodFisher blocks of ``block_size``, the full static M-FAC
+        operator, or a sliding window holding the ``num_grads`` gradients.
+    block_size : int
+        Block size of ``fisher="block"``.
+    num_grads : int
+        m, the gradients per stage.
+    damping : float
+        λ > 0.
+    scope : {"global", "layer"}
+    first_order : bool
+        Include the mean gradient (WoodTaylor).  Not with magnitude / OBD.
+    steps : int
+        Stages (gradual pruning when > 1).
+    schedule : {"cubic", "linear"}
+    layers : optional module names or modules (default: every Linear / Conv2d layer)
+    block_layout : {"layer", "flat"}
+        "layer": blocks never cross a layer boundary (docs/math.md §3); "flat": blocks of
+        ``block_size`` over the whole compressed vector, as the published M-FAC pruner.
+    between : optional callable ``between(model, stage)`` run after every stage but the
+        last (e.g. a few fine-tuning steps; the masks stay applied).
+
+    Returns
+    -------
+    PruneReport
+
+    Costs
+    -----
+    Per stage: ``num_grads`` per-sample gradients, the operator's set-up (blocks:
+    O(m² d + m³ d / b)), one diagonal pass O(m d), the update (independent: one product
+    O(m d); joint: one |Q_k| × |Q_k| solve per block, or its Woodbury form).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad arguments (named in the message), too few samples for ``num_grads``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mfac_linalg.torch import prune
+    >>> torch.manual_seed(0)                                    # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    >>> rep = prune(model, torch.nn.CrossEntropyLoss(), (x, y), 0.5, num_grads=32,
+    ...             damping=1e-3, block_size=16)
+    >>> rep.sparsity, float((model[0].weight == 0).float().mean()) > 0
+    (0.5, True)
+    """
+    _check_model(model)
+    _check_loss(loss_fn)
+    batches = _batches(data)
+    sparsity = V.real(sparsity, "sparsity", low=0.0, high=1.0, high_open=True)
+    method = V.choice(method, "method", _METHODS)
+    fisher = V.choice(fisher, "fisher", _FISHERS)
+    block_size = V.positive_int(block_size, "block_size")
+    num_grads = V.positive_int(num_grads, "num_grads")
+    scope = V.choice(scope, "scope", ("global", "layer"))
+    first_order = V.boolean(first_order, "first_order")
+    steps = V.positive_int(steps, "steps")
+    schedule = V.choice(schedule, "schedule", ("cubic", "linear"))
+    block_layout = V.choice(block_layout, "block_layout", ("layer", "flat"))
+    if first_order and method in ("magnitude", "obd"):
+        raise ValueError(f"first_order=True needs method 'joint' or 'independent'; got "
+                         f"{method!r}")
+    if between is not None and not callable(between):
+        raise TypeError(f"between must be callable as between(model, stage); got "
+                        f"{type(between).__name__}")
+    named = select_layers(model, layers)
+    V.damping(damping)
+    # positions of the pruned weights inside parameters_to_vector(trainable params)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    offs, o = {}, 0
+    for p in trainable:
+        offs[id(p)] = o
+        o += p.numel()
+    weight_idx = torch.cat([torch.arange(offs[id(m.weight)], offs[id(m.weight)] + m.weight.numel())
+                            for _, m in named]).to(trainable[0].device)
+    sizes = [m.weight.numel() for _, m in named]
+    D = sum(sizes)
+    layer_of = np.repeat(np.arange(len(sizes)), sizes)
+    masks = getattr(model, "_mfac_prune_masks", None)
+    if masks is None or set(masks.removed) != {n for n, _ in named}:
+        if masks is not None:
+            masks.remove()
+        masks = PruneMasks(named)
+        model._mfac_prune_masks = masks
+    with torch.no_grad():
+        for n, m in named:
+            masks.removed[n] |= (m.weight == 0)
+    masks.apply()
+    removed0 = torch.cat([masks.removed[n].reshape(-1) for n, _ in named]).cpu().numpy()
+    s_i = float(removed0.mean())
+    if sparsity < s_i:
+        raise ValueError(f"sparsity={sparsity} is below the layers' current sparsity {s_i:.4f}")
+    targets = _schedule(s_i, sparsity, steps, schedule)
+    report = PruneReport(method=method, masks=masks)
+    xp = np
+    for stage, s_t in enumerate(targets, 1):
+        t0 = time.perf_counter()
+        loss_before = _mean_loss(model, loss_fn, batches)
+        with torch.no_grad():
+            w_full = torch.cat([m.weight.detach().reshape(-1) for _, m in named])
+        removed = torch.cat([masks.removed[n].reshape(-1) for n, _ in named]).cpu().numpy()
+        keep = np.flatnonzero(~removed)                          # compressed coordinates
+        w = w_full.cpu().double().numpy()[keep]
+        if scope == "global":
+            groups = [np.arange(keep.size)]
+            counts = [int(round(s_t * D)) - int(removed.sum())]
+        else:
+            lk = layer_of[keep]
+            groups = [np.flatnonzero(lk == k) for k in range(len(sizes))]
+            counts = [int(round(s_t * sizes[k])) - int(removed[layer_of == k].sum())
+                      for k in range(len(sizes))]
+        counts = [max(0, min(c, g.size)) for c, g in zip(counts, groups)]
+        predicted = float("nan")
+        gbar = None
+        if method == "magnitude":
+            Q = _select(np.abs(w), counts, groups, xp)
+            dw = np.zeros_like(w)
+        else:
+            kidx = weight_idx[torch.from_numpy(keep).to(weight_idx.device)]
+            G = _gradients(model, loss_fn, batches, num_grads, kidx)
+            lsz = None
+            if block_layout == "layer":
+                lsz = [int((layer_of[keep] == k).sum()) for k in range(len(sizes))]
+                lsz = [c for c in lsz if c > 0]
+            op = _operator(G, fisher, damping, block_size, lsz)
+            Gn = G.detach().cpu().double().numpy()
+            if method == "obd":
+                Fdiag = damping + (Gn ** 2).mean(axis=0)
+                Q = _select(0.5 * Fdiag * w * w, counts, groups, xp)
+                dw = np.zeros_like(w)
+            else:
+                Hdiag = np.asarray(B.to_host(op.diagonal()), dtype=np.float64)
+                r, Hg = w, 0.0
+                if first_order:
+                    gbar = Gn.mean(axis=0)
+                    Hg = np.asarray(B.to_host(op.matvec(gbar)), dtype=np.float64)
+                    r = w - Hg
+                Q = _select(r * r / (2.0 * Hdiag), counts, groups, xp)
+                if method == "joint":
+                    dw, _ = _removal(op, r, Q, xp)
+                else:
+                    s = np.where(Q, r / Hdiag, 0.0)
+                    dw = -np.asarray(B.to_host(op.matvec(s)), dtype=np.float64)
+                dw = dw - Hg
+        w_new = w + dw
+        w_new[Q] = 0.0
+        if method != "magnitude":
+            # the quadratic model of the loss change (docs/math.md §9): g.dw + 1/2 dw^T F dw
+            delta = w_new - w
+            predicted = 0.5 * float(op.fisher().quad(delta))
+            if gbar is not None:
+                predicted += float(gbar @ delta)
+        nrem = int(Q.sum())
+        full = w_full.cpu().double().numpy().copy()
+        full[keep] = w_new
+        full[removed] = 0.0
+        newly = np.zeros(D, dtype=bool)
+        newly[keep[Q]] = True
+        with torch.no_grad():
+            t = to_torch(full, dtype=w_full.dtype, device=w_full.device)
+            a = 0
+            for (n, m), sz in zip(named, sizes):
+                m.weight.copy_(t[a:a + sz].view_as(m.weight))
+                masks.removed[n] |= torch.from_numpy(newly[a:a + sz]).to(m.weight.device).view_as(m.weight)
+                a += sz
+        masks.apply()
+        loss_after = _mean_loss(model, loss_fn, batches)
+        report.stages.append(PruneStage(stage, float(s_t), nrem, loss_before, loss_after,
+                                        float(predicted), masks.sparsity(),
+                                        time.perf_counter() - t0))
+        if between is not None and stage < steps:
+            between(model, stage)
+            masks.apply()
+    allr = torch.cat([masks.removed[n].reshape(-1) for n, _ in named])
+    report.sparsity = float(allr.double().mean())
+    return report

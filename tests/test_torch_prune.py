@@ -1,0 +1,189 @@
+"""mfac_linalg.torch.prune against dense OBS oracles and the published M-FAC pruner."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mfac_linalg.torch import per_sample_gradients, prune  # noqa: E402
+
+LAM = 1e-3
+
+
+def _mlp(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(),
+                               torch.nn.Linear(5, 4)).to(dtype)
+
+
+def _data(n=40, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 4, (n,), generator=g))
+
+
+def _weights(model):
+    return torch.cat([model[0].weight.detach().reshape(-1), model[2].weight.detach().reshape(-1)])
+
+
+def _weight_grads(model, data, m):
+    G = per_sample_gradients(model, torch.nn.CrossEntropyLoss(), (data[0][:m], data[1][:m]))
+    # trainable order: W0 (30), b0 (5), W2 (20), b2 (4) -> the weights' columns
+    return torch.cat([G[:, :30], G[:, 35:55]], 1).numpy()
+
+
+def _dense_H(G, blocks=None):
+    d = G.shape[1]
+    if blocks is None:
+        blocks = [(0, d)]
+    H = np.zeros((d, d))
+    for a, b in blocks:
+        Gb = G[:, a:b]
+        H[a:b, a:b] = np.linalg.inv(LAM * np.eye(b - a) + Gb.T @ Gb / G.shape[0])
+    return H
+
+
+def _layer_blocks(sizes, bs):
+    out, start = [], 0
+    for s in sizes:
+        for off in range(0, s, bs):
+            out.append((start + off, start + min(s, off + bs)))
+        start += s
+    return out
+
+
+@pytest.mark.parametrize("fisher,blocks", [("static", None), ("block", 8), ("sliding", None)])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_joint_equals_dense_kkt_oracle(fisher, blocks, first_order):
+    model, data = _mlp(), _data()
+    m = 30
+    G = _weight_grads(model, data, m)
+    w = _weights(model).numpy()
+    H = _dense_H(G, None if blocks is None else _layer_blocks([30, 20], blocks))
+    gbar = G.mean(0) if first_order else np.zeros(50)
+    Hg = H @ gbar
+    r = w - Hg
+    count = 20
+    Q = np.argsort(r * r / (2 * np.diag(H)), kind="stable")[:count]
+    # KKT: min g.dw + 1/2 dw^T F dw  s.t.  dw_Q = -w_Q
+    dw = -Hg - H[:, Q] @ np.linalg.solve(H[np.ix_(Q, Q)], r[Q])
+    ref = w + dw
+    ref[Q] = 0.0
+    rep = prune(model, torch.nn.CrossEntropyLoss(), data, count / 50, method="joint",
+                fisher=fisher, block_size=blocks or 128, num_grads=m, damping=LAM,
+                first_order=first_order)
+    got = _weights(model).numpy()
+    assert np.abs(got - ref).max() <= 1e-10 * np.abs(ref).max()
+    assert set(np.flatnonzero(got == 0)) == set(Q)
+    F = np.linalg.inv(H)
+    pred = gbar @ (ref - w) + 0.5 * (ref - w) @ F @ (ref - w)
+    assert rep.stages[0].predicted_increase == pytest.approx(pred, rel=1e-8, abs=1e-12)
+
+
+def _published_mfac_prune(w, G, count, blocksize, lam):
+    """The published M-FAC pruner's one pruning step on the compressed (non-zero) weights:
+    blocks of ``blocksize`` over the flat vector (the last one smaller), F_k = lam I +
+    G_k^T G_k / m per block, saliency w^2 / (2 diag F^-1), the ``count`` smallest dropped,
+    the single-weight updates summed, then the dropped weights zeroed."""
+    w = torch.tensor(w)
+    G = torch.tensor(G)
+    d, m = w.numel(), G.shape[0]
+    Hinv = torch.zeros(d, d, dtype=torch.float64)
+    for a in range(0, d, blocksize):
+        b = min(d, a + blocksize)
+        Gb = G[:, a:b]
+        Hinv[a:b, a:b] = torch.linalg.inv(lam * torch.eye(b - a, dtype=torch.float64)
+                                          + Gb.T @ Gb / m)
+    diag = torch.diagonal(Hinv)
+    p = w ** 2 / (2.0 * diag)
+    drop = torch.argsort(p)[:count]
+    tmp = torch.zeros(d, dtype=torch.float64)
+    tmp[drop] = -w[drop] / diag[drop]
+    w = w + Hinv @ tmp
+    w[drop] = 0.0
+    return w.numpy(), set(drop.tolist())
+
+
+def test_independent_removes_exactly_what_the_published_pruner_removes():
+    model, data = _mlp(seed=4), _data()
+    m, bs = 24, 16
+    # two stages, the second on a model that already has zeros (the compressed vector)
+    for stage, (s, count) in enumerate([(0.4, 20), (0.7, 15)]):
+        w_full = _weights(model).numpy()
+        keep = np.flatnonzero(w_full != 0)
+        G = _weight_grads(model, data, m)[:, keep]
+        ref_c, drop = _published_mfac_prune(w_full[keep], G, count, bs, LAM)
+        prune(model, torch.nn.CrossEntropyLoss(), data, s, method="independent",
+              fisher="block", block_size=bs, block_layout="flat", num_grads=m, damping=LAM)
+        got = _weights(model).numpy()
+        assert set(np.flatnonzero((got == 0) & (w_full != 0))) == {int(keep[i]) for i in drop}
+        assert np.abs(got[keep] - ref_c).max() <= 1e-10 * np.abs(ref_c).max()
+
+
+def test_magnitude_obd_layer_scope_masks_and_report():
+    model, data = _mlp(dtype=torch.float32), _data(dtype=torch.float32)
+    w0 = _weights(model).numpy()
+    rep = prune(model, torch.nn.CrossEntropyLoss(), data, 0.5, method="magnitude",
+                scope="layer")
+    w1 = _weights(model).numpy()
+    assert model[0].weight.dtype == torch.float32
+    for a, b in [(0, 30), (30, 50)]:
+        z = np.flatnonzero(w1[a:b] == 0)
+        assert len(z) == (b - a) // 2
+        assert np.abs(w0[a:b][z]).max() <= np.abs(np.delete(w0[a:b], z)).min()
+        assert np.array_equal(np.delete(w1[a:b], z), np.delete(w0[a:b], z))   # no update
+    assert rep.stages[0].layer_sparsity == {"0": 0.5, "2": 0.5}
+    assert "stage" in str(rep) and "loss before" in str(rep)
+    # the masks stay on the model: a training step cannot revive removed weights
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    loss = torch.nn.CrossEntropyLoss()(model(data[0]), data[1])
+    loss.backward()
+    opt.step()
+    model(data[0])
+    assert np.array_equal(_weights(model).numpy() == 0, w1 == 0)
+    # OBD on a fresh model: the smallest 1/2 F_qq w_q^2, no update
+    model, m = _mlp(), 20
+    G = _weight_grads(model, data=_data(), m=m)
+    w = _weights(model).numpy()
+    score = 0.5 * (LAM + (G ** 2).mean(0)) * w * w
+    prune(model, torch.nn.CrossEntropyLoss(), _data(), 0.3, method="obd", num_grads=m,
+          damping=LAM)
+    got = _weights(model).numpy()
+    assert set(np.flatnonzero(got == 0)) == set(np.argsort(score)[:15])
+
+
+def test_gradual_cubic_schedule_and_predicted_ordering():
+    model, data = _mlp(seed=2), _data()
+    rep = prune(model, torch.nn.CrossEntropyLoss(), data, 0.8, method="joint", steps=3,
+                num_grads=30, damping=LAM, block_size=10)
+    t = [s.target_sparsity for s in rep.stages]
+    np.testing.assert_allclose(t, [0.8 * (1 - (1 - k / 3) ** 3) for k in (1, 2, 3)])
+    cum = [int(round(0.8 * (1 - (1 - k / 3) ** 3) * 50)) for k in (1, 2, 3)]
+    assert cum == [28, 39, 40]
+    assert [s.removed for s in rep.stages] == [28, 11, 1]
+    assert rep.sparsity == pytest.approx(0.8)
+    # same set Q: joint's predicted increase is the minimum of the quadratic model
+    a, b = _mlp(seed=3), _mlp(seed=3)
+    ra = prune(a, torch.nn.CrossEntropyLoss(), data, 0.6, method="joint", num_grads=30,
+               damping=LAM)
+    rb = prune(b, torch.nn.CrossEntropyLoss(), data, 0.6, method="independent", num_grads=30,
+               damping=LAM)
+    assert torch.equal(_weights(a) == 0, _weights(b) == 0)
+    assert ra.stages[0].predicted_increase <= rb.stages[0].predicted_increase * (1 + 1e-12)
+
+
+def test_prune_arguments_are_checked():
+    model, data = _mlp(), _data()
+    loss = torch.nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match="sparsity must be < 1"):
+        prune(model, loss, data, 1.0)
+    with pytest.raises(ValueError, match="method must be one of"):
+        prune(model, loss, data, 0.5, method="random")
+    with pytest.raises(ValueError, match="first_order=True needs method"):
+        prune(model, loss, data, 0.5, method="magnitude", first_order=True)
+    with pytest.raises(ValueError, match="num_grads=100 but data holds only 40"):
+        prune(model, loss, data, 0.5, num_grads=100)
+    with pytest.raises(TypeError, match="steps must be an integer"):
+        prune(model, loss, data, 0.5, steps=2.0)
+    assert bool((_weights(model) != 0).all())          # nothing changed by a refused call
+    prune(model, loss, data, 0.5, method="magnitude")
+    with pytest.raises(ValueError, match="below the layers' current sparsity"):
+        prune(model, loss, data, 0.2, method="magnitude")
