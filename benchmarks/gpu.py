@@ -17,7 +17,6 @@ import numpy as np
 import cupy as cp
 
 import mfac_linalg as ml
-from mfac_linalg.kernels import sliding as K
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _timing import table  # noqa: E402
@@ -52,35 +51,16 @@ def free():
     cp.get_default_memory_pool().free_all_blocks()
 
 
-def to_bf16_bits(G32):
-    b = G32.view(cp.uint32)
-    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(cp.uint16)
-
-
-def filled_window(d, m, dtype, lam, seed=0):
-    """A full window with random gradients, loaded directly (not m updates)."""
-    w = ml.SlidingWindowInverseFisher(d, m, lam, dtype=dtype, device="gpu",
-                                      refresh_every=10**9)
+def filled_window(d, m, dtype, lam, seed=0, engine="auto", **kwargs):
+    """A full window with random gradients in one set-up (from_gradients over row blocks
+    of at most 1 GiB: the float32 rows of a 16-bit window need not fit at once)."""
     rs = cp.random.RandomState(seed)
     chunk = max(1, (1 << 28) // max(d, 1))
-    Kg = cp.zeros((m, m), dtype=cp.float64)
-    for r0 in range(0, m, chunk):
-        rows = rs.standard_normal((min(chunk, m - r0), d), dtype=cp.float32)
-        if dtype == "bfloat16":
-            w._G[r0:r0 + rows.shape[0], :d] = to_bf16_bits(rows)
-        else:
-            w._G[r0:r0 + rows.shape[0], :d] = rows
-        del rows
-    for c0 in range(0, w._ld, 1 << 16):
-        Gc = K.to_float32(w._G[:, c0:c0 + (1 << 16)], dtype) if dtype != "float32" \
-            else w._G[:, c0:c0 + (1 << 16)]
-        Kg += (Gc @ Gc.T).astype(cp.float64)
-        del Gc
-    w._K[...] = Kg
-    w._count = m
-    w._stale = True
-    w._ensure_factor()
-    del Kg
+    blocks = (rs.standard_normal((min(chunk, m - r0), d), dtype=cp.float32)
+              for r0 in range(0, m, chunk))
+    w = ml.SlidingWindowInverseFisher.from_gradients(
+        blocks, lam, window=m, dtype=dtype, device="gpu", refresh_every=10**9, engine=engine,
+        **kwargs)
     free()
     return w
 
@@ -133,8 +113,7 @@ def accuracy(d=100_000, m=1024):
     out = []
     for dtype in ("float32", "bfloat16"):
         w = filled_window(d, m, dtype, 1e-3 * d, seed=5)
-        G64 = K.to_float32(w._G[:, :d], dtype).astype(cp.float64) if dtype != "float32" \
-            else w._G[:, :d].astype(cp.float64)
+        G64 = w.gradients().astype(cp.float64)       # the values as stored (full: slot order)
         ref_op = ml.StaticInverseFisher(G64, 1e-3 * d)  # N = m: the same F
         x = cp.random.RandomState(9).standard_normal(d, dtype=cp.float32)
         y = w.matvec(x).astype(cp.float64)
@@ -149,9 +128,9 @@ def accuracy(d=100_000, m=1024):
     # bfloat16 storage against the unrounded float32 data: the storage error itself
     rs = cp.random.RandomState(11)
     G32 = rs.standard_normal((256, 20_000), dtype=cp.float32)
-    Gb = K.to_float32(to_bf16_bits(G32), "bfloat16")
     x = rs.standard_normal(20_000).astype(cp.float64)
     lam = 1e-3 * 20_000
+    Gb = ml.SlidingWindowInverseFisher.from_gradients(G32, lam, dtype="bfloat16").gradients()
     ya = ml.StaticInverseFisher(G32.astype(cp.float64), lam).matvec(x)
     yb = ml.StaticInverseFisher(Gb.astype(cp.float64), lam).matvec(x)
     storage_err = float(cp.linalg.norm(ya - yb) / cp.linalg.norm(ya))

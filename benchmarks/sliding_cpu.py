@@ -27,11 +27,10 @@ import mfac_linalg as ml  # noqa: E402
 
 
 def filled(dim, m, rng, refresh_every=None):
-    w = ml.SlidingWindowInverseFisher(dim, m, 1e-3, dtype="float32",
-                                      refresh_every=refresh_every or 10**9)
-    w.update(rng.standard_normal((m, dim), dtype=np.float32))
-    w.matvec(np.zeros(dim, np.float32))   # factor current
-    return w
+    """A full window in one set-up (from_gradients: one Gram product, one factorisation)."""
+    return ml.SlidingWindowInverseFisher.from_gradients(
+        rng.standard_normal((m, dim), dtype=np.float32), 1e-3,
+        refresh_every=refresh_every or 10**9)
 
 
 def scaling(dim, windows, rng):
@@ -48,7 +47,7 @@ def scaling(dim, windows, rng):
         t = compare({"update": lambda: w.update(nxt()), "step": lambda: w.step(nxt())},
                     rounds=reps)
         t0 = time.perf_counter()
-        w._refactor()
+        w.refresh()
         t_ref = time.perf_counter() - t0
         upd[m] = t["update"]
         prev = upd.get(m // 2)
@@ -69,7 +68,7 @@ def floor(sizes, rng):
     rows = []
     for dim, m in sizes:
         w = filled(dim, m, rng)
-        G = w._G
+        G = w.gradients()               # a copy of the buffer: the same bytes, same layout
         x = rng.standard_normal(dim, dtype=np.float32)
         gs = rng.standard_normal((8, dim), dtype=np.float32)
         k = [0]
