@@ -15,8 +15,8 @@ def op(rng):
 @pytest.mark.parametrize("grads,exc,msg", [
     (np.ones(5), ValueError, r"grads must be 2-D \(m, d\); got shape \(5,\)"),
     (np.ones((2, 3, 4)), ValueError, r"grads must be 2-D \(m, d\); got shape \(2, 3, 4\)"),
-    (np.ones((0, 5)), ValueError, r"grads must hold at least one gradient.*\(0, 5\)"),
-    (np.ones((3, 0)), ValueError, r"grads must hold at least one gradient.*\(3, 0\)"),
+    (np.ones((0, 5)), ValueError, r"grads must hold at least 1 gradient.*got shape \(0, 5\)"),
+    (np.ones((3, 0)), ValueError, r"grads must hold at least 1 gradient.*dimension >= 1; got shape \(3, 0\)"),
     (np.array([[1.0, np.nan]]), ValueError, r"grads must be finite"),
     (np.array([[1.0, np.inf]]), ValueError, r"grads must be finite"),
     (np.ones((2, 2), dtype=complex), TypeError, r"grads must be real; got complex"),
@@ -30,14 +30,16 @@ def test_bad_grads(grads, exc, msg):
 
 
 @pytest.mark.parametrize("damping,exc,msg", [
-    (0.0, ValueError, r"damping must be > 0; got 0.0"),
-    (-1e-3, ValueError, r"damping must be > 0; got -0.001"),
-    (float("nan"), ValueError, r"damping must be finite; got nan"),
+    (0.0, ValueError, r"damping must be > 0(\.0)?; got 0\.0"),
+    (-1e-3, ValueError, r"damping must be > 0(\.0)?; got -0\.001"),
+    (float("nan"), ValueError, r"damping must be a number; got nan"),
     (float("inf"), ValueError, r"damping must be finite; got inf"),
-    ("0.1", TypeError, r"damping must be a real scalar; got str"),
-    (np.array([0.1, 0.2]), TypeError, r"damping must be a real scalar; got ndarray"),
-    (True, TypeError, r"damping must be a real scalar; got bool"),
-    (1 + 1j, TypeError, r"damping must be a real scalar; got complex"),
+    (1e-310, ValueError, r"damping must be in \[1.5e-154, 1.3e\+154\] for float64 results; got 1e-310"),
+    (1e308, ValueError, r"damping must be in \[.*\] for float64 results; got 1e\+308"),
+    ("0.1", TypeError, r"damping must be a real number; got str '0.1'"),
+    (np.array([0.1, 0.2]), TypeError, r"damping must be a real number; got ndarray"),
+    (True, TypeError, r"damping must be a real number; got bool True"),
+    (1 + 1j, TypeError, r"damping must be a real number; got complex"),
 ])
 def test_bad_damping(damping, exc, msg):
     with pytest.raises(exc, match=msg):

@@ -1,0 +1,295 @@
+"""mfac_linalg.testing: the oracles are exact (against rational arithmetic), the
+strategies draw what they promise, and check_operator catches broken operators."""
+import copy
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mfac_linalg as ml
+from mfac_linalg import testing as mt
+
+EPS = np.finfo(np.float64).eps
+
+
+# -- exact rational references -----------------------------------------------------------
+
+def _frac(A):
+    return [[Fraction(float(v)) for v in row] for row in np.atleast_2d(A)]
+
+
+def _solve_frac(A, b):
+    """Gaussian elimination in exact rationals."""
+    n = len(A)
+    M = [row[:] + [b[i]] for i, row in enumerate(A)]
+    for c in range(n):
+        p = next(r for r in range(c, n) if M[r][c] != 0)
+        M[c], M[p] = M[p], M[c]
+        for r in range(n):
+            if r != c and M[r][c] != 0:
+                f = M[r][c] / M[c][c]
+                M[r] = [a - f * b_ for a, b_ in zip(M[r], M[c])]
+    return [M[i][n] / M[i][i] for i in range(n)]
+
+
+def _det_frac(A):
+    n = len(A)
+    M = [row[:] for row in A]
+    det = Fraction(1)
+    for c in range(n):
+        p = next(r for r in range(c, n) if M[r][c] != 0)
+        if p != c:
+            M[c], M[p] = M[p], M[c]
+            det = -det
+        det *= M[c][c]
+        for r in range(c + 1, n):
+            f = M[r][c] / M[c][c]
+            M[r] = [a - f * b_ for a, b_ in zip(M[r], M[c])]
+    return det
+
+
+def _fisher_frac(G, lam, N=None):
+    m, d = G.shape
+    N = m if N is None else N
+    Gf = _frac(G)
+    lf = Fraction(lam)
+    return [[(lf if i == j else 0) + sum(Gf[k][i] * Gf[k][j] for k in range(m)) / N
+             for j in range(d)] for i in range(d)]
+
+
+def _ulps(got, exact):
+    """Distance in units of the last place of the correctly rounded value."""
+    return max(abs(g - float(e)) / max(math.ulp(float(e)), 5e-324) for g, e in zip(got, exact))
+
+
+# -- oracles -------------------------------------------------------------------------------
+
+def test_refined_solve_is_correctly_rounded_on_hilbert():
+    n = 6
+    H = np.array([[1.0 / (i + j + 1) for j in range(n)] for i in range(n)])   # cond ~ 1.5e7
+    b = np.arange(1.0, n + 1)
+    Y = mt.refined_solve(lambda Y: H @ Y, lambda R: np.linalg.solve(H, R), b[:, None])
+    exact = _solve_frac(_frac(H), [Fraction(v) for v in b])
+    assert _ulps(Y[:, 0], exact) <= 1.0
+    plain = np.linalg.solve(H, b)
+    assert _ulps(plain, exact) > 1.0     # the point of refinement
+
+
+@pytest.mark.parametrize("m,d,lam,dup", [(3, 5, 1e-3, False), (8, 4, 1e-12, True),
+                                         (6, 6, 1e-9, True), (1, 3, 1.0, False)])
+def test_inverse_fisher_oracle_is_exact(m, d, lam, dup):
+    rng = np.random.default_rng(m * 10 + d)
+    G = rng.standard_normal((m, d))
+    if dup:
+        G = G[np.arange(m) % 2]                     # rank 2: F's smallest eigenvalue is lam
+    o = mt.inverse_fisher_oracle(G, lam)
+    F = _fisher_frac(G, lam)
+    x = rng.standard_normal(d)
+    exact = _solve_frac(F, [Fraction(v) for v in x])
+    assert _ulps(o.matmat(x), exact) <= 1.0
+    # the forward product: exact to one rounding
+    Fx = [sum(F[i][j] * Fraction(x[j]) for j in range(d)) for i in range(d)]
+    assert _ulps(o.fisher.matmat(x), Fx) <= 0.5
+    det = _det_frac(F)
+    ld = math.log(float(det))           # float(Fraction) is correctly rounded
+    assert abs(o.logdet - ld) <= 8 * EPS * max(1.0, abs(ld))
+    # a dense float64 inverse is not this exact when F is ill-conditioned
+    if lam <= 1e-9:
+        dense = np.linalg.solve(np.array([[float(v) for v in r] for r in F]), x)
+        assert _ulps(dense, exact) > 1e3
+
+
+def test_kronecker_oracle_matches_rational_solve():
+    rng = np.random.default_rng(3)
+    P = rng.standard_normal((2, 2))
+    P = P @ P.T
+    Q = rng.standard_normal((3, 3))
+    Q = Q @ Q.T
+    P2, Q2 = np.diag([1.0, -0.5]), np.diag([0.3, 0.2, 0.1])
+    o = mt.kronecker_oracle([(P, Q), (P2, Q2)], shift=1e-6)
+    M = np.kron(P, Q) + np.kron(P2, Q2) + 1e-6 * np.eye(6)
+    Mf = [[Fraction(0)] * 6 for _ in range(6)]
+    for Pt, Qt in ((P, Q), (P2, Q2)):
+        Pf, Qf = _frac(Pt), _frac(Qt)
+        for i in range(6):
+            for j in range(6):
+                Mf[i][j] += Pf[i // 3][j // 3] * Qf[i % 3][j % 3]
+    for i in range(6):
+        Mf[i][i] += Fraction(1e-6)
+    x = rng.standard_normal(6)
+    exact = _solve_frac(Mf, [Fraction(v) for v in x])
+    assert _ulps(o.matmat(x), exact) <= 1.0
+    assert np.allclose(o.fisher.dense(), M, rtol=0, atol=4 * EPS * np.abs(M).max())
+    # the layout: (P kron Q) vec(V) = vec(P V Q^T), row-major
+    V = rng.standard_normal((2, 3))
+    fwd = mt.kronecker_oracle([(P, Q)], inverse=False)
+    assert np.allclose(fwd.matmat(V.reshape(-1)), (P @ V @ Q.T).reshape(-1), rtol=1e-14)
+
+
+def test_block_diag_oracle():
+    a = mt.Oracle.from_dense(np.array([[2.0, 1.0], [1.0, 2.0]]))
+    b = mt.inverse_fisher_oracle(np.ones((1, 3)), 0.5)
+    o = mt.block_diag_oracle([a, b])
+    D = o.dense()
+    assert D.shape == (5, 5) and np.array_equal(D[:2, :2], a.dense())
+    assert np.array_equal(D[2:, 2:], b.dense()) and not D[:2, 2:].any()
+    assert o.logdet == pytest.approx(math.log(3) + b.logdet, rel=1e-15)
+    assert o.kappa == max(a.kappa, b.kappa)
+
+
+def test_oracle_validates_its_input():
+    with pytest.raises(ValueError, match="square"):
+        mt.Oracle.from_dense(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="grads must be 2-D"):
+        mt.inverse_fisher_oracle(np.ones(3), 0.1)
+    with pytest.raises(ValueError, match="damping must be > 0"):
+        mt.inverse_fisher_oracle(np.ones((2, 3)), 0.0)
+
+
+# -- strategies ----------------------------------------------------------------------------
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_gradient_matrices_draw_each_kind(data):
+    kind = data.draw(st.sampled_from(["tall", "single", "duplicates", "zero_rows", "lowrank",
+                                      "scaled", "normal"]))
+    G = data.draw(mt.gradient_matrices(max_m=6, max_d=5, kinds=(kind,)))
+    m, d = G.shape
+    assert G.dtype == np.float64 and np.isfinite(G).all() and 1 <= d <= 5
+    if kind == "tall":
+        assert m > d
+    if kind == "single":
+        assert m == 1
+    if kind == "duplicates" and m > 1:
+        assert len({r.tobytes() for r in G}) <= max(1, m // 2)
+    if kind == "lowrank":
+        assert np.linalg.matrix_rank(G) <= min(m, d)
+
+
+def test_gradient_matrices_refuses_unknown_kinds():
+    with pytest.raises(ValueError, match="kinds"):
+        mt.gradient_matrices(kinds=("weird",))
+
+
+@given(mt.fisher_problems(max_m=6, max_d=8, ratio=(1e-6, 1e1)))
+def test_static_operator_passes_check_operator(problem):
+    """The property test a user would write: any gradients, any damping in range."""
+    G, lam = problem
+    op = ml.StaticInverseFisher(G, lam)
+    oracle = mt.inverse_fisher_oracle(G, lam)
+    if op.form == "primal":
+        oracle.kappa = _cond(G, lam)
+    mt.check_operator(op, oracle, methods=("matvec", "matmat", "diagonal", "entry",
+                                            "quad", "logdet", "fisher"))
+
+
+def _cond(G, lam):
+    s = np.linalg.svd(G, compute_uv=False) ** 2 / G.shape[0]
+    low = lam + (s.min() if G.shape[0] >= G.shape[1] else 0.0)
+    return (lam + s.max()) / low
+
+
+# -- check_operator catches what it should ---------------------------------------------------
+
+class _Mine(ml.Operator):
+    """A user operator 2 I + u u^T on the library's protocol, with optional defects."""
+
+    def __init__(self, u, defect=None):
+        self.u = np.asarray(u, dtype=np.float64)
+        self.defect = defect
+        proto = ml.StaticInverseFisher(np.ones((1, 1)), 1.0)
+        self._init_operator(self.u.size, np.float64, proto.backend)
+
+    @property
+    def vector(self):
+        return self.u        # writable internal: a defect the readonly check finds
+
+    def matmat(self, X):
+        if self.defect == "loop":       # what SciPy's default matmat does: k matvecs
+            return np.stack([self.matvec(X[:, j]) for j in range(X.shape[1])], axis=1)
+        return super().matmat(X)
+
+    def _matmat(self, X):
+        if self.defect == "mutate":
+            X *= 1.0 + 1e-3
+        Y = 2 * X + np.outer(self.u, self.u @ X)
+        if self.defect == "slightly_off":
+            Y *= 1 + 1e-9
+        return Y
+
+
+def _dense(u):
+    return 2 * np.eye(u.size) + np.outer(u, u)
+
+
+def test_check_operator_passes_a_correct_user_operator():
+    u = np.linspace(0, 1, 5)
+    rep = mt.check_operator(_Mine(u), _dense(u), skip=("readonly",))
+    assert not rep.failures and rep.worst[1] < 1
+    assert "matmat.one_pass" in rep.ratios and "pickle" in rep.ratios
+
+
+@pytest.mark.parametrize("defect,expected", [
+    ("slightly_off", "matvec: error"),
+    ("loop", "matmat.one_pass"),
+])
+def test_check_operator_catches_defects(defect, expected):
+    u = np.linspace(0, 1, 5)
+    with pytest.raises(mt.OperatorCheckError, match=expected) as info:
+        mt.check_operator(_Mine(u, defect), _dense(u), skip=("readonly",))
+    assert info.value.report.failures
+
+
+def test_check_operator_catches_writable_internals():
+    u = np.linspace(0, 1, 5)
+    with pytest.raises(mt.OperatorCheckError, match="readonly.*vector"):
+        mt.check_operator(_Mine(u), _dense(u))
+    assert np.array_equal(u, np.linspace(0, 1, 5)), "the check ran on a copy"
+
+
+def test_check_operator_refuses_a_check_that_cannot_fail():
+    u = np.linspace(0, 1, 5)
+    o = mt.Oracle.from_dense(_dense(u), kappa=1e16)
+    with pytest.raises(ValueError, match="could not fail"):
+        mt.check_operator(_Mine(u), o)
+    rep = mt.check_operator(_Mine(u), o, strict=False, skip=("readonly",))
+    assert rep.worst[1] < 1
+
+
+def test_check_operator_finds_fisher_and_logdet_errors():
+    rng = np.random.default_rng(0)
+    G = rng.standard_normal((3, 6))
+    op = ml.StaticInverseFisher(G, 0.1)
+    wrong = mt.inverse_fisher_oracle(G, 0.1 * (1 + 1e-9))
+    with pytest.raises(mt.OperatorCheckError) as info:
+        mt.check_operator(op, wrong)
+    msg = str(info.value)
+    assert "matvec" in msg and "fisher().matvec" in msg and "logdet" in msg
+
+
+def test_check_report_and_tolerance_table():
+    u = np.linspace(0, 1, 4)
+    rep = mt.check_operator(_Mine(u), _dense(u), skip=("readonly",))
+    assert set(mt.DEFAULT_TOLERANCES) >= {"matvec", "matmat", "logdet", "quad", "entry"}
+    assert repr(rep).startswith("<CheckReport")
+    with pytest.raises(ValueError, match="unknown methods"):
+        mt.check_operator(_Mine(u), _dense(u), tolerances={"matvecc": 1.0})
+    tight = mt.check_operator(_Mine(u), _dense(u), skip=("readonly",),
+                              tolerances={"matvec": 1e3})
+    assert tight.ratios["matvec"] <= rep.ratios["matvec"]
+
+
+def test_oracle_copy_keeps_its_exact_products():
+    o = mt.inverse_fisher_oracle(np.ones((2, 3)), 0.25)
+    c = copy.copy(o)
+    c.kappa = 1.0
+    assert np.array_equal(c.matmat(np.ones(3)), o.matmat(np.ones(3))) and o.kappa != 1.0
+
+
+def test_check_operator_catches_a_mutated_input():
+    u = np.linspace(0, 1, 5)
+    with pytest.raises(mt.OperatorCheckError, match="inputs_unchanged"):
+        mt.check_operator(_Mine(u, "mutate"), _dense(u), skip=("readonly",), strict=False)
