@@ -1,5 +1,7 @@
-"""The mfac-linalg command."""
+"""The mfac-linalg command: the demo's story and checks, the file commands, and input
+errors (one line naming the flag, exit 2) kept apart from the library's own bugs."""
 import io
+import os
 import subprocess
 import sys
 
@@ -10,77 +12,229 @@ import mfac_linalg as ml
 from mfac_linalg import cli
 
 
-def test_demo_small_runs_and_is_correct():
+# -- the demo ------------------------------------------------------------------------
+
+def test_demo_tells_the_story_and_checks_against_dense():
     buf = io.StringIO()
     res = cli.run_demo(dim=400, grads=100, device="cpu", out=buf)
     text = buf.getvalue()
-    assert "relative error vs dense Cholesky solve" in text and "Newton-CG" in text
-    assert res["error"] < 1e-10
+    for phase in ("[1/4]", "[2/4]", "[3/4]", "[4/4]"):
+        assert phase in text
+    assert "F = λI + GᵀG/m" in text and "Woodbury" in text          # what F and M-FAC are
+    assert "checks against dense float64" in text and "1e-06" in text  # CG tolerance stated
+    assert text.rstrip().splitlines()[-1].startswith("verdict: M-FAC agrees")
+    assert "note:" in text                     # d = 400 is too small for timings to mean much
+    assert res["ok"] and not res["meaningful"]
+    assert res["error"] < 1e-12 and res["error_matmat"] < 1e-12 and res["error_diag"] < 1e-12
+    assert res["error"] <= res["bound"]
     assert res["cg_info"] == {"none": 0, "M-FAC": 0}
     assert res["cg_iters"]["M-FAC"] < res["cg_iters"]["none"]
 
 
-def test_ihvp_and_diag_files(tmp_path, rng):
-    G = rng.standard_normal((7, 30))
-    x = rng.standard_normal(30)
-    X = rng.standard_normal((30, 2))
-    np.save(tmp_path / "G.npy", G)
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "X.npy", X)
-    op = ml.StaticInverseFisher(G, 0.2)
-    assert cli.main(["ihvp", "--grads", str(tmp_path / "G.npy"), "--vec", str(tmp_path / "x.npy"),
-                     "--damping", "0.2", "--out", str(tmp_path / "y.npy")]) == 0
-    assert np.allclose(np.load(tmp_path / "y.npy"), op.matvec(x), rtol=1e-13, atol=0)
-    assert cli.main(["ihvp", "--grads", str(tmp_path / "G.npy"), "--vec", str(tmp_path / "X.npy"),
-                     "--damping", "0.2", "--out", str(tmp_path / "Y.npy")]) == 0
-    assert np.allclose(np.load(tmp_path / "Y.npy"), op.matmat(X), rtol=1e-13, atol=0)
-    assert cli.main(["diag", "--grads", str(tmp_path / "G.npy"), "--damping", "0.2",
-                     "--out", str(tmp_path / "d.npy")]) == 0
-    assert np.allclose(np.load(tmp_path / "d.npy"), op.diagonal(), rtol=1e-13, atol=0)
+def test_demo_float32_states_its_dtype_and_meets_the_float32_bound():
+    buf = io.StringIO()
+    res = cli.run_demo(dim=300, grads=50, device="cpu", dtype="float32", out=buf)
+    assert res["ok"] and res["dtype"] == "float32"
+    assert "float32 gradients" in buf.getvalue()
+    # float32 storage: the result is rounded to float32, so the error is at least eps32/2
+    assert 1e-8 < res["error"] <= res["bound"] < 1e-2
 
+
+def test_demo_at_a_meaningful_size_has_no_note():
+    buf = io.StringIO()
+    res = cli.run_demo(dim=1000, grads=32, device="cpu", out=buf)
+    assert res["meaningful"] and "note:" not in buf.getvalue()
+    assert "faster" in buf.getvalue().splitlines()[-1] or "slower" in buf.getvalue().splitlines()[-1]
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    ({"l2": float("nan")}, "--l2 must be a number; got nan"),
+    ({"l2": -1.0}, "--l2 must be >= 0.0; got -1.0"),
+    ({"damping": 0.0}, "--damping must be > 0.0"),
+    ({"damping": float("inf")}, "--damping must be finite"),
+    ({"damping": 1e-310}, "--damping must be in ["),
+    ({"dim": 1}, "--dim must be >= 2; got 1"),
+    ({"grads": 0}, "--grads must be >= 1; got 0"),
+    ({"dim": 200_000}, "--dim 200000 is too large for the demo's dense comparison"),
+    ({"cg_rtol": 0.0}, "--cg-rtol must be > 0.0"),
+])
+def test_demo_bad_options_are_cli_errors(kwargs, msg):
+    with pytest.raises(cli.CLIError) as exc:
+        cli.run_demo(device="cpu", out=io.StringIO(), **kwargs)
+    assert msg in str(exc.value)
+
+
+def test_demo_too_large_suggests_the_limit(capsys):
+    assert cli.main(["demo", "--dim", "200000"]) == 2
+    err = capsys.readouterr().err
+    assert f"use --dim <= {cli.demo_max_dim(256)}" in err and len(err.strip().splitlines()) == 1
+    assert 2 <= cli.demo_max_dim(256) <= cli.DEMO_MAX_DIM
+
+
+# -- file commands -----------------------------------------------------------------
+
+def _files(tmp_path, rng):
+    G = rng.standard_normal((7, 30))
+    np.save(tmp_path / "G.npy", G)
+    np.save(tmp_path / "x.npy", rng.standard_normal(30))
+    np.save(tmp_path / "X.npy", rng.standard_normal((30, 2)))
+    return G
+
+
+def test_ihvp_and_diag_files_match_dense(tmp_path, rng):
+    G = _files(tmp_path, rng)
+    F = 0.2 * np.eye(30) + G.T @ G / 7
+    x, X = np.load(tmp_path / "x.npy"), np.load(tmp_path / "X.npy")
+    t = str(tmp_path)
+    assert cli.main(["ihvp", "--grads", f"{t}/G.npy", "--vec", f"{t}/x.npy",
+                     "--damping", "0.2", "--out", f"{t}/y.npy"]) == 0
+    assert np.allclose(np.load(tmp_path / "y.npy"), np.linalg.solve(F, x), rtol=1e-12, atol=0)
+    assert cli.main(["ihvp", "--grads", f"{t}/G.npy", "--vec", f"{t}/X.npy",
+                     "--damping", "0.2", "--out", f"{t}/Y.npy"]) == 0
+    assert np.allclose(np.load(tmp_path / "Y.npy"), np.linalg.solve(F, X), rtol=1e-12, atol=0)
+    assert cli.main(["diag", "--grads", f"{t}/G.npy", "--damping", "0.2",
+                     "--out", f"{t}/d.npy"]) == 0
+    assert np.allclose(np.load(tmp_path / "d.npy"), np.diag(np.linalg.inv(F)), rtol=1e-12, atol=0)
+
+
+def test_out_is_written_exactly_as_given(tmp_path, rng):
+    _files(tmp_path, rng)
+    out = tmp_path / "result"                       # no .npy suffix: none is added
+    assert cli.main(["diag", "--grads", str(tmp_path / "G.npy"), "--damping", "0.2",
+                     "--out", str(out)]) == 0
+    assert out.is_file() and not (tmp_path / "result.npy").exists()
+    assert np.load(out).shape == (30,)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".mfac-linalg-")]
+
+
+def test_a_failed_command_leaves_the_previous_output_alone(tmp_path, rng, capsys):
+    _files(tmp_path, rng)
+    out = tmp_path / "y.npy"
+    np.save(out, np.arange(3.0))
+    np.save(tmp_path / "bad.npy", np.ones(5))
+    assert cli.main(["ihvp", "--grads", str(tmp_path / "G.npy"), "--vec",
+                     str(tmp_path / "bad.npy"), "--damping", "0.2", "--out", str(out)]) == 2
+    assert np.array_equal(np.load(out), np.arange(3.0))
+
+
+def _write_bad(kind):
+    if kind == "text":
+        with open("bad.npy", "w") as f:
+            f.write("1 2 3\n4 5 6\n")
+    elif kind == "npz":
+        with open("bad.npy", "wb") as f:        # a file object: savez adds no suffix
+            np.savez(f, a=np.ones(3))
+    elif kind == "object":
+        np.save("bad.npy", np.array([None, 1], dtype=object), allow_pickle=True)
+    elif kind == "complex":
+        np.save("bad.npy", np.ones((2, 4)) + 1j)
+    elif kind == "huge-header":     # header declares (1e5, 1e5) float64; 16 bytes of data
+        with open("bad.npy", "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": "<f8", "fortran_order": False, "shape": (100_000, 100_000)})
+            f.write(b"\0" * 16)
+    elif kind == "nan":
+        np.save("bad.npy", np.array([[1.0, np.nan]]))
+    elif kind == "1d":
+        np.save("bad.npy", np.ones(4))
+    elif kind == "overflow":        # finite, but the Gram products overflow float64
+        np.save("bad.npy", np.full((2, 4), 1e155))
+    elif kind == "dir":
+        os.mkdir("bad.npy")
+
+
+@pytest.mark.parametrize("kind,msg", [
+    ("missing", "--grads: no such file: bad.npy"),
+    ("text", "--grads: bad.npy is not a .npy file"),
+    ("npz", "--grads: bad.npy is a .npz archive, not a .npy file"),
+    ("object", "--grads: bad.npy must hold real numbers; got dtype object"),
+    ("complex", "--grads: bad.npy must hold real numbers; got dtype complex128"),
+    ("huge-header", "--grads: bad.npy is truncated or corrupt: its header declares shape "
+                    "(100000, 100000) float64 (74.5 GiB) but it holds 16 bytes"),
+    ("nan", "--grads must be finite"),
+    ("1d", "--grads must be 2-D (m, d); got shape (4,)"),
+    ("overflow", "--grads is too large"),
+    ("dir", "--grads: bad.npy is a directory, not a .npy file"),
+])
+def test_bad_grads_file_one_line_exit_2(tmp_path, monkeypatch, capsys, kind, msg):
+    monkeypatch.chdir(tmp_path)
+    _write_bad(kind)
+    assert cli.main(["diag", "--grads", "bad.npy", "--damping", "1", "--out", "o.npy"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mfac-linalg diag: error: ") and msg in err[0], err
+    assert not os.path.exists("o.npy")
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["diag", "--damping", "nan"], "--damping must be a number; got nan"),
+    (["diag", "--damping", "-1"], "--damping must be > 0.0; got -1.0"),
+    (["diag", "--damping", "1e-310"], "--damping must be in [1.5e-154, 1.3e+154]"),
+    (["ihvp", "--vec", "v3.npy", "--damping", "1"],
+     "--vec must have shape (4,) or (4, k) (d = the columns of --grads); got shape (3,)"),
+    (["ihvp", "--vec", "vnan.npy", "--damping", "1"], "--vec must be finite"),
+    (["ihvp", "--vec", "vbig.npy", "--damping", "1e-3"], "the result F^-1 x overflows float64"),
+    (["diag", "--damping", "1", "--out", "outdir"], "--out: outdir is a directory"),
+    (["diag", "--damping", "1", "--out", "nodir/o.npy"],
+     "--out: cannot write nodir/o.npy (no such directory: nodir)"),
+])
+def test_bad_options_one_line_exit_2(tmp_path, monkeypatch, capsys, args, msg):
+    monkeypatch.chdir(tmp_path)
+    np.save("G.npy", np.ones((2, 4)))
+    np.save("v3.npy", np.ones(3))
+    np.save("vnan.npy", np.array([1.0, np.nan, 0, 0]))
+    np.save("vbig.npy", np.full(4, 1e308))
+    os.mkdir("outdir")
+    full = [args[0], "--grads", "G.npy", *args[1:]]
+    if "--out" not in full:
+        full += ["--out", "o.npy"]
+    assert cli.main(full) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
+
+
+def test_library_input_errors_are_renamed_to_the_flag(monkeypatch, tmp_path, capsys):
+    np.save(tmp_path / "G.npy", np.ones((2, 4)))
+
+    def refuse(self):
+        raise ValueError("grads is too large: its Gram products overflow")
+    monkeypatch.setattr(ml.StaticInverseFisher, "diagonal", refuse)
+    # raised outside the operator's construction: not an input error of the command
+    with pytest.raises(ValueError, match="grads is too large"):
+        cli.main(["diag", "--grads", str(tmp_path / "G.npy"), "--damping", "1",
+                  "--out", str(tmp_path / "o.npy")])
+
+    def bad_init(self, grads, damping, **kw):
+        raise ValueError("grads is too large: its Gram products overflow")
+    monkeypatch.setattr(ml.StaticInverseFisher, "__init__", bad_init)
+    assert cli.main(["diag", "--grads", str(tmp_path / "G.npy"), "--damping", "1",
+                     "--out", str(tmp_path / "o.npy")]) == 2
+    assert "error: --grads is too large" in capsys.readouterr().err
+
+
+def test_the_library_s_own_bugs_are_not_swallowed(monkeypatch, tmp_path):
+    np.save(tmp_path / "G.npy", np.ones((2, 4)))
+
+    def broken(self, grads, damping, **kw):
+        raise TypeError("unsupported operand type(s) for +: 'NoneType' and 'int'")
+    monkeypatch.setattr(ml.StaticInverseFisher, "__init__", broken)
+    with pytest.raises(TypeError, match="NoneType"):
+        cli.main(["diag", "--grads", str(tmp_path / "G.npy"), "--damping", "1",
+                  "--out", str(tmp_path / "o.npy")])
+
+
+# -- the installed command ---------------------------------------------------------------
 
 def _run(*args):
     return subprocess.run([sys.executable, "-m", "mfac_linalg.cli", *args],
                           capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("setup,args,msg", [
-    (None, ["diag", "--grads", "missing.npy", "--damping", "1", "--out", "o.npy"],
-     "--grads: no such file: missing.npy"),
-    ("notnpy", ["diag", "--grads", "bad.npy", "--damping", "1", "--out", "o.npy"],
-     "--grads: cannot read bad.npy as a .npy array"),
-    ("nan", ["diag", "--grads", "G.npy", "--damping", "1", "--out", "o.npy"],
-     "grads must be finite"),
-    ("ok", ["diag", "--grads", "G.npy", "--damping", "-1", "--out", "o.npy"],
-     "damping must be > 0; got -1.0"),
-    ("ok", ["ihvp", "--grads", "G.npy", "--vec", "v.npy", "--damping", "1", "--out", "o.npy"],
-     "x must have shape (4,) or (4, k); got shape (3,)"),
-    ("1d", ["diag", "--grads", "G.npy", "--damping", "1", "--out", "o.npy"],
-     "grads must be 2-D (m, d); got shape (4,)"),
-    ("ok", ["diag", "--grads", "G.npy", "--damping", "1", "--out", "nodir/o.npy"],
-     "--out: cannot write nodir/o.npy"),
-])
-def test_bad_input_one_line_exit_2(tmp_path, monkeypatch, setup, args, msg):
-    monkeypatch.chdir(tmp_path)
-    if setup == "notnpy":
-        (tmp_path / "bad.npy").write_text("hello")
-    elif setup == "nan":
-        np.save("G.npy", np.array([[1.0, np.nan]]))
-    elif setup == "ok":
-        np.save("G.npy", np.ones((2, 4)))
-        np.save("v.npy", np.ones(3))
-    elif setup == "1d":
-        np.save("G.npy", np.ones(4))
-    r = _run(*args)
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and msg in lines[0], r.stderr
-
-
-def test_demo_bad_option_exit_2():
-    r = _run("demo", "--dim", "1")
-    assert r.returncode == 2 and "--dim must be >= 2" in r.stderr and "Traceback" not in r.stderr
+def test_version_and_a_clean_exit_2_in_a_real_process():
+    r = _run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"mfac-linalg {ml.__version__}"
+    r = _run("demo", "--dim", "200000")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "too large for the demo's dense comparison" in r.stderr
     r = _run("demo", "--device", "tpu")
     assert r.returncode == 2 and "invalid choice" in r.stderr
 
