@@ -269,15 +269,16 @@ def ekfac(activations, output_grads, damping, *, bias=False, indefinite="abs"):
 
 # -- iterative builders ----------------------------------------------------------------------
 
-def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None):
+def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None, scale=0.0):
     Rop = Rearranged(layer, deflate)
     if solver == "lanczos":
         sig, P, Q, info = lanczos_triples(Rop, k, tol=tol, maxiter=maxiter, krylov=krylov,
-                                          init=init)
+                                          init=init, scale=scale)
     elif solver == "sequential":
         sig, P, Q, info = sequential_triples(Rop, k, tol=tol, maxiter=maxiter, init=init)
     else:
-        sig, P, Q, info = subspace_triples(Rop, k, tol=tol, maxiter=maxiter, init=init)
+        sig, P, Q, info = subspace_triples(Rop, k, tol=tol, maxiter=maxiter, init=init,
+                                           scale=scale)
     info["band"] = None if layer.mask is None else "positions at distance <= band"
     return factors_from_triples(sig, P, Q), info
 
@@ -323,7 +324,8 @@ def _doc(f):
 
 
 @_doc
-def kpsvd(activations, output_grads, damping, *, bias=False, damping_mode="exact", tol=TOL,
+def kpsvd(activations, output_grads, damping, *, bias=False, damping_mode="exact",
+          solver="subspace", tol=TOL,
           maxiter=MAXITER, init=None, indefinite="abs", band=None, positions=None):
     r"""KPSVD: the best single Kronecker product min ||F - B kron C||_F (docs/math.md §4, §8).
 
@@ -338,6 +340,9 @@ def kpsvd(activations, output_grads, damping, *, bias=False, damping_mode="exact
     damping_mode : {"exact", "pi"}
         "exact": (B kron C + lam I)^{-1}; "pi": ((B + lam_B I) kron (C + lam_C I))^{-1} with
         lam_B lam_C = lam, lam_B / lam_C = (tr B / d_out) / (tr C / d_in) (K-FAC's pi).
+    solver : {"subspace", "lanczos"}
+        Subspace iteration (the default: from K-FAC's A it needs few products) or
+        Golub-Kahan-Lanczos (:func:`lanczos`).
     indefinite : {"abs", "clip", "raise"}
         As :func:`kfac`.
     %(iter)s
@@ -369,9 +374,10 @@ def kpsvd(activations, output_grads, damping, *, bias=False, damping_mode="exact
     layer, lam, tol, maxiter, t0 = _begin(
         activations, output_grads, damping, bias, indefinite, tol=tol, maxiter=maxiter,
         band=band, positions=positions,
-        choices=[(damping_mode, "damping_mode", ("exact", "pi"))])
+        choices=[(damping_mode, "damping_mode", ("exact", "pi")),
+                 (solver, "solver", ("subspace", "lanczos"))])
     start = _init_factors(init, layer) or [layer.kfac_factors()[1]]
-    terms, info = _terms(layer, 1, "subspace", tol, maxiter, start)
+    terms, info = _terms(layer, 1, solver, tol, maxiter, start)
     (Bm, Cm), = terms
     op = _single_inverse("kpsvd", Bm, Cm, lam, damping_mode, indefinite, layer.be,
                          terms=terms, info=info)
@@ -484,7 +490,7 @@ def lanczos(activations, output_grads, damping, *, bias=False, k=2, krylov=None,
 
 
 @_doc
-def kfac_corrected(activations, output_grads, damping, *, bias=False, tol=TOL,
+def kfac_corrected(activations, output_grads, damping, *, bias=False, solver="lanczos", tol=TOL,
                    maxiter=MAXITER, init=None, indefinite="abs", first_term_damping="split",
                    band=None, positions=None):
     r"""K-FAC corrected: Gamma kron A + B2 kron C2, B2 kron C2 the best Kronecker product of the
@@ -494,6 +500,10 @@ def kfac_corrected(activations, output_grads, damping, *, bias=False, tol=TOL,
     ----------
     activations, output_grads, damping, bias
         As :func:`kfac` (Gamma, A in the "expand" convention for T > 1).
+    solver : {"lanczos", "subspace"}
+        How the top triple of the residual is found: Golub-Kahan-Lanczos (the default: the
+        residual's singular values are often close, where a power method is slow) or subspace
+        iteration.
     %(iter_corrected)s%(two)s
 
     Returns
@@ -513,10 +523,16 @@ def kfac_corrected(activations, output_grads, damping, *, bias=False, tol=TOL,
     layer, lam, tol, maxiter, t0 = _begin(
         activations, output_grads, damping, bias, indefinite, tol=tol, maxiter=maxiter,
         band=band, positions=positions,
-        choices=[(first_term_damping, "first_term_damping", ("split", "full"))])
+        choices=[(solver, "solver", ("lanczos", "subspace")),
+                 (first_term_damping, "first_term_damping", ("split", "full"))])
     start = _init_factors(init, layer, skip=1)
+    xp = layer.xp
     Gam, Aa = layer.kfac_factors()
-    res, info = _terms(layer, 1, "subspace", tol, maxiter, start, deflate=(Gam, Aa))
+    # residuals relative to ||vec(Gamma)|| ||vec(A)|| (about sigma_1 of R(F)), not to the
+    # residual's own sigma_1, which is 0 when K-FAC is exact (one sample)
+    scale = B.scalar(xp.linalg.norm(Gam)) * B.scalar(xp.linalg.norm(Aa))
+    res, info = _terms(layer, 1, solver, tol, maxiter, start, deflate=(Gam, Aa),
+                       scale=scale)
     terms = [(Gam, Aa), res[0]]
     op = _two_term_inverse("kfac_corrected", terms, lam, layer.be, info, indefinite,
                            first_term_damping)

@@ -135,10 +135,13 @@ class LayerData:
 
     def _product(self, X, Y, Q):
         # (1/n) sum_n Y_n^T (mask .* (X_n Q X_n^T)) Y_n
-        if self.dense:
+        if self.dense:                 # two GEMMs for the whole stack
             X2, Y2 = X[:, 0, :], Y[:, 0, :]
-            c = ((X2 @ Q) * X2[None]).sum(axis=2)                     # (k, n): x_n^T Q x_n
-            return (Y2.T[None] * c[:, None, :]) @ Y2 / self.n
+            k, d, e = Q.shape[0], X2.shape[1], Y2.shape[1]
+            XQ = (X2 @ Q.transpose(1, 0, 2).reshape(d, k * d)).reshape(-1, k, d)
+            c = (XQ * X2[:, None, :]).sum(axis=2)                      # (n, k): x_n^T Q x_n
+            W = (Y2[:, None, :] * c[:, :, None]).reshape(-1, k * e)    # (n, k e)
+            return (W.T @ Y2).reshape(k, e, e) / self.n
         M = (X[None] @ Q[:, None]) @ X.transpose(0, 2, 1)[None]    # (k, n, T, T)
         if self.mask is not None:
             M = M * self.mask

@@ -74,6 +74,10 @@ class Rearranged:
             P = P - P0[None] * (Q0[None] * Q).sum(axis=(1, 2))[:, None, None]
         return _sym(P)
 
+    def complement(self, X, side):
+        """X (rows) restricted to where the triples are sought (all of it here)."""
+        return X
+
     def RT(self, P):
         self.products += P.shape[0]
         Q = self.layer.rt_product(P)
@@ -103,7 +107,7 @@ def _start_block(Rop, p, init, rng):
     return _orth(V, xp)
 
 
-def _final(Rop, sig, P, Q, k, info, tol, maxiter, what):
+def _final(Rop, sig, P, Q, k, info, tol, maxiter, what, scale=0.0):
     """Residuals from two explicit products, ``info`` filled, the warning on non-convergence."""
     xp = Rop.xp
     d_out, d_in = Rop.d_out, Rop.d_in
@@ -117,7 +121,8 @@ def _final(Rop, sig, P, Q, k, info, tol, maxiter, what):
     s1 = float(B.to_host(sk[0]))
     left = xp.linalg.norm((Rop.R(Qk) - sk[:, None, None] * Pk).reshape(k, -1), axis=1)
     right = xp.linalg.norm((Rop.RT(Pk) - sk[:, None, None] * Qk).reshape(k, -1), axis=1)
-    scale = s1 if s1 > 0 else 1.0
+    scale = max(s1, scale)
+    scale = scale if scale > 0 else 1.0
     info["residual_left"] = (B.to_host(left) / scale).tolist()
     info["residual_right"] = (B.to_host(right) / scale).tolist()
     info["residual"] = max(info["residual_left"] + info["residual_right"])
@@ -132,55 +137,64 @@ def _final(Rop, sig, P, Q, k, info, tol, maxiter, what):
     return sk, Pk, Qk, info
 
 
-def subspace_triples(Rop, k, *, tol, maxiter, init=None, oversample=2, seed=0):
+def subspace_triples(Rop, k, *, tol, maxiter, init=None, oversample=2, seed=0, scale=0.0):
     """Top-k singular triples of ``Rop`` by subspace iteration with Rayleigh-Ritz.
 
     Block of p = k + ``oversample`` vectors (capped by the dimension); the triples i < k
     converge like (sigma_{p+1} / sigma_i)^(2 iterations).  The right residual of each Ritz
     triple costs nothing (R^T U is the next power step); the left one is ~eps by construction.
-    Returns ``(sigma (k,), P (k, d_out, d_out), Q (k, d_in, d_in), info)`` with unit-norm P, Q.
+    Residuals are relative to max(sigma_1, ``scale``).  Returns
+    ``(sigma (k,), P (k, d_out, d_out), Q (k, d_in, d_in), info)`` with unit-norm P, Q.
     """
     xp = Rop.xp
     rng = np.random.default_rng(seed)
     kk = min(k, Rop.dim)
     p = min(kk + oversample, Rop.dim)
-    V = _start_block(Rop, p, init, rng)
+    V = Rop.complement(_start_block(Rop, p, init, rng), "right")
     d_out, d_in = Rop.d_out, Rop.d_in
     info = {"solver": "subspace", "iterations": 0}
     for it in range(1, maxiter + 1):
-        U = _orth(Rop.R(V.reshape(p, d_in, d_in)).reshape(p, -1), xp)
+        U = Rop.complement(_orth(Rop.R(V.reshape(p, d_in, d_in)).reshape(p, -1), xp), "left")
         W = Rop.RT(U.reshape(p, d_out, d_out)).reshape(p, -1)       # rows R^T u_j
         u, s, vt = xp.linalg.svd(W @ V.T)                              # U^T R V^T... = u s vt
         P = u.T @ U                                                    # left Ritz vectors
         Q = vt @ V                                                     # right Ritz vectors
         RtP = u.T @ W
         info["iterations"] = it
-        s1 = float(B.to_host(s[0]))
+        s1 = max(float(B.to_host(s[0])), scale)
         if s1 == 0.0:
             break
         res = xp.linalg.norm(RtP[:kk] - s[:kk, None] * Q[:kk], axis=1) / s1
         if float(B.to_host(res.max())) <= tol:
             break
-        V = _orth(W, xp)
-    return _final(Rop, s, P, Q, k, info, tol, maxiter, "subspace iteration")
+        V = Rop.complement(_orth(W, xp), "right")
+    return _final(Rop, s, P, Q, k, info, tol, maxiter, "subspace iteration", scale)
 
 
 def sequential_triples(Rop, k, *, tol, maxiter, init=None, seed=0):
     """The top-k triples one after the other (the paper's deflation, §3.2): triple i is the top
-    triple of ``R - sum_{j<i} sigma_j p_j q_j^T``, each found by :func:`subspace_triples`."""
+    triple of ``R - sum_{j<i} sigma_j p_j q_j^T``, each found by :func:`subspace_triples` to
+    tol / 10 (an earlier triple's error enters the later ones' residuals)."""
     xp = Rop.xp
     base = Rop.deflate
     sig, Ps, Qs = [], [], []
     info = {"solver": "sequential", "iterations": 0}
     products = 0
     for i in range(k):
+        if i >= Rop.dim:                      # R has rank <= dim: the remaining triples are 0
+            sig.append(xp.zeros(()))
+            Ps.append(xp.zeros((Rop.d_out, Rop.d_out)))
+            Qs.append(xp.zeros((Rop.d_in, Rop.d_in)))
+            continue
         defl = list(zip(sig, Ps, Qs))
         sub = _SumDeflated(Rop.layer, base, defl)
         start = None if init is None or i >= len(init) else [init[i]]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            s, P, Q, sub_info = subspace_triples(sub, 1, tol=tol, maxiter=maxiter, init=start,
-                                                 seed=seed + i)
+            s, P, Q, sub_info = subspace_triples(sub, 1, tol=tol / 10, maxiter=maxiter,
+                                                 init=start,
+                                                 seed=seed + i,
+                                                 scale=float(B.to_host(sig[0])) if sig else 0.0)
         products += sub.products
         info["iterations"] += sub_info["iterations"]
         sig.append(s[0])
@@ -192,23 +206,34 @@ def sequential_triples(Rop, k, *, tol, maxiter, init=None, seed=0):
 
 
 class _SumDeflated(Rearranged):
-    """R minus a base term minus the rank-one terms sigma_j p_j q_j^T found so far."""
+    """R (minus a base term) restricted to the complement of the triples found so far:
+    (I - P_j P_j^T) R (I - Q_j Q_j^T).  For exact triples this is R - sum_j sigma_j p_j q_j^T
+    (the paper's deflation); the projections also keep later triples orthogonal to earlier
+    ones when the deflated matrix is (numerically) zero."""
 
     def __init__(self, layer, base, terms):
         super().__init__(layer, base)
-        self._terms = terms
+        xp = self.xp
+        self._P = xp.stack([P.reshape(-1) for _, P, _ in terms]) if terms else None
+        self._Q = xp.stack([Q.reshape(-1) for _, _, Q in terms]) if terms else None
+        self.dim -= len(terms)
+
+    def complement(self, X, side):
+        return _orth(self._project(X, self._P if side == "left" else self._Q), self.xp)
+
+    @staticmethod
+    def _project(X, Bm):
+        if Bm is None:
+            return X
+        k = X.shape[0]
+        Xf = X.reshape(k, -1)
+        return (Xf - (Xf @ Bm.T) @ Bm).reshape(X.shape)
 
     def R(self, Q):
-        P = super().R(Q)
-        for s, Pj, Qj in self._terms:
-            P = P - s * Pj[None] * (Qj[None] * Q).sum(axis=(1, 2))[:, None, None]
-        return P
+        return self._project(super().R(self._project(Q, self._Q)), self._P)
 
     def RT(self, P):
-        Q = super().RT(P)
-        for s, Pj, Qj in self._terms:
-            Q = Q - s * Qj[None] * (Pj[None] * P).sum(axis=(1, 2))[:, None, None]
-        return Q
+        return self._project(super().RT(self._project(P, self._P)), self._Q)
 
 
 def _reorth(x, basis, j, xp):
@@ -226,7 +251,7 @@ def _fresh(rng, basis, j, d, xp):
     return x / xp.linalg.norm(x)
 
 
-def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0):
+def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, scale=0.0):
     r"""Top-k singular triples by restarted Golub-Kahan-Lanczos bidiagonalization.
 
     One cycle of K steps from a unit q_1 (docs/math.md §8):
@@ -235,10 +260,12 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0):
     reorthogonalized against its predecessors (twice).  Then R Q_K = P_K B_K with B_K upper
     bidiagonal; the SVD B_K = u diag(s) v^T gives the Ritz triples (s_i, P_K u_i, Q_K v_i) with
     ``||R^T p_i - s_i q_i|| = beta_K |u_{K,i}|``.  Restart (the paper's) from
-    q_1 = sum_{i<k} q_i.  A breakdown (an invariant subspace) continues from a random vector
+    q_1 = sum_{i<k} q_i, each Ritz vector first improved by the power step it gets for free,
+    R^T p_i / s_i = q_i + (beta_K u_{K,i} / s_i) q_{K+1}.  A breakdown (an invariant subspace) continues from a random vector
     orthogonal to the basis.  ``maxiter`` counts cycles; each costs K products with R and
     K with R^T on single vectors.  ``krylov`` K defaults to max(10, 3k) (capped by the
-    dimension); the paper's K = 2 is ``krylov=2``.
+    dimension); the paper's K = 2 is ``krylov=2``.  Residuals are relative to
+    max(sigma_1, ``scale``).
     """
     xp = Rop.xp
     rng = np.random.default_rng(seed)
@@ -253,23 +280,23 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0):
         Pb = xp.zeros((K, d_out * d_out))
         alpha, beta = np.zeros(K), np.zeros(K)
         Qb[0] = q / xp.linalg.norm(q)
-        scale = 0.0
+        nrm = 0.0
         for j in range(K):
             p = Rop.R(Qb[j].reshape(1, d_in, d_in)).reshape(-1)
             if j > 0:
                 p = p - beta[j - 1] * Pb[j - 1]
             p = _reorth(p, Pb, j, xp)
             a = float(B.to_host(xp.linalg.norm(p)))
-            scale = max(scale, a)
-            if a <= 1e-13 * scale or a == 0.0:
+            nrm = max(nrm, a, scale)
+            if a <= 1e-13 * nrm or a == 0.0:
                 alpha[j], Pb[j] = 0.0, _fresh(rng, Pb, j, d_out, xp)
             else:
                 alpha[j], Pb[j] = a, p / a
             qn = Rop.RT(Pb[j].reshape(1, d_out, d_out)).reshape(-1) - alpha[j] * Qb[j]
             qn = _reorth(qn, Qb, j + 1, xp)
             b = float(B.to_host(xp.linalg.norm(qn)))
-            scale = max(scale, b)
-            if b <= 1e-13 * scale or b == 0.0:
+            nrm = max(nrm, b)
+            if b <= 1e-13 * nrm or b == 0.0:
                 beta[j] = 0.0
                 if j + 1 < K:
                     Qb[j + 1] = _fresh(rng, Qb, j + 1, d_in, xp)
@@ -281,16 +308,18 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0):
         P = u.T @ Pb
         Q = vt @ Qb[:K]
         info["iterations"] = cycle
-        s1 = float(B.to_host(s[0]))
+        s1 = max(float(B.to_host(s[0])), scale)
         if s1 == 0.0:
             break
         res = beta[K - 1] * np.abs(B.to_host(u[K - 1, :kk])) / s1
         if res.max() <= tol:
             break
-        q = Q[:kk].sum(axis=0)
+        w = beta[K - 1] * B.to_host(u[K - 1, :kk]) / np.maximum(B.to_host(s[:kk]), 1e-300)
+        step = Q[:kk] + xp.asarray(w)[:, None] * Qb[K][None]        # R^T p_i / s_i
+        q = step.sum(axis=0)
         if float(B.to_host(xp.linalg.norm(q))) < 1e-8:      # cancellation: take the first
-            q = Q[0]
-    return _final(Rop, s, P, Q, k, info, tol, maxiter, "Lanczos bidiagonalization")
+            q = step[0]
+    return _final(Rop, s, P, Q, k, info, tol, maxiter, "Lanczos bidiagonalization", scale)
 
 
 def factors_from_triples(sig, P, Q):
