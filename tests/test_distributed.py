@@ -20,6 +20,7 @@ import torch.distributed as dist  # noqa: E402
 
 TOL = 1e-12
 TIMEOUT = 120
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 # -- the worker side -----------------------------------------------------------------------
@@ -72,8 +73,19 @@ class Cluster:
         self.procs = [ctx.Process(target=_worker, args=(r, size, self.store, self.tasks[r],
                                                         self.results), daemon=True)
                       for r in range(size)]
-        for p in self.procs:
-            p.start()
+        # one BLAS thread per worker (set before the fork server starts: OpenBLAS reads it
+        # when it loads): P workers spinning two BLAS threads each on two cores crawl
+        saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+        os.environ.update({k: "1" for k in _THREAD_VARS})
+        try:
+            for p in self.procs:
+                p.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         ready = self._collect()
         bad = [r for r in ready if r[0] != "ready"]
         if bad:
@@ -342,3 +354,271 @@ def test_static_divergence_detected(cluster):
         assert res is not None
         ranks, msg = res
         assert ranks == [P - 1] and "differs" in msg
+
+
+# -- the sliding window ------------------------------------------------------------------------
+
+def _window_pair(comm, layout_kind, dtype, normalize="window", engine="auto", refresh_every=None,
+                 d=23, m=4, lam=0.5, **kw):
+    import mfac_linalg as ml
+    from mfac_linalg.distributed import ShardedSlidingWindowInverseFisher
+    lay = _layout(layout_kind, d, comm.size)
+    ref = ml.SlidingWindowInverseFisher(dim=d, window=m, damping=lam, dtype=dtype,
+                                        normalize=normalize, engine=engine,
+                                        refresh_every=refresh_every)
+    w = ShardedSlidingWindowInverseFisher(lay.local_dim(comm.rank), m, lam, comm, layout=lay,
+                                          dtype=dtype, normalize=normalize, engine=engine,
+                                          refresh_every=refresh_every, **kw)
+    return lay, ref, w
+
+
+def _window_compare(w, ref, lay, rank, rng, dtype):
+    """Every method of the sharded window against the single-process one."""
+    J = lay.indices(rank)
+    d = lay.dim
+    x = rng.standard_normal(d).astype(dtype)
+    X = rng.standard_normal((d, 3)).astype(dtype)
+    lam = ref.damping
+    e = {}
+    e["matvec"] = _rel(w.matvec(x[J]), ref.matvec(x)[J])
+    e["matmat"] = _rel(w.matmat(X[J]), ref.matmat(X)[J])
+    e["dot"] = _rel(w @ X[J], (ref @ X)[J])
+    e["quad"] = abs(w.quad(x[J]) - ref.quad(x)) / abs(ref.quad(x))
+    e["quad(k)"] = _rel(w.quad(X[J]), ref.quad(X))
+    e["diagonal"] = _rel(w.diagonal(), ref.diagonal()[J])
+    e["entry"] = max(abs(w.entry(i, j) - ref.entry(i, j)) * lam
+                     for i, j in [(0, 0), (d - 1, 2), (5, 17), (-1, -1), (11, 3)])
+    e["logdet"] = abs(w.logdet() - ref.logdet()) / abs(ref.logdet())
+    e["todense"] = _rel(w.todense(), ref.todense())
+    e["gradients"] = _rel(w.gradients(), ref.gradients()[:, J]) if J.size else 0.0
+    assert w.count == ref.count and w.total == ref.total
+    return e
+
+
+def _window_sequence(comm, layout_kind, dtype, normalize, engine, refresh_every, seed):
+    lay, ref, w = _window_pair(comm, layout_kind, dtype, normalize, engine, refresh_every)
+    rng = np.random.default_rng(seed)
+    d, J = lay.dim, lay.indices(comm.rank)
+    worst = {}
+
+    def note(errs):
+        for k, v in errs.items():
+            worst[k] = max(worst.get(k, 0.0), v)
+
+    note(_window_compare(w, ref, lay, comm.rank, rng, dtype))          # empty window
+    # steps, single updates and batches (the deferred-rebuild path), past a full turn
+    for t, kind in enumerate(["step", "step", "update", "batch2", "step", "batch3", "step",
+                              "update", "step", "step", "batch2", "step"]):
+        scale = 10.0 ** rng.uniform(-0.5, 0.25)    # kappa_W = lambda_max(F)/lambda ~ 10-30
+        if kind == "step":
+            g = (scale * rng.standard_normal(d)).astype(dtype)
+            note({"step": _rel(w.step(g[J]), ref.step(g)[J])})
+        elif kind == "update":
+            g = (scale * rng.standard_normal(d)).astype(dtype)
+            w.update(g[J])
+            ref.update(g)
+        else:
+            Gb = (scale * rng.standard_normal((int(kind[-1]), d))).astype(dtype)
+            w.update(Gb[:, J])
+            ref.update(Gb)
+        if t % 3 == 2:
+            note(_window_compare(w, ref, lay, comm.rank, rng, dtype))
+    w.refresh()
+    ref.refresh()
+    note(_window_compare(w, ref, lay, comm.rank, rng, dtype))
+    w.check_replicas()
+    Gh = ref.gradients().astype(np.float64)
+    kappa = 1.0 + np.linalg.norm(Gh, 2) ** 2 / (ref.damping * (ref.window if normalize ==
+                                                                "window" else len(Gh)))
+    return worst, w.digest(), w.engine, float(kappa)
+
+
+@pytest.mark.parametrize("layout_kind,normalize,engine,refresh_every", [
+    ("contiguous", "window", "auto", None),
+    ("sharded", "window", "explicit", None),
+    ("uneven", "count", "auto", None),
+    ("aligned", "window", "cholesky", 3),
+])
+def test_window_equals_single_process(cluster, layout_kind, normalize, engine, refresh_every):
+    outs = cluster.ok(_window_sequence, layout_kind, np.float64, normalize, engine,
+                      refresh_every, 21)
+    for r, (worst, _, _, kappa) in enumerate(outs):
+        assert kappa > 5, kappa        # not a trivially conditioned window
+        bad = {k: v for k, v in worst.items() if not v <= TOL}
+        assert not bad, (r, bad)
+        assert set(worst) >= {"matvec", "matmat", "quad", "entry", "diagonal", "logdet",
+                              "todense", "step", "gradients"}
+    assert len({o[1] for o in outs}) == 1       # replicated state: one digest
+    if engine != "auto":
+        assert all(o[2] == engine for o in outs)
+
+
+def test_window_float32(cluster):
+    outs = cluster.ok(_window_sequence, "contiguous", np.float32, "window", "auto", None, 22)
+    for worst, _, _, _ in outs:
+        assert max(worst.values()) <= 1e-4, worst
+    assert len({o[1] for o in outs}) == 1
+
+
+def _window_failures(comm, what, tmp):
+    """A failure on rank 1 in the middle of a sequence: every rank raises, every state
+    is as before, and the ranks go on in step."""
+    from mfac_linalg.distributed import ShardedSlidingWindowInverseFisher
+    lay, ref, w = _window_pair(comm, "contiguous", np.float64)
+    rng = np.random.default_rng(7)
+    d, J = lay.dim, lay.indices(comm.rank)
+    for _ in range(5):
+        g = rng.standard_normal(d)
+        w.step(g[J])
+        ref.step(g)
+    before = (w.digest(), w.gradients().copy(), w.total)
+    g = rng.standard_normal(d)
+    gp = g[J].copy()
+    seen = None
+    try:
+        if what == "nan":
+            if comm.rank == 1:
+                gp[0] = np.nan
+            w.step(gp)
+        elif what == "shape":
+            w.step(gp if comm.rank != 1 else np.ones(gp.size + 2))
+        elif what == "pass2":                  # a failure after the all-reduce of u
+            if comm.rank == 1:
+                def boom(*a, **k):
+                    raise MemoryError("injected")
+                w._buf.finish_step = boom
+            w.step(gp)
+        elif what == "batch":                  # one bad row of a batch on rank 1
+            Gb = rng.standard_normal((3, d))[:, J]
+            if comm.rank == 1:
+                Gb[2, 0] = np.inf
+            w.update(Gb)
+        elif what == "k":
+            w.update(rng.standard_normal((2 if comm.rank == 1 else 3, d))[:, J])
+        elif what == "matvec":
+            w.matvec(gp if comm.rank != 1 else np.full(gp.size, np.nan))
+    except BaseException as exc:
+        seen = (type(exc).__name__, str(exc))
+    if what == "pass2" and comm.rank == 1:
+        del w._buf.finish_step
+    after = (w.digest(), w.gradients(), w.total)
+    same = before[0] == after[0] and np.array_equal(before[1], after[1]) and \
+        before[2] == after[2]
+    y = w.step(g[J])                           # the ranks are still in step
+    return seen, same, _rel(y, ref.step(g)[J])
+
+
+@pytest.mark.parametrize("what", ["nan", "shape", "pass2", "batch", "k", "matvec"])
+def test_window_failure_raises_everywhere_state_unchanged(cluster, what, tmp_path):
+    outs = cluster.ok(_window_failures, what, str(tmp_path))
+    for r, (seen, same, err) in enumerate(outs):
+        assert seen is not None, f"rank {r} did not raise"
+        if what == "k":
+            assert seen[0] == "ValueError" and "every rank" in seen[1]
+        elif r == 1:
+            assert seen[0] == ("MemoryError" if what == "pass2" else "ValueError"), seen
+        else:
+            assert seen[0] == "RemoteRankError" and "[1]" in seen[1], seen
+        assert same, f"rank {r}: the state changed"
+        assert err <= TOL
+
+
+def _window_divergence(comm, check_every):
+    lay, ref, w = _window_pair(comm, "contiguous", np.float64, check_every=check_every)
+    rng = np.random.default_rng(8)
+    J = lay.indices(comm.rank)
+    for _ in range(2):
+        w.step(rng.standard_normal(lay.dim)[J])
+    if comm.rank == 0:
+        w._eng.K[0, 0] *= 1 + 1e-15            # a silent divergence on rank 0
+    seen = []
+    for t in range(4):
+        try:
+            w.step(rng.standard_normal(lay.dim)[J])
+        except BaseException as exc:
+            seen.append((w.total, type(exc).__name__, getattr(exc, "ranks", None)))
+            break
+    return seen
+
+
+def test_window_divergence_detected_at_interval(cluster):
+    outs = cluster.ok(_window_divergence, 4)
+    P = cluster.size
+    for seen in outs:
+        # the check runs when total reaches 4 (the second step after the damage): every
+        # rank differs from rank 0
+        assert seen == [(4, "ReplicaDivergenceError", list(range(1, P)))], seen
+
+
+def _window_checkpoint(comm, tmp, what):
+    from mfac_linalg.distributed import ColumnLayout, ShardedSlidingWindowInverseFisher
+    lay, ref, w = _window_pair(comm, "sharded", np.float64)
+    rng = np.random.default_rng(9)
+    d, J = lay.dim, lay.indices(comm.rank)
+    for _ in range(6):
+        w.step(rng.standard_normal(d)[J])
+    path = os.path.join(tmp, f"win-{what}-{comm.rank}.npz")
+    assert w.save(path) == path
+    comm.barrier()
+    if what == "same":
+        w2 = ShardedSlidingWindowInverseFisher(lay.local_dim(comm.rank), 4, 0.5, comm,
+                                               layout=lay, dtype="float64")
+        w2.load(path)
+        g = rng.standard_normal(d)[J]
+        same = w2.digest() == w.digest()
+        return same, bool(np.array_equal(w2.step(g), w.step(g)))
+    if what == "layout":
+        other = ColumnLayout.contiguous(d, comm.size)
+        w2 = ShardedSlidingWindowInverseFisher(other.local_dim(comm.rank), 4, 0.5, comm,
+                                               layout=other, dtype="float64")
+        d0 = w2.digest()
+        try:
+            w2.load(path)
+        except Exception as exc:
+            return type(exc).__name__, str(exc), w2.digest() == d0
+        return None
+    if what == "corrupt":
+        if comm.rank == 1:
+            with open(path, "wb") as f:
+                f.write(b"not a checkpoint")
+        w2 = ShardedSlidingWindowInverseFisher(lay.local_dim(comm.rank), 4, 0.5, comm,
+                                               layout=lay, dtype="float64")
+        d0 = w2.digest()
+        try:
+            w2.load(path)
+        except Exception as exc:
+            return type(exc).__name__, str(exc), w2.digest() == d0
+        return None
+    if what == "swapped":                       # rank p loads rank q's file
+        q = (comm.rank + 1) % comm.size
+        w2 = ShardedSlidingWindowInverseFisher(lay.local_dim(comm.rank), 4, 0.5, comm,
+                                               layout=lay, dtype="float64")
+        try:
+            w2.load(os.path.join(tmp, f"win-{what}-{q}.npz"))
+        except Exception as exc:
+            return type(exc).__name__, str(exc)
+        return None
+
+
+def test_window_checkpoint_roundtrip(cluster, tmp_path):
+    for same, same_step in cluster.ok(_window_checkpoint, str(tmp_path), "same"):
+        assert same and same_step
+
+
+def test_window_checkpoint_refused_under_another_layout(cluster, tmp_path):
+    for res in cluster.ok(_window_checkpoint, str(tmp_path), "layout"):
+        assert res is not None
+        kind, msg, unchanged = res
+        assert kind == "ValueError" and "another column layout" in msg and unchanged
+
+
+def test_window_checkpoint_bad_file_on_one_rank(cluster, tmp_path):
+    for r, res in enumerate(cluster.ok(_window_checkpoint, str(tmp_path), "corrupt")):
+        kind, msg, unchanged = res
+        assert kind == ("ValueError" if r == 1 else "RemoteRankError"), res
+        assert unchanged
+
+
+def test_window_checkpoint_of_another_rank_refused(cluster, tmp_path):
+    for res in cluster.ok(_window_checkpoint, str(tmp_path), "swapped"):
+        assert res is not None and res[0] in ("ValueError", "RemoteRankError")
