@@ -42,7 +42,7 @@ def main(d=100_000, m=1024, dtype="float32"):
     ld = G.shape[1]
     xq = cp.zeros(ld, dtype=cp.float32)
     xq[:d] = x
-    ws = cp.zeros(m + 3)
+    ws = cp.zeros(m + 4)
     u = ws[:m]
     z = cp.ones(m)
     c32 = cp.ones(m, dtype=cp.float32)
@@ -54,7 +54,7 @@ def main(d=100_000, m=1024, dtype="float32"):
     Lspare = cp.eye(m)
     Ci = cp.linalg.inv(C)
     Kc, Kold, x2 = A @ A.T / m, cp.empty(m), cp.empty(m)
-    det, ax2 = cp.empty(1), cp.zeros(1)
+    det, ax2 = cp.empty(2), cp.zeros(1)
     p, dj, beta = cp.ones(m - 1) * 0.01, cp.empty(m - 1), cp.empty(m - 1)
     parts = {
         "step (whole)": lambda: w.step(nxt()),

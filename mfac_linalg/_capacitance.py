@@ -38,7 +38,7 @@ the ring buffer's first pass wrote into ``status[0]``) or :class:`GramOverflow`;
 then, and after any error of ``replace``, the engine is exactly as it was
 before ``replace`` once :meth:`rollback` ran (``replace`` itself restores it
 when it raises).  ``status`` (GPU kernel engines): a zeroed float64 device array
-of length 3 shared with the ring buffer, read with one host synchronisation in
+of length 4 shared with the ring buffer, read with one host synchronisation in
 ``commit``.
 
 Two engines:
@@ -556,7 +556,7 @@ class ExplicitEngine(_Engine):
         x1 = Ci[s]
         m00, m01, m10 = 1.0 + float(x2[s]), B.scalar(a @ x2), float(x1[s])
         det = m00 * m00 - m01 * m10
-        if not (det > 1e-300 and math.isfinite(det)):
+        if not _det_ok(det, m00 * m00 + abs(m01 * m10)):
             self._exact(p)        # a doubtful pivot: exact inverse from K (raises if singular)
             return
         i00, i01, i10, i11 = m00 / det, -m01 / det, -m10 / det, m00 / det
@@ -601,6 +601,13 @@ class ExplicitEngine(_Engine):
         self.logdet_C = float(logdet)
         self.n, self.start, self.shift = int(n), int(start), float(shift)
         self.valid = True
+
+
+def _det_ok(det, scale):
+    """det M = det C_new / det C is trusted when it is positive, finite and above the
+    rounding of its own cancellation (64 eps of |m00 m11| + |m01 m10|); else the
+    explicit engine rebuilds exactly, which raises when C_new is singular."""
+    return math.isfinite(det) and det > 64.0 * np.finfo(np.float64).eps * scale and det > 1e-300
 
 
 def engine_kind(backend, storage, normalize, engine="auto"):

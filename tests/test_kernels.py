@@ -88,7 +88,7 @@ def test_window_replace_against_dense_inverse(m, s):
     Kd = cp.asarray(Kg)
     Kold = cp.full(m, np.nan)
     x2, z, c = cp.empty(m), cp.full(m, np.nan), cp.full(m, np.nan, dtype=np.float32)
-    ax2, det = cp.zeros(1), cp.full(1, np.nan)
+    ax2, det = cp.zeros(1), cp.full(2, np.nan)
     K.window_replace(Ci, out, cp.asarray(u), Kd, Kold, x2, ax2, z, c, det, s)
     Cinv = np.linalg.inv(Cnew)
     tol = 1e-11 * np.linalg.cond(Cnew) * np.linalg.cond(C)
@@ -98,6 +98,7 @@ def test_window_replace_against_dense_inverse(m, s):
     assert np.array_equal(c.get(), z.get().astype(np.float32))
     ratio = np.exp(np.linalg.slogdet(Cnew)[1] - np.linalg.slogdet(C)[1])
     assert abs(det.get()[0] - ratio) <= tol * ratio
+    assert 0 < det.get()[1] < np.inf                     # the scale of det's rounding
     assert np.array_equal(Kd.get(), Knew)
     assert np.array_equal(Kold.get(), Kg[s])
     assert np.array_equal(Ci.get(), np.linalg.inv(C))     # the old inverse is left alone

@@ -73,14 +73,15 @@ class WindowMachine(RuleBasedStateMachine):
     @initialize(window=st.integers(1, 24), dim=st.integers(1, 30),
                 normalize=st.sampled_from(["window", "count"]),
                 log_damping=st.floats(-3, 1), refresh=st.sampled_from([None, 1, 3, 50]),
-                seed=st.integers(0, 2**31))
-    def setup(self, window, dim, normalize, log_damping, refresh, seed):
+                seed=st.integers(0, 2**31),
+                engine=st.sampled_from(["auto", "cholesky", "explicit"]))
+    def setup(self, window, dim, normalize, log_damping, refresh, seed, engine):
         self.rng = np.random.default_rng(seed)
         lam = 10.0 ** log_damping
         self.be = B.backend_for_device(self.DEVICE)
         self.w = ml.SlidingWindowInverseFisher(dim, window, lam, dtype=self.DTYPE,
                                                device=self.DEVICE, normalize=normalize,
-                                               refresh_every=refresh)
+                                               refresh_every=refresh, engine=engine)
         self.ref = DenseWindow(dim, window, lam, normalize, self.DTYPE)
 
     def dev(self, a):
@@ -166,12 +167,28 @@ class WindowMachine(RuleBasedStateMachine):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "w.npz")
             self.w.save(path)
-            w2 = ml.SlidingWindowInverseFisher.load(path, device=self.DEVICE)
+            w2 = ml.SlidingWindowInverseFisher.load(path, device=self.DEVICE,
+                                                    engine=self.w.engine)
         g = self.rng.standard_normal(self.ref.dim)
         assert np.array_equal(B.to_host(w2.matvec(x)), B.to_host(self.w.matvec(x)))
         assert np.array_equal(B.to_host(w2.step(self.dev(g))), B.to_host(self.w.step(self.dev(g))))
         self.ref.add(g)
         assert_same_state(state_arrays(w2), state_arrays(self.w))
+
+    @rule(engine=st.sampled_from(["auto", "cholesky", "explicit"]))
+    def load_into_twin_of_the_other_normalization(self, engine):
+        """Issue 10: a window of the other normalization (so, on the GPU, possibly the
+        other engine) holding gradients of its own loads this state; the rules that
+        follow query it between updates."""
+        other = "count" if self.ref.normalize == "window" else "window"
+        twin = ml.SlidingWindowInverseFisher(self.ref.dim, self.ref.window,
+                                             2 * self.ref.damping, dtype=self.DTYPE,
+                                             device=self.DEVICE, normalize=other,
+                                             engine=engine)
+        twin.update(self.dev(self.rng.standard_normal((2, self.ref.dim))))
+        twin.load_state_dict(self.w.state_dict())
+        assert twin.normalize == self.ref.normalize and twin.damping == self.ref.damping
+        self.w = twin
 
     @precondition(lambda self: self.ref.held)
     @rule()

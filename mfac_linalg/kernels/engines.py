@@ -5,7 +5,7 @@ kernels of :mod:`mfac_linalg.kernels.sliding` and every check that needs the
 host (the new pivot, det of the 2 x 2 capacitance, the ring buffer's NaN/inf
 flag of g) is deferred to :meth:`commit`, which reads ``status`` once: the one
 host synchronisation of an update.  ``status`` is a zeroed float64 device array
-of length 3 (flag of g, pivot or det, scratch) that the CUDA ring buffer shares
+of length 4 (flag of g, pivot or det M, the scale of det M, scratch) that the CUDA ring buffer shares
 with the engine; an engine given none uses its own.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ import math
 import numpy as np
 
 from .. import _backend as B
-from .._capacitance import CholeskyEngine, ExplicitEngine, GramOverflow, NonFiniteGradient
+from .._capacitance import (CholeskyEngine, ExplicitEngine, GramOverflow, NonFiniteGradient,
+                            _det_ok)
 from . import sliding as K_
 
 __all__ = ["CholeskyKernelEngine", "ExplicitKernelEngine"]
@@ -64,7 +65,7 @@ class CholeskyKernelEngine(_KernelChecks, CholeskyEngine):
         super()._alloc()
         xp = self.backend.xp
         self._Kold = xp.zeros(self.m, dtype=np.float64)
-        self._status = xp.zeros(3, dtype=np.float64)
+        self._status = xp.zeros(4, dtype=np.float64)
 
     def replace(self, slot, u, shift, *, rebuild=False, defer=False, status=None):
         return super().replace(slot, u, shift, rebuild=rebuild, defer=defer,
@@ -155,7 +156,7 @@ class ExplicitKernelEngine(_KernelChecks, ExplicitEngine):
         self._x2 = xp.zeros(m, dtype=np.float64)
         self._z = xp.zeros(m, dtype=np.float64)
         self._c32 = xp.zeros(m, dtype=np.float32)
-        self._status = xp.zeros(3, dtype=np.float64)
+        self._status = xp.zeros(4, dtype=np.float64)
 
     def replace(self, slot, u, shift, *, rebuild=False, defer=False, status=None):
         st = self._own_status() if status is None else status
@@ -173,9 +174,9 @@ class ExplicitKernelEngine(_KernelChecks, ExplicitEngine):
                 self._restore_gram(p)
                 raise
             return p
-        # status[2] (zeroed) accumulates a . x2; status[1] receives det M
-        K_.window_replace(self.Ci, self._spare, u, self.K, self._Kold, self._x2, st[2:3],
-                          self._z, self._c32, st[1:2], slot)
+        # status[3] (zeroed) accumulates a . x2; status[1:3] receive det M and its scale
+        K_.window_replace(self.Ci, self._spare, u, self.K, self._Kold, self._x2, st[3:4],
+                          self._z, self._c32, st[1:3], slot)
         p.old_K = self._Kold
         p.z = self._z
         p.c32 = self._c32
@@ -185,10 +186,10 @@ class ExplicitKernelEngine(_KernelChecks, ExplicitEngine):
         if p.rebuilt or p.deferred:
             self._check_status(p)
             return True
-        value = B.to_host(p.status[:2])                     # the one host synchronisation
+        value = B.to_host(p.status[:3])                     # the one host synchronisation
         p.checked = True
         dv = float(value[1])
-        ok = self._verify_pivot(p, value, dv > 1e-300 and math.isfinite(dv))
+        ok = self._verify_pivot(p, value, _det_ok(dv, float(value[2])))
         if ok:
             p.logdet = self.logdet_C + math.log(dv)
         return ok

@@ -380,7 +380,8 @@ __global__ void gather_f64(const double* __restrict__ u, double* __restrict__ ua
 //   window_gemv: x2 = Ci a (a formed on the fly from u and the old K[s, :]), and
 //                ws[0] += a . x2 (ws[0] zeroed beforehand);
 //   rank2_rows:  out = Ci - [x1 x2] M^{-1} [x2 x1]^T, x1 = Ci e_s (row s of Ci),
-//                M = [[1 + x2_s, a.x2], [x1_s, 1 + x2_s]], det M = det C_new / det C;
+//                M = [[1 + x2_s, a.x2], [x1_s, 1 + x2_s]], det M = det C_new / det C
+//                (det_out[0]; det_out[1] = |m00 m11| + |m01 m10|, the scale of its rounding);
 //                in the same read, z = out u (= C_new^{-1} u, the step's coefficients,
 //                float64 and float32), and K[s, :] = K[:, s] = u (old row to oldK).
 __device__ __forceinline__ double block_sum_d(double v, double* red) {
@@ -451,7 +452,7 @@ __global__ void rank2_rows(const double* __restrict__ Ci, double* __restrict__ o
     if (threadIdx.x == 0) {
         z[i] = zi;
         c[i] = (float)zi;
-        if (i == 0) det_out[0] = det;
+        if (i == 0) { det_out[0] = det; det_out[1] = m00 * m11 + fabs(m01 * m10); }
         const double ui = u[i];
         oldK[i] = K[(long long)s * m + i];
         K[(long long)s * m + i] = ui;
@@ -643,7 +644,8 @@ def gram_update(K, u, oldK, s, ua=None, start=0, n=0):
 def window_replace(Ci, out, u, K, oldK, x2, ax2, z, c, det, s):
     """The explicit inverse's slot replacement (two kernels; see the CUDA source):
     out = C_new^{-1} (rank two from Ci), z = out @ u (float64), c = float32(z),
-    det[0] = det C_new / det C, K row/column s = u with the old row in oldK.
+    det[0] = det C_new / det C, det[1] = its rounding scale |m00 m11| + |m01 m10| (``det``
+    has two elements), K row/column s = u with the old row in oldK.
     ``ax2`` (a one-element float64 view) must be zero on entry."""
     m = Ci.shape[0]
     fn("window_gemv")((m,), (128,), (Ci, u, K, x2, ax2, np.int32(m), np.int32(s)))

@@ -257,7 +257,7 @@ def _member(zf, info, shape, dtype, path):
     shp, fortran, dt = _header(zf, info, path)
     name = info.filename[:-4]
     if dt.hasobject:
-        raise ValueError(f"{path}: member {name} holds Python objects")
+        raise ValueError(f"member {name} holds Python objects")
     if shape is not None and (tuple(shp) != shape or dt != dtype):
         raise ValueError(f"state: {name} must have shape {shape} and dtype {dtype}; the "
                          f"file declares shape {tuple(shp)}, dtype {dt}")
@@ -266,7 +266,7 @@ def _member(zf, info, shape, dtype, path):
                          f"{tuple(shp)}")
     nbytes = int(np.prod(shp, dtype=np.int64)) * dt.itemsize
     if info.file_size < nbytes or info.file_size > nbytes + 65536:
-        raise ValueError(f"{path}: member {name} has {info.file_size} bytes for a "
+        raise ValueError(f"member {name} has {info.file_size} bytes for a "
                          f"declared {nbytes}")
     with zf.open(info) as f:
         return np.lib.format.read_array(f, allow_pickle=False)
@@ -286,8 +286,8 @@ def read(path):
     try:
         with zf:
             return _read_members(zf, p)
-    except (ValueError, TypeError):
-        raise
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"cannot read a sliding-window file from {p}: {exc}") from None
     except Exception as exc:       # a corrupted archive: zlib, struct, CRC, encryption...
         raise ValueError(f"cannot read a sliding-window file from {p}: "
                          f"{type(exc).__name__}: {exc}") from None
@@ -297,25 +297,23 @@ def _read_members(zf, p):
     infos = {}
     for info in zf.infolist():
         if not info.filename.endswith(".npy"):
-            raise ValueError(f"cannot read a sliding-window file from {p}: unexpected "
-                             f"member {info.filename!r}")
+            raise ValueError(f"unexpected member {info.filename!r}")
         infos[info.filename[:-4]] = info
     state = {}
     for k, info in infos.items():
         if k in _V1 + _V2 and k not in ("G", "K", "F", "L"):
             if info.file_size > _MAX_SCALAR_BYTES:
-                raise ValueError(f"{p}: member {k} is too large for a scalar")
+                raise ValueError(f"member {k} is too large for a scalar")
             v = _member(zf, info, None, None, p)
             state[k] = v[()] if v.dtype.kind != "U" else str(v)
         elif k not in ("G", "K", "F", "L"):
-            raise ValueError(f"cannot read a sliding-window file from {p}: unexpected "
-                             f"member {k!r}")
+            raise ValueError(f"unexpected member {k + '.npy'!r}")
     try:
         m = V.positive_int(state.get("window"), "state: window")
         d = V.positive_int(state.get("dim"), "state: dim")
         dtype = V.choice(_text(state.get("dtype"), "dtype"), "state: dtype", DTYPES)
     except TypeError:
-        raise ValueError(f"{p}: window, dim and dtype must be stored as an integer, an "
+        raise ValueError("window, dim and dtype must be stored as an integer, an "
                          "integer and a dtype name") from None
     shapes = {"G": ((m, d), _raw_dtype(dtype)), "K": ((m, m), np.dtype(np.float64)),
               "F": ((m, m), np.dtype(np.float64)), "L": ((m, m), np.dtype(np.float64))}

@@ -5,9 +5,9 @@ as raw ``uint16`` words that the kernels convert with float32 accumulation.  Thi
 module (with ``_backend`` and ``kernels/``) is the only place of the window that
 touches CuPy: the kernel launches, the workspace memset and the one host read.
 
-Workspace ``ws`` (float64, m + 3), zeroed by one memset per first pass: ``u`` (m),
-then ``status`` = [NaN/inf flag of the vector, the engine's pivot or det, a scratch
-accumulator], shared with the kernel engine so that an update synchronises once.
+Workspace ``ws`` (float64, m + 4), zeroed by one memset per first pass: ``u`` (m),
+then ``status`` = [NaN/inf flag of the vector, the engine's pivot or det M, the scale
+of det M, a scratch accumulator], shared with the kernel engine so that an update synchronises once.
 The workspace is reused from call to call: use a window from one CUDA stream at a
 time (the window's lock serialises the calls of several host threads).
 """
@@ -43,7 +43,7 @@ class CudaRingBuffer(RingBuffer):
         xp = backend.xp
         with backend.device_context():
             self.G = xp.zeros((self.m, self.ld), dtype=self.storage)
-            self.ws = xp.zeros(self.m + 3, dtype=np.float64)
+            self.ws = xp.zeros(self.m + 4, dtype=np.float64)
             self.Gold = xp.zeros(self.ld, dtype=self.storage)
 
     @property
@@ -100,7 +100,7 @@ class CudaRingBuffer(RingBuffer):
         y = self.backend.xp.empty(self.ld, dtype=np.float32) if want_y else None
         K_.rows_dot(self.G, self.name, xq, ws[:m], slot=slot, rows=rows, backup=self.Gold,
                     flag=ws[m:m + 1] if check else None, y=y, inv_lam=1.0 / lam)
-        return Write(slot, self.Gold, ws[:m], xq, y, ws[m:m + 3])
+        return Write(slot, self.Gold, ws[:m], xq, y, ws[m:m + 4])
 
     def check_gram(self, w):
         """Deferred: an overflowed u shows as a non-finite pivot at the engine's commit."""
