@@ -1,0 +1,438 @@
+"""mfac_linalg.distributed in one process: layouts, communicators and their adapters,
+argument checks, and the sharded operators with P = 1 (the multi-process tests are in
+test_distributed.py)."""
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import mfac_linalg as ml
+from mfac_linalg import _backend as B
+from mfac_linalg.distributed import (ColumnLayout, Communicator, MPIComm, RemoteRankError,
+                                     ShardedSlidingWindowInverseFisher,
+                                     ShardedStaticInverseFisher, SingleProcessComm, agree,
+                                     as_comm, check_replicas, state_digest)
+
+
+# -- layouts -------------------------------------------------------------------------------------
+
+def test_contiguous_even_and_given():
+    lay = ColumnLayout.contiguous(10, 3)
+    assert [lay.ranges(p) for p in range(3)] == [[(0, 4)], [(4, 7)], [(7, 10)]]
+    lay2 = ColumnLayout.contiguous(5, 3, local_dims=[0, 5, 0])
+    assert lay2.ranges(0) == [] and lay2.local_dim(1) == 5
+    assert lay2.indices(0).size == 0
+
+
+def test_sharded_matches_fsdp_chunking():
+    # FSDP FULL_SHARD: each flat unit padded to a multiple of P and cut into P equal chunks
+    units, P = [10, 3, 7], 4
+    lay = ColumnLayout.sharded(units, P)
+    start = 0
+    want = [[] for _ in range(P)]
+    for n in units:
+        flat = np.arange(start, start + n)
+        c = -(-n // P)
+        for p in range(P):
+            want[p].extend(flat[p * c:(p + 1) * c].tolist())
+        start += n
+    for p in range(P):
+        assert lay.indices(p).tolist() == want[p]
+
+
+def test_parameter_aligned_cuts_on_parameter_boundaries():
+    sizes = [4, 9, 3, 12, 2]
+    bounds = set(np.cumsum([0] + sizes).tolist())
+    lay = ColumnLayout.parameter_aligned(sizes, 3)
+    for p in range(3):
+        for a, b in lay.ranges(p):
+            assert a in bounds and b in bounds
+    assert sum(lay.local_dim(p) for p in range(3)) == sum(sizes)
+    # a parameter larger than d / P: a rank may hold nothing, the partition still holds
+    big = ColumnLayout.parameter_aligned([100, 1], 3)
+    assert sorted(big.local_dim(p) for p in range(3)) == [0, 1, 100]
+
+
+@pytest.mark.parametrize("lay", [ColumnLayout.contiguous(11, 3),
+                                 ColumnLayout.sharded([5, 6], 2),
+                                 ColumnLayout(11, [[(0, 2), (8, 11)], [(2, 8)]])])
+def test_split_gather_owner_roundtrip(lay):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(11)
+    X = rng.standard_normal((11, 3)).astype(np.float32)
+    G = rng.standard_normal((4, 11))
+    P = lay.size
+    assert np.array_equal(lay.gather([lay.split(x, p) for p in range(P)]), x)
+    Xg = lay.gather([lay.split(X, p) for p in range(P)])
+    assert Xg.dtype == np.float32 and np.array_equal(Xg, X)
+    assert np.array_equal(lay.gather([lay.split(G, p, axis=1) for p in range(P)], axis=1), G)
+    for j in range(-11, 11):
+        p, loc = lay.owner(j)
+        assert lay.split(x, p)[loc] == x[j]
+    assert ColumnLayout.from_dict(lay.to_dict()) == lay
+    assert lay.fingerprint() == ColumnLayout.from_dict(lay.to_dict()).fingerprint()
+    assert lay != ColumnLayout.contiguous(11, P, local_dims=[11] + [0] * (P - 1))
+
+
+def test_layout_repr():
+    assert repr(ColumnLayout.contiguous(5, 2)) == \
+        "<ColumnLayout d=5 P=2 contiguous local_dims=[3, 2]>"
+    assert repr(ColumnLayout.sharded([4, 4], 2)) == "<ColumnLayout d=8 P=2 ranges=4>"
+
+
+@pytest.mark.parametrize("args,exc,msg", [
+    ((4.0, [[(0, 4)]]), TypeError, "dim must be an integer"),
+    ((0, [[(0, 0)]]), ValueError, "dim must be >= 1"),
+    ((4, "ab"), TypeError, "ranges must be a sequence"),
+    ((4, []), ValueError, "one entry per rank"),
+    ((4, [[(0, 5)]]), ValueError, "stop must be <= 4"),
+    ((4, [[(3, 1)]]), ValueError, "start <= stop"),
+    ((4, [[(0, 3)], [(2, 4)]]), ValueError, "overlap"),
+    ((4, [[(0, 1)], [(2, 4)]]), ValueError, "gap"),
+    ((4, [[(0, 3)]]), ValueError, "end at 3"),
+    ((4, [[(0, 1, 2)]]), TypeError, "pair"),
+    ((4, [[(0, 2.5)]]), TypeError, "stop must be an integer"),
+])
+def test_layout_bad_arguments(args, exc, msg):
+    with pytest.raises(exc, match=msg):
+        ColumnLayout(*args)
+
+
+def test_layout_bad_helpers():
+    lay = ColumnLayout.contiguous(6, 2)
+    with pytest.raises(ValueError, match="local_dims must sum to dim=6"):
+        ColumnLayout.contiguous(6, 2, local_dims=[1, 2])
+    with pytest.raises(ValueError, match="local_dims must have 2 entries"):
+        ColumnLayout.contiguous(6, 2, local_dims=[6])
+    with pytest.raises(ValueError, match="rank must be <= 1"):
+        lay.local_dim(2)
+    with pytest.raises(ValueError, match="x must have 6 entries along axis 0"):
+        lay.split(np.ones(5), 0)
+    with pytest.raises(ValueError, match=r"parts\[1\] must have shape \(3,\)"):
+        lay.gather([np.ones(3), np.ones(2)])
+    with pytest.raises(ValueError, match="parts must have 2 entries"):
+        lay.gather([np.ones(3)])
+    with pytest.raises(ValueError, match="j must be >= -6"):
+        lay.owner(-7)
+    with pytest.raises(TypeError, match=r"unit_sizes\[1\] must be an integer"):
+        ColumnLayout.sharded([3, 2.0], 2)
+    with pytest.raises(ValueError, match="layout data must be a dict"):
+        ColumnLayout.from_dict({"dim": 3})
+
+
+# -- communicators ------------------------------------------------------------------------------
+
+def test_single_process_comm_and_helpers():
+    comm = as_comm(None)
+    assert isinstance(comm, SingleProcessComm) and (comm.rank, comm.size) == (0, 1)
+    buf = np.arange(3.0)
+    assert comm.allreduce_sum(buf) is buf and np.array_equal(buf, [0, 1, 2])
+    assert comm.broadcast(buf) is buf
+    comm.barrier()
+    agree(comm, None, "nothing")                     # no failure: returns
+    with pytest.raises(KeyError):
+        agree(comm, KeyError("mine"), "x")           # this rank's own error comes back
+    check_replicas(comm, [np.eye(3)])
+    assert repr(comm) == "<SingleProcessComm rank=0 size=1>"
+
+
+def test_comm_buffer_checks():
+    comm = SingleProcessComm()
+    with pytest.raises(TypeError, match="buf must be a float64 array; got dtype float32"):
+        comm.allreduce_sum(np.ones(3, dtype=np.float32))
+    with pytest.raises(TypeError, match="buf must be a float64 array"):
+        comm.allreduce_sum([1.0, 2.0])
+    with pytest.raises(ValueError, match="buf must be C-contiguous"):
+        comm.allreduce_sum(np.ones((4, 4))[:, 1])
+    with pytest.raises(ValueError, match="root must be <= 0"):
+        comm.broadcast(np.ones(2), root=1)
+
+
+def test_as_comm_refuses_other_objects():
+    with pytest.raises(TypeError, match="comm must be None.*missing allreduce_sum"):
+        as_comm(types.SimpleNamespace(rank=0, size=1, broadcast=None, barrier=None))
+    with pytest.raises(TypeError, match="comm must be None"):
+        as_comm("world")
+
+    class Duck:
+        rank, size = 0, 1
+
+        def allreduce_sum(self, buf):
+            return buf
+
+        def broadcast(self, buf, root=0):
+            return buf
+
+        def barrier(self):
+            pass
+
+    duck = Duck()
+    assert as_comm(duck) is duck
+
+
+def test_state_digest_is_exact_bits():
+    a = np.eye(3)
+    b = a.copy()
+    assert np.array_equal(state_digest(a), state_digest(b))
+    b[1, 0] = np.nextafter(0.0, 1.0)
+    assert not np.array_equal(state_digest(a), state_digest(b))
+    d = state_digest(a)
+    assert d.dtype == np.float64 and d.shape == (4,) and np.all(d == np.round(d))
+
+
+class _FakeMPIComm:
+    """The part of mpi4py's Comm API that MPIComm uses, for two ranks holding the same data
+    (each collective doubles a sum), recording the calls."""
+
+    def __init__(self, MPI):
+        self.MPI, self.calls = MPI, []
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 2
+
+    def Allreduce(self, sendbuf, recvbuf, op):
+        assert sendbuf is self.MPI.IN_PLACE and op is self.MPI.SUM
+        self.calls.append("Allreduce")
+        recvbuf *= 2
+
+    def Reduce(self, sendbuf, recvbuf, op, root):
+        assert op is self.MPI.SUM and root == 0 and sendbuf is self.MPI.IN_PLACE
+        self.calls.append("Reduce")
+        recvbuf *= 2
+
+    def Bcast(self, buf, root):
+        self.calls.append(f"Bcast{root}")
+
+    def Barrier(self):
+        self.calls.append("Barrier")
+
+
+@pytest.fixture
+def fake_mpi(monkeypatch):
+    MPI = types.SimpleNamespace(IN_PLACE=object(), SUM=object())
+    pkg = types.ModuleType("mpi4py")
+    pkg.MPI = MPI
+    monkeypatch.setitem(sys.modules, "mpi4py", pkg)
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", MPI)
+    MPI.COMM_WORLD = _FakeMPIComm(MPI)
+    return MPI
+
+
+def test_mpi_adapter_calls(fake_mpi):
+    c = MPIComm()
+    assert (c.rank, c.size) == (0, 2) and c.comm is fake_mpi.COMM_WORLD
+    buf = np.arange(3.0)
+    c.allreduce_sum(buf)
+    assert np.array_equal(buf, [0.0, 2.0, 4.0])
+    c2 = MPIComm(fake_mpi.COMM_WORLD, reduction="reduce_broadcast")
+    c2.allreduce_sum(buf)
+    c2.broadcast(buf, root=1)
+    c2.barrier()
+    assert np.array_equal(buf, [0.0, 4.0, 8.0])
+    assert fake_mpi.COMM_WORLD.calls == ["Allreduce", "Reduce", "Bcast0", "Bcast1", "Barrier"]
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        MPIComm(reduction="tree")
+
+
+def test_mpi_adapter_needs_mpi4py(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    with pytest.raises(ImportError):
+        MPIComm()
+
+
+def test_torch_comm_single_rank(tmp_path):
+    torch = pytest.importorskip("torch")
+    import torch.distributed as dist
+    from mfac_linalg.distributed import TorchComm
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
+        TorchComm()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        for red in ("allreduce", "reduce_broadcast"):
+            c = TorchComm(reduction=red)
+            buf = np.arange(4.0)
+            assert c.allreduce_sum(buf) is buf and np.array_equal(buf, np.arange(4.0))
+            t = torch.arange(3, dtype=torch.float64)
+            c.broadcast(t.numpy())
+        assert as_comm(dist.group.WORLD).size == 1
+        op = ShardedStaticInverseFisher(np.eye(2, 5), 0.5, dist.group.WORLD)
+        assert op.comm.size == 1
+    finally:
+        dist.destroy_process_group()
+
+
+# -- the sharded operators with one rank --------------------------------------------------------
+
+@pytest.fixture
+def grads():
+    return np.random.default_rng(1).standard_normal((5, 17))
+
+
+def test_static_one_rank_equals_single_process(grads):
+    op = ShardedStaticInverseFisher(grads, 0.3)
+    ref = ml.StaticInverseFisher(grads, 0.3)
+    x = np.random.default_rng(2).standard_normal((17, 2))
+    assert np.allclose(op.matmat(x), ref.matmat(x), rtol=1e-13, atol=0)
+    assert np.allclose(op.diagonal(), ref.diagonal(), rtol=1e-13, atol=0)
+    assert op.todense().shape == (17, 17)
+    assert np.allclose(op.todense(), ref.todense(), rtol=0, atol=1e-13 / 0.3)
+    assert op.shape == (17, 17) and op.local_dim == 17 and op.num_grads == 5
+    assert op.form == "dual" and op.damping == 0.3
+    assert op.T is op and op.adjoint() is op
+    assert np.allclose(x[:, 0] @ op, ref @ x[:, 0], rtol=1e-13, atol=0)
+    L = op.factor
+    with pytest.raises(ValueError):
+        L[0, 0] = 1.0                                # read-only
+    assert op.local_factor().shape == (5, 17)
+
+
+def test_static_refusals(grads):
+    op = ShardedStaticInverseFisher(grads, 0.3)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(op)
+    with pytest.raises(TypeError, match="SciPy LinearOperator"):
+        op.to_scipy()
+    with pytest.raises(TypeError, match="no lazy algebra"):
+        op + op
+    with pytest.raises(TypeError, match="no lazy algebra"):
+        2.0 * op
+    with pytest.raises(TypeError, match="no lazy algebra"):
+        -op
+    with pytest.raises(ValueError, match="todense would build a 17 x 17"):
+        op.todense(max_elements=100)
+    with pytest.raises(IndexError, match=r"i must be in \[-17, 17\)"):
+        op.entry(17, 0)
+    with pytest.raises(TypeError, match="j must be an integer"):
+        op.entry(0, 1.5)
+    with pytest.raises(ValueError, match=r"x must have shape \(17,\) or \(17, k\)"):
+        op.matvec(np.ones(16))
+    with pytest.raises(ValueError, match=r"x must have shape \(17,\) or \(17, 1\) on rank 0"):
+        op.matvec(np.ones((17, 2)))
+    with pytest.raises(ValueError, match="x must be finite"):
+        op.matvec(np.full(17, np.nan))
+    with pytest.raises(ValueError, match=r"X must be 2-D with shape \(17, k\)"):
+        op.matmat(np.ones(17))
+
+
+@pytest.mark.parametrize("args,kwargs,exc,msg", [
+    ((np.ones(5), 0.1), {}, ValueError, r"local_grads must be 2-D \(m, d_p\)"),
+    ((np.ones((0, 3)), 0.1), {}, ValueError, "at least one gradient"),
+    ((np.full((2, 3), np.inf), 0.1), {}, ValueError, "local_grads must be finite"),
+    ((np.ones((2, 3)), -1.0), {}, ValueError, "damping must be > 0"),
+    ((np.ones((2, 3)), "0.1"), {}, TypeError, "damping must be a real number"),
+    ((np.ones((2, 3)), 0.1), {"layout": "contiguous"}, TypeError,
+     "layout must be a ColumnLayout or None"),
+    ((np.ones((2, 3)), 0.1), {"layout": ColumnLayout.contiguous(3, 2)}, ValueError,
+     r"layout must have one entry per rank \(1\)"),
+    ((np.ones((2, 3)), 0.1), {"layout": ColumnLayout.contiguous(4, 1)}, ValueError,
+     r"must have layout.local_dim\(p\) columns on rank p, \[4\]; got \[3\]"),
+    ((np.ones((2, 3)), 0.1, "world"), {}, TypeError, "comm must be None"),
+])
+def test_static_bad_arguments(args, kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        ShardedStaticInverseFisher(*args, **kwargs)
+
+
+def test_static_does_not_touch_the_gradients(grads):
+    G = grads.copy()
+    G.flags.writeable = False
+    ShardedStaticInverseFisher(G, 0.3)
+    assert np.array_equal(G, grads)
+
+
+def test_window_one_rank_equals_single_process():
+    rng = np.random.default_rng(3)
+    w = ShardedSlidingWindowInverseFisher(9, 3, 0.4, dtype="float64")
+    ref = ml.SlidingWindowInverseFisher(dim=9, window=3, damping=0.4, dtype="float64")
+    for _ in range(5):
+        g = rng.standard_normal(9)
+        assert np.allclose(w.step(g), ref.step(g), rtol=1e-13, atol=0)
+    assert w.count == 3 and w.total == 5 and w.engine == ref.engine
+    assert np.array_equal(w.gradients(), ref.gradients())
+    assert abs(w.logdet() - ref.logdet()) <= 1e-13 * abs(ref.logdet())
+    w.reset()
+    assert w.count == 0 and np.allclose(w.matvec(np.ones(9)), np.ones(9) / 0.4)
+    assert "held=0" in repr(w) and repr(w).startswith("<ShardedSlidingWindowInverseFisher d=9")
+
+
+@pytest.mark.parametrize("args,kwargs,exc,msg", [
+    ((-1, 3, 0.1), {}, ValueError, "local_dim must be >= 0"),
+    ((4, 0, 0.1), {}, ValueError, "window must be >= 1"),
+    ((4, 2.0, 0.1), {}, TypeError, "window must be an integer"),
+    ((4, 3, 0.0), {}, ValueError, "damping must be > 0"),
+    ((4, 3, 0.1), {"dtype": "float16"}, ValueError, "float16 and bfloat16 storage need the GPU"),
+    ((4, 3, 0.1), {"engine": "qr"}, ValueError, "engine must be one of"),
+    ((4, 3, 0.1), {"normalize": "mean"}, ValueError, "normalize must be one of"),
+    ((4, 3, 0.1), {"check_every": 0}, ValueError, "check_every must be >= 1"),
+])
+def test_window_bad_arguments(args, kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        ShardedSlidingWindowInverseFisher(*args, **kwargs)
+
+
+def test_window_bad_updates_leave_state():
+    w = ShardedSlidingWindowInverseFisher(4, 3, 0.5, dtype="float64")
+    w.update(np.ones(4))
+    before = w.digest()
+    with pytest.raises(ValueError, match=r"g must have shape \(4,\) for step on rank 0"):
+        w.step(np.ones(5))
+    with pytest.raises(ValueError, match="g must be finite"):
+        w.update(np.array([[1.0, 2, 3, 4], [1, np.nan, 0, 0]]))
+    with pytest.raises(ValueError, match="too large"), np.errstate(over="ignore"):
+        w.step(np.full(4, 1e200))
+    assert w.digest() == before and w.total == 1
+
+
+def test_window_checkpoint_file_checks(tmp_path):
+    w = ShardedSlidingWindowInverseFisher(4, 2, 0.5, dtype="float64")
+    w.step(np.arange(4.0))
+    p = w.save(tmp_path / "w.npz")
+    st = ShardedSlidingWindowInverseFisher.read_state(p)
+    assert st["layout"] == w.layout.to_dict() and st["rank"] == 0
+    w2 = ShardedSlidingWindowInverseFisher(4, 2, 0.5, dtype="float64")
+    assert w2.load(p).digest() == w.digest()
+    bad = dict(st)
+    bad["K"] = np.full((2, 2), np.nan)
+    with pytest.raises(ValueError, match="state: K holds NaN"):
+        w2.load_state_dict(bad)
+    bad = dict(st)
+    bad["window"] = 3
+    with pytest.raises(ValueError, match="state: window=3 does not match"):
+        w2.load_state_dict(bad)
+    with pytest.raises(TypeError, match="state must be a dict"):
+        w2.load_state_dict([1])
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="cannot read a sharded-window checkpoint"):
+        w2.load(tmp_path / "junk.npz")
+    assert w2.digest() == w.digest()
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".tmp-")]
+
+
+def test_remote_rank_error_message():
+    e = RemoteRankError([2], "step")
+    assert e.ranks == [2] and "rank(s) [2] failed during step" in str(e)
+
+
+def test_communicator_base_is_the_protocol():
+    assert isinstance(SingleProcessComm(), Communicator)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not B.gpu_available(), reason="needs CuPy and a CUDA GPU")
+def test_static_one_rank_on_gpu(grads):
+    import cupy as cp
+    G = cp.asarray(grads)
+    op = ShardedStaticInverseFisher(G, 0.3)
+    ref = ml.StaticInverseFisher(grads, 0.3)
+    x = np.random.default_rng(4).standard_normal(17)
+    y = op.matvec(cp.asarray(x))
+    assert isinstance(y, cp.ndarray)
+    assert np.allclose(cp.asnumpy(y), ref.matvec(x), rtol=1e-12, atol=0)
