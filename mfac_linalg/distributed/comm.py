@@ -78,11 +78,30 @@ class Communicator:
     """Base class of the adapters; documents the protocol (see the module docstring).
 
     Subclasses set ``rank`` and ``size`` and implement ``_allreduce_sum``,
-    ``_broadcast`` and ``barrier``; the public methods check the buffer once.
+    ``_broadcast`` and ``barrier``; the public methods check the buffer once.  The
+    base class itself is the one-process communicator (every collective the identity).
+
+    Examples
+    --------
+    A communicator over anything that can sum float64 buffers:
+
+    >>> import numpy as np
+    >>> from mfac_linalg.distributed import Communicator
+    >>> class Doubling(Communicator):          # two ranks holding the same data
+    ...     rank, size = 0, 2
+    ...     def _allreduce_sum(self, buf):
+    ...         buf *= 2
+    ...     def _broadcast(self, buf, root):
+    ...         pass
+    >>> Doubling().allreduce_sum(np.array([1.0, 3.0]))
+    array([2., 6.])
     """
 
     rank = 0
     size = 1
+
+    def __init__(self):
+        pass
 
     def allreduce_sum(self, buf):
         """Sum ``buf`` (contiguous float64, NumPy or CuPy) over the ranks in place.
@@ -173,6 +192,15 @@ class TorchComm(Communicator):
         ``torch.distributed`` is not initialised.
     ValueError
         ``reduction`` is not one of the two names.
+
+    Examples
+    --------
+    Under ``torchrun`` (every rank runs this; docs/distributed.md):
+
+    >>> from mfac_linalg.distributed import TorchComm
+    >>> import torch.distributed as dist                       # doctest: +SKIP
+    >>> dist.init_process_group("nccl")                        # doctest: +SKIP
+    >>> comm = TorchComm(reduction="reduce_broadcast")         # doctest: +SKIP
     """
 
     def __init__(self, group=None, *, reduction="allreduce"):
@@ -256,6 +284,14 @@ class MPIComm(Communicator):
     ------
     ImportError
         mpi4py is not installed.
+
+    Examples
+    --------
+    Under ``mpirun -n P python script.py``:
+
+    >>> from mfac_linalg.distributed import MPIComm
+    >>> from mpi4py import MPI                                 # doctest: +SKIP
+    >>> comm = MPIComm(MPI.COMM_WORLD)                         # doctest: +SKIP
     """
 
     def __init__(self, comm=None, *, reduction="allreduce"):
@@ -312,15 +348,28 @@ def _to_like(host, like):
 def as_comm(comm):
     """The :class:`Communicator` for ``comm``.
 
-    ``None`` gives :class:`SingleProcessComm`; a ``torch.distributed`` process group
-    gives :class:`TorchComm`; an ``mpi4py`` communicator gives :class:`MPIComm`; an
-    object with ``rank``, ``size``, ``allreduce_sum``, ``broadcast`` and ``barrier``
-    is used as it is.
+    Parameters
+    ----------
+    comm : None, Communicator, torch.distributed.ProcessGroup, mpi4py.MPI.Comm or a duck
+        ``None`` gives :class:`SingleProcessComm`; a ``torch.distributed`` process group
+        gives :class:`TorchComm`; an ``mpi4py`` communicator gives :class:`MPIComm`; an
+        object with ``rank``, ``size``, ``allreduce_sum``, ``broadcast`` and ``barrier``
+        is used as it is.
+
+    Returns
+    -------
+    Communicator or the duck itself
 
     Raises
     ------
     TypeError
         Anything else (the message lists what is accepted).
+
+    Examples
+    --------
+    >>> from mfac_linalg.distributed import as_comm
+    >>> as_comm(None)
+    <SingleProcessComm rank=0 size=1>
     """
     if comm is None:
         return SingleProcessComm()
@@ -348,10 +397,25 @@ def as_comm(comm):
 def agree(comm, error, what):
     """Agree on success: one all-reduce of P flags.  Collective.
 
-    Every rank passes the exception it met (or None).  If any rank failed, every rank
-    raises: the failing ranks their own exception, the others
-    :class:`RemoteRankError` naming the failing ranks.  Cost: one all-reduce of P
-    float64 numbers.
+    Parameters
+    ----------
+    comm : Communicator
+    error : BaseException or None
+        The exception this rank met (None: success).
+    what : str
+        The name of the operation, for the message.
+
+    Returns
+    -------
+    None
+        When every rank succeeded.  If any rank failed, every rank raises: the failing
+        ranks their own exception, the others :class:`RemoteRankError` naming the
+        failing ranks.  Cost: one all-reduce of P float64 numbers.
+
+    Examples
+    --------
+    >>> from mfac_linalg.distributed import SingleProcessComm, agree
+    >>> agree(SingleProcessComm(), None, "my step")         # every rank succeeded
     """
     flags = np.zeros(comm.size, dtype=np.float64)
     if error is not None:
@@ -372,9 +436,25 @@ def raise_failed(flags, error, what):
 def state_digest(*arrays):
     """A 64-bit digest (BLAKE2b) of the bytes of ``arrays``, as 4 float64 numbers.
 
-    Each number is a 16-bit piece of the digest, so sums of a few thousand of them
-    and their squares are exact in float64.  O(size of the arrays) (device arrays
-    are copied to the host: meant for m x m state).
+    Parameters
+    ----------
+    *arrays : array_like
+        NumPy or CuPy arrays (device arrays are copied to the host: meant for m x m
+        state); their dtypes and shapes enter the digest too.
+
+    Returns
+    -------
+    numpy.ndarray, shape (4,), float64
+        16-bit pieces of the digest (integers, exact in float64 and in sums of a few
+        thousand of them).  O(size of the arrays).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_linalg.distributed import state_digest
+    >>> a = np.eye(2)
+    >>> bool((state_digest(a) == state_digest(a.copy())).all())
+    True
     """
     h = hashlib.blake2b(digest_size=8)
     for a in arrays:
@@ -388,9 +468,32 @@ def check_replicas(comm, arrays, what="state"):
     """Check that ``arrays`` (the replicated state) are bitwise equal on every rank.
 
     Collective: one all-reduce of a P x 4 table of digests (each rank fills its row),
-    so every rank sees every digest and reaches the same verdict.  Raises
-    :class:`ReplicaDivergenceError` on every rank when any rank differs from rank 0.
-    O(state size) for the digest.
+    so every rank sees every digest and reaches the same verdict.  O(state size) for
+    the digest.
+
+    Parameters
+    ----------
+    comm : Communicator
+    arrays : sequence of arrays
+        This rank's copy of the replicated state.
+    what : str
+        A name for the message.
+
+    Returns
+    -------
+    None
+        When every rank holds the same bits.
+
+    Raises
+    ------
+    ReplicaDivergenceError
+        On every rank, when any rank differs from rank 0 (``.ranks`` lists them).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_linalg.distributed import SingleProcessComm, check_replicas
+    >>> check_replicas(SingleProcessComm(), [np.eye(3)])
     """
     table = np.zeros((comm.size, 4), dtype=np.float64)
     table[comm.rank] = state_digest(*arrays)
@@ -406,8 +509,29 @@ def allgather(part, layout, comm, *, axis=0):
 
     One all-reduce of the whole (d along ``axis``) array in float64, each rank
     contributing its columns and zeros elsewhere: exact (a sum with zeros), and meant
-    for checking and set-up, not the hot path (O(d) communication).  The result has
-    ``part``'s dtype and namespace.
+    for checking and set-up, not the hot path (O(d) communication).
+
+    Parameters
+    ----------
+    part : array_like
+        This rank's slice: ``layout.local_dim(rank)`` entries along ``axis``.
+    layout : ColumnLayout
+    comm : Communicator
+    axis : int
+        0 for vectors (d,) and blocks (d, k), 1 for gradients (m, d).
+
+    Returns
+    -------
+    array
+        The full array, in ``part``'s dtype and namespace.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_linalg.distributed import ColumnLayout, SingleProcessComm, allgather
+    >>> lay = ColumnLayout.contiguous(3, 1)
+    >>> allgather(np.array([1.0, 2.0, 3.0]), lay, SingleProcessComm())
+    array([1., 2., 3.])
     """
     arr, be = B.asarray(part, "part")
     if layout.size != comm.size:
