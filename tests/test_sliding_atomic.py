@@ -236,3 +236,66 @@ def test_threads_update_and_query_interleaved():
     for t in readers:
         t.join()
     assert seen and all(any(np.array_equal(y, v) for v in valid) for y in seen)
+
+
+_gpu = [pytest.mark.gpu,
+        pytest.mark.skipif(not B.gpu_available(), reason="needs CuPy and a CUDA GPU")]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("normalize", ["window", "count"])
+def test_gpu_kernel_engines_are_atomic(dtype, engine, normalize):
+    """The kernel path: near-singular duplicates (raise NotPositiveDefinite untouched, or
+    commit), Gram products that overflow (ValueError naming g, untouched), a NaN."""
+    import cupy as cp
+    rng = np.random.default_rng(6)
+    d = 200
+    w = ml.SlidingWindowInverseFisher(d, 4, 1e-8, dtype=dtype, device="gpu",
+                                      normalize=normalize, engine=engine)
+    w.update(cp.asarray(1e4 * rng.standard_normal((2, d))))
+    x = cp.asarray(rng.standard_normal(d), dtype=cp.float32)
+    g = w.gradients()[-1]
+    for action in (lambda: w.step(g), lambda: w.update(g), lambda: w.update(cp.stack([g, g]))):
+        exc = _attempt(w, action, x)
+        assert exc is None or isinstance(exc, ml.NotPositiveDefinite), exc
+    big = cp.asarray(1e20 * rng.standard_normal(d), dtype=cp.float32)
+    for action in (lambda: w.step(big), lambda: w.update(big)):
+        exc = _attempt(w, action, x)
+        assert exc is not None and "g is too large" in str(exc), exc
+    nan = big.copy()
+    nan[5] = cp.nan
+    exc = _attempt(w, lambda: w.step(nan / 1e20), x)
+    assert exc is not None and "g must be finite" in str(exc)
+
+
+for _m in _gpu:
+    test_gpu_kernel_engines_are_atomic = _m(test_gpu_kernel_engines_are_atomic)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not B.gpu_available(), reason="needs CuPy and a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_load_of_a_count_state_into_an_explicit_window(dtype):
+    """Issue 10's regression: d=64, m=6, lambda=0.5, three gradients held at load, a
+    query between updates; matvec and logdet against the dense model of the values as
+    stored (float32 tolerances)."""
+    import cupy as cp
+    from oracles import float32_tol, cond
+    rng = np.random.default_rng(7)
+    d, m, lam = 64, 6, 0.5
+    src = ml.SlidingWindowInverseFisher(d, m, lam, dtype=dtype, device="gpu", normalize="count")
+    src.update(cp.asarray(rng.standard_normal((3, d))))
+    w = ml.SlidingWindowInverseFisher(d, m, lam, dtype=dtype, device="gpu")
+    assert w.engine == "explicit"
+    w.update(cp.asarray(rng.standard_normal((4, d))))
+    w.load_state_dict(src.state_dict())
+    assert w.normalize == "count" and w.engine == "cholesky"
+    x = rng.standard_normal(d)
+    for _ in range(5):
+        H = B.to_host(w.gradients()).astype(np.float64)
+        F = lam * np.eye(d) + H.T @ H / len(H)
+        tol = float32_tol(cond(F), m)
+        assert rel_err(w.matvec(cp.asarray(x)), np.linalg.solve(F, x)) <= tol
+        assert abs(w.logdet() - np.linalg.slogdet(F)[1]) <= 1e-4 * abs(np.linalg.slogdet(F)[1])
+        w.update(cp.asarray(rng.standard_normal(d)))
