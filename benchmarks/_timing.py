@@ -1,10 +1,14 @@
 """Timing helpers shared by the benchmark scripts: medians after warm-up."""
+from __future__ import annotations
+
 import time
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
 
-def median_time(fn, *, repeat=7, warmup=1, sync=None):
+def median_time(fn: Callable[[], object], *, repeat: int = 7, warmup: int = 1,
+                sync: Optional[Callable[[], object]] = None) -> float:
     """Median seconds of ``fn()`` over ``repeat`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
@@ -20,7 +24,8 @@ def median_time(fn, *, repeat=7, warmup=1, sync=None):
     return float(np.median(times))
 
 
-def compare(fns, *, rounds=15, warmup=1, sync=None):
+def compare(fns: Dict[str, Callable[[], object]], *, rounds: int = 15, warmup: int = 1,
+            sync: Optional[Callable[[], object]] = None) -> Dict[str, float]:
     """Median seconds of each function in ``fns`` (a dict), timed in interleaved rounds.
 
     Each round times every function once, so slow drifts of a shared machine
@@ -42,7 +47,7 @@ def compare(fns, *, rounds=15, warmup=1, sync=None):
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def table(header, rows):
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Format rows (lists of strings) under a header as an aligned text table."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths))  # noqa: E731
