@@ -2,7 +2,7 @@
 
 See README.md and docs/ for the mathematics and the API.
 """
-from . import obs, testing
+from . import distributed, obs, testing
 from ._operator import Operator, OutOfRangeError
 from .blockwise import BlockInverseFisher
 from .kronecker import (ConvergenceWarning, block_diag, deflation, ekfac, fisher_error, kfac,
@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Operator", "OutOfRangeError", "FisherOperator",
     "StaticInverseFisher", "SlidingWindowInverseFisher", "BlockInverseFisher", "obs",
-    "testing",
+    "testing", "distributed",
     "kfac", "ekfac", "kpsvd", "deflation", "kfac_corrected", "fisher_error", "block_diag",
     "lanczos", "ConvergenceWarning", "NotPositiveDefinite",
     "__version__",

@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import _backend as B
 from .. import _validate as V
+from .._capacitance import NotPositiveDefinite
 from .comm import agree, state_digest
 from .layout import ColumnLayout
 from ._base import ShardedOperator
@@ -33,8 +34,6 @@ __all__ = ["ShardedStaticInverseFisher", "NotPositiveDefinite"]
 _DTYPE_CODE = {np.dtype(np.float32): 1.0, np.dtype(np.float64): 2.0}
 
 
-class NotPositiveDefinite(ValueError):
-    """The capacitance matrix is not numerically positive definite (raised on every rank)."""
 
 
 # -- local primitives (d-sized work on this rank's columns) ----------------------------------
