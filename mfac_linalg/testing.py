@@ -920,7 +920,8 @@ def check_operator(op, oracle, *, rng=None, tolerances=None, eps=None, k=3,
         with _Tracer(op) as tr:
             Y = op.matmat(X)
         structural("matmat.type", type(Y) is type(X) and tuple(Y.shape) == (d, k)
-                   and (Y.dtype == X.dtype or not protocol), f"got {type(Y).__name__} {tuple(Y.shape)} {Y.dtype}")
+                   and (Y.dtype == X.dtype or not protocol),
+                   f"got {type(Y).__name__} {tuple(Y.shape)} {Y.dtype}")
         if tr.active:
             structural("matmat.one_pass", tr.calls == [(d, k)] and tr.dense == 0,
                        f"_matmat calls {tr.calls}, todense calls {tr.dense} (expected one "

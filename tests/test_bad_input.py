@@ -114,7 +114,8 @@ def test_bad_products_indices_and_guards(case, device):
     for label, v, exc in _vector_inputs(d, op.dtype, xp):
         bat.expect(f"matvec({label})", lambda: op.matvec(v), exc, "x")
         bat.expect(f"op @ ({label})", lambda: op @ v,
-                   (TypeError, ValueError) if label == "0-D" else exc, "x" if label != "0-D" else None)
+                   (TypeError, ValueError) if label == "0-D" else exc,
+                   None if label == "0-D" else "x")
         bat.expect(f"quad({label})", lambda: op.quad(v), exc, "x")
         if label not in ("too long", "0-D"):     # (d,) is a bad shape only for matmat
             bat.expect(f"matmat({label})", lambda: op.matmat(v), exc, "X")
@@ -341,3 +342,41 @@ def test_oracle_of_the_registry_is_exact():
     back = o.fisher.matmat(y)
     assert np.linalg.norm(back - x) <= 4 * np.finfo(float).eps * o.kappa * np.linalg.norm(x)
     assert isinstance(o, mt.Oracle)
+
+
+@pytest.mark.parametrize("method", ["kpsvd", "deflation", "lanczos"])
+def test_kronecker_init_with_nan_is_refused(method):
+    if not hasattr(ml, method):
+        pytest.skip(f"no ml.{method}")
+    rng = np.random.default_rng(0)
+    a, g = rng.standard_normal((20, 3)), rng.standard_normal((20, 2))
+    init = np.full((3, 3), np.nan)
+    with pytest.raises(ValueError, match="init"):
+        getattr(ml, method)(a, g, 0.1, init=init)
+
+
+def test_dlpack_tensors_from_torch():
+    """Issue 11 item 10: a bfloat16 CPU tensor follows the dtype policy (promoted), a tensor
+    that requires grad is read without error; results come back as arrays, right."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    G = rng.standard_normal((3, 6))
+    op = ml.StaticInverseFisher(G, 0.1)
+    oracle = mt.inverse_fisher_oracle(G, 0.1)
+    x = torch.linspace(-1, 1, 6, dtype=torch.float64, requires_grad=True)
+    y = np.asarray(op.matvec(x))
+    ref = oracle.matmat(np.linspace(-1, 1, 6))
+    assert np.linalg.norm(y - ref) <= 16 * oracle.kappa * np.finfo(float).eps * np.linalg.norm(ref)
+    xb = torch.linspace(-1, 1, 6, dtype=torch.bfloat16)
+    yb = np.asarray(op.matvec(xb), dtype=np.float64)
+    xr = xb.to(torch.float64).numpy()
+    ref = oracle.matmat(xr)
+    eps32 = np.finfo(np.float32).eps
+    assert np.linalg.norm(yb - ref) <= 16 * oracle.kappa * eps32 * np.linalg.norm(ref)
+    Gb = torch.tensor(G, dtype=torch.bfloat16)
+    opb = ml.StaticInverseFisher(Gb, 0.1)
+    held = Gb.to(torch.float64).numpy()
+    ob = mt.inverse_fisher_oracle(held, 0.1)
+    z = np.linspace(-1, 1, 6).astype(opb.dtype)
+    assert np.linalg.norm(opb.matvec(z) - ob.matmat(z)) <= 16 * ob.kappa * np.finfo(
+        opb.dtype).eps * np.linalg.norm(ob.matmat(z))

@@ -135,3 +135,12 @@ def test_summary_worst_ratio():
     print(f"\nprotocol battery: {len(RESULTS)} cases, {checks} checks; worst error/bound "
           f"{worst[1][0][1]:.3g} ({worst[0]}: {worst[1][0][0]})")
     assert worst[1][0][1] <= 1.0
+
+
+def test_inverse_of_a_block_diagonal_of_forward_operators():
+    """Issue 11 item 8: block_diag([...]).inverse() for blocks that are not all static."""
+    parts = [c for c in CASES if c.name in ("static-wide-f64", "kfac-pi", "block-woodbury")]
+    bd = ml.block_diag([c.build("cpu").fisher() for c in parts])
+    inv = bd.inverse()
+    oracle = mt.block_diag_oracle([c.oracle() for c in parts])
+    mt.check_operator(inv, oracle, methods=("matvec", "matmat", "diagonal", "entry", "logdet"))
