@@ -25,8 +25,9 @@ Three parts (docs/testing.md shows them together):
   read-only internals, pickling).  It works on any object with ``shape`` and
   ``matvec``; methods an operator lacks are reported as skipped.
 
-mpmath (a SciPy dependency's dependency, installed with SymPy) is needed by the
-exact oracles; everything runs on the host in float64 or in mpmath.
+The exact oracles need mpmath (``pip install mpmath``; SymPy installs it too); the
+strategies need hypothesis.  Oracles run on the host, in float64 and mpmath; the check
+runs an operator on its own device (NumPy or CuPy) and compares on the host.
 """
 from __future__ import annotations
 
