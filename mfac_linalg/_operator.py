@@ -1,4 +1,5 @@
-"""The operator protocol shared by every operator of the library, written once.
+"""The operator protocol shared by every operator of the library, written once,
+and its lazy algebra.
 
 Subclasses implement only private hooks on validated inputs (SciPy's
 ``_interface.py`` pattern):
@@ -7,31 +8,42 @@ Subclasses implement only private hooks on validated inputs (SciPy's
     ``X`` is a 2-D (d, k) array of the operator's backend in its compute dtype;
     return ``A @ X`` in one pass over the operator's data (never a loop over
     the k columns).
-``_diagonal()``, ``_entry(i, j)``
+``_rmatmat(X)``
+    ``A^T @ X``; needed only by operators that are not symmetric.
+``_diagonal()``, ``_entry(i, j)``, ``_quad(X)``
     Optional fast paths; the defaults go through ``_matmat``.
 ``_repr_fields()``
     Extra ``key=value`` fields for ``__repr__``.
 
-Every operator of the library is symmetric, so ``adjoint()``, ``.T`` and
-``.H`` return the operator itself and ``rmatvec``/``rmatmat`` equal
-``matvec``/``matmat``.
+Symmetry is a per-operator property (``symmetric``): every operator the library
+builds is symmetric (the class default), and for those ``adjoint()``, ``.T`` and
+``.H`` return the operator itself.  The algebra keeps it where it holds: sums of
+symmetric operators and real multiples of one are symmetric, products generally
+are not (``A @ A`` of a symmetric A is).
+
+Every operator is a :class:`scipy.sparse.linalg.LinearOperator` (a subclass that
+does not use its constructor): ``aslinearoperator(op)`` returns ``op`` itself, so
+SciPy's solvers and ``aslinearoperator(op).matmat(X)`` keep the one-pass matmat.
 """
 from __future__ import annotations
 
 import numbers
-import operator
 
 import numpy as np
+from scipy.sparse.linalg import LinearOperator as _SciPyLinearOperator
 
 from . import _backend as B
+from . import _validate as _v
 
-__all__ = ["Operator", "OutOfRangeError", "check_damping", "DENSE_LIMIT"]
+__all__ = ["Operator", "OutOfRangeError", "check_damping", "DENSE_LIMIT", "SumOperator",
+           "ScaledOperator", "ProductOperator"]
 
 
 class NonFiniteInput(Exception):
     """Raised by a ``_matmat`` that checks its input for NaN/inf itself (see
     ``Operator._checks_own_finite``); the public method turns it into a ValueError
     naming the argument."""
+
 
 #: ``todense`` refuses operators with more than this many entries (64 Mi entries,
 #: 512 MiB in float64) unless ``max_elements`` is raised explicitly.
@@ -42,47 +54,49 @@ class OutOfRangeError(IndexError, ValueError):
     """An index outside ``[-d, d)``: both an ``IndexError`` and a ``ValueError``."""
 
 
-def check_damping(damping, name="damping"):
-    """Validate a damping: a real, finite, strictly positive scalar.  Returns a float."""
-    arr = None
-    if not isinstance(damping, (bool, np.bool_)):
-        try:
-            arr = np.asarray(B.to_host(damping))
-        except Exception:
-            arr = None
-    if arr is None or arr.ndim != 0 or arr.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must be a real scalar; got {type(damping).__name__}")
-    value = float(arr)
-    if not np.isfinite(value):
-        raise ValueError(f"{name} must be finite; got {value}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0; got {value}")
-    return value
+def check_damping(damping, name="damping", *, dtype=np.float64):
+    """Validate a damping (kept for the modules that call it): see
+    :func:`mfac_linalg._validate.damping`.  Returns a float."""
+    return _v.damping(damping, name, dtype=dtype)
 
 
 def _index(i, name, d):
-    if isinstance(i, (bool, np.bool_)) or not isinstance(i, (numbers.Integral, np.integer)):
-        raise TypeError(f"{name} must be an integer; got {type(i).__name__}")
-    i = operator.index(i)
+    i = _v.integer(i, name)
     if not -d <= i < d:
         raise OutOfRangeError(f"{name} must be in [-{d}, {d}); got {i}")
     return i + d if i < 0 else i
 
 
-class Operator:
-    """Base class of every operator: a symmetric d x d linear map.
+def _is_scalar(x):
+    return isinstance(x, (numbers.Number, np.generic)) or (
+        getattr(x, "ndim", None) == 0 and hasattr(x, "dtype"))
 
-    Parameters (set by subclasses through ``_init_operator``)
-    ----------
-    d : int
-        The dimension.
-    dtype : numpy dtype
-        The dtype results are computed in (float32 or float64).
-    backend : Backend
-        Where the operator's arrays live.
+
+def _foreign_linop(x):
+    """A SciPy LinearOperator that is not one of ours (composed through SciPy)."""
+    return isinstance(x, _SciPyLinearOperator) and not isinstance(x, Operator)
+
+
+class Operator(_SciPyLinearOperator):
+    """Base class of every operator: a d x d linear map (see the module docstring).
+
+    Subclasses call ``_init_operator(d, dtype, backend, check_finite=True)`` and
+    implement ``_matmat``.
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> G = np.random.default_rng(0).standard_normal((4, 6))
+    >>> A = ml.StaticInverseFisher(G, 0.5)
+    >>> S = 2 * A - A.fisher()                      # lazy: nothing is formed
+    >>> D = 2 * A.todense() - A.fisher().todense()
+    >>> x = np.ones(6)
+    >>> bool(np.allclose(S @ x, D @ x)), S.symmetric, (A @ A.fisher()).symmetric
+    (True, True, False)
     """
 
     _check_finite = True
+    _symmetric = True
     # make ``x @ op`` reach __rmatmul__ instead of NumPy/CuPy trying to coerce op
     __array_ufunc__ = None
     __array_priority__ = 1000
@@ -99,9 +113,7 @@ class Operator:
         """``(d, d)``."""
         return (self._d, self._d)
 
-    @property
-    def ndim(self):
-        return 2
+    ndim = 2
 
     @property
     def dtype(self):
@@ -117,6 +129,16 @@ class Operator:
     def backend(self):
         """The :class:`~mfac_linalg._backend.Backend` holding the data."""
         return self._backend
+
+    @property
+    def symmetric(self):
+        """True where A = A^T (every operator the library builds; see the module docstring)."""
+        return self._symmetric
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is a matrix-free operator, not an array: "
+                        "use op.todense() for its dense matrix (size-guarded), or op @ x "
+                        "for products")
 
     # -- products ------------------------------------------------------------
     def _prepare(self, x, name, *, fused=False):
@@ -135,74 +157,161 @@ class Operator:
         ``NonFiniteInput``), sparing a separate pass and synchronisation."""
         return False
 
-    def _matmat_named(self, X, name):
-        try:
+    def _matmat(self, X):
+        raise NotImplementedError(f"{type(self).__name__} does not implement _matmat")
+
+    def _rmatmat(self, X):
+        if self.symmetric:
             return self._matmat(X)
+        raise NotImplementedError(f"{type(self).__name__} is not symmetric and does not "
+                                  "implement _rmatmat")
+
+    def _protocol_product(self, x, name, *, adjoint=False, shape=None):
+        X, was_1d, out_dtype = self._prepare(x, name, fused=not adjoint or self.symmetric)
+        if shape == "vector" and X.shape[1] != 1:
+            raise ValueError(f"{name} must have shape ({self._d},) or ({self._d}, 1); got "
+                             f"shape {tuple(X.shape)}")
+        if shape == "matrix" and was_1d:
+            raise ValueError(f"{name} must be 2-D with shape ({self._d}, k); got shape "
+                             f"({self._d},)")
+        try:
+            Y = self._rmatmat(X) if adjoint else self._matmat(X)
         except NonFiniteInput:
             raise ValueError(f"{name} must be finite; got NaN or infinity") from None
-
-    def _finish(self, Y, was_1d, out_dtype):
         if Y.dtype != out_dtype:
             Y = Y.astype(out_dtype)
         return Y[:, 0] if was_1d else Y
 
     def matvec(self, x):
         """``A @ x`` for ``x`` of shape (d,) or (d, 1); same shape and dtype back."""
-        X, was_1d, out_dtype = self._prepare(x, "x", fused=True)
-        if X.shape[1] != 1:
-            raise ValueError(f"x must have shape ({self._d},) or ({self._d}, 1); got shape "
-                             f"{tuple(X.shape) if not was_1d else (self._d,)}")
-        return self._finish(self._matmat_named(X, "x"), was_1d, out_dtype)
+        return self._protocol_product(x, "x", shape="vector")
 
     def matmat(self, X):
         """``A @ X`` for ``X`` of shape (d, k), one pass over the operator's data."""
-        X, was_1d, out_dtype = self._prepare(X, "X", fused=True)
-        if was_1d:
-            raise ValueError(f"X must be 2-D with shape ({self._d}, k); got shape ({self._d},)")
-        return self._finish(self._matmat_named(X, "X"), False, out_dtype)
+        return self._protocol_product(X, "X", shape="matrix")
 
     def rmatvec(self, x):
-        """``A^T @ x`` (= ``A @ x``: the operator is symmetric)."""
-        return self.matvec(x)
+        """``A^T @ x`` (= ``A @ x`` for a symmetric operator)."""
+        return self._protocol_product(x, "x", adjoint=True, shape="vector")
 
     def rmatmat(self, X):
-        """``A^T @ X`` (= ``A @ X``: the operator is symmetric)."""
-        return self.matmat(X)
+        """``A^T @ X`` (= ``A @ X`` for a symmetric operator)."""
+        return self._protocol_product(X, "X", adjoint=True, shape="matrix")
 
     def dot(self, x):
-        """``A @ x`` for (d,) or (d, k) input."""
-        X, was_1d, out_dtype = self._prepare(x, "x", fused=True)
-        return self._finish(self._matmat_named(X, "x"), was_1d, out_dtype)
-
-    def __matmul__(self, x):
+        """``A @ x`` for (d,) or (d, k) input; ``A.dot(op2)`` is the lazy product."""
         if isinstance(x, Operator):
-            return NotImplemented
+            return ProductOperator([self, x])
+        if _foreign_linop(x):
+            return _SciPyLinearOperator.dot(self, x)
+        return self._protocol_product(x, "x")
+
+    # -- lazy algebra (docs/math.md §1 for the operators themselves) -------------
+    def __matmul__(self, x):
+        if _is_scalar(x):
+            raise TypeError("op @ scalar is not defined (as for NumPy arrays); use op * a")
         return self.dot(x)
 
     def __rmatmul__(self, x):
-        # x @ A = (A^T x^T)^T = (A x^T)^T for symmetric A
+        # x @ A = (A^T x^T)^T
+        if _is_scalar(x):
+            raise TypeError("scalar @ op is not defined (as for NumPy arrays); use a * op")
+        if _foreign_linop(x):
+            return NotImplemented
         arr, _ = B.asarray(x, "x", backend=self._backend)
         if arr.ndim == 1:
-            return self.dot(arr)
+            return self._protocol_product(arr, "x", adjoint=True)
         if arr.ndim == 2:
-            return self.dot(arr.T).T
-        raise ValueError(f"x must be 1-D or 2-D; got shape {arr.shape}")
+            return self._protocol_product(arr.T, "x", adjoint=True).T
+        raise ValueError(f"x must be 1-D or 2-D; got shape {tuple(arr.shape)}")
 
-    # -- adjoints: all operators here are symmetric ---------------------------
-    def adjoint(self):
-        """The adjoint operator: the operator itself (it is symmetric)."""
+    def __mul__(self, x):
+        """``op * a`` (a scalar): the scaled operator; ``op * x`` (an array): ``op @ x``;
+        ``op * op2``: the product (SciPy's convention)."""
+        if _is_scalar(x):
+            return ScaledOperator(x, self)
+        return self.dot(x)
+
+    def __rmul__(self, x):
+        if _is_scalar(x):
+            return ScaledOperator(x, self)
+        return self.__rmatmul__(x)
+
+    def __truediv__(self, a):
+        if not _is_scalar(a):
+            return NotImplemented
+        a = _v.real(a, "divisor")
+        if a == 0:
+            raise ZeroDivisionError("op / 0")
+        return ScaledOperator(1.0 / a, self)
+
+    def __neg__(self):
+        return ScaledOperator(-1.0, self)
+
+    def __pos__(self):
         return self
+
+    def __add__(self, other):
+        if isinstance(other, Operator):
+            return SumOperator([self, other])
+        if _foreign_linop(other):
+            return _SciPyLinearOperator.__add__(self, other)
+        return NotImplemented
+
+    def __radd__(self, other):
+        return NotImplemented if not isinstance(other, Operator) else other.__add__(self)
+
+    def __sub__(self, other):
+        if isinstance(other, Operator):
+            return SumOperator([self, ScaledOperator(-1.0, other)])
+        if _foreign_linop(other):
+            return _SciPyLinearOperator.__sub__(self, other)
+        return NotImplemented
+
+    def __pow__(self, p):
+        p = _v.integer(p, "exponent", minimum=1)
+        return self if p == 1 else ProductOperator([self] * p)
+
+    __call__ = dot
+
+    # -- adjoints --------------------------------------------------------------
+    def adjoint(self):
+        """The adjoint operator: the operator itself when it is symmetric."""
+        return self if self.symmetric else self._adjoint()
+
+    def _adjoint(self):
+        raise NotImplementedError(f"{type(self).__name__} is not symmetric and does not "
+                                  "implement _adjoint")
 
     @property
     def T(self):
-        return self
+        """The transpose (= ``adjoint()``: the operators are real)."""
+        return self.adjoint()
 
     @property
     def H(self):
-        return self
+        """The conjugate transpose (= ``adjoint()``)."""
+        return self.adjoint()
 
     def transpose(self):
-        return self
+        """The transpose (= ``adjoint()``)."""
+        return self.adjoint()
+
+    def inverse(self):
+        """The inverse operator.  An inverse-Fisher operator answers its ``fisher()``
+        (and F its inverse-Fisher operator); scaled operators and products answer
+        lazily (a^{-1} A^{-1}, B^{-1} A^{-1}).
+
+        Raises
+        ------
+        TypeError
+            An operator without an inverse available (a sum, a user operator).
+        """
+        fisher = getattr(self, "fisher", None)
+        if callable(fisher):
+            return fisher()
+        raise TypeError(f"{type(self).__name__} has no inverse available (no fisher(), "
+                        "not a scaled operator or product of invertible ones)")
 
     # -- entries -----------------------------------------------------------
     def diagonal(self):
@@ -249,11 +358,13 @@ class Operator:
 
     # -- dense and adapters --------------------------------------------------
     def todense(self, *, max_elements=DENSE_LIMIT):
-        """The dense d x d matrix (for tests and small problems).
+        """The dense d x d matrix (for tests and small problems), O(d^2) memory.
 
-        Raises ``ValueError`` when d*d exceeds ``max_elements``.
+        Raises ``ValueError`` when d*d exceeds ``max_elements`` (a number >= 0,
+        ``inf`` allowed; NaN is refused).
         """
-        if self._d * self._d > max_elements:
+        limit = _v.real(max_elements, "max_elements", allow_inf=True, low=0)
+        if self._d * self._d > limit:
             raise ValueError(f"todense would build a {self._d} x {self._d} matrix "
                              f"({self._d * self._d} entries > max_elements={max_elements}); "
                              "raise max_elements explicitly if you mean it")
@@ -265,15 +376,15 @@ class Operator:
 
     def to_scipy(self):
         """A ``scipy.sparse.linalg.LinearOperator`` with matvec *and* matmat passed through."""
-        if self._backend.name != "cpu":
+        if not self._backend.is_host:
             raise TypeError("to_scipy() needs a CPU operator; use to_cupyx() on the GPU")
-        return _adapter_class("scipy")(self)
+        return _adapter_class(self._backend)(self)
 
     def to_cupyx(self):
         """A ``cupyx.scipy.sparse.linalg.LinearOperator`` (GPU operators only)."""
-        if self._backend.name != "gpu":
+        if self._backend.is_host:
             raise TypeError("to_cupyx() needs a GPU operator; use to_scipy() on the CPU")
-        return _adapter_class("cupyx")(self)
+        return _adapter_class(self._backend)(self)
 
     # -- repr ---------------------------------------------------------------
     def _repr_fields(self):
@@ -284,19 +395,187 @@ class Operator:
         return f"<{type(self).__name__} {fields} {self._dtype.name} {self.device}>"
 
 
+# -- the lazy algebra's nodes ------------------------------------------------------------
+
+def _operands(ops, what):
+    """Check operands of a sum/product: operators of one shape on one backend."""
+    for k, op in enumerate(ops):
+        if not isinstance(op, Operator):
+            raise TypeError(f"{what} operand {k} must be an operator; got {type(op).__name__}")
+        if op.shape != ops[0].shape:
+            raise ValueError(f"{what} of operators of different shapes: {ops[0].shape} and "
+                             f"{op.shape}")
+        if op.backend != ops[0].backend:
+            raise TypeError(f"{what} of operators on different devices: {ops[0].device} and "
+                            f"{op.device} (no silent host/device copies)")
+    return ops
+
+
+def _sub(op, X, adjoint=False):
+    """op's product with X in op's own compute dtype (X is already validated)."""
+    Xo = X.astype(op.dtype, copy=False)
+    return op._rmatmat(Xo) if adjoint and not op.symmetric else op._matmat(Xo)
+
+
+class SumOperator(Operator):
+    """``A_1 + A_2 + ...`` (lazy): one product with each term per call, summed.
+
+    Symmetric when every term is.  Costs: the sum of the terms' costs.
+    ``inverse()`` is not available (a TypeError).
+    """
+
+    def __init__(self, ops):
+        flat = []
+        for op in _operands(list(ops), "sum"):
+            flat.extend(op._ops if isinstance(op, SumOperator) else [op])
+        self._ops = flat
+        self._symmetric = all(op.symmetric for op in flat)
+        self._init_operator(flat[0].shape[0], np.result_type(*[op.dtype for op in flat]),
+                            flat[0].backend)
+
+    @property
+    def terms(self):
+        """The summed operators."""
+        return list(self._ops)
+
+    def _sum(self, parts):
+        Y = None
+        for P in parts:
+            P = P.astype(self._dtype, copy=False)
+            Y = P.copy() if Y is None else Y.__iadd__(P)
+        return Y
+
+    def _matmat(self, X):
+        return self._sum(_sub(op, X) for op in self._ops)
+
+    def _rmatmat(self, X):
+        return self._sum(_sub(op, X, adjoint=True) for op in self._ops)
+
+    def _adjoint(self):
+        return SumOperator([op.adjoint() for op in self._ops])
+
+    def _diagonal(self):
+        return self._sum(op.diagonal() for op in self._ops)
+
+    def _entry(self, i, j):
+        return sum(op._entry(i, j) for op in self._ops)
+
+    def inverse(self):
+        raise TypeError("a sum of operators has no inverse available; solve with it "
+                        "(e.g. scipy.sparse.linalg.cg(op, b)) instead")
+
+    def _repr_fields(self):
+        return [f"terms={len(self._ops)}"]
+
+
+class ScaledOperator(Operator):
+    """``a * A`` for a real scalar a (lazy).  Symmetric when A is; ``-A`` is ``-1 * A``.
+
+    Costs: those of A.  ``inverse()`` is ``(1/a) * A.inverse()``.
+    """
+
+    def __init__(self, a, op):
+        a = _v.real(a, "scalar factor")
+        if isinstance(op, ScaledOperator):
+            a, op = a * op._a, op._op
+        self._a = float(a)
+        self._op = op
+        self._symmetric = op.symmetric
+        self._init_operator(op.shape[0], op.dtype, op.backend)
+
+    @property
+    def scalar(self):
+        """The factor a."""
+        return self._a
+
+    @property
+    def operator(self):
+        """The scaled operator A."""
+        return self._op
+
+    def _matmat(self, X):
+        return self._a * self._op._matmat(X)
+
+    def _rmatmat(self, X):
+        return self._a * _sub(self._op, X, adjoint=True)
+
+    def _adjoint(self):
+        return ScaledOperator(self._a, self._op.adjoint())
+
+    def _diagonal(self):
+        return self._a * self._op.diagonal()
+
+    def _entry(self, i, j):
+        return self._a * self._op._entry(i, j)
+
+    def _quad(self, X):
+        return self._a * self._op._quad(X)
+
+    def inverse(self):
+        if self._a == 0:
+            raise ZeroDivisionError("0 * op has no inverse")
+        return ScaledOperator(1.0 / self._a, self._op.inverse())
+
+    def _repr_fields(self):
+        return [f"scalar={self._a:g}", f"of={type(self._op).__name__}"]
+
+
+class ProductOperator(Operator):
+    """``A_1 @ A_2 @ ...`` (lazy): X goes through the factors right to left, each
+    once, all k columns together.
+
+    Not symmetric in general (only a power ``A @ A @ ...`` of one symmetric A is);
+    its ``adjoint()`` is the reversed product of the adjoints and ``inverse()`` the
+    reversed product of the inverses.  Costs: the sum of the factors' costs;
+    ``diagonal`` and ``entry`` go through products with unit vectors.
+    """
+
+    def __init__(self, ops):
+        flat = []
+        for op in _operands(list(ops), "product"):
+            flat.extend(op._ops if isinstance(op, ProductOperator) else [op])
+        self._ops = flat
+        self._symmetric = all(op is flat[0] for op in flat) and flat[0].symmetric
+        self._init_operator(flat[0].shape[0], np.result_type(*[op.dtype for op in flat]),
+                            flat[0].backend)
+
+    @property
+    def factors(self):
+        """The multiplied operators, left to right."""
+        return list(self._ops)
+
+    def _chain(self, X, ops, adjoint):
+        for op in ops:
+            X = _sub(op, X, adjoint)
+        return X.astype(self._dtype, copy=False)
+
+    def _matmat(self, X):
+        return self._chain(X, reversed(self._ops), False)
+
+    def _rmatmat(self, X):
+        return self._chain(X, self._ops, True)
+
+    def _adjoint(self):
+        return ProductOperator([op.adjoint() for op in reversed(self._ops)])
+
+    def inverse(self):
+        return ProductOperator([op.inverse() for op in reversed(self._ops)])
+
+    def _repr_fields(self):
+        return [f"factors={len(self._ops)}"]
+
+
 _ADAPTERS = {}
 
 
-def _adapter_class(kind):
-    """Build (once) a LinearOperator subclass of scipy or cupyx forwarding to an Operator."""
-    if kind in _ADAPTERS:
-        return _ADAPTERS[kind]
-    if kind == "scipy":
-        from scipy.sparse.linalg import LinearOperator
-    else:
-        from cupyx.scipy.sparse.linalg import LinearOperator
+def _adapter_class(backend):
+    """Build (once per kind) a LinearOperator subclass of SciPy (CPU) or cupyx (GPU)
+    forwarding to an Operator: matvec, matmat and their adjoints passed through."""
+    base = B.linear_operator_base(backend)
+    if base in _ADAPTERS:
+        return _ADAPTERS[base]
 
-    class _Adapter(LinearOperator):
+    class _Adapter(base):
         def __init__(self, op):
             self.op = op
             super().__init__(dtype=op.dtype, shape=op.shape)
@@ -305,20 +584,21 @@ def _adapter_class(kind):
             return self.op.matvec(x)
 
         def _rmatvec(self, x):
-            return self.op.matvec(x)
+            return self.op.rmatvec(x)
 
         def _matmat(self, X):
             return self.op.matmat(X)
 
         def _rmatmat(self, X):
-            return self.op.matmat(X)
+            return self.op.rmatmat(X)
 
         def _adjoint(self):
-            return self
+            return self if self.op.symmetric else type(self)(self.op.adjoint())
 
         def __repr__(self):
-            return f"<{kind} LinearOperator wrapping {self.op!r}>"
+            return f"<{base.__module__.split('.')[0]} LinearOperator wrapping {self.op!r}>"
 
-    _Adapter.__name__ = _Adapter.__qualname__ = f"{kind.capitalize()}Adapter"
-    _ADAPTERS[kind] = _Adapter
+    _Adapter.__name__ = _Adapter.__qualname__ = (
+        "ScipyAdapter" if backend.is_host else "CupyxAdapter")
+    _ADAPTERS[base] = _Adapter
     return _Adapter

@@ -1,0 +1,226 @@
+"""The lazy operator algebra of the protocol (issue 15 item 1), against dense float64."""
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg as spla
+
+import mfac_linalg as ml
+from mfac_linalg._operator import ProductOperator, ScaledOperator, SumOperator
+
+from oracles import dense_fisher, dense_inverse, rel_err
+
+TOL = 1e-11     # every operand here has cond(F) < 1e3: float64 products agree to ~1e-14
+
+
+def _ops(backend, rng, d=9):
+    """Three operators on one backend with their dense matrices (float64)."""
+    xp = backend.xp
+    G1 = rng.standard_normal((4, d))
+    G2 = rng.standard_normal((6, d))
+    A = ml.StaticInverseFisher(xp.asarray(G1), 0.7)
+    Bk = ml.BlockInverseFisher(xp.asarray(G2), 0.4, block_size=4)
+    F2 = np.zeros((d, d))
+    for a, b in zip(Bk.bounds[:-1], Bk.bounds[1:]):
+        F2[a:b, a:b] = 0.4 * np.eye(b - a) + G2[:, a:b].T @ G2[:, a:b] / 6
+    C = A.fisher()
+    return (A, dense_inverse(dense_fisher(G1, 0.7))), (Bk, np.linalg.inv(F2)), \
+        (C, dense_fisher(G1, 0.7))
+
+
+def _check(op, D, backend, rng, symmetric):
+    """Every product of op against the dense D (host float64)."""
+    xp = backend.xp
+    d = D.shape[0]
+    x = rng.standard_normal(d)
+    X = rng.standard_normal((d, 3))
+    assert op.shape == (d, d) and op.symmetric is symmetric
+    assert rel_err(op.matvec(xp.asarray(x)), D @ x) < TOL
+    assert rel_err(op.matmat(xp.asarray(X)), D @ X) < TOL
+    assert rel_err(op.rmatvec(xp.asarray(x)), D.T @ x) < TOL
+    assert rel_err(op.rmatmat(xp.asarray(X)), D.T @ X) < TOL
+    assert rel_err(op @ xp.asarray(X), D @ X) < TOL
+    assert rel_err(xp.asarray(x) @ op, x @ D) < TOL
+    assert rel_err(xp.asarray(X.T) @ op, X.T @ D) < TOL
+    assert rel_err(op.T @ xp.asarray(x), D.T @ x) < TOL
+    assert rel_err(op.H.matmat(xp.asarray(X)), D.T @ X) < TOL
+    assert rel_err(op.diagonal(), np.diag(D)) < TOL
+    assert abs(op[2, 5] - D[2, 5]) < TOL * np.abs(D).max()
+    assert abs(op.quad(xp.asarray(x)) - x @ D @ x) < TOL * np.abs(D).sum() * (x @ x)
+    assert rel_err(op.todense(), D) < TOL
+    if symmetric:
+        assert op.adjoint() is op
+    else:
+        assert rel_err(op.adjoint().todense(), D.T) < TOL
+
+
+def test_sums_scalings_products_against_dense(backend, rng):
+    (A, DA), (Bk, DB), (C, DC) = _ops(backend, rng)
+    _check(A + Bk, DA + DB, backend, rng, True)
+    _check(2.5 * A, 2.5 * DA, backend, rng, True)
+    _check(A * -0.5, -0.5 * DA, backend, rng, True)
+    _check(-Bk, -DB, backend, rng, True)
+    _check(A - Bk + C, DA - DB + DC, backend, rng, True)
+    _check(Bk / 4, DB / 4, backend, rng, True)
+    _check(A @ Bk, DA @ DB, backend, rng, False)
+    _check(A * C, DA @ DC, backend, rng, False)          # SciPy's convention: * of operators
+    _check(A @ Bk @ C, DA @ DB @ DC, backend, rng, False)
+    _check(A @ A, DA @ DA, backend, rng, True)           # a power of a symmetric operator
+    _check(A ** 3, DA @ DA @ DA, backend, rng, True)
+    _check(2 * (A @ Bk) + Bk @ A, 2 * DA @ DB + DB @ DA, backend, rng, False)
+    # sums and scalings of a non-symmetric operator stay non-symmetric
+    _check(A @ Bk - C, DA @ DB - DC, backend, rng, False)
+
+
+def test_adjoint_of_product_is_reversed_product_of_adjoints(rng):
+    (A, DA), (Bk, DB), (C, DC) = _ops(ml._backend.CPU, rng)
+    P = A @ Bk @ C
+    adj = P.adjoint()
+    assert isinstance(adj, ProductOperator)
+    assert adj.factors == [C, Bk, A]
+    assert P.T.factors == [C, Bk, A] and P.H.factors == [C, Bk, A]
+    assert rel_err(adj.todense(), (DA @ DB @ DC).T) < TOL
+    # a scaled non-symmetric operator: adjoint is the scaled adjoint
+    S = 3.0 * P
+    assert not S.symmetric and rel_err(S.adjoint().todense(), 3.0 * (DA @ DB @ DC).T) < TOL
+
+
+def test_op_times_array_is_matvec_and_flattening(rng):
+    (A, DA), (Bk, DB), _ = _ops(ml._backend.CPU, rng)
+    x = rng.standard_normal(9)
+    X = rng.standard_normal((9, 2))
+    assert np.array_equal(A * x, A.matvec(x))
+    assert np.array_equal(A * X, A.matmat(X))
+    assert rel_err(x * A, x @ DA) < TOL                  # x * op: the row-vector product
+    assert np.array_equal(A(x), A.matvec(x))
+    # nested nodes flatten; scalars fold
+    S = (A + Bk) + A
+    assert isinstance(S, SumOperator) and len(S.terms) == 3
+    k = 2 * (3 * A)
+    assert isinstance(k, ScaledOperator) and k.scalar == 6.0 and k.operator is A
+    P = (A @ Bk) @ (Bk @ A)
+    assert isinstance(P, ProductOperator) and len(P.factors) == 4
+
+
+def test_input_dtype_and_mixed_operator_dtypes(rng):
+    G = rng.standard_normal((3, 7))
+    A32 = ml.StaticInverseFisher(G.astype(np.float32), 0.5)
+    A64 = ml.StaticInverseFisher(G, 0.5)
+    S = A32 + A64
+    assert S.dtype == np.float64
+    x = rng.standard_normal(7)
+    D = dense_inverse(dense_fisher(G, 0.5))
+    y = S @ x
+    assert y.dtype == np.float64 and rel_err(y, 2 * D @ x) < 1e-5
+    y32 = (2 * A32) @ x.astype(np.float32)
+    assert y32.dtype == np.float32 and rel_err(y32, 2 * D @ x) < 1e-5
+
+
+def test_aslinearoperator_keeps_matmat_one_pass(rng):
+    (A, DA), (Bk, DB), _ = _ops(ml._backend.CPU, rng)
+    calls = []
+    orig = type(A)._matmat
+    A._matmat = lambda Z: calls.append(Z.shape) or orig(A, Z)
+    try:
+        lo = spla.aslinearoperator(A)
+        X = rng.standard_normal((9, 5))
+        Y = lo.matmat(X)
+        assert calls == [(9, 5)]          # one pass for 5 columns, not 5 matvecs
+        assert rel_err(Y, DA @ X) < TOL
+        calls.clear()
+        lo.H.matmat(X)
+        assert calls == [(9, 5)]
+        calls.clear()
+        spla.aslinearoperator(A + Bk).matmat(X)
+        assert calls == [(9, 5)]
+    finally:
+        del A._matmat
+    # an operator is accepted by SciPy's solvers as it is
+    b = rng.standard_normal(9)
+    F = A.fisher()
+    x, info = spla.cg(F, b, rtol=1e-13, atol=0.0)
+    assert info == 0 and rel_err(x, DA @ b) < 1e-10
+    # and composes with SciPy's own operators through SciPy
+    M = spla.aslinearoperator(np.eye(9) * 2.0)
+    assert rel_err((A + M).matvec(b), DA @ b + 2 * b) < TOL
+    assert rel_err((A @ M).matvec(b), DA @ (2 * b)) < TOL
+    assert rel_err((M @ A).matvec(b), 2 * DA @ b) < TOL
+
+
+def test_asarray_points_at_todense(rng):
+    (A, _), _, _ = _ops(ml._backend.CPU, rng)
+    with pytest.raises(TypeError, match=r"todense\(\)"):
+        np.asarray(A)
+    with pytest.raises(TypeError, match=r"todense\(\)"):
+        np.asarray(A + A)
+    with pytest.raises(TypeError):
+        np.add(A, 1.0)
+
+
+def test_algebra_errors(rng):
+    (A, _), (Bk, _), _ = _ops(ml._backend.CPU, rng)
+    other = ml.StaticInverseFisher(rng.standard_normal((2, 5)), 1.0)
+    with pytest.raises(ValueError, match=r"different shapes: \(9, 9\) and \(5, 5\)"):
+        A + other
+    with pytest.raises(ValueError, match="different shapes"):
+        A @ other
+    with pytest.raises(TypeError, match="scalar factor must be a real number; got bool"):
+        True * A
+    with pytest.raises(TypeError, match="scalar factor must be a real number; got complex"):
+        A * 1j
+    with pytest.raises(ValueError, match="scalar factor must be finite"):
+        A * np.inf
+    with pytest.raises(TypeError, match="op @ scalar is not defined"):
+        A @ 2.0
+    with pytest.raises(TypeError):
+        A + 1.0
+    with pytest.raises(TypeError):
+        A + np.eye(9)
+    with pytest.raises(TypeError, match="no inverse available"):
+        (A + Bk).inverse()
+    with pytest.raises(TypeError, match="exponent must be an integer"):
+        A ** 0.5
+    with pytest.raises(ValueError, match="exponent must be >= 1"):
+        A ** 0
+    with pytest.raises(ZeroDivisionError):
+        A / 0
+
+
+def test_inverse_is_part_of_the_protocol(rng):
+    (A, DA), (Bk, DB), (C, DC) = _ops(ml._backend.CPU, rng)
+    # inverse-Fisher operators answer their fisher(), and F its inverse operator
+    assert rel_err(A.inverse().todense(), np.linalg.inv(DA)) < 1e-10
+    assert rel_err(Bk.inverse().todense(), np.linalg.inv(DB)) < 1e-10
+    assert C.inverse() is A
+    assert rel_err((2 * A).inverse().todense(), np.linalg.inv(2 * DA)) < 1e-10
+    assert rel_err((A @ Bk).inverse().todense(), np.linalg.inv(DA @ DB)) < 1e-9
+    # block_diag(...).inverse() over every kind of block
+    kf = ml.kfac(rng.standard_normal((20, 3)), rng.standard_normal((20, 2)), 0.3).fisher()
+    blocks = [A, Bk, C, kf, 2 * A, A @ Bk]
+    dense = [DA, DB, DC, kf.todense(), 2 * DA, DA @ DB]
+    bd = ml.block_diag(blocks)
+    inv = bd.inverse()
+    import scipy.linalg as sla
+    assert rel_err(inv.todense(), np.linalg.inv(sla.block_diag(*dense))) < 1e-9
+
+
+def test_algebra_pickles_and_deepcopies(rng):
+    (A, DA), (Bk, DB), (C, DC) = _ops(ml._backend.CPU, rng)
+    expr = 2 * (A @ Bk) - C
+    x = rng.standard_normal(9)
+    for twin in (pickle.loads(pickle.dumps(expr)), copy.deepcopy(expr)):
+        assert np.array_equal(twin @ x, expr @ x)
+        assert twin.symmetric is False
+
+
+@pytest.mark.parametrize("shape", [(9,), (9, 1), (9, 4)])
+def test_node_validation_names_argument(rng, shape):
+    (A, _), (Bk, _), _ = _ops(ml._backend.CPU, rng)
+    P = A @ Bk
+    x = rng.standard_normal(shape)
+    x[0] = np.nan
+    with pytest.raises(ValueError, match="must be finite"):
+        P.dot(x)
+    with pytest.raises(ValueError, match=r"x must have shape \(9,\) or \(9, k\)"):
+        P.matvec(np.ones(4))
