@@ -178,6 +178,15 @@ class TorchComm(Communicator):
         ``all_reduce`` (one collective; the default) or ``reduce`` onto the group's
         rank 0 then ``broadcast`` (identical bits on every rank by construction).
 
+    Raises
+    ------
+    RuntimeError
+        ``torch.distributed`` is not initialised.
+    ValueError
+        ``reduction`` is not one of the two names.
+
+    Notes
+    -----
     Buffers cross zero-copy: a NumPy buffer through ``torch.from_numpy``, a CuPy (or
     any DLPack) buffer through ``torch.from_dlpack``, whose stream hand-shake orders
     the collective after the producer's work.  A CUDA collective is followed by a
@@ -185,13 +194,6 @@ class TorchComm(Communicator):
     next user of the buffer whatever stream it runs on (the buffers are m-sized: the
     collective is latency-bound).  Under NCCL a host (NumPy) buffer is staged through
     the current CUDA device (an m-sized copy each way).
-
-    Raises
-    ------
-    RuntimeError
-        ``torch.distributed`` is not initialised.
-    ValueError
-        ``reduction`` is not one of the two names.
 
     Examples
     --------
@@ -276,14 +278,16 @@ class MPIComm(Communicator):
     reduction : {"allreduce", "reduce_broadcast"}
         ``Allreduce`` in place (the default) or ``Reduce`` onto rank 0 then ``Bcast``.
 
-    Host buffers go to MPI as they are (``MPI.IN_PLACE``); device (CuPy) buffers
-    are staged through the host (an m-sized copy each way, which also orders the
-    collective after the device's work).
-
     Raises
     ------
     ImportError
         mpi4py is not installed.
+
+    Notes
+    -----
+    Host buffers go to MPI as they are (``MPI.IN_PLACE``); device (CuPy) buffers
+    are staged through the host (an m-sized copy each way, which also orders the
+    collective after the device's work).
 
     Examples
     --------

@@ -35,6 +35,16 @@ class ColumnLayout:
         Together they must cover ``0 .. dim-1`` exactly once; a rank may hold
         nothing (an empty list).  Empty ranges are dropped; adjacent ones merged.
 
+    Raises
+    ------
+    TypeError
+        ``dim`` not an integer, ``ranges`` not a sequence of pairs of integers.
+    ValueError
+        ``dim < 1``, a range outside ``[0, dim]`` or reversed, or ranges that
+        overlap or leave a column out.
+
+    Notes
+    -----
     Three constructors cover the usual cases: :meth:`contiguous` (one block per
     rank), :meth:`parameter_aligned` (whole parameters per rank, balanced) and
     :meth:`sharded` (each flat parameter group split evenly over the ranks, the
@@ -43,14 +53,6 @@ class ColumnLayout:
 
     Costs: building O(P r log r) for r ranges; :meth:`split` and :meth:`gather`
     O(size of the data); :meth:`owner` O(log r).
-
-    Raises
-    ------
-    TypeError
-        ``dim`` not an integer, ``ranges`` not a sequence of pairs of integers.
-    ValueError
-        ``dim < 1``, a range outside ``[0, dim]`` or reversed, or ranges that
-        overlap or leave a column out.
 
     Examples
     --------
