@@ -463,25 +463,22 @@ class CholeskyEngine(_Engine):
 
     def coefficients(self, p, dtype=np.float64):
         """C_new^{-1} u in slot order (n,), from the staged factor."""
+        return self._solve_slots(self._spare, p.u, p.n, p.start, z=p.z)
+
+    def _solve_slots(self, L, U, n, start, z=None):
+        """(L L^T)^{-1} U in slot order for U in slot order (z: L^{-1} U in arrival order,
+        when already known)."""
         be = self.backend
-        n = p.n
-        q = be.xp.asarray(self.perm(n, p.start))
-        z = p.z if p.z is not None else padded_solve(self._spare, p.u[q], n, be)
-        ca = padded_solve(self._spare, z, n, be, trans=True)
-        out = be.xp.empty_like(ca)
-        out[q] = ca
+        q = be.xp.asarray(self.perm(n, start))
+        Z = padded_solve(L, U[q], n, be) if z is None else z
+        Ca = padded_solve(L, Z, n, be, trans=True)
+        out = be.xp.empty_like(Ca)
+        out[q] = Ca
         return out
 
     def solve(self, U):
         """C^{-1} U for U (n, k) in slot order; returns slot order, float64."""
-        be = self.backend
-        n = self.n
-        q = be.xp.asarray(self.perm())
-        Z = padded_solve(self.L, U[q], n, be)
-        Ca = padded_solve(self.L, Z, n, be, trans=True)
-        out = be.xp.empty_like(Ca)
-        out[q] = Ca
-        return out
+        return self._solve_slots(self.L, U, self.n, self.start)
 
     def inner(self, U):
         """diag(U^T C^{-1} U) = |L^{-1} U|^2 column by column, (k,)."""

@@ -44,12 +44,18 @@ class _KernelChecks:
             self._check_status(p)       # a NaN in g must not reach the factorisation
         super()._exact_into_spare(p)
 
-    def _verify_pivot(self, p, value, good):
-        """After the one read of ``status``: raise for a flagged g or an overflow; rebuild
-        exactly (return False) when the incremental pivot is doubtful."""
+    def _verify(self, p):
+        """The deferred checks of :meth:`commit`: one read of ``status`` (flag of g, the
+        pivot or det M, its scale); raise for a flagged g or an overflow; rebuild exactly
+        (return False) when the incremental pivot is doubtful (``_pivot_ok``)."""
+        if p.rebuilt or p.deferred:
+            self._check_status(p)
+            return True
+        value = B.to_host(p.status[:3])                     # the one host synchronisation
+        p.checked = True
         if value[0]:
             raise NonFiniteGradient()
-        if good:
+        if self._pivot_ok(p, value):
             return True
         if not math.isfinite(value[1]) and not bool(self.backend.xp.isfinite(p.u).all()):
             raise GramOverflow()
@@ -108,13 +114,8 @@ class CholeskyKernelEngine(_KernelChecks, CholeskyEngine):
         K_.chol_delete(src, dst, p, dj, beta, self.m)
         return dst
 
-    def _verify(self, p):
-        if p.rebuilt or p.deferred:
-            self._check_status(p)
-            return True
-        value = B.to_host(p.status[:2])                     # the one host synchronisation
-        p.checked = True
-        return self._verify_pivot(p, value, bool(value[1] > 0.0))
+    def _pivot_ok(self, p, value):
+        return bool(value[1] > 0.0)
 
     def coefficients(self, p, dtype=np.float64):
         """C_new^{-1} u in slot order; float32 (length m, for the kernel pass 2) or
@@ -182,17 +183,11 @@ class ExplicitKernelEngine(_KernelChecks, ExplicitEngine):
         p.c32 = self._c32
         return p
 
-    def _verify(self, p):
-        if p.rebuilt or p.deferred:
-            self._check_status(p)
-            return True
-        value = B.to_host(p.status[:3])                     # the one host synchronisation
-        p.checked = True
-        dv = float(value[1])
-        ok = self._verify_pivot(p, value, _det_ok(dv, float(value[2])))
-        if ok:
-            p.logdet = self.logdet_C + math.log(dv)
-        return ok
+    def _pivot_ok(self, p, value):
+        if not _det_ok(float(value[1]), float(value[2])):
+            return False
+        p.logdet = self.logdet_C + math.log(float(value[1]))
+        return True
 
     def coefficients(self, p, dtype=np.float64):
         if dtype != np.float32:
