@@ -26,6 +26,8 @@ __all__ = ["kfac", "ekfac", "kpsvd", "deflation", "lanczos", "kfac_corrected",
 
 INDEFINITE = ("abs", "clip", "raise")
 TOL, MAXITER = 1e-12, 1000
+#: two-term spectra are computed densely up to this many parameters (then ARPACK)
+DENSE_SPECTRUM = 4096
 
 
 # -- the shared preamble -------------------------------------------------------------------
@@ -678,7 +680,7 @@ def _two_term_spectrum(terms, n):
     """Eigenvalues of sum B_i kron C_i: all (dense) or the top r >= n plus the tail's energy."""
     d_out, d_in = terms[0][0].shape[0], terms[0][1].shape[0]
     D = d_out * d_in
-    if D <= 4096 or n >= D - 1:
+    if D <= DENSE_SPECTRUM or n >= D - 1:
         if D > 16384:
             raise ValueError(f"the spectrum error of a two-term sum over d = {D} > 16384 "
                              f"parameters with n = {n} >= d - 1 samples needs a dense "

@@ -132,12 +132,9 @@ class KroneckerInverse(_KronProducts):
         return B.scalar(self._backend.xp.log(self._S).sum()) + self._logdet_offset
 
     def fisher(self):
-        """The damped approximation M itself (same protocol); its ``inverse()`` is this one."""
+        """The damped approximation M itself (same protocol); ``inverse()`` is this one's
+        ``fisher()`` and ``fisher().inverse()`` is this operator."""
         return KroneckerFisher(self)
-
-    def inverse(self):
-        """This operator (an inverse-Fisher operator, like ``StaticInverseFisher.inverse()``)."""
-        return self
 
 
 class KroneckerFisher(_KronProducts):
@@ -155,10 +152,8 @@ class KroneckerFisher(_KronProducts):
         return self._inv._repr_fields()
 
     def inverse(self):
+        """M^{-1}: the :class:`KroneckerInverse` this operator came from."""
         return self._inv
-
-    def fisher(self):
-        return self
 
     def _matmat(self, X):
         i = self._inv
@@ -178,15 +173,18 @@ class KroneckerFisher(_KronProducts):
         return self._inv.logdet()
 
 
-def _inverse_of(op, k):
-    """The inverse-Fisher operator of a block: ``op.inverse()`` where it exists, else the block
-    itself when it is an inverse-Fisher operator (it has ``fisher()``)."""
-    if hasattr(op, "inverse"):
-        return op.inverse()
-    if hasattr(op, "fisher"):
-        return op
-    raise TypeError(f"ops[{k}] ({type(op).__name__}) has neither inverse() nor fisher(); "
-                    "block_diag(...).inverse() needs one of them on every block")
+def _each(ops, method):
+    """[op.method() for op in ops], a failure naming the block."""
+    out = []
+    for k, op in enumerate(ops):
+        fn = getattr(op, method, None)
+        if not callable(fn):
+            raise TypeError(f"ops[{k}] ({type(op).__name__}) has no {method}()")
+        try:
+            out.append(fn())
+        except TypeError as exc:
+            raise TypeError(f"ops[{k}] ({type(op).__name__}): {exc}") from None
+    return out
 
 
 class BlockDiagonal(_Picklable, Operator):
@@ -257,22 +255,13 @@ class BlockDiagonal(_Picklable, Operator):
         return sum(op.logdet() for op in self._ops)
 
     def fisher(self):
-        """blockdiag of the blocks' forward operators (``op.fisher()``, or the block itself when
-        it is already a forward operator, i.e. has ``inverse()`` but no ``fisher()``)."""
-        out = []
-        for k, op in enumerate(self._ops):
-            if hasattr(op, "fisher"):
-                out.append(op.fisher())
-            elif hasattr(op, "inverse"):
-                out.append(op)
-            else:
-                raise TypeError(f"ops[{k}] ({type(op).__name__}) has neither fisher() nor "
-                                "inverse()")
-        return BlockDiagonal(out)
+        """blockdiag of the blocks' ``fisher()`` (every block an inverse-Fisher operator)."""
+        return BlockDiagonal(_each(self._ops, "fisher"))
 
     def inverse(self):
-        """blockdiag of the blocks' inverse-Fisher operators (see ``fisher``)."""
-        return BlockDiagonal([_inverse_of(op, k) for k, op in enumerate(self._ops)])
+        """blockdiag of the blocks' ``inverse()``: works for any mix of inverse-Fisher
+        operators, their forward operators and anything else with an ``inverse()``."""
+        return BlockDiagonal(_each(self._ops, "inverse"))
 
 
 def block_diag(ops):
