@@ -622,3 +622,41 @@ def test_window_checkpoint_bad_file_on_one_rank(cluster, tmp_path):
 def test_window_checkpoint_of_another_rank_refused(cluster, tmp_path):
     for res in cluster.ok(_window_checkpoint, str(tmp_path), "swapped"):
         assert res is not None and res[0] in ("ValueError", "RemoteRankError")
+
+
+def _window_from_gradients(comm, blocks, bad):
+    import mfac_linalg as ml
+    from mfac_linalg.distributed import ShardedSlidingWindowInverseFisher as SW
+    rng = np.random.default_rng(10)
+    m, d, lam = 5, 19, 0.5
+    G = rng.standard_normal((m, d))
+    lay = _layout("sharded", d, comm.size)
+    Gp = lay.split(G, comm.rank, axis=1)
+    if bad and comm.rank == 1:
+        Gp = Gp.copy()
+        Gp[2, 0] = np.nan
+    src = iter([Gp[:2], Gp[2:]]) if blocks else Gp
+    try:
+        w = SW.from_local_gradients(src, lam, comm, layout=lay, window=m if blocks else None)
+    except Exception as exc:
+        return type(exc).__name__, str(exc)
+    ref = ml.SlidingWindowInverseFisher.from_gradients(G, lam)
+    J = lay.indices(comm.rank)
+    x = rng.standard_normal(d)
+    g = rng.standard_normal(d)
+    return {"matvec": _rel(w.matvec(x[J]), ref.matvec(x)[J]),
+            "logdet": abs(w.logdet() - ref.logdet()) / abs(ref.logdet()),
+            "step": _rel(w.step(g[J]), ref.step(g)[J]),
+            "count": float(w.count == m and w.total == m + 1)}
+
+
+@pytest.mark.parametrize("blocks", [False, True], ids=["array", "blocks"])
+def test_window_from_local_gradients(cluster, blocks):
+    for errs in cluster.ok(_window_from_gradients, blocks, False):
+        assert errs.pop("count") == 1.0
+        assert max(errs.values()) <= TOL, errs
+
+
+def test_window_from_local_gradients_bad_rank(cluster):
+    for r, res in enumerate(cluster.ok(_window_from_gradients, True, True)):
+        assert res[0] == ("ValueError" if r == 1 else "RemoteRankError"), res

@@ -1,6 +1,7 @@
 """The column-sharded sliding window (docs/math.md §2 and §6)."""
 from __future__ import annotations
 
+import collections.abc
 import json
 import math
 import os
@@ -11,7 +12,7 @@ import numpy as np
 
 from .. import _backend as B
 from .. import _validate as V
-from .comm import agree, state_digest
+from .comm import agree, as_comm, state_digest
 from ._base import ShardedOperator
 from .sharded import agree_setup, layout_digest
 from .layout import ColumnLayout
@@ -31,6 +32,13 @@ def _parts():
     from .._capacitance import pick_engine  # noqa: PLC0415
     from ..sliding.buffer import make_buffer  # noqa: PLC0415
     return make_buffer, pick_engine
+
+
+class _Shell:
+    """Just enough of an operator for a flagged set-up header before one exists."""
+
+    def __init__(self, comm):
+        self._comm = comm
 
 
 def _storage_name(dtype, backend):
@@ -174,6 +182,76 @@ class ShardedSlidingWindowInverseFisher(ShardedOperator):
         self._eng = eng
         self._count = self._since_refresh = 0
         self._eng.rebuild(self._eng.K, 0, self._shift(0))
+
+    @classmethod
+    def from_local_gradients(cls, local_grads, damping, comm=None, *, window=None, **kwargs):
+        """A full window from this rank's columns of its gradients, in one set-up.
+
+        Collective: the rows are written locally, then one all-reduce of the m x m Gram
+        matrix and one exact O(m³) build of the replicated state (no m updates).
+
+        Parameters
+        ----------
+        local_grads : array_like (m, d_p), or an iterator of (k, d_p) row blocks
+            This rank's columns of the gradients, oldest first (an iterator bounds the
+            extra memory; then ``window`` gives the total number of rows).
+        damping : float
+        comm : as for the constructor
+        window : int, optional
+            m; required with an iterator.
+        **kwargs
+            The constructor's keywords; ``dtype`` defaults to the gradients' dtype and
+            ``device`` to where they live.
+
+        Returns
+        -------
+        ShardedSlidingWindowInverseFisher
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from mfac_linalg.distributed import ShardedSlidingWindowInverseFisher as SW
+        >>> G = np.random.default_rng(1).standard_normal((3, 8))
+        >>> w = SW.from_local_gradients(G, 0.5)
+        >>> (w.count, w.window, w.storage_dtype)
+        (3, 3, 'float64')
+        """
+        blocks = local_grads if isinstance(local_grads, collections.abc.Iterator) else None
+        first = next(blocks) if blocks is not None else local_grads
+        arr, be = B.asarray(first, "local_grads", allow_half=True)
+        err = None
+        try:
+            if arr.ndim != 2:
+                raise ValueError(f"local_grads must be 2-D (m, d_p); got shape "
+                                 f"{tuple(arr.shape)}")
+            m = arr.shape[0] if blocks is None else V.positive_int(window, "window")
+            d_p = arr.shape[1]
+        except Exception as exc:
+            err, m, d_p = exc, 1, 0
+        kwargs.setdefault("dtype", arr.dtype.name)
+        kwargs.setdefault("device", be)
+        if err is not None:         # every rank must still meet the set-up's collectives
+            comm = as_comm(comm)
+            ShardedOperator._header(_Shell(comm), [0.0] * 9, err, "from_local_gradients")
+        w = cls(d_p, m, damping, comm, **kwargs)
+        Kp = None
+        try:
+            r = w._buf.write_rows(0, arr)
+            for b in (blocks or ()):
+                r = w._buf.write_rows(r, B.asarray(b, "local_grads", backend=w._backend,
+                                                   allow_half=True)[0])
+            if r != m:
+                raise ValueError(f"local_grads must hold window={m} rows; got {r}")
+            Kp = w._buf.gram(m)
+        except Exception as exc:
+            err = exc
+        if err is not None:
+            w._buf.reset()
+        K = w._flagged_sum(Kp, m * m, err, "from_local_gradients").reshape(m, m)
+        V.gram_finite(K, "local_grads", w._backend)
+        w._eng.rebuild(K, m, w._shift(m))
+        w._count = m
+        return w
 
     # -- state ----------------------------------------------------------------------------
     count = property(lambda self: self._n(), doc="Number of gradients held (0 .. window).")
