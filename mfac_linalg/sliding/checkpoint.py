@@ -28,9 +28,11 @@ import zipfile
 
 import numpy as np
 
+from .. import _backend as B
 from .. import _validate as V
+from .._capacitance import pick_engine
 
-__all__ = ["FORMAT_VERSION", "validate_state", "write", "read", "shift_of"]
+__all__ = ["FORMAT_VERSION", "Checkpointing", "validate_state", "write", "read", "shift_of"]
 
 FORMAT_VERSION = 2
 NORMALIZE = ("window", "count")
@@ -111,7 +113,6 @@ def validate_state(state, *, trusted=False):
     arrays = [("G", (m, d), _raw_dtype(st["dtype"])), ("K", (m, m), np.dtype(np.float64))]
     if fkey:
         arrays.append((fkey, (m, m), np.dtype(np.float64)))
-    from .. import _backend as B
     for k, shape, dt in arrays:
         a = state[k]
         if not hasattr(a, "shape") or not hasattr(a, "dtype"):
@@ -321,3 +322,96 @@ def _read_members(zf, p):
         if k in infos:
             state[k] = _member(zf, infos[k], shape, dt, p)
     return state
+
+
+# -- the window's checkpoint methods ------------------------------------------------------
+class Checkpointing:
+    """``state_dict`` / ``load_state_dict`` / ``save`` / ``load`` and copying of the
+    sliding window (mixed into :class:`~mfac_linalg.sliding.SlidingWindowInverseFisher`,
+    whose ring buffer ``_buf``, engine ``_eng`` and lock ``_lock`` they use)."""
+
+    def state_dict(self):
+        """The whole state as host NumPy arrays and Python scalars (a copy; no side
+        effects).  Format: :mod:`mfac_linalg.sliding.checkpoint`.  O(dim m + m^2)."""
+        with self._lock:
+            F, logdet_C = self._eng.export()
+            return {"format_version": FORMAT_VERSION, "dim": self._d,
+                    "window": self._m, "damping": self._damping,
+                    "normalize": self._normalize, "dtype": self._buf.name,
+                    "refresh_every": self._refresh_every, "count": self._count,
+                    "since_refresh": self._since_refresh, "engine": self._eng.kind,
+                    "logdet_C": float(logdet_C), "G": self._buf.host_rows(),
+                    "K": np.array(B.to_host(self._eng.K), copy=True), "F": F}
+
+    def load_state_dict(self, state, *, _trusted=False):
+        """Restore a state from :meth:`state_dict`: validated first, nothing changes on
+        error.  A change of normalization (or a checkpoint of the other engine)
+        rebuilds the engine exactly, O(m^3).  Returns the window."""
+        st = validate_state(state, trusted=_trusted)
+        for key, mine in (("dim", self._d), ("window", self._m), ("dtype", self._buf.name)):
+            if st[key] != mine:
+                raise ValueError(f"state: {key}={st[key]} does not match this window's "
+                                 f"{key}={mine}")
+        with self._lock:
+            m, n = self._m, min(st["count"], self._m)
+            eng = pick_engine(self._backend, self._buf.name, st["normalize"],
+                              self._engine_choice, window=m)
+            shift = shift_of(st["normalize"], m, n, st["damping"])
+            start = (st["count"] - n) % m
+            exact = st["F"] is not None and st["engine"] == eng.kind
+            if exact:
+                eng.load(st["K"], st["F"], n, shift, start, st["logdet_C"])
+            else:
+                eng.rebuild(st["K"], n, shift, start)     # may raise: nothing changed yet
+            self._buf.load(st["G"])
+            self._eng, self._damping, self._normalize = eng, st["damping"], st["normalize"]
+            self._refresh_every, self._count = st["refresh_every"], st["count"]
+            self._since_refresh = st["since_refresh"] if exact else 0
+        return self
+
+    def save(self, path):
+        """Write the state to exactly ``path`` (an ``.npz`` archive, no pickles; no suffix
+        added), atomically: a failed save leaves a previous file intact.  O(dim m + m^2).
+
+        Raises ``ValueError`` for a directory, ``TypeError`` for a non-path, ``OSError``
+        from the file system (the previous file untouched).
+
+        Examples
+        --------
+        >>> import os, tempfile, numpy as np
+        >>> from mfac_linalg import SlidingWindowInverseFisher
+        >>> w = SlidingWindowInverseFisher(6, 2, 0.5, dtype="float64").update(np.ones(6))
+        >>> path = os.path.join(tempfile.mkdtemp(), "window.ckpt")
+        >>> w.save(path)
+        >>> os.listdir(os.path.dirname(path))
+        ['window.ckpt']
+        >>> SlidingWindowInverseFisher.load(path).count
+        1
+        """
+        write(path, self.state_dict())
+
+    @classmethod
+    def load(cls, path, *, device=None, engine="auto"):
+        """Read a window written by :meth:`save` from exactly ``path``; every field is
+        checked before anything is allocated (ValueError naming the file)."""
+        raw = read(path)
+        try:
+            st = validate_state(raw)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        win = cls(st["dim"], st["window"], st["damping"], dtype=st["dtype"], device=device,
+                  normalize=st["normalize"], refresh_every=st["refresh_every"], engine=engine)
+        return win.load_state_dict(st, _trusted=True)
+
+    def __reduce__(self):
+        # copy.copy, copy.deepcopy and pickle: an independent window, bit-identical state
+        return (_rebuild, (type(self), self.state_dict(), self.device, self._engine_choice,
+                           self._check_finite))
+
+
+def _rebuild(cls, state, device, engine, check_finite):
+    dev = "cpu" if device == "cpu" else "cuda:" + device.split(":")[1]
+    w = cls(state["dim"], state["window"], state["damping"], dtype=state["dtype"], device=dev,
+            normalize=state["normalize"], refresh_every=state["refresh_every"],
+            check_finite=check_finite, engine=engine)
+    return w.load_state_dict(state, _trusted=True)

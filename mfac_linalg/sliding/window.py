@@ -18,7 +18,7 @@ from .buffer import make_buffer
 __all__ = ["SlidingWindowInverseFisher"]
 
 
-class SlidingWindowInverseFisher(Operator):
+class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
     r"""Inverse of the damped empirical Fisher over the last ``window`` gradients.
 
     Represents :math:`F^{-1}` for
@@ -60,24 +60,18 @@ class SlidingWindowInverseFisher(Operator):
     engine : {"auto", "cholesky", "explicit"}
         The m x m scheme (``mfac_linalg._capacitance.pick_engine``).
 
-    Costs (n = gradients held <= m)
-    -------------------------------
-    ``update``/``step`` O(dim m + m^2); O(m^3) more when the shift N lambda changes
-    (``normalize="count"`` while filling) or a refresh is due; a batch of k > m/4
-    gradients (or one that fills a count-normalised window) O(k dim m + m^3).
-    ``matvec`` O(dim n + n^2), ``matmat`` one pass for k columns, ``quad`` the same,
-    ``entry`` O(n^2), ``diagonal`` O(dim n^2), ``logdet`` O(n) (O(1) explicit),
-    ``fisher().entry`` O(n).  Memory: the buffer, three m x m float64 matrices.
+    Costs (n = gradients held <= m; docs/sliding.md has the table)
+    ---------------------------------------------------------------
+    ``update``/``step`` O(dim m + m^2), plus O(m^3) when N lambda changes (count,
+    filling) or a refresh is due; ``matvec``/``quad`` O(dim n + n^2), ``matmat`` one
+    pass for k columns; ``entry`` O(n^2); ``diagonal`` O(dim n^2); ``logdet`` O(n).
 
     Atomicity and threads
     ---------------------
-    An update, step or batch either commits or raises and leaves the window bit
-    for bit as it was: bad shapes, NaN/inf (also after the cast), overflowing Gram
-    products (``ValueError`` naming ``g``) and a capacitance matrix that is not
-    numerically positive definite (``NotPositiveDefinite``, a ``ValueError``).
-    Queries never write shared state, and one lock per window serialises every
-    call, so a window may be shared by threads (calls run one at a time; on the GPU
-    the kernel workspace makes that necessary anyway).
+    An update, step or batch commits, or raises (``ValueError`` naming ``g`` for bad
+    shapes, NaN/inf after the cast, overflowing Gram products;
+    ``NotPositiveDefinite``) and leaves the window bit for bit as it was.  Queries
+    never write shared state; a lock per window serialises calls from threads.
 
     Examples
     --------
@@ -133,28 +127,7 @@ class SlidingWindowInverseFisher(Operator):
         >>> (w.count, w.window, w.storage_dtype)
         (3, 3, 'float64')
         """
-        blocks = G if isinstance(G, collections.abc.Iterator) else None
-        first = next(blocks) if blocks is not None else G
-        arr, be = B.asarray(first, "G", allow_half=True)
-        if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
-            raise ValueError(f"G must be 2-D (m, dim) with m, dim >= 1; got shape "
-                             f"{tuple(arr.shape)}")
-        m = arr.shape[0] if blocks is None else V.positive_int(window, "window")
-        kwargs.setdefault("dtype", arr.dtype.name)
-        kwargs.setdefault("device", be)
-        w = cls(arr.shape[1], m, damping, **kwargs)
-        with w._lock:
-            r = w._buf.write_rows(0, arr)
-            for b in (blocks or ()):
-                r = w._buf.write_rows(r, B.asarray(b, "G", backend=w._backend,
-                                                   allow_half=True)[0])
-            if r != m:
-                raise ValueError(f"G must hold window={m} rows; got {r}")
-            K = w._buf.gram(m)
-            V.gram_finite(K, "G", w._backend)
-            w._eng.rebuild(K, m, w._shift(m))
-            w._count = m
-        return w
+        return _from_gradients(cls, G, damping, window, kwargs)
 
     # -- state -----------------------------------------------------------------------
     count = property(lambda self: self._n(), doc="Number of gradients held (0 .. window).")
@@ -372,76 +345,31 @@ class SlidingWindowInverseFisher(Operator):
                 val += B.scalar(U[:, 0] @ U[:, 1]) / self._N(n)
             return val
 
-    # -- checkpoints, copies ----------------------------------------------------------------
-    def state_dict(self):
-        """The whole state as host NumPy arrays and Python scalars (a copy; no side
-        effects).  Format: :mod:`mfac_linalg.sliding.checkpoint`.  O(dim m + m^2)."""
-        with self._lock:
-            F, logdet_C = self._eng.export()
-            return {"format_version": ckpt.FORMAT_VERSION, "dim": self._d,
-                    "window": self._m, "damping": self._damping,
-                    "normalize": self._normalize, "dtype": self._buf.name,
-                    "refresh_every": self._refresh_every, "count": self._count,
-                    "since_refresh": self._since_refresh, "engine": self._eng.kind,
-                    "logdet_C": float(logdet_C), "G": self._buf.host_rows(),
-                    "K": np.array(B.to_host(self._eng.K), copy=True), "F": F}
 
-    def load_state_dict(self, state, *, _trusted=False):
-        """Restore a state from :meth:`state_dict`: validated first, nothing changes on
-        error.  A change of normalization (or a checkpoint of the other engine)
-        rebuilds the engine exactly, O(m^3).  Returns the window."""
-        st = ckpt.validate_state(state, trusted=_trusted)
-        for key, mine in (("dim", self._d), ("window", self._m), ("dtype", self._buf.name)):
-            if st[key] != mine:
-                raise ValueError(f"state: {key}={st[key]} does not match this window's "
-                                 f"{key}={mine}")
-        with self._lock:
-            m, n = self._m, min(st["count"], self._m)
-            eng = pick_engine(self._backend, self._buf.name, st["normalize"],
-                              self._engine_choice, window=m)
-            shift = ckpt.shift_of(st["normalize"], m, n, st["damping"])
-            start = (st["count"] - n) % m
-            exact = st["F"] is not None and st["engine"] == eng.kind
-            if exact:
-                eng.load(st["K"], st["F"], n, shift, start, st["logdet_C"])
-            else:
-                eng.rebuild(st["K"], n, shift, start)     # may raise: nothing changed yet
-            self._buf.load(st["G"])
-            self._eng, self._damping, self._normalize = eng, st["damping"], st["normalize"]
-            self._refresh_every, self._count = st["refresh_every"], st["count"]
-            self._since_refresh = st["since_refresh"] if exact else 0
-        return self
-
-    def save(self, path):
-        """Write the state to exactly ``path`` (an ``.npz`` archive, no pickles; no suffix
-        added), atomically: a failed save leaves a previous file intact."""
-        ckpt.write(path, self.state_dict())
-
-    @classmethod
-    def load(cls, path, *, device=None, engine="auto"):
-        """Read a window written by :meth:`save` from exactly ``path``; every field is
-        checked before anything is allocated (ValueError naming the file)."""
-        raw = ckpt.read(path)
-        try:
-            st = ckpt.validate_state(raw)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: {exc}") from None
-        win = cls(st["dim"], st["window"], st["damping"], dtype=st["dtype"], device=device,
-                  normalize=st["normalize"], refresh_every=st["refresh_every"], engine=engine)
-        return win.load_state_dict(st, _trusted=True)
-
-    def __reduce__(self):
-        # copy.copy, copy.deepcopy and pickle: an independent window, bit-identical state
-        return (_rebuild, (type(self), self.state_dict(), self.device, self._engine_choice,
-                           self._check_finite))
-
-
-def _rebuild(cls, state, device, engine, check_finite):
-    dev = "cpu" if device == "cpu" else "cuda:" + device.split(":")[1]
-    w = cls(state["dim"], state["window"], state["damping"], dtype=state["dtype"], device=dev,
-            normalize=state["normalize"], refresh_every=state["refresh_every"],
-            check_finite=check_finite, engine=engine)
-    return w.load_state_dict(state, _trusted=True)
+def _from_gradients(cls, G, damping, window, kwargs):
+    """The set-up of :meth:`SlidingWindowInverseFisher.from_gradients`."""
+    blocks = G if isinstance(G, collections.abc.Iterator) else None
+    first = next(blocks) if blocks is not None else G
+    arr, be = B.asarray(first, "G", allow_half=True)
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"G must be 2-D (m, dim) with m, dim >= 1; got shape "
+                         f"{tuple(arr.shape)}")
+    m = arr.shape[0] if blocks is None else V.positive_int(window, "window")
+    kwargs.setdefault("dtype", arr.dtype.name)
+    kwargs.setdefault("device", be)
+    w = cls(arr.shape[1], m, damping, **kwargs)
+    with w._lock:
+        r = w._buf.write_rows(0, arr)
+        for b in (blocks or ()):
+            r = w._buf.write_rows(r, B.asarray(b, "G", backend=w._backend,
+                                               allow_half=True)[0])
+        if r != m:
+            raise ValueError(f"G must hold window={m} rows; got {r}")
+        K = w._buf.gram(m)
+        V.gram_finite(K, "G", w._backend)
+        w._eng.rebuild(K, m, w._shift(m))
+        w._count = m
+    return w
 
 
 def _storage(dtype, backend):
