@@ -24,8 +24,9 @@ def test_protocol(case, device):
     RESULTS[f"{case.name}-{device}"] = (report.worst, len(report.ratios))
     # every numerical method of the protocol ran (nothing silently skipped)
     for name in ("matvec", "matmat", "rmatvec", "matmul.op@x", "adjoint.T", "diagonal",
-                 "entry", "todense", "quad", "to_scipy.matmat", "matmat.one_pass",
-                 "diagonal.no_dense", "entry.no_dense", "deepcopy", "pickle", "readonly"):
+                 "entry", "todense", "quad", "matmat.one_pass", "diagonal.no_dense",
+                 "entry.no_dense", "deepcopy", "pickle", "readonly",
+                 "to_cupyx" if device == "gpu" else "to_scipy.matmat"):
         assert name in report.ratios, (name, report.skipped)
     if case.kind not in ("fisher",):
         assert "logdet" in report.ratios and "fisher().matvec" in report.ratios, report.skipped
