@@ -70,10 +70,17 @@ def svd_terms(R, d_out, d_in, k):
     return terms, s
 
 
-def factor_error(terms, ref, s1):
-    """max_i max(||B_i - B_ref||, ||C_i - C_ref||) / sqrt(sigma_1), joint sign aligned."""
+def factor_error(terms, ref, s1, s=None):
+    """max_i max(||B_i - B_ref||, ||C_i - C_ref||) / sqrt(sigma_1), joint sign aligned.
+
+    A triple whose reference sigma_i is numerically zero (<= 1e-12 sigma_1: R has rank < i)
+    has no defined vectors; there the term itself must vanish, ||B_i|| ||C_i|| <= 1e-12 sigma_1.
+    """
     worst = 0.0
-    for (Bm, Cm), (Br, Cr) in zip(terms, ref):
+    for i, ((Bm, Cm), (Br, Cr)) in enumerate(zip(terms, ref)):
+        if s is not None and s[i] <= 1e-12 * s1:
+            assert np.linalg.norm(Bm) * np.linalg.norm(Cm) <= 1e-12 * s1
+            continue
         sg = 1.0 if (Bm * Br).sum() + (Cm * Cr).sum() >= 0 else -1.0
         worst = max(worst, np.linalg.norm(Bm - sg * Br), np.linalg.norm(Cm - sg * Cr))
     return worst / math.sqrt(s1)
