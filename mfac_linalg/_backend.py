@@ -195,9 +195,12 @@ def _host_from_sequence(x, name):
     that names the argument."""
     try:
         arr = np.asarray(x)
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:
         raise ValueError(f"{name} must be a rectangular array of numbers; got a "
                          f"{type(x).__name__} that NumPy cannot make one of ({exc})") from None
+    except TypeError as exc:   # e.g. an operator, whose __array__ refuses
+        raise TypeError(f"{name} must be an array of numbers; got {type(x).__name__} "
+                        f"({exc})") from None
     if arr.dtype == object:
         raise TypeError(f"{name} must be an array of numbers; got a {type(x).__name__} of "
                         "objects")

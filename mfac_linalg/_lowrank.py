@@ -38,7 +38,7 @@ import numpy as np
 from . import _backend as B
 from . import _validate as _v
 
-__all__ = ["LowRank", "build", "DUAL_MARGIN", "NotPositiveDefinite"]
+__all__ = ["LowRank", "build", "column_sumsq", "DUAL_MARGIN", "NotPositiveDefinite"]
 
 #: the dual form is chosen for m >= b when lambda_min(F_k) <= DUAL_MARGIN * lambda
 DUAL_MARGIN = 4.0
@@ -182,10 +182,19 @@ class LowRank:
 
 
 # -- construction -------------------------------------------------------------------
+def column_sumsq(G, backend, name="grads"):
+    """diag(G^T G): the squared column norms of G (m, d), O(dm), in G's dtype.  Where
+    they overflow that dtype, so would F's diagonal: a ValueError naming ``name``."""
+    c = backend.xp.einsum("ij,ij->j", G, G)
+    _v.gram_finite(c, name, backend)
+    return c
+
+
 def _gram(W, backend, name):
     """W W^T (float64, symmetric) for W (nb, r, b); float32 data overflowing or too
     inexact is redone with float64 accumulation by the caller (``exact=True``)."""
-    K = (W @ _mT(W)).astype(np.float64, copy=False)
+    with np.errstate(over="ignore"):     # an overflow is detected (and redone) by the caller
+        K = (W @ _mT(W)).astype(np.float64, copy=False)
     return (K + _mT(K)) * 0.5
 
 

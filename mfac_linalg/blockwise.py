@@ -119,8 +119,7 @@ class BlockInverseFisher(Operator):
         sizes = np.diff(bounds)
         groups = []
         with be.device_context():
-            colsq = xp.einsum("ij,ij->j", G, G)
-            _v.gram_finite(colsq, "grads", be)
+            colsq = LR.column_sumsq(G, be)
             for b in np.unique(sizes):
                 starts = bounds[:-1][sizes == b]
                 idx = xp.asarray(starts[:, None] + np.arange(b)[None, :])

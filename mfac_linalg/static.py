@@ -102,8 +102,7 @@ class StaticInverseFisher(Operator):
         if form == "primal" and m < d:
             raise ValueError(f"form='primal' needs m >= d; got grads of shape {(m, d)}")
         with be.device_context():
-            colsq = be.xp.einsum("ij,ij->j", G, G)   # diag(G^T G), for fisher().diagonal()
-            _v.gram_finite(colsq, "grads", be)
+            colsq = LR.column_sumsq(G, be)   # diag(G^T G), for fisher().diagonal()
             (lr,) = LR.build(G[None], [0], lam, m, be, name="grads", form=form)
         self._init_operator(d, G.dtype, be, check_finite=check_finite)
         self._m = m

@@ -224,3 +224,86 @@ def forward_tol(F):
     is a few eps * cond(F) when X reaches the gradients' null space."""
     return 1e-12 + 16 * EPS64 * cond(F)
 
+
+
+# -- issue 11 items 3 and 9: overflow, damping range, copies, read-only views ------------------
+
+@pytest.mark.parametrize("m,d", [(5, 12), (12, 5)])
+def test_float64_gram_overflow_refused_naming_grads(rng, m, d):
+    G = rng.standard_normal((m, d)) * 1e155        # finite; G G^T overflows float64
+    with pytest.raises(ValueError, match="grads is too large"):
+        ml.StaticInverseFisher(G, 0.1)
+    with pytest.raises(ValueError, match="grads is too large"):
+        ml.BlockInverseFisher(G, 0.1, block_size=4)
+
+
+def test_float32_gram_overflow_redone_in_float64(rng):
+    # ||g||^2 ~ 9e38 overflows a float32 Gram product (F's entries, ~1e36, do not): the
+    # float64 accumulation gives the float64 operator's answer to float32 accuracy
+    G = (rng.standard_normal((2, 400)) * 1.5e18).astype(np.float32)
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(G @ G.T).all()
+    op = ml.StaticInverseFisher(G, 1e17)
+    ref = ml.StaticInverseFisher(G.astype(np.float64), 1e17)
+    x = rng.standard_normal(400).astype(np.float32)
+    assert rel_err(op.matvec(x), ref.matvec(x.astype(np.float64))) < 1e-6
+    assert abs(op.logdet() - ref.logdet()) < 1e-9 * abs(ref.logdet())
+    # where F's own diagonal overflows float32, the input is refused
+    with pytest.raises(ValueError, match="grads is too large"):
+        ml.StaticInverseFisher(np.full((4, 3), 3e19, np.float32), 1e17)
+
+
+@pytest.mark.parametrize("damping,dtype", [(1e-310, np.float64), (1e-160, np.float64),
+                                           (1e308, np.float64), (1e-25, np.float32),
+                                           (1e20, np.float32)])
+def test_damping_outside_range_refused(rng, damping, dtype):
+    G = rng.standard_normal((3, 6)).astype(dtype)
+    with pytest.raises(ValueError, match=r"damping must be in \[.*\] for " + np.dtype(dtype).name):
+        ml.StaticInverseFisher(G, damping)
+    with pytest.raises(ValueError, match="damping must be in"):
+        ml.BlockInverseFisher(G, damping, block_size=2)
+
+
+def test_damping_at_range_ends_gives_finite_results(rng):
+    from mfac_linalg._validate import damping_range
+    lo, hi = damping_range(np.float64)
+    G = rng.standard_normal((3, 6))
+    for lam in (lo, hi):
+        op = ml.StaticInverseFisher(G, lam)
+        assert np.isfinite(op.logdet()) and np.isfinite(op.matvec(np.ones(6))).all()
+
+
+def test_copies_and_pickles_behave_like_the_original(rng):
+    import copy
+    import pickle
+    G = rng.standard_normal((6, 15))
+    x = rng.standard_normal(15)
+    for op in (ml.StaticInverseFisher(G, 0.3), ml.StaticInverseFisher(G.T[:, :6], 1e-8),
+               ml.BlockInverseFisher(G, 0.3, block_size=4),
+               ml.StaticInverseFisher(G, 0.3).fisher()):
+        for twin in (pickle.loads(pickle.dumps(op)), copy.deepcopy(op), copy.copy(op)):
+            assert type(twin) is type(op) and repr(twin) == repr(op)
+            assert np.array_equal(twin @ x[:op.shape[0]], op @ x[:op.shape[0]])
+            assert twin.logdet() == op.logdet()
+
+
+def test_handed_out_arrays_are_read_only(rng):
+    G = rng.standard_normal((6, 15))
+    op = ml.StaticInverseFisher(G, 0.3)
+    x = rng.standard_normal(15)
+    y0 = op @ x
+    L = op.factor
+    with pytest.raises(ValueError, match="read-only"):
+        L[0, 0] = 5.0
+    for cols, alpha, beta, V in op.lowrank_batches():
+        with pytest.raises(ValueError, match="read-only"):
+            V[...] = 0.0
+        cols[...] = 0                                  # a fresh array: harmless
+    blk = ml.BlockInverseFisher(G, 0.3, block_size=4)
+    yb = blk @ x
+    for cols, alpha, beta, V in blk.lowrank_batches():
+        with pytest.raises(ValueError, match="read-only"):
+            V[0, 0, 0] = 1.0
+    b = blk.bounds
+    b[:] = 0
+    assert np.array_equal(op @ x, y0) and np.array_equal(blk @ x, yb)
