@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.distributed as dist  # noqa: E402
 
 TOL = 1e-12
 TIMEOUT = 120
@@ -463,7 +462,6 @@ def test_window_float32(cluster):
 def _window_failures(comm, what, tmp):
     """A failure on rank 1 in the middle of a sequence: every rank raises, every state
     is as before, and the ranks go on in step."""
-    from mfac_linalg.distributed import ShardedSlidingWindowInverseFisher
     lay, ref, w = _window_pair(comm, "contiguous", np.float64)
     rng = np.random.default_rng(7)
     d, J = lay.dim, lay.indices(comm.rank)
@@ -552,7 +550,7 @@ def test_window_divergence_detected_at_interval(cluster):
 
 def _window_checkpoint(comm, tmp, what):
     from mfac_linalg.distributed import ColumnLayout, ShardedSlidingWindowInverseFisher
-    lay, ref, w = _window_pair(comm, "sharded", np.float64)
+    lay, _, w = _window_pair(comm, "sharded", np.float64)
     rng = np.random.default_rng(9)
     d, J = lay.dim, lay.indices(comm.rank)
     for _ in range(6):

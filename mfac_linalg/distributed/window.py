@@ -324,7 +324,10 @@ class ShardedSlidingWindowInverseFisher(ShardedOperator):
                 raise ValueError(f"g must be (local_dim,) or (k, local_dim) with local_dim="
                                  f"{self._d} on rank {self._comm.rank}; got shape "
                                  f"{tuple(arr.shape)}")
-            return arr.dtype, self._buf.prepare(rows), None
+            out = self._buf.prepare(rows)
+            if self._buf.fused:     # the CUDA buffer defers the check to its kernel, and
+                V.finite(out, "g", self._backend)    # that flag would be read after the
+            return arr.dtype, out, None              # ranks agreed: check it here
         except Exception as exc:
             return None, None, exc
 
@@ -348,7 +351,7 @@ class ShardedSlidingWindowInverseFisher(ShardedOperator):
         p, y, err = None, None, None
         try:
             w.u[...] = u
-            buf.check_gram(w)
+            V.gram_finite(u, "g", self._backend)     # replicated: every rank decides alike
             p = eng.replace(slot, w.u, self._shift(rows), defer=defer, status=w.status,
                             rebuild=rebuild or self._since_refresh >= self._refresh_every)
             if want_y:
