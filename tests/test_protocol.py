@@ -28,6 +28,8 @@ def test_protocol(case, device):
                  "entry.no_dense", "deepcopy", "pickle", "readonly",
                  "to_cupyx" if device == "gpu" else "to_scipy.matmat"):
         assert name in report.ratios, (name, report.skipped)
+    if device == "cpu":
+        assert "cg.residual" in report.ratios, report.skipped
     if case.kind not in ("fisher",):
         assert "logdet" in report.ratios and "fisher().matvec" in report.ratios, report.skipped
 
