@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _backend as B
+from . import _validate as _v
 from ._operator import Operator
 
 __all__ = ["saliency", "group_saliency", "prune", "PruneResult"]
@@ -35,7 +36,7 @@ _DIRECT_LIMIT = 512     # joint solves with |Q_k| above this (and > r) go throug
 class PruneResult:
     """What :func:`prune` returns.
 
-    weights : the new weights (removed ones exactly 0)
+    weights : the new weights (removed ones exactly 0), in the dtype of the given ``w``
     mask : boolean, True where a weight is removed (the given mask included)
     loss : predicted loss increase 1/2 dw^T F dw (summed over stages)
     method : the method used
@@ -51,9 +52,12 @@ class _Dense:
 
     def __init__(self, H):
         self.H = H
+        self.shape = H.shape
 
 
 def _structure(op, name="op"):
+    """(structure, backend): an inverse-Fisher operator with ``lowrank_batches``, or a
+    dense H = F^{-1} checked here (square, finite, positive diagonal)."""
     if isinstance(op, Operator):
         if not hasattr(op, "lowrank_batches"):
             raise TypeError(f"{name}: {type(op).__name__} is not an inverse-Fisher operator with "
@@ -63,19 +67,22 @@ def _structure(op, name="op"):
     if H.ndim != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"{name} must be an operator or a square (d, d) matrix; got shape "
                          f"{tuple(H.shape)}")
-    return _Dense(H.astype(np.float64)), be
+    H = H.astype(np.float64)
+    _v.finite(H, name, be)
+    dmin = B.scalar(be.xp.diagonal(H).min()) if H.size else 1.0
+    if not dmin > 0:
+        raise ValueError(f"{name} (a dense inverse Fisher H = F^-1) must have a positive "
+                         f"diagonal; got a diagonal entry {dmin:g}")
+    return _Dense(H), be
 
 
 def _weights(w, d, be, name="w"):
+    """(w as float64, the dtype results come back in)."""
     arr, _ = B.asarray(w, name, backend=be)
     if arr.shape != (d,):
         raise ValueError(f"{name} must have shape ({d},); got shape {tuple(arr.shape)}")
-    B.check_finite(arr, name, be)
-    return arr.astype(np.float64)
-
-
-def _dim(S):
-    return S.H.shape[0] if isinstance(S, _Dense) else S.shape[0]
+    _v.finite(arr, name, be)
+    return arr.astype(np.float64), arr.dtype
 
 
 def _inverse_diagonal(S, xp):
@@ -83,10 +90,38 @@ def _inverse_diagonal(S, xp):
 
 
 def saliency(w, op):
-    """rho_q = w_q^2 / (2 [F^{-1}]_qq) for every q: one diagonal pass, O(dm)."""
+    """Single-weight OBS saliencies rho_q = w_q^2 / (2 [F^{-1}]_qq) for every q.
+
+    Parameters
+    ----------
+    w : array_like (d,)
+        The weights (NumPy, CuPy or DLPack; finite).
+    op : inverse-Fisher operator or array_like (d, d)
+        F^{-1}: a static, block or sliding-window operator, or a dense H (finite,
+        positive diagonal).
+
+    Returns
+    -------
+    (d,) array in ``w``'s namespace and dtype.  Cost: one diagonal pass, O(dm).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As for :func:`prune`.
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> G = np.random.default_rng(0).standard_normal((4, 6))
+    >>> op = ml.StaticInverseFisher(G, 0.5)
+    >>> w = np.ones(6, dtype=np.float32)
+    >>> rho = ml.obs.saliency(w, op)
+    >>> rho.dtype, bool(np.allclose(rho, 1 / (2 * np.diag(op.todense()))))
+    (dtype('float32'), True)
+    """
     S, be = _structure(op)
-    w = _weights(w, _dim(S), be)
-    return w * w / (2.0 * _inverse_diagonal(S, be.xp))
+    w, out = _weights(w, S.shape[0], be)
+    return (w * w / (2.0 * _inverse_diagonal(S, be.xp))).astype(out, copy=False)
 
 
 def _group_blocks(S, g, xp):
@@ -110,19 +145,9 @@ def _group_blocks(S, g, xp):
         yield cols.reshape(-1, g), Hgg
 
 
-def group_saliency(w, op, group_size=4):
-    """1/2 w_g^T (H_gg)^{-1} w_g for each group g of ``group_size`` consecutive weights.
-
-    Groups never cross a block (every block size must be a multiple of
-    ``group_size``).  Returns (d // group_size,) saliencies in the order of the
-    groups' first index.  O(d r g) for an operator with V of r rows.
-    """
-    S, be = _structure(op)
-    xp = be.xp
-    d = _dim(S)
-    w = _weights(w, d, be)
-    g = _group_size(group_size)
-    out = xp.empty(d // g, dtype=np.float64)
+def _group_scores(S, w, g, xp):
+    """1/2 w_g^T (H_gg)^{-1} w_g for every group (the one group-saliency loop)."""
+    out = xp.empty(w.shape[0] // g, dtype=np.float64)
     for cols, Hgg in _group_blocks(S, g, xp):
         wg = w[xp.asarray(cols)]
         t = xp.linalg.solve(Hgg, wg[..., None])[..., 0]
@@ -130,10 +155,25 @@ def group_saliency(w, op, group_size=4):
     return out
 
 
-def _group_size(g):
-    if isinstance(g, (bool, np.bool_)) or not isinstance(g, (int, np.integer)) or g < 1:
-        raise ValueError(f"group_size must be a positive integer; got {g!r}")
-    return int(g)
+def group_saliency(w, op, group_size=4):
+    """Group OBS saliencies 1/2 w_g^T (H_gg)^{-1} w_g, g = ``group_size`` consecutive weights.
+
+    Groups never cross a block (every block size must be a multiple of
+    ``group_size``).  Returns (d // group_size,) saliencies in the order of the
+    groups' first index, in ``w``'s dtype.  O(d r g) for an operator with V of r rows.
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> op = ml.BlockInverseFisher(np.random.default_rng(0).standard_normal((3, 8)), 0.1,
+    ...                            block_size=4)
+    >>> ml.obs.group_saliency(np.ones(8), op, group_size=2).shape
+    (4,)
+    """
+    S, be = _structure(op)
+    w, out = _weights(w, S.shape[0], be)
+    g = _v.positive_int(group_size, "group_size")
+    return _group_scores(S, w, g, be.xp).astype(out, copy=False)
 
 
 def _fisher_quad(S, op, delta, xp):
@@ -144,10 +184,25 @@ def _fisher_quad(S, op, delta, xp):
     return 0.5 * f.quad(delta.astype(op.dtype))
 
 
+def _block_solve(alpha, beta, Vq, wq, xp):
+    """t = (alpha I + beta Vq^T Vq)^{-1} wq: Woodbury in r dims for large |Q|, direct
+    otherwise; H = alpha I alone (beta = 0: an empty window) is a division."""
+    r, q = Vq.shape
+    if not beta or not r:
+        return wq / alpha
+    if alpha and q > max(r, _DIRECT_LIMIT):
+        # (aI + b Vq^T Vq)^{-1} = (I - Vq^T (a/b I + Vq Vq^T)^{-1} Vq) / a
+        M = Vq @ Vq.T
+        M[xp.diag_indices(r)] += alpha / beta
+        return (wq - Vq.T @ xp.linalg.solve(M, Vq @ wq)) / alpha
+    Hqq = beta * (Vq.T @ Vq)
+    Hqq[xp.diag_indices(q)] += alpha
+    return xp.linalg.solve(Hqq, wq)
+
+
 def _joint(S, w, Q, xp):
     """dw and predicted loss of the joint OBS removal of the boolean set Q (per block)."""
-    d = w.shape[0]
-    dw = xp.zeros(d, dtype=np.float64)
+    dw = xp.zeros(w.shape[0], dtype=np.float64)
     loss = 0.0
     Qh = B.to_host(Q)
     if isinstance(S, _Dense):
@@ -164,16 +219,7 @@ def _joint(S, w, Q, xp):
             Vk = V[k].astype(np.float64)
             Vq = Vk[:, xp.asarray(loc)]                   # (r, q)
             wq = w[xp.asarray(cols[k, loc])]
-            q, r = len(loc), Vk.shape[0]
-            if alpha and q > max(r, _DIRECT_LIMIT):
-                # Woodbury in r dims: (aI + b Vq^T Vq)^{-1} = (I - Vq^T (a/b I + Vq Vq^T)^{-1} Vq) / a
-                M = Vq @ Vq.T
-                M[xp.diag_indices(r)] += alpha / beta
-                t = (wq - Vq.T @ xp.linalg.solve(M, Vq @ wq)) / alpha
-            else:
-                Hqq = beta * (Vq.T @ Vq)
-                Hqq[xp.diag_indices(q)] += alpha
-                t = xp.linalg.solve(Hqq, wq)
+            t = _block_solve(alpha, beta, Vq, wq, xp)
             # dw_block = -H[:, Q] t = -(alpha E_Q t + beta V^T (Vq t))
             blk = -beta * (Vk.T @ (Vq @ t))
             blk[xp.asarray(loc)] -= alpha * t
@@ -206,25 +252,52 @@ def _select(scores, eligible, count, xp):
     return sel
 
 
-def _one_stage(S, op, w, mask, n_new, method, g, xp):
-    d = w.shape[0]
+def _select_groups(scores, masked, n_new, g, exact, what, xp):
+    """Groups (boolean (d/g,)) removing exactly ``n_new`` more weights, smallest scores
+    first; a group with p weights already masked removes g - p more.  Where no choice
+    reaches ``n_new``: a ValueError (``exact``) or the largest reachable count below it."""
+    free = g - B.to_host(masked).astype(np.int64)
+    order = np.argsort(B.to_host(scores), kind="stable")
+    order = order[free[order] > 0]
+    sel = np.zeros(free.shape[0], dtype=bool)
+    if (free[order] == g).all():                       # no partly masked group: vectorised
+        sel[order[:n_new // g]] = True
+        remaining = n_new % g
+    else:
+        remaining = n_new
+        for k in order:
+            if remaining == 0:
+                break
+            if free[k] <= remaining:
+                sel[k] = True
+                remaining -= int(free[k])
+    if exact and remaining:
+        raise ValueError(f"{what} cannot be reached by removing whole groups of {g}: "
+                         f"{n_new} more weights to remove, {n_new - remaining} reachable; give "
+                         f"a count that whole groups reach (a multiple of {g} when no group "
+                         "is partly masked)")
+    return xp.asarray(sel)
+
+
+def _choose(S, w, mask, n_new, method, g, diag, xp, exact, what):
+    """The boolean set of weights removed in this stage."""
+    if g:
+        if method == "magnitude":
+            scores = (w.reshape(-1, g) ** 2).sum(axis=1)
+        else:
+            scores = _group_scores(S, w, g, xp)
+        selg = _select_groups(scores, mask.reshape(-1, g).sum(axis=1), n_new, g, exact, what,
+                              xp)
+        return xp.repeat(selg, g) & ~mask
+    score = xp.abs(w) if method == "magnitude" else w * w / (2.0 * diag)
+    return _select(score, ~mask, n_new, xp)
+
+
+def _one_stage(S, op, w, mask, n_new, method, g, xp, exact, what):
     if n_new == 0:
         return w.copy(), mask.copy(), 0.0
     diag = _inverse_diagonal(S, xp)
-    if g:
-        gs = xp.empty(d // g, dtype=np.float64)
-        for cols, Hgg in _group_blocks(S, g, xp):
-            wg = w[xp.asarray(cols)]
-            t = xp.linalg.solve(Hgg, wg[..., None])[..., 0]
-            gs[xp.asarray(cols[:, 0] // g)] = 0.5 * (wg * t).sum(axis=1)
-        if method == "magnitude":
-            gs = (w.reshape(-1, g) ** 2).sum(axis=1)
-        free = ~mask.reshape(-1, g).any(axis=1)
-        selg = _select(gs, free, n_new // g, xp)
-        Q = xp.repeat(selg, g)
-    else:
-        score = xp.abs(w) if method == "magnitude" else w * w / (2.0 * diag)
-        Q = _select(score, ~mask, n_new, xp)
+    Q = _choose(S, w, mask, n_new, method, g, diag, xp, exact, what)
     new_mask = mask | Q
     if method == "joint":
         dw, loss = _joint(S, w, new_mask, xp)     # keeps the given mask at zero too
@@ -239,40 +312,95 @@ def _one_stage(S, op, w, mask, n_new, method, g, xp):
     return w_new, new_mask, _fisher_quad(S, op, w_new - w, xp)
 
 
+def _target(sparsity, count, d):
+    """(total removed after the call, exact?, its description)."""
+    if (sparsity is None) == (count is None):
+        raise ValueError("give exactly one of sparsity= and count=")
+    if count is None:
+        s = _v.fraction(sparsity, "sparsity")
+        return int(round(s * d)), False, f"sparsity={s:g}"
+    c = _v.integer(count, "count", minimum=0, maximum=d)
+    return c, True, f"count={c}"
+
+
 def prune(w, op, *, sparsity=None, count=None, method="joint", mask=None, group_size=None,
           steps=1, regrad=None):
-    """Remove weights by Optimal Brain Surgeon (or a baseline) and update the rest.
+    r"""Remove weights by Optimal Brain Surgeon (or a baseline) and update the rest.
+
+    With H = F^{-1}: joint removal of the set Q is the KKT solution
+    :math:`\delta w = -H E_Q (H_{QQ})^{-1} w_Q` of
+    :math:`\min \tfrac12 \delta w^T F \delta w` s.t. :math:`\delta w_Q = -w_Q`
+    (docs/math.md §3), solved per block.
 
     Parameters
     ----------
-    w : (d,) weights.
-    op : inverse-Fisher operator (static, block, sliding) or dense (d, d) F^{-1}.
-    sparsity, count : the target number of removed weights after the call (the
-        given ``mask`` included): ``count``, or ``round(sparsity * d)``.  Exactly one.
-    method : "joint" (exact OBS for the removed set, solved per block), "independent"
-        (summed single-weight updates, then zeroed: the WoodFisher/M-FAC pruner) or
-        "magnitude" (smallest |w|, no update).  joint and independent remove the
-        same set (smallest saliency), so their losses compare like for like.
-    mask : optional boolean (d,), True where weights are already removed; they
-        stay zero and are never selected (joint keeps them in its constraint set).
-    group_size : optional g: remove groups of g consecutive weights inside a block
-        (semi-structured sparsity), selected by group saliency.
-    steps : remove in ``steps`` stages of equal size.
-    regrad : optional callable ``regrad(weights, mask) -> grads (m, d)`` called between
-        stages; the operator is rebuilt from the new gradients (same type, damping,
-        layout), as the published recipe recomputes the Fisher between stages.
+    w : array_like (d,)
+        The weights (finite).  Results come back in its namespace and dtype.
+    op : inverse-Fisher operator or array_like (d, d)
+        Static, block or sliding-window operator, or a dense H = F^{-1} (finite,
+        positive diagonal).
+    sparsity : float in [0, 1], optional
+        Target fraction removed after the call (the given ``mask`` included):
+        ``round(sparsity * d)`` weights; with groups, the largest count whole
+        groups reach below it.
+    count : int in [0, d], optional
+        Target number removed after the call, honoured exactly (with groups: a
+        ValueError where whole groups cannot reach it).  Exactly one of
+        ``sparsity`` and ``count``.
+    method : {"joint", "independent", "magnitude"}
+        "joint" (exact OBS for the removed set, solved per block), "independent"
+        (summed single-weight updates, then zeroed: the WoodFisher/M-FAC pruner)
+        or "magnitude" (smallest |w|, no update).  joint and independent remove
+        the same set (smallest saliency), so their losses compare like for like.
+    mask : boolean array (d,), optional
+        True where weights are already removed; they stay zero and are never
+        selected (joint keeps them in its constraint set).
+    group_size : int, optional
+        g: remove groups of g consecutive weights inside a block (semi-structured
+        sparsity), selected by group saliency; a partly masked group removes its
+        remaining weights.
+    steps : int, default 1
+        Remove in ``steps`` stages of equal size.
+    regrad : callable, optional
+        ``regrad(weights, mask) -> grads (m, d)`` called between stages; the
+        operator is rebuilt from the new gradients (same type, damping, layout).
 
     Returns
     -------
     PruneResult(weights, mask, loss, method); loss is the predicted increase
     1/2 dw^T F dw (summed over stages, each under its stage's Fisher).
+
+    Raises
+    ------
+    TypeError
+        A wrong type: ``sparsity`` a bool or a string, ``count``, ``steps`` or
+        ``group_size`` not an integer, ``method`` not a string, ``regrad`` not
+        callable, ``op`` not an inverse-Fisher operator or array.
+    ValueError
+        A bad value: out-of-range ``sparsity``/``count``, a target below the
+        mask, a count groups cannot reach, NaN/inf in ``w`` or a dense ``op``,
+        a dense ``op`` with a diagonal entry <= 0, wrong shapes.
+
+    Notes
+    -----
+    Costs per stage: joint O(sum_k (q_k^2 r + q_k^3)) with q_k removed weights in
+    block k (Woodbury O(q_k r^2 + r^3) for large q_k), independent and magnitude
+    O(dm); the selection O(d log d).
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> rng = np.random.default_rng(0)
+    >>> op = ml.StaticInverseFisher(rng.standard_normal((8, 16)), 0.1)
+    >>> res = ml.obs.prune(rng.standard_normal(16), op, count=6, method="joint")
+    >>> int(res.mask.sum()), bool((res.weights[res.mask] == 0).all()), res.loss > 0
+    (6, True, True)
     """
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}; got {method!r}")
+    method = _v.choice(method, "method", _METHODS)
     S, be = _structure(op)
     xp = be.xp
-    d = _dim(S)
-    w = _weights(w, d, be)
+    d = S.shape[0]
+    w, out_dtype = _weights(w, d, be)
     if mask is None:
         m0 = xp.zeros(d, dtype=bool)
     else:
@@ -280,27 +408,18 @@ def prune(w, op, *, sparsity=None, count=None, method="joint", mask=None, group_
         if m0.shape != (d,):
             raise ValueError(f"mask must be a boolean array of shape ({d},); got shape "
                              f"{tuple(m0.shape)}")
-    if (sparsity is None) == (count is None):
-        raise ValueError("give exactly one of sparsity= and count=")
-    if count is None:
-        if not 0.0 <= float(sparsity) <= 1.0:
-            raise ValueError(f"sparsity must be in [0, 1]; got {sparsity}")
-        total = int(round(float(sparsity) * d))
-    else:
-        if isinstance(count, (bool, np.bool_)) or not isinstance(count, (int, np.integer)):
-            raise TypeError(f"count must be an integer; got {type(count).__name__}")
-        total = int(count)
-        if not 0 <= total <= d:
-            raise ValueError(f"count must be in [0, {d}]; got {total}")
-    g = _group_size(group_size) if group_size is not None else None
+    total, exact, what = _target(sparsity, count, d)
+    g = None if group_size is None else _v.positive_int(group_size, "group_size")
     already = int(B.to_host(m0.sum()))
     if total < already:
         raise ValueError(f"the target ({total} removed) is below the {already} weights the mask "
                          "already removes")
-    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    steps = _v.positive_int(steps, "steps")
     if regrad is not None and not callable(regrad):
-        raise TypeError("regrad must be callable: regrad(weights, mask) -> grads")
+        raise TypeError(f"regrad must be callable: regrad(weights, mask) -> grads; got "
+                        f"{type(regrad).__name__}")
+    if regrad is not None and not hasattr(op, "with_gradients"):
+        raise TypeError("regrad needs an operator that can be rebuilt (static or block)")
     w_cur = w.copy()
     w_cur[m0] = 0.0
     mask_cur = m0.copy()
@@ -308,13 +427,11 @@ def prune(w, op, *, sparsity=None, count=None, method="joint", mask=None, group_
     for stage in range(1, steps + 1):
         target = already + int(round((total - already) * stage / steps))
         n_new = target - int(B.to_host(mask_cur.sum()))
-        if g:
-            n_new -= n_new % g
-        w_cur, mask_cur, l_stage = _one_stage(S, op, w_cur, mask_cur, n_new, method, g, xp)
+        w_cur, mask_cur, l_stage = _one_stage(S, op, w_cur, mask_cur, n_new, method, g, xp,
+                                              exact and stage == steps, what)
         loss += float(l_stage)
         if regrad is not None and stage < steps:
-            if not hasattr(op, "with_gradients"):
-                raise TypeError("regrad needs an operator that can be rebuilt (static or block)")
-            op = op.with_gradients(regrad(w_cur, mask_cur))
+            op = op.with_gradients(regrad(w_cur.astype(out_dtype), mask_cur.copy()))
             S, _ = _structure(op)
-    return PruneResult(weights=w_cur, mask=mask_cur, loss=loss, method=method)
+    return PruneResult(weights=w_cur.astype(out_dtype, copy=False), mask=mask_cur, loss=loss,
+                       method=method)

@@ -182,7 +182,7 @@ def test_obs_bad_input(rng):
         obs.prune(w, op, count=2, method="random")
     with pytest.raises(ValueError, match=r"w must have shape \(8,\)"):
         obs.prune(np.ones(7), op, count=2)
-    with pytest.raises(ValueError, match="sparsity must be in"):
+    with pytest.raises(ValueError, match="sparsity must be <= 1.0; got 1.5"):
         obs.prune(w, op, sparsity=1.5)
     with pytest.raises(ValueError, match="group_size=3 must divide"):
         obs.group_saliency(w, op, group_size=3)
@@ -221,3 +221,98 @@ def test_obs_on_backend_matches_cpu(backend, kind, rng):
 def B_host(a):
     from mfac_linalg import _backend
     return _backend.to_host(a)
+
+
+# -- issue 11 item 6 ---------------------------------------------------------------------------
+
+def test_joint_prune_on_an_empty_window_removing_many(rng):
+    # no gradients: F = lambda I, H = I / lambda; > 512 removals took the Woodbury branch
+    # and divided by beta = 0
+    d, lam = 1200, 0.5
+    win = ml.SlidingWindowInverseFisher(d, 4, lam, dtype="float64")
+    w = rng.standard_normal(d)
+    r = obs.prune(w, win, count=700, method="joint")
+    assert r.mask.sum() == 700 and np.all(r.weights[r.mask] == 0)
+    # H diagonal: removing Q changes nothing else; loss = 1/2 lambda ||w_Q||^2
+    assert np.array_equal(r.weights[~r.mask], w[~r.mask])
+    assert abs(r.loss - 0.5 * lam * (w[r.mask] ** 2).sum()) < 1e-12 * r.loss
+    assert set(np.flatnonzero(r.mask)) == set(np.argsort(np.abs(w))[:700])
+
+
+def test_group_prune_honours_count_exactly(rng):
+    d, lam, g = 32, 0.1, 4
+    G = rng.standard_normal((10, d))
+    op = ml.BlockInverseFisher(G, lam, block_size=8)
+    w = rng.standard_normal(d)
+    mask = np.zeros(d, bool)
+    mask[5] = True                                   # one weight of group 1 pre-masked
+    for method in ("joint", "independent", "magnitude"):
+        r = obs.prune(w, op, count=8, mask=mask, group_size=g, method=method)
+        assert r.mask.sum() == 8 and r.mask[5]
+        groups = r.mask.reshape(-1, g)
+        assert np.all(groups.all(axis=1) | ~groups.any(axis=1))     # whole groups only
+        assert groups[1].all()                       # the partly masked group was completed
+        assert np.all(r.weights[r.mask] == 0)
+    # the joint update is the KKT solution for the removed set
+    r = obs.prune(w, op, count=8, mask=mask, group_size=g, method="joint")
+    w0 = np.where(mask, 0, w)
+    dw_ref, _ = kkt(dense_F(op, G, lam), w0, np.flatnonzero(r.mask))
+    assert rel_err(r.weights - w0, dw_ref) < 1e-8
+    # without a mask every count is a multiple of g or refused
+    assert obs.prune(w, op, count=12, group_size=g).mask.sum() == 12
+    with pytest.raises(ValueError, match="count=6 cannot be reached by removing whole groups"):
+        obs.prune(w, op, count=6, group_size=g)
+    # staged: the final stage still lands on the count
+    assert obs.prune(w, op, count=16, group_size=g, steps=3).mask.sum() == 16
+
+
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(sparsity=True), TypeError, "sparsity must be a real number; got bool"),
+    (dict(sparsity="0.5"), TypeError, "sparsity must be a real number; got str"),
+    (dict(sparsity=float("nan")), ValueError, "sparsity must be a number; got nan"),
+    (dict(sparsity=-0.1), ValueError, r"sparsity must be >= 0.0; got -0.1"),
+    (dict(count=2.0), TypeError, "count must be an integer; got float"),
+    (dict(count=True), TypeError, "count must be an integer; got bool"),
+    (dict(count=9), ValueError, "count must be <= 8; got 9"),
+    (dict(count=2, steps=1.5), TypeError, "steps must be an integer; got float"),
+    (dict(count=2, steps=0), ValueError, "steps must be >= 1; got 0"),
+    (dict(count=2, group_size=2.0), TypeError, "group_size must be an integer; got float"),
+    (dict(count=2, method=1), TypeError, "method must be one of"),
+    (dict(count=2, regrad=3), TypeError, "regrad must be callable"),
+])
+def test_prune_argument_types_and_ranges(rng, kw, exc, msg):
+    op = ml.StaticInverseFisher(rng.standard_normal((4, 8)), 0.1)
+    w = rng.standard_normal(8)
+    w0 = w.copy()
+    with pytest.raises(exc, match=msg):
+        obs.prune(w, op, **kw)
+    assert np.array_equal(w, w0)
+
+
+@pytest.mark.parametrize("bad,msg", [("nan", "op must be finite"), ("inf", "op must be finite"),
+                                     ("zero", "positive diagonal"), ("neg", "positive diagonal")])
+def test_dense_H_with_bad_entries_refused(rng, bad, msg):
+    G = rng.standard_normal((4, 6))
+    H = np.linalg.inv(0.1 * np.eye(6) + G.T @ G / 4)
+    H[2, 2] = {"nan": np.nan, "inf": np.inf, "zero": 0.0, "neg": -1.0}[bad]
+    w = rng.standard_normal(6)
+    for call in (lambda: obs.saliency(w, H), lambda: obs.prune(w, H, count=2),
+                 lambda: obs.group_saliency(w, H, group_size=2)):
+        with pytest.raises(ValueError, match=msg):
+            call()
+
+
+def test_results_in_the_input_dtype(rng):
+    G = rng.standard_normal((6, 16))
+    w32 = rng.standard_normal(16).astype(np.float32)
+    for op in (ml.StaticInverseFisher(G, 0.1), ml.StaticInverseFisher(G.astype(np.float32), 0.1),
+               np.linalg.inv(0.1 * np.eye(16) + G.T @ G / 6)):
+        assert obs.saliency(w32, op).dtype == np.float32
+        assert obs.group_saliency(w32, op, group_size=4).dtype == np.float32
+        for method in ("joint", "independent", "magnitude"):
+            r = obs.prune(w32, op, sparsity=0.5, method=method)
+            assert r.weights.dtype == np.float32 and isinstance(r.loss, float)
+            r64 = obs.prune(w32.astype(np.float64), op, sparsity=0.5, method=method)
+            assert r64.weights.dtype == np.float64
+            assert np.array_equal(r.mask, r64.mask)
+            assert rel_err(r.weights, r64.weights) < 1e-6
