@@ -134,7 +134,8 @@ def _mean_loss(model, loss_fn, batches):
 
 
 def _gradients(model, loss_fn, batches, num_grads, weight_idx):
-    """The first ``num_grads`` per-sample gradients, restricted to the pruned weights."""
+    """The first ``num_grads`` per-sample gradients, restricted to the pruned weights,
+    as a float64 (m, |w_c|) tensor on the model's device."""
     rows, got = [], 0
     for x, y in batches:
         take = min(num_grads - got, x.shape[0])
@@ -145,7 +146,9 @@ def _gradients(model, loss_fn, batches, num_grads, weight_idx):
             break
     if got < num_grads:
         raise ValueError(f"num_grads={num_grads} but data holds only {got} samples")
-    return torch.cat(rows, 0).contiguous()
+    # float64 for the OBS quantities: in float32, H_qq = (1 - sum_i V_iq^2) / lambda
+    # cancels when lambda is small (docs/math.md §1, "Precision")
+    return torch.cat(rows, 0).to(torch.float64).contiguous()
 
 
 def _operator(G, fisher, damping, block_size, layer_sizes):
