@@ -266,7 +266,21 @@ class Oracle:
         """The oracle of A⁻¹ by :func:`refined_solve` (exact residuals from ``apply``).
 
         ``solve`` is the float64 solver for the corrections (default: Cholesky of
-        ``dense()``, or LU where A is not positive definite)."""
+        ``dense()``, or LU where A is not positive definite).  ``logdet`` stays log det A
+        (the library's inverse operators report log det of the matrix they invert), and
+        ``fisher`` is this oracle.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from mfac_linalg.testing import Oracle
+        >>> A = np.array([[4.0, 1.0], [1.0, 3.0]])
+        >>> inv = Oracle.from_dense(A).inverse()
+        >>> inv.matmat(np.array([1.0, 0.0])).tolist()          # (3, -1) / 11
+        [0.2727272727272727, -0.09090909090909091]
+        >>> inv.fisher is not None, abs(inv.logdet - float(np.log(11))) < 1e-15
+        (True, True)
+        """
         import scipy.linalg as sla
         mp = _mpmath()
         if solve is None:
@@ -556,7 +570,7 @@ def _make_gradients(rng, m, d, kind, rank):
     return G
 
 
-def gradient_matrices(*, max_m=12, max_d=12, kinds=_KINDS, dtype=np.float64):
+def gradient_matrices(*, max_m=12, max_d=12, kinds=_KINDS, dtype=np.float64, rank=None):
     """A hypothesis strategy for gradient matrices G (m, d).
 
     Kinds: ``"normal"``; ``"lowrank"`` (rank drawn from 1..min(m, d)); ``"duplicates"``
@@ -572,6 +586,9 @@ def gradient_matrices(*, max_m=12, max_d=12, kinds=_KINDS, dtype=np.float64):
         The kinds to draw from.
     dtype : numpy dtype
         float64 or float32 (values are rounded once to it).
+    rank : int, optional
+        Every matrix drawn has rank <= ``rank`` (its rows projected onto a random
+        ``rank``-dimensional subspace), whatever the kind.
 
     Returns
     -------
@@ -580,26 +597,38 @@ def gradient_matrices(*, max_m=12, max_d=12, kinds=_KINDS, dtype=np.float64):
     Examples
     --------
     >>> from hypothesis import given, settings
+    >>> import numpy as np
     >>> from mfac_linalg.testing import gradient_matrices
     >>> @settings(max_examples=5, deadline=None)
     ... @given(gradient_matrices(max_m=4, max_d=5, kinds=("tall",)))
     ... def test(G):
     ...     assert G.shape[0] > G.shape[1]
     >>> test()
+    >>> @settings(max_examples=5, deadline=None)
+    ... @given(gradient_matrices(max_m=6, max_d=6, rank=2))
+    ... def test_rank(G):
+    ...     assert np.linalg.matrix_rank(G) <= 2
+    >>> test_rank()
     """
     from hypothesis import strategies as st
     bad = [k for k in kinds if k not in _KINDS]
-    if bad or not kinds:
-        raise ValueError(f"kinds must be a non-empty subset of {_KINDS}; got {tuple(kinds)}")
+    if bad or not kinds or isinstance(kinds, str):
+        raise ValueError(f"kinds must be a non-empty subset of {_KINDS}; got {kinds!r}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be an integer >= 1 or None; got {rank!r}")
 
     @st.composite
     def strat(draw):
         kind = draw(st.sampled_from(tuple(kinds)))
         m = draw(st.integers(1, max_m))
         d = draw(st.integers(1, max_d))
-        rank = draw(st.integers(1, max(1, min(m, d))))
+        r = draw(st.integers(1, max(1, min(m, d))))
         seed = draw(st.integers(0, 2 ** 32 - 1))
-        G = _make_gradients(np.random.default_rng(seed), m, d, kind, rank)
+        rng = np.random.default_rng(seed)
+        G = _make_gradients(rng, m, d, kind, r)
+        if rank is not None and rank < d:
+            Q, _ = np.linalg.qr(rng.standard_normal((d, rank)))
+            G = (G @ Q) @ Q.T
         return G.astype(dtype)
 
     return strat()
@@ -637,7 +666,23 @@ def fisher_problems(*, max_m=12, max_d=12, kinds=_KINDS, ratio=(1e-8, 1e2),
 # -- the protocol check -----------------------------------------------------------------
 
 class OperatorCheckError(AssertionError):
-    """Raised by :func:`check_operator`; ``report`` holds every result."""
+    """Raised by :func:`check_operator`: an ``AssertionError`` whose message lists every
+    failed check; ``report`` (a :class:`CheckReport`) holds every result.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_linalg.testing import OperatorCheckError, check_operator
+    >>> class Half:
+    ...     shape, dtype = (2, 2), np.dtype(np.float64)
+    ...     def matvec(self, x):
+    ...         return 0.5 * x
+    >>> try:
+    ...     check_operator(Half(), np.eye(2), skip=("pickle",))
+    ... except OperatorCheckError as err:
+    ...     print(err.report.failures[0])
+    matvec: error 0.5 > bound 3.55e-15
+    """
 
     def __init__(self, message, report):
         super().__init__(message)
@@ -645,8 +690,22 @@ class OperatorCheckError(AssertionError):
 
 
 class CheckReport:
-    """What :func:`check_operator` measured: per check, the error / bound ratio (or
-    ``None`` for structural checks that passed), failures and skipped checks."""
+    """What :func:`check_operator` measured: ``ratios`` (per check, error / bound, or
+    ``None`` for a structural check), ``failures`` (messages) and ``skipped`` (checks
+    the operator has no method for); ``worst`` is the largest ratio.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_linalg.testing import check_operator
+    >>> class Twice:
+    ...     shape, dtype = (3, 3), np.dtype(np.float64)
+    ...     def matvec(self, x):
+    ...         return 2 * x
+    >>> report = check_operator(Twice(), 2 * np.eye(3), skip=("pickle",))
+    >>> report.failures, report.worst[1] < 1, "matmat" in report.skipped
+    ([], True, True)
+    """
 
     def __init__(self):
         self.ratios = {}
