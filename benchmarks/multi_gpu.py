@@ -22,7 +22,8 @@ run of the script itself (``torchrun --nproc-per-node 2 benchmarks/multi_gpu.py 
 ``--check`` first compares, in float32 at a small size, every rank's slice of step and
 matvec with a float64 window fed the concatenated gradients, next to the single-device
 float32 window's own error and the sharded - single-device difference (max relative
-errors over steps and ranks, relative to the float64 result).
+errors over steps and ranks, relative to the float64 result; damping 1, so that the
+Woodbury amplification kappa_W = lambda_max(F)/lambda is about d/m, docs/math.md §7).
 
 NCCL's NVLink multicast (NVLS) and the symmetric-memory multicast stay off: this script
 sets NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1
@@ -162,16 +163,16 @@ def bench_one(dev, comm, d, m, dtype, bw, repeat):
             f"{s_mv:.2f}", f"{s_mv / floor_ms:.2f}", f"{s_mv / a_mv:.2f}"]
 
 
-def check(dev, comm, d=200_000, m=64, steps=70):
+def check(dev, comm, d=200_000, m=64, steps=70, lam=1.0):
     """Sharded float32 against the single-device float32 window on the concatenated
     gradients, relative to a float64 window's result (max over steps and ranks)."""
     lay = ColumnLayout.contiguous(d, comm.size)
     J = slice(*lay.ranges(comm.rank)[0])
-    win = ShardedSlidingWindowInverseFisher(lay.local_dim(comm.rank), m, LAM, comm,
+    win = ShardedSlidingWindowInverseFisher(lay.local_dim(comm.rank), m, lam, comm,
                                             layout=lay, dtype="float32", device=dev.name)
-    ref32 = ml.SlidingWindowInverseFisher(dim=d, window=m, damping=LAM, dtype="float32",
+    ref32 = ml.SlidingWindowInverseFisher(dim=d, window=m, damping=lam, dtype="float32",
                                           device=dev.name)
-    ref64 = ml.SlidingWindowInverseFisher(dim=d, window=m, damping=LAM, dtype="float64",
+    ref64 = ml.SlidingWindowInverseFisher(dim=d, window=m, damping=lam, dtype="float64",
                                           device=dev.name)
     worst = {"step": 0.0, "matvec": 0.0, "single-device step": 0.0,
              "sharded - single-device step": 0.0}
