@@ -114,7 +114,8 @@ class ShardedSlidingWindowInverseFisher(ShardedOperator):
 
     Costs (per rank, n held <= m)
     -----
-    ``update``/``step`` O(d_p m + m²) and two all-reduces (m + P and P numbers);
+    ``step`` O(d_p m + m²) and two all-reduces (m + P and P numbers); ``update`` the
+    same per gradient after a P-number agreement on the number of rows;
     ``matvec`` O(d_p n + n²) and one of n + P; ``matmat`` adds a P-number agreement
     of k; ``quad`` likewise; ``entry`` O(n²), one all-reduce of 2 m + 3 P;
     ``diagonal`` O(d_p n²), local; ``logdet`` O(n); ``refresh`` O(d_p m² + m³) and
@@ -378,8 +379,8 @@ class ShardedSlidingWindowInverseFisher(ShardedOperator):
     def update(self, g):
         """Add this rank's slice of one gradient (d_p,) or of a batch (k, d_p), evicting
         the oldest.  Collective; atomic on every rank (on any error on any rank, every
-        window is bit for bit as before).  O(d_p m + m²) and two all-reduces per gradient
-        (a batch first agrees on k).  Returns self."""
+        window is bit for bit as before).  O(d_p m + m²) and two all-reduces per gradient,
+        after one of P numbers agreeing on the number of rows.  Returns self."""
         before = self._count
         _, rows, err = self._rows(g, False)
         tab = self._header([0 if rows is None else rows.shape[0]], err, "update")
