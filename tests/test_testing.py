@@ -293,3 +293,16 @@ def test_check_operator_catches_a_mutated_input():
     u = np.linspace(0, 1, 5)
     with pytest.raises(mt.OperatorCheckError, match="inputs_unchanged"):
         mt.check_operator(_Mine(u, "mutate"), _dense(u), skip=("readonly",), strict=False)
+
+
+@settings(max_examples=15, deadline=None)
+@given(mt.gradient_matrices(max_m=7, max_d=7, rank=2))
+def test_gradient_matrices_rank_bound(G):
+    assert np.linalg.matrix_rank(G) <= 2
+
+
+def test_strategy_arguments_are_checked():
+    with pytest.raises(ValueError, match="rank"):
+        mt.gradient_matrices(rank=0)
+    with pytest.raises(ValueError, match="kinds"):
+        mt.gradient_matrices(kinds="tall")
