@@ -1,0 +1,69 @@
+"""Build cost of the Kronecker approximations relative to K-FAC (CPU, float64).
+
+For dense layers of several sizes (n samples, d_in = d_out = d) and one convolution-shaped
+layer (T positions per sample), time every builder at its default tolerance and print the
+median build time / K-FAC's, with the number of R(F) products (single matrices) the
+iterative ones needed.  Data: rows with a decaying spectrum (the shape of real activations),
+so the singular values of R(F) are not artificially close.
+
+Run:  python benchmarks/kronecker_cpu.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import compare, table  # noqa: E402
+
+import mfac_linalg as ml  # noqa: E402
+
+BUILDERS = [("EKFAC", ml.ekfac, {}), ("KPSVD", ml.kpsvd, {}),
+            ("deflation", ml.deflation, {}),
+            ("deflation seq.", ml.deflation, {"solver": "sequential"}),
+            ("Lanczos", ml.lanczos, {}), ("K-FAC corr.", ml.kfac_corrected, {})]
+
+
+def layer(rng, n, d_in, d_out, T=None):
+    shape = (n,) if T is None else (n, T)
+    a = rng.standard_normal(shape + (d_in,)) * np.linspace(0.2, 2.0, d_in) ** 2
+    g = rng.standard_normal(shape + (d_out,)) * np.linspace(0.1, 1.5, d_out) ** 2
+    return a, g
+
+
+def run(sizes, rounds, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n, d, T in sizes:
+        a, g = layer(rng, n, d, d, T)
+        fns = {"K-FAC": lambda: ml.kfac(a, g, 1e-3, bias=True)}
+        for name, build, kw in BUILDERS:
+            fns[name] = (lambda b=build, k=kw: b(a, g, 1e-3, bias=True, **k))
+        t = compare(fns, rounds=rounds, warmup=1)
+        prods = {name: build(a, g, 1e-3, bias=True, **kw).info.get("products", 0)
+                 for name, build, kw in BUILDERS}
+        rows.append([f"{n}", f"{d + 1}x{d}", "-" if T is None else str(T),
+                     f"{t['K-FAC'] * 1e3:.2f}"]
+                    + [f"{t[name] / t['K-FAC']:.1f} ({prods[name]})" for name, _, _ in BUILDERS])
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, few rounds")
+    args = p.parse_args()
+    if args.quick:
+        sizes, rounds = [(500, 16, None), (200, 8, 9)], 3
+    else:
+        sizes, rounds = [(1000, 32, None), (1000, 64, None), (2000, 128, None),
+                         (256, 16, 64)], 5
+    header = ["n", "(d_in+1)xd_out", "T", "K-FAC ms"] + [f"{name} /K-FAC (R prods)"
+                                                        for name, _, _ in BUILDERS]
+    print(table(header, run(sizes, rounds)))
+
+
+if __name__ == "__main__":
+    main()
