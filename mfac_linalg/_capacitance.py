@@ -513,8 +513,15 @@ class CholeskyEngine(_Engine):
 class ExplicitEngine(_Engine):
     """C^{-1} itself over all m slots (slot order; empty slots are zero gradients).
 
-    Replacing slot s changes C by a e_s^T + e_s a^T with a = u - K[s, :] - (delta_s/2)
-    e_s: two Woodbury terms, O(m^2), GEMV-shaped.  log det C is carried along through
+    Replacing slot s is a deletion and an insertion (two Schur complements, each a GEMV
+    and a rank-one update, O(m^2); the GPU kernels do the same replacement as one
+    rank-two Woodbury step).  Accuracy: an inverse updated in place
+    carries a relative error growing to ~ eps cond(C)^2 between refreshes (each
+    deletion and insertion cancels in proportion to cond(C)), which the window's
+    Woodbury form amplifies by kappa_W = lambda_max(F)/lambda; the factor stays at
+    ~ eps kappa_W (docs/sliding.md, "Accuracy").  Replacements whose cancellation would
+    lose more than three (deletion) or six (insertion pivot) digits rebuild exactly,
+    O(m^3).  Prefer the Cholesky engine for a badly conditioned float64 window.  log det C is carried along through
     det of the 2 x 2 capacitance M (det C_new = det M det C).  Costs: ``replace``
     O(m^2), O(m^3) when it rebuilds; ``solve`` O(n^2 k); ``logdet`` O(1).
     """
@@ -545,23 +552,42 @@ class ExplicitEngine(_Engine):
         p.z = None
 
     def _incremental(self, p, full):
+        """Replace slot s in two Schur-complement steps, each a GEMV and a rank-one
+        update: delete s, (C_{-s})^{-1} = C^{-1}_{-s} - c c^T / c_s with c = C^{-1} e_s;
+        insert the new row b = u (b_s = 0), y = (C_{-s})^{-1} b, pivot sigma = s + u_s -
+        b.y > 0, C_new^{-1} = [[(C_{-s})^{-1} + y y^T / sigma, -y / sigma], [., 1/sigma]].
+        det C_new = det C * c_s * sigma.  (The GPU kernels use one rank-two Woodbury step,
+        ``mfac_linalg.kernels.engines``.)"""
         xp = self.backend.xp
-        s, Ci = p.slot, self.Ci
-        a = p.u - p.old_K
-        a[s] *= 0.5
-        x2 = Ci @ a
-        x1 = Ci[s]
-        m00, m01, m10 = 1.0 + float(x2[s]), B.scalar(a @ x2), float(x1[s])
-        det = m00 * m00 - m01 * m10
-        if not _det_ok(det, m00 * m00 + abs(m01 * m10)):
-            self._exact(p)        # a doubtful pivot: exact inverse from K (raises if singular)
+        s, out = p.slot, self._spare
+        c = self.Ci[:, s].copy()
+        css = float(c[s])
+        b = p.u.copy()
+        cnn = p.shift + float(b[s])
+        b[s] = 0.0
+        # the deletion cancels: it amplifies the inverse's error by about
+        # max|c|^2 / (c_s max diag C^{-1}); beyond 1e3 the inverse is rebuilt exactly
+        growth = B.scalar(xp.abs(c).max()) ** 2 / (css * B.scalar(xp.diagonal(self.Ci).max())) \
+            if css > 0.0 else math.inf
+        if not growth <= 1e3:
+            self._exact(p)
             return
-        i00, i01, i10, i11 = m00 / det, -m01 / det, -m10 / det, m00 / det
-        out = self._spare
-        xp.subtract(Ci, xp.outer(x1 * i00 + x2 * i10, x2), out=out)
-        out -= xp.outer(x1 * i01 + x2 * i11, x1)
+        xp.subtract(self.Ci, xp.outer(c, c * (1.0 / css)), out=out)
+        out[s, :] = 0.0
+        out[:, s] = 0.0
+        y = out @ b
+        sigma = cnn - B.scalar(b @ y)
+        if not (sigma > 1e-6 * cnn and math.isfinite(sigma)):
+            # the pivot lost six digits or more to cancellation, and y y^T / sigma would
+            # carry that into the inverse: rebuild exactly (raises if C_new is singular)
+            self._exact(p)
+            return
+        out += xp.outer(y, y * (1.0 / sigma))
+        out[s, :] = y * (-1.0 / sigma)
+        out[:, s] = y * (-1.0 / sigma)
+        out[s, s] = 1.0 / sigma
         p.z = out @ p.u
-        p.logdet = self.logdet_C + math.log(det)
+        p.logdet = self.logdet_C + math.log(css) + math.log(sigma)
 
     def coefficients(self, p, dtype=np.float64):
         """C_new^{-1} u in slot order (n,), from the staged inverse."""
