@@ -89,6 +89,12 @@ class Backend:
         """True for the CPU backend (NumPy arrays in host memory)."""
         return self.name == "cpu"
 
+    @property
+    def is_gpu(self):
+        """True for a CUDA backend (CuPy arrays; the kernels can run).  Modules outside
+        ``_backend`` switch on this, never on ``name`` (the boundary test checks)."""
+        return self.name == "gpu"
+
     # -- dense linear algebra on small float64 matrices -------------------
     @property
     def linalg(self):
@@ -406,3 +412,20 @@ def kernel_module(name):
     through here."""
     import importlib
     return importlib.import_module(f"{__package__}.kernels.{name}")
+
+
+def storage_dtype_names(backend):
+    """The storage dtypes big data may keep on ``backend``: float32 and float64
+    everywhere, float16 and bfloat16 on the GPU (the kernels' formats)."""
+    return ("float32", "float64") + (("float16", "bfloat16") if backend.is_gpu else ())
+
+
+def sparse_linalg(backend):
+    """``scipy.sparse.linalg`` (CPU) or ``cupyx.scipy.sparse.linalg`` (GPU): the
+    iterative solvers matching ``backend``."""
+    if backend.is_host:
+        import scipy.sparse.linalg as spla
+        return spla
+    import cupyx.scipy.sparse.linalg as cspla
+    return cspla
+

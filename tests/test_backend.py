@@ -111,3 +111,72 @@ def test_torch_cuda_tensor_in_result_on_same_device(rng):
     assert np.allclose(cp.asnumpy(y), ref, rtol=1e-4, atol=1e-5)
     back = torch.from_dlpack(y)  # and back into torch, zero-copy
     assert back.device == G.device
+
+
+# -- issue 11 item 10: DLPack and array edge cases -------------------------------------------
+
+def test_masked_array_refused_naming_argument(rng):
+    G = np.ma.masked_invalid(np.array([[1.0, np.nan, 2.0], [0.5, 1.0, 3.0]]))
+    with pytest.raises(TypeError, match="grads must not be a masked array"):
+        ml.StaticInverseFisher(G, 0.1)
+    op = ml.StaticInverseFisher(rng.standard_normal((2, 3)), 0.1)
+    with pytest.raises(TypeError, match="x must not be a masked array"):
+        op.matvec(np.ma.masked_array(np.ones(3), mask=[0, 1, 0]))
+
+
+def test_ragged_list_named():
+    with pytest.raises(ValueError, match="grads must be a rectangular array of numbers"):
+        ml.StaticInverseFisher([[1.0, 2.0], [3.0]], 0.1)
+    with pytest.raises(TypeError, match="grads must be an array of numbers"):
+        ml.StaticInverseFisher([[1.0, "a"], [object(), 2.0]], 0.1)
+
+
+def test_torch_tensors_requires_grad_and_bfloat16():
+    torch = pytest.importorskip("torch")
+    g = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    op = ml.StaticInverseFisher(g, 0.3)                 # detached, zero-copy
+    G = g.detach().numpy()
+    F = 0.3 * np.eye(7) + G.T @ G / 5
+    x = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    y = op.matvec(x)
+    assert isinstance(y, np.ndarray) and y.dtype == np.float64
+    assert np.allclose(y, np.linalg.solve(F, x.detach().numpy()), rtol=1e-12, atol=0)
+    assert g.grad is None                                # nothing attached to the graph
+    # bfloat16 CPU tensors: NumPy has no bfloat16; the dtype policy promotes to float32
+    gb = g.detach().to(torch.bfloat16)
+    opb = ml.StaticInverseFisher(gb, 0.3)
+    assert opb.dtype == np.float32
+    Gb = gb.float().numpy().astype(np.float64)
+    Fb = 0.3 * np.eye(7) + Gb.T @ Gb / 5
+    xb = torch.ones(7, dtype=torch.bfloat16)
+    yb = opb.matvec(xb)
+    assert yb.dtype == np.float32
+    assert np.allclose(yb, np.linalg.solve(Fb, np.ones(7)), rtol=1e-5, atol=0)
+    # float16 CPU tensors likewise; an integer tensor becomes float64
+    assert ml.StaticInverseFisher(g.detach().half(), 0.3).dtype == np.float32
+    assert ml.StaticInverseFisher(torch.ones(3, 4, dtype=torch.int32), 0.3).dtype == np.float64
+    # a tensor with NaN is refused by name, after the conversion
+    bad = torch.randn(3, 4)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="grads must be finite"):
+        ml.StaticInverseFisher(bad, 0.3)
+
+
+def test_backend_pickles_by_name():
+    import copy
+    import pickle
+    from mfac_linalg import _backend as B
+    assert pickle.loads(pickle.dumps(B.CPU)) is B.CPU
+    assert copy.deepcopy(B.CPU) is B.CPU
+    assert b"numpy" not in pickle.dumps(B.CPU)          # the module never travels
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("mfac_linalg")._backend.gpu_available(),
+                    reason="needs CuPy and a CUDA GPU")
+def test_gpu_backend_pickles_by_device_id():
+    import pickle
+    from mfac_linalg import _backend as B
+    be = B.backend_for_device("cuda:0")
+    twin = pickle.loads(pickle.dumps(be))
+    assert twin == be and twin.device_id == 0 and twin.xp is be.xp
