@@ -6,6 +6,8 @@ import pickle
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import mfac_linalg as ml
 from mfac_linalg import testing as mt
@@ -147,3 +149,20 @@ def test_inverse_of_a_block_diagonal_of_forward_operators():
     inv = bd.inverse()
     oracle = mt.block_diag_oracle([c.oracle() for c in parts])
     mt.check_operator(inv, oracle, methods=("matvec", "matmat", "diagonal", "entry", "logdet"))
+
+
+@given(st.data())
+def test_sliding_window_against_exact_oracle_property(data):
+    """Any gradients fed to a window (wrapped or partial, either normalization), checked
+    by the protocol's numerical methods against the exact oracle of what it holds."""
+    G, lam = data.draw(mt.fisher_problems(max_m=9, max_d=7, ratio=(1e-5, 1e1)))
+    window = data.draw(st.integers(1, 6))
+    normalize = data.draw(st.sampled_from(["window", "count"]))
+    win = ml.SlidingWindowInverseFisher(G.shape[1], window, lam, dtype="float64",
+                                        normalize=normalize)
+    for g in G:
+        win.update(g)
+    held = G[-window:]
+    oracle = mt.inverse_fisher_oracle(held, lam, N=window if normalize == "window" else None)
+    mt.check_operator(win, oracle, methods=("matvec", "matmat", "diagonal", "entry", "quad",
+                                             "logdet", "fisher"))
