@@ -77,7 +77,82 @@ def _foreign_linop(x):
     return isinstance(x, _SciPyLinearOperator) and not isinstance(x, Operator)
 
 
-class Operator(_SciPyLinearOperator):
+class _Algebra:
+    """The lazy algebra's operators (``+ - * / @ **``, unary ``-``) of :class:`Operator`:
+    they build :class:`SumOperator`, :class:`ScaledOperator` and :class:`ProductOperator`
+    nodes; nothing is computed until a product is asked for."""
+
+    def __matmul__(self, x):
+        if _is_scalar(x):
+            raise TypeError("op @ scalar is not defined (as for NumPy arrays); use op * a")
+        return self.dot(x)
+
+    def __rmatmul__(self, x):
+        # x @ A = (A^T x^T)^T
+        if _is_scalar(x):
+            raise TypeError("scalar @ op is not defined (as for NumPy arrays); use a * op")
+        if _foreign_linop(x):
+            return NotImplemented
+        arr, _ = B.asarray(x, "x", backend=self._backend)
+        if arr.ndim == 1:
+            return self._protocol_product(arr, "x", adjoint=True)
+        if arr.ndim == 2:
+            return self._protocol_product(arr.T, "x", adjoint=True).T
+        raise ValueError(f"x must be 1-D or 2-D; got shape {tuple(arr.shape)}")
+
+    def __mul__(self, x):
+        """``op * a`` (a scalar): the scaled operator; ``op * x`` (an array): ``op @ x``;
+        ``op * op2``: the product (SciPy's convention)."""
+        if _is_scalar(x):
+            return ScaledOperator(x, self)
+        return self.dot(x)
+
+    def __rmul__(self, x):
+        if _is_scalar(x):
+            return ScaledOperator(x, self)
+        return self.__rmatmul__(x)
+
+    def __truediv__(self, a):
+        if not _is_scalar(a):
+            return NotImplemented
+        a = _v.real(a, "divisor")
+        if a == 0:
+            raise ZeroDivisionError("op / 0")
+        return ScaledOperator(1.0 / a, self)
+
+    def __neg__(self):
+        return ScaledOperator(-1.0, self)
+
+    def __pos__(self):
+        return self
+
+    def __add__(self, other):
+        if isinstance(other, Operator):
+            return SumOperator([self, other])
+        if _foreign_linop(other):
+            return _SciPyLinearOperator.__add__(self, other)
+        return NotImplemented
+
+    def __radd__(self, other):
+        return NotImplemented if not isinstance(other, Operator) else other.__add__(self)
+
+    def __sub__(self, other):
+        if isinstance(other, Operator):
+            return SumOperator([self, ScaledOperator(-1.0, other)])
+        if _foreign_linop(other):
+            return _SciPyLinearOperator.__sub__(self, other)
+        return NotImplemented
+
+    def __pow__(self, p):
+        p = _v.integer(p, "exponent", minimum=1)
+        return self if p == 1 else ProductOperator([self] * p)
+
+    def __call__(self, x):
+        """``op(x)`` is ``op.dot(x)`` (as for SciPy's operators)."""
+        return self.dot(x)
+
+
+class Operator(_Algebra, _SciPyLinearOperator):
     """Base class of every operator: a d x d linear map (see the module docstring).
 
     Subclasses call ``_init_operator(d, dtype, backend, check_finite=True)`` and
@@ -205,74 +280,6 @@ class Operator(_SciPyLinearOperator):
         if _foreign_linop(x):
             return _SciPyLinearOperator.dot(self, x)
         return self._protocol_product(x, "x")
-
-    # -- lazy algebra (docs/math.md §1 for the operators themselves) -------------
-    def __matmul__(self, x):
-        if _is_scalar(x):
-            raise TypeError("op @ scalar is not defined (as for NumPy arrays); use op * a")
-        return self.dot(x)
-
-    def __rmatmul__(self, x):
-        # x @ A = (A^T x^T)^T
-        if _is_scalar(x):
-            raise TypeError("scalar @ op is not defined (as for NumPy arrays); use a * op")
-        if _foreign_linop(x):
-            return NotImplemented
-        arr, _ = B.asarray(x, "x", backend=self._backend)
-        if arr.ndim == 1:
-            return self._protocol_product(arr, "x", adjoint=True)
-        if arr.ndim == 2:
-            return self._protocol_product(arr.T, "x", adjoint=True).T
-        raise ValueError(f"x must be 1-D or 2-D; got shape {tuple(arr.shape)}")
-
-    def __mul__(self, x):
-        """``op * a`` (a scalar): the scaled operator; ``op * x`` (an array): ``op @ x``;
-        ``op * op2``: the product (SciPy's convention)."""
-        if _is_scalar(x):
-            return ScaledOperator(x, self)
-        return self.dot(x)
-
-    def __rmul__(self, x):
-        if _is_scalar(x):
-            return ScaledOperator(x, self)
-        return self.__rmatmul__(x)
-
-    def __truediv__(self, a):
-        if not _is_scalar(a):
-            return NotImplemented
-        a = _v.real(a, "divisor")
-        if a == 0:
-            raise ZeroDivisionError("op / 0")
-        return ScaledOperator(1.0 / a, self)
-
-    def __neg__(self):
-        return ScaledOperator(-1.0, self)
-
-    def __pos__(self):
-        return self
-
-    def __add__(self, other):
-        if isinstance(other, Operator):
-            return SumOperator([self, other])
-        if _foreign_linop(other):
-            return _SciPyLinearOperator.__add__(self, other)
-        return NotImplemented
-
-    def __radd__(self, other):
-        return NotImplemented if not isinstance(other, Operator) else other.__add__(self)
-
-    def __sub__(self, other):
-        if isinstance(other, Operator):
-            return SumOperator([self, ScaledOperator(-1.0, other)])
-        if _foreign_linop(other):
-            return _SciPyLinearOperator.__sub__(self, other)
-        return NotImplemented
-
-    def __pow__(self, p):
-        p = _v.integer(p, "exponent", minimum=1)
-        return self if p == 1 else ProductOperator([self] * p)
-
-    __call__ = dot
 
     # -- adjoints --------------------------------------------------------------
     def adjoint(self):

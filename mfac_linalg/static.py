@@ -1,7 +1,6 @@
 """M-FAC static: the inverse of the damped empirical Fisher of m gradients."""
 from __future__ import annotations
 
-import numpy as np
 
 from . import _backend as B
 from . import _lowrank as LR
