@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import inspect
 import math
 from typing import Callable
@@ -40,15 +39,14 @@ EPS64 = np.finfo(np.float64).eps
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One operator kind: ``build(device, **overrides)`` and ``oracle()`` (cached)."""
+    """One operator kind: ``build(device, damping=...)`` (the registered damping by
+    default; the bad-damping battery passes others) and ``oracle()`` (cached)."""
     name: str
     kind: str
     build: Callable
     oracle_fn: Callable
     dtype: str = "float64"
     devices: tuple = ("cpu", "gpu")
-    # constructor keyword / builder for the damping (the bad-damping battery)
-    with_damping: Callable = None
 
     def oracle(self):
         return _cached_oracle(self.name)
@@ -389,8 +387,3 @@ def case_params(kinds=None):
     """pytest params (case, device) for every case and device (GPU ones marked)."""
     return [_device_param(c, dev) for c in CASES for dev in ("cpu", "gpu")
             if dev in c.devices and (kinds is None or c.kind in kinds)]
-
-
-@functools.lru_cache(maxsize=None)
-def kinds():
-    return sorted({c.kind for c in CASES})
