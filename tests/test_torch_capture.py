@@ -198,3 +198,22 @@ def test_preconditioner_products_are_tensors_and_match_dense_inverse():
         kronecker_preconditioner(model, loss, data, "shampoo", 1e-2)
     with pytest.raises(ValueError, match="damping"):
         kronecker_preconditioner(model, loss, data, "kfac", -1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ml._backend.gpu_available() or not torch.cuda.is_available(),
+                    reason="needs CuPy, a CUDA GPU and a CUDA build of torch")
+def test_gpu_preconditioner_and_per_sample_gradients_match_cpu():
+    model, loss = _cnn(), torch.nn.CrossEntropyLoss()
+    data = _data((2, 4, 4))
+    P = kronecker_preconditioner(model, loss, data, "ekfac", 1e-3)
+    G = per_sample_gradients(model, loss, data[0])
+    model_g = _cnn().cuda()
+    data_g = [(x.cuda(), y.cuda()) for x, y in data]
+    Pg = kronecker_preconditioner(model_g, loss, data_g, "ekfac", 1e-3)
+    Gg = per_sample_gradients(model_g, loss, data_g[0])
+    assert Gg.device.type == "cuda" and torch.allclose(Gg.cpu(), G, rtol=1e-12, atol=1e-14)
+    v = torch.randn(P.shape[0], dtype=torch.float64)
+    yg = Pg @ v.cuda()
+    assert yg.device.type == "cuda" and yg.dtype == torch.float64
+    assert torch.allclose(yg.cpu(), P @ v, rtol=1e-9, atol=1e-12)

@@ -1,7 +1,6 @@
 """mfac_linalg.torch.MFAC against a dense reference of docs/math.md §10."""
 import io
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -239,3 +238,32 @@ def test_gpu_float32_matches_dense_reference(normalize, sparse):
                    normalize=normalize, sparse=sparse)
     opt_cpu.load_state_dict(torch.load(buf, weights_only=True))     # another device
     assert opt_cpu.window_operator.count == M
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not B.gpu_available() or not torch.cuda.is_available(),
+                    reason="needs CuPy, a CUDA GPU and a CUDA build of torch")
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+def test_gpu_16bit_storage_trains_and_resumes_bit_exactly(storage):
+    """16-bit window storage: gradients rounded to 2^-11 (float16) or 2^-8 (bfloat16)
+    relative; stated tolerance against the float64 reference after 50 steps: 5e-2 *
+    max |w| (float16: 1e-2)."""
+    ref = _reference(_model(), GROUPS, "window", False)
+    model = _model(dtype=torch.float32, device="cuda")
+    opt = MFAC(_groups(model, GROUPS), lr=1.0, window=M, damping=LAM, dtype=storage)
+    assert opt.window_operator.storage_dtype == storage
+    _train(model, opt, 0, 20, torch.float32, "cuda")
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _train(model, opt, 20, STEPS, torch.float32, "cuda")
+    w = _flat(model).double().cpu()
+    tol = 1e-2 if storage == "float16" else 5e-2
+    assert float((w - ref).abs().max()) <= tol * float(ref.abs().max())
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    model2 = _model(dtype=torch.float32, device="cuda")
+    opt2 = MFAC(_groups(model2, GROUPS), lr=1.0, window=M, damping=LAM, dtype=storage)
+    model2.load_state_dict(ck["model"])
+    opt2.load_state_dict(ck["opt"])
+    _train(model2, opt2, 20, STEPS, torch.float32, "cuda")
+    assert torch.equal(_flat(model2), _flat(model))

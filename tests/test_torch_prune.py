@@ -187,3 +187,21 @@ def test_prune_arguments_are_checked():
     prune(model, loss, data, 0.5, method="magnitude")
     with pytest.raises(ValueError, match="below the layers' current sparsity"):
         prune(model, loss, data, 0.2, method="magnitude")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA build of torch")
+@pytest.mark.parametrize("fisher", ["block", "static", "sliding"])
+def test_gpu_prune_matches_cpu(fisher):
+    from mfac_linalg import _backend as B
+    if not B.gpu_available():
+        pytest.skip("needs CuPy and a CUDA GPU")
+    data = _data()
+    a, b = _mlp(), _mlp().cuda()
+    kw = dict(method="joint", fisher=fisher, num_grads=30, damping=LAM, block_size=8,
+              first_order=True)
+    prune(a, torch.nn.CrossEntropyLoss(), data, 0.5, **kw)
+    prune(b, torch.nn.CrossEntropyLoss(), (data[0].cuda(), data[1].cuda()), 0.5, **kw)
+    wa, wb = _weights(a), _weights(b).cpu()
+    assert torch.equal(wa == 0, wb == 0)
+    assert float((wa - wb).abs().max()) <= 1e-9 * float(wa.abs().max())

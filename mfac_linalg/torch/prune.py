@@ -34,7 +34,7 @@ from .. import _validate as V
 from ..blockwise import BlockInverseFisher
 from ..sliding import SlidingWindowInverseFisher
 from ..static import StaticInverseFisher
-from ._convert import to_torch
+from ._convert import device_spec, to_torch
 from .capture import _batches, _check_loss, _check_model, per_sample_gradients
 from .layout import select_layers
 
@@ -156,21 +156,33 @@ def _operator(G, fisher, damping, block_size, layer_sizes):
         return StaticInverseFisher(G, damping)
     if fisher == "sliding":
         win = SlidingWindowInverseFisher(G.shape[1], G.shape[0], damping,
-                                         dtype=str(G.dtype).replace("torch.", ""))
+                                         dtype=str(G.dtype).replace("torch.", ""),
+                                         device=device_spec(G.device))
         win.update(G)
         return win
     return BlockInverseFisher(G, damping, block_size=min(block_size, G.shape[1]),
                               blocks=layer_sizes)
 
 
-def _removal(op, r, Q, xp):
-    """−H E_Q (H_QQ)⁻¹ r_Q and ½ r_Qᵀ (H_QQ)⁻¹ r_Q, per block of H = αI + βVᵀV
-    (docs/math.md §3): one q × q solve per block that loses weights, or its Woodbury
-    form in r dims when q exceeds both r and 512."""
+def _on(op, x):
+    """A host vector in the operator's namespace (an explicit host -> device copy on the GPU)."""
+    return op.backend.xp.asarray(x)
+
+
+def _apply(op, x):
+    """H x for a host vector x, back on the host (float64)."""
+    return np.asarray(B.to_host(op.matvec(_on(op, x))), dtype=np.float64)
+
+
+def _removal(op, r, Q):
+    """−H E_Q (H_QQ)⁻¹ r_Q (host, float64) for the boolean host set Q, per block of
+    H = αI + βVᵀV (docs/math.md §3): one q × q solve per block that loses weights, or its
+    Woodbury form in r dims when q exceeds both r and 512."""
+    xp = op.backend.xp
+    r = _on(op, r)
     d = r.shape[0]
     dw = xp.zeros(d, dtype=np.float64)
-    loss = 0.0
-    Qh = B.to_host(Q)
+    Qh = np.asarray(Q)
     for cols, alpha, beta, Vs in op.lowrank_batches():
         sel = Qh[cols]
         for k in np.flatnonzero(sel.any(axis=1)):
@@ -190,17 +202,16 @@ def _removal(op, r, Q, xp):
             blk = -beta * (Vk.T @ (Vq @ t))
             blk[xp.asarray(loc)] -= alpha * t
             dw[xp.asarray(cols[k])] += blk
-            loss += 0.5 * B.scalar(rq @ t)
-    return dw, loss
+    return np.asarray(B.to_host(dw), dtype=np.float64)
 
 
-def _select(score, counts, groups, xp):
+def _select(score, counts, groups):
     """Boolean mask of the smallest scores: ``counts[k]`` inside group k (global: one group)."""
-    Q = xp.zeros(score.shape[0], dtype=bool)
+    Q = np.zeros(score.shape[0], dtype=bool)
     for idx, c in zip(groups, counts):
         if c <= 0:
             continue
-        order = xp.argsort(score[idx], kind="stable")[:c]
+        order = np.argsort(score[idx], kind="stable")[:c]
         Q[idx[order]] = True
     return Q
 
@@ -325,7 +336,6 @@ def prune(model, loss_fn, data, sparsity, *, method="joint", fisher="block", blo
         raise ValueError(f"sparsity={sparsity} is below the layers' current sparsity {s_i:.4f}")
     targets = _schedule(s_i, sparsity, steps, schedule)
     report = PruneReport(method=method, masks=masks)
-    xp = np
     for stage, s_t in enumerate(targets, 1):
         t0 = time.perf_counter()
         loss_before = _mean_loss(model, loss_fn, batches)
@@ -346,7 +356,7 @@ def prune(model, loss_fn, data, sparsity, *, method="joint", fisher="block", blo
         predicted = float("nan")
         gbar = None
         if method == "magnitude":
-            Q = _select(np.abs(w), counts, groups, xp)
+            Q = _select(np.abs(w), counts, groups)
             dw = np.zeros_like(w)
         else:
             kidx = weight_idx[torch.from_numpy(keep).to(weight_idx.device)]
@@ -359,28 +369,28 @@ def prune(model, loss_fn, data, sparsity, *, method="joint", fisher="block", blo
             Gn = G.detach().cpu().double().numpy()
             if method == "obd":
                 Fdiag = damping + (Gn ** 2).mean(axis=0)
-                Q = _select(0.5 * Fdiag * w * w, counts, groups, xp)
+                Q = _select(0.5 * Fdiag * w * w, counts, groups)
                 dw = np.zeros_like(w)
             else:
                 Hdiag = np.asarray(B.to_host(op.diagonal()), dtype=np.float64)
                 r, Hg = w, 0.0
                 if first_order:
                     gbar = Gn.mean(axis=0)
-                    Hg = np.asarray(B.to_host(op.matvec(gbar)), dtype=np.float64)
+                    Hg = _apply(op, gbar)
                     r = w - Hg
-                Q = _select(r * r / (2.0 * Hdiag), counts, groups, xp)
+                Q = _select(r * r / (2.0 * Hdiag), counts, groups)
                 if method == "joint":
-                    dw, _ = _removal(op, r, Q, xp)
+                    dw = _removal(op, r, Q)
                 else:
                     s = np.where(Q, r / Hdiag, 0.0)
-                    dw = -np.asarray(B.to_host(op.matvec(s)), dtype=np.float64)
+                    dw = -_apply(op, s)
                 dw = dw - Hg
         w_new = w + dw
         w_new[Q] = 0.0
         if method != "magnitude":
             # the quadratic model of the loss change (docs/math.md §9): g.dw + 1/2 dw^T F dw
             delta = w_new - w
-            predicted = 0.5 * float(op.fisher().quad(delta))
+            predicted = 0.5 * float(op.fisher().quad(_on(op, delta)))
             if gbar is not None:
                 predicted += float(gbar @ delta)
         nrem = int(Q.sum())
