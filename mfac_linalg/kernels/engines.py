@@ -115,7 +115,8 @@ class CholeskyKernelEngine(_KernelChecks, CholeskyEngine):
         return dst
 
     def _pivot_ok(self, p, value):
-        return bool(value[1] > 0.0)
+        # +inf passes "> 0": an overflowed Gram entry of g itself must not
+        return bool(math.isfinite(value[1]) and value[1] > 0.0)
 
     def coefficients(self, p, dtype=np.float64):
         """C_new^{-1} u in slot order; float32 (length m, for the kernel pass 2) or
@@ -155,6 +156,7 @@ class ExplicitKernelEngine(_KernelChecks, ExplicitEngine):
         m = self.m
         self._Kold = xp.zeros(m, dtype=np.float64)
         self._x2 = xp.zeros(m, dtype=np.float64)
+        self._ax = xp.zeros(m, dtype=np.float64)
         self._z = xp.zeros(m, dtype=np.float64)
         self._c32 = xp.zeros(m, dtype=np.float32)
         self._status = xp.zeros(4, dtype=np.float64)
@@ -175,8 +177,8 @@ class ExplicitKernelEngine(_KernelChecks, ExplicitEngine):
                 self._restore_gram(p)
                 raise
             return p
-        # status[3] (zeroed) accumulates a . x2; status[1:3] receive det M and its scale
-        K_.window_replace(self.Ci, self._spare, u, self.K, self._Kold, self._x2, st[3:4],
+        # status[1:3] receive det M and its scale
+        K_.window_replace(self.Ci, self._spare, u, self.K, self._Kold, self._x2, self._ax,
                           self._z, self._c32, st[1:3], slot)
         p.old_K = self._Kold
         p.z = self._z

@@ -377,8 +377,9 @@ __global__ void gather_f64(const double* __restrict__ u, double* __restrict__ ua
 // ---- explicit inverse of C (GPU kernel path): rank-two replacement of slot s ---------
 // Replacing gradient s changes C by a e_s^T + e_s a^T with a = delta - (delta_s / 2) e_s,
 // delta = u - K[s, :] (u: the new Gram row).  Two kernels, no host synchronisation:
-//   window_gemv: x2 = Ci a (a formed on the fly from u and the old K[s, :]), and
-//                ws[0] += a . x2 (ws[0] zeroed beforehand);
+//   window_gemv: x2 = Ci a (a formed on the fly from u and the old K[s, :]), and the
+//                terms ax[i] = a_i x2_i of a . x2 (summed in rank2_rows, in a fixed order:
+//                no atomics, so the result is bit-reproducible);
 //   rank2_rows:  out = Ci - [x1 x2] M^{-1} [x2 x1]^T, x1 = Ci e_s (row s of Ci),
 //                M = [[1 + x2_s, a.x2], [x1_s, 1 + x2_s]], det M = det C_new / det C
 //                (det_out[0]; det_out[1] = |m00 m11| + |m01 m10|, the scale of its rounding);
@@ -406,7 +407,7 @@ __device__ __forceinline__ double window_a(const double* u, const double* Ks, in
 // one block per row i of Ci
 __global__ void window_gemv(const double* __restrict__ Ci, const double* __restrict__ u,
                             const double* __restrict__ K, double* __restrict__ x2,
-                            double* __restrict__ ax2, int m, int s) {
+                            double* __restrict__ ax, int m, int s) {
     __shared__ double red[32];
     const int i = blockIdx.x;
     const double* row = Ci + (long long)i * m;
@@ -421,19 +422,23 @@ __global__ void window_gemv(const double* __restrict__ Ci, const double* __restr
     const double xi = block_sum_d(v0 + v1, red);
     if (threadIdx.x == 0) {
         x2[i] = xi;
-        atomicAdd(ax2, window_a(u, Ks, i, s) * xi);
+        ax[i] = window_a(u, Ks, i, s) * xi;
     }
 }
 
 // one block per row i of the new inverse
 __global__ void rank2_rows(const double* __restrict__ Ci, double* __restrict__ out,
-                           const double* __restrict__ x2, const double* __restrict__ ax2,
+                           const double* __restrict__ x2, const double* __restrict__ ax,
                            const double* __restrict__ u, double* __restrict__ K,
                            double* __restrict__ oldK, double* __restrict__ z,
                            float* __restrict__ c, double* __restrict__ det_out, int m, int s) {
     __shared__ double red[32];
+    double t = 0.0;                                    // a . x2, the same order in every block
+    for (int k = threadIdx.x; k < m; k += blockDim.x) t += ax[k];
+    const double ax2 = block_sum_d(t, red);
+    __syncthreads();                                   // red is reused below
     const double* x1 = Ci + (long long)s * m;          // Ci is symmetric: column s = row s
-    const double m00 = 1.0 + x2[s], m01 = ax2[0], m10 = x1[s], m11 = m00;
+    const double m00 = 1.0 + x2[s], m01 = ax2, m10 = x1[s], m11 = m00;
     const double det = m00 * m11 - m01 * m10;
     const double i00 = m11 / det, i01 = -m01 / det, i10 = -m10 / det, i11 = m00 / det;
     const int i = blockIdx.x;
@@ -641,15 +646,15 @@ def gram_update(K, u, oldK, s, ua=None, start=0, n=0):
                        np.int32(n)))
 
 
-def window_replace(Ci, out, u, K, oldK, x2, ax2, z, c, det, s):
+def window_replace(Ci, out, u, K, oldK, x2, ax, z, c, det, s):
     """The explicit inverse's slot replacement (two kernels; see the CUDA source):
     out = C_new^{-1} (rank two from Ci), z = out @ u (float64), c = float32(z),
     det[0] = det C_new / det C, det[1] = its rounding scale |m00 m11| + |m01 m10| (``det``
-    has two elements), K row/column s = u with the old row in oldK.
-    ``ax2`` (a one-element float64 view) must be zero on entry."""
+    has two elements), K row/column s = u with the old row in oldK.  ``ax`` (float64,
+    length m) is scratch for the terms of a . x2.  Deterministic (no atomics)."""
     m = Ci.shape[0]
-    fn("window_gemv")((m,), (128,), (Ci, u, K, x2, ax2, np.int32(m), np.int32(s)))
-    fn("rank2_rows")((m,), (128,), (Ci, out, x2, ax2, u, K, oldK, z, c, det, np.int32(m),
+    fn("window_gemv")((m,), (128,), (Ci, u, K, x2, ax, np.int32(m), np.int32(s)))
+    fn("rank2_rows")((m,), (128,), (Ci, out, x2, ax, u, K, oldK, z, c, det, np.int32(m),
                                     np.int32(s)))
 
 

@@ -7,7 +7,7 @@ touches CuPy: the kernel launches, the workspace memset and the one host read.
 
 Workspace ``ws`` (float64, m + 4), zeroed by one memset per first pass: ``u`` (m),
 then ``status`` = [NaN/inf flag of the vector, the engine's pivot or det M, the scale
-of det M, a scratch accumulator], shared with the kernel engine so that an update synchronises once.
+of det M, spare], shared with the kernel engine so that an update synchronises once.
 The workspace is reused from call to call: use a window from one CUDA stream at a
 time (the window's lock serialises the calls of several host threads).
 """
