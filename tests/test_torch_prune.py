@@ -184,6 +184,7 @@ def test_prune_arguments_are_checked():
     with pytest.raises(TypeError, match="steps must be an integer"):
         prune(model, loss, data, 0.5, steps=2.0)
     assert bool((_weights(model) != 0).all())          # nothing changed by a refused call
+    assert not hasattr(model[0], "_mfac_removed") and not model[0]._forward_pre_hooks
     prune(model, loss, data, 0.5, method="magnitude")
     with pytest.raises(ValueError, match="below the layers' current sparsity"):
         prune(model, loss, data, 0.2, method="magnitude")
@@ -205,3 +206,23 @@ def test_gpu_prune_matches_cpu(fisher):
     wa, wb = _weights(a), _weights(b).cpu()
     assert torch.equal(wa == 0, wb == 0)
     assert float((wa - wb).abs().max()) <= 1e-9 * float(wa.abs().max())
+
+
+def test_masks_follow_copies_stay_out_of_state_dict_and_come_off():
+    import copy
+    model, data = _mlp(), _data()
+    keys = set(model.state_dict())
+    rep = prune(model, torch.nn.CrossEntropyLoss(), data, 0.5, method="magnitude")
+    assert set(model.state_dict()) == keys
+    twin = copy.deepcopy(model)
+    prune(twin, torch.nn.CrossEntropyLoss(), data, 0.8, method="magnitude")
+    assert float((_weights(model) == 0).double().mean()) == 0.5     # the original untouched
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    model(data[0])                                # the hook re-applies the original's mask
+    assert int((model[0].weight == 0).sum()) == int(rep.masks.removed["0"].sum())
+    rep.masks.remove()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    model(data[0])
+    assert bool((model[0].weight == 1.0).all()) and not hasattr(model[0], "_mfac_removed")

@@ -83,39 +83,57 @@ class PruneReport:
         return "\n".join(rows)
 
 
+def _mask_hook(module, inputs):
+    """Forward pre-hook: removed weights to zero (a parameter only: under ``torch.func``
+    the weight is a functional copy of the already masked parameter)."""
+    removed = getattr(module, "_mfac_removed", None)
+    if removed is not None and isinstance(module.weight, torch.nn.Parameter):
+        with torch.no_grad():
+            module.weight.masked_fill_(removed, 0.0)
+
+
+def _hook_keys(module):
+    return [k for k, h in module._forward_pre_hooks.items() if h is _mask_hook]
+
+
 class PruneMasks:
     """The masks of the pruned layers, kept on the model.
 
-    ``removed[name]`` is a boolean tensor of the weight's shape, True where the weight
-    is removed.  A forward pre-hook on each layer sets the removed weights to zero
-    before every forward pass, so they stay zero under further training (after each
-    optimizer step); :meth:`apply` does it at once, :meth:`remove` takes the hooks off.
+    Each pruned layer holds a non-persistent buffer ``_mfac_removed`` (True where a weight is
+    removed; it follows ``model.to(...)`` and ``copy.deepcopy`` and stays out of the
+    ``state_dict``) and a forward pre-hook that sets the removed weights to zero before
+    every forward pass, so they stay zero under further training (after each optimizer
+    step).  ``removed`` maps layer names to these masks; :meth:`apply` zeroes at once,
+    :meth:`remove` takes the hooks and buffers off.
     """
 
     def __init__(self, named_modules):
         self._mods = dict(named_modules)
-        self.removed = {n: torch.zeros_like(m.weight, dtype=torch.bool)
-                        for n, m in self._mods.items()}
-        self._handles = [m.register_forward_pre_hook(self._hook(n))
-                         for n, m in self._mods.items()]
+        for m in self._mods.values():
+            if getattr(m, "_mfac_removed", None) is None:
+                m.register_buffer("_mfac_removed", torch.zeros_like(m.weight, dtype=torch.bool),
+                                  persistent=False)
+            if not _hook_keys(m):
+                m.register_forward_pre_hook(_mask_hook)
 
-    def _hook(self, name):
-        def hook(module, inputs):
-            with torch.no_grad():
-                module.weight.masked_fill_(self.removed[name], 0.0)
-        return hook
+    @property
+    def removed(self):
+        """{layer name: boolean tensor of the weight's shape, True where removed}."""
+        return {n: m._mfac_removed for n, m in self._mods.items()}
 
     @torch.no_grad()
     def apply(self):
         """Set every removed weight to zero now."""
-        for n, m in self._mods.items():
-            m.weight.masked_fill_(self.removed[n], 0.0)
+        for m in self._mods.values():
+            m.weight.masked_fill_(m._mfac_removed, 0.0)
 
     def remove(self):
-        """Take the hooks off the model (the weights keep their current values)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        """Take the hooks and masks off the model (the weights keep their values)."""
+        for m in self._mods.values():
+            for k in _hook_keys(m):
+                del m._forward_pre_hooks[k]
+            if "_mfac_removed" in m._buffers:
+                del m._buffers["_mfac_removed"]
 
     def sparsity(self):
         """{layer name: fraction of its weights removed}."""
@@ -320,20 +338,21 @@ def prune(model, loss_fn, data, sparsity, *, method="joint", fisher="block", blo
     sizes = [m.weight.numel() for _, m in named]
     D = sum(sizes)
     layer_of = np.repeat(np.arange(len(sizes)), sizes)
-    masks = getattr(model, "_mfac_prune_masks", None)
-    if masks is None or set(masks.removed) != {n for n, _ in named}:
-        if masks is not None:
-            masks.remove()
-        masks = PruneMasks(named)
-        model._mfac_prune_masks = masks
     with torch.no_grad():
-        for n, m in named:
-            masks.removed[n] |= (m.weight == 0)
-    masks.apply()
-    removed0 = torch.cat([masks.removed[n].reshape(-1) for n, _ in named]).cpu().numpy()
-    s_i = float(removed0.mean())
+        removed0 = torch.cat([((m.weight == 0) | m._mfac_removed
+                               if getattr(m, "_mfac_removed", None) is not None
+                               else (m.weight == 0)).reshape(-1) for _, m in named])
+    s_i = float(removed0.double().mean())
     if sparsity < s_i:
         raise ValueError(f"sparsity={sparsity} is below the layers' current sparsity {s_i:.4f}")
+    available = sum(x.shape[0] for x, _ in batches)
+    if method != "magnitude" and available < num_grads:
+        raise ValueError(f"num_grads={num_grads} but data holds only {available} samples")
+    masks = PruneMasks(named)          # keeps the masks already on these layers
+    with torch.no_grad():
+        for _, m in named:
+            m._mfac_removed |= (m.weight == 0)
+    masks.apply()
     targets = _schedule(s_i, sparsity, steps, schedule)
     report = PruneReport(method=method, masks=masks)
     for stage, s_t in enumerate(targets, 1):
@@ -404,7 +423,8 @@ def prune(model, loss_fn, data, sparsity, *, method="joint", fisher="block", blo
             a = 0
             for (n, m), sz in zip(named, sizes):
                 m.weight.copy_(t[a:a + sz].view_as(m.weight))
-                masks.removed[n] |= torch.from_numpy(newly[a:a + sz]).to(m.weight.device).view_as(m.weight)
+                m._mfac_removed |= torch.from_numpy(newly[a:a + sz]).to(
+                    m.weight.device).view_as(m.weight)
                 a += sz
         masks.apply()
         loss_after = _mean_loss(model, loss_fn, batches)
