@@ -151,7 +151,16 @@ def _sliding(name, dtype, normalize, engine, devices=("cpu", "gpu")):
     def oracle():
         held = _round_to(G[-window:], dtype)
         N = window if normalize == "window" else held.shape[0]
-        return mt.inverse_fisher_oracle(held, lam, N=N)
+        o = mt.inverse_fisher_oracle(held, lam, N=N)
+        if engine == "explicit":
+            # docs/sliding.md, Accuracy: the explicit inverse carries a relative error of
+            # about eps64 cond(C)^2 between refreshes, amplified by kappa_W;
+            # C = N lam I + G_h G_h^T over the window's m slots (empty ones are zero)
+            s = np.linalg.eigvalsh(held @ held.T)
+            s = np.concatenate([s, np.zeros(window - held.shape[0])])
+            condC = (N * lam + s.max()) / (N * lam + max(s.min(), 0.0))
+            o.model_error = EPS64 * condC ** 2
+        return o
 
     return Case(name, "sliding", build, oracle, dtype, devices)
 
