@@ -429,3 +429,14 @@ def sparse_linalg(backend):
     import cupyx.scipy.sparse.linalg as cspla
     return cspla
 
+
+def scipy_namespace(backend):
+    """The array namespace SciPy's ``LinearOperator`` records for arrays of ``backend``
+    (SciPy >= 1.18 compares it when operators are combined); ``backend.xp`` where SciPy
+    has no such notion."""
+    try:
+        from scipy._lib._array_api import array_namespace
+        return array_namespace(backend.xp.empty(0))
+    except Exception:   # an older SciPy, or one that refuses this array type
+        return backend.xp
+

@@ -130,7 +130,7 @@ class _Algebra:
         if isinstance(other, Operator):
             return SumOperator([self, other])
         if _foreign_linop(other):
-            return _SciPyLinearOperator.__add__(self, other)
+            return self.to_scipy() + other
         return NotImplemented
 
     def __radd__(self, other):
@@ -140,7 +140,7 @@ class _Algebra:
         if isinstance(other, Operator):
             return SumOperator([self, ScaledOperator(-1.0, other)])
         if _foreign_linop(other):
-            return _SciPyLinearOperator.__sub__(self, other)
+            return self.to_scipy() - other
         return NotImplemented
 
     def __pow__(self, p):
@@ -210,6 +210,18 @@ class Operator(_Algebra, _SciPyLinearOperator):
         """True where A = A^T (every operator the library builds; see the module docstring)."""
         return self._symmetric
 
+    # -- SciPy's LinearOperator base: its constructor is not used, so what it would set is
+    # given here (SciPy >= 1.18 reads the array namespace ``_xp`` and pickles through it)
+    @property
+    def _xp(self):
+        return B.scipy_namespace(self._backend)
+
+    def __getstate__(self):
+        return self.__dict__.copy()
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
     def __array__(self, *args, **kwargs):
         raise TypeError(f"{type(self).__name__} is a matrix-free operator, not an array: "
                         "use op.todense() for its dense matrix (size-guarded), or op @ x "
@@ -278,7 +290,7 @@ class Operator(_Algebra, _SciPyLinearOperator):
         if isinstance(x, Operator):
             return ProductOperator([self, x])
         if _foreign_linop(x):
-            return _SciPyLinearOperator.dot(self, x)
+            return self.to_scipy().dot(x)
         return self._protocol_product(x, "x")
 
     # -- adjoints --------------------------------------------------------------
