@@ -638,7 +638,7 @@ def engine_kind(backend, storage, normalize, engine="auto"):
     ``normalize="window"`` (auto), else "cholesky"; an explicit choice wins."""
     if engine != "auto":
         return engine
-    gpu_kernels = backend.name == "gpu" and storage in _KERNEL_STORAGE
+    gpu_kernels = backend.is_gpu and storage in _KERNEL_STORAGE
     return "explicit" if gpu_kernels and normalize == "window" else "cholesky"
 
 
@@ -659,7 +659,7 @@ def pick_engine(backend, storage, normalize, engine="auto", *, window):
     (``mfac_linalg.kernels.engines``), on the CPU the array-API one.
     """
     kind = engine_kind(backend, storage, normalize, engine)
-    if backend.name == "gpu":
+    if backend.is_gpu:
         mod = B.kernel_module("engines")
         cls = mod.ExplicitKernelEngine if kind == "explicit" else mod.CholeskyKernelEngine
     else:

@@ -194,7 +194,7 @@ class RingBuffer:
 def make_buffer(window, dim, storage, backend):
     """The ring buffer for a storage dtype name: the CUDA one (fused kernels) for float32
     and 16-bit storage on the GPU, else the array-API one."""
-    if backend.name == "gpu" and storage in KERNEL_STORAGE:
+    if backend.is_gpu and storage in KERNEL_STORAGE:
         from .cuda_buffer import CudaRingBuffer
         return CudaRingBuffer(window, dim, storage, backend)
     return RingBuffer(window, dim, storage, backend)

@@ -376,11 +376,11 @@ def _storage(dtype, backend):
     """The storage dtype name: float32/float64, and float16/bfloat16 on the GPU."""
     name = getattr(dtype, "name", None) or (dtype.__name__ if isinstance(dtype, type)
                                             else dtype)
-    allowed = ("float32", "float64") + (("float16", "bfloat16") if backend.name == "gpu"
+    allowed = ("float32", "float64") + (("float16", "bfloat16") if backend.is_gpu
                                         else ())
     if not isinstance(name, str):
         raise TypeError(f"dtype must be one of {allowed}; got {type(dtype).__name__}")
     if name not in allowed:
-        extra = "" if backend.name == "gpu" else " (float16 and bfloat16 storage need the GPU)"
+        extra = "" if backend.is_gpu else " (float16 and bfloat16 storage need the GPU)"
         raise ValueError(f"dtype must be one of {allowed}; got {dtype!r}{extra}")
     return name
