@@ -85,20 +85,12 @@ def cholesky_shifted(K, shift, backend):
 
 
 def solve_left(L, G, backend):
-    """V = L⁻¹ G for lower-triangular float64 L (m x m) and G (m x d_p), in G's dtype.
-
-    CPU: one BLAS ``trsm`` from the right on the C-ordered G (seen by BLAS as Gᵀ), no
-    transposed copy.  GPU: one GEMM with the explicit float64 inverse of L.  O(m² d_p).
-    """
+    """V = L⁻¹ G for lower-triangular float64 L (m x m) and G (m x d_p), in G's dtype:
+    ``_backend.trsm_rows`` (one BLAS trsm on the CPU, one GEMM on the GPU), O(m² d_p);
+    a rank holding no columns gets an empty V."""
     if G.shape[1] == 0:
         return G.copy()
-    if backend.name == "cpu":
-        from scipy.linalg import blas  # noqa: PLC0415
-        trsm = blas.strsm if G.dtype == np.float32 else blas.dtrsm
-        return trsm(1.0, L.astype(G.dtype, copy=False), G.T, side=1, lower=1, trans_a=1).T
-    xp = backend.xp
-    Linv = backend.solve_triangular(L, xp.eye(L.shape[0], dtype=np.float64), lower=True)
-    return Linv.astype(G.dtype) @ G
+    return B.trsm_rows(L, G, backend)
 
 
 def layout_digest(layout):
@@ -306,10 +298,7 @@ class ShardedStaticInverseFisher(ShardedOperator):
     @property
     def factor(self):
         """The replicated float64 Cholesky factor L of C (a read-only view)."""
-        v = self._L.view()
-        if isinstance(v, np.ndarray):
-            v.flags.writeable = False
-        return v
+        return B.readonly(self._L)
 
     def local_factor(self):
         """V_p = L⁻¹ G_p (m x d_p), this rank's columns of V, as a copy."""

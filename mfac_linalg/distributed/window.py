@@ -44,9 +44,9 @@ class _Shell:
 def _storage_name(dtype, backend):
     name = getattr(dtype, "name", None) or (dtype.__name__ if isinstance(dtype, type)
                                             else str(dtype))
-    allowed = ("float32", "float64") + (("float16", "bfloat16") if backend.name == "gpu" else ())
+    allowed = B.storage_dtype_names(backend)
     if name not in allowed:
-        extra = "" if backend.name == "gpu" else " (float16 and bfloat16 storage need the GPU)"
+        extra = "" if backend.is_gpu else " (float16 and bfloat16 storage need the GPU)"
         raise ValueError(f"dtype must be one of {allowed}; got {dtype!r}{extra}")
     return name
 
