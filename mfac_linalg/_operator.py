@@ -441,6 +441,19 @@ class SumOperator(Operator):
 
     Symmetric when every term is.  Costs: the sum of the terms' costs.
     ``inverse()`` is not available (a TypeError).
+
+    Parameters
+    ----------
+    ops : sequence of Operator
+        Operators of one shape on one backend (nested sums are flattened).
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> A = ml.StaticInverseFisher(np.ones((2, 3)), 1.0)
+    >>> S = A + A.fisher()
+    >>> S, bool(np.allclose(S.todense(), A.todense() + A.fisher().todense()))
+    (<SumOperator d=3 terms=2 float64 cpu>, True)
     """
 
     def __init__(self, ops):
@@ -491,6 +504,19 @@ class ScaledOperator(Operator):
     """``a * A`` for a real scalar a (lazy).  Symmetric when A is; ``-A`` is ``-1 * A``.
 
     Costs: those of A.  ``inverse()`` is ``(1/a) * A.inverse()``.
+
+    Parameters
+    ----------
+    a : real scalar
+        Finite; a bool, a complex number or a string is a TypeError.
+    op : Operator
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> A = ml.StaticInverseFisher(np.ones((2, 3)), 1.0)
+    >>> (2 * A).scalar, (-A).symmetric, bool(np.allclose((A / 4).todense(), A.todense() / 4))
+    (2.0, True, True)
     """
 
     def __init__(self, a, op):
@@ -547,6 +573,24 @@ class ProductOperator(Operator):
     its ``adjoint()`` is the reversed product of the adjoints and ``inverse()`` the
     reversed product of the inverses.  Costs: the sum of the factors' costs;
     ``diagonal`` and ``entry`` go through products with unit vectors.
+
+    Parameters
+    ----------
+    ops : sequence of Operator
+        Operators of one shape on one backend, left to right (nested products are
+        flattened).
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> rng = np.random.default_rng(0)
+    >>> A = ml.StaticInverseFisher(rng.standard_normal((2, 4)), 1.0)
+    >>> B = ml.StaticInverseFisher(rng.standard_normal((3, 4)), 0.5)
+    >>> P = A @ B
+    >>> P.symmetric, bool(np.allclose(P.T.todense(), (A.todense() @ B.todense()).T))
+    (False, True)
+    >>> bool(np.allclose(P.inverse().todense(), np.linalg.inv(P.todense())))
+    True
     """
 
     def __init__(self, ops):

@@ -6,8 +6,8 @@ import numpy as np
 from . import _backend as B
 from . import _lowrank as LR
 from . import _validate as _v
-from ._operator import Operator, _index
-from .static import FisherOperator
+from ._operator import _index
+from .static import _LowRankInverseFisher
 
 __all__ = ["BlockInverseFisher", "block_layout"]
 
@@ -55,7 +55,7 @@ def block_layout(d, block_size=None, blocks=None):
     return np.asarray(bounds, dtype=np.int64)
 
 
-class BlockInverseFisher(Operator):
+class BlockInverseFisher(_LowRankInverseFisher):
     r"""Block-diagonal inverse of the damped empirical Fisher (WoodFisher).
 
     Represents :math:`\mathrm{blockdiag}_k(F_k^{-1})` with
@@ -144,16 +144,6 @@ class BlockInverseFisher(Operator):
         """Block boundaries (nblocks + 1,): block k is columns bounds[k]:bounds[k+1]."""
         return self._bounds.copy()
 
-    @property
-    def damping(self):
-        """lambda."""
-        return self._damping
-
-    @property
-    def num_grads(self):
-        """m, the number of gradients."""
-        return self._m
-
     def block_of(self, q):
         """The index k of the block holding coordinate q.  O(log nblocks)."""
         q = _index(q, "q", self._d)
@@ -207,20 +197,18 @@ class BlockInverseFisher(Operator):
             out[grp.idx] = grp.diagonal()
         return out
 
-    def _common_block(self, i, j):
-        """(group, position, first column) of the block holding both i and j, or None."""
+    def _in_block(self, i, j, entry):
+        """``entry(group, position, local i, local j)`` for the block holding both i and
+        j, or 0 when they lie in different blocks."""
         k = self.block_of(i)
         if self.block_of(j) != k:
-            return None
+            return 0.0
         grp, pos = self._locate(k)
-        return grp, pos, int(self._bounds[k])
+        s = int(self._bounds[k])
+        return entry(grp, pos, i - s, j - s)
 
     def _entry(self, i, j):
-        blk = self._common_block(i, j)
-        if blk is None:
-            return 0.0
-        grp, pos, s = blk
-        return grp.entry(pos, i - s, j - s)
+        return self._in_block(i, j, LR.LowRank.entry)
 
     def _quad(self, X):
         q = self._backend.xp.zeros(X.shape[1], dtype=np.float64)
@@ -233,20 +221,9 @@ class BlockInverseFisher(Operator):
         """log det F = sum_k log det F_k (determinant lemma per Woodbury block).  O(1)."""
         return self._logdet
 
-    def fisher(self):
-        """The block-diagonal forward F (same protocol); its ``inverse()`` is this operator."""
-        return FisherOperator(self)
-
     def _fisher_matmat(self, X):
         """F X per block: lambda X + V^T L^T L V X / m (dual) or L (L^T X) (primal)."""
         return self._blockwise(X, LR.LowRank.fisher_matmat)
 
-    def _fisher_diagonal(self):
-        return (self._damping + self._colsq / self._m).astype(self._dtype)
-
     def _fisher_entry(self, i, j):
-        blk = self._common_block(i, j)
-        if blk is None:
-            return 0.0
-        grp, pos, s = blk
-        return grp.fisher_entry(pos, i - s, j - s)
+        return self._in_block(i, j, LR.LowRank.fisher_entry)

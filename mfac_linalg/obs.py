@@ -40,6 +40,14 @@ class PruneResult:
     mask : boolean, True where a weight is removed (the given mask included)
     loss : predicted loss increase 1/2 dw^T F dw (summed over stages)
     method : the method used
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> r = ml.obs.prune(np.array([3.0, -0.1, 2.0, 0.2]), np.eye(4), count=2,
+    ...                  method="magnitude")
+    >>> r.weights.tolist(), r.mask.tolist(), r.method
+    ([3.0, 0.0, 2.0, 0.0], [False, True, False, True], 'magnitude')
     """
     weights: object
     mask: object

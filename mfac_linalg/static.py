@@ -1,7 +1,6 @@
 """M-FAC static: the inverse of the damped empirical Fisher of m gradients."""
 from __future__ import annotations
 
-
 from . import _backend as B
 from . import _lowrank as LR
 from . import _validate as _v
@@ -10,7 +9,32 @@ from ._operator import Operator
 __all__ = ["StaticInverseFisher", "FisherOperator"]
 
 
-class StaticInverseFisher(Operator):
+class _LowRankInverseFisher(Operator):
+    """What the static and block inverse-Fisher operators share: lambda, m, the forward
+    operator F = lambda I + G^T G / m (``fisher()``) and its O(d) diagonal from the
+    column norms kept at set-up (``self._colsq``)."""
+
+    @property
+    def damping(self):
+        """lambda."""
+        return self._damping
+
+    @property
+    def num_grads(self):
+        """m, the number of gradients."""
+        return self._m
+
+    def fisher(self):
+        """The forward operator F = lambda I + G^T G / m (same protocol); its
+        ``inverse()`` is this operator, and this operator's ``inverse()`` is F."""
+        return FisherOperator(self)
+
+    def _fisher_diagonal(self):
+        """diag F = lambda + diag(G^T G)/m, O(d) (column norms kept from set-up)."""
+        return (self._damping + self._colsq / self._m).astype(self._dtype)
+
+
+class StaticInverseFisher(_LowRankInverseFisher):
     r"""Inverse of the damped empirical Fisher of m gradients (M-FAC static).
 
     Represents :math:`F^{-1}` for
@@ -111,16 +135,6 @@ class StaticInverseFisher(Operator):
 
     # -- attributes ----------------------------------------------------------
     @property
-    def damping(self):
-        """lambda."""
-        return self._damping
-
-    @property
-    def num_grads(self):
-        """m, the number of gradients."""
-        return self._m
-
-    @property
     def form(self):
         """``"dual"`` (Woodbury) or ``"primal"`` (see the class docstring)."""
         return "primal" if self._lr.primal else "dual"
@@ -159,11 +173,6 @@ class StaticInverseFisher(Operator):
         """
         return self._lr.logdet
 
-    def fisher(self):
-        """The forward operator F = lambda I + G^T G / m (same protocol); its
-        ``inverse()`` is this operator, and this operator's ``inverse()`` is F."""
-        return FisherOperator(self)
-
     def lowrank_batches(self):
         """Yield the one block (columns (1, d), alpha, beta, V (1, r, d) read-only):
         F^{-1} = alpha I + beta V^T V."""
@@ -179,10 +188,6 @@ class StaticInverseFisher(Operator):
         """F X.  Dual: lambda X + V^T (L^T L (V X)) / m; primal: L_F (L_F^T X)."""
         return self._lr.fisher_matmat(X[None])[0]
 
-    def _fisher_diagonal(self):
-        """diag F = lambda + diag(G^T G)/m, O(d) (column norms kept from set-up)."""
-        return (self._damping + self._colsq / self._m).astype(self._dtype)
-
     def _fisher_entry(self, i, j):
         """F[i, j]: O(d) (primal: rows of L_F) or O(r^2) (dual: columns of W = L V)."""
         return self._lr.fisher_entry(0, i, j)
@@ -197,6 +202,22 @@ class FisherOperator(Operator):
     provides the hooks ``_fisher_matmat(X)``, ``_fisher_diagonal()`` and
     ``_fisher_entry(i, j)``; their costs are in its docstring.
     ``inverse()`` returns that operator and ``logdet()`` is its ``logdet()``.
+
+    Parameters
+    ----------
+    inverse_op : Operator
+        The inverse-Fisher operator providing the hooks above.
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> G = np.random.default_rng(0).standard_normal((5, 8))
+    >>> op = ml.StaticInverseFisher(G, 0.1)
+    >>> F = op.fisher()
+    >>> bool(np.allclose(F.todense(), 0.1 * np.eye(8) + G.T @ G / 5))
+    True
+    >>> F.inverse() is op, bool(np.isclose(F.logdet(), np.linalg.slogdet(F.todense())[1]))
+    (True, True)
     """
 
     def __init__(self, inverse_op):
