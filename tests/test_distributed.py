@@ -244,6 +244,8 @@ def _static_bad_setup(comm, what):
             layout = ColumnLayout.contiguous(d, comm.size, local_dims=[d] + [0] * (comm.size - 1))
         elif what == "neg":
             lam = -1.0
+    if what == "overflow" and comm.rank == 0:
+        Gp = Gp * 1e200                        # finite, but its Gram products overflow
     try:
         ShardedStaticInverseFisher(Gp, lam, comm, layout=layout)
     except Exception as exc:
@@ -335,13 +337,15 @@ def test_static_bad_slice_raises_everywhere(cluster, what):
         assert after <= TOL
 
 
-@pytest.mark.parametrize("what", ["m", "damping", "nan", "layout", "neg"])
+@pytest.mark.parametrize("what", ["m", "damping", "nan", "layout", "neg", "overflow"])
 def test_static_bad_setup_raises_everywhere(cluster, what):
     outs = cluster.ok(_static_bad_setup, what)
     for r, seen in enumerate(outs):
         assert seen is not None, f"rank {r} built an operator"
         if what in ("nan", "neg"):
             assert seen[0] == ("ValueError" if r == 1 else "RemoteRankError"), seen
+        elif what == "overflow":               # found on the all-reduced Gram: everywhere
+            assert seen[0] == "ValueError" and "too large" in seen[1], seen
         else:
             assert seen[0] == "ValueError" and "every rank" in seen[1], seen
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import _backend as B
 from .. import _validate as V
+from .. import _capacitance as cap
 from .._capacitance import NotPositiveDefinite
 from .comm import agree, state_digest
 from .layout import ColumnLayout
@@ -52,36 +53,6 @@ def local_gradients(grads, name, *, backend=None, columns=None):
                          f"shape {tuple(G.shape)}")
     V.finite(G, name, be)
     return G, be
-
-
-def gram_partial(G, xp, *, float64=False, chunk=1 << 16):
-    """This rank's partial Gram matrix G_p G_pᵀ in float64, exactly symmetric.
-
-    ``float64=False``: one product in the storage dtype (float32 accumulation for float32
-    data), promoted; ``True``: accumulated in float64 over column chunks.  O(m² d_p).
-    """
-    if not float64 or G.dtype == np.float64:
-        K = (G @ G.T).astype(np.float64, copy=False)
-    else:
-        m, d = G.shape
-        K = xp.zeros((m, m), dtype=np.float64)
-        for a in range(0, d, chunk):
-            Gc = G[:, a:a + chunk].astype(np.float64)
-            K += Gc @ Gc.T
-    return (K + K.T) * 0.5
-
-
-def cholesky_shifted(K, shift, backend):
-    """Lower factor of K + shift I (float64).  Raises :class:`NotPositiveDefinite`."""
-    xp = backend.xp
-    C = K + shift * xp.eye(K.shape[0], dtype=np.float64)
-    try:
-        return backend.cholesky_lower(C)
-    except np.linalg.LinAlgError:
-        raise NotPositiveDefinite(
-            "the capacitance matrix N*damping*I + G Gᵀ is not numerically positive definite: "
-            f"the damping is too small relative to the gradients' scale (N*damping = "
-            f"{shift:.3e})") from None
 
 
 def solve_left(L, G, backend):
@@ -247,13 +218,16 @@ class ShardedStaticInverseFisher(ShardedOperator):
         m = G.shape[0]
         with be.device_context():
             K = self._gram(G, False)
+            if G.dtype != np.float64 and not bool(be.xp.isfinite(K).all()):
+                K = self._gram(G, True)         # float32 products overflowed: in float64
+            V.gram_finite(K, "local_grads", be)  # replicated: raised on every rank alike
             try:
-                L = cholesky_shifted(K, m * lam, be)
+                L = cap.cholesky_shifted(K, m * lam, be)
             except NotPositiveDefinite:         # replicated: every rank takes this branch
                 if G.dtype == np.float64:
                     raise
                 K = self._gram(G, True)
-                L = cholesky_shifted(K, m * lam, be)
+                L = cap.cholesky_shifted(K, m * lam, be)
             Vp = None
             try:
                 Vp = solve_left(L, G, be)
@@ -274,7 +248,7 @@ class ShardedStaticInverseFisher(ShardedOperator):
         m = G.shape[0]
         err, Kp = None, None
         try:
-            Kp = gram_partial(G, self._backend.xp, float64=float64)
+            Kp = (cap.gram64 if float64 else cap.gram)(G, self._backend)
         except Exception as exc:
             err = exc
         return self._flagged_sum(Kp, m * m, err, "ShardedStaticInverseFisher Gram").reshape(m, m)
