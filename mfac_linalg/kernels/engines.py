@@ -51,7 +51,7 @@ class _KernelChecks:
         if p.rebuilt or p.deferred:
             self._check_status(p)
             return True
-        value = B.to_host(p.status[:3])                     # the one host synchronisation
+        value = B.to_host(p.status)                         # the one host synchronisation
         p.checked = True
         if value[0]:
             raise NonFiniteGradient()
