@@ -247,3 +247,22 @@ def test_per_sample_gradients_in_chunks_and_float32():
     Gl = per_sample_gradients(model, loss, (x.float(), y), method="loop")
     assert G.dtype == torch.float32 and G.shape == (7, 39)
     assert torch.allclose(G, Gl, rtol=1e-5, atol=1e-6)
+
+
+def test_capture_refuses_what_it_cannot_represent():
+    loss = torch.nn.CrossEntropyLoss()
+    x, y = torch.randn(4, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    torch.manual_seed(0)
+    reflect = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
+                                  torch.nn.Flatten(), torch.nn.Linear(75, 3)).double()
+    with pytest.raises(ValueError, match="padding_mode='reflect' is not supported"):
+        capture_statistics(reflect, loss, (x, y))
+    lin = torch.nn.Linear(3, 3).double()
+    twice = torch.nn.Sequential(lin, torch.nn.Tanh(), lin)
+    with pytest.raises(ValueError, match="called more than once"):
+        capture_statistics(twice, loss, (torch.randn(4, 3, dtype=torch.float64), y))
+    assert not lin._forward_hooks                       # the hooks came off
+    with pytest.raises(TypeError, match="statistics must be a CapturedStatistics"):
+        kronecker_preconditioner(None, None, None, "kfac", 1e-2, statistics={})
+    with pytest.raises(TypeError, match=r"data\[0\] must be a pair"):
+        capture_statistics(lin, loss, [x])

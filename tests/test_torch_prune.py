@@ -226,3 +226,14 @@ def test_masks_follow_copies_stay_out_of_state_dict_and_come_off():
         model[0].weight.fill_(1.0)
     model(data[0])
     assert bool((model[0].weight == 1.0).all()) and not hasattr(model[0], "_mfac_removed")
+
+
+def test_prune_leaves_other_parameters_alone():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5),
+                                torch.nn.Linear(5, 4)).double()
+    ln = [p.detach().clone() for p in model[1].parameters()]
+    rep = prune(model, torch.nn.CrossEntropyLoss(), _data(), 0.5, method="independent",
+                num_grads=20, damping=LAM)
+    assert set(rep.masks.removed) == {"0", "2"} and rep.sparsity == 0.5
+    assert all(torch.equal(a, b) for a, b in zip(ln, model[1].parameters()))

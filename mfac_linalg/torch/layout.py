@@ -259,8 +259,12 @@ class ParameterLayout:
         return f"<ParameterLayout d={self.dim} layers=[{', '.join(parts)}]>"
 
 
-def select_layers(model, layers=None):
-    """[(name, module)] of the Linear / Conv2d layers used, in the model's parameter order."""
+def select_layers(model, layers=None, *, strict=True):
+    """[(name, module)] of the Linear / Conv2d layers used, in the model's parameter order.
+
+    Without ``layers``: every Linear / Conv2d layer with trainable parameters; ``strict``
+    refuses a model with other trainable parameters (a layout must then cover exactly
+    ``parameters_to_vector`` of the trainable parameters)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     supported = (torch.nn.Linear, torch.nn.Conv2d)
@@ -283,7 +287,7 @@ def select_layers(model, layers=None):
                     chosen.append((name, mod))
             else:
                 others.append(pname)
-        if others:
+        if others and strict:
             raise ValueError(f"model has trainable parameters outside nn.Linear / nn.Conv2d "
                              f"layers: {others[:5]}{' ...' if len(others) > 5 else ''}; pass "
                              "layers= to choose the layers, or freeze them")

@@ -271,7 +271,8 @@ def prune(model, loss_fn, data, sparsity, *, method="joint", fisher="block", blo
     steps : int
         Stages (gradual pruning when > 1).
     schedule : {"cubic", "linear"}
-    layers : optional module names or modules (default: every Linear / Conv2d layer)
+    layers : optional module names or modules (default: every Linear / Conv2d layer; other
+        trainable parameters, e.g. batch norm, are left as they are)
     block_layout : {"layer", "flat"}
         "layer": blocks never cross a layer boundary (docs/math.md §3); "flat": blocks of
         ``block_size`` over the whole compressed vector, as the published M-FAC pruner.
@@ -325,7 +326,7 @@ def prune(model, loss_fn, data, sparsity, *, method="joint", fisher="block", blo
     if between is not None and not callable(between):
         raise TypeError(f"between must be callable as between(model, stage); got "
                         f"{type(between).__name__}")
-    named = select_layers(model, layers)
+    named = select_layers(model, layers, strict=False)     # other parameters are not pruned
     V.damping(damping)
     # positions of the pruned weights inside parameters_to_vector(trainable params)
     trainable = [p for p in model.parameters() if p.requires_grad]
