@@ -45,6 +45,8 @@ def test_layout_from_model_round_trip_and_per_layer_order():
     X = torch.stack([x, 2 * x], 0)
     assert torch.equal(lay.to_kronecker(X, dim=1)[1], 2 * k)
     assert np.array_equal(lay.to_kronecker(x.numpy()), k.numpy())
+    with pytest.raises(ValueError, match="read-only"):
+        lay.perm[0] = 1
     ws = lay.split(x)
     assert torch.equal(ws[0][0].reshape(-1), model[0].weight.reshape(-1)) and ws[1][1] is None
 

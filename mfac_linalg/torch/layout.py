@@ -163,6 +163,8 @@ class ParameterLayout:
                                     for s, off in zip(specs, self.offsets[:-1])])
         self.inverse = np.empty_like(self.perm)
         self.inverse[self.perm] = np.arange(self.dim, dtype=np.int64)
+        for a in (self.offsets, self.perm, self.inverse):
+            a.setflags(write=False)           # handed out: read-only
         self._torch_idx = {}
 
     # -- construction from a model --------------------------------------------------

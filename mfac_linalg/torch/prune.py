@@ -292,7 +292,9 @@ def prune(model, loss_fn, data, sparsity, *, method="joint", fisher="block", blo
     Raises
     ------
     TypeError, ValueError
-        Bad arguments (named in the message), too few samples for ``num_grads``.
+        Bad arguments (named in the message), too few samples for ``num_grads``: checked
+        before the model is touched.  A numerical failure inside a stage raises before
+        that stage writes anything; the earlier stages' results stay on the model.
 
     Examples
     --------
