@@ -436,3 +436,179 @@ def test_static_one_rank_on_gpu(grads):
     y = op.matvec(cp.asarray(x))
     assert isinstance(y, cp.ndarray)
     assert np.allclose(cp.asnumpy(y), ref.matvec(x), rtol=1e-12, atol=0)
+
+
+# -- P ranks as threads of one process: random operation sequences (hypothesis) -------------
+
+import threading  # noqa: E402
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+class _ThreadGroup:
+    def __init__(self, P):
+        self.P = P
+        self.barrier = threading.Barrier(P, timeout=30)
+        self.slots = [None] * P
+
+
+class ThreadComm(Communicator):
+    """P ranks as threads: every rank sums the P buffers in rank order (the same bits
+    everywhere), as an ordered all-reduce would."""
+
+    def __init__(self, group, rank):
+        self.g, self.rank, self.size = group, rank, group.P
+
+    def _allreduce_sum(self, buf):
+        g = self.g
+        g.slots[self.rank] = buf.copy()
+        g.barrier.wait()
+        total = g.slots[0].copy()
+        for p in range(1, g.P):
+            total += g.slots[p]
+        g.barrier.wait()
+        buf[...] = total
+
+    def _broadcast(self, buf, root):
+        g = self.g
+        if self.rank == root:
+            g.slots[root] = buf.copy()
+        g.barrier.wait()
+        src = g.slots[root]
+        g.barrier.wait()
+        buf[...] = src
+
+    def barrier(self):
+        self.g.barrier.wait()
+
+
+def run_ranks(P, fn, *args):
+    """fn(comm, *args) on P threads; the per-rank results (exceptions re-raised)."""
+    group = _ThreadGroup(P)
+    out = [None] * P
+
+    def body(r):
+        try:
+            out[r] = ("ok", fn(ThreadComm(group, r), *args))
+        except BaseException as exc:          # noqa: BLE001 - reported below
+            out[r] = ("raised", exc)
+            group.barrier.abort()
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(P)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for kind, val in out:
+        if kind == "raised" and not isinstance(val, threading.BrokenBarrierError):
+            raise val
+    return [v for _, v in out]
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    n = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / (n if n > 0 else 1.0))
+
+
+_OPS = st.sampled_from(["step", "update", "batch", "matvec", "quad", "entry", "diagonal",
+                        "logdet", "refresh", "reset"])
+
+
+@st.composite
+def _scenarios(draw):
+    P = draw(st.integers(1, 3))
+    d = draw(st.integers(P, 14))
+    m = draw(st.integers(1, 5))
+    kind = draw(st.sampled_from(["contiguous", "random"]))
+    if kind == "random":                       # random ranges, ranks may hold nothing
+        cuts = sorted(draw(st.lists(st.integers(1, d - 1), max_size=4, unique=True))) \
+            if d > 1 else []
+        bounds = [0, *cuts, d]
+        owners = draw(st.lists(st.integers(0, P - 1), min_size=len(bounds) - 1,
+                               max_size=len(bounds) - 1))
+        ranges = [[] for _ in range(P)]
+        for (a, b), p in zip(zip(bounds[:-1], bounds[1:]), owners):
+            ranges[p].append((a, b))
+        layout = ColumnLayout(d, ranges)
+    else:
+        layout = ColumnLayout.contiguous(d, P)
+    opts = dict(normalize=draw(st.sampled_from(["window", "count"])),
+                engine=draw(st.sampled_from(["cholesky", "explicit"])),
+                refresh_every=draw(st.sampled_from([None, 1, 2])))
+    ops = draw(st.lists(_OPS, min_size=1, max_size=12))
+    return layout, m, opts, ops, draw(st.integers(0, 2 ** 31 - 1))
+
+
+def _play(comm, layout, m, opts, ops, seed):
+    lam = 0.7
+    J = layout.indices(comm.rank)
+    d = layout.dim
+    w = ShardedSlidingWindowInverseFisher(layout.local_dim(comm.rank), m, lam, comm,
+                                          layout=layout, dtype="float64", **opts)
+    ref = ml.SlidingWindowInverseFisher(dim=d, window=m, damping=lam, dtype="float64", **opts)
+    rng = np.random.default_rng(seed)          # the same draws on every rank
+    worst = 0.0
+    for op in ops:
+        x = rng.standard_normal(d)
+        if op == "step":
+            worst = max(worst, _rel(w.step(x[J]), ref.step(x)[J]))
+        elif op == "update":
+            w.update(x[J])
+            ref.update(x)
+        elif op == "batch":
+            Gb = rng.standard_normal((int(rng.integers(2, 5)), d))
+            w.update(Gb[:, J])
+            ref.update(Gb)
+        elif op == "matvec":
+            worst = max(worst, _rel(w.matvec(x[J]), ref.matvec(x)[J]))
+        elif op == "quad":
+            worst = max(worst, _rel(w.quad(x[J]), ref.quad(x)))
+        elif op == "entry":
+            i, j = (int(v) for v in rng.integers(0, d, 2))
+            worst = max(worst, abs(w.entry(i, j) - ref.entry(i, j)) * lam)
+        elif op == "diagonal":
+            worst = max(worst, _rel(w.diagonal(), ref.diagonal()[J]))
+        elif op == "logdet":
+            worst = max(worst, _rel(w.logdet(), ref.logdet()))
+        elif op == "refresh":
+            w.refresh()
+            ref.refresh()
+        else:
+            w.reset()
+            ref.reset()
+        assert w.count == ref.count and w.total == ref.total
+    worst = max(worst, _rel(w.todense(), ref.todense()))
+    return worst, w.digest()
+
+
+@given(_scenarios())
+def test_window_random_sequences_on_thread_ranks(scenario):
+    layout, m, opts, ops, seed = scenario
+    outs = run_ranks(layout.size, _play, layout, m, opts, ops, seed)
+    for worst, _ in outs:
+        assert worst <= 1e-12, (worst, ops)
+    assert len({dg for _, dg in outs}) == 1
+
+
+def _static_threads(comm, layout, m, seed):
+    rng = np.random.default_rng(seed)
+    d = layout.dim
+    G = rng.standard_normal((m, d))
+    J = layout.indices(comm.rank)
+    op = ShardedStaticInverseFisher(G[:, J], 0.6, comm, layout=layout)
+    ref = ml.StaticInverseFisher(G, 0.6)
+    X = rng.standard_normal((d, 2))
+    i, j = (int(v) for v in rng.integers(0, d, 2))
+    return max(_rel(op.matmat(X[J]), ref.matmat(X)[J]), _rel(op.quad(X[J]), ref.quad(X)),
+               abs(op.entry(i, j) - ref.entry(i, j)) * 0.6, _rel(op.todense(), ref.todense()),
+               _rel(op.diagonal(), ref.diagonal()[J]), _rel(op.logdet(), ref.logdet()))
+
+
+@given(st.integers(1, 3), st.integers(1, 6), st.integers(0, 2 ** 31 - 1))
+def test_static_random_layouts_on_thread_ranks(P, m, seed):
+    rng = np.random.default_rng(seed)
+    d = m + 1 + int(rng.integers(P, 12))       # m < d: the dual form on both sides
+    layout = ColumnLayout.sharded([d - 2, 2], P) if seed % 2 else ColumnLayout.contiguous(d, P)
+    for worst in run_ranks(P, _static_threads, layout, m, seed):
+        assert worst <= 1e-12
