@@ -208,7 +208,7 @@ class ParameterLayout:
         if is_tensor(x):
             key = (which, x.device)
             if key not in self._torch_idx:
-                self._torch_idx[key] = torch.from_numpy(arr).to(x.device)
+                self._torch_idx[key] = torch.tensor(arr, device=x.device)   # a copy
             return self._torch_idx[key]
         return arr
 
