@@ -612,3 +612,75 @@ def test_static_random_layouts_on_thread_ranks(P, m, seed):
     layout = ColumnLayout.sharded([d - 2, 2], P) if seed % 2 else ColumnLayout.contiguous(d, P)
     for worst in run_ranks(P, _static_threads, layout, m, seed):
         assert worst <= 1e-12
+
+
+# -- the CUDA buffer's fused one-vector path, through a host stand-in ------------------------
+
+def _fused_parts():
+    """make_buffer / pick_engine whose buffer has the CUDA buffer's fused interface
+    (start_vector, combine_vector; its prepare defers the NaN check) and whose engine has
+    the kernel engines' solve32, all in NumPy: the sharded window's fused control flow
+    runs on the CPU."""
+    from mfac_linalg._capacitance import pick_engine
+    from mfac_linalg.sliding.buffer import RingBuffer
+
+    class FusedHost(RingBuffer):
+        fused = True
+        coef_dtype = np.float64
+
+        def prepare(self, rows, check=True, name="g"):
+            return rows.astype(self.storage, copy=False)      # the check is deferred
+
+        def start_vector(self, x, n, lam, check):
+            u = np.zeros(self.m)
+            u[:n] = self.G[:n] @ x
+            return u, x / lam
+
+        def combine_vector(self, y, c, n, lam):
+            return y - (self.G[:n].T @ c[:n]) / lam
+
+    def make(window, dim, storage, backend):
+        return FusedHost(window, dim, storage, backend)
+
+    def pick(*args, **kwargs):
+        eng = pick_engine(*args, **kwargs)
+        eng.solve32 = lambda u: eng.solve(u[:eng.n, None])[:, 0]
+        return eng
+
+    return make, pick
+
+
+def _fused_play(comm, layout, seed):
+    lam, m = 0.8, 3
+    rng = np.random.default_rng(seed)
+    J = layout.indices(comm.rank)
+    w = ShardedSlidingWindowInverseFisher(layout.local_dim(comm.rank), m, lam, comm,
+                                          layout=layout, dtype="float64")
+    assert w._buf.fused
+    ref = ml.SlidingWindowInverseFisher(dim=layout.dim, window=m, damping=lam, dtype="float64")
+    worst = 0.0
+    for _ in range(5):
+        g, x = rng.standard_normal(layout.dim), rng.standard_normal(layout.dim)
+        worst = max(worst, _rel(w.step(g[J]), ref.step(g)[J]),
+                    _rel(w.matvec(x[J]), ref.matvec(x)[J]),
+                    _rel(w.quad(x[J]), ref.quad(x)))
+    bad = g[J].copy()
+    if comm.rank == layout.size - 1:
+        bad[...] = np.nan                      # the deferred check is done before agreeing
+    before = w.digest()
+    try:
+        w.step(bad)
+        raised = None
+    except Exception as exc:
+        raised = type(exc).__name__
+    return worst, raised, w.digest() == before
+
+
+def test_fused_vector_path_on_thread_ranks(monkeypatch):
+    import mfac_linalg.distributed.window as W
+    monkeypatch.setattr(W, "_parts", _fused_parts)
+    lay = ColumnLayout.contiguous(11, 2)
+    outs = run_ranks(2, _fused_play, lay, 5)
+    for r, (worst, raised, same) in enumerate(outs):
+        assert worst <= 1e-12
+        assert raised == ("ValueError" if r == 1 else "RemoteRankError") and same

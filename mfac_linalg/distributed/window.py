@@ -436,8 +436,26 @@ class ShardedSlidingWindowInverseFisher(ShardedOperator):
         return self._flagged_sum(payload, rows * k, err, "ShardedSlidingWindowInverseFisher")\
             .reshape(rows, k)
 
+    def _fused_vector(self, X, err):
+        """The CUDA buffer's fused pass 1 for one vector (no float32 copy of a 16-bit
+        buffer): u = G_h x all-reduced into the workspace, and y = x / λ.  Returns (u, y)."""
+        n, m = self._n(), self._m
+        u = y = None
+        if err is None:
+            try:
+                u, y = self._buf.start_vector(X[:, 0], n, self._damping, False)
+            except Exception as exc:
+                err = exc
+        us = self._flagged_sum(u, m, err, "ShardedSlidingWindowInverseFisher")
+        u[...] = us
+        return u, y
+
     def _collective_matmat(self, X, k, err, what):
         n = self._n()
+        if self._buf.fused and k == 1 and n:
+            u, y = self._fused_vector(X, err)
+            y = self._buf.combine_vector(y, self._eng.solve32(u), n, self._damping)
+            return y[:, None].astype(X.dtype, copy=False)
         U = self._project(X, k, err)
         if n == 0:
             return X * (1.0 / self._damping)
@@ -445,10 +463,16 @@ class ShardedSlidingWindowInverseFisher(ShardedOperator):
 
     def _collective_quad(self, X, k, err):
         xp = self._backend.xp
+        n = self._n()
+        if self._buf.fused and k == 1 and n:
+            xx = self._flagged_sum(None if err else xp.einsum("ij,ij->j", X, X).astype(
+                np.float64), 1, err, "quad")
+            u, _ = self._fused_vector(X, None)
+            return (xx - self._eng.inner(u[:n, None])) / self._damping
         S = self._project(X, k, err, extra=lambda X_: xp.einsum(
             "ij,ij->j", X_, X_).astype(np.float64)[None, :])
         U, xx = S[:-1], S[-1]
-        if self._n():
+        if n:
             xx = xx - self._eng.inner(U)
         return xx / self._damping
 
