@@ -684,3 +684,32 @@ def test_fused_vector_path_on_thread_ranks(monkeypatch):
     for r, (worst, raised, same) in enumerate(outs):
         assert worst <= 1e-12
         assert raised == ("ValueError" if r == 1 else "RemoteRankError") and same
+
+
+def _mixed_checkpoints(comm, tmp):
+    """Rank 0 loads a checkpoint one step older than rank 1's: the loaded replicas
+    differ, every rank raises and keeps the state it had."""
+    import os
+    from mfac_linalg.distributed import ReplicaDivergenceError
+    lay = ColumnLayout.contiguous(9, comm.size)
+    J = lay.indices(comm.rank)
+    rng = np.random.default_rng(2)
+    w = ShardedSlidingWindowInverseFisher(lay.local_dim(comm.rank), 3, 0.5, comm, layout=lay,
+                                          dtype="float64")
+    for t in range(4):
+        w.step(rng.standard_normal(9)[J])
+        w.save(os.path.join(tmp, f"r{comm.rank}-t{t}.npz"))
+    fresh = ShardedSlidingWindowInverseFisher(lay.local_dim(comm.rank), 3, 0.5, comm,
+                                              layout=lay, dtype="float64")
+    d0 = fresh.digest()
+    t = 2 if comm.rank == 0 else 3
+    try:
+        fresh.load(os.path.join(tmp, f"r{comm.rank}-t{t}.npz"))
+    except ReplicaDivergenceError as exc:
+        return exc.ranks, fresh.digest() == d0, fresh.total
+    return None
+
+
+def test_checkpoints_of_different_steps_are_refused(tmp_path):
+    for res in run_ranks(2, _mixed_checkpoints, str(tmp_path)):
+        assert res == ([1], True, 0)
