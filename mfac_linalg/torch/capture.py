@@ -102,8 +102,8 @@ def per_sample_gradients(model, loss_fn, batch, *, method="auto", chunk_size=Non
 
     ``method="vmap"`` uses ``torch.func`` (``functional_call``, ``grad``, ``vmap``: one
     batched pass); ``"loop"`` one forward and backward per sample (micro-batches of one;
-    any model, e.g. with batch norm in training mode); ``"auto"`` tries ``vmap`` and
-    falls back to the loop.  Cost: about n times a single-sample gradient; memory
+    any model that runs on a batch of one; batch norm in training mode does not: call
+    ``model.eval()`` first); ``"auto"`` tries ``vmap`` and falls back to the loop.  Cost: about n times a single-sample gradient; memory
     O(n d) for the result (``vmap`` with ``chunk_size`` bounds the working memory).
 
     Parameters
