@@ -713,3 +713,16 @@ def _mixed_checkpoints(comm, tmp):
 def test_checkpoints_of_different_steps_are_refused(tmp_path):
     for res in run_ranks(2, _mixed_checkpoints, str(tmp_path)):
         assert res == ([1], True, 0)
+
+
+def _mismatched_options(comm):
+    try:
+        ShardedSlidingWindowInverseFisher(3, 2, 0.5, comm, dtype="float64",
+                                          engine="cholesky" if comm.rank else "explicit")
+    except ValueError as exc:
+        return str(exc)
+
+
+def test_window_options_must_agree():
+    for msg in run_ranks(2, _mismatched_options):
+        assert "engine must be the same on every rank" in msg

@@ -74,7 +74,8 @@ def layout_digest(layout):
 def agree_setup(comm, table, *, layout, what, name, labels=None):
     """Checks of a set-up header, identical on every rank (so every rank raises alike).
 
-    ``table`` is P x (5 + 4): m, d_p, dtype code, damping, has_layout, layout digest.
+    ``table`` is P x (5 + 4 + ...): m, d_p, dtype code, damping, has_layout, layout
+    digest (columns beyond are the caller's to check).
     Returns the layout (built contiguous from the d_p when none was given).
     """
     P = comm.size
@@ -88,7 +89,7 @@ def agree_setup(comm, table, *, layout, what, name, labels=None):
             shown = [int(v) if key in ("m", "has_layout") else v for v in vals]
             raise ValueError(f"{what}: {label} must be the same on every rank; got {shown} "
                              "(rank order)")
-    if any(not np.array_equal(table[p, 5:], table[0, 5:]) for p in range(P)):
+    if any(not np.array_equal(table[p, 5:9], table[0, 5:9]) for p in range(P)):
         raise ValueError(f"{what}: layout must be the same ColumnLayout on every rank")
     dims = [int(v) for v in col["d"]]
     if layout is not None:

@@ -143,7 +143,7 @@ class ShardedSlidingWindowInverseFisher(ShardedOperator):
         comm, layout, err = self._setup_comm(comm, layout)
         self._comm = comm
         self._backend = B.CPU
-        vals = [0.0] * 9
+        vals = [0.0] * 13
         try:
             if err is not None:
                 raise err
@@ -163,12 +163,18 @@ class ShardedSlidingWindowInverseFisher(ShardedOperator):
             check_finite = V.boolean(check_finite, "check_finite")
             self._backend = be
             vals = [window, local_dim, _STORAGE_CODE[storage], lam,
-                    float(layout is not None), *layout_digest(layout)]
+                    float(layout is not None), *layout_digest(layout),
+                    _NORMALIZE.index(normalize), _ENGINES.index(engine), refresh_every,
+                    check_every or 0]
         except Exception as exc:
             err = exc
         table = self._header(vals, err, "ShardedSlidingWindowInverseFisher set-up")
         layout = agree_setup(comm, table, layout=layout, what="ShardedSlidingWindowInverseFisher",
                              name="local_dim", labels={"m": "window", "dtype": "dtype"})
+        for c, key in enumerate(("normalize", "engine", "refresh_every", "check_every"), 9):
+            if len(set(table[:, c].tolist())) != 1:
+                raise ValueError(f"ShardedSlidingWindowInverseFisher: {key} must be the same on "
+                                 "every rank (the m x m state is replicated)")
         err = None
         try:
             eng = pick_engine(be, storage, normalize, engine, window=window)
@@ -233,7 +239,7 @@ class ShardedSlidingWindowInverseFisher(ShardedOperator):
         kwargs.setdefault("device", be)
         if err is not None:         # every rank must still meet the set-up's collectives
             comm = as_comm(comm)
-            ShardedOperator._header(_Shell(comm), [0.0] * 9, err, "from_local_gradients")
+            ShardedOperator._header(_Shell(comm), [0.0] * 13, err, "from_local_gradients")
         w = cls(d_p, m, damping, comm, **kwargs)
         Kp = None
         try:
