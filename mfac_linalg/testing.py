@@ -38,7 +38,7 @@ import pickle
 import numpy as np
 
 __all__ = [
-    "Oracle", "inverse_fisher_oracle", "kronecker_oracle", "block_diag_oracle",
+    "Oracle", "fisher_oracle", "inverse_fisher_oracle", "kronecker_oracle", "block_diag_oracle",
     "refined_solve", "gradient_matrices", "fisher_problems", "check_operator",
     "CheckReport", "OperatorCheckError", "DEFAULT_TOLERANCES",
 ]
@@ -325,6 +325,87 @@ def _mp_logdet(Amp, *, rounded=True):
         return float(v) if rounded else v
 
 
+def fisher_oracle(grads, damping=0.0, *, N=None):
+    r"""The exact oracle of F = λI + GᵀG/N itself (λ >= 0; λ = 0 gives the empirical
+    Fisher GᵀG/N, e.g. a curvlinops ``EFLinearOperator`` with N = 1 for a summed loss).
+
+    Products are computed in mpmath in the factored form λX + Gᵀ(GX)/N (F is never
+    formed in mpmath) and rounded once.  ``kappa`` is κ_W = λ_max(F)/λ (the Woodbury
+    form's conditioning factor) for λ > 0, cond(GᵀG) for λ = 0 (infinite when G has
+    rank < d: no relative bound exists there); ``logdet`` = log det F in mpmath (None
+    when F is singular).  Cost: O(r³) mpmath operations once (r = min(m, d)),
+    O(mdk) per product with k columns.
+
+    Parameters
+    ----------
+    grads : array_like, shape (m, d)
+        The gradients as rows, exactly as the operator holds them.
+    damping : float
+        λ >= 0.
+    N : float, optional
+        The normalization (default m).
+
+    Returns
+    -------
+    Oracle
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_linalg.testing import fisher_oracle
+    >>> G = np.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> o = fisher_oracle(G, 0.5, N=1)
+    >>> o.matmat(np.array([1.0, 0.0])).tolist()           # (0.5 I + G^T G) e_1
+    [10.5, 14.0]
+    >>> round(float(np.exp(o.logdet)), 9)                 # det = 10.5 * 20.5 - 14**2
+    19.25
+    """
+    mp = _mpmath()
+    G = np.array(_host64(grads), dtype=np.float64)
+    if G.ndim != 2:
+        raise ValueError(f"grads must be 2-D (m, d); got shape {G.shape}")
+    m, d = G.shape
+    lam = float(damping)
+    if not lam >= 0 or not math.isfinite(lam):
+        raise ValueError(f"damping must be >= 0 and finite; got {damping}")
+    N = float(m if N is None else N)
+    if not N > 0:
+        raise ValueError(f"N must be > 0; got {N}")
+    sv = np.linalg.svd(G, compute_uv=False) ** 2 / N if G.size else np.zeros(1)
+    eig = lam + np.concatenate([sv, np.zeros(max(0, d - sv.size))])
+    top = float(eig.max())
+    if lam > 0:
+        kappa = top / lam
+    else:
+        kappa = top / float(eig.min()) if eig.min() > 0 else math.inf
+    ld = None
+    with mp.workprec(MP_PREC):
+        Gmp = _to_mp(G)
+        lam_mp, N_mp = mp.mpf(lam), mp.mpf(N)
+        if lam > 0 and m <= d:
+            C = Gmp @ Gmp.T + np.diag([N_mp * lam_mp] * m).astype(object)
+            ld = float(d * mp.log(lam_mp) + _mp_logdet(C, rounded=False)
+                       - m * mp.log(N_mp * lam_mp))
+        elif eig.min() > 0:
+            Fm = (Gmp.T @ Gmp) / N_mp + np.diag([lam_mp] * d).astype(object)
+            ld = _mp_logdet(Fm)
+    scale = float(max(m, d) + np.abs(np.log(eig[eig > 0])).sum())
+
+    def apply_mp(X):
+        with mp.workprec(MP_PREC):
+            Xmp = _to_mp(X)
+            return lam_mp * Xmp + (Gmp.T @ (Gmp @ Xmp)) / N_mp
+
+    def apply_F(X):
+        with mp.workprec(MP_PREC):
+            return _to_float(apply_mp(X))
+
+    fwd = Oracle(d, apply_F, kappa=kappa, logdet=ld, logdet_scale=scale,
+                 positive_definite=bool(eig.min() > 0), name="F")
+    fwd._apply_mp = apply_mp
+    return fwd
+
+
 def inverse_fisher_oracle(grads, damping, *, N=None):
     r"""The exact oracle of F⁻¹ for F = λI + GᵀG/N (docs/math.md §1, §5).
 
@@ -366,42 +447,13 @@ def inverse_fisher_oracle(grads, damping, *, N=None):
     True
     """
     import scipy.linalg as sla
-    mp = _mpmath()
+    if not float(damping) > 0:
+        raise ValueError(f"damping must be > 0; got {damping}")
+    fwd = fisher_oracle(grads, damping, N=N)
     G = np.array(_host64(grads), dtype=np.float64)
-    if G.ndim != 2:
-        raise ValueError(f"grads must be 2-D (m, d); got shape {G.shape}")
     m, d = G.shape
     lam = float(damping)
-    if not lam > 0:
-        raise ValueError(f"damping must be > 0; got {damping}")
     N = float(m if N is None else N)
-    with mp.workprec(MP_PREC):
-        Gmp = _to_mp(G)
-        lam_mp, N_mp = mp.mpf(lam), mp.mpf(N)
-        if m <= d:
-            C = Gmp @ Gmp.T + np.diag([N_mp * lam_mp] * m).astype(object)
-            ld = float(d * mp.log(lam_mp) + _mp_logdet(C, rounded=False)
-                       - m * mp.log(N_mp * lam_mp))
-        else:
-            Fm = (Gmp.T @ Gmp) / N_mp + np.diag([lam_mp] * d).astype(object)
-            ld = _mp_logdet(Fm)
-    top = (np.linalg.norm(G, 2) ** 2 / N) if G.size else 0.0
-    kappa = (lam + top) / lam
-    eig = lam + np.concatenate([np.linalg.svd(G, compute_uv=False) ** 2 / N,
-                                np.zeros(max(0, d - min(m, d)))])
-    scale = float(max(m, d) + np.abs(np.log(eig)).sum())
-
-    def apply_mp(X):
-        with mp.workprec(MP_PREC):
-            Xmp = _to_mp(X)
-            return lam_mp * Xmp + (Gmp.T @ (Gmp @ Xmp)) / N_mp
-
-    def apply_F(X):
-        with mp.workprec(MP_PREC):
-            return _to_float(apply_mp(X))
-
-    fwd = Oracle(d, apply_F, kappa=kappa, logdet=ld, logdet_scale=scale, name="F")
-    fwd._apply_mp = apply_mp
     # float64 corrections through the dual (Woodbury) form when m < d, else Cholesky of F
     if m < d:
         cC = sla.cho_factor(N * lam * np.eye(m) + G @ G.T, lower=True)

@@ -306,3 +306,45 @@ def test_strategy_arguments_are_checked():
         mt.gradient_matrices(rank=0)
     with pytest.raises(ValueError, match="kinds"):
         mt.gradient_matrices(kinds="tall")
+
+
+def test_fisher_oracle_without_damping():
+    G = np.array([[1.0, 2.0], [3.0, 4.0], [0.5, -1.0]])
+    o = mt.fisher_oracle(G, 0.0, N=1)
+    x = np.array([0.3, -0.7])
+    exact = [sum(Fraction(G[k, i]) * Fraction(G[k, j]) * Fraction(x[j])
+                 for k in range(3) for j in range(2)) for i in range(2)]
+    assert _ulps(o.matmat(x), exact) <= 0.5
+    s = np.linalg.svd(G, compute_uv=False)
+    assert o.kappa == pytest.approx((s[0] / s[-1]) ** 2, rel=1e-12)
+    singular = mt.fisher_oracle(np.ones((1, 3)), 0.0)
+    assert singular.kappa == math.inf and singular.logdet is None
+    with pytest.raises(ValueError, match="damping"):
+        mt.fisher_oracle(G, -1.0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")     # torch.jit, inside curvlinops
+def test_check_operator_on_a_curvlinops_operator():
+    """A user's curvature operator: curvlinops' empirical Fisher of a small model (summed
+    loss: EF = sum_n g_n g_n^T), checked against the exact oracle of its per-sample
+    gradients, in PyTorch's parameters_to_vector order."""
+    torch = pytest.importorskip("torch")
+    curvlinops = pytest.importorskip("curvlinops")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    X = torch.randn(20, 3, dtype=torch.float64)
+    y = torch.randn(20, 2, dtype=torch.float64)
+    loss = torch.nn.MSELoss(reduction="sum")
+    params = list(model.parameters())
+    ef = curvlinops.EFLinearOperator(model, loss, params, [(X, y)])
+    G = []
+    for n in range(20):
+        model.zero_grad()
+        loss(model(X[n:n + 1]), y[n:n + 1]).backward()
+        G.append(torch.cat([p.grad.reshape(-1) for p in params]).numpy().copy())
+    oracle = mt.fisher_oracle(np.array(G), 0.0, N=1)
+    report = mt.check_operator(ef.to_scipy(), oracle, skip=("pickle",))
+    assert "matmat" in report.ratios and "rmatvec" in report.ratios
+    # and a wrong normalization (the mean instead of the sum) is caught
+    with pytest.raises(mt.OperatorCheckError, match="matvec"):
+        mt.check_operator(ef.to_scipy(), mt.fisher_oracle(np.array(G), 0.0), skip=("pickle",))
