@@ -165,6 +165,22 @@ def _sliding(name, dtype, normalize, engine, devices=("cpu", "gpu")):
     return Case(name, "sliding", build, oracle, dtype, devices)
 
 
+def _sliding_from_gradients(name, dtype, window):
+    """A window set up in one call (``from_gradients``): a full window of G's rows."""
+    G = _grads(9, 8, 10) * np.linspace(0.5, 2.0, 8)[:, None]
+    window = window or G.shape[0]
+    lam = 1e-3 * _top(G)
+
+    def build(device, damping=lam):
+        return ml.SlidingWindowInverseFisher.from_gradients(_on(device, G), damping,
+                                                            window=window, dtype=dtype)
+
+    def oracle():
+        return mt.inverse_fisher_oracle(_round_to(G[-window:], dtype), lam, N=window)
+
+    return Case(name, "sliding", build, oracle, dtype)
+
+
 # -- block (WoodFisher) --------------------------------------------------------------------
 
 def _block(name, m, d, sizes, ratio):
@@ -357,6 +373,8 @@ def _all_cases():
                 cases.append(_sliding(f"sliding-{dtype}-{normalize}{suffix}", dtype, normalize,
                                       engine, devices))
     cases += [
+        _sliding_from_gradients("sliding-from_gradients-float64", "float64", 8),
+        _sliding_from_gradients("sliding-from_gradients-float32", "float32", None),
         _block("block-woodbury", 5, 10, (4, 4, 2), 1e-3),
         _block("block-explicit", 8, 10, (3, 7), 1e-3),
     ]

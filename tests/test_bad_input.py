@@ -380,3 +380,16 @@ def test_dlpack_tensors_from_torch():
     z = np.linspace(-1, 1, 6).astype(opb.dtype)
     assert np.linalg.norm(opb.matvec(z) - ob.matmat(z)) <= 16 * ob.kappa * np.finfo(
         opb.dtype).eps * np.linalg.norm(ob.matmat(z))
+
+
+def test_from_gradients_window_disagreeing_with_an_array():
+    """from_gradients(G, window=k) with an (m, dim) array and k != m: a ValueError naming
+    window, or a window of k slots holding the last k rows; never an argument ignored."""
+    G = np.random.default_rng(0).standard_normal((8, 10))
+    try:
+        w = ml.SlidingWindowInverseFisher.from_gradients(G, 0.1, window=6)
+    except ValueError as e:
+        assert "window" in str(e)
+        return
+    assert w.window == 6 and np.array_equal(np.asarray(w.gradients()), G[-6:]), (
+        f"window=6 ignored: window {w.window}, count {w.count}")
