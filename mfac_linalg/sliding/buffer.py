@@ -89,7 +89,7 @@ class RingBuffer:
         x = self.G[slot]
         u = xp.zeros(self.m, dtype=np.float64)
         u[:rows] = self.G[:rows] @ x
-        return Write(slot, old, u, x.copy())
+        return Write(slot, old, u, x)       # x: a view of the row as stored
 
     def check_gram(self, w):
         """u must be finite (a finite g whose products overflow): O(m)."""
