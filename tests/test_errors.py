@@ -16,12 +16,14 @@ def op(rng):
     (np.ones(5), ValueError, r"grads must be 2-D \(m, d\); got shape \(5,\)"),
     (np.ones((2, 3, 4)), ValueError, r"grads must be 2-D \(m, d\); got shape \(2, 3, 4\)"),
     (np.ones((0, 5)), ValueError, r"grads must hold at least 1 gradient.*got shape \(0, 5\)"),
-    (np.ones((3, 0)), ValueError, r"grads must hold at least 1 gradient.*dimension >= 1; got shape \(3, 0\)"),
+    (np.ones((3, 0)), ValueError,
+     r"grads must hold at least 1 gradient.*dimension >= 1; got shape \(3, 0\)"),
     (np.array([[1.0, np.nan]]), ValueError, r"grads must be finite"),
     (np.array([[1.0, np.inf]]), ValueError, r"grads must be finite"),
     (np.ones((2, 2), dtype=complex), TypeError, r"grads must be real; got complex"),
     (np.array([["a", "b"]]), TypeError, r"grads must have a real numeric dtype"),
-    ("not an array", TypeError, r"grads must be an array \(NumPy, CuPy or a DLPack tensor\); got str"),
+    ("not an array", TypeError,
+     r"grads must be an array \(NumPy, CuPy or a DLPack tensor\); got str"),
     (object(), TypeError, r"grads must be an array"),
 ])
 def test_bad_grads(grads, exc, msg):
@@ -34,7 +36,8 @@ def test_bad_grads(grads, exc, msg):
     (-1e-3, ValueError, r"damping must be > 0(\.0)?; got -0\.001"),
     (float("nan"), ValueError, r"damping must be a number; got nan"),
     (float("inf"), ValueError, r"damping must be finite; got inf"),
-    (1e-310, ValueError, r"damping must be in \[1.5e-154, 1.3e\+154\] for float64 results; got 1e-310"),
+    (1e-310, ValueError,
+     r"damping must be in \[1.5e-154, 1.3e\+154\] for float64 results; got 1e-310"),
     (1e308, ValueError, r"damping must be in \[.*\] for float64 results; got 1e\+308"),
     ("0.1", TypeError, r"damping must be a real number; got str '0.1'"),
     (np.array([0.1, 0.2]), TypeError, r"damping must be a real number; got ndarray"),
@@ -66,7 +69,8 @@ def test_bad_vectors_matvec(op, x, msg):
 def test_bad_matmat_and_quad(op):
     with pytest.raises(ValueError, match=r"X must be 2-D with shape \(10, k\); got shape \(10,\)"):
         op.matmat(np.ones(10))
-    with pytest.raises(ValueError, match=r"X must have shape \(10,\) or \(10, k\); got shape \(3, 2\)"):
+    with pytest.raises(ValueError,
+                       match=r"X must have shape \(10,\) or \(10, k\); got shape \(3, 2\)"):
         op.matmat(np.ones((3, 2)))
     with pytest.raises(ValueError, match=r"x must be finite"):
         op.quad(np.full(10, np.inf))
@@ -100,7 +104,8 @@ def test_getitem_needs_a_pair(op):
 
 def test_todense_size_guard(rng):
     op = ml.StaticInverseFisher(rng.standard_normal((2, 5000)), 1.0)
-    with pytest.raises(ValueError, match=r"todense would build a 5000 x 5000 matrix.*max_elements"):
+    with pytest.raises(ValueError,
+                       match=r"todense would build a 5000 x 5000 matrix.*max_elements"):
         op.todense(max_elements=10**6)
     assert op.todense(max_elements=25 * 10**6).shape == (5000, 5000)
 
