@@ -222,7 +222,7 @@ class MFAC(torch.optim.Optimizer):
                 if wd:
                     gr = gr + wd * p.detach().reshape(-1).to(self._cdt)
                 parts.append(gr)
-        g = torch.cat(parts)
+        g = parts[0] if len(parts) == 1 else torch.cat(parts)
         return g if self._idx is None else g[self._idx]
 
     @torch.no_grad()
@@ -245,15 +245,13 @@ class MFAC(torch.optim.Optimizer):
                                  "nothing was changed") from None
             raise
         u = to_torch(u, dtype=self._cdt, device=self._device)
-        upd = torch.empty_like(u)
         for grp, (a, b) in zip(self.param_groups, self._ranges):
             mu = grp["momentum"]
-            if mu > 0:
+            if mu > 0:                       # v <- mu v + (1 - mu) u
                 self._v[a:b].mul_(mu).add_(u[a:b], alpha=1.0 - mu)
-                upd[a:b] = self._v[a:b]
-            else:
-                self._v[a:b] = u[a:b]
-                upd[a:b] = u[a:b]
+            else:                            # v = u
+                self._v[a:b].copy_(u[a:b])
+        upd = self._v
         if self._idx is not None:
             full = torch.zeros(self._total, dtype=self._cdt, device=self._device)
             full[self._idx] = upd
