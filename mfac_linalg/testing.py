@@ -841,7 +841,8 @@ def check_operator(op, oracle, *, rng=None, tolerances=None, eps=None, k=3,
     (subclasses of :class:`mfac_linalg.Operator`) results of the input's type, dtype
     and shape, ``matmat`` with k columns as one call of the ``_matmat`` hook (no
     column loop, no dense fallback) and ``entry``/``diagonal`` that never build the
-    dense matrix; ``op[i, j] == op.entry(i, j)``; ``to_scipy()`` passes matmat through
+    dense matrix; the lazy algebra (``2 * op``, ``op * 2``, ``op / 2``, ``-op``,
+    ``op + op``, ``op * x`` as a product, ``np.asarray(op)`` a TypeError); ``op[i, j] == op.entry(i, j)``; ``to_scipy()`` passes matmat through
     in one call and solves with ``scipy.sparse.linalg.cg`` (positive definite
     oracles); the caller's arrays are never modified; arrays handed out (by
     ``todense()``, ``diagonal()`` and array-valued properties) are read-only or
@@ -869,7 +870,7 @@ def check_operator(op, oracle, *, rng=None, tolerances=None, eps=None, k=3,
         Columns of the block checks.
     methods : collection of str, optional
         Check only these (names as in :data:`DEFAULT_TOLERANCES`, plus ``"pickle"``,
-        ``"readonly"``, ``"fisher"``, ``"cg"``, ``"structure"``).
+        ``"readonly"``, ``"fisher"``, ``"cg"``, ``"structure"``, ``"algebra"``).
     skip : collection of str
         Checks to leave out (same names).
     strict : bool
@@ -1195,6 +1196,24 @@ def check_operator(op, oracle, *, rng=None, tolerances=None, eps=None, k=3,
                    "writing to arrays handed out changed the products: "
                    + ", ".join(n for n, _ in handed))
 
+    def c_algebra():
+        if not protocol:
+            rep.skipped.append(_prefix + "algebra")
+            return
+        # exact scalings (powers of two) and a sum of the operator with itself keep the
+        # products' bound; op * x is a product (the SciPy convention)
+        for label, new, factor in (("2*op", lambda: 2 * op, 2.0), ("op*2", lambda: op * 2, 2.0),
+                                   ("op/2", lambda: op / 2, 0.5), ("-op", lambda: -op, -1.0),
+                                   ("op+op", lambda: op + op, 2.0)):
+            record(f"algebra.{label}", "matmat", _col_err(new().matmat(X), factor * ref_X))
+        record("algebra.op*x", "matvec", _col_err(op * x, ref_x))
+        try:
+            np.asarray(op)
+        except TypeError:
+            structural("algebra.asarray", True)
+        else:
+            structural("algebra.asarray", False, "np.asarray(op) did not raise TypeError")
+
     def c_fisher():
         if orc.fisher is None or not hasattr(op, "fisher"):
             rep.skipped.append(_prefix + "fisher")
@@ -1214,7 +1233,7 @@ def check_operator(op, oracle, *, rng=None, tolerances=None, eps=None, k=3,
               ("rmatvec", c_rmat), ("matmul", c_matmul), ("adjoint", c_adjoint),
               ("diagonal", c_diagonal), ("entry", c_entry), ("todense", c_todense),
               ("quad", c_quad), ("logdet", c_logdet), ("to_scipy", c_to_scipy),
-              ("fisher", c_fisher), ("pickle", c_readonly_and_copies)]
+              ("algebra", c_algebra), ("fisher", c_fisher), ("pickle", c_readonly_and_copies)]
     for name, fn in checks:
         if name == "pickle" and not want("pickle") and want("readonly"):
             pass

@@ -27,7 +27,8 @@ def test_protocol(case, device):
     # every numerical method of the protocol ran (nothing silently skipped)
     for name in ("matvec", "matmat", "rmatvec", "matmul.op@x", "adjoint.T", "diagonal",
                  "entry", "todense", "quad", "matmat.one_pass", "diagonal.no_dense",
-                 "entry.no_dense", "deepcopy", "pickle", "readonly",
+                 "entry.no_dense", "deepcopy", "pickle", "readonly", "algebra.op+op",
+                 "algebra.op*x", "algebra.asarray",
                  "to_cupyx" if device == "gpu" else "to_scipy.matmat"):
         assert name in report.ratios, (name, report.skipped)
     if device == "cpu":
