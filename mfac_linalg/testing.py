@@ -844,8 +844,9 @@ def check_operator(op, oracle, *, rng=None, tolerances=None, eps=None, k=3,
     dense matrix; the lazy algebra (``2 * op``, ``op * 2``, ``op / 2``, ``-op``,
     ``op + op``, ``op * x`` as a product, ``np.asarray(op)`` a TypeError);
     ``op[i, j] == op.entry(i, j)``; ``to_scipy()`` passes matmat through in one call
-    and solves with ``scipy.sparse.linalg.cg`` (positive definite oracles); the caller's arrays are never modified; arrays handed out (by
-    ``todense()``, ``diagonal()`` and array-valued properties) are read-only or
+    and solves with ``scipy.sparse.linalg.cg`` (positive definite oracles); the
+    caller's arrays are never modified; arrays handed out (by ``todense()``,
+    ``diagonal()`` and array-valued properties) are read-only or
     copies (checked on a deep copy); ``pickle`` and ``copy.deepcopy`` give
     operators with bit-identical products; ``op.fisher()`` passes the same check
     against ``oracle.fisher``.
