@@ -184,11 +184,29 @@ def _static_methods(comm, layout_kind, dtype, seed):
     err["getitem"] = abs(op[2, 7] - ref[2, 7]) / scale
     err["logdet"] = abs(op.logdet() - ref.logdet()) / abs(ref.logdet())
     err["todense"] = _rel(op.todense(), ref.todense())
+    err.update(_fisher_errors(op, ref, lay, comm.rank, x, X))
     out = {"err": err, "shape": op.shape, "local_dim": op.local_dim,
            "dtype": str(op.matvec(x[J]).dtype),
            "digest": state_digest(op.factor).tolist()}
     op.check_replicas()
     return out
+
+
+def _fisher_errors(op, ref, lay, rank, x, X):
+    """The forward F of a sharded operator against the single-process one's."""
+    F, Fr = op.fisher(), ref.fisher()
+    J, d = lay.indices(rank), lay.dim
+    assert F.inverse() is op and op.inverse().inverse() is op
+    e = {"F.matvec": _rel(F.matvec(x[J]), Fr.matvec(x)[J]),
+         "F.matmat": _rel(F.matmat(X[J]), Fr.matmat(X)[J]),
+         "F.quad": _rel(F.quad(X[J]), Fr.quad(X)),
+         "F.diagonal": _rel(F.diagonal(), Fr.diagonal()[J]),
+         "F.todense": _rel(F.todense(), Fr.todense()),
+         "F.logdet": _rel(F.logdet(), Fr.logdet())}
+    scale = np.abs(Fr.todense()).max()
+    e["F.entry"] = max(abs(F.entry(i, j) - Fr.entry(i, j)) / scale
+                       for i, j in [(0, 0), (d - 1, 1), (4, 9), (-1, -1)])
+    return e
 
 
 def _static_bad_x(comm, bad_rank, what):
@@ -394,6 +412,7 @@ def _window_compare(w, ref, lay, rank, rng, dtype):
     e["logdet"] = abs(w.logdet() - ref.logdet()) / abs(ref.logdet())
     e["todense"] = _rel(w.todense(), ref.todense())
     e["gradients"] = _rel(w.gradients(), ref.gradients()[:, J]) if J.size else 0.0
+    e.update(_fisher_errors(w, ref, lay, rank, x, X))
     assert w.count == ref.count and w.total == ref.total
     return e
 

@@ -512,7 +512,7 @@ def _rel(a, b):
 
 
 _OPS = st.sampled_from(["step", "update", "batch", "matvec", "quad", "entry", "diagonal",
-                        "logdet", "refresh", "reset"])
+                        "logdet", "fisher", "refresh", "reset"])
 
 
 @st.composite
@@ -571,6 +571,12 @@ def _play(comm, layout, m, opts, ops, seed):
             worst = max(worst, _rel(w.diagonal(), ref.diagonal()[J]))
         elif op == "logdet":
             worst = max(worst, _rel(w.logdet(), ref.logdet()))
+        elif op == "fisher":
+            F, Fr = w.fisher(), ref.fisher()
+            i, j = (int(v) for v in rng.integers(0, d, 2))
+            worst = max(worst, _rel(F.matvec(x[J]), Fr.matvec(x)[J]), _rel(F.quad(x[J]),
+                        Fr.quad(x)), _rel(F.diagonal(), Fr.diagonal()[J]),
+                        abs(F.entry(i, j) - Fr.entry(i, j)) / (1 + abs(Fr.entry(i, j))))
         elif op == "refresh":
             w.refresh()
             ref.refresh()

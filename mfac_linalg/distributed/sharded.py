@@ -28,7 +28,7 @@ from .. import _capacitance as cap
 from .._capacitance import NotPositiveDefinite
 from .comm import agree, state_digest
 from .layout import ColumnLayout
-from ._base import ShardedOperator
+from ._base import ShardedFisherOperator, ShardedOperator
 
 __all__ = ["ShardedStaticInverseFisher", "NotPositiveDefinite"]
 
@@ -232,6 +232,7 @@ class ShardedStaticInverseFisher(ShardedOperator):
             Vp = None
             try:
                 Vp = solve_left(L, G, be)
+                colsq = be.xp.einsum("ij,ij->j", G, G)     # diag(GᵀG) on the local columns
                 logdet_L = 2.0 * B.scalar(be.xp.log(be.xp.diagonal(L)).sum())
             except Exception as exc:
                 err = exc
@@ -243,6 +244,7 @@ class ShardedStaticInverseFisher(ShardedOperator):
         self._L = L
         self._V = Vp
         self._logdet_L = logdet_L
+        self._colsq = colsq
 
     def _gram(self, G, float64):
         """The all-reduced Gram matrix G Gᵀ (one all-reduce of m² numbers)."""
@@ -337,3 +339,46 @@ class ShardedStaticInverseFisher(ShardedOperator):
         r"""log det F = d log λ + log det C − m log(m λ) (determinant lemma).  O(1), local."""
         lam, m = self._damping, self._m
         return self._dglobal * math.log(lam) + self._logdet_L - m * math.log(m * lam)
+
+    # -- the forward F ------------------------------------------------------------------------
+    def fisher(self):
+        """The forward F = λI + GᵀG/m on the same shards (a
+        :class:`~mfac_linalg.distributed.ShardedFisherOperator`, from V and L: G is
+        not stored twice).  Its products cost this operator's: one all-reduce of m k."""
+        return ShardedFisherOperator(self)
+
+    def inverse(self):
+        """F, the inverse of this F⁻¹ (``fisher()``)."""
+        return self.fisher()
+
+    def _fisher_matmat(self, X, k, err):
+        """F X = λX + V_pᵀ Lᵀ L (V X) / m  (G = L V)."""
+        U = self._pass1(X, k, err)
+        W = self._L.T @ (self._L @ U) * (1.0 / self._m)
+        Y = (self._V.T @ W.astype(self._V.dtype)).astype(X.dtype, copy=False)
+        Y += self._damping * X
+        return Y
+
+    def _fisher_quad(self, X, k, err):
+        xp = self._backend.xp
+        S = self._pass1(X, k, err, extra=lambda X_: xp.einsum(
+            "ij,ij->j", X_, X_).astype(np.float64)[None, :])
+        GX = self._L @ S[:-1]
+        return self._damping * S[-1] + xp.einsum("ij,ij->j", GX, GX) / self._m
+
+    def _fisher_entry(self, i, j, err):
+        vi, vj = self._pair_columns(lambda c: self._V[:, c].astype(np.float64), i, j, err,
+                                    self._m)
+        val = B.scalar((self._L @ vi) @ (self._L @ vj)) / self._m
+        return val + (self._damping if i == j else 0.0)
+
+    def _fisher_diagonal(self):
+        """λ + diag(GᵀG)/m on the local columns: O(d_p), local."""
+        return (self._damping + self._colsq / self._m).astype(self._dtype, copy=False)
+
+    def _fisher_todense(self):
+        xp = self._backend.xp
+        Gf = self._L @ self._gather_rows(self._V, self._m, "todense")
+        A = Gf.T @ Gf * (1.0 / self._m)
+        A[xp.diag_indices(self._dglobal)] += self._damping
+        return A.astype(self._dtype, copy=False)

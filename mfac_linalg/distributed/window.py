@@ -13,7 +13,7 @@ import numpy as np
 from .. import _backend as B
 from .. import _validate as V
 from .comm import agree, as_comm, state_digest
-from ._base import ShardedOperator
+from ._base import ShardedFisherOperator, ShardedOperator
 from .sharded import agree_setup, layout_digest
 from .layout import ColumnLayout
 
@@ -273,8 +273,11 @@ class ShardedSlidingWindowInverseFisher(ShardedOperator):
     def _n(self):
         return min(self._count, self._m)
 
+    def _N(self, n):
+        return self._m if self._normalize == "window" else max(n, 1)
+
     def _shift(self, n):
-        return (self._m if self._normalize == "window" else max(n, 1)) * self._damping
+        return self._N(n) * self._damping
 
     def _repr_fields(self):
         return super()._repr_fields() + [
@@ -513,6 +516,53 @@ class ShardedSlidingWindowInverseFisher(ShardedOperator):
         n = self._n()
         ld = self._dglobal * math.log(self._damping)
         return ld + (self._eng.logdet() - n * math.log(self._shift(n)) if n else 0.0)
+
+    # -- the forward F -------------------------------------------------------------------------------
+    def fisher(self):
+        """The forward F = λI + G_hᵀG_h/N on the same shards, a live view that follows later
+        updates (a :class:`~mfac_linalg.distributed.ShardedFisherOperator`)."""
+        return ShardedFisherOperator(self)
+
+    def inverse(self):
+        """F, the inverse of this F⁻¹ (``fisher()``)."""
+        return self.fisher()
+
+    def _fisher_matmat(self, X, k, err):
+        """F X = λX + G_hᵀ (G_h X) / N: pass 1 all-reduced, pass 2 local."""
+        n, lam = self._n(), self._damping
+        U = self._project(X, k, err)
+        if n == 0:
+            return X * lam
+        # combine(X, C, n, l) is (X - G_hᵀ C) / l: l = 1/λ and C = -U/(Nλ) give λX + G_hᵀU/N
+        return self._buf.combine(X, U * (-1.0 / (self._N(n) * lam)), n, 1.0 / lam)
+
+    def _fisher_quad(self, X, k, err):
+        xp = self._backend.xp
+        S = self._project(X, k, err, extra=lambda X_: xp.einsum(
+            "ij,ij->j", X_, X_).astype(np.float64)[None, :])
+        U = S[:-1]
+        return self._damping * S[-1] + xp.einsum("ij,ij->j", U, U) / self._N(self._n())
+
+    def _fisher_entry(self, i, j, err):
+        n = self._n()
+        gi, gj = self._pair_columns(lambda c: self._buf.columns([c], n)[:, 0], i, j, err, n)
+        return B.scalar(gi @ gj) / self._N(n) + (self._damping if i == j else 0.0)
+
+    def _fisher_diagonal(self):
+        """λ + Σ_i g_i² / N on the local columns: one local pass, O(d_p n)."""
+        out = self._backend.xp.full(self._d, self._damping, dtype=self._dtype)
+        n = self._n()
+        if n:
+            out += (self._buf.sq_colsum(n) / self._N(n)).astype(self._dtype)
+        return out
+
+    def _fisher_todense(self):
+        xp = self._backend.xp
+        n, d = self._n(), self._dglobal
+        Gh = self._gather_rows(self._buf.columns(slice(0, self._d), n), n, "todense")
+        A = Gh.T @ Gh * (1.0 / self._N(n)) if n else xp.zeros((d, d))
+        A[xp.diag_indices(d)] += self._damping
+        return A.astype(self._dtype, copy=False)
 
     # -- checkpoints (one per rank) ------------------------------------------------------------------
     def state_dict(self):
