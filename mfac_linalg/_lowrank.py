@@ -23,7 +23,8 @@ gradients is represented exactly.  So the dual form is taken when
 :math:`\lambda_{min}(F_k) \le 4\lambda` (rank-deficient or nearly so: its
 worst-case bound is then within a factor 4 of the primal's, and its typical
 error is far smaller); otherwise the primal form.  :math:`\lambda_{min}` comes
-from the singular values of :math:`R_k` (O(b^3), below the O(m b^2) of the QR).
+from the eigenvalues of the Gram matrix (O(b^3), below the O(m b^2) product; see
+:func:`build`).
 
 Everything m x m or b x b is float64; V is stored in the gradients' dtype.
 Blocks of equal size and form are stacked (leading axis) and computed as one
@@ -266,18 +267,37 @@ def _dual(W, starts, lam, N, backend, name):
     return LowRank(starts, b, V, L, 1.0 / lam, -1.0 / lam, False, N, lam, logdet, backend)
 
 
-def _primal(R64, starts, lam, N, dtype, backend, name):
-    """Primal form from R (nb, b, b) float64 with R^T R = G_k^T G_k: F = L L^T, V = L^{-1}."""
+def _sel(A, mask, xp):
+    """The blocks of the stack A where the host mask is True (A itself if all are)."""
+    return A if mask.all() else A[xp.asarray(np.flatnonzero(mask))]
+
+
+def _primal(K, Gb, starts, lam, N, backend, name):
+    """Primal form from the Gram matrices K = G_k^T G_k (nb, b, b) float64:
+    F_k = K / N + lam I = L L^T, V = L^{-1}.  A float32 Gram too inexact for the
+    Cholesky is redone with float64 accumulation from ``Gb``."""
     xp = backend.xp
-    K = _mT(R64) @ R64
-    K = (K + _mT(K)) * (0.5 / N)
-    _v.gram_finite(K, name, backend)
-    L = _cholesky(K + lam * xp.eye(R64.shape[-1], dtype=np.float64), backend)
+    b = K.shape[-1]
+    eye = lam * xp.eye(b, dtype=np.float64)
+    L = _cholesky(K / N + eye, backend)
+    if L is None and Gb.dtype != np.float64:
+        K = _gram64(_mT(Gb), backend)
+        L = _cholesky(K / N + eye, backend)
     if L is None:
         raise _npd(name, lam)
-    V = _inv_lower(L, backend).astype(dtype)
-    return LowRank(starts, R64.shape[-1], V, L, 0.0, 1.0, True, N, lam,
-                   _logdet_L(L, backend), backend)
+    V = _inv_lower(L, backend).astype(Gb.dtype)
+    return LowRank(starts, b, V, L, 0.0, 1.0, True, N, lam, _logdet_L(L, backend), backend)
+
+
+def _qr_dual(Gb, starts, lam, N, backend, name):
+    """Dual form for m >= b on the b x b factor R of G_k = Q_k R_k (O(m b^2))."""
+    xp = backend.xp
+    R = xp.linalg.qr(Gb[0], mode="r")[None] if Gb.shape[0] == 1 else \
+        xp.linalg.qr(Gb, mode="r")
+    if not bool(xp.isfinite(R).all()):
+        raise ValueError(f"{name} is too large for its dtype {Gb.dtype}: its QR factor "
+                         "overflows; rescale it (and the damping by the square of the scale)")
+    return _dual(R, starts, lam, N, backend, name)
 
 
 def build(Gb, starts, lam, N, backend, *, name="grads", form="auto"):
@@ -287,6 +307,12 @@ def build(Gb, starts, lam, N, backend, *, name="grads", form="auto"):
     size may take different forms).  ``form`` forces "dual" or "primal" (the
     primal form needs m >= b).  Cost O(nb m b min(m, b)); raises ValueError naming
     ``name`` when the products overflow or a factor is not positive definite.
+
+    For m >= b the choice needs lambda_min(F_k) = lambda + mu_min(K_k / N): the
+    eigenvalues of the Gram matrix (O(b^3), below the O(m b^2) Gram product), known
+    to eps * mu_max; a block whose mu_min is below 3 lambda + 8 eps mu_max (eps of the
+    storage dtype: indistinguishable from rank-deficient) takes the dual form, on
+    its QR factor.
     """
     xp = backend.xp
     nb, m, b = Gb.shape
@@ -295,27 +321,22 @@ def build(Gb, starts, lam, N, backend, *, name="grads", form="auto"):
         return [_dual(Gb, starts, lam, N, backend, name)]
     if m < b:
         raise ValueError(f"form='primal' needs m >= b; got m={m}, b={b}")
-    # m >= b: compress to the b x b triangular factor, G_k = Q_k R_k (O(m b^2))
-    R = Gb[0] if nb == 1 else Gb
-    R = xp.linalg.qr(R, mode="r")
-    R = R[None] if nb == 1 else R
-    if not bool(xp.isfinite(R).all()):
-        raise ValueError(f"{name} is too large for its dtype {Gb.dtype}: its QR factor "
-                         "overflows; rescale it (and the damping by the square of the scale)")
-    R64 = R.astype(np.float64)
+    if form == "dual":
+        return [_qr_dual(Gb, starts, lam, N, backend, name)]
+    K = _gram(_mT(Gb), backend, name)                     # G_k^T G_k, (nb, b, b)
+    if Gb.dtype != np.float64 and not bool(xp.isfinite(K).all()):
+        K = _gram64(_mT(Gb), backend)
+    _v.gram_finite(K, name, backend)
     if form == "auto":
-        s = xp.linalg.svd(R64, compute_uv=False)          # (nb, b), descending
-        lam_min = lam + B.to_host(s[:, -1]) ** 2 / N
-        dual = lam_min <= DUAL_MARGIN * lam
+        mu = B.to_host(xp.linalg.eigvalsh(K)) / N             # (nb, b), ascending
+        eps = float(np.finfo(Gb.dtype).eps)
+        dual = mu[:, 0] <= (DUAL_MARGIN - 1.0) * lam + 8.0 * eps * mu[:, -1]
     else:
-        dual = np.full(nb, form == "dual")
+        dual = np.zeros(nb, dtype=bool)
     out = []
     if dual.any():
-        sel = xp.asarray(np.flatnonzero(dual))
-        W = R[sel] if not dual.all() else R
-        out.append(_dual(W, starts[dual], lam, N, backend, name))
+        out.append(_qr_dual(_sel(Gb, dual, xp), starts[dual], lam, N, backend, name))
     if (~dual).any():
-        sel = xp.asarray(np.flatnonzero(~dual))
-        out.append(_primal(R64[sel] if dual.any() else R64, starts[~dual], lam, N, Gb.dtype,
+        out.append(_primal(_sel(K, ~dual, xp), _sel(Gb, ~dual, xp), starts[~dual], lam, N,
                            backend, name))
     return out

@@ -88,12 +88,12 @@ class StaticInverseFisher(_LowRankInverseFisher):
 
     Notes
     -----
-    Costs (r = min(m, d)).  Set-up O(d m r): one Gram product G G^T (m < d) or
-    one QR of G (m >= d), an SVD of R O(d^3) to choose the form, a float64
-    Cholesky O(r^3) and one triangular solve.  ``matvec`` O(d r) (two passes
-    over V), ``matmat`` with k columns O(d r k) as two matrix products,
-    ``entry`` O(r), ``diagonal`` O(d r), ``quad`` O(d r), ``logdet`` O(1).
-    Memory: V (r x d).
+    Costs (r = min(m, d)).  Set-up O(d m r): one Gram product (G G^T when
+    m < d; G^T G and its eigenvalues, O(d^3), to choose the form when m >= d,
+    plus one QR of G where the dual form is taken), a float64 Cholesky O(r^3)
+    and one triangular solve.  ``matvec`` O(d r) (two passes over V),
+    ``matmat`` with k columns O(d r k) as two matrix products, ``entry`` O(r),
+    ``diagonal`` O(d r), ``quad`` O(d r), ``logdet`` O(1).  Memory: V (r x d).
 
     m > d, m = 1, duplicate and zero gradients are all fine: C and F are
     positive definite for every lambda > 0.  For float32 gradients the Gram
