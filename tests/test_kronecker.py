@@ -12,7 +12,6 @@ from hypothesis import given, strategies as st
 from scipy.sparse.linalg import cg
 
 import mfac_linalg as ml
-from mfac_linalg import kronecker as kr
 
 from battery import check_operator
 from oracles import cond, float64_tol, rel_err

@@ -1,9 +1,7 @@
 """Convolution (weight-sharing) layers: per-sample position matrices (n, T, d) against dense
 oracles built with np.kron from the explicit per-sample gradients (docs/math.md §8)."""
-import warnings
 
 import numpy as np
-import pytest
 from hypothesis import given, strategies as st
 
 import mfac_linalg as ml
