@@ -236,8 +236,13 @@ def test_gpu_float32_matches_dense_reference(normalize, sparse):
     model_cpu = _model(dtype=torch.float32, sparse=sparse)
     opt_cpu = MFAC(_groups(model_cpu, GROUPS), lr=1.0, window=M, damping=LAM,
                    normalize=normalize, sparse=sparse)
-    opt_cpu.load_state_dict(torch.load(buf, weights_only=True))     # another device
+    saved = torch.load(buf, weights_only=True)
+    opt_cpu.load_state_dict(saved)                                  # another device
     assert opt_cpu.window_operator.count == M
+    again = opt_cpu.state_dict()["mfac"]                            # the state moved exactly
+    assert torch.equal(again["v"], saved["mfac"]["v"])
+    for key in ("G", "K"):
+        assert torch.equal(again["window"][key], saved["mfac"]["window"][key])
 
 
 @pytest.mark.gpu
