@@ -60,7 +60,8 @@ def test_extras():
     assert any(r.startswith("mkdocstrings[python]") for r in extras["docs"])
     assert any(r.startswith("scikit-learn") for r in extras["examples"])
     assert any(r.startswith("curvlinops-for-pytorch") for r in extras["test-torch"])
-    assert {"pytest>=7", "hypothesis>=6.80"} <= set(extras["test"])
+    assert {"pytest>=7", "hypothesis>=6.80", "mpmath>=1.2"} <= set(extras["test"])
+    assert any(r.startswith("mpmath") for r in extras["testing"])
 
 
 def test_every_subpackage_is_found_automatically_and_typed():
