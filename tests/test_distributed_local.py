@@ -312,7 +312,8 @@ def test_static_refusals(grads):
         op.entry(17, 0)
     with pytest.raises(TypeError, match="j must be an integer"):
         op.entry(0, 1.5)
-    with pytest.raises(ValueError, match=r"x must have shape \(17,\) or \(17, k\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(17,\) or \(17, k\).*rank 0's "
+                       r"slice: local_dim=17 of d=17"):
         op.matvec(np.ones(16))
     with pytest.raises(ValueError, match=r"x must have shape \(17,\) or \(17, 1\) on rank 0"):
         op.matvec(np.ones((17, 2)))

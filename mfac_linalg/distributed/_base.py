@@ -145,8 +145,14 @@ class ShardedOperator(Operator):
     def _local_block(self, x, name, kind):
         """Validate this rank's slice; never raises (returns the error instead)."""
         try:
-            X, was_1d = B.as_vector_block(x, name, self._d, self._backend,
-                                          finite=self._check_finite)
+            try:
+                X, was_1d = B.as_vector_block(x, name, self._d, self._backend,
+                                              finite=self._check_finite)
+            except ValueError as exc:
+                if "shape" not in str(exc):
+                    raise
+                raise ValueError(f"{exc} (rank {self._comm.rank}'s slice: local_dim="
+                                 f"{self._d} of d={self._dglobal})") from None
             out_dtype = X.dtype
             if X.dtype != self._dtype:
                 X = X.astype(self._dtype)
