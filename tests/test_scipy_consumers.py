@@ -68,3 +68,53 @@ def test_scipy_adapter_matmat_and_dtype(rng):
     assert lo.matmat(X).shape == (30, 4)
     assert (lo @ X).shape == (30, 4)
     assert lo.adjoint() is lo
+
+
+@pytest.mark.parametrize("solver", [spla.cg, spla.minres, spla.gmres])
+def test_operators_are_scipy_operators_as_they_are(solver, rng):
+    # no adapter needed: the operator itself is a LinearOperator (issue 15 item 1)
+    G, lam = _problem(rng, m=20, d=120)
+    op = ml.StaticInverseFisher(G, lam)
+    assert isinstance(op, spla.LinearOperator) and spla.aslinearoperator(op) is op
+    F = dense_fisher(G, lam)
+    b = rng.standard_normal(120)
+    kw = {"restart": 120} if solver is spla.gmres else {}
+    x, info = solver(op.fisher(), b, M=op, rtol=1e-9, maxiter=200, **kw)
+    assert info == 0
+    assert np.linalg.norm(F @ x - b) <= 1e-8 * np.linalg.norm(b)
+    # a lazily composed operator too: (F + F) x = b, preconditioned by op / 2
+    x2, info = solver(op.fisher() + op.fisher(), b, M=op / 2, rtol=1e-9, maxiter=200, **kw)
+    assert info == 0 and np.linalg.norm(2 * F @ x2 - b) <= 1e-8 * np.linalg.norm(b)
+
+
+def test_adapter_of_a_non_symmetric_operator(rng):
+    A = ml.StaticInverseFisher(rng.standard_normal((3, 10)), 0.2)
+    Bk = ml.BlockInverseFisher(rng.standard_normal((4, 10)), 0.3, block_size=5)
+    P = A @ Bk
+    lo = P.to_scipy()
+    D = A.todense() @ Bk.todense()
+    x = rng.standard_normal(10)
+    assert np.allclose(lo.matvec(x), D @ x, rtol=1e-12, atol=0)
+    assert np.allclose(lo.rmatvec(x), D.T @ x, rtol=1e-12, atol=0)
+    assert np.allclose(lo.H.matvec(x), D.T @ x, rtol=1e-12, atol=0)
+    assert lo.H is not lo
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ml._backend.gpu_available(), reason="needs CuPy and a CUDA GPU")
+def test_cupyx_solvers_with_to_cupyx(rng):
+    import cupy as cp
+    import cupyx.scipy.sparse.linalg as cspla
+    G, lam = _problem(rng, m=20, d=120)
+    op = ml.StaticInverseFisher(cp.asarray(G), lam)
+    b = rng.standard_normal(120)
+    A, M, bd = op.fisher().to_cupyx(), op.to_cupyx(), cp.asarray(b)
+    try:
+        x, info = cspla.cg(A, bd, M=M, rtol=1e-10, maxiter=200)
+    except TypeError:           # CuPy versions that call it tol
+        x, info = cspla.cg(A, bd, M=M, tol=1e-10, maxiter=200)
+    assert info == 0
+    F = dense_fisher(G, lam)
+    assert np.linalg.norm(F @ cp.asnumpy(x) - b) <= 1e-8 * np.linalg.norm(b)
+    with pytest.raises(TypeError, match="to_scipy\\(\\) needs a CPU operator"):
+        op.to_scipy()
