@@ -128,7 +128,14 @@ def test_caller_arrays_never_mutated_by_builders():
     G0 = G.copy()
     ml.StaticInverseFisher(G, 0.1)
     ml.BlockInverseFisher(G, 0.1, block_size=2)
-    ml.SlidingWindowInverseFisher.from_gradients(G, damping=0.1)
+    win = ml.SlidingWindowInverseFisher.from_gradients(G, damping=0.1)
+    for dtype in ("float64", "float32"):
+        w = ml.SlidingWindowInverseFisher(6, 2, 0.1, dtype=dtype)
+        for row in G:
+            w.update(row)
+            w.step(row)
+        win.update(G[0])
+        win.step(G[1])
     assert np.array_equal(a, a0) and np.array_equal(g, g0) and np.array_equal(G, G0)
 
 
