@@ -110,25 +110,27 @@ class LowRank:
 
     # -- inverse products ------------------------------------------------------
     def _squeeze(self, Xb):
-        """(V, X) as 2-D arrays for a stack of one (plain BLAS), else as they are."""
-        return (self.V[0], Xb[0]) if self.nb == 1 else (self.V, Xb)
+        """(V, X) as 2-D arrays for a stack of one given a 2-D X (plain BLAS, no views
+        to make), else as they are."""
+        return (self.V[0], Xb) if Xb.ndim == 2 else (self.V, Xb)
 
     def matmat(self, Xb):
-        """(alpha I + beta V_k^T V_k) X_k for Xb of shape (nb, b, k): two passes over V.
+        """(alpha I + beta V_k^T V_k) X_k for Xb of shape (nb, b, k), or (b, k) for a
+        stack of one: two passes over V.
 
         The scale goes on the small (r, k) side and the d-sized result is built in
         place (no d-sized temporaries beyond the result)."""
         V, X = self._squeeze(Xb)
         U = V @ X                               # pass 1: (.., r, k)
         if not self.alpha:                      # primal: beta V^T V X
-            U *= self.beta
-            Y = _mT(V) @ U
-        else:                                   # dual: alpha (X + (beta/alpha) V^T U)
-            U *= self.beta / self.alpha
-            Y = _mT(V) @ U                      # pass 2
-            Y += X
-            Y *= self.alpha
-        return Y[None] if self.nb == 1 else Y
+            if self.beta != 1.0:
+                U *= self.beta
+            return _mT(V) @ U
+        U *= self.beta / self.alpha             # dual: alpha (X + (beta/alpha) V^T U)
+        Y = _mT(V) @ U                          # pass 2
+        Y += X
+        Y *= self.alpha
+        return Y
 
     def diagonal(self):
         """(nb, b) diagonals: alpha + beta * column norms of V_k squared."""
@@ -136,7 +138,8 @@ class LowRank:
         return self.alpha + self.beta * xp.einsum("nrb,nrb->nb", self.V, self.V)
 
     def quad(self, Xb):
-        """sum_k x_k^T (alpha I + beta V_k^T V_k) x_k for each of the k columns (float64)."""
+        """sum_k x_k^T (alpha I + beta V_k^T V_k) x_k for each of the k columns (float64);
+        Xb (nb, b, k), or (b, k) for a stack of one."""
         xp = self.backend.xp
         V, X = self._squeeze(Xb)
         U = V @ X
@@ -159,13 +162,15 @@ class LowRank:
 
     # -- forward products (through the factors) -----------------------------------
     def fisher_matmat(self, Xb):
-        """F_k X_k: dual lambda X + V^T (L^T L (V X)) / N (L V = W); primal L (L^T X)."""
+        """F_k X_k: dual lambda X + V^T (L^T L (V X)) / N (L V = W); primal L (L^T X).
+        Xb (nb, b, k), or (b, k) for a stack of one."""
         X64 = Xb.astype(np.float64)
+        L = self.L[0] if Xb.ndim == 2 else self.L
         if self.primal:
-            Y = self.L @ (_mT(self.L) @ X64)
+            Y = L @ (_mT(L) @ X64)
         else:
-            V = self.V.astype(np.float64)
-            W = _mT(self.L) @ (self.L @ (V @ X64))
+            V = self._squeeze(Xb)[0].astype(np.float64)
+            W = _mT(L) @ (L @ (V @ X64))
             Y = _mT(V) @ W
             Y *= 1.0 / self.N
             Y += self.damping * X64

@@ -150,7 +150,7 @@ class StaticInverseFisher(_LowRankInverseFisher):
 
     # -- hooks: F^{-1} = alpha I + beta V^T V ----------------------------------
     def _matmat(self, X):
-        return self._lr.matmat(X[None])[0]
+        return self._lr.matmat(X)
 
     def _diagonal(self):
         return self._lr.diagonal()[0]
@@ -159,7 +159,7 @@ class StaticInverseFisher(_LowRankInverseFisher):
         return self._lr.entry(0, i, j)
 
     def _quad(self, X):
-        return self._lr.quad(X[None])
+        return self._lr.quad(X)
 
     def _todense(self):
         return self._lr.dense(0)
@@ -186,7 +186,7 @@ class StaticInverseFisher(_LowRankInverseFisher):
     # -- forward products through the factors (used by FisherOperator) -------
     def _fisher_matmat(self, X):
         """F X.  Dual: lambda X + V^T (L^T L (V X)) / m; primal: L_F (L_F^T X)."""
-        return self._lr.fisher_matmat(X[None])[0]
+        return self._lr.fisher_matmat(X)
 
     def _fisher_entry(self, i, j):
         """F[i, j]: O(d) (primal: rows of L_F) or O(r^2) (dual: columns of W = L V)."""
