@@ -5,6 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import scipy.sparse.linalg as spla
+from hypothesis import given, settings, strategies as st
 
 import mfac_linalg as ml
 from mfac_linalg._operator import ProductOperator, ScaledOperator, SumOperator
@@ -224,3 +225,88 @@ def test_node_validation_names_argument(rng, shape):
         P.dot(x)
     with pytest.raises(ValueError, match=r"x must have shape \(9,\) or \(9, k\)"):
         P.matvec(np.ones(4))
+
+
+def test_todense_size_guard_validates_max_elements(rng):
+    (A, DA), _, _ = _ops(ml._backend.CPU, rng)
+    with pytest.raises(ValueError, match="max_elements must be a number; got nan"):
+        A.todense(max_elements=float("nan"))
+    with pytest.raises(TypeError, match="max_elements must be a real number; got str"):
+        A.todense(max_elements="1e9")
+    with pytest.raises(TypeError, match="max_elements must be a real number; got bool"):
+        A.todense(max_elements=True)
+    with pytest.raises(ValueError, match="max_elements must be >= 0"):
+        A.todense(max_elements=-1)
+    with pytest.raises(ValueError, match="todense would build a 9 x 9 matrix"):
+        A.todense(max_elements=80)
+    assert np.array_equal(A.todense(max_elements=81), A.todense(max_elements=float("inf")))
+
+
+_exprs = st.deferred(lambda: st.one_of(
+    st.sampled_from(["A", "B", "C"]),
+    st.tuples(st.sampled_from(["+", "-", "@"]), _exprs, _exprs),
+    st.tuples(st.just("*"), st.floats(-3, 3).filter(lambda a: abs(a) > 1e-3), _exprs),
+    st.tuples(st.just("neg"), _exprs),
+))
+
+
+def _eval(e, ops, dense):
+    """The expression on operators and, alongside, on dense matrices."""
+    if isinstance(e, str):
+        return ops[e], dense[e]
+    if e[0] == "neg":
+        o, d = _eval(e[1], ops, dense)
+        return -o, -d
+    if e[0] == "*":
+        o, d = _eval(e[2], ops, dense)
+        return e[1] * o, e[1] * d
+    (o1, d1), (o2, d2) = _eval(e[1], ops, dense), _eval(e[2], ops, dense)
+    if e[0] == "+":
+        return o1 + o2, d1 + d2
+    if e[0] == "-":
+        return o1 - o2, d1 - d2
+    return o1 @ o2, d1 @ d2
+
+
+@settings(max_examples=40)
+@given(_exprs, st.integers(0, 2**31))
+def test_random_expressions_against_dense(expr, seed):
+    rng = np.random.default_rng(seed)
+    (A, DA), (Bk, DB), (C, DC) = _ops(ml._backend.CPU, rng)
+    op, D = _eval(expr, {"A": A, "B": Bk, "C": C}, {"A": DA, "B": DB, "C": DC})
+    X = rng.standard_normal((9, 2))
+    scale = np.linalg.norm(D, 2) * np.linalg.norm(X) + 1e-300
+    # each node adds at most a few roundings of its operands' products
+    tol = 1e-13 * 4 ** _depth(expr)
+    assert np.linalg.norm(op.matmat(X) - D @ X) <= tol * scale
+    assert np.linalg.norm(op.rmatmat(X) - D.T @ X) <= tol * scale
+    assert op.symmetric == _symmetric(expr)
+    if op.symmetric:
+        assert np.allclose(D, D.T, rtol=0, atol=1e-12 * np.abs(D).max())
+
+
+def _depth(e):
+    if isinstance(e, str):
+        return 1
+    return 1 + max(_depth(x) for x in e[1:] if not isinstance(x, float))
+
+
+def _symmetric(e):
+    """What the algebra promises: sums and scalings keep symmetry; a product is
+    symmetric only as a power of one operator."""
+    if isinstance(e, str):
+        return True
+    if e[0] == "neg":
+        return _symmetric(e[1])
+    if e[0] == "*":
+        return _symmetric(e[2])
+    if e[0] in "+-":
+        return _symmetric(e[1]) and _symmetric(e[2])
+    leaves = _product_factors(e)
+    return all(f == leaves[0] for f in leaves) and isinstance(leaves[0], str)
+
+
+def _product_factors(e):
+    if isinstance(e, tuple) and e[0] == "@":
+        return _product_factors(e[1]) + _product_factors(e[2])
+    return [e]
