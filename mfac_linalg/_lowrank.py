@@ -89,19 +89,18 @@ class LowRank:
         self.N, self.damping = N, damping
         self.logdet = float(logdet)
         self.backend = backend
-        self._idx = None
+        self.idx = None     # set by with_index(): queries never write shared state
+
+    def with_index(self):
+        """Keep the column indices on the backend too (``idx``, for gathers and scatters
+        of the block operator); returns self."""
+        self.idx = self.backend.xp.asarray(self.cols())
+        return self
 
     # -- layout ------------------------------------------------------------
     def cols(self):
         """Host (nb, b) column indices of the blocks (a fresh array)."""
         return self.starts[:, None] + np.arange(self.b)[None, :]
-
-    @property
-    def idx(self):
-        """The same column indices on the backend (for gathers and scatters)."""
-        if self._idx is None:
-            self._idx = self.backend.xp.asarray(self.cols())
-        return self._idx
 
     def locate(self, start):
         """Position of the block starting at column ``start``, or None."""
@@ -255,7 +254,7 @@ def _dual(W, starts, lam, N, backend, name):
         K = _gram(W, backend, name)
         if bool(xp.isfinite(K).all()):
             L = _cholesky(K + shift * eye, backend)
-    if L is None:   # float64 data, or float32 data whose float32 Gram overflowed or was too inexact
+    if L is None:   # float64 data, or a float32 Gram that overflowed or was too inexact
         K = _gram64(W, backend) if W.dtype != np.float64 else _gram(W, backend, name)
         _v.gram_finite(K, name, backend)
         L = _cholesky(K + shift * eye, backend)

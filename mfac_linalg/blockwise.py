@@ -124,7 +124,8 @@ class BlockInverseFisher(_LowRankInverseFisher):
                 starts = bounds[:-1][sizes == b]
                 idx = xp.asarray(starts[:, None] + np.arange(b)[None, :])
                 Gb = xp.ascontiguousarray(G[:, idx].transpose(1, 0, 2))   # (nb, m, b)
-                groups.extend(LR.build(Gb, starts, lam, m, be, name="grads"))
+                stacks = LR.build(Gb, starts, lam, m, be, name="grads")
+                groups.extend(g.with_index() for g in stacks)
         self._bounds = bounds
         self._m = m
         self._damping = lam

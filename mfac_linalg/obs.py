@@ -133,7 +133,8 @@ def saliency(w, op):
 
 
 def _group_blocks(S, g, xp):
-    """Yield (cols (ng, g) host, Hgg (ng, g, g) float64) for all groups of g consecutive weights."""
+    """Yield (cols (ng, g) host, Hgg (ng, g, g) float64) for all groups of g consecutive
+    weights."""
     if isinstance(S, _Dense):
         d = S.H.shape[0]
         if d % g:
