@@ -197,9 +197,11 @@ def test_inverse_is_part_of_the_protocol(rng):
     assert rel_err((2 * A).inverse().todense(), np.linalg.inv(2 * DA)) < 1e-10
     assert rel_err((A @ Bk).inverse().todense(), np.linalg.inv(DA @ DB)) < 1e-9
     # block_diag(...).inverse() over every kind of block
-    kf = ml.kfac(rng.standard_normal((20, 3)), rng.standard_normal((20, 2)), 0.3).fisher()
-    blocks = [A, Bk, C, kf, 2 * A, A @ Bk]
-    dense = [DA, DB, DC, kf.todense(), 2 * DA, DA @ DB]
+    kinv = ml.kfac(rng.standard_normal((20, 3)), rng.standard_normal((20, 2)), 0.3)
+    kf = kinv.fisher()
+    assert rel_err(kinv.inverse().todense(), kf.todense()) < 1e-12
+    blocks = [A, Bk, C, kf, kinv, 2 * A, A @ Bk]
+    dense = [DA, DB, DC, kf.todense(), kinv.todense(), 2 * DA, DA @ DB]
     bd = ml.block_diag(blocks)
     inv = bd.inverse()
     import scipy.linalg as sla
