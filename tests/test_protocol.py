@@ -2,6 +2,7 @@
 (tests/registry.py), against its exact oracle, with the per-method tolerance table of
 mfac_linalg.testing.check_operator (c · κ · (ε + δ), no allowance for the oracle)."""
 import copy
+import inspect
 import pickle
 
 import numpy as np
@@ -174,3 +175,20 @@ def test_sliding_window_against_exact_oracle_property(data):
     oracle = mt.inverse_fisher_oracle(held, lam, N=window if normalize == "window" else None)
     mt.check_operator(win, oracle, methods=("matvec", "matmat", "diagonal", "entry", "quad",
                                              "logdet", "fisher"))
+
+
+def _registered_damping(case):
+    return inspect.signature(case.build).parameters["damping"].default
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "cpu" in c.devices
+                                  and isinstance(_registered_damping(c), float)],
+                         ids=lambda c: c.name)
+def test_battery_detects_a_small_damping_error(case):
+    """The battery can fail: the same operator with its damping changed by one part in
+    10^4 (float64; 10^2 for float32 storage, whose bound 16 eps32 kappa is ~1e-4 here)
+    must fail against the registered oracle."""
+    rel = 1e-4 if case.dtype == "float64" else 1e-2
+    op = case.build("cpu", damping=_registered_damping(case) * (1 + rel))
+    with pytest.raises(mt.OperatorCheckError, match="matvec"):
+        mt.check_operator(op, case.oracle_for(op), methods=("matvec", "matmat"))
