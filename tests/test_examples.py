@@ -17,11 +17,13 @@ def test_sliding_optimizer_example_runs_and_mfac_wins_at_the_end():
 
 def test_obs_pruning_example_ordering_at_high_sparsity():
     import obs_pruning
-    base, rows = obs_pruning.run(sparsities=(0.8, 0.9), verbose=False)
-    for row in rows:
-        mag, ind, joint = (row[k][0] for k in ("magnitude", "independent", "joint"))
-        assert joint <= ind <= mag, row
-    assert rows[-1]["joint"][1] > rows[-1]["magnitude"][1]   # accuracy at 90%
+    # 90 % only: where the methods differ most (docs/figures.md shows the whole curve)
+    base, rows = obs_pruning.run(sparsities=(0.9,), verbose=False)
+    (row,) = rows
+    mag, ind, joint = (row[k][0] for k in ("magnitude", "independent", "joint"))
+    assert joint <= ind <= mag, row
+    assert row["joint"][1] > row["magnitude"][1] + 0.05      # accuracy at 90 %: 0.77 vs 0.63
+    assert base[1] > 0.95                                    # the dense model is a good one
 
 
 def test_kronecker_quality_example_orderings_and_cost():
