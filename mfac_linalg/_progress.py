@@ -12,7 +12,7 @@ from typing import Iterable, Optional, TypeVar
 
 from . import _validate as V
 
-__all__ = ["progress", "tqdm_available"]
+__all__ = ["progress", "counter", "tqdm_available"]
 
 T = TypeVar("T")
 
@@ -28,6 +28,79 @@ def _stderr_is_tty() -> bool:
         return stream is not None and bool(stream.isatty())
     except (AttributeError, ValueError):      # replaced or closed stream
         return False
+
+
+def _wanted(enabled: Optional[bool]) -> bool:
+    if enabled is not None:
+        enabled = V.boolean(enabled, "enabled")
+    else:
+        enabled = _stderr_is_tty()
+    return enabled and tqdm_available()
+
+
+class _Silent:
+    """The no-op stand-in for a tqdm bar."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "_Silent":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def counter(total: Optional[int] = None, desc: Optional[str] = None,
+            enabled: Optional[bool] = None):
+    """A bar advanced by hand (``update(n)``), for work reported through callbacks.
+
+    Same rules as :func:`progress`: tqdm on stderr when installed and wanted, otherwise
+    a silent object with the same ``update`` / ``close`` / context-manager interface.
+
+    Parameters
+    ----------
+    total : int, optional
+        The expected number of steps (>= 0), e.g. an iteration limit.
+    desc : str, optional
+        A short label.
+    enabled : bool or None, default None
+        As in :func:`progress`.
+
+    Returns
+    -------
+    object
+        A ``tqdm`` bar, or a silent stand-in; use it as a context manager so that it is
+        closed.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For the same bad arguments as :func:`progress`.
+
+    Examples
+    --------
+    >>> from mfac_linalg._progress import counter
+    >>> with counter(total=3, desc="iterations", enabled=False) as bar:
+    ...     for _ in range(3):
+    ...         bar.update(1)
+    """
+    if total is not None:
+        total = V.integer(total, "total", minimum=0)
+    if desc is not None and not isinstance(desc, str):
+        raise TypeError(f"desc must be a string; got {type(desc).__name__} {desc!r}")
+    if not _wanted(enabled):
+        return _Silent()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def will_draw(enabled: Optional[bool] = None) -> bool:
+    """Whether :func:`progress` / :func:`counter` would draw a bar with ``enabled``."""
+    return _wanted(enabled)
 
 
 def progress(iterable: Iterable[T], total: Optional[int] = None, desc: Optional[str] = None,

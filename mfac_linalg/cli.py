@@ -24,6 +24,7 @@ import numpy as np
 
 from . import __version__
 from . import _backend as B
+from . import _progress
 from . import _validate as V
 from .static import StaticInverseFisher
 
@@ -32,8 +33,9 @@ __all__ = ["main", "run_demo", "build_parser", "CLIError", "demo_max_dim"]
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
-#: The demo forms d x d matrices for its dense reference: above this d it refuses.
-DEMO_MAX_DIM = 20_000
+#: The demo forms d x d matrices for its dense reference (O(d^3) time) and an n x d data
+#: matrix (n = 2d) that every CG iteration reads twice: above this d it refuses.
+DEMO_MAX_DIM = 10_000
 
 T = TypeVar("T")
 
@@ -291,14 +293,20 @@ class _Story:
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
 
-    def begin(self, text: str) -> None:
+    def begin(self, text: str, live: bool = False) -> None:
+        """Start a phase; ``live``: a progress bar will draw on stderr meanwhile, so the
+        line is ended now and the time goes on a line of its own."""
         self.k += 1
         self.t0 = time.perf_counter()
-        print(f"[{self.k}/{self.phases}] {text} ...", end="", file=self.out, flush=True)
+        self.live = live
+        print(f"[{self.k}/{self.phases}] {text} ...", end="\n" if live else "", file=self.out,
+              flush=True)
 
     def end(self, extra: str = "") -> None:
         dt = time.perf_counter() - self.t0
-        print(f" {dt:.1f} s{(' (' + extra + ')') if extra else ''}", file=self.out, flush=True)
+        lead = "      done in" if getattr(self, "live", False) else ""
+        print(f"{lead} {dt:.1f} s{(' (' + extra + ')') if extra else ''}", file=self.out,
+              flush=True)
 
 
 def _ms(t: float) -> str:
@@ -307,7 +315,8 @@ def _ms(t: float) -> str:
 
 def run_demo(dim: int = 2000, grads: int = 256, damping: float = 3e-4, l2: float = 1e-4,
              device: str = "auto", seed: int = 0, dtype: str = "float64",
-             cg_rtol: float = 1e-6, out: Optional[TextIO] = None) -> Dict[str, object]:
+             cg_rtol: float = 1e-6, out: Optional[TextIO] = None,
+             progress: Optional[bool] = None) -> Dict[str, object]:
     """The README's main job: M-FAC on per-sample logistic-regression gradients, as a story.
 
     Builds F^{-1} for F = damping I + G^T G / m (docs/math.md §1) from m per-sample
@@ -333,6 +342,9 @@ def run_demo(dim: int = 2000, grads: int = 256, damping: float = 3e-4, l2: float
         CG's relative residual tolerance.
     out : text stream, optional
         Where the story goes (default: stdout).
+    progress : bool or None, default None
+        A tqdm bar on stderr over CG's iterations: None, only when stderr is a terminal
+        and tqdm is installed; True/False force it on/off.
 
     Returns
     -------
@@ -470,14 +482,16 @@ def run_demo(dim: int = 2000, grads: int = 256, damping: float = 3e-4, l2: float
     H = spla.LinearOperator((dim, dim), matvec=hess, dtype=np.float64)
     maxiter = min(5 * dim, 3000)
     story.begin(f"CG on the Newton system H p = ∇L (stops at ‖r‖ ≤ {cg_rtol:.0e}·‖∇L‖, "
-                f"at most {maxiter} iterations)")
+                f"at most {maxiter} iterations)", live=_progress.will_draw(progress))
     iters = {}
     for name, pre in (("none", None), ("M-FAC", M)):
         count = [0]
-
-        def cb(_xk, count=count):
-            count[0] += 1
-        _, info = cg(H, grad, M=pre, rtol=cg_rtol, maxiter=maxiter, callback=cb)
+        with _progress.counter(total=maxiter, desc=f"CG, preconditioner: {name}",
+                               enabled=progress) as bar:
+            def cb(_xk, count=count, bar=bar):
+                count[0] += 1
+                bar.update(1)
+            _, info = cg(H, grad, M=pre, rtol=cg_rtol, maxiter=maxiter, callback=cb)
         iters[name] = (count[0], int(info))
     story.end()
 
@@ -542,7 +556,8 @@ def run_demo(dim: int = 2000, grads: int = 256, damping: float = 3e-4, l2: float
 
 def cmd_demo(args) -> int:
     res = run_demo(dim=args.dim, grads=args.grads, damping=args.damping, l2=args.l2,
-                   device=args.device, seed=args.seed, dtype=args.dtype, cg_rtol=args.cg_rtol)
+                   device=args.device, seed=args.seed, dtype=args.dtype, cg_rtol=args.cg_rtol,
+                   progress=args.progress)
     return 0 if res["ok"] else EXIT_FAILED
 
 
@@ -568,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cg-rtol", type=float, default=1e-6, dest="cg_rtol",
                    help="CG's relative residual tolerance")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress bar over CG's iterations (default: on a terminal, with "
+                        "tqdm installed)")
     d.set_defaults(func=cmd_demo)
     for name, func, helptext in (("ihvp", cmd_ihvp, "write F^{-1} x"),
                                  ("diag", cmd_diag, "write diag(F^{-1})")):

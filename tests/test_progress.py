@@ -76,3 +76,35 @@ def test_bad_arguments_name_themselves(kwargs, exc, msg):
 def test_not_iterable():
     with pytest.raises(TypeError, match="iterable must be iterable"):
         progress(3)
+
+
+def test_counter_silent_and_drawn(monkeypatch):
+    from mfac_linalg._progress import counter, will_draw
+    err = _Stream(tty=False)
+    monkeypatch.setattr(sys, "stderr", err)
+    with counter(total=3, desc="cg") as bar:
+        for _ in range(3):
+            bar.update(1)
+    assert err.getvalue() == "" and not will_draw(None)
+    with pytest.raises(ValueError, match="total must be >= 0"):
+        counter(total=-2)
+    pytest.importorskip("tqdm")
+    assert will_draw(True)
+    with counter(total=4, desc="forced cg", enabled=True) as bar:
+        bar.update(4)
+    assert "forced cg" in err.getvalue() and "/4" in err.getvalue()
+
+
+def test_demo_draws_a_cg_bar_only_when_asked(monkeypatch):
+    pytest.importorskip("tqdm")
+    from mfac_linalg import cli
+    err = _Stream(tty=False)
+    monkeypatch.setattr(sys, "stderr", err)
+    out = io.StringIO()
+    cli.run_demo(dim=200, grads=20, device="cpu", out=out, progress=True)
+    assert "CG, preconditioner: M-FAC" in err.getvalue()
+    assert "      done in" in out.getvalue()           # the phase's time on its own line
+    err.seek(0)
+    err.truncate()
+    cli.run_demo(dim=200, grads=20, device="cpu", out=io.StringIO(), progress=False)
+    assert err.getvalue() == ""
