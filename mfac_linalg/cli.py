@@ -604,6 +604,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (0, 1 for a failed demo check, 2 for
     an input error).  A bug of the library propagates as its exception."""
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):   # λ, ᵀ, ⁻¹ on a console that cannot show them
+        enc = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if enc != "utf8" and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="replace")
+            except (ValueError, OSError):
+                pass
     try:
         return args.func(args)
     except CLIError as exc:
