@@ -616,6 +616,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CLIError as exc:
         print(f"mfac-linalg {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:           # `mfac-linalg demo | head`: stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover
