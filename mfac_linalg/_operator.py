@@ -231,12 +231,24 @@ class Operator(_Algebra, _SciPyLinearOperator):
     def _prepare(self, x, name, *, fused=False):
         """Validate x; check it for NaN/inf unless ``fused`` and the operator's
         ``_matmat`` checks it itself, in the same pass (``_checks_own_finite``)."""
-        X, was_1d = B.as_vector_block(x, name, self._d, self._backend, finite=False)
+        X0, was_1d = B.as_vector_block(x, name, self._d, self._backend, finite=False)
+        out_dtype = X0.dtype
+        if X0.dtype == self._dtype:
+            X = X0
+        else:
+            with np.errstate(over="ignore"):     # an overflow is reported below, by name
+                X = X0.astype(self._dtype)
+        # checked after the cast to the compute dtype: a finite float64 vector can
+        # overflow float32
         if self._check_finite and not (fused and self._checks_own_finite(X)):
-            B.check_finite(X, name, self._backend)
-        out_dtype = X.dtype
-        if X.dtype != self._dtype:
-            X = X.astype(self._dtype)
+            try:
+                B.check_finite(X, name, self._backend)
+            except ValueError:
+                if X is not X0 and bool(self._backend.xp.isfinite(X0).all()):
+                    raise ValueError(f"{name} is too large for the operator's dtype "
+                                     f"{self._dtype.name}: its entries overflow when cast; "
+                                     "rescale it") from None
+                raise
         return X, was_1d, out_dtype
 
     def _checks_own_finite(self, X):

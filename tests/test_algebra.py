@@ -312,3 +312,13 @@ def _product_factors(e):
     if isinstance(e, tuple) and e[0] == "@":
         return _product_factors(e[1]) + _product_factors(e[2])
     return [e]
+
+
+def test_finite_input_overflowing_the_operator_dtype_is_refused(rng):
+    op = ml.StaticInverseFisher(rng.standard_normal((3, 6)).astype(np.float32), 0.5)
+    x = np.full(6, 1e39)                   # finite in float64, inf in float32
+    for call in (op.matvec, op.dot, op.rmatvec, (2 * op).matvec, op.quad):
+        with pytest.raises(ValueError, match="x is too large for the operator's dtype float32"):
+            call(x)
+    with pytest.raises(ValueError, match="x must be finite"):
+        op.matvec(np.full(6, np.inf))
