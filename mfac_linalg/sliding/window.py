@@ -354,7 +354,13 @@ def _from_gradients(cls, G, damping, window, kwargs):
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ValueError(f"G must be 2-D (m, dim) with m, dim >= 1; got shape "
                          f"{tuple(arr.shape)}")
-    m = arr.shape[0] if blocks is None else V.positive_int(window, "window")
+    if blocks is None:
+        m = arr.shape[0]
+        if window is not None and V.positive_int(window, "window") != m:
+            raise ValueError(f"window must equal the number of rows of G ({m}) when G is an "
+                             f"array; got window={window} (pass G[-window:] for the last rows)")
+    else:
+        m = V.positive_int(window, "window")
     kwargs.setdefault("dtype", arr.dtype.name)
     kwargs.setdefault("device", be)
     w = cls(arr.shape[1], m, damping, **kwargs)
