@@ -51,7 +51,18 @@ DENSE_LIMIT = 1 << 26
 
 
 class OutOfRangeError(IndexError, ValueError):
-    """An index outside ``[-d, d)``: both an ``IndexError`` and a ``ValueError``."""
+    """An index outside ``[-d, d)``: both an ``IndexError`` and a ``ValueError``.
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> op = ml.StaticInverseFisher(np.ones((1, 3)), 1.0)
+    >>> try:
+    ...     op[3, 0]
+    ... except ml.OutOfRangeError as exc:
+    ...     print(exc)
+    i must be in [-3, 3); got 3
+    """
 
 
 def check_damping(damping, name="damping", *, dtype=np.float64):
@@ -156,7 +167,18 @@ class Operator(_Algebra, _SciPyLinearOperator):
     """Base class of every operator: a d x d linear map (see the module docstring).
 
     Subclasses call ``_init_operator(d, dtype, backend, check_finite=True)`` and
-    implement ``_matmat``.
+    implement ``_matmat`` (and ``_rmatmat`` where not symmetric).
+
+    Parameters
+    ----------
+    d : int
+        The dimension (``_init_operator``).
+    dtype : numpy dtype
+        The compute dtype of results (float32 or float64).
+    backend : Backend
+        Where the operator's arrays live.
+    check_finite : bool, default True
+        Check product inputs for NaN/inf (after the cast to ``dtype``).
 
     Examples
     --------

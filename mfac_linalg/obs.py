@@ -36,10 +36,17 @@ _DIRECT_LIMIT = 512     # joint solves with |Q_k| above this (and > r) go throug
 class PruneResult:
     """What :func:`prune` returns.
 
-    weights : the new weights (removed ones exactly 0), in the dtype of the given ``w``
-    mask : boolean, True where a weight is removed (the given mask included)
-    loss : predicted loss increase 1/2 dw^T F dw (summed over stages)
-    method : the method used
+    Parameters
+    ----------
+    weights : array (d,)
+        The new weights (removed ones exactly 0), in the namespace and dtype of the
+        given ``w``.
+    mask : boolean array (d,)
+        True where a weight is removed (the given mask included).
+    loss : float
+        Predicted loss increase 1/2 dw^T F dw (summed over stages).
+    method : str
+        The method used.
 
     Examples
     --------
@@ -167,9 +174,27 @@ def _group_scores(S, w, g, xp):
 def group_saliency(w, op, group_size=4):
     """Group OBS saliencies 1/2 w_g^T (H_gg)^{-1} w_g, g = ``group_size`` consecutive weights.
 
-    Groups never cross a block (every block size must be a multiple of
-    ``group_size``).  Returns (d // group_size,) saliencies in the order of the
-    groups' first index, in ``w``'s dtype.  O(d r g) for an operator with V of r rows.
+    Parameters
+    ----------
+    w : array_like (d,)
+        The weights (finite).
+    op : inverse-Fisher operator or array_like (d, d)
+        As for :func:`saliency`.
+    group_size : int, default 4
+        g; groups never cross a block (every block size, or d for a dense H, must be
+        a multiple of it).
+
+    Returns
+    -------
+    (d // g,) array in ``w``'s namespace and dtype: the saliencies in the order of the
+    groups' first index.  Cost O(d r g) for an operator with V of r rows.
+
+    Raises
+    ------
+    TypeError
+        ``group_size`` not an integer; ``op`` not an inverse-Fisher operator or array.
+    ValueError
+        ``group_size`` < 1 or not dividing a block; bad ``w`` or dense ``op``.
 
     Examples
     --------
