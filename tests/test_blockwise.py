@@ -107,3 +107,29 @@ def forward_tol(F):
     is a few eps * cond(F) when X reaches the gradients' null space."""
     return 1e-12 + 16 * EPS64 * cond(F)
 
+
+
+def test_rank_deficient_blocks_small_damping_match_exact_reference():
+    # issue 11 item 12 for blocks: m >= b in every block but the gradients span only 4
+    # directions; lambda = 1e-8.  Each block takes the dual form and is exact to ~eps.
+    import mpmath as mp
+    rng = np.random.default_rng(7)
+    m, d, bs, lam = 30, 24, 8, 1e-8
+    G = rng.standard_normal((m, 4)) @ rng.standard_normal((4, d))
+    op = ml.BlockInverseFisher(G, lam, block_size=bs)
+    assert all(not grp.primal for grp in op._groups)
+    x = rng.standard_normal(d)
+    y = op.matvec(x)
+    ref = np.empty(d)
+    with mp.workdps(60):
+        for a in range(0, d, bs):
+            Gk = mp.matrix(G[:, a:a + bs].tolist())
+            Fk = Gk.T * Gk / m + mp.mpf(lam) * mp.eye(bs)
+            sol = mp.lu_solve(Fk, mp.matrix(x[a:a + bs].tolist()))
+            ref[a:a + bs] = [float(v) for v in sol]
+    assert rel_err(y, ref) < 1e-12
+    # a full-rank layer beside it keeps the primal form: blocks of one size, two stacks
+    G2 = np.hstack([G, rng.standard_normal((m, 8))])
+    op2 = ml.BlockInverseFisher(G2, lam, block_size=bs)
+    assert sorted(grp.primal for grp in op2._groups) == [False, True]
+    assert rel_err(op2.matvec(np.r_[x, np.zeros(8)])[:d], ref) < 1e-12
