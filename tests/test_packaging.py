@@ -84,7 +84,7 @@ def test_sdist_manifest_carries_what_the_tests_need():
     grafted = {line.split()[1] for line in manifest if line.startswith("graft ")}
     assert {"tests", "docs", "examples", "benchmarks", "mfac_linalg"} <= grafted
     included = " ".join(line for line in manifest if line.startswith("include "))
-    for name in ("LICENSE", "README.md", "CHANGELOG.md", "mkdocs.yml"):
+    for name in ("LICENSE", "README.md", "CHANGELOG.md", "mkdocs.yml", ".ci/run"):
         assert name in included and (ROOT / name).is_file()
     # every folder the tests read from is grafted
     used = set()
