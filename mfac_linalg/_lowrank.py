@@ -38,15 +38,12 @@ import numpy as np
 
 from . import _backend as B
 from . import _validate as _v
+from ._capacitance import NotPositiveDefinite   # the library's one such error (public)
 
 __all__ = ["LowRank", "build", "column_sumsq", "DUAL_MARGIN", "NotPositiveDefinite"]
 
 #: the dual form is chosen for m >= b when lambda_min(F_k) <= DUAL_MARGIN * lambda
 DUAL_MARGIN = 4.0
-
-
-class NotPositiveDefinite(ValueError):
-    """A capacitance matrix (or F_k) is not numerically positive definite."""
 
 
 def _mT(A):

@@ -307,3 +307,14 @@ def test_handed_out_arrays_are_read_only(rng):
     b = blk.bounds
     b[:] = 0
     assert np.array_equal(op @ x, y0) and np.array_equal(blk @ x, yb)
+
+
+def test_not_positive_definite_is_the_public_error(rng):
+    # duplicate gradients (G G^T singular) and a damping far below eps * ||G||^2: the
+    # capacitance cannot be factored; the error is ml.NotPositiveDefinite (a ValueError)
+    G = np.vstack([rng.standard_normal((2, 50))] * 3) * 1e7
+    for build in (lambda: ml.StaticInverseFisher(G, 2e-154),
+                  lambda: ml.BlockInverseFisher(G, 2e-154, block_size=25)):
+        with pytest.raises(ml.NotPositiveDefinite, match="damping is too small"):
+            build()
+        assert issubclass(ml.NotPositiveDefinite, ValueError)
