@@ -1,8 +1,8 @@
 """The KPSVD paper's experiment, redone: how well each Kronecker method fits the true Fisher.
 
 A deep ReLU autoencoder (64-32-24-16-8-16-24-32-64, ReLU hidden layers but a linear 8-unit
-code, sigmoid output, Bernoulli cross-entropy) is trained with Adam on scikit-learn's bundled 8 x 8 digits (1797 images,
-pixels scaled to [0, 1]).  At points of training, for every layer, the **true Fisher** is
+code, sigmoid output, Bernoulli cross-entropy) is trained with Adam on scikit-learn's bundled
+8 x 8 digits (1797 images, pixels scaled to [0, 1]).  At points of training, for every layer, the **true Fisher** is
 estimated by Monte Carlo: for each of ``n_fisher`` images one target y ~ Bernoulli(sigmoid(z))
 is sampled from the model and back-propagated, giving per-sample layer inputs a_n and output
 gradients g_n = d(-log p(y_n | x_n)) / d(outputs); F = (1/n) sum_n (g_n g_n^T) kron (a_n a_n^T)
@@ -13,7 +13,7 @@ machine measures the other processes), and the R(F) products the
 iterative builders needed (warm-started from the previous point of training).
 
 Needs scikit-learn (``pip install mfac_linalg[examples]``); ``--plot`` also matplotlib.
-Run:  python examples/kronecker_paper.py [--plot docs/img]
+Run:  python examples/kronecker_paper.py [--plot docs/images]
 """
 from __future__ import annotations
 
