@@ -484,13 +484,14 @@ class MFAC(torch.optim.Optimizer):
             raise err
         if failed:
             raise D.RemoteRankError(failed, "MFAC.check_consistency")
+        # the parameters first: weight decay makes different parameters different gradients
         for cols, what, hint in (
-                (slice(1, 5), "the gradients", "MFAC(sharded=True) expects the same gradient "
-                 "on every rank: average the gradients over the ranks first (as DDP does)"),
                 (slice(5, 9), "the parameters", "start every rank from the same parameters "
                  "(broadcast them from rank 0, as DDP does at construction)"),
                 (slice(9, 13), "the window's replicated m x m state", "call "
-                 "window_operator.refresh() on every rank, or reload a checkpoint")):
+                 "window_operator.refresh() on every rank, or reload a checkpoint"),
+                (slice(1, 5), "the gradients", "MFAC(sharded=True) expects the same gradient "
+                 "on every rank: average the gradients over the ranks first (as DDP does)")):
             ranks = [p for p in range(P) if not np.array_equal(tab[p, cols], tab[0, cols])]
             if ranks:
                 digests = {p: tab[p, cols].astype(np.uint16).tobytes().hex() for p in range(P)}
