@@ -9,6 +9,8 @@ Each step prints how long it took; a bar shows the steps on a terminal.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
@@ -25,9 +27,7 @@ STEPS = [
 
 
 def main() -> int:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         print('make_figures needs matplotlib: pip install "mfac-linalg[plot]"', file=sys.stderr)
         return 2
     IMAGES.mkdir(parents=True, exist_ok=True)
@@ -35,7 +35,7 @@ def main() -> int:
         t = time.perf_counter()
         print(f"{name}: {' '.join(pathlib.Path(c).name for c in cmd[1:])} ...", flush=True)
         subprocess.run([*cmd, str(IMAGES / name)], check=True, cwd=ROOT,
-                       env={**__import__("os").environ, "MPLBACKEND": "Agg"})
+                       env={**os.environ, "MPLBACKEND": "Agg"})
         print(f"{name}: written in {time.perf_counter() - t:.0f} s", flush=True)
     return 0
 

@@ -313,6 +313,32 @@ def _ms(t: float) -> str:
     return f"{t * 1e3:.2f} ms" if t < 1 else f"{t:.2f} s"
 
 
+def _faster(speedup: float) -> str:
+    return f"{speedup:.1f}x faster" if speedup >= 1 else f"{1 / speedup:.1f}x slower"
+
+
+def _verdict(ok: bool, worst: float, bound: float, meaningful: bool, speedup: float,
+             iters: Mapping[str, tuple]) -> str:
+    """The demo's last line, from its measurements."""
+    if not ok:
+        return (f"verdict: FAILED: M-FAC differs from dense float64 by {worst:.1e} (accepted: "
+                f"{bound:.1e}); please report this")
+    parts = [f"M-FAC agrees with dense float64 to {worst:.0e}"]
+    if meaningful:
+        parts.append(f"is {_faster(speedup)} than a dense solve (set-up + one product)")
+    (it0, info0), (it1, info1) = iters["none"], iters["M-FAC"]
+    if info1 != 0:
+        parts.append(f"CG with it did not converge in {it1} iterations")
+    elif info0 != 0:
+        parts.append(f"CG converges in {it1} iterations with it (without it: not in {it0})")
+    elif it1 < it0:
+        parts.append(f"cuts CG iterations {it0 / it1:.1f}x ({it0} → {it1})")
+    else:
+        parts.append(f"does not reduce CG iterations on this problem ({it0} → {it1})")
+    return "verdict: " + (", ".join(parts[:-1]) + " and " if len(parts) > 1 else "") \
+        + parts[-1] + "."
+
+
 def run_demo(dim: int = 2000, grads: int = 256, damping: float = 3e-4, l2: float = 1e-4,
              device: str = "auto", seed: int = 0, dtype: str = "float64",
              cg_rtol: float = 1e-6, out: Optional[TextIO] = None,
@@ -508,11 +534,11 @@ def run_demo(dim: int = 2000, grads: int = 256, damping: float = 3e-4, l2: float
         story.say(f"  {label:<{wid}}  {e:.1e}")
     story.say()
     story.say(f"timings ({be.name}, {dtype} gradients, medians)")
-    story.say(f"  set-up     M-FAC {_ms(t_setup):>10}   dense (form F + Cholesky) {_ms(t_dsetup):>10}")
+    story.say(f"  set-up     M-FAC {_ms(t_setup):>10}   dense (form F + Cholesky) "
+              f"{_ms(t_dsetup):>10}")
     story.say(f"  F⁻¹x       M-FAC {_ms(t_ihvp):>10}   dense (two triangular solves) "
               f"{_ms(t_dsolve):>10}")
-    story.say(f"  set-up + one product: M-FAC is {speedup:.1f}x "
-              f"{'faster than' if speedup >= 1 else 'the speed of'} dense")
+    story.say(f"  set-up + one product: M-FAC is {_faster(speedup)} than dense")
     if not meaningful:
         why = (f"m = {grads} is not small next to d = {dim}" if 4 * grads > dim else
                f"d = {dim} is small: a dense solve is cheap")
@@ -529,22 +555,8 @@ def run_demo(dim: int = 2000, grads: int = 256, damping: float = 3e-4, l2: float
         state = "converged" if info == 0 else f"NOT converged (info={info})"
         story.say(f"  {label:<22} {k:>6}   {state}")
     story.say()
-    it0, it1 = iters["none"][0], iters["M-FAC"][0]
-    if not ok:
-        verdict = (f"verdict: FAILED: M-FAC differs from dense float64 by {max(err, err_k, err_diag):.1e} "
-                   f"(accepted: {bound:.1e}); please report this")
-    else:
-        parts = [f"M-FAC agrees with dense float64 to {max(err, err_k, err_diag):.0e}"]
-        if meaningful:
-            parts.append(f"is {speedup:.1f}x {'faster' if speedup >= 1 else 'slower'} than a dense "
-                         "solve (set-up + one product)")
-        if iters["M-FAC"][1] == 0 and iters["none"][1] == 0 and it1 > 0:
-            parts.append(f"cuts CG iterations {it0 / it1:.1f}x ({it0} → {it1})")
-        elif iters["M-FAC"][1] == 0:
-            parts.append(f"CG converges in {it1} iterations with it (without it: not in "
-                         f"{it0})")
-        verdict = "verdict: " + ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1] + "."
-    story.say(verdict)
+    story.say(_verdict(ok, max(err, err_k, err_diag, err_logdet), bound, meaningful, speedup,
+                       iters))
     return {"error": err, "error_matmat": err_k, "error_diag": err_diag,
             "error_logdet": err_logdet, "bound": bound, "ok": ok, "kappa": kappa,
             "t_setup": t_setup, "t_ihvp": t_ihvp, "t_dense_setup": t_dsetup,

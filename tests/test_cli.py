@@ -44,7 +44,8 @@ def test_demo_at_a_meaningful_size_has_no_note():
     buf = io.StringIO()
     res = cli.run_demo(dim=1000, grads=32, device="cpu", out=buf)
     assert res["meaningful"] and "note:" not in buf.getvalue()
-    assert "faster" in buf.getvalue().splitlines()[-1] or "slower" in buf.getvalue().splitlines()[-1]
+    last = buf.getvalue().splitlines()[-1]
+    assert "faster than a dense solve" in last or "slower than a dense solve" in last
 
 
 @pytest.mark.parametrize("kwargs,msg", [
@@ -243,3 +244,23 @@ def test_console_script_entry_point_declared():
     from importlib.metadata import entry_points
     eps = [e for e in entry_points(group="console_scripts") if e.name == "mfac-linalg"]
     assert eps and eps[0].value == "mfac_linalg.cli:main"
+
+
+@pytest.mark.parametrize("ok,meaningful,speedup,iters,expect", [
+    (True, True, 4.0, {"none": (76, 0), "M-FAC": (28, 0)},
+     "verdict: M-FAC agrees with dense float64 to 4e-15, is 4.0x faster than a dense solve "
+     "(set-up + one product) and cuts CG iterations 2.7x (76 → 28)."),
+    (True, False, 0.25, {"none": (76, 0), "M-FAC": (80, 0)},
+     "verdict: M-FAC agrees with dense float64 to 4e-15 and does not reduce CG iterations on "
+     "this problem (76 → 80)."),
+    (True, True, 0.5, {"none": (3000, 3000), "M-FAC": (40, 0)},
+     "verdict: M-FAC agrees with dense float64 to 4e-15, is 2.0x slower than a dense solve "
+     "(set-up + one product) and CG converges in 40 iterations with it (without it: not in "
+     "3000)."),
+    (False, True, 4.0, {"none": (76, 0), "M-FAC": (28, 0)},
+     "verdict: FAILED: M-FAC differs from dense float64 by 4.0e-15 (accepted: 1.0e-16); "
+     "please report this"),
+])
+def test_verdict_says_what_was_measured(ok, meaningful, speedup, iters, expect):
+    bound = 1e-12 if ok else 1e-16
+    assert cli._verdict(ok, 4e-15, bound, meaningful, speedup, iters) == expect
