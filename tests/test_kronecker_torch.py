@@ -90,3 +90,26 @@ def test_linear_kfac_ekfac_equal_curvlinops(f64):
     U = np.kron(UG, UA)
     ours = (U @ np.diag(S.ravel()) @ U.T)[np.ix_(perm, perm)]
     assert np.abs(ours - ref).max() < 1e-12 * np.abs(ref).max()
+
+
+def test_linear_on_sequences_kfac_ekfac_equal_curvlinops(f64):
+    """nn.Linear applied to (N, S, d_in): the S positions share the weight ("expand")."""
+    from curvlinops import EKFACLinearOperator, KFACLinearOperator
+    N, S, d_in, d_out = 7, 5, 4, 3
+    lin = torch.nn.Linear(d_in, d_out)
+    model = torch.nn.Sequential(lin, torch.nn.Tanh(), torch.nn.Flatten(),
+                                torch.nn.Linear(S * d_out, 4))
+    X, y = torch.randn(N, S, d_in), torch.randint(0, 4, (N,))
+    loss_func = torch.nn.CrossEntropyLoss(reduction="mean")
+    x, g = _capture(model, lin, X, y, loss_func)
+    A, G = x.numpy(), (g * N).numpy()                       # (N, S, d_in), (N, S, d_out)
+    D = d_out * (d_in + 1)
+    perm = _torch_order(d_out, d_in + 1)
+    ref = _curvlinops_dense(KFACLinearOperator, model, loss_func, [lin.weight, lin.bias], X, y, D)
+    (Gam, Aa), = ml.kfac(A, G, 1e-3, bias=True).factors
+    assert np.abs(np.kron(Gam, Aa)[np.ix_(perm, perm)] - ref).max() < 1e-12 * np.abs(ref).max()
+    ref = _curvlinops_dense(EKFACLinearOperator, model, loss_func, [lin.weight, lin.bias], X, y, D)
+    UG, UA, S_ = ml.ekfac(A, G, 1e-3, bias=True).factors
+    U = np.kron(UG, UA)
+    ours = (U @ np.diag(S_.ravel()) @ U.T)[np.ix_(perm, perm)]
+    assert np.abs(ours - ref).max() < 1e-12 * np.abs(ref).max()
