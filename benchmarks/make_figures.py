@@ -3,7 +3,10 @@
     python benchmarks/make_figures.py            # needs the plot extra (matplotlib)
 
 * obs_pruning.png: ``examples/obs_pruning.py --plot`` (test loss and accuracy against
-  sparsity for magnitude, independent and joint OBS pruning).
+  sparsity for magnitude, independent and joint OBS pruning);
+* kronecker_paper_frobenius.png, kronecker_paper_spectrum.png:
+  ``examples/kronecker_paper.py --plot docs/images`` (the Kronecker approximations' errors
+  per layer over training, shown on docs/kronecker.md).
 
 Each step prints how long it took; a bar shows the steps on a terminal.
 """
@@ -22,7 +25,10 @@ from mfac_linalg._progress import progress  # noqa: E402
 
 IMAGES = ROOT / "docs" / "images"
 STEPS = [
-    ("obs_pruning.png", [sys.executable, str(ROOT / "examples" / "obs_pruning.py"), "--plot"]),
+    ("obs_pruning.png", [sys.executable, str(ROOT / "examples" / "obs_pruning.py"), "--plot",
+                         str(IMAGES / "obs_pruning.png")]),
+    ("kronecker_paper_*.png", [sys.executable, str(ROOT / "examples" / "kronecker_paper.py"),
+                               "--plot", str(IMAGES)]),
 ]
 
 
@@ -34,7 +40,7 @@ def main() -> int:
     for name, cmd in progress(STEPS, desc="figures"):
         t = time.perf_counter()
         print(f"{name}: {' '.join(pathlib.Path(c).name for c in cmd[1:])} ...", flush=True)
-        subprocess.run([*cmd, str(IMAGES / name)], check=True, cwd=ROOT,
+        subprocess.run(cmd, check=True, cwd=ROOT,
                        env={**os.environ, "MPLBACKEND": "Agg"})
         print(f"{name}: written in {time.perf_counter() - t:.0f} s", flush=True)
     return 0
