@@ -71,6 +71,16 @@ PUBLIC = _public_objects()
 
 
 def _takes_parameters(obj) -> bool:
+    """Whether users pass arguments to ``obj``: a function's parameters, or those of a
+    class's own ``__init__`` (one inherited from outside the package, e.g. SciPy's
+    ``LinearOperator.__init__`` under an abstract base, is not the user's to call)."""
+    if inspect.isclass(obj):
+        init = obj.__dict__.get("__init__") or next(
+            (k.__dict__["__init__"] for k in obj.__mro__ if "__init__" in k.__dict__), None)
+        module = getattr(init, "__module__", "") or ""
+        if init is None or not (module.startswith("mfac_linalg") or
+                                dataclasses.is_dataclass(obj)):
+            return False
     target = obj.__init__ if inspect.isclass(obj) else obj
     try:
         sig = inspect.signature(target)
