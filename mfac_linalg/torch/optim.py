@@ -13,6 +13,10 @@ one after the other):
 N = ``window`` (``normalize="window"``, the published convention: the window starts
 as m zero gradients) or the number of gradients held (``normalize="count"``, no
 warm-up damping by empty slots).
+
+With ``sharded=True`` (docs/math.md §6, docs/distributed.md) each of P ranks stores
+the columns J_p of the window, computes (F⁻¹ g)[J_p] and v[J_p], and the ranks
+all-gather v so that every rank applies the same update.
 """
 from __future__ import annotations
 
@@ -74,12 +78,38 @@ class MFAC(torch.optim.Optimizer):
     refresh_every : int, optional
         Passed to the window: refactor its capacitance matrix exactly every so many
         updates (default: the window size).
+    sharded : bool
+        Column-shard the window over the ranks of ``process_group`` (data-parallel
+        training under ``torch.distributed``; see Notes).  Default False.
+    process_group : torch.distributed.ProcessGroup or Communicator, optional
+        ``sharded=True`` only.  None: ``torch.distributed``'s default group (which must
+        be initialised); a process group; or any
+        :mod:`mfac_linalg.distributed` communicator (``SingleProcessComm()`` runs the
+        sharded code in one process, ``MPIComm``).
+    layout : mfac_linalg.distributed.ColumnLayout, optional
+        ``sharded=True`` only: which of the flattened parameters (``parameters_to_vector``
+        order, the groups one after the other; ``layout.dim`` = their number) each rank
+        stores.  Default: ``ColumnLayout.contiguous(dim, P)`` over the window's
+        coordinates.  In the sparse mode a rank stores the non-zero weights inside its
+        ranges.  ``ColumnLayout.sharded(unit_sizes, P)`` gives the FSDP/ZeRO layout.
+    check_every : int, optional
+        ``sharded=True`` only: compare the ranks' gradients, parameters and replicated
+        window state (:meth:`check_consistency`) on the first step and every this many
+        steps; 0 never.  Default 100.
 
     Raises
     ------
     TypeError, ValueError
         For a wrong argument (named in the message); parameters on several devices
-        or of several dtypes; a non-floating or sparse parameter.
+        or of several dtypes; a non-floating or sparse parameter; ``process_group``,
+        ``layout`` or ``check_every`` without ``sharded=True``; a layout whose ``dim``
+        is not the number of parameters or whose size is not the number of ranks.
+        With ``sharded=True`` the ranks agree before any other collective: a rank that
+        fails raises its error, every other rank
+        :class:`~mfac_linalg.distributed.RemoteRankError`.
+    RuntimeError
+        ``sharded=True`` with ``process_group=None`` and ``torch.distributed`` not
+        initialised.
 
     Notes
     -----
@@ -90,6 +120,37 @@ class MFAC(torch.optim.Optimizer):
     ``ValueError`` and leaves the parameters, the momentum and the window as they were.
     Parameter groups cannot be added after construction (the window's dimension is
     fixed).
+
+    **Sharded mode** (``sharded=True``).  Under data-parallel training every rank
+    holds the same gradient (the mean over the ranks, as DDP leaves it); rank p keeps
+    only the columns J_p of the window (m × d_p with d_p ≈ d / P) and of the momentum.
+    A step costs, per rank: O(d) to gather the gradient and check it for NaN,
+    O(d_p m + m²) for the window's step (one all-reduce of m + P float64 numbers and
+    one of P flags: ``ShardedSlidingWindowInverseFisher.step``), O(d_p) for the
+    momentum, one all-gather of P × max_p d_p numbers of the parameters' compute
+    dtype (``torch.distributed``; another communicator: an exact float64 all-reduce
+    of d numbers) and O(d) to apply the update.  Every rank ends the step with
+    bitwise identical parameters.
+
+    *Identical gradients are expected on every rank.*  Each rank's update is built
+    from the columns that each rank owns, so gradients that differ between ranks
+    give a patchwork, not a divergence.  :meth:`check_consistency` hashes the
+    gradient, the parameters (O(d), exact integer sums of their bits) and the
+    window's m × m state, and compares the hashes in one all-reduce of 13 P numbers;
+    ``step`` runs it on its first call and every ``check_every`` steps, before it
+    changes anything, and raises :class:`~mfac_linalg.distributed.ReplicaDivergenceError`
+    on every rank naming what differs.  A gradient holding NaN or infinity anywhere on
+    any rank is caught at every step (no extra collective: the rank's flag travels in
+    the window's own all-reduce): that rank raises ``ValueError``, the others
+    ``RemoteRankError``, and nothing changes on any rank.  A failure of the
+    communication itself during the final all-gather (a lost rank) is not recoverable:
+    the window has then taken the gradient already.
+
+    ``state_dict()`` is per rank (its columns, the replicated m × m state, the rank,
+    the number of ranks and the layout); ``load_state_dict`` is collective and refuses,
+    on every rank before anything changes, another rank's state, another number of
+    ranks or another layout.  Under FSDP (each rank holding only its shard of the
+    parameters) this optimizer does not apply: it updates full parameters.
 
     Examples
     --------
@@ -107,6 +168,24 @@ class MFAC(torch.optim.Optimizer):
     ...     opt.step()
     >>> opt.window_operator.count
     5
+
+    The sharded mode runs in one process with ``SingleProcessComm`` (under
+    ``torchrun``, leave ``process_group=None``): the same steps, bit for bit.
+
+    >>> from mfac_linalg.distributed import SingleProcessComm
+    >>> torch.manual_seed(0)                                    # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model2 = torch.nn.Linear(4, 1)
+    >>> opt2 = MFAC(model2.parameters(), lr=0.1, window=8, damping=1e-2, sharded=True,
+    ...             process_group=SingleProcessComm())
+    >>> for _ in range(5):
+    ...     opt2.zero_grad()
+    ...     torch.nn.functional.mse_loss(model2(x), y).backward()
+    ...     opt2.step()
+    >>> opt2.layout
+    <ColumnLayout d=5 P=1 contiguous local_dims=[5]>
+    >>> all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+    True
     """
 
     def __init__(self, params, lr, momentum=0.0, weight_decay=0.0, window=1024, damping=1e-5,
