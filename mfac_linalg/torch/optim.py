@@ -437,8 +437,8 @@ class MFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        g = self._gradient()
         if self._comm is None:
+            g = self._gradient()
             try:
                 u = self._window.step(g)
             except ValueError as exc:
@@ -447,7 +447,7 @@ class MFAC(torch.optim.Optimizer):
                                      "nothing was changed") from None
                 raise
         else:
-            u = self._sharded_window_step(g)
+            u = self._sharded_window_step()
         u = to_torch(u, dtype=self._cdt, device=self._device)
         v = self._v
         for a, b, k in self._segments:
@@ -472,23 +472,33 @@ class MFAC(torch.optim.Optimizer):
         return loss
 
     # -- the sharded step ------------------------------------------------------------
-    def _sharded_window_step(self, g):
-        """The window's collective step on this rank's slice of g; every rank raises, and
-        nothing changes anywhere, if any rank's (full) gradient is not finite."""
+    def _sharded_window_step(self):
+        """The window's collective step on this rank's slice of the gradient g; every rank
+        raises, and nothing changes anywhere, if any rank's (full) g is not finite or
+        could not be formed."""
+        try:
+            g, own = self._gradient(), None
+            if not bool(torch.isfinite(g).all()):
+                own = ValueError(f"the gradient (with weight decay) holds NaN or infinity on "
+                                 f"rank {self._comm.rank}; nothing was changed on any rank")
+        except Exception as exc:          # e.g. a sparse gradient on this rank
+            g, own = None, exc
         if self._check_every and self._steps % self._check_every == 0:
-            self.check_consistency(_gradient=g)
-        g_p = self._slice(g)
-        bad = not bool(torch.isfinite(g).all())
-        if bad:
-            # a NaN outside this rank's columns: hand the window a poisoned slice, so that
-            # its own flagged all-reduce carries this rank's failure to every rank (the
-            # window refuses it before it changes anything), with no collective of ours
-            g_p = torch.full((max(g_p.numel(), 1),), float("nan"), dtype=g_p.dtype,
-                             device=g_p.device)
+            self.check_consistency(_gradient=g)     # raises on every rank if any failed
+        if own is None:
+            g_p = self._slice(g)
+        else:
+            # hand the window a poisoned slice, so that its own flagged all-reduce carries
+            # this rank's failure to every rank (the window refuses it before it changes
+            # anything): no collective of ours
+            g_p = torch.full((max(self._v.numel(), 1),), float("nan"), dtype=self._cdt,
+                             device=self._device)
         try:
             return self._window.step(g_p)
         except ValueError as exc:
-            if bad or "finite" in str(exc):
+            if own is not None:
+                raise own from None
+            if "finite" in str(exc):
                 raise ValueError(f"the gradient (with weight decay) holds NaN or infinity on "
                                  f"rank {self._comm.rank}; nothing was changed on any rank") \
                     from None
@@ -648,6 +658,8 @@ class MFAC(torch.optim.Optimizer):
         if not bool(torch.isfinite(v).all()):
             raise ValueError("state_dict['mfac']['v'] holds NaN or infinity")
         steps = V.integer(m["steps"], "state_dict['mfac']['steps']", minimum=0)
+        if "state" not in state_dict:
+            raise ValueError("state_dict is missing 'state' (torch.optim's part)")
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups) or any(
                 not isinstance(g, dict) or len(g.get("params", ())) != len(mine["params"])
