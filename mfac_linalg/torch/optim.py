@@ -545,6 +545,17 @@ class MFAC(torch.optim.Optimizer):
             state) and the ranks that differ from rank 0.
         RuntimeError
             The optimizer is not sharded.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from mfac_linalg.distributed import SingleProcessComm
+        >>> from mfac_linalg.torch import MFAC
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = MFAC(model.parameters(), lr=0.1, window=4, sharded=True,
+        ...            process_group=SingleProcessComm(), check_every=0)
+        >>> model(torch.ones(2, 3)).sum().backward()
+        >>> opt.check_consistency()          # one rank: always consistent; returns None
         """
         if self._comm is None:
             raise RuntimeError("check_consistency needs MFAC(..., sharded=True)")
