@@ -133,7 +133,7 @@ def _final(Rop, sig, P, Q, k, info, tol, maxiter, what, scale=0.0):
         warnings.warn(f"{what} stopped after maxiter={maxiter} iterations with the two-sided "
                       f"residual {info['residual']:.2e} > tol={tol:.1e}; the factors are "
                       "accurate to about residual / gap (see op.info)", ConvergenceWarning,
-                      stacklevel=4)
+                      stacklevel=5)   # the builder's caller
     return sk, Pk, Qk, info
 
 
