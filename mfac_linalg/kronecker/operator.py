@@ -77,7 +77,19 @@ class KroneckerInverse(_KronProducts):
     method, damping, info : str, float, dict
         ``info`` holds the build time and, for iterative builders, the convergence report.
     clipped : int
-        How many entries of S the ``indefinite`` rule changed (0 when M is used as it is).
+        How many entries of S were at or below 1e-10 max S before the ``indefinite`` rule.
+
+    Examples
+    --------
+    >>> import numpy as np, mfac_linalg as ml
+    >>> rng = np.random.default_rng(0)
+    >>> a, g = rng.standard_normal((60, 3)), rng.standard_normal((60, 2))
+    >>> op = ml.kfac(a, g, 0.1, bias=True)        # over vec([W | b]): 2 x 4
+    >>> op.shape, op.method
+    ((8, 8), 'kfac')
+    >>> V = rng.standard_normal((2, 4))
+    >>> bool(np.allclose(op.fisher().matvec(op.matvec(V)), V))
+    True
     """
 
     def __init__(self, method, KB, KC, S, *, KBinvT, KCinvT, logdet_offset, terms=None,
