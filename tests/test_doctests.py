@@ -29,7 +29,62 @@ SUBPACKAGES = ["mfac_linalg.torch", "mfac_linalg.distributed"]
 
 # Objects whose docstrings are complete: a regression here fails the suite.
 COMPLIANT: set[str] = {
+    "mfac_linalg.BlockInverseFisher",
+    "mfac_linalg.ConvergenceWarning",
+    "mfac_linalg.FisherOperator",
+    "mfac_linalg.NotPositiveDefinite",
+    "mfac_linalg.Operator",
+    "mfac_linalg.OutOfRangeError",
+    "mfac_linalg.ProductOperator",
+    "mfac_linalg.ScaledOperator",
+    "mfac_linalg.SlidingWindowInverseFisher",
+    "mfac_linalg.StaticInverseFisher",
+    "mfac_linalg.SumOperator",
+    "mfac_linalg.block_diag",
     "mfac_linalg.cli.run_demo",
+    "mfac_linalg.deflation",
+    "mfac_linalg.distributed.ColumnLayout",
+    "mfac_linalg.distributed.Communicator",
+    "mfac_linalg.distributed.MPIComm",
+    "mfac_linalg.distributed.NotPositiveDefinite",
+    "mfac_linalg.distributed.RemoteRankError",
+    "mfac_linalg.distributed.ReplicaDivergenceError",
+    "mfac_linalg.distributed.ShardedFisherOperator",
+    "mfac_linalg.distributed.ShardedSlidingWindowInverseFisher",
+    "mfac_linalg.distributed.ShardedStaticInverseFisher",
+    "mfac_linalg.distributed.SingleProcessComm",
+    "mfac_linalg.distributed.TorchComm",
+    "mfac_linalg.distributed.agree",
+    "mfac_linalg.distributed.allgather",
+    "mfac_linalg.distributed.as_comm",
+    "mfac_linalg.distributed.check_replicas",
+    "mfac_linalg.distributed.state_digest",
+    "mfac_linalg.fisher_error",
+    "mfac_linalg.kfac",
+    "mfac_linalg.kfac_corrected",
+    "mfac_linalg.kpsvd",
+    "mfac_linalg.lanczos",
+    "mfac_linalg.obs.PruneResult",
+    "mfac_linalg.obs.group_saliency",
+    "mfac_linalg.obs.prune",
+    "mfac_linalg.obs.saliency",
+    "mfac_linalg.testing.CheckReport",
+    "mfac_linalg.testing.OperatorCheckError",
+    "mfac_linalg.testing.Oracle",
+    "mfac_linalg.testing.check_operator",
+    "mfac_linalg.testing.fisher_oracle",
+    "mfac_linalg.testing.gradient_matrices",
+    "mfac_linalg.testing.inverse_fisher_oracle",
+    "mfac_linalg.testing.kronecker_oracle",
+    "mfac_linalg.testing.refined_solve",
+    "mfac_linalg.torch.MFAC",
+    "mfac_linalg.torch.ParameterLayout",
+    "mfac_linalg.torch.PermutedOperator",
+    "mfac_linalg.torch.capture_statistics",
+    "mfac_linalg.torch.kronecker_index",
+    "mfac_linalg.torch.kronecker_preconditioner",
+    "mfac_linalg.torch.per_sample_gradients",
+    "mfac_linalg.torch.prune",
 }
 
 SECTIONS = ("Parameters", "Returns", "Yields", "Raises", "Warns", "See Also", "Notes",
@@ -151,7 +206,8 @@ def test_docstring_sections(name):
 
 
 def test_compliant_names_exist():
-    missing = sorted(COMPLIANT - set(PUBLIC))
+    optional = () if importlib.util.find_spec("torch") else ("mfac_linalg.torch.",)
+    missing = sorted(n for n in COMPLIANT - set(PUBLIC) if not n.startswith(optional or "\0"))
     assert not missing, f"COMPLIANT lists names that are not public: {missing}"
 
 
