@@ -241,9 +241,25 @@ def ekfac(activations, output_grads, damping, *, bias=False, indefinite="abs"):
     r"""EKFAC: the K-FAC eigenbases with the optimal diagonal in that basis (docs/math.md §4).
 
     S*_ij = (1/n) sum_n (U_Gamma^T DW_n U_A)_ij^2 with the exact per-sample gradients
-    DW_n = G_n^T A_n; inverse U_Gamma [(U_Gamma^T V U_A) ./ (S* + lam)] U_A^T.  Arguments as
-    :func:`kfac` (S* >= 0, so ``indefinite`` never acts).  Build
-    O(n T (d_in^2 + d_out^2 + d_in d_out) + d_in^3 + d_out^3).
+    DW_n = G_n^T A_n; inverse U_Gamma [(U_Gamma^T V U_A) ./ (S* + lam)] U_A^T.
+
+    Parameters
+    ----------
+    activations, output_grads, damping, bias
+        As :func:`kfac` (the bases are those of K-FAC's factors in the "expand" convention).
+    indefinite : {"abs", "clip", "raise"}
+        As :func:`kfac`; S* >= 0, so it never acts.
+
+    Returns
+    -------
+    KroneckerInverse
+        ``factors`` is (U_Gamma, U_A, S*).  Build
+        O(n T (d_in^2 + d_out^2 + d_in d_out) + d_in^3 + d_out^3); products as :func:`kfac`.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad shapes or values (the message names the argument).
 
     Examples
     --------
@@ -546,7 +562,18 @@ def kronecker_terms(activations, output_grads, k=2, *, bias=False, solver="lancz
     r"""The best k-term Kronecker sum sum_i B_i kron C_i of F (the top k triples of R(F)).
 
     No inverse (a sum of more than two terms has no closed-form one); for k <= 2 the
-    builders give operators.  ``solver``: "lanczos", "subspace" or "sequential".
+    builders give operators.
+
+    Parameters
+    ----------
+    activations, output_grads, bias
+        As :func:`kfac`.
+    k : int >= 1
+        Number of terms.
+    solver : {"lanczos", "subspace", "sequential"}
+        As in :func:`lanczos` and :func:`deflation`.
+    tol, maxiter, krylov, init, band, positions
+        As :func:`lanczos`.
 
     Returns
     -------

@@ -42,6 +42,17 @@ class ConvergenceWarning(RuntimeWarning):
     """An iterative builder stopped at ``maxiter`` before its residual reached ``tol``.
 
     The operator is still built from the last iterate; ``op.info`` holds the residual reached.
+
+    Examples
+    --------
+    >>> import warnings, numpy as np, mfac_linalg as ml
+    >>> rng = np.random.default_rng(0)
+    >>> a, g = rng.standard_normal((100, 6)), rng.standard_normal((100, 5))
+    >>> with warnings.catch_warnings(record=True) as w:
+    ...     warnings.simplefilter("always")
+    ...     op = ml.deflation(a, g, 1e-2, maxiter=1)
+    >>> w[0].category is ml.ConvergenceWarning, op.info["converged"]
+    (True, False)
     """
 
 
