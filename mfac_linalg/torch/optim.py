@@ -663,9 +663,9 @@ class MFAC(torch.optim.Optimizer):
                                  "weights that were zero at construction)")
         v = m["v"]
         if not isinstance(v, torch.Tensor) or v.shape != self._v.shape or v.dtype != self._v.dtype:
+            got = f"{getattr(v, 'dtype', type(v).__name__)} {tuple(getattr(v, 'shape', ()))}"
             raise ValueError(f"state_dict['mfac']['v'] must be a {self._v.dtype} tensor of shape "
-                             f"{tuple(self._v.shape)}; got "
-                             f"{getattr(v, 'dtype', type(v).__name__)} {tuple(getattr(v, 'shape', ()))}")
+                             f"{tuple(self._v.shape)}; got {got}")
         if not bool(torch.isfinite(v).all()):
             raise ValueError("state_dict['mfac']['v'] holds NaN or infinity")
         steps = V.integer(m["steps"], "state_dict['mfac']['steps']", minimum=0)
