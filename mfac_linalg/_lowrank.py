@@ -33,6 +33,8 @@ batch; a stack of one block (the static operator) goes through plain 2-D BLAS.
 from __future__ import annotations
 
 import math
+import os
+import threading
 
 import numpy as np
 
@@ -53,6 +55,71 @@ def _mT(A):
 def _sumsq(A, xp):
     """Squared norms of the columns (last axis) over every other axis, no temporaries."""
     return xp.einsum("ij,ij->j" if A.ndim == 2 else "nij,nij->j", A, A)
+
+
+#: below this many elements a column-norm pass runs on one thread (thread start-up
+#: would cost more than it saves)
+PARALLEL_MIN = 1 << 20
+
+
+def host_threads():
+    """Threads for the host column-norm passes: the CPUs this process may run on, at most 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+def row_sumsq(V, backend):
+    """sum_i V[..., i, :]**2: (r, c) -> (c,) or (nb, r, c) -> (nb, c), in V's dtype.
+
+    One read of V.  On the host, large arrays are cut into about four pieces per
+    thread (contiguous column ranges of a 2-D V, runs of blocks of a stack) and each
+    piece is reduced by ``numpy.einsum`` (which releases the GIL) on its own thread,
+    writing its own slice of the result: the same sums, in the same order per
+    column, as one ``einsum`` over the whole array.  Overflow is not reported here
+    (callers check finiteness where it can happen).  O(size of V)."""
+    xp = backend.xp
+    two_d = V.ndim == 2
+    spec = "ij,ij->j" if two_d else "nij,nij->nj"
+    nthreads = host_threads() if backend.is_host else 1
+    if nthreads == 1 or V.size < PARALLEL_MIN:
+        with np.errstate(over="ignore"):
+            return xp.einsum(spec, V, V)
+    out = np.empty((V.shape[-1],) if two_d else (V.shape[0], V.shape[-1]), dtype=V.dtype)
+    n = V.shape[-1] if two_d else V.shape[0]
+    pieces = min(n, 4 * nthreads)
+    edges = [n * k // pieces for k in range(pieces + 1)]
+    if two_d:
+        jobs = [(V[:, s:e], out[s:e]) for s, e in zip(edges, edges[1:]) if e > s]
+    else:
+        jobs = [(V[s:e], out[s:e]) for s, e in zip(edges, edges[1:]) if e > s]
+    lock = threading.Lock()
+    errors = []
+
+    def worker():
+        while True:
+            with lock:
+                if not jobs:
+                    return
+                A, o = jobs.pop()
+            try:
+                with np.errstate(over="ignore"):   # finiteness is the caller's check
+                    np.einsum(spec, A, A, out=o)
+            except BaseException as exc:  # pragma: no cover - re-raised below
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(nthreads - 1)]
+    for t in threads:
+        t.start()
+    worker()
+    for t in threads:
+        t.join()
+    if errors:  # pragma: no cover
+        raise errors[0]
+    return out
 
 
 class LowRank:
@@ -130,8 +197,10 @@ class LowRank:
 
     def diagonal(self):
         """(nb, b) diagonals: alpha + beta * column norms of V_k squared."""
-        xp = self.backend.xp
-        return self.alpha + self.beta * xp.einsum("nrb,nrb->nb", self.V, self.V)
+        D = row_sumsq(self.V, self.backend)     # one read of V, threaded on the host
+        D *= self.beta
+        D += self.alpha
+        return D
 
     def quad(self, Xb):
         """sum_k x_k^T (alpha I + beta V_k^T V_k) x_k for each of the k columns (float64);
@@ -187,7 +256,7 @@ class LowRank:
 def column_sumsq(G, backend, name="grads"):
     """diag(G^T G): the squared column norms of G (m, d), O(dm), in G's dtype.  Where
     they overflow that dtype, so would F's diagonal: a ValueError naming ``name``."""
-    c = backend.xp.einsum("ij,ij->j", G, G)
+    c = row_sumsq(G, backend)           # an overflow is reported just below
     _v.gram_finite(c, name, backend)
     return c
 
