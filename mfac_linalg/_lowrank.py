@@ -309,10 +309,75 @@ def _npd(name, shift):
         "or rescale the gradients")
 
 
-def _dual(W, starts, lam, N, backend, name):
-    """Dual form for W (nb, r, b): C = N lam I + W W^T = L L^T, V = L^{-1} W."""
-    xp = backend.xp
+#: elements of the temporary per chunk of blocks when V is written into W (in place)
+INPLACE_CHUNK = 1 << 20
+
+
+def _solve_into(L, W, backend):
+    """V = L^{-1} W written over W (host only; W (nb, r, b), any strides with unit
+    stride along b): one in-place BLAS trsm for a stack of one C-ordered block, else
+    chunks of blocks through a temporary of about INPLACE_CHUNK elements.  Returns W."""
     nb, r, b = W.shape
+    if nb == 1 and W[0].flags.c_contiguous:
+        from scipy.linalg import blas
+        trsm = blas.strsm if W.dtype == np.float32 else blas.dtrsm
+        X = trsm(1.0, L[0].astype(W.dtype, copy=False), W[0].T, side=1, lower=1,
+                 trans_a=1, overwrite_b=1)
+        if not np.shares_memory(X, W):   # pragma: no cover - f2py copied after all
+            W[0] = X.T
+        return W
+    for sl in _chunks(nb, r * max(r, b), backend):
+        W[sl] = _inv_lower(L[sl], backend).astype(W.dtype) @ W[sl]
+    return W
+
+
+def _dual(W, starts, lam, N, backend, name, inplace=False):
+    """Dual form for W (nb, r, b): C = N lam I + W W^T = L L^T, V = L^{-1} W
+    (written over W when ``inplace``: host only, W then is the stored V)."""
+    L = _dual_factor(W, lam, N, backend, name)
+    return _dual_finish(W, L, starts, lam, N, backend, name, inplace)
+
+
+def build_dual_inplace(views, starts, lam, N, backend, name="grads"):
+    """Dual forms for several stacks W (nb, r, b) with r < b, each V written over its W
+    (host only): every Cholesky factor first, then every solve, so that a factor that
+    is not positive definite raises with every W unchanged."""
+    Ls = [_dual_factor(W, lam, N, backend, name) for W in views]
+    return [_dual_finish(W, L, st, lam, N, backend, name, True)
+            for W, L, st in zip(views, Ls, starts)]
+
+
+def _chunks(nb, per_block, backend):
+    """Slices of a stack of nb blocks, each of about INPLACE_CHUNK elements of
+    temporaries (``per_block`` elements a block) and at least two blocks, on the
+    host; one slice on a GPU."""
+    if not backend.is_host:
+        return [slice(0, nb)]
+    step = max(2, INPLACE_CHUNK // max(1, per_block))
+    parts = [slice(s, min(nb, s + step)) for s in range(0, nb, step)]
+    if len(parts) > 1 and parts[-1].stop - parts[-1].start == 1:
+        # a stack of one takes the 2-D path (another LAPACK call): keep every chunk
+        # batched, so the results are those of one batched call
+        parts[-2:] = [slice(parts[-2].start, nb)]
+    return parts
+
+
+def _dual_factor(W, lam, N, backend, name):
+    """The Cholesky factor L (nb, r, r) float64 of C = N lam I + W W^T, computed in
+    chunks of blocks on the host (temporaries of a chunk, not of the stack)."""
+    nb, r, b = W.shape
+    parts = _chunks(nb, r * max(r, b), backend)
+    if len(parts) == 1:
+        return _dual_factor_chunk(W, lam, N, backend, name)
+    L = backend.xp.empty((nb, r, r), dtype=np.float64)
+    for sl in parts:
+        L[sl] = _dual_factor_chunk(W[sl], lam, N, backend, name)
+    return L
+
+
+def _dual_factor_chunk(W, lam, N, backend, name):
+    xp = backend.xp
+    r = W.shape[1]
     shift = N * lam
     eye = xp.eye(r, dtype=np.float64)
     L = None
@@ -326,10 +391,27 @@ def _dual(W, starts, lam, N, backend, name):
         L = _cholesky(K + shift * eye, backend)
         if L is None:
             raise _npd(name, shift)
-    if nb == 1:
+    return L
+
+
+def _dual_finish(W, L, starts, lam, N, backend, name, inplace):
+    """V = L^{-1} W (over W when ``inplace``) and the LowRank of the dual form."""
+    xp = backend.xp
+    nb, r, b = W.shape
+    shift = N * lam
+    if inplace:
+        V = _solve_into(L, W, backend)
+    elif nb == 1:
         V = B.trsm_rows(L[0], W[0], backend)[None]
     else:
-        V = _inv_lower(L, backend).astype(W.dtype) @ W
+        parts = _chunks(nb, r * max(r, b), backend)
+        V = xp.empty_like(W) if len(parts) > 1 else None
+        for sl in parts:
+            Vs = _inv_lower(L[sl], backend).astype(W.dtype) @ W[sl]
+            if V is None:
+                V = Vs
+            else:
+                V[sl] = Vs
     if not bool(xp.isfinite(V).all()):
         raise ValueError(f"{name} is too large for its dtype {W.dtype}: the factor overflows; "
                          "rescale it (and the damping by the square of the scale)")
@@ -370,7 +452,7 @@ def _qr_dual(Gb, starts, lam, N, backend, name):
     return _dual(R, starts, lam, N, backend, name)
 
 
-def build(Gb, starts, lam, N, backend, *, name="grads", form="auto"):
+def build(Gb, starts, lam, N, backend, *, name="grads", form="auto", inplace=False):
     """Factor the blocks ``Gb`` (nb, m, b) (storage dtype) of F_k = lam I + G_k^T G_k / N.
 
     Returns a list of :class:`LowRank` (one per form present: blocks of the same
@@ -383,12 +465,17 @@ def build(Gb, starts, lam, N, backend, *, name="grads", form="auto"):
     to eps * mu_max; a block whose mu_min is below 3 lambda + 8 eps mu_max (eps of the
     storage dtype: indistinguishable from rank-deficient) takes the dual form, on
     its QR factor.
+
+    ``inplace`` (host only): when m < b the factor V is written over ``Gb`` (which
+    may be a strided view of the caller's gradients) and stored as that array; any
+    error raised before the solve leaves ``Gb`` unchanged.  For m >= b (V is b x b)
+    ``Gb`` is only read.
     """
     xp = backend.xp
     nb, m, b = Gb.shape
     starts = np.asarray(starts, dtype=np.int64)
     if m < b and form != "primal":
-        return [_dual(Gb, starts, lam, N, backend, name)]
+        return [_dual(Gb, starts, lam, N, backend, name, inplace=inplace)]
     if m < b:
         raise ValueError(f"form='primal' needs m >= b; got m={m}, b={b}")
     if form == "dual":

@@ -199,3 +199,26 @@ def gradients(grads, name="grads", *, backend=None, dtype=None, allow_half=False
                          f">= 1; got shape {tuple(G.shape)}")
     finite(G, name, be)
     return G, be
+
+
+def reusable_buffer(raw, G, name, backend):
+    """For ``overwrite_grads=True``: ``G`` (validated from the caller's ``raw``) must be
+    the caller's own buffer, a writable C-contiguous float32/float64 NumPy array on the
+    CPU, so that the set-up can write its factor into it.  Otherwise ``ValueError``
+    (``TypeError`` for something that is not a NumPy array), naming ``name``."""
+    need = (f"{name} cannot be reused (overwrite_grads=True): it must be a writable, "
+            "C-contiguous float32 or float64 NumPy array on the CPU")
+    if not backend.is_host:
+        raise ValueError(f"{need}; got an array on the GPU (overwrite_grads is CPU-only)")
+    if not isinstance(raw, np.ndarray):
+        raise TypeError(f"{need}; got {_got(raw)}")
+    if raw.dtype not in (np.float32, np.float64):
+        raise ValueError(f"{need}; got dtype {raw.dtype}")
+    if not raw.flags.c_contiguous:
+        raise ValueError(f"{need}; got a non-contiguous array (strides {raw.strides})")
+    if not raw.flags.writeable:
+        raise ValueError(f"{need}; got a read-only array")
+    if G.__array_interface__["data"][0] != raw.__array_interface__["data"][0] or \
+            G.shape != raw.shape or G.dtype != raw.dtype:   # pragma: no cover - defensive
+        raise ValueError(f"{need}; got an array that had to be converted")
+    return G

@@ -84,6 +84,18 @@ class BlockInverseFisher(_LowRankInverseFisher):
         that never cross a layer boundary.
     check_finite : bool, default True
         Check vectors given to the products for NaN/inf.
+    overwrite_grads : bool, default False
+        Reuse the caller's array for the factors of the blocks with m < b
+        (their V_k is m x b, written over G_k's own columns): no (m, d) copy of
+        the gradients in block order and no second (m, d) array for V.
+        ``grads`` must be a writable, C-contiguous float32 or float64 NumPy
+        array (CPU); anything else is refused with a ValueError (TypeError for
+        a non-array) before any work.  The operator then keeps ``grads`` and
+        makes it read-only (where some block has m < b).  Blocks with m >= b
+        (V_k b x b) are built from copies, as without the option.  A set-up
+        that raises in the checks, the Gram products or the Cholesky leaves
+        ``grads`` unchanged; one that raises after the solves (a factor
+        overflowing its dtype) leaves it holding undefined values.
 
     Raises
     ------
@@ -94,8 +106,10 @@ class BlockInverseFisher(_LowRankInverseFisher):
     Notes
     -----
     Costs (r_k = min(m, b_k)).  Set-up O(sum_k m b_k r_k); ``matvec``
-    O(sum_k b_k r_k) (<= O(dm)); ``entry`` O(r); ``diagonal`` O(sum_k b_k r_k);
-    ``block(k)`` O(b^2 r); memory sum_k r_k b_k (<= dm).
+    O(sum_k b_k r_k) (<= O(dm)); ``entry`` O(r); ``diagonal`` O(sum_k b_k r_k)
+    (one read of the factors, on all host threads); ``block(k)`` O(b^2 r);
+    memory sum_k r_k b_k (<= dm), in the caller's array with
+    ``overwrite_grads=True`` where m < b.
 
     Examples
     --------
@@ -107,25 +121,39 @@ class BlockInverseFisher(_LowRankInverseFisher):
     >>> F0 = 0.1 * np.eye(5) + G[:, :5].T @ G[:, :5] / 4
     >>> bool(np.allclose(op.block(0), np.linalg.inv(F0)))
     True
+    >>> G2 = G.copy()
+    >>> op2 = ml.BlockInverseFisher(G2, 0.1, block_size=5, overwrite_grads=True)
+    >>> bool(np.allclose(op2.block(0), op.block(0), rtol=1e-14)), G2.flags.writeable
+    (True, False)
     """
 
-    def __init__(self, grads, damping, *, block_size=None, blocks=None, check_finite=True):
+    def __init__(self, grads, damping, *, block_size=None, blocks=None, check_finite=True,
+                 overwrite_grads=False):
         G, be = _v.gradients(grads, "grads")
         lam = _v.damping(damping, "damping", dtype=G.dtype)
         check_finite = _v.boolean(check_finite, "check_finite")
+        overwrite = _v.boolean(overwrite_grads, "overwrite_grads")
         m, d = G.shape
         xp = be.xp
         bounds = block_layout(d, block_size, blocks)
+        if overwrite:
+            _v.reusable_buffer(grads, G, "grads", be)
         sizes = np.diff(bounds)
         groups = []
         with be.device_context():
             colsq = LR.column_sumsq(G, be)
             for b in np.unique(sizes):
+                if overwrite and m < b:
+                    continue                # built in place above
                 starts = bounds[:-1][sizes == b]
                 idx = xp.asarray(starts[:, None] + np.arange(b)[None, :])
                 Gb = xp.ascontiguousarray(G[:, idx].transpose(1, 0, 2))   # (nb, m, b)
                 stacks = LR.build(Gb, starts, lam, m, be, name="grads")
                 groups.extend(g.with_index() for g in stacks)
+            if overwrite:    # last: a failure above leaves grads untouched
+                groups.extend(self._build_in_place(G, bounds, lam, be))
+        if overwrite and (sizes > m).any():
+            grads.flags.writeable = False   # it holds the factors now; the operator keeps it
         self._bounds = bounds
         self._m = m
         self._damping = lam
@@ -133,6 +161,43 @@ class BlockInverseFisher(_LowRankInverseFisher):
         self._colsq = colsq
         self._logdet = float(sum(g.logdet for g in groups))
         self._init_operator(d, G.dtype, be, check_finite=check_finite)
+
+    @staticmethod
+    def _build_in_place(G, bounds, lam, be):
+        """The stacks of the blocks with m < b, their V_k written over G's own columns.
+
+        Blocks of one size whose starts are equally spaced (every block of a uniform
+        layout; per layer otherwise) are one stack, seen as the strided view
+        (nb, m, b) of G (strides: the spacing, a row of G, one element): no copy."""
+        m, d = G.shape
+        sizes = np.diff(bounds)
+        starts_all = bounds[:-1]
+        views, run_starts = [], []
+        for b in np.unique(sizes):
+            if m >= b:
+                continue
+            starts = starts_all[sizes == b]
+            runs, i = [], 0
+            while i < len(starts):           # maximal runs of equally spaced starts
+                j = i + 1
+                if j < len(starts):
+                    step = starts[j] - starts[i]
+                    while j + 1 < len(starts) and starts[j + 1] - starts[j] == step:
+                        j += 1
+                    j += 1
+                runs.append(starts[i:j])
+                i = j
+            for run in runs:
+                step = int(run[1] - run[0]) if len(run) > 1 else int(b)
+                isz = G.itemsize
+                view = np.lib.stride_tricks.as_strided(
+                    G[:, int(run[0]):], shape=(len(run), m, int(b)),
+                    strides=(step * isz, d * isz, isz), writeable=True)
+                views.append(view)
+                run_starts.append(run)
+        # every factor before any solve: a Cholesky failure leaves G unchanged
+        return [lr.with_index()
+                for lr in LR.build_dual_inplace(views, run_starts, lam, m, be, name="grads")]
 
     # -- layout ------------------------------------------------------------------
     @property

@@ -74,6 +74,18 @@ class StaticInverseFisher(_LowRankInverseFisher):
         (a reduction over the input; on the GPU it synchronizes).
     form : {"auto", "dual", "primal"}, default "auto"
         Force a form ("primal" needs m >= d).
+    overwrite_grads : bool, default False
+        Reuse the caller's array for V instead of allocating a second (m, d)
+        array (peak memory: one copy of the gradients, not two).  ``grads`` must
+        then be a writable, C-contiguous float32 or float64 NumPy array (CPU);
+        anything else is refused with a ValueError (TypeError for a non-array)
+        before any work.  In the dual form with m < d the operator takes
+        ``grads`` over: V is written into it and it is made read-only (the
+        operator keeps it; do not write to it through another view).  A set-up
+        that raises in the argument checks, the Gram product or the Cholesky
+        leaves ``grads`` unchanged; one that raises after the solve (the factor
+        overflows its dtype) leaves it holding undefined values.  When m >= d
+        (V is d x d) ``grads`` is only read.
 
     Raises
     ------
@@ -93,7 +105,9 @@ class StaticInverseFisher(_LowRankInverseFisher):
     plus one QR of G where the dual form is taken), a float64 Cholesky O(r^3)
     and one triangular solve.  ``matvec`` O(d r) (two passes over V),
     ``matmat`` with k columns O(d r k) as two matrix products, ``entry`` O(r),
-    ``diagonal`` O(d r), ``quad`` O(d r), ``logdet`` O(1).  Memory: V (r x d).
+    ``diagonal`` O(d r) (one read of V, on all host threads), ``quad`` O(d r),
+    ``logdet`` O(1).  Memory: V (r x d), in the caller's array with
+    ``overwrite_grads=True``.
 
     m > d, m = 1, duplicate and zero gradients are all fine: C and F are
     positive definite for every lambda > 0.  For float32 gradients the Gram
@@ -114,19 +128,34 @@ class StaticInverseFisher(_LowRankInverseFisher):
     True
     >>> op.form, ml.StaticInverseFisher(np.vstack([G, G]).T[:20], 1e-8).form
     ('dual', 'dual')
+
+    With ``overwrite_grads=True`` the operator takes the gradients' buffer over
+    (no second m x d array):
+
+    >>> G2 = G.copy()
+    >>> op2 = ml.StaticInverseFisher(G2, damping=1e-2, overwrite_grads=True)
+    >>> bool(np.array_equal(op2 @ x, op @ x)), G2.flags.writeable
+    (True, False)
     """
 
-    def __init__(self, grads, damping, *, check_finite=True, form="auto"):
+    def __init__(self, grads, damping, *, check_finite=True, form="auto",
+                 overwrite_grads=False):
         G, be = _v.gradients(grads, "grads")
         lam = _v.damping(damping, "damping", dtype=G.dtype)
         form = _v.choice(form, "form", ("auto", "dual", "primal"))
         check_finite = _v.boolean(check_finite, "check_finite")
+        overwrite = _v.boolean(overwrite_grads, "overwrite_grads")
+        if overwrite:
+            _v.reusable_buffer(grads, G, "grads", be)
         m, d = G.shape
         if form == "primal" and m < d:
             raise ValueError(f"form='primal' needs m >= d; got grads of shape {(m, d)}")
         with be.device_context():
             colsq = LR.column_sumsq(G, be)   # diag(G^T G), for fisher().diagonal()
-            (lr,) = LR.build(G[None], [0], lam, m, be, name="grads", form=form)
+            (lr,) = LR.build(G[None], [0], lam, m, be, name="grads", form=form,
+                             inplace=overwrite)
+        if overwrite and m < d:
+            grads.flags.writeable = False    # it holds V now; the operator keeps it
         self._init_operator(d, G.dtype, be, check_finite=check_finite)
         self._m = m
         self._damping = lam

@@ -31,3 +31,116 @@ def test_row_sumsq_threaded_is_bitwise_einsum(monkeypatch, host, shape, dtype):
 def test_row_sumsq_large_default_path(host):
     V = np.random.default_rng(2).standard_normal((8, LR.PARALLEL_MIN // 4), dtype=np.float32)
     assert np.array_equal(LR.row_sumsq(V, host), np.einsum("ij,ij->j", V, V))
+
+
+# -- overwrite_grads=True: the caller's buffer holds V ----------------------------------
+import pickle  # noqa: E402
+
+import mfac_linalg as ml  # noqa: E402
+from mfac_linalg import NotPositiveDefinite  # noqa: E402
+
+
+def _grads(m, d, dtype, seed=0):
+    return np.random.default_rng(seed).standard_normal((m, d)).astype(dtype)
+
+
+def _same_operator(a, b, d, dtype):
+    x = np.random.default_rng(5).standard_normal((d, 3)).astype(dtype)
+    assert np.array_equal(a @ x, b @ x)
+    assert np.array_equal(a.diagonal(), b.diagonal())
+    # (a sum over stacks: the block operator may group them differently)
+    assert abs(a.logdet() - b.logdet()) <= 1e-14 * abs(b.logdet())
+    assert np.array_equal(a.fisher() @ x, b.fisher() @ x)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m,d", [(6, 50), (30, 20)])
+def test_static_overwrite_same_operator(dtype, m, d):
+    G = _grads(m, d, dtype)
+    ref = ml.StaticInverseFisher(G, 1e-2)
+    G2 = G.copy()
+    op = ml.StaticInverseFisher(G2, 1e-2, overwrite_grads=True)
+    _same_operator(op, ref, d, dtype)
+    if m < d:       # V lives in the caller's buffer, now read-only
+        assert not G2.flags.writeable
+        (_, _, _, V), = op.lowrank_batches()
+        assert np.shares_memory(V, G2) and np.array_equal(V[0], G2)
+    else:           # V is d x d: grads only read
+        assert G2.flags.writeable and np.array_equal(G2, G)
+    op2 = pickle.loads(pickle.dumps(op))
+    _same_operator(op2, ref, d, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kw", [dict(block_size=16),                  # uniform, last block 4
+                                dict(block_size=16, blocks=[40, 40]),  # runs per layer
+                                dict(block_size=8, blocks=[30, 50]),   # m >= b blocks too
+                                dict()])                               # one block
+def test_block_overwrite_same_operator(dtype, kw):
+    m, d = 6, 80
+    G = _grads(m, d, dtype)
+    ref = ml.BlockInverseFisher(G, 1e-2, **kw)
+    G2 = G.copy()
+    op = ml.BlockInverseFisher(G2, 1e-2, overwrite_grads=True, **kw)
+    assert op.num_blocks == ref.num_blocks
+    _same_operator(op, ref, d, dtype)
+    for k in range(op.num_blocks):
+        assert np.allclose(op.block(k), ref.block(k), rtol=0, atol=1e-12 if dtype == np.float64
+                           else 1e-4)
+    assert not G2.flags.writeable
+    F = 1e-2 * np.eye(d) + 0 * G.T @ G
+    for k, (s, e) in enumerate(zip(op.bounds[:-1], op.bounds[1:])):
+        Gk = G[:, s:e].astype(np.float64)
+        F[s:e, s:e] += Gk.T @ Gk / m
+    x = np.random.default_rng(3).standard_normal(d)
+    Fi_x = np.zeros(d)
+    for s, e in zip(op.bounds[:-1], op.bounds[1:]):
+        Fi_x[s:e] = np.linalg.solve(F[s:e, s:e], x[s:e])
+    tol = 1e-10 if dtype == np.float64 else 1e-3
+    assert np.linalg.norm(op @ x.astype(dtype) - Fi_x) <= tol * np.linalg.norm(Fi_x)
+
+
+@pytest.mark.parametrize("cls", [ml.StaticInverseFisher, ml.BlockInverseFisher])
+def test_overwrite_refuses_what_it_cannot_reuse(cls):
+    G = _grads(4, 20, np.float64)
+    ro = G.copy()
+    ro.flags.writeable = False
+    for bad, msg in [(ro, "read-only"), (np.asfortranarray(G), "non-contiguous"),
+                     (G[:, ::2], "non-contiguous"), (G.astype(np.int64), "dtype int64")]:
+        with pytest.raises(ValueError, match=f"grads cannot be reused.*{msg}"):
+            cls(bad, 0.1, overwrite_grads=True)
+    with pytest.raises(TypeError, match="grads cannot be reused"):
+        cls(G.tolist(), 0.1, overwrite_grads=True)
+    with pytest.raises(TypeError, match="overwrite_grads"):
+        cls(G, 0.1, overwrite_grads="yes")
+    assert G.flags.writeable
+
+
+def test_block_overwrite_failure_leaves_grads_unchanged(monkeypatch):
+    G = _grads(6, 80, np.float32)
+    G0 = G.copy()
+    calls = {"n": 0}
+    real = LR._cholesky
+
+    def flaky(C, backend):      # the second stack's factor fails
+        calls["n"] += 1
+        return None if calls["n"] >= 2 else real(C, backend)
+
+    monkeypatch.setattr(LR, "_cholesky", flaky)
+    with pytest.raises(NotPositiveDefinite):
+        ml.BlockInverseFisher(G, 1e-2, block_size=16, blocks=[40, 40], overwrite_grads=True)
+    assert np.array_equal(G, G0) and G.flags.writeable
+
+
+@pytest.mark.parametrize("nb", [2, 5, 7])
+def test_chunked_set_up_is_bitwise_one_batch(monkeypatch, nb):
+    """The host set-up in chunks of blocks (bounded temporaries) gives the very factors
+    of one batched call, also where a chunk of one block would be left over."""
+    G = _grads(5, 12 * nb, np.float32, seed=nb)
+    ref = ml.BlockInverseFisher(G, 1e-2, block_size=12)
+    monkeypatch.setattr(LR, "INPLACE_CHUNK", 2 * 5 * 12)    # two blocks a chunk
+    op = ml.BlockInverseFisher(G, 1e-2, block_size=12)
+    (_, _, _, V0), = ref.lowrank_batches()
+    (_, _, _, V1), = op.lowrank_batches()
+    assert np.array_equal(V0, V1)
+    _same_operator(op, ref, 12 * nb, np.float32)
