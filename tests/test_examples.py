@@ -38,3 +38,19 @@ def test_kronecker_quality_example_orderings_and_cost():
             assert e["deflation"] <= e["KPSVD"] + 1e-7 <= e["K-FAC"] + 2e-7
             assert e["K-FAC corr."] <= e["K-FAC"] + 1e-7
     assert len(out) == 2 and len(out[0][2]) == 4
+
+
+def test_static_benchmark_script_runs_and_plots(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import static_cpu
+    results = static_cpu.run([(600, 16), (1200, 8)], show_progress=False)
+    out = capsys.readouterr().out
+    assert "IHVP/floor" in out and "1,200" in out
+    for d, m, t in results:
+        assert all(t[k] > 0 for k in ("ihvp", "gemv", "setup", "gram", "trsm", "dense"))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    static_cpu.plot(results, str(tmp_path / "static.png"))
+    assert (tmp_path / "static.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
