@@ -32,6 +32,7 @@ import torch
 from .. import _backend as B
 from .. import _validate as V
 from ..blockwise import BlockInverseFisher
+from ..obs import _joint as _obs_joint
 from ..sliding import SlidingWindowInverseFisher
 from ..static import StaticInverseFisher
 from ._convert import device_spec, to_torch
@@ -42,7 +43,6 @@ __all__ = ["prune", "PruneReport", "PruneStage", "PruneMasks"]
 
 _METHODS = ("joint", "independent", "magnitude", "obd")
 _FISHERS = ("block", "static", "sliding")
-_DIRECT_LIMIT = 512
 
 
 @dataclass
@@ -195,31 +195,9 @@ def _apply(op, x):
 def _removal(op, r, Q):
     """−H E_Q (H_QQ)⁻¹ r_Q (host, float64) for the boolean host set Q, per block of
     H = αI + βVᵀV (docs/math.md §3): one q × q solve per block that loses weights, or its
-    Woodbury form in r dims when q exceeds both r and 512."""
-    xp = op.backend.xp
-    r = _on(op, r)
-    d = r.shape[0]
-    dw = xp.zeros(d, dtype=np.float64)
-    Qh = np.asarray(Q)
-    for cols, alpha, beta, Vs in op.lowrank_batches():
-        sel = Qh[cols]
-        for k in np.flatnonzero(sel.any(axis=1)):
-            loc = np.flatnonzero(sel[k])
-            Vk = Vs[k].astype(np.float64)
-            Vq = Vk[:, xp.asarray(loc)]
-            rq = r[xp.asarray(cols[k, loc])]
-            q, rank = len(loc), Vk.shape[0]
-            if alpha and beta and q > max(rank, _DIRECT_LIMIT):
-                M = Vq @ Vq.T
-                M[xp.diag_indices(rank)] += alpha / beta
-                t = (rq - Vq.T @ xp.linalg.solve(M, Vq @ rq)) / alpha
-            else:
-                Hqq = beta * (Vq.T @ Vq)
-                Hqq[xp.diag_indices(q)] += alpha
-                t = xp.linalg.solve(Hqq, rq)
-            blk = -beta * (Vk.T @ (Vq @ t))
-            blk[xp.asarray(loc)] -= alpha * t
-            dw[xp.asarray(cols[k])] += blk
+    Woodbury form in r dims when q exceeds both r and 512 (:func:`mfac_linalg.obs`'s
+    joint removal, whose predicted loss is not used here)."""
+    dw, _ = _obs_joint(op, _on(op, r), np.asarray(Q), op.backend.xp)
     return np.asarray(B.to_host(dw), dtype=np.float64)
 
 
