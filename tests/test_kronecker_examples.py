@@ -26,3 +26,37 @@ def test_kronecker_paper_example_small():
             assert np.isfinite(list(r["seconds"].values())).all()
     # warm starts from the previous point of training were used
     assert out[1][2][0]["products"]["KPSVD"] > 0
+
+
+def test_kronecker_training_example_small():
+    """Every optimiser lowers the loss at a tiny size; the table is well-formed."""
+    pytest.importorskip("sklearn")
+    import kronecker_training as kt
+    data = [("digits", kt.kp.digits()[:100]), ("curves", kt.curves(n=100, size=8, seed=1))]
+    res = kt.run(datasets=data, verbose=False, epochs=2, batch=50, refresh=2)
+    assert list(res) == ["digits", "curves"]
+    for name, per in res.items():
+        assert list(per) == kt.OPTIMISERS
+        for m, r in per.items():
+            assert r["diverged"] is None, (name, m)
+            assert len(r["loss"]) == len(r["seconds"]) == 3
+            assert np.isfinite(r["loss"]).all() and r["loss"][-1] < r["loss"][0], (name, m)
+            assert np.all(np.diff(r["seconds"]) > 0)
+            assert (r["products"] > 0) == (m in kt.ITERATIVE)
+        lines = kt.table(name, per).splitlines()
+        assert len(lines) == 2 + len(kt.OPTIMISERS)
+        assert all(line.startswith("| ") and line.endswith(" |") and line.count("|") == 8
+                   for line in lines)
+        for line, m in zip(lines[2:], kt.OPTIMISERS):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            assert cells[0] == m and all(np.isfinite(float(c)) for c in cells[1:6])
+
+
+def test_curves_data_set():
+    import kronecker_training as kt
+    X = kt.curves(n=40, size=10, seed=3)
+    assert X.shape == (40, 100) and X.min() >= 0 and X.max() <= 1
+    # every image holds a drawn curve: some pixel on it (the pen's peak is 1 at distance 0),
+    # most of the image blank; same seed, same images
+    assert (X.max(axis=1) > 0.6).all() and (np.median(X, axis=1) < 0.05).all()
+    assert np.array_equal(X, kt.curves(n=40, size=10, seed=3))
