@@ -74,8 +74,9 @@ def host_threads():
 def row_sumsq(V, backend):
     """sum_i V[..., i, :]**2: (r, c) -> (c,) or (nb, r, c) -> (nb, c), in V's dtype.
 
-    One read of V.  On the host, large arrays are cut into about four pieces per
-    thread (contiguous column ranges of a 2-D V, runs of blocks of a stack) and each
+    One read of V.  On the host, large arrays are cut into pieces (one column
+    range a thread for a 2-D V or a stack of few blocks, else four runs of
+    blocks a thread) and each
     piece is reduced by ``numpy.einsum`` (which releases the GIL) on its own thread,
     writing its own slice of the result: the same sums, in the same order per
     column, as one ``einsum`` over the whole array.  Overflow is not reported here
@@ -88,11 +89,14 @@ def row_sumsq(V, backend):
         with np.errstate(over="ignore"):
             return xp.einsum(spec, V, V)
     out = np.empty((V.shape[-1],) if two_d else (V.shape[0], V.shape[-1]), dtype=V.dtype)
-    n = V.shape[-1] if two_d else V.shape[0]
-    pieces = min(n, 4 * nthreads)
+    by_cols = two_d or V.shape[0] < 4 * nthreads    # a few big blocks: cut their columns
+    n = V.shape[-1] if by_cols else V.shape[0]
+    # one column range per thread (einsum is slower on many narrow strided pieces);
+    # runs of whole blocks are contiguous, so four a thread balance the load
+    pieces = min(n, nthreads if by_cols else 4 * nthreads)
     edges = [n * k // pieces for k in range(pieces + 1)]
-    if two_d:
-        jobs = [(V[:, s:e], out[s:e]) for s, e in zip(edges, edges[1:]) if e > s]
+    if by_cols:
+        jobs = [(V[..., s:e], out[..., s:e]) for s, e in zip(edges, edges[1:]) if e > s]
     else:
         jobs = [(V[s:e], out[s:e]) for s, e in zip(edges, edges[1:]) if e > s]
     lock = threading.Lock()
@@ -143,6 +147,8 @@ class LowRank:
         sum_k log det F_k.
     """
 
+    span = None     # (also for instances pickled before it existed)
+
     def __init__(self, starts, b, V, L, alpha, beta, primal, N, damping, logdet, backend):
         self.starts = np.asarray(starts, dtype=np.int64)
         self.b = int(b)
@@ -154,6 +160,26 @@ class LowRank:
         self.logdet = float(logdet)
         self.backend = backend
         self.idx = None     # set by with_index(): queries never write shared state
+        st = self.starts
+        #: (first, last + 1) column when the blocks tile one contiguous range in order
+        #: (then gathers and scatters are reshapes, no index arrays), else None
+        self.span = ((int(st[0]), int(st[0]) + self.nb * self.b)
+                     if self.nb and np.array_equal(st, st[0] + self.b * np.arange(self.nb))
+                     else None)
+
+    def gather(self, X):
+        """The rows of X (d, k) in this stack's blocks, as (nb, b, k): a view where the
+        blocks tile a contiguous range (``span``), else a gathered copy."""
+        if self.span is not None:
+            return X[self.span[0]:self.span[1]].reshape(self.nb, self.b, *X.shape[1:])
+        return X[self.idx]
+
+    def scatter(self, out, Y):
+        """Write Y (nb, b, ...) into the rows of ``out`` in this stack's blocks."""
+        if self.span is not None:
+            out[self.span[0]:self.span[1]] = Y.reshape(self.nb * self.b, *Y.shape[2:])
+        else:
+            out[self.idx] = Y
 
     def with_index(self):
         """Keep the column indices on the backend too (``idx``, for gathers and scatters

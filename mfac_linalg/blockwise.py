@@ -251,7 +251,7 @@ class BlockInverseFisher(_LowRankInverseFisher):
     def _blockwise(self, X, fn):
         Y = self._backend.xp.empty_like(X)
         for grp in self._groups:
-            Y[grp.idx] = fn(grp, X[grp.idx])
+            grp.scatter(Y, fn(grp, grp.gather(X)))
         return Y
 
     def _matmat(self, X):
@@ -260,7 +260,7 @@ class BlockInverseFisher(_LowRankInverseFisher):
     def _diagonal(self):
         out = self._backend.xp.empty(self._d, dtype=self._dtype)
         for grp in self._groups:
-            out[grp.idx] = grp.diagonal()
+            grp.scatter(out, grp.diagonal())
         return out
 
     def _in_block(self, i, j, entry):
@@ -279,7 +279,7 @@ class BlockInverseFisher(_LowRankInverseFisher):
     def _quad(self, X):
         q = self._backend.xp.zeros(X.shape[1], dtype=np.float64)
         for grp in self._groups:
-            q += grp.quad(X[grp.idx])
+            q += grp.quad(grp.gather(X))
         return q
 
     # -- inverse-Fisher extras -------------------------------------------------------

@@ -11,7 +11,7 @@ def host():
     return B.asarray(np.zeros(1), "x")[1]
 
 
-@pytest.mark.parametrize("shape", [(7, 1001), (3, 5, 37), (1, 9, 2000), (40, 2, 3)])
+@pytest.mark.parametrize("shape", [(7, 1001), (3, 5, 37), (1, 9, 2000), (40, 2, 3), (2, 3, 50)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_row_sumsq_threaded_is_bitwise_einsum(monkeypatch, host, shape, dtype):
     V = np.random.default_rng(1).standard_normal(shape).astype(dtype)
