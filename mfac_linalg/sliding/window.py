@@ -390,3 +390,27 @@ def _storage(dtype, backend):
         extra = "" if backend.is_gpu else " (float16 and bfloat16 storage need the GPU)"
         raise ValueError(f"dtype must be one of {allowed}; got {dtype!r}{extra}")
     return name
+
+
+def push_batch(win, rows, push):
+    """Push the k rows of a batch in order as one transaction, on a window of the
+    sliding family (this module's window and ``mfac_linalg.distributed``'s sharded one).
+
+    ``push(row, defer=..., rebuild=...)`` is the window's one-gradient transaction.  When
+    the shift N lambda changes along the batch (``normalize="count"`` while filling) or
+    the batch is long (4 k > m), the intermediate engine checks are deferred and the last
+    push rebuilds the m x m state exactly (O(m^3) once).  Any error restores the buffer,
+    the engine and the counters bit for bit and re-raises.
+    """
+    k = rows.shape[0]
+    defer = (win._normalize == "count" and win._n() < win._m) or 4 * k > win._m
+    snap = (win._buf.snapshot(), win._eng.snapshot(), win._count, win._since_refresh)
+    try:
+        for i in range(k):
+            last = i == k - 1
+            push(rows[i], defer=defer and not last, rebuild=defer and last)
+    except BaseException:
+        win._buf.restore(snap[0])
+        win._eng.restore(snap[1])
+        win._count, win._since_refresh = snap[2], snap[3]
+        raise

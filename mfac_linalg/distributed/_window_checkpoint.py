@@ -1,0 +1,184 @@
+"""Checkpoints of the sharded sliding window, one per rank (docs/math.md §6).
+
+A mixin of :class:`~mfac_linalg.distributed.ShardedSlidingWindowInverseFisher`:
+``state_dict``/``save`` (local; an ``.npz`` without pickles, written atomically, the
+column layout recorded), ``load_state_dict``/``load`` (collective: every rank validates,
+the ranks agree, then load and compare digests; nothing changes on any rank if one
+refuses) and ``digest``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+from .. import _backend as B
+from .. import _validate as V
+from ..sliding.checkpoint import shift_of
+from .comm import agree, state_digest
+from .layout import ColumnLayout
+
+__all__: list[str] = []
+
+FORMAT = "mfac_linalg.sharded_window"
+FORMAT_VERSION = 1
+NORMALIZE = ("window", "count")
+
+
+class _WindowCheckpointing:
+    """Per-rank checkpoints of the sharded window: state dicts, files and digests."""
+
+    def state_dict(self):
+        """This rank's state as host arrays and plain data (a copy), the layout recorded.
+        Local."""
+        F, logdet_C = self._eng.export()
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "rank": self._comm.rank, "size": self._comm.size,
+            "layout": self._layout.to_dict(), "window": self._m, "damping": self._damping,
+            "normalize": self._normalize, "dtype": self._buf.name,
+            "refresh_every": self._refresh_every, "engine": self._eng.kind,
+            "count": self._count, "since_refresh": self._since_refresh,
+            "start": int(self._eng.start), "logdet_C": float(logdet_C),
+            "G": self._buf.host_rows(), "K": np.array(B.to_host(self._eng.K), copy=True),
+            "F": F,
+        }
+
+    def _validate_state(self, state):
+        """Check a state against this window (layout, rank, shapes, values); a clean copy."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict; got {type(state).__name__}")
+        keys = ("format", "format_version", "rank", "size", "layout", "window", "damping",
+                "normalize", "dtype", "refresh_every", "engine", "count", "since_refresh",
+                "start", "logdet_C", "G", "K", "F")
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ValueError(f"state is missing {missing}")
+        if state["format"] != FORMAT or int(state["format_version"]) != FORMAT_VERSION:
+            raise ValueError(f"state must be a {FORMAT} checkpoint of version {FORMAT_VERSION}; "
+                             f"got {state['format']!r} version {state['format_version']}")
+        layout = ColumnLayout.from_dict(state["layout"])
+        if layout != self._layout:
+            raise ValueError(f"state was saved under another column layout ({layout!r}, "
+                             f"fingerprint {layout.fingerprint()}); this window's is "
+                             f"{self._layout!r} ({self._layout.fingerprint()}): load it with the "
+                             "layout it was saved with")
+        for key, mine in (("rank", self._comm.rank), ("size", self._comm.size),
+                          ("window", self._m), ("dtype", self._buf.name),
+                          ("engine", self._eng.kind)):
+            if state[key] != mine:
+                raise ValueError(f"state: {key}={state[key]!r} does not match this window's "
+                                 f"{key}={mine!r}")
+        st = dict(state)
+        st["damping"] = V.damping(float(state["damping"]), "state damping",
+                                  dtype=self._buf.compute_dtype)
+        st["normalize"] = V.choice(state["normalize"], "state normalize", NORMALIZE)
+        st["refresh_every"] = V.positive_int(int(state["refresh_every"]), "state refresh_every")
+        m = self._m
+        for k in ("count", "since_refresh", "start"):
+            st[k] = V.integer(int(state[k]), f"state {k}", minimum=0)
+        n = min(st["count"], m)
+        if st["start"] != (st["count"] - n) % m:
+            raise ValueError(f"state: start={st['start']} does not match count={st['count']}")
+        raw = np.asarray(self._buf.host_rows()).dtype
+        for k, shape, dt in (("G", (m, self._d), raw), ("K", (m, m), np.float64),
+                             ("F", (m, m), np.float64)):
+            a = np.asarray(B.to_host(state[k]))
+            if a.shape != shape or a.dtype != dt:
+                raise ValueError(f"state: {k} must be {np.dtype(dt).name} of shape {shape}; got "
+                                 f"{a.dtype.name} of shape {a.shape}")
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise ValueError(f"state: {k} holds NaN or infinity")
+            st[k] = a
+        st["logdet_C"] = V.real(float(state["logdet_C"]), "state logdet_C")
+        return st
+
+    def load_state_dict(self, state):
+        """Restore every rank's state (each rank passes its own).  Collective: every rank
+        validates its state (a layout other than this window's is refused), the ranks
+        agree, then load, then compare digests of the replicated state.  Nothing changes
+        on any rank if any rank's state is refused.  Returns self."""
+        err, st = None, None
+        try:
+            st = self._validate_state(state)
+        except Exception as exc:
+            err = exc
+        return self._load(st, err)
+
+    def _load(self, st, err):
+        agree(self._comm, err, "load_state_dict")
+        eng = self._new_engine(st["normalize"])
+        n = min(st["count"], self._m)
+        eng.load(st["K"], st["F"], n, shift_of(st["normalize"], self._m, n, st["damping"]),
+                 st["start"], st["logdet_C"])
+        old = (self._eng, self._buf.snapshot(), self._count, self._since_refresh,
+               self._damping, self._normalize, self._refresh_every)
+        self._eng = eng
+        self._buf.load(st["G"])
+        self._damping, self._normalize = st["damping"], st["normalize"]
+        self._refresh_every = st["refresh_every"]
+        self._count, self._since_refresh = st["count"], st["since_refresh"]
+        try:
+            self.check_replicas()
+        except BaseException:
+            (self._eng, snap, self._count, self._since_refresh, self._damping,
+             self._normalize, self._refresh_every) = old
+            self._buf.restore(snap)
+            raise
+        return self
+
+    def save(self, path):
+        """Write this rank's state to ``path`` (an ``.npz``; no pickles), atomically: a
+        temporary file in the same folder, then a rename.  Local.  Returns the path."""
+        path = V.path(path, "path")
+        st = self.state_dict()
+        arrays = {k: np.asarray(st[k]) for k in ("G", "K", "F")}
+        meta = {k: v for k, v in st.items() if k not in arrays}
+        arrays["meta"] = np.array(json.dumps(meta))
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @staticmethod
+    def read_state(path):
+        """The state dict of a file written by :meth:`save` (``allow_pickle=False``)."""
+        path = V.path(path, "path")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                raw = {k: f[k] for k in f.files}
+            meta = json.loads(str(raw.pop("meta")))
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"cannot read a sharded-window checkpoint from {path}: {exc}") \
+                from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path}: the metadata is not a dict")
+        meta.update(raw)
+        return meta
+
+    def load(self, path):
+        """Load this rank's checkpoint file into the window.  Collective (see
+        :meth:`load_state_dict`); a file saved under another layout is refused."""
+        err, st = None, None
+        try:
+            st = self._validate_state(self.read_state(path))
+        except Exception as exc:
+            err = exc
+        return self._load(st, err)
+
+    def digest(self):
+        """The 64-bit digest of the replicated state (hex), the same on every rank while
+        the replicas agree.  Local."""
+        return state_digest(*self._replicated()).astype(np.uint16).tobytes().hex()
