@@ -26,6 +26,7 @@ from .. import _backend as B
 from .. import _validate as V
 from .. import _capacitance as cap
 from .._capacitance import NotPositiveDefinite
+from ..static import _LowRankInverseFisher
 from .comm import agree, state_digest
 from .layout import ColumnLayout
 from ._base import ShardedFisherOperator, ShardedOperator
@@ -256,16 +257,8 @@ class ShardedStaticInverseFisher(ShardedOperator):
             err = exc
         return self._flagged_sum(Kp, m * m, err, "ShardedStaticInverseFisher Gram").reshape(m, m)
 
-    # -- attributes ---------------------------------------------------------------------
-    @property
-    def damping(self):
-        """λ."""
-        return self._damping
-
-    @property
-    def num_grads(self):
-        """m, the number of gradients."""
-        return self._m
+    # -- attributes (damping, num_grads: the single-device static operator's) -------------
+    damping, num_grads = _LowRankInverseFisher.damping, _LowRankInverseFisher.num_grads
 
     @property
     def form(self):
