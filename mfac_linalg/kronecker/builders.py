@@ -301,6 +301,19 @@ def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None, s
     return factors_from_triples(sig, P, Q), info
 
 
+def _iterative(activations, output_grads, damping, bias, indefinite, k, solver, *, tol,
+               maxiter, band, positions, init, choices, krylov=None):
+    """The iterative builders' common start: every argument checked (:func:`_begin`), the
+    warm start (default K-FAC's A), then the k leading triples of R(F) by ``solver``.
+    Returns (layer, lam, t0, terms, info)."""
+    layer, lam, tol, maxiter, t0 = _begin(
+        activations, output_grads, damping, bias, indefinite, tol=tol, maxiter=maxiter,
+        band=band, positions=positions, choices=choices)
+    start = _init_factors(init, layer) or [layer.kfac_factors()[1]]
+    terms, info = _terms(layer, k, solver, tol, maxiter, start, krylov=krylov)
+    return layer, lam, t0, terms, info
+
+
 _ITER_DOC = """
     tol : float in (0, 1)
         Stop when every triple's two-sided residual
@@ -389,13 +402,11 @@ def kpsvd(activations, output_grads, damping, *, bias=False, damping_mode="exact
     >>> bool(np.trace(Bm) > 0)
     True
     """
-    layer, lam, tol, maxiter, t0 = _begin(
-        activations, output_grads, damping, bias, indefinite, tol=tol, maxiter=maxiter,
-        band=band, positions=positions,
+    layer, lam, t0, terms, info = _iterative(
+        activations, output_grads, damping, bias, indefinite, 1, solver, tol=tol,
+        maxiter=maxiter, band=band, positions=positions, init=init,
         choices=[(damping_mode, "damping_mode", ("exact", "pi")),
                  (solver, "solver", ("subspace", "lanczos"))])
-    start = _init_factors(init, layer) or [layer.kfac_factors()[1]]
-    terms, info = _terms(layer, 1, solver, tol, maxiter, start)
     (Bm, Cm), = terms
     op = _single_inverse("kpsvd", Bm, Cm, lam, damping_mode, indefinite, layer.be,
                          terms=terms, info=info)
@@ -438,13 +449,11 @@ def deflation(activations, output_grads, damping, *, bias=False, solver="subspac
     >>> bool(np.allclose(op.fisher().todense(), seq.fisher().todense(), atol=1e-9))
     True
     """
-    layer, lam, tol, maxiter, t0 = _begin(
-        activations, output_grads, damping, bias, indefinite, tol=tol, maxiter=maxiter,
-        band=band, positions=positions,
+    layer, lam, t0, terms, info = _iterative(
+        activations, output_grads, damping, bias, indefinite, 2, solver, tol=tol,
+        maxiter=maxiter, band=band, positions=positions, init=init,
         choices=[(solver, "solver", ("subspace", "sequential")),
                  (first_term_damping, "first_term_damping", ("split", "full"))])
-    start = _init_factors(init, layer) or [layer.kfac_factors()[1]]
-    terms, info = _terms(layer, 2, solver, tol, maxiter, start)
     op = _two_term_inverse("deflation", terms, lam, layer.be, info, indefinite,
                            first_term_damping)
     return _done(op, t0)
@@ -492,12 +501,10 @@ def lanczos(activations, output_grads, damping, *, bias=False, k=2, krylov=None,
                          "longer sum: mfac_linalg.kronecker.kronecker_terms)")
     if krylov is not None:
         krylov = V.integer(krylov, "krylov", minimum=1)
-    layer, lam, tol, maxiter, t0 = _begin(
-        activations, output_grads, damping, bias, indefinite, tol=tol, maxiter=maxiter,
-        band=band, positions=positions,
+    layer, lam, t0, terms, info = _iterative(
+        activations, output_grads, damping, bias, indefinite, k, "lanczos", tol=tol,
+        maxiter=maxiter, band=band, positions=positions, init=init, krylov=krylov,
         choices=[(first_term_damping, "first_term_damping", ("split", "full"))])
-    start = _init_factors(init, layer) or [layer.kfac_factors()[1]]
-    terms, info = _terms(layer, k, "lanczos", tol, maxiter, start, krylov=krylov)
     if k == 1:
         op = _single_inverse("lanczos", *terms[0], lam, "exact", indefinite, layer.be,
                              terms=terms, info=info)
@@ -593,11 +600,11 @@ def kronecker_terms(activations, output_grads, k=2, *, bias=False, solver="lancz
     k = V.integer(k, "k", minimum=1)
     if krylov is not None:
         krylov = V.integer(krylov, "krylov", minimum=1)
-    layer, _, tol, maxiter, _ = _begin(
-        activations, output_grads, 1.0, bias, "abs", tol=tol, maxiter=maxiter, band=band,
-        positions=positions, choices=[(solver, "solver", ("lanczos", "subspace", "sequential"))])
-    start = _init_factors(init, layer) or [layer.kfac_factors()[1]]
-    return _terms(layer, k, solver, tol, maxiter, start, krylov=krylov)
+    _, _, _, terms, info = _iterative(
+        activations, output_grads, 1.0, bias, "abs", k, solver, tol=tol, maxiter=maxiter,
+        band=band, positions=positions, init=init, krylov=krylov,
+        choices=[(solver, "solver", ("lanczos", "subspace", "sequential"))])
+    return terms, info
 
 
 # -- approximation error without forming F ---------------------------------------------------

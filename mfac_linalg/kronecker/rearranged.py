@@ -77,25 +77,26 @@ class Rearranged:
         self.products = 0
         self.dim = min(self.d_in * (self.d_in + 1) // 2, self.d_out * (self.d_out + 1) // 2)
 
-    def R(self, Q):
-        self.products += Q.shape[0]
-        P = self.layer.r_product(Q)
+    def _apply(self, X, product, side):
+        """``product`` on the rows of X, less the deflated triple's part: with
+        (P0, Q0) = ``deflate`` and (out, inp) = (P0, Q0) for R (side 0) or (Q0, P0) for
+        Rᵀ (side 1), Y_i - out <inp, X_i>; then symmetrised."""
+        self.products += X.shape[0]
+        Y = product(X)
         if self.deflate is not None:
-            P0, Q0 = self.deflate
-            P = P - P0[None] * (Q0[None] * Q).sum(axis=(1, 2))[:, None, None]
-        return _sym(P)
+            out, inp = self.deflate if side == 0 else self.deflate[::-1]
+            Y = Y - out[None] * (inp[None] * X).sum(axis=(1, 2))[:, None, None]
+        return _sym(Y)
+
+    def R(self, Q):
+        return self._apply(Q, self.layer.r_product, 0)
 
     def complement(self, X, side):
         """X (rows) restricted to where the triples are sought (all of it here)."""
         return X
 
     def RT(self, P):
-        self.products += P.shape[0]
-        Q = self.layer.rt_product(P)
-        if self.deflate is not None:
-            P0, Q0 = self.deflate
-            Q = Q - Q0[None] * (P0[None] * P).sum(axis=(1, 2))[:, None, None]
-        return _sym(Q)
+        return self._apply(P, self.layer.rt_product, 1)
 
 
 def _orth(M, xp):
