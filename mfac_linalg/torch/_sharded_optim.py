@@ -98,8 +98,7 @@ class _ShardedMFAC:
         try:
             g, own = self._gradient(), None
             if not bool(torch.isfinite(g).all()):
-                own = ValueError(f"the gradient (with weight decay) holds NaN or infinity on "
-                                 f"rank {self._comm.rank}; nothing was changed on any rank")
+                own = _not_finite(self._comm.rank)
         except Exception as exc:          # e.g. a sparse gradient on this rank
             g, own = None, exc
         if self._check_every and self._steps % self._check_every == 0:
@@ -118,9 +117,7 @@ class _ShardedMFAC:
             if own is not None:
                 raise own from None
             if "finite" in str(exc):
-                raise ValueError(f"the gradient (with weight decay) holds NaN or infinity on "
-                                 f"rank {self._comm.rank}; nothing was changed on any rank") \
-                    from None
+                raise _not_finite(self._comm.rank) from None
             raise
 
     def _allgather(self, v_p):
@@ -157,8 +154,7 @@ class _ShardedMFAC:
         try:
             g = self._gradient() if gradient is None else gradient
             if not bool(torch.isfinite(g).all()):
-                raise ValueError(f"the gradient (with weight decay) holds NaN or infinity on "
-                                 f"rank {r}; nothing was changed on any rank")
+                raise _not_finite(r)
             tab[r, 1:5] = _bits_digest([g])
             tab[r, 5:9] = _bits_digest(self._params())
             tab[r, 9:13] = np.frombuffer(bytes.fromhex(self._window.digest()),
@@ -192,6 +188,12 @@ class _ShardedMFAC:
 
 
 _CHECK_EVERY = 100
+
+
+def _not_finite(rank):
+    """The error of a rank whose gradient (with weight decay) is not finite."""
+    return ValueError(f"the gradient (with weight decay) holds NaN or infinity on rank "
+                      f"{rank}; nothing was changed on any rank")
 
 
 def _dist():
