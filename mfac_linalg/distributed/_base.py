@@ -18,7 +18,99 @@ from .layout import ColumnLayout
 __all__ = ["ShardedOperator", "ShardedFisherOperator"]
 
 
-class ShardedOperator(Operator):
+class _FlaggedCollectives:
+    """The flagged collectives of the sharded operators (the module docstring's rule): a
+    sum all-reduce with one failure flag per rank, a header table, the agreement on k,
+    the two global columns of ``entry`` and the gathered rows of ``todense``.  Needs
+    ``_comm``, ``_layout``, ``_backend`` and ``_dglobal``."""
+
+    def _xp(self):
+        return self._backend.xp
+
+    def _flagged_sum(self, payload, n, err, what):
+        """All-reduce ``payload`` (n float64 numbers, or None after a local failure) with one
+        failure flag per rank appended; raise on every rank if any rank failed.  Returns
+        the summed n numbers (a flat float64 array)."""
+        xp = self._xp()
+        P = self._comm.size
+        buf = xp.zeros(n + P, dtype=np.float64)
+        if err is None and payload is not None:
+            try:
+                buf[:n] = payload.reshape(-1)
+            except Exception as exc:     # e.g. out of memory
+                err = exc
+        if err is not None:
+            buf[:n] = 0.0
+            buf[n + self._comm.rank] = 1.0
+        self._comm.allreduce_sum(buf)
+        raise_failed(buf[n:], err, what)
+        return buf[:n]
+
+    def _header(self, values, err, what):
+        """One all-reduce of a P x (1 + h) host table (flag, values of each rank); raises on
+        every rank if any failed; returns the P x h table of values."""
+        P = self._comm.size
+        tab = np.zeros((P, 1 + len(values)), dtype=np.float64)
+        if err is None:
+            tab[self._comm.rank, 1:] = values
+        else:
+            tab[self._comm.rank, 0] = 1.0
+        self._comm.allreduce_sum(tab)
+        raise_failed(tab[:, 0], err, what)
+        return tab[:, 1:]
+
+    def _agree_k(self, X, err, name, what):
+        """Agree on the number of right-hand sides k (one small all-reduce)."""
+        tab = self._header([X.shape[1] if X is not None else 0], err, what)
+        ks = [int(v) for v in tab[:, 0]]
+        if len(set(ks)) != 1:
+            raise ValueError(f"{name} must have the same number of columns on every rank; got "
+                             f"{ks} (rank order)")
+        return ks[0]
+
+    def _check_same_pair(self, tail, i, j):
+        P = self._comm.size
+        iv, jv = tail[:P], tail[P:]
+        if len(set(iv.tolist())) != 1 or len(set(jv.tolist())) != 1:
+            raise ValueError("entry(i, j) must be called with the same (i, j) on every rank; "
+                             f"got i = {[int(v) for v in iv]}, j = {[int(v) for v in jv]}")
+
+    def _pair_columns(self, getcol, i, j, err, m):
+        """The two global columns i and j of an m-row array held by columns (``getcol(local
+        index)`` gives a float64 column): one all-reduce, owners contributing."""
+        P = self._comm.size
+        n = 2 * m + 2 * P
+        buf = None
+        if err is None:
+            try:
+                buf = self._xp().zeros(n, dtype=np.float64)
+                for slot, g in ((0, i), (1, j)):
+                    p, loc = self._layout.owner(g)
+                    if p == self._comm.rank:
+                        buf[slot * m:(slot + 1) * m] = getcol(loc)
+                buf[2 * m + self._comm.rank] = i
+                buf[2 * m + P + self._comm.rank] = j
+            except Exception as exc:
+                err = exc
+        out = self._flagged_sum(buf, n, err, "entry")
+        self._check_same_pair(np.asarray(B.to_host(out[2 * m:])), i, j)
+        return out[:m], out[m:2 * m]
+
+    def _gather_rows(self, local, m, what):
+        """The global m x d array whose columns each rank holds locally (float64 all-reduce,
+        zeros elsewhere: exact)."""
+        d = self._dglobal
+        err = None
+        full = None
+        try:
+            full = self._xp().zeros((m, d), dtype=np.float64)
+            self._layout.place(local.astype(np.float64), self._comm.rank, full, axis=1)
+        except Exception as exc:
+            err = exc
+        return self._flagged_sum(full, m * d, err, what).reshape(m, d)
+
+
+class ShardedOperator(_FlaggedCollectives, Operator):
     """A symmetric d x d operator whose vectors are split over ranks by a column layout.
 
     ``shape`` is the global (d, d).  ``matvec``/``matmat``/``dot``/``@`` take this
@@ -96,51 +188,6 @@ class ShardedOperator(Operator):
                         "the single-process operator")
 
     to_cupyx = to_scipy
-
-    # -- flagged collectives ----------------------------------------------------------------
-    def _xp(self):
-        return self._backend.xp
-
-    def _flagged_sum(self, payload, n, err, what):
-        """All-reduce ``payload`` (n float64 numbers, or None after a local failure) with one
-        failure flag per rank appended; raise on every rank if any rank failed.  Returns
-        the summed n numbers (a flat float64 array)."""
-        xp = self._xp()
-        P = self._comm.size
-        buf = xp.zeros(n + P, dtype=np.float64)
-        if err is None and payload is not None:
-            try:
-                buf[:n] = payload.reshape(-1)
-            except Exception as exc:     # e.g. out of memory
-                err = exc
-        if err is not None:
-            buf[:n] = 0.0
-            buf[n + self._comm.rank] = 1.0
-        self._comm.allreduce_sum(buf)
-        raise_failed(buf[n:], err, what)
-        return buf[:n]
-
-    def _header(self, values, err, what):
-        """One all-reduce of a P x (1 + h) host table (flag, values of each rank); raises on
-        every rank if any failed; returns the P x h table of values."""
-        P = self._comm.size
-        tab = np.zeros((P, 1 + len(values)), dtype=np.float64)
-        if err is None:
-            tab[self._comm.rank, 1:] = values
-        else:
-            tab[self._comm.rank, 0] = 1.0
-        self._comm.allreduce_sum(tab)
-        raise_failed(tab[:, 0], err, what)
-        return tab[:, 1:]
-
-    def _agree_k(self, X, err, name, what):
-        """Agree on the number of right-hand sides k (one small all-reduce)."""
-        tab = self._header([X.shape[1] if X is not None else 0], err, what)
-        ks = [int(v) for v in tab[:, 0]]
-        if len(set(ks)) != 1:
-            raise ValueError(f"{name} must have the same number of columns on every rank; got "
-                             f"{ks} (rank order)")
-        return ks[0]
 
     def _local_block(self, x, name, kind):
         """Validate this rank's slice; never raises (returns the error instead)."""
@@ -262,34 +309,6 @@ class ShardedOperator(Operator):
             err, i, j = exc, 0, 0
         return float(self._collective_entry(i, j, err))
 
-    def _check_same_pair(self, tail, i, j):
-        P = self._comm.size
-        iv, jv = tail[:P], tail[P:]
-        if len(set(iv.tolist())) != 1 or len(set(jv.tolist())) != 1:
-            raise ValueError("entry(i, j) must be called with the same (i, j) on every rank; "
-                             f"got i = {[int(v) for v in iv]}, j = {[int(v) for v in jv]}")
-
-    def _pair_columns(self, getcol, i, j, err, m):
-        """The two global columns i and j of an m-row array held by columns (``getcol(local
-        index)`` gives a float64 column): one all-reduce, owners contributing."""
-        P = self._comm.size
-        n = 2 * m + 2 * P
-        buf = None
-        if err is None:
-            try:
-                buf = self._xp().zeros(n, dtype=np.float64)
-                for slot, g in ((0, i), (1, j)):
-                    p, loc = self._layout.owner(g)
-                    if p == self._comm.rank:
-                        buf[slot * m:(slot + 1) * m] = getcol(loc)
-                buf[2 * m + self._comm.rank] = i
-                buf[2 * m + P + self._comm.rank] = j
-            except Exception as exc:
-                err = exc
-        out = self._flagged_sum(buf, n, err, "entry")
-        self._check_same_pair(np.asarray(B.to_host(out[2 * m:])), i, j)
-        return out[:m], out[m:2 * m]
-
     def diagonal(self):
         """This rank's slice of the diagonal, (d_p,).  Local: no communication."""
         return self._diagonal()
@@ -306,19 +325,6 @@ class ShardedOperator(Operator):
                              f"max_elements={max_elements}); raise max_elements explicitly "
                              "if you mean it")
         return self._collective_todense()
-
-    def _gather_rows(self, local, m, what):
-        """The global m x d array whose columns each rank holds locally (float64 all-reduce,
-        zeros elsewhere: exact)."""
-        d = self._dglobal
-        err = None
-        full = None
-        try:
-            full = self._xp().zeros((m, d), dtype=np.float64)
-            self._layout.place(local.astype(np.float64), self._comm.rank, full, axis=1)
-        except Exception as exc:
-            err = exc
-        return self._flagged_sum(full, m * d, err, what).reshape(m, d)
 
     def check_replicas(self):
         """Check that the replicated m x m state is bitwise identical on every rank.
