@@ -30,6 +30,7 @@ import argparse
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,12 @@ import mfac_linalg as ml  # noqa: E402
 
 KRONECKER = kp.METHODS
 OPTIMISERS = [n for n, _ in KRONECKER] + ["Adam", "SGD"]
-ITERATIVE = kp.ITERATIVE
+# controls (``--controls``): the damping form swapped.  K-FAC's default damps each factor
+# ((Gamma + lam_G I) kron (A + lam_A I), "pi"), as do the two-term builders' first term
+# ("split"); KPSVD's default damps the product (B kron C + lam I, "exact"), as EKFAC does.
+CONTROLS = [("K-FAC, exact damping", partial(ml.kfac, damping_mode="exact")),
+            ("KPSVD, pi damping", partial(ml.kpsvd, damping_mode="pi"))]
+ITERATIVE = kp.ITERATIVE + ("KPSVD, pi damping",)
 # the autoencoders' hidden widths (input = output = the pixels); the linear code is always
 # layer 3 (kp.CODE), as kp.forward / kp.backward expect
 HIDDEN = {"digits": [32, 24, 16, 8, 16, 24, 32], "curves": [48, 24, 16, 8, 16, 24, 48]}
@@ -94,8 +100,9 @@ class SGD:
 class NaturalGradient:
     """theta <- theta - lr blockdiag(M_l^{-1}) grad, M_l rebuilt every ``refresh`` steps."""
 
-    def __init__(self, build, lr, damping, refresh, tol, rng):
+    def __init__(self, build, iterative, lr, damping, refresh, tol, rng):
         self.build, self.lr, self.damping, self.refresh = build, lr, damping, refresh
+        self.iterative = iterative
         self.tol, self.rng, self.t = tol, rng, 0
         self.ops, self.products, self.unconverged = None, 0, 0
 
@@ -107,7 +114,7 @@ class NaturalGradient:
         ops = []
         for k, (a, g) in enumerate(zip(acts[:-1], grads)):
             kw = {}
-            if self.build in (ml.kpsvd, ml.deflation, ml.lanczos, ml.kfac_corrected):
+            if self.iterative:
                 kw["tol"] = self.tol
                 if self.ops is not None:
                     kw["init"] = self.ops[k]                      # warm start
@@ -138,7 +145,7 @@ class NaturalGradient:
 
 def train(data, method, *, epochs=8, batch=100, lr=None, damping=1.0, refresh=5, tol=1e-6,
           seed=0):
-    """Train one autoencoder on ``data`` (name, X) with ``method`` (an entry of OPTIMISERS).
+    """Train one autoencoder on ``data`` (name, X) with ``method`` (in OPTIMISERS or CONTROLS).
 
     Returns a dict: ``loss`` (epochs + 1 full-set losses, the first at initialisation),
     ``seconds`` (cumulative CPU seconds at each), ``products`` and ``unconverged`` (R(F)
@@ -162,8 +169,9 @@ def train(data, method, *, epochs=8, batch=100, lr=None, damping=1.0, refresh=5,
         opt = SGD(lr)
     else:
         lr = 0.1 if lr is None else lr
-        build = dict(KRONECKER)[method]
-        opt = NaturalGradient(build, lr, damping, refresh, tol, np.random.default_rng(seed + 2))
+        build = dict(KRONECKER + CONTROLS)[method]
+        opt = NaturalGradient(build, method in ITERATIVE, lr, damping, refresh, tol,
+                              np.random.default_rng(seed + 2))
     losses, seconds, spent = [kp.bce(kp.forward(params, X)[-1], X)], [0.0], 0.0
     diverged = None
     for epoch in range(1, epochs + 1):
@@ -242,13 +250,25 @@ def plot(results, folder):
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "kronecker_training.png"), dpi=90)
     plt.close(fig)
+    X = curves()[:24]
+    size = int(round(np.sqrt(X.shape[1])))
+    fig, axes = plt.subplots(2, 12, figsize=(9, 1.7))
+    for ax, x in zip(axes.ravel(), X):
+        ax.imshow(x.reshape(size, size), cmap="gray_r", vmin=0, vmax=1)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "kronecker_curves.png"), dpi=90)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--plot", metavar="FOLDER", help="write the figure there")
+    p.add_argument("--plot", metavar="FOLDER", help="write the two figures there")
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--controls", action="store_true",
+                   help="also K-FAC with exact damping and KPSVD with pi damping")
     args = p.parse_args()
-    result = run(epochs=args.epochs)
+    methods = OPTIMISERS + ([n for n, _ in CONTROLS] if args.controls else [])
+    result = run(methods=methods, epochs=args.epochs)
     if args.plot:
         plot(result, args.plot)
