@@ -73,46 +73,7 @@ class ColumnLayout:
 
     def __init__(self, dim, ranges):
         dim = V.integer(dim, "dim", minimum=1)
-        if isinstance(ranges, (str, bytes)) or not hasattr(ranges, "__len__"):
-            raise TypeError(f"ranges must be a sequence (one entry per rank) of sequences of "
-                            f"(start, stop) pairs; got {type(ranges).__name__}")
-        if len(ranges) < 1:
-            raise ValueError("ranges must have one entry per rank (at least one); got none")
-        per_rank = []
-        flat = []
-        for p, rr in enumerate(ranges):
-            if isinstance(rr, (str, bytes)) or not hasattr(rr, "__iter__"):
-                raise TypeError(f"ranges[{p}] must be a sequence of (start, stop) pairs; got "
-                                f"{type(rr).__name__}")
-            clean = []
-            for q, pair in enumerate(rr):
-                if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
-                    raise TypeError(f"ranges[{p}][{q}] must be a pair (start, stop); got {pair!r}")
-                a = V.integer(pair[0], f"ranges[{p}][{q}] start", minimum=0, maximum=dim)
-                b = V.integer(pair[1], f"ranges[{p}][{q}] stop", minimum=0, maximum=dim)
-                if b < a:
-                    raise ValueError(f"ranges[{p}][{q}] must have start <= stop; got ({a}, {b})")
-                if b > a:
-                    clean.append((a, b))
-            clean.sort()
-            merged = []
-            for a, b in clean:
-                if merged and merged[-1][1] == a:
-                    merged[-1] = (merged[-1][0], b)
-                else:
-                    merged.append((a, b))
-            per_rank.append(merged)
-            flat.extend((a, b, p) for a, b in merged)
-        flat.sort()
-        pos = 0
-        for a, b, p in flat:
-            if a != pos:
-                what = "overlap" if a < pos else "leave a gap"
-                raise ValueError(f"ranges must cover 0..{dim - 1} exactly once; they {what} at "
-                                 f"column {min(a, pos)} (rank {p}'s range ({a}, {b}))")
-            pos = b
-        if pos != dim:
-            raise ValueError(f"ranges must cover 0..{dim - 1} exactly once; they end at {pos}")
+        per_rank, flat = _checked_ranges(dim, ranges)
         self._dim = dim
         self._ranges = tuple(tuple(r) for r in per_rank)
         self._starts = np.array([a for a, _, _ in flat], dtype=np.int64)
@@ -337,3 +298,50 @@ class ColumnLayout:
             return f"<ColumnLayout d={self._dim} P={self.size} contiguous local_dims={dims}>"
         nr = sum(len(rr) for rr in self._ranges)
         return f"<ColumnLayout d={self._dim} P={self.size} ranges={nr}>"
+
+
+def _checked_ranges(dim, ranges):
+    """The ranges of :class:`ColumnLayout` checked, empty ones dropped and adjacent ones
+    merged: (per_rank, flat) with ``per_rank[p]`` rank p's sorted ranges and ``flat`` every
+    (start, stop, rank) in column order.  O(P r log r)."""
+    if isinstance(ranges, (str, bytes)) or not hasattr(ranges, "__len__"):
+        raise TypeError(f"ranges must be a sequence (one entry per rank) of sequences of "
+                        f"(start, stop) pairs; got {type(ranges).__name__}")
+    if len(ranges) < 1:
+        raise ValueError("ranges must have one entry per rank (at least one); got none")
+    per_rank = []
+    flat = []
+    for p, rr in enumerate(ranges):
+        if isinstance(rr, (str, bytes)) or not hasattr(rr, "__iter__"):
+            raise TypeError(f"ranges[{p}] must be a sequence of (start, stop) pairs; got "
+                            f"{type(rr).__name__}")
+        clean = []
+        for q, pair in enumerate(rr):
+            if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+                raise TypeError(f"ranges[{p}][{q}] must be a pair (start, stop); got {pair!r}")
+            a = V.integer(pair[0], f"ranges[{p}][{q}] start", minimum=0, maximum=dim)
+            b = V.integer(pair[1], f"ranges[{p}][{q}] stop", minimum=0, maximum=dim)
+            if b < a:
+                raise ValueError(f"ranges[{p}][{q}] must have start <= stop; got ({a}, {b})")
+            if b > a:
+                clean.append((a, b))
+        clean.sort()
+        merged = []
+        for a, b in clean:
+            if merged and merged[-1][1] == a:
+                merged[-1] = (merged[-1][0], b)
+            else:
+                merged.append((a, b))
+        per_rank.append(merged)
+        flat.extend((a, b, p) for a, b in merged)
+    flat.sort()
+    pos = 0
+    for a, b, p in flat:
+        if a != pos:
+            what = "overlap" if a < pos else "leave a gap"
+            raise ValueError(f"ranges must cover 0..{dim - 1} exactly once; they {what} at "
+                             f"column {min(a, pos)} (rank {p}'s range ({a}, {b}))")
+        pos = b
+    if pos != dim:
+        raise ValueError(f"ranges must cover 0..{dim - 1} exactly once; they end at {pos}")
+    return per_rank, flat
