@@ -438,7 +438,10 @@ def _dual_finish(W, L, starts, lam, N, backend, name, inplace):
                 V = Vs
             else:
                 V[sl] = Vs
-    if not bool(xp.isfinite(V).all()):
+    # |V| <= 1 in exact arithmetic (V^T V = I - lambda F^{-1}): a finite V sums to a
+    # finite value, and a NaN or infinity in it makes the sum non-finite; no (r, b)
+    # boolean temporary
+    if not bool(xp.isfinite(V.sum())):
         raise ValueError(f"{name} is too large for its dtype {W.dtype}: the factor overflows; "
                          "rescale it (and the damping by the square of the scale)")
     logdet = _logdet_L(L, backend) + nb * (b * math.log(lam) - r * math.log(shift))
