@@ -21,7 +21,7 @@ __all__: list[str] = []
 class _WindowQueries:
     """F⁻¹ and F on this rank's columns: the collective hooks and the local queries."""
 
-    # -- collective hooks -----------------------------------------------------------------------
+    # -- collective hooks ----------------------------------------------------------------------
     def _project(self, X, k, err, extra=None):
         """U = G_h X summed over ranks (n x k float64), optionally with one extra row."""
         n = self._n()
@@ -94,7 +94,7 @@ class _WindowQueries:
         A *= 1.0 / self._damping
         return A.astype(self._dtype, copy=False)
 
-    # -- local ------------------------------------------------------------------------------------
+    # -- local ---------------------------------------------------------------------------------
     # the single-device window's code on the local columns (its lock: the class's no-op)
     _diagonal = _Single._diagonal
 
@@ -104,7 +104,7 @@ class _WindowQueries:
         ld = self._dglobal * math.log(self._damping)
         return ld + (self._eng.logdet() - n * math.log(self._shift(n)) if n else 0.0)
 
-    # -- the forward F -------------------------------------------------------------------------------
+    # -- the forward F -------------------------------------------------------------------------
     def fisher(self):
         """The forward F = λI + G_hᵀG_h/N on the same shards, a live view that follows later
         updates (a :class:`~mfac_linalg.distributed.ShardedFisherOperator`)."""
@@ -120,7 +120,8 @@ class _WindowQueries:
         U = self._project(X, k, err)
         if n == 0:
             return X * lam
-        # combine(X, C, n, l) is (X - G_hᵀ C) / l: l = 1/λ and C = -U/(Nλ) give λX + G_hᵀU/N
+        # combine(X, C, n, l) is (X - G_hᵀ C) / l:
+        # l = 1/λ and C = -U/(Nλ) give λX + G_hᵀU/N
         return self._buf.combine(X, U * (-1.0 / (self._N(n) * lam)), n, 1.0 / lam)
 
     def _fisher_quad(self, X, k, err):

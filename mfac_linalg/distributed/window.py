@@ -257,7 +257,7 @@ class ShardedSlidingWindowInverseFisher(_WindowUpdates, _WindowQueries, _WindowC
         w._count = m
         return w
 
-    # -- state: the single-device window's, on the same attributes ---------------------------
+    # -- state: the single-device window's, on the same attributes -----------------------------
     count, total, window = _Single.count, _Single.total, _Single.window
     normalize, refresh_every, engine = _Single.normalize, _Single.refresh_every, _Single.engine
     damping = property(lambda self: self._damping, doc="λ.")
