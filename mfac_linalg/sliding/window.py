@@ -220,19 +220,7 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
             if rows.shape[0] == 1:
                 self._push(rows[0])
                 return self
-            k = rows.shape[0]
-            defer = (self._normalize == "count" and self._n() < self._m) or 4 * k > self._m
-            snap = (self._buf.snapshot(), self._eng.snapshot(), self._count,
-                    self._since_refresh)
-            try:
-                for i in range(k):
-                    last = i == k - 1
-                    self._push(rows[i], defer=defer and not last, rebuild=defer and last)
-            except BaseException:
-                self._buf.restore(snap[0])
-                self._eng.restore(snap[1])
-                self._count, self._since_refresh = snap[2], snap[3]
-                raise
+            push_batch(self, rows, self._push)
         return self
 
     def step(self, g):
