@@ -63,7 +63,8 @@ class RingBuffer:
     def prepare(self, rows, check=True, name="g"):
         """Rows (k, dim) cast to what the buffer stores; finiteness checked after the
         cast (a finite float64 value can overflow float32)."""
-        out = rows.astype(self.storage, copy=False)
+        with np.errstate(over="ignore"):    # an overflow is refused just below
+            out = rows.astype(self.storage, copy=False)
         if check:
             V.finite(out, name, self.backend)
         return out
@@ -88,7 +89,8 @@ class RingBuffer:
         self.G[slot] = row
         x = self.G[slot]
         u = xp.zeros(self.m, dtype=np.float64)
-        u[:rows] = self.G[:rows] @ x
+        with np.errstate(over="ignore", invalid="ignore"):   # check_gram refuses it
+            u[:rows] = self.G[:rows] @ x
         return Write(slot, old, u, x)       # x: a view of the row as stored
 
     def check_gram(self, w):
