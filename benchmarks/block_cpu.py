@@ -197,7 +197,8 @@ def static_baseline(G: np.ndarray, damping: float):
         g = U[i].clone() if torch is not None else U[i].copy()
         u = g / damping
         if i:
-            c = (U[:i] @ g) / (torch.tensor(s[:i]) if torch is not None else np.array(s[:i]))
+            c = (U[:i] @ g) / (torch.tensor(s[:i], dtype=U.dtype) if torch is not None
+                             else np.array(s[:i]))
             u -= c.to(U.dtype) @ U[:i] if torch is not None else (c @ U[:i]).astype(U.dtype)
         U[i] = u
         s[i] = m + float((g * u).sum())
