@@ -22,7 +22,7 @@ shared: wall time would measure the other jobs), the loss the full training set'
 epoch.
 
 Needs scikit-learn for the digits (``pip install mfac_linalg[examples]``); ``--plot`` also
-matplotlib.  Run:  python examples/kronecker_training.py [--plot docs/images]
+matplotlib.  Run:  python examples/kronecker_training.py [--controls] [--plot docs/images]
 """
 from __future__ import annotations
 
@@ -237,7 +237,7 @@ def plot(results, folder):
     fig, axes = plt.subplots(len(results), 2, figsize=(10, 3.6 * len(results)), squeeze=False)
     for row, (name, res) in zip(axes, results.items()):
         for m, r in res.items():
-            style = "--" if m in ("Adam", "SGD") else "-"
+            style = "--" if m in GRID else ":" if m in dict(CONTROLS) else "-"
             row[0].plot(range(len(r["loss"])), r["loss"], style, marker="o", ms=2, label=m)
             row[1].plot(r["seconds"], r["loss"], style, marker="o", ms=2, label=m)
         row[0].set_xlabel("epoch")
@@ -246,6 +246,7 @@ def plot(results, folder):
             ax.set_ylabel(f"{name}: training loss")
             ax.set_yscale("log")
         row[1].set_xscale("symlog", linthresh=1)
+        row[1].set_xlim(left=0)
     axes[0, 0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "kronecker_training.png"), dpi=90)
@@ -265,10 +266,15 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--plot", metavar="FOLDER", help="write the two figures there")
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--save", metavar="FILE", help="write the results there (JSON)")
     p.add_argument("--controls", action="store_true",
                    help="also K-FAC with exact damping and KPSVD with pi damping")
     args = p.parse_args()
     methods = OPTIMISERS + ([n for n, _ in CONTROLS] if args.controls else [])
     result = run(methods=methods, epochs=args.epochs)
+    if args.save:
+        import json
+        with open(args.save, "w") as f:
+            json.dump(result, f, indent=1)
     if args.plot:
         plot(result, args.plot)
