@@ -59,6 +59,7 @@ COMPLIANT: set[str] = {
     "mfac_linalg.distributed.as_comm",
     "mfac_linalg.distributed.check_replicas",
     "mfac_linalg.distributed.state_digest",
+    "mfac_linalg.ekfac",
     "mfac_linalg.fisher_error",
     "mfac_linalg.kfac",
     "mfac_linalg.kfac_corrected",
