@@ -62,6 +62,12 @@ def curves(n=2000, size=12, points=3, seed=0):
     image's central 80 %, rasterised with an anti-aliased pen: a pixel's intensity is
     exp(-d^2 / (2 s^2)), d its distance to the curve (sampled at 64 points) in pixels,
     s = 0.5.  O(n size^2 64).  Returns an (n, size^2) float64 array.
+
+    Examples
+    --------
+    >>> X = curves(n=5, size=10, seed=1)
+    >>> X.shape, bool(X.min() >= 0 and X.max() <= 1)
+    ((5, 100), True)
     """
     rng = np.random.default_rng(seed)
     t = np.linspace(0.0, 1.0, 64)[:, None]
