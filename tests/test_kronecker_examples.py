@@ -60,3 +60,35 @@ def test_curves_data_set():
     # most of the image blank; same seed, same images
     assert (X.max(axis=1) > 0.6).all() and (np.median(X, axis=1) < 0.05).all()
     assert np.array_equal(X, kt.curves(n=40, size=10, seed=3))
+
+
+def test_natural_gradient_step_equals_dense_oracle():
+    """One image: K-FAC with exact damping is F + lam I exactly (F = v v^T, v = kron(g, [a, 1])),
+    so the script's step must be -lr (F + lam I)^{-1} vec([gW | gb]) per layer (np.kron oracle)."""
+    import copy
+
+    import kronecker_training as kt
+    from functools import partial
+
+    import mfac_linalg as ml
+    kp = kt.kp
+    rng = np.random.default_rng(5)
+    X = kt.curves(n=1, size=4, seed=2)
+    params = kt.init([16, 6, 5, 4, 3, 4, 5, 6, 16], rng)
+    lr, lam = 0.3, 0.05
+    opt = kt.NaturalGradient(partial(ml.kfac, damping_mode="exact"), False, lr, lam, 5, 1e-6,
+                             np.random.default_rng(9))
+    sample_rng = copy.deepcopy(opt.rng)
+    _, gparams = kt.loss_and_grads(params, X)
+    new = opt.step(params, gparams, X)
+    acts = kp.forward(params, X)
+    p = kp.sigmoid(acts[-1])
+    y = (sample_rng.random(p.shape) < p).astype(float)
+    grads = kp.backward(params, acts, p - y)
+    for (W, b), (W1, b1), (gW, gb), a, g in zip(params, new, gparams, acts[:-1], grads):
+        v = np.kron(g[0], np.append(a[0], 1.0))
+        M = np.outer(v, v) + lam * np.eye(v.size)
+        step = np.linalg.solve(M, np.column_stack([gW, gb]).ravel()).reshape(len(b), -1)
+        assert np.abs(step).max() > 1e-3                 # a real step, not a vacuous match
+        np.testing.assert_allclose(W1, W - lr * step[:, :-1], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(b1, b - lr * step[:, -1], rtol=0, atol=1e-12)
