@@ -7,6 +7,9 @@
 * kronecker_paper_frobenius.png, kronecker_paper_spectrum.png:
   ``examples/kronecker_paper.py --plot docs/images`` (the Kronecker approximations' errors
   per layer over training, shown on docs/kronecker.md).
+* kronecker_training.png, kronecker_curves.png:
+  ``examples/kronecker_training.py --controls --plot docs/images`` (natural-gradient training
+  with each Kronecker method against Adam and SGD; about 5 minutes).
 
 Each step prints how long it took; a bar shows the steps on a terminal.
 """
@@ -29,6 +32,9 @@ STEPS = [
                          str(IMAGES / "obs_pruning.png")]),
     ("kronecker_paper_*.png", [sys.executable, str(ROOT / "examples" / "kronecker_paper.py"),
                                "--plot", str(IMAGES)]),
+    ("kronecker_training.png, kronecker_curves.png",
+     [sys.executable, str(ROOT / "examples" / "kronecker_training.py"), "--controls", "--plot",
+      str(IMAGES)]),
 ]
 
 
