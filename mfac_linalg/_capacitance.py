@@ -99,7 +99,27 @@ _KERNEL_STORAGE = ("float32", "float16", "bfloat16")
 
 
 class NotPositiveDefinite(ValueError):
-    """The capacitance matrix is not numerically positive definite."""
+    """The capacitance matrix is not numerically positive definite.
+
+    Raised when the m x m capacitance matrix C = Nλ I_m + G Gᵀ of docs/math.md §1 (or
+    its sliding-window update, §2) fails its Cholesky factorization: the damping λ is
+    too small for the gradients' scale, so the Woodbury inverse cannot be formed
+    reliably.  The call that raises it leaves the operator's state as it was.  A
+    subclass of ``ValueError``; the message gives Nλ and the remedy (raise the damping
+    or rescale the gradients).
+
+    Examples
+    --------
+    Three identical gradients (G Gᵀ of rank one) with a damping far below their scale:
+
+    >>> import numpy as np
+    >>> from mfac_linalg import NotPositiveDefinite, StaticInverseFisher
+    >>> try:
+    ...     StaticInverseFisher(np.ones((3, 4)), damping=1e-30)
+    ... except NotPositiveDefinite as err:
+    ...     print(type(err).__name__, isinstance(err, ValueError))
+    NotPositiveDefinite True
+    """
 
 
 class NonFiniteGradient(ValueError):

@@ -567,7 +567,26 @@ def block_diag_oracle(oracles):
 
     ``kappa`` is the largest block κ (each block's products carry their own bound),
     ``logdet`` the sum and ``fisher`` the block-diagonal of the blocks' ``fisher``
-    where every block has one.
+    where every block has one.  Its products cost the sum of the blocks' products,
+    O(Σ_i cost(A_i)); building it costs O(number of blocks).
+
+    Parameters
+    ----------
+    oracles : iterable of Oracle
+        The blocks' oracles, in diagonal order (at least one); block i acts on the rows
+        ``d_1 + ... + d_{i-1}`` up to ``d_1 + ... + d_i`` of the input.
+
+    Returns
+    -------
+    Oracle
+        The oracle of the block-diagonal matrix, of dimension Σ_i d_i; ``symmetric`` and
+        ``positive_definite`` hold when they hold for every block, ``model_error`` is the
+        largest block's.
+
+    Raises
+    ------
+    ValueError
+        If ``oracles`` is empty.
 
     Examples
     --------
@@ -690,6 +709,32 @@ def fisher_problems(*, max_m=12, max_d=12, kinds=_KINDS, ratio=(1e-8, 1e2),
                     dtype=np.float64):
     """A hypothesis strategy for (G, damping): G from :func:`gradient_matrices`, and
     λ = r·λ_max(GᵀG/m) with r log-uniform in ``ratio`` (r itself when G = 0).
+
+    Each draw costs one gradient matrix (see :func:`gradient_matrices`) and one spectral
+    norm of G, O(m d min(m, d)).  Hypothesis is imported when called.
+
+    Parameters
+    ----------
+    max_m, max_d : int
+        Upper bounds on the number of gradients m and the dimension d (as in
+        :func:`gradient_matrices`).
+    kinds : sequence of str
+        The kinds of gradient matrix to draw from (see :func:`gradient_matrices`).
+    ratio : (float, float)
+        The range (low, high), both > 0, of r = λ / λ_max(GᵀG/m); r is drawn log-uniformly.
+    dtype : numpy dtype
+        float64 or float32, the dtype of G (λ is a Python float).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of (numpy.ndarray, float)
+        Draws pairs ``(G, damping)`` with G of shape (m, d) and damping > 0.
+
+    Raises
+    ------
+    ValueError
+        If a bound of ``ratio`` is not > 0 (at the call), or ``kinds`` is not a
+        non-empty subset of the known kinds (when an example is drawn).
 
     Examples
     --------

@@ -49,7 +49,37 @@ class RemoteRankError(RuntimeError):
     """Another rank failed during a collective call; this rank's state is unchanged.
 
     The failing rank raises its own exception; every other rank raises this one,
-    so that no rank goes on alone.  ``ranks`` lists the ranks that failed.
+    so that no rank goes on alone (see :func:`agree`).  A subclass of ``RuntimeError``.
+
+    Parameters
+    ----------
+    ranks : iterable of int
+        The ranks that failed.
+    what : str
+        The name of the abandoned operation, for the message.
+
+    Attributes
+    ----------
+    ranks : list of int
+        The ranks that failed.
+
+    Examples
+    --------
+    Rank 0 of two, whose partner (simulated here) reports a failure in :func:`agree`:
+
+    >>> import numpy as np
+    >>> from mfac_linalg.distributed import Communicator, RemoteRankError, agree
+    >>> class PartnerFails(Communicator):
+    ...     rank, size = 0, 2
+    ...     def _allreduce_sum(self, buf):
+    ...         buf[1] += 1.0                       # rank 1's failure flag
+    ...     def _broadcast(self, buf, root):
+    ...         pass
+    >>> try:
+    ...     agree(PartnerFails(), None, "step")
+    ... except RemoteRankError as err:
+    ...     print(err.ranks)
+    [1]
     """
 
     def __init__(self, ranks, what):
@@ -62,8 +92,45 @@ class RemoteRankError(RuntimeError):
 class ReplicaDivergenceError(RuntimeError):
     """The replicated m x m state differs between ranks (raised on every rank).
 
-    ``digests`` maps each rank to its 64-bit state digest (hex); ``ranks`` lists
-    the ranks whose state differs from rank 0's.
+    Raised by :func:`check_replicas` (and the sharded operators' ``check_replicas``)
+    when a rank's state digest differs from rank 0's.  A subclass of ``RuntimeError``;
+    the remedy is to rebuild the state (``refresh()``) or reload a checkpoint on every
+    rank.
+
+    Parameters
+    ----------
+    digests : mapping of int to str
+        Each rank's 64-bit state digest (hex).
+    ranks : iterable of int
+        The ranks whose state differs from rank 0's.
+    what : str
+        The name of the checked state, for the message.
+
+    Attributes
+    ----------
+    digests : dict of int to str
+        Each rank's state digest (hex).
+    ranks : list of int
+        The ranks whose state differs from rank 0's.
+
+    Examples
+    --------
+    Rank 0 of two, whose partner (simulated here) holds a different state:
+
+    >>> import numpy as np
+    >>> from mfac_linalg.distributed import (Communicator, ReplicaDivergenceError,
+    ...                                      check_replicas)
+    >>> class PartnerDiffers(Communicator):
+    ...     rank, size = 0, 2
+    ...     def _allreduce_sum(self, buf):
+    ...         buf[1] = buf[0] + 1.0               # rank 1's digest differs
+    ...     def _broadcast(self, buf, root):
+    ...         pass
+    >>> try:
+    ...     check_replicas(PartnerDiffers(), [np.eye(2)])
+    ... except ReplicaDivergenceError as err:
+    ...     print(err.ranks, sorted(err.digests))
+    [1] [0, 1]
     """
 
     def __init__(self, digests, ranks, what):
