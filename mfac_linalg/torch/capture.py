@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as Fn
 
+from .. import _progress
 from .. import _validate as V
 from .. import kronecker as _K
 from .layout import ParameterLayout, PermutedOperator, select_layers
@@ -405,7 +406,7 @@ def _zero_out(module, x):
 
 def kronecker_preconditioner(model, loss_fn, data, method="kfac", damping=1e-3, *,
                              fisher="empirical", mc_samples=1, seed=0, layers=None,
-                             reduction=None, statistics=None, **options):
+                             reduction=None, statistics=None, progress=None, **options):
     r"""One block-diagonal Kronecker inverse-Fisher operator in ``parameters_to_vector`` order.
 
     Per layer (``nn.Linear``, ``nn.Conv2d``) the statistics of :func:`capture_statistics`
@@ -432,6 +433,11 @@ def kronecker_preconditioner(model, loss_fn, data, method="kfac", damping=1e-3, 
     statistics : CapturedStatistics, optional
         Statistics already captured (then model, loss_fn and data only identify the
         layout and are not run).
+    progress : bool or None, default None
+        A tqdm bar on stderr over the layers while their blocks are built: ``None`` only
+        when stderr is a terminal and tqdm is installed, ``True`` whenever tqdm is
+        installed, ``False`` never (see ``mfac_linalg._progress.progress``).  It never
+        changes the result.
     **options
         Passed to the builder (e.g. ``damping_mode="exact"`` for K-FAC, ``tol=`` for KPSVD).
 
@@ -439,6 +445,12 @@ def kronecker_preconditioner(model, loss_fn, data, method="kfac", damping=1e-3, 
     -------
     PermutedOperator (``.operator`` is the block-diagonal operator in Kronecker order,
     ``.layout`` the :class:`~mfac_linalg.torch.ParameterLayout`)
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad arguments (named in the message), e.g. ``progress`` not None/True/False, or
+        ``statistics`` not a CapturedStatistics; the builder's own errors pass through.
 
     Examples
     --------
@@ -453,6 +465,8 @@ def kronecker_preconditioner(model, loss_fn, data, method="kfac", damping=1e-3, 
     """
     method = V.choice(method, "method", KRONECKER_METHODS)
     V.damping(damping)
+    if progress is not None:
+        progress = V.boolean(progress, "progress")
     if statistics is None:
         statistics = capture_statistics(model, loss_fn, data, fisher=fisher,
                                         mc_samples=mc_samples, seed=seed, layers=layers,
@@ -462,7 +476,8 @@ def kronecker_preconditioner(model, loss_fn, data, method="kfac", damping=1e-3, 
                         f"{type(statistics).__name__}")
     build = getattr(_K, method)
     blocks = []
-    for st in statistics.layers:
+    for st in _progress.progress(statistics.layers, desc=f"{method} layers",
+                                 enabled=progress):
         blocks.append(build(st.activations.detach(), st.output_grads.detach(), damping,
                             bias=st.spec.bias, **options))
     return PermutedOperator(_K.block_diag(blocks), statistics.layout)
