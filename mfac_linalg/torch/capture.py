@@ -187,13 +187,38 @@ def _psg_loop(model, loss_fn, x, y, params):
 
 @dataclass
 class LayerStatistics:
-    """One layer's per-sample data (docs/math.md §4, §8).
+    """One layer's per-sample data (docs/math.md §4, §8), an entry of
+    :attr:`CapturedStatistics.layers`.
 
-    name : the module's name;  spec : its :class:`~mfac_linalg.torch.LayerSpec`
-    activations : (n, d_in) or (n, T, d_in) tensor, the layer's inputs (no bias column;
-        ``Conv2d``: the T unfolded patches, d_in = C_in kh kw)
-    output_grads : (n, d_out) or (n, T, d_out), the gradients of each sample's own loss
-        with respect to the layer's outputs (scaled for the reduction, see the module doc)
+    Sample n's gradient of the layer's [W | b] is DW_n = g_n a_nᵀ (docs/math.md §4),
+    g_n its row of ``output_grads`` and a_n its row of ``activations`` with a 1 appended
+    for the bias; with T positions (``Conv2d``) it is the sum over t of g_nt a_ntᵀ.
+
+    Attributes
+    ----------
+    name : str
+        The module's name in the model.
+    spec : LayerSpec
+        Its :class:`~mfac_linalg.torch.LayerSpec`.
+    activations : torch.Tensor
+        Shape (n, d_in) or (n, T, d_in): the layer's inputs (no bias column;
+        ``Conv2d``: the T unfolded patches, d_in = C_in kh kw).
+    output_grads : torch.Tensor
+        Shape (n, d_out) or (n, T, d_out): the gradients of each sample's own loss with
+        respect to the layer's outputs (scaled for the reduction, see the module doc).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mfac_linalg.torch import capture_statistics
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 2), torch.nn.Flatten(),
+    ...                             torch.nn.Linear(8, 3))
+    >>> x, y = torch.randn(5, 1, 3, 3), torch.randint(0, 3, (5,))
+    >>> st = capture_statistics(model, torch.nn.CrossEntropyLoss(), (x, y))
+    >>> conv = st.layers[0]
+    >>> conv.name, conv.spec.kind, tuple(conv.activations.shape), tuple(conv.output_grads.shape)
+    ('0', 'conv2d', (5, 4, 4), (5, 4, 2))
     """
     name: str
     spec: object
@@ -203,11 +228,33 @@ class LayerStatistics:
 
 @dataclass
 class CapturedStatistics:
-    """What :func:`capture_statistics` returns: ``layout`` (a
-    :class:`~mfac_linalg.torch.ParameterLayout` of the layers), ``layers`` (one
-    :class:`LayerStatistics` per layer, in the layout's order), ``num_samples`` (n, the
-    data points times ``mc_samples``) and ``loss`` (the mean over batches of the batch loss
-    with the data's labels)."""
+    """What :func:`capture_statistics` returns.
+
+    Attributes
+    ----------
+    layout : ParameterLayout
+        The :class:`~mfac_linalg.torch.ParameterLayout` of the captured layers.
+    layers : list of LayerStatistics
+        One :class:`LayerStatistics` per layer, in the layout's order.
+    num_samples : int
+        n, the number of data points times ``mc_samples``.
+    loss : float
+        The mean over batches of the batch loss with the data's labels.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mfac_linalg.torch import capture_statistics
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    >>> x, y = torch.randn(10, 4), torch.randint(0, 2, (10,))
+    >>> loss_fn = torch.nn.CrossEntropyLoss()
+    >>> st = capture_statistics(model, loss_fn, (x, y), fisher="mc", mc_samples=2)
+    >>> st.layout.dim, [l.name for l in st.layers], st.num_samples
+    (23, ['0', '2'], 20)
+    >>> abs(st.loss - loss_fn(model(x), y).item()) < 1e-6
+    True
+    """
     layout: ParameterLayout
     layers: list
     num_samples: int

@@ -67,12 +67,34 @@ def kronecker_index(d_out, d_in, bias):
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One layer of a :class:`ParameterLayout`.
+    """One layer of a :class:`ParameterLayout` (frozen).
 
-    name : the module's name in the model ("" for a bare layer)
-    kind : "linear" or "conv2d"
-    d_out, d_in : the weight as a matrix (a Conv2d: C_out x C_in kh kw)
-    bias : whether the layer has a bias
+    The layer's weight as a d_out x d_in matrix W, and its bias b, are the
+    d_out (d_in + bias) parameters [W | b] (row-major) of the Kronecker order
+    (docs/math.md §4).
+
+    Attributes
+    ----------
+    name : str
+        The module's name in the model (``""`` for a bare layer).
+    kind : str
+        ``"linear"`` or ``"conv2d"``.
+    d_out, d_in : int
+        The weight as a matrix (a Conv2d: C_out x C_in kh kw).
+    bias : bool
+        Whether the layer has a bias.
+    size : int
+        The number of parameters, d_out (d_in + bias) (a property).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mfac_linalg.torch import ParameterLayout
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.Flatten(),
+    ...                             torch.nn.Linear(4, 1, bias=False))
+    >>> [(l.name, l.kind, l.d_out, l.d_in, l.bias, l.size)
+    ...  for l in ParameterLayout.from_model(model).layers]
+    [('0', 'conv2d', 4, 18, True, 76), ('2', 'linear', 1, 4, False, 4)]
     """
     name: str
     kind: str

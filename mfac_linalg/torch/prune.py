@@ -47,9 +47,44 @@ _FISHERS = ("block", "static", "sliding")
 
 @dataclass
 class PruneStage:
-    """One stage of :func:`prune`: target sparsity, weights removed, the loss on ``data``
-    before and after, the predicted increase of the quadratic model (docs/math.md §3, §9;
-    ``nan`` for magnitude and OBD), each layer's sparsity afterwards and the time taken."""
+    """One stage of :func:`prune`, as listed in :attr:`PruneReport.stages`.
+
+    The predicted increase is that of the quadratic model of docs/math.md §3
+    (½ δwᵀ F δw for the weights removed, plus the first-order term of §9 when
+    ``first_order=True``); the losses are measured on ``data``.
+
+    Attributes
+    ----------
+    stage : int
+        The stage's number, 1 to ``steps``.
+    target_sparsity : float
+        The sparsity the schedule asks for after this stage.
+    removed : int
+        The number of weights removed in this stage.
+    loss_before, loss_after : float
+        The mean loss on ``data`` before and after the stage.
+    predicted_increase : float
+        The loss increase the quadratic model predicts (``nan`` for ``"magnitude"``
+        and ``"obd"``, which make no update).
+    layer_sparsity : dict of str to float
+        Each pruned layer's sparsity (fraction of its weights removed) afterwards.
+    seconds : float
+        The wall-clock time of the stage.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mfac_linalg.torch import prune
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    >>> x, y = torch.randn(20, 4), torch.randint(0, 2, (20,))
+    >>> rep = prune(model, torch.nn.CrossEntropyLoss(), (x, y), 0.5, num_grads=16,
+    ...             damping=1e-3, steps=2)
+    >>> [(s.stage, s.target_sparsity) for s in rep.stages]
+    [(1, 0.4375), (2, 0.5)]
+    >>> sum(s.removed for s in rep.stages), sorted(rep.stages[-1].layer_sparsity)
+    (9, ['0', '2'])
+    """
     stage: int
     target_sparsity: float
     removed: int
@@ -62,9 +97,33 @@ class PruneStage:
 
 @dataclass
 class PruneReport:
-    """What :func:`prune` returns: ``stages`` (list of :class:`PruneStage`), ``masks``
-    (the :class:`PruneMasks` kept on the model), ``sparsity`` (over the pruned layers'
-    weights) and ``method``.  ``str(report)`` is a table."""
+    """What :func:`prune` returns.  ``str(report)`` is a table, one row per stage.
+
+    Attributes
+    ----------
+    method : str
+        The pruning method (``"joint"``, ``"independent"``, ``"magnitude"`` or ``"obd"``).
+    stages : list of PruneStage
+        One :class:`PruneStage` per stage, in order.
+    masks : PruneMasks
+        The masks kept on the model (the removed weights stay zero under training).
+    sparsity : float
+        The final fraction of the pruned layers' weights that are removed.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mfac_linalg.torch import prune
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    >>> x, y = torch.randn(20, 4), torch.randint(0, 2, (20,))
+    >>> rep = prune(model, torch.nn.CrossEntropyLoss(), (x, y), 0.5, num_grads=16,
+    ...             damping=1e-3)
+    >>> rep.method, rep.sparsity, len(rep.stages)
+    ('joint', 0.5, 1)
+    >>> print(str(rep).splitlines()[0])
+    prune method=joint: final sparsity 0.5000
+    """
     method: str
     stages: list = field(default_factory=list)
     masks: object = None
@@ -104,7 +163,39 @@ class PruneMasks:
     ``state_dict``) and a forward pre-hook that sets the removed weights to zero before
     every forward pass, so they stay zero under further training (after each optimizer
     step).  ``removed`` maps layer names to these masks; :meth:`apply` zeroes at once,
-    :meth:`remove` takes the hooks and buffers off.
+    :meth:`remove` takes the hooks and buffers off.  :func:`prune` creates one (its
+    report's ``masks``); making one directly starts with no weight removed, and keeps a
+    layer's existing mask and hook if it already has them.
+
+    Parameters
+    ----------
+    named_modules : mapping or iterable of (str, torch.nn.Module)
+        The layers (each with a ``weight``) by name, e.g. ``model.named_children()``.
+
+    Attributes
+    ----------
+    removed : dict of str to torch.Tensor
+        Each layer's boolean mask, of the weight's shape, True where a weight is removed
+        (the buffers themselves: setting entries marks weights as removed).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mfac_linalg.torch import PruneMasks
+    >>> layer = torch.nn.Linear(2, 2)
+    >>> masks = PruneMasks({"fc": layer})
+    >>> masks.removed["fc"][0, 1] = True               # remove one weight
+    >>> masks.apply()
+    >>> layer.weight[0, 1].item(), masks.sparsity()
+    (0.0, {'fc': 0.25})
+    >>> with torch.no_grad():
+    ...     _ = layer.weight.fill_(1.0)                 # e.g. an optimizer step
+    ...     _ = layer(torch.ones(1, 2))                 # the forward hook zeroes it again
+    >>> layer.weight[0, 1].item()
+    0.0
+    >>> masks.remove()
+    >>> hasattr(layer, "_mfac_removed")
+    False
     """
 
     def __init__(self, named_modules):
