@@ -166,19 +166,20 @@ class _Algebra:
 class Operator(_Algebra, _SciPyLinearOperator):
     """Base class of every operator: a d x d linear map (see the module docstring).
 
-    Subclasses call ``_init_operator(d, dtype, backend, check_finite=True)`` and
-    implement ``_matmat`` (and ``_rmatmat`` where not symmetric).
+    Users do not build an ``Operator`` directly: the library's operators
+    (:class:`StaticInverseFisher`, :class:`FisherOperator`, ...) and their lazy sums,
+    scalings and products (``A + B``, ``2 * A``, ``A @ B``) are its subclasses.
+    Products cost what the subclass's ``_matmat`` costs; the algebra adds O(d k) per
+    term for a d x k block.
 
-    Parameters
-    ----------
-    d : int
-        The dimension (``_init_operator``).
-    dtype : numpy dtype
-        The compute dtype of results (float32 or float64).
-    backend : Backend
-        Where the operator's arrays live.
-    check_finite : bool, default True
-        Check product inputs for NaN/inf (after the cast to ``dtype``).
+    Notes
+    -----
+    A subclass calls ``self._init_operator(d, dtype, backend, check_finite=True)`` in
+    its constructor, which sets the dimension ``d`` (``shape`` is ``(d, d)``), the
+    compute ``dtype`` of results (float32 or float64), the ``backend`` where the
+    operator's arrays live, and ``check_finite`` (whether product inputs are checked
+    for NaN/inf after the cast to ``dtype``).  It then implements ``_matmat`` (and
+    ``_rmatmat`` where the operator is not symmetric).
 
     Examples
     --------
