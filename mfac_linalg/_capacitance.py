@@ -104,9 +104,9 @@ class NotPositiveDefinite(ValueError):
     Raised when the m x m capacitance matrix C = Nλ I_m + G Gᵀ of docs/math.md §1 (or
     its sliding-window update, §2) fails its Cholesky factorization: the damping λ is
     too small for the gradients' scale, so the Woodbury inverse cannot be formed
-    reliably.  The call that raises it leaves the operator's state as it was.  A
-    subclass of ``ValueError``; the message gives Nλ and the remedy (raise the damping
-    or rescale the gradients).
+    reliably.  A failed update leaves the operator's state as it was (a failed
+    construction builds nothing).  A subclass of ``ValueError``; the message gives Nλ.
+    The remedy is a larger damping or rescaled gradients.
 
     Examples
     --------
