@@ -13,7 +13,7 @@ machine measures the other processes), and the R(F) products the
 iterative builders needed (warm-started from the previous point of training).
 
 Needs scikit-learn (``pip install mfac_linalg[examples]``); ``--plot`` also matplotlib.
-Run:  python examples/kronecker_paper.py [--plot docs/images]
+Run:  python examples/kronecker_paper.py [--plot docs/images] [--no-progress]
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 import mfac_linalg as ml
+from mfac_linalg._progress import progress
 
 SIZES = [64, 32, 24, 16, 8, 16, 24, 32, 64]
 METHODS = [("K-FAC", ml.kfac), ("EKFAC", ml.ekfac), ("KPSVD", ml.kpsvd),
@@ -139,16 +140,17 @@ def measure(params, X, rng, previous=None, damping=1e-3, repeat=1, layers=None):
 
 
 def run(epochs=(0, 2, 10, 40, 120), n_fisher=400, seed=0, verbose=True, data=None,
-        layers=None):
+        layers=None, show_progress=None):
     """Train and measure at each epoch in ``epochs`` (every layer, or those in ``layers``);
-    returns [(epoch, loss, rows)]."""
+    returns [(epoch, loss, rows)].  ``show_progress``: a bar on stderr over the points of
+    training (None: only on a terminal with tqdm installed; False: never)."""
     rng = np.random.default_rng(seed)
     X = digits() if data is None else data
     XF = X[rng.choice(len(X), size=min(n_fisher, len(X)), replace=False)]
     params = init(rng)
     opt = Adam(params)
     out, previous, epoch = [], None, 0
-    for target in epochs:
+    for target in progress(epochs, desc="points of training", enabled=show_progress):
         while epoch < target:
             params = train_epoch(params, opt, X, rng)
             epoch += 1
@@ -207,7 +209,9 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--plot", metavar="FOLDER", help="write the two figures there")
     p.add_argument("--quick", action="store_true", help="two points of training")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args()
-    result = run(epochs=(0, 2) if args.quick else (0, 2, 10, 40, 120))
+    result = run(epochs=(0, 2) if args.quick else (0, 2, 10, 40, 120),
+                 show_progress=False if args.no_progress else None)
     if args.plot:
         plot(result, args.plot)

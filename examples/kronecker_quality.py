@@ -9,14 +9,16 @@ each build takes relative to K-FAC.  This is the *empirical* Fisher of a small t
 over all layers; the KPSVD paper's own setting (the true, Monte-Carlo Fisher of deep ReLU
 autoencoders over training) is examples/kronecker_paper.py.
 
-Run:  python examples/kronecker_quality.py
+Run:  python examples/kronecker_quality.py [--no-progress]
 """
+import argparse
 import time
 import warnings
 
 import numpy as np
 
 import mfac_linalg as ml
+from mfac_linalg._progress import progress
 
 SIZES = [20, 32, 8, 32, 20]
 METHODS = [("K-FAC", ml.kfac), ("EKFAC", ml.ekfac), ("KPSVD", ml.kpsvd),
@@ -81,16 +83,18 @@ def measure(params, X, damping=1e-3):
     return loss, rows
 
 
-def run(checkpoints=(0, 300, 3000), n=2000, seed=0, verbose=True):
+def run(checkpoints=(0, 300, 3000), n=2000, seed=0, verbose=True, show_progress=None):
     """Train and measure at each checkpoint; returns [(step, loss, rows)] with rows
-    (layer, d_in + 1, d_out, errors by method, median build seconds by method)."""
+    (layer, d_in + 1, d_out, errors by method, median build seconds by method).
+    ``show_progress``: a bar on stderr over the checkpoints (None: only on a terminal
+    with tqdm installed; False: never)."""
     rng = np.random.default_rng(seed)
     X = make_data(n, rng)
     params = init(rng)
     vel = [(np.zeros_like(W), np.zeros_like(b)) for W, b in params]
     out = []
     step = 0
-    for cp in checkpoints:
+    for cp in progress(checkpoints, desc="checkpoints", enabled=show_progress):
         while step < cp:
             train_step(params, X, vel)
             step += 1
@@ -108,6 +112,9 @@ def run(checkpoints=(0, 300, 3000), n=2000, seed=0, verbose=True):
 
 
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = ap.parse_args()
     with warnings.catch_warnings():
         warnings.simplefilter("error", ml.ConvergenceWarning)   # every build converges
-        run()
+        run(show_progress=False if a.no_progress else None)

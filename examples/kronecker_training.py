@@ -22,7 +22,7 @@ shared: wall time would measure the other jobs), the loss the full training set'
 epoch.
 
 Needs scikit-learn for the digits (``pip install mfac_linalg[examples]``); ``--plot`` also
-matplotlib.  Run:  python examples/kronecker_training.py [--controls] [--plot docs/images]
+matplotlib.  Run:  python examples/kronecker_training.py [--controls] [--plot docs/images] [--no-progress]
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kronecker_paper as kp  # noqa: E402  (forward, backward, bce, Adam, digits)
 
 import mfac_linalg as ml  # noqa: E402
+from mfac_linalg._progress import progress  # noqa: E402
 
 KRONECKER = kp.METHODS
 OPTIMISERS = [n for n, _ in KRONECKER] + ["Adam", "SGD"]
@@ -205,14 +206,16 @@ def train(data, method, *, epochs=8, batch=100, lr=None, damping=1.0, refresh=5,
     return out
 
 
-def run(datasets=None, methods=OPTIMISERS, verbose=True, **kw):
-    """Train with every method on every data set; returns {dataset: {method: result}}."""
+def run(datasets=None, methods=OPTIMISERS, verbose=True, show_progress=None, **kw):
+    """Train with every method on every data set; returns {dataset: {method: result}}.
+    ``show_progress``: a bar on stderr over the methods of each data set (None: only on a
+    terminal with tqdm installed; False: never)."""
     if datasets is None:
         datasets = [("digits", kp.digits()), ("curves", curves())]
     results = {}
     for data in datasets:
         results[data[0]] = {}
-        for m in methods:
+        for m in progress(methods, desc=f"{data[0]}: optimisers", enabled=show_progress):
             results[data[0]][m] = train(data, m, **kw)
         if verbose:
             print(table(data[0], results[data[0]]))
@@ -275,9 +278,11 @@ if __name__ == "__main__":
     p.add_argument("--save", metavar="FILE", help="write the results there (JSON)")
     p.add_argument("--controls", action="store_true",
                    help="also K-FAC with exact damping and KPSVD with pi damping")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args()
     methods = OPTIMISERS + ([n for n, _ in CONTROLS] if args.controls else [])
-    result = run(methods=methods, epochs=args.epochs)
+    result = run(methods=methods, epochs=args.epochs,
+                 show_progress=False if args.no_progress else None)
     if args.save:
         import json
         with open(args.save, "w") as f:

@@ -9,13 +9,14 @@ single-weight updates, the WoodFisher/M-FAC pruner) and by joint OBS (the exact
 KKT update for the removed set), without fine-tuning; the script prints the
 test loss and accuracy for each.
 
-Run:  python examples/obs_pruning.py [--plot pruning.png]
+Run:  python examples/obs_pruning.py [--plot pruning.png] [--no-progress]
 """
 import argparse
 
 import numpy as np
 
 import mfac_linalg as ml
+from mfac_linalg._progress import progress
 
 D_IN, HIDDEN, CLASSES = 20, 32, 4
 
@@ -91,12 +92,13 @@ def train(X, y, rng, steps=1500, lr=0.05):
 
 
 def run(sparsities=(0.5, 0.6, 0.7, 0.8, 0.9), m=512, block_size=64, damping=1e-3, steps=4,
-        seed=0, verbose=True):
+        seed=0, verbose=True, show_progress=None):
     """Train, then prune to each sparsity with each method; returns (dense, rows).
 
     ``steps`` stages with fresh per-sample gradients between them (the
     published recipe recomputes the Fisher between stages); each method gets
-    the same gradient draws.
+    the same gradient draws.  ``show_progress``: a bar on stderr over the sparsities
+    (None: only on a terminal with tqdm installed; False: never).
     """
     rng = np.random.default_rng(seed)
     X, y = make_data(4000, rng)
@@ -108,7 +110,7 @@ def run(sparsities=(0.5, 0.6, 0.7, 0.8, 0.9), m=512, block_size=64, damping=1e-3
     op = ml.BlockInverseFisher(G, damping, block_size=block_size, blocks=LAYERS)
     base = loss_acc(w, Xte, yte)
     rows = []
-    for s in sparsities:
+    for s in progress(sparsities, desc="sparsities", enabled=show_progress):
         row = {"sparsity": s}
         for method in ("magnitude", "independent", "joint"):
             draws = np.random.default_rng(seed + 1)
@@ -153,7 +155,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--plot", help="save a plot (needs matplotlib)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = ap.parse_args()
-    _, rows = run(seed=a.seed)
+    _, rows = run(seed=a.seed, show_progress=False if a.no_progress else None)
     if a.plot:
         plot(rows, a.plot)

@@ -13,13 +13,14 @@ mini-batch gradients is not the Hessian, and a window must span the space to
 precondition all of it (m >= dim here): with m = 32 < dim = 200 plain SGD
 won in our grid.  docs/sliding.md has the measured table.
 
-Run:  python examples/sliding_optimizer.py [--steps 300] [--dim 50] [--window 64]
+Run:  python examples/sliding_optimizer.py [--steps 300] [--dim 50] [--window 64] [--no-progress]
 """
 import argparse
 
 import numpy as np
 
 import mfac_linalg as ml
+from mfac_linalg._progress import progress
 
 
 def make_problem(n, dim, rng):
@@ -35,7 +36,10 @@ def loss(X, y, w):
     return 0.5 * float(r @ r) / len(y)
 
 
-def run(steps=300, dim=50, window=64, batch=64, seed=0, verbose=True):
+def run(steps=300, dim=50, window=64, batch=64, seed=0, verbose=True, show_progress=None):
+    """Run SGD and M-FAC side by side; returns [(step, SGD loss, M-FAC loss)].
+    ``show_progress``: a bar on stderr over the steps (None: only on a terminal with tqdm
+    installed; False: never)."""
     rng = np.random.default_rng(seed)
     X, y = make_problem(20 * dim, dim, rng)
     n = len(y)
@@ -51,7 +55,7 @@ def run(steps=300, dim=50, window=64, batch=64, seed=0, verbose=True):
     lr_sgd = 1.0 / lmax          # the largest stable step size for plain SGD
     lr_mfac = 0.03
     history = []
-    for t in range(1, steps + 1):
+    for t in progress(range(1, steps + 1), desc="steps", enabled=show_progress):
         idx = rng.choice(n, batch, replace=False)
         w_sgd -= lr_sgd * grad(w_sgd, idx)
         w_mfac -= lr_mfac * win.step(grad(w_mfac, idx))
@@ -71,5 +75,7 @@ if __name__ == "__main__":
     ap.add_argument("--dim", type=int, default=50)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = ap.parse_args()
-    run(steps=a.steps, dim=a.dim, window=a.window, seed=a.seed)
+    run(steps=a.steps, dim=a.dim, window=a.window, seed=a.seed,
+        show_progress=False if a.no_progress else None)

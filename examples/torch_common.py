@@ -5,6 +5,8 @@ downloaded.  A fixed split gives 1400 training and 397 test images.
 """
 import torch
 
+from mfac_linalg._progress import progress
+
 
 def digits(dtype=torch.float32):
     """(X_train, y_train, X_test, y_test): images (n, 1, 8, 8) scaled to [0, 1]."""
@@ -41,10 +43,13 @@ def evaluate(model, X, y):
             float((out.argmax(1) == y).float().mean()))
 
 
-def train(model, opt, X, y, epochs, batch=50, seed=0, callback=None):
-    """Plain minibatch training; ``callback(epoch)`` after every epoch."""
+def train(model, opt, X, y, epochs, batch=50, seed=0, callback=None, show_progress=None,
+          desc="epochs"):
+    """Plain minibatch training; ``callback(epoch)`` after every epoch.  ``show_progress``:
+    a bar labelled ``desc`` on stderr over the epochs (None: only on a terminal with tqdm
+    installed; False: never)."""
     loss_fn = torch.nn.CrossEntropyLoss()
-    for ep in range(epochs):
+    for ep in progress(range(epochs), desc=desc, enabled=show_progress):
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + ep))
         for i in range(0, len(perm), batch):
             b = perm[i:i + batch]

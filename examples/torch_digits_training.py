@@ -5,7 +5,7 @@ u = F⁻¹ g with F the damped empirical Fisher of the last ``window`` gradients
 momentum on u.  The script prints the training loss and the test accuracy after every
 epoch for the three optimizers, and with ``--plot FILE`` draws the curves.
 
-Run:  python examples/torch_digits_training.py [--epochs 10] [--plot digits.png]
+Run:  python examples/torch_digits_training.py [--epochs 10] [--plot digits.png] [--no-progress]
 """
 import argparse
 import time
@@ -23,17 +23,19 @@ OPTIMIZERS = {
 }
 
 
-def run(epochs=10, verbose=True):
-    """{name: [(epoch, train loss, test accuracy), ...]} and {name: seconds}."""
+def run(epochs=10, verbose=True, show_progress=None):
+    """{name: [(epoch, train loss, test accuracy), ...]} and {name: seconds}.
+    ``show_progress``: a bar on stderr over each optimizer's epochs (None: only on a
+    terminal with tqdm installed; False: never)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)            # the model is tiny: one thread is fastest
     try:
-        return _run(epochs, verbose)
+        return _run(epochs, verbose, show_progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(epochs, verbose):
+def _run(epochs, verbose, show_progress=None):
     Xtr, ytr, Xte, yte = digits()
     hist, secs = {}, {}
     for name, make in OPTIMIZERS.items():
@@ -42,7 +44,8 @@ def _run(epochs, verbose):
         t0 = time.perf_counter()
         train(model, make(model.parameters()), Xtr, ytr, epochs,
               callback=lambda ep: rows.append((ep, evaluate(model, Xtr, ytr)[0],
-                                               evaluate(model, Xte, yte)[1])))
+                                               evaluate(model, Xte, yte)[1])),
+              show_progress=show_progress, desc=f"{name} epochs")
         secs[name] = time.perf_counter() - t0
         hist[name] = rows
         if verbose:
@@ -74,7 +77,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args()
-    h, _ = run(args.epochs)
+    h, _ = run(args.epochs, show_progress=False if args.no_progress else None)
     if args.plot:
         plot(h, args.plot)

@@ -11,7 +11,7 @@ contains the Newton step -F^-1 g, which with the damping 1e-4 of the others
 overshoots far beyond where the quadratic model holds.  The script prints the test loss and accuracy of every variant and
 one per-stage report; ``--plot FILE`` draws accuracy against sparsity.
 
-Run:  python examples/torch_pruning.py [--plot pruning.png]
+Run:  python examples/torch_pruning.py [--plot pruning.png] [--no-progress]
 """
 import argparse
 import copy
@@ -20,6 +20,7 @@ import torch
 
 from torch_common import cnn, digits, evaluate, mlp, train
 
+from mfac_linalg._progress import progress
 from mfac_linalg.torch import prune
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -30,27 +31,31 @@ VARIANTS = [("joint", "global", False, 1e-4), ("independent", "global", False, 1
             ("joint", "global", True, 1e-2), ("independent", "global", True, 1e-2)]
 
 
-def trained(kind, epochs):
+def trained(kind, epochs, show_progress=None):
     Xtr, ytr, Xte, yte = digits()
     model = mlp() if kind == "mlp" else cnn()
-    train(model, torch.optim.Adam(model.parameters(), lr=3e-3), Xtr, ytr, epochs)
+    train(model, torch.optim.Adam(model.parameters(), lr=3e-3), Xtr, ytr, epochs,
+          show_progress=show_progress, desc=f"{kind} training epochs")
     return model, (Xtr, ytr, Xte, yte)
 
 
 def run(models=("mlp", "cnn"), sparsities=SPARSITIES, variants=VARIANTS, epochs=15,
-        steps=3, verbose=True):
+        steps=3, verbose=True, show_progress=None):
     """{model: (dense (loss, acc), {variant: [(sparsity, loss, acc), ...]})}, a variant
-    being (method, scope, first_order, damping)."""
+    being (method, scope, first_order, damping).  ``show_progress``: bars on stderr over
+    the training epochs and the pruning variants (None: only on a terminal with tqdm
+    installed; False: never)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)            # tiny models: one thread is fastest
     try:
         out = {}
         for kind in models:
-            base, (Xtr, ytr, Xte, yte) = trained(kind, epochs)
+            base, (Xtr, ytr, Xte, yte) = trained(kind, epochs, show_progress)
             dense = evaluate(base, Xte, yte)
             data = (Xtr[:256], ytr[:256])
             res = {}
-            for method, scope, fo, lam in variants:
+            for method, scope, fo, lam in progress(variants, desc=f"{kind} pruning variants",
+                                                   enabled=show_progress):
                 rows = []
                 for s in sparsities:
                     model = copy.deepcopy(base)
@@ -94,7 +99,8 @@ def plot(out, path):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args()
-    result = run()
+    result = run(show_progress=False if args.no_progress else None)
     if args.plot:
         plot(result, args.plot)
