@@ -8,8 +8,9 @@ plus bytes written). update reads the buffer once, so its ideal ratio is 0.5.
 Then the static operator: set-up over one Gram GEMM on the same data, matvec
 over the floor. Then accuracy: float32 and bfloat16 results against float64.
 
-Usage: python benchmarks/gpu.py [--quick] [--out FILE.md]
+Usage: python benchmarks/gpu.py [--quick] [--out FILE.md] [--no-progress]
 """
+import itertools
 import sys
 
 import numpy as np
@@ -17,6 +18,7 @@ import numpy as np
 import cupy as cp
 
 import mfac_linalg as ml
+from mfac_linalg._progress import progress
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _timing import table  # noqa: E402
@@ -137,7 +139,10 @@ def accuracy(d=100_000, m=1024):
     return out, storage_err
 
 
-def main(quick=False, out=None):
+def main(quick=False, out=None, show_progress=None):
+    """Run the benchmark, print the text (and write it to ``out``).  ``show_progress``: a
+    bar on stderr over the (d, m, storage) cases (None: only on a terminal with tqdm
+    installed; False: never); the printed text is the same either way."""
     dev = cp.cuda.runtime.getDeviceProperties(0)
     name = dev["name"].decode() if isinstance(dev["name"], bytes) else dev["name"]
     bw = copy_bandwidth()
@@ -146,10 +151,9 @@ def main(quick=False, out=None):
     dims = [100_000, 1_000_000] if quick else [100_000, 1_000_000, 10_000_000]
     windows = [256, 1024] if quick else [256, 1024, 4096]
     rows, steps = [], {}
-    for d in dims:
-        for m in windows:
-            for dtype in ("float32", "bfloat16"):
-                steps[(d, m, dtype)] = bench_window(d, m, dtype, bw, rows)
+    cases = list(itertools.product(dims, windows, ("float32", "bfloat16")))   # d, m, dtype
+    for d, m, dtype in progress(cases, desc="GPU sliding-window cases", enabled=show_progress):
+        steps[(d, m, dtype)] = bench_window(d, m, dtype, bw, rows)
     lines.append("sliding window (ms; ratio = time / floor, floor = 2 m d bytes / copy bandwidth)")
     lines.append(table(["d", "m", "storage", "floor ms", "matvec", "ratio", "update", "ratio",
                         "step", "ratio"], rows))
@@ -177,4 +181,5 @@ def main(quick=False, out=None):
 
 if __name__ == "__main__":
     o = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
-    main(quick="--quick" in sys.argv, out=o)
+    main(quick="--quick" in sys.argv, out=o,
+         show_progress=False if "--no-progress" in sys.argv else None)

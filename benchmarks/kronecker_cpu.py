@@ -9,7 +9,7 @@ process (``time.process_time``, medians of interleaved rounds) with single-threa
 shared machine wall time mostly measures the other processes, and idle BLAS threads that
 spin would be counted as CPU time.
 
-Run:  python benchmarks/kronecker_cpu.py [--quick]
+Run:  python benchmarks/kronecker_cpu.py [--quick] [--no-progress]
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _timing import table  # noqa: E402
 
 import mfac_linalg as ml  # noqa: E402
+from mfac_linalg._progress import progress  # noqa: E402
 
 BUILDERS = [("EKFAC", ml.ekfac, {}), ("KPSVD", ml.kpsvd, {}),
             ("deflation", ml.deflation, {}),
@@ -54,10 +55,12 @@ def cpu_compare(fns, rounds):
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def run(sizes, rounds, seed=0):
+def run(sizes, rounds, seed=0, show_progress=None):
+    """The table's rows, one per size; ``show_progress``: a bar on stderr over the sizes
+    (None: only on a terminal with tqdm installed; False: never)."""
     rng = np.random.default_rng(seed)
     rows = []
-    for n, d, T in sizes:
+    for n, d, T in progress(sizes, desc="Kronecker CPU sizes", enabled=show_progress):
         a, g = layer(rng, n, d, d, T)
         fns = {"K-FAC": lambda: ml.kfac(a, g, 1e-3, bias=True)}
         for name, build, kw in BUILDERS:
@@ -74,6 +77,7 @@ def run(sizes, rounds, seed=0):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes, few rounds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args()
     if args.quick:
         sizes, rounds = [(500, 16, None), (200, 8, 9)], 3
@@ -81,7 +85,8 @@ def main():
         sizes, rounds = [(1000, 32, None), (1000, 64, None), (256, 16, 16)], 3
     header = ["n", "(d_in+1)xd_out", "T", "K-FAC CPU ms"] + [f"{name} /K-FAC (R prods)"
                                                         for name, _, _ in BUILDERS]
-    print(table(header, run(sizes, rounds)))
+    print(table(header, run(sizes, rounds,
+                            show_progress=False if args.no_progress else None)))
 
 
 if __name__ == "__main__":
