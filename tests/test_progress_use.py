@@ -64,3 +64,43 @@ def test_kronecker_preconditioner_rejects_bad_progress(bad, exc):
     model, loss, data = _problem()
     with pytest.raises(exc, match="progress"):
         kronecker_preconditioner(model, loss, data, "kfac", 1e-2, progress=bad)
+
+
+# --- the example scripts: a bar when asked for, the same numbers either way -------------
+
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
+
+
+def test_sliding_optimizer_example_bar_and_identical_history(capsys):
+    pytest.importorskip("tqdm")
+    import sliding_optimizer
+    off = sliding_optimizer.run(steps=60, dim=12, window=16, verbose=False,
+                                show_progress=False)
+    assert capsys.readouterr().err == ""
+    on = sliding_optimizer.run(steps=60, dim=12, window=16, verbose=False,
+                               show_progress=True)
+    err = capsys.readouterr().err
+    assert "steps" in err and "60/60" in err
+    assert on == off                               # exact float equality, every entry
+    default = sliding_optimizer.run(steps=60, dim=12, window=16, verbose=False)
+    assert capsys.readouterr().err == "" and default == off
+
+
+def test_torch_training_loop_bar_and_identical_weights(capsys):
+    pytest.importorskip("tqdm")
+    pytest.importorskip("sklearn")
+    import torch_common as tc
+    Xtr, ytr, _, _ = tc.digits(dtype=torch.float64)
+    Xtr, ytr = Xtr[:200], ytr[:200]
+    weights = []
+    for show in (False, True, None):
+        model = tc.mlp(seed=0, hidden=8).double()
+        tc.train(model, torch.optim.SGD(model.parameters(), lr=0.1), Xtr, ytr, 2,
+                 show_progress=show, desc="test epochs")
+        err = capsys.readouterr().err
+        assert ("test epochs" in err and "2/2" in err) if show else err == ""
+        weights.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach())
+    assert torch.equal(weights[0], weights[1]) and torch.equal(weights[0], weights[2])
