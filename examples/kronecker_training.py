@@ -22,7 +22,8 @@ shared: wall time would measure the other jobs), the loss the full training set'
 epoch.
 
 Needs scikit-learn for the digits (``pip install mfac_linalg[examples]``); ``--plot`` also
-matplotlib.  Run:  python examples/kronecker_training.py [--controls] [--plot docs/images] [--no-progress]
+matplotlib.  Run:  python examples/kronecker_training.py [--controls] [--plot docs/images]
+[--no-progress]
 """
 from __future__ import annotations
 
