@@ -57,9 +57,10 @@ def _sumsq(A, xp):
     return xp.einsum("ij,ij->j" if A.ndim == 2 else "nij,nij->j", A, A)
 
 
-#: below this many elements a column-norm pass runs on one thread (thread start-up
-#: would cost more than it saves)
-PARALLEL_MIN = 1 << 20
+#: below this many elements a column-norm pass runs on one thread: on the 2-core
+#: benchmark machine the threaded pass lost to one einsum for V of 1e7 elements and
+#: gained for 6.4e7 (docs/benchmarks.md)
+PARALLEL_MIN = 1 << 25
 
 
 def host_threads():

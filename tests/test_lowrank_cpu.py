@@ -28,9 +28,12 @@ def test_row_sumsq_threaded_is_bitwise_einsum(monkeypatch, host, shape, dtype):
         <= 4 * shape[-2] * np.finfo(dtype).eps
 
 
-def test_row_sumsq_large_default_path(host):
-    V = np.random.default_rng(2).standard_normal((8, LR.PARALLEL_MIN // 4), dtype=np.float32)
+def test_row_sumsq_default_threads(monkeypatch, host):
+    monkeypatch.setattr(LR, "PARALLEL_MIN", 1 << 16)     # the machine's own thread count
+    V = np.random.default_rng(2).standard_normal((8, 1 << 15), dtype=np.float32)
     assert np.array_equal(LR.row_sumsq(V, host), np.einsum("ij,ij->j", V, V))
+    V3 = V.reshape(64, 8, 512)
+    assert np.array_equal(LR.row_sumsq(V3, host), np.einsum("nij,nij->nj", V3, V3))
 
 
 # -- overwrite_grads=True: the caller's buffer holds V ----------------------------------
