@@ -12,6 +12,7 @@ from hypothesis import given, strategies as st
 from scipy.sparse.linalg import cg
 
 import mfac_linalg as ml
+import mfac_linalg.kronecker as K
 
 from battery import check_operator
 from oracles import cond, float64_tol, rel_err
@@ -414,6 +415,7 @@ def test_kronecker_bad_input(rng):
         (lambda: ml.lanczos(A, G5, 0.1, k=3), ValueError, "k must be 1 or 2"),
         (lambda: ml.lanczos(A, G5, 0.1, krylov=0), ValueError, "krylov"),
         (lambda: ml.block_diag([]), ValueError, "ops"),
+        (lambda: K.kronecker_terms(A, G5, tol=None), TypeError, "tol must be a real number"),
         (lambda: ml.block_diag([np.eye(2)]), TypeError, r"ops\[0\]"),
     ]
     for build in ITERATIVE:
@@ -425,6 +427,7 @@ def test_kronecker_bad_input(rng):
             (lambda b=build: b(A, G5, 0.1, tol=-1), ValueError, "tol must be > 0"),
             (lambda b=build: b(A, G5, 0.1, tol=0.0), ValueError, "tol must be > 0"),
             (lambda b=build: b(A, G5, 0.1, tol="1e-8"), TypeError, "tol"),
+            (lambda b=build: b(A, G5, 0.1, tol=None), TypeError, "tol must be a real number"),
             (lambda b=build: b(A, G5, 0.1, init=np.full((3, 3), np.nan)), ValueError,
              "init must be finite"),
             (lambda b=build: b(A, G5, 0.1, init=np.eye(4)), ValueError, r"init must be a \(3, 3\)"),

@@ -28,11 +28,14 @@ INDEFINITE = ("abs", "clip", "raise")
 TOL, MAXITER = 1e-12, 1000
 #: two-term spectra are computed densely up to this many parameters (then ARPACK)
 DENSE_SPECTRUM = 4096
+#: ``_begin``'s default for the closed-form builders (no tol/maxiter): ``tol=None`` from a
+#: caller of an iterative builder must be refused, not mistaken for "not iterative"
+_NO_ITER = object()
 
 
 # -- the shared preamble -------------------------------------------------------------------
 
-def _begin(activations, output_grads, damping, bias, indefinite, *, tol=None, maxiter=None,
+def _begin(activations, output_grads, damping, bias, indefinite, *, tol=_NO_ITER, maxiter=None,
            band=None, positions=None, choices=()):
     """Every argument checked before any work; returns (layer, lam, tol, maxiter, t0)."""
     t0 = time.perf_counter()
@@ -40,7 +43,9 @@ def _begin(activations, output_grads, damping, bias, indefinite, *, tol=None, ma
     V.choice(indefinite, "indefinite", INDEFINITE)
     for value, name, options in choices:
         V.choice(value, name, options)
-    if tol is not None:
+    if tol is _NO_ITER:
+        tol = None
+    else:
         tol = V.real(tol, "tol", low=0.0, low_open=True, high=1.0, high_open=True)
         maxiter = V.integer(maxiter, "maxiter", minimum=1)
     layer = layer_data(activations, output_grads, bias, band=band, positions=positions)
