@@ -417,6 +417,11 @@ def test_kronecker_bad_input(rng):
         (lambda: ml.block_diag([]), ValueError, "ops"),
         (lambda: K.kronecker_terms(A, G5, tol=None), TypeError, "tol must be a real number"),
         (lambda: ml.block_diag([np.eye(2)]), TypeError, r"ops\[0\]"),
+        (lambda: ml.block_diag(None), TypeError, "ops must be a sequence of operators"),
+        (lambda: ml.block_diag(3), TypeError, r"ops must be a sequence of operators \(one per block\); got int"),
+        (lambda: ml.block_diag(ml.kfac(A, G5, 0.1)), TypeError,
+         "got KroneckerInverse"),
+        (lambda: ml.block_diag({"a": ml.kfac(A, G5, 0.1)}), TypeError, "got dict"),
     ]
     for build in ITERATIVE:
         cases += [

@@ -220,6 +220,9 @@ class BlockDiagonal(_Picklable, Operator):
     """
 
     def __init__(self, ops):
+        if isinstance(ops, (Operator, str, bytes, dict)) or not hasattr(ops, "__iter__"):
+            raise TypeError(f"ops must be a sequence of operators (one per block); got "
+                            f"{type(ops).__name__}")
         ops = list(ops)
         if not ops:
             raise ValueError("ops must hold at least one operator; got an empty sequence")
@@ -293,7 +296,8 @@ def block_diag(ops):
     ValueError
         ``ops`` is empty.
     TypeError
-        An element is not an operator, or the blocks live on different devices.
+        ``ops`` is not a sequence, an element is not an operator, or the blocks live on
+        different devices.
 
     Examples
     --------
