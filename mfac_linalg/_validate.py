@@ -173,6 +173,22 @@ def path(value, name):
     return p
 
 
+def save_target(value, name):
+    """The file a save writes for a path argument: a ``str`` with symbolic links resolved
+    (an atomic save renames a temporary file onto it; a link keeps pointing at the new
+    file).  ``ValueError`` for a directory or an existing non-regular file (a device such
+    as ``/dev/null``, a FIFO, a socket), which a rename would replace."""
+    p = path(value, name)
+    real = os.path.realpath(p)
+    if os.path.isdir(real):
+        raise ValueError(f"{name} {p!r} is a directory; give a file name (it is written "
+                         "exactly as given, no suffix added)")
+    if os.path.exists(real) and not os.path.isfile(real):
+        raise ValueError(f"{name} {p!r} exists and is not a regular file (a device, FIFO "
+                         "or socket); give the name of a regular file")
+    return real
+
+
 def finite(arr, name, backend):
     """Raise ``ValueError`` if ``arr`` holds NaN or infinity (run it after any cast)."""
     B.check_finite(arr, name, backend)

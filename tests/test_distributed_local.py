@@ -417,6 +417,30 @@ def test_window_checkpoint_file_checks(tmp_path):
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".tmp-")]
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs os.mkfifo")
+def test_window_checkpoint_refuses_directories_and_non_regular_files(tmp_path):
+    import os
+    w = ShardedSlidingWindowInverseFisher(4, 2, 0.5, dtype="float64")
+    w.step(np.arange(4.0))
+    before = w.digest()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="is a directory"):
+        w.save(tmp_path)
+    for call in (lambda: w.save(fifo), lambda: w.load(fifo)):
+        with pytest.raises(ValueError, match="not a regular file"):
+            call()
+    assert sorted(os.listdir(tmp_path)) == ["fifo"] and w.digest() == before
+    real, link = tmp_path / "real.npz", tmp_path / "link.npz"
+    w.save(real)
+    os.symlink(real, link)
+    w.step(np.ones(4))
+    w.save(link)                                 # through the link: the link survives
+    assert os.path.islink(link)
+    w2 = ShardedSlidingWindowInverseFisher(4, 2, 0.5, dtype="float64")
+    assert w2.load(real).digest() == w.digest()
+
+
 def test_remote_rank_error_message():
     e = RemoteRankError([2], "step")
     assert e.ranks == [2] and "rank(s) [2] failed during step" in str(e)

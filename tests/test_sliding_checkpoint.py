@@ -50,6 +50,25 @@ def test_save_refuses_a_directory_and_a_bad_path_type(tmp_path):
         S.load(tmp_path)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_save_and_load_refuse_non_regular_files_and_write_through_links(tmp_path):
+    # a rename onto a device or FIFO replaced it (save("/dev/null") turned the device
+    # into a regular file); load on a FIFO blocked forever
+    w = _window()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for call in (lambda: w.save(fifo), lambda: S.load(fifo)):
+        with pytest.raises(ValueError, match="not a regular file"):
+            call()
+    assert sorted(os.listdir(tmp_path)) == ["fifo"] and not os.path.isfile(fifo)
+    real, link = tmp_path / "real", tmp_path / "link"
+    S(10, 4, 0.1, dtype="float64").save(real)
+    os.symlink(real, link)
+    w.save(link)                                 # through the link: the link survives
+    assert os.path.islink(link)
+    _same_state(w, S.load(real))
+
+
 def test_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     w = _window()
     p = tmp_path / "ckpt.npz"

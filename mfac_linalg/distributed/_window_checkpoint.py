@@ -133,7 +133,7 @@ class _WindowCheckpointing:
     def save(self, path):
         """Write this rank's state to ``path`` (an ``.npz``; no pickles), atomically: a
         temporary file in the same folder, then a rename.  Local.  Returns the path."""
-        path = V.path(path, "path")
+        path = V.save_target(path, "path")  # no directory/device/FIFO; symlinks resolved
         st = self.state_dict()
         arrays = {k: np.asarray(st[k]) for k in ("G", "K", "F")}
         meta = {k: v for k, v in st.items() if k not in arrays}
@@ -153,6 +153,7 @@ class _WindowCheckpointing:
     @staticmethod
     def read_state(path):
         """The state dict of a file written by :meth:`save` (``allow_pickle=False``)."""
+        V.save_target(path, "path")          # a directory, device or FIFO: ValueError
         path = V.path(path, "path")
         try:
             with np.load(path, allow_pickle=False) as f:

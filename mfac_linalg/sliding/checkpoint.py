@@ -214,17 +214,16 @@ def _check_inverse(F, K, shift, logdet_C, rng):
 
 # -- files ----------------------------------------------------------------------------
 def _target(path):
-    p = V.path(path, "path")
-    if os.path.isdir(p):
-        raise ValueError(f"path {p!r} is a directory; give a file name (it is written "
-                         "exactly as given, no suffix added)")
-    return p
+    """The file to read: a regular file (a directory, device or FIFO is refused before it
+    is opened: reading /dev/zero or a FIFO would not end)."""
+    p = V.save_target(path, "path")
+    return p if os.path.exists(p) else V.path(path, "path")
 
 
 def write(path, state):
     """Write ``state`` to exactly ``path``, atomically (a temporary file in the same
     folder, then a rename): a failed save leaves a previous file intact."""
-    p = _target(path)
+    p = V.save_target(path, "path")     # symlinks resolved; no device/FIFO replaced
     arrays = {}
     for k, v in state.items():
         if v is None:
