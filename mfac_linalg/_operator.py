@@ -402,9 +402,24 @@ class Operator(_Algebra, _SciPyLinearOperator):
 
     # -- quadratic form --------------------------------------------------------
     def quad(self, x):
-        """``x^T A x`` for ``x`` of shape (d,) (a float) or (d, k) (a (k,) array)."""
+        """``x^T A x`` for ``x`` of shape (d,) (a float) or (d, k) (a (k,) array).
+
+        Each column is scaled by a power of two to a largest entry in [1/2, 1) before
+        the form is evaluated and the factor is put back after (exact, so results in
+        the normal range are unchanged): a finite x whose form overflows gives
+        ``inf`` of the right sign, not the NaN of ``inf - inf`` inside a factored
+        form, and a tiny x keeps its digits instead of underflowing.
+        """
         X, was_1d, out_dtype = self._prepare(x, "x")
-        q = self._quad(X)
+        xp = self._backend.xp
+        if X.shape[1]:
+            _, e = xp.frexp(xp.abs(X).max(axis=0))   # max|x_k| = f 2^e, f in [1/2, 1)
+            X = xp.ldexp(X, -e[None, :])
+            q = self._quad(X)
+            with np.errstate(over="ignore", under="ignore"):
+                q = xp.ldexp(q, 2 * e)
+        else:
+            q = self._quad(X)
         return float(B.to_host(q)[0]) if was_1d else q.astype(out_dtype, copy=False)
 
     def _quad(self, X):

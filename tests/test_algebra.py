@@ -322,3 +322,21 @@ def test_finite_input_overflowing_the_operator_dtype_is_refused(rng):
             call(x)
     with pytest.raises(ValueError, match="x must be finite"):
         op.matvec(np.full(6, np.inf))
+
+
+def test_quad_of_a_finite_vector_that_overflows_is_inf_not_nan(rng):
+    """A finite x whose form overflows float64 gave NaN (inf - inf inside the factored
+    Woodbury form); now +-inf, and the scaled evaluation keeps tiny and ordinary x exact
+    (powers of two: bit-identical to the unscaled form in the normal range)."""
+    (A, DA), (Bk, DB), (C, DC) = _ops(ml._backend.CPU, rng)
+    for op, D in ((A, DA), (Bk, DB), (C, DC), (-A, -DA), (A + C, DA + DC)):
+        u = rng.standard_normal(9)
+        exact = u @ D @ u
+        assert op.quad(np.full(9, 1e155)) == np.sign(np.ones(9) @ D @ np.ones(9)) * np.inf
+        q = op.quad(np.stack([u * 2.0 ** 500, u, u * 2.0 ** -500, np.zeros(9)], axis=1))
+        assert np.all(np.isfinite(q))
+        np.testing.assert_allclose(q[:3], exact * 2.0 ** np.array([1000, 0, -1000]),
+                                   rtol=1e-12)
+        assert q[3] == 0.0
+        assert op.quad(u) == op.quad(u * 2.0 ** 500) * 2.0 ** -1000
+        assert op.quad(u) * 2.0 ** 40 == op.quad(u * 2.0 ** 20)
