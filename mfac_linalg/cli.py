@@ -152,7 +152,8 @@ def _check_no_overflow(G: np.ndarray, flag: str) -> None:
     s = float(np.max(np.abs(G)))
     if s == 0.0 or not math.isfinite(s):
         return
-    sq = float(np.max(np.einsum("ij,ij->i", G / s, G / s, dtype=np.float64))) * s * s
+    Gs = (G / s).astype(np.float64, copy=False)    # |entries| <= 1: exact enough in float64
+    sq = float(np.max(np.einsum("ij,ij->i", Gs, Gs))) * s * s
     if not sq <= float(np.finfo(G.dtype).max):
         raise CLIError(f"{flag} is too large: the squared norm of a gradient ({sq:.3g}) "
                        f"overflows {G.dtype}; rescale the gradients (and the damping by the "
@@ -358,9 +359,10 @@ def run_demo(dim: int = 2000, grads: int = 256, damping: float = 3e-4, l2: float
     damping : float
         lambda > 0.
     l2 : float
-        L2 regularisation (>= 0) of the logistic loss, in the Hessian.
+        L2 regularisation (0 <= l2 <= 1e50) of the logistic loss, in the Hessian.
     device : {"auto", "cpu", "gpu"}
     seed : int
+        >= 0 (NumPy's ``default_rng`` seed).
     dtype : {"float64", "float32"}
         Storage dtype of the gradients for the timings (the accuracy checks are always
         against dense float64).
@@ -396,11 +398,18 @@ def run_demo(dim: int = 2000, grads: int = 256, damping: float = 3e-4, l2: float
     (True, {'none': 0, 'M-FAC': 0})
     """
     out = sys.stdout if out is None else out
+    if not callable(getattr(out, "write", None)):
+        raise CLIError(f"out must be a text stream with a write method; got "
+                       f"{type(out).__name__}")
+    if progress is not None:
+        progress = _check(lambda: V.boolean(progress, "--progress"))
     dim = _check(lambda: V.integer(dim, "--dim", minimum=2))
     grads = _check(lambda: V.integer(grads, "--grads", minimum=1))
     dtype = _check(lambda: V.choice(dtype, "--dtype", ("float64", "float32")))
     lam = _check(lambda: V.damping(damping, "--damping", dtype=np.dtype(dtype)))
-    l2 = _check(lambda: V.real(l2, "--l2", low=0.0))
+    # the gradient grows like l2 and CG's inner products like l2^3: beyond 1e50 they overflow
+    l2 = _check(lambda: V.real(l2, "--l2", low=0.0, high=1e50))
+    seed = _check(lambda: V.integer(seed, "--seed", minimum=0))
     cg_rtol = _check(lambda: V.real(cg_rtol, "--cg-rtol", low=0.0, high=1.0,
                                     low_open=True, high_open=True))
     device = _check(lambda: V.choice(device, "--device", ("auto", "cpu", "gpu")))
@@ -589,12 +598,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--grads", type=int, default=256, help="number of gradients m")
     d.add_argument("--damping", type=float, default=3e-4, help="damping lambda of F (> 0)")
     d.add_argument("--l2", type=float, default=1e-4,
-                   help="L2 regularisation (>= 0) of the logistic loss (in the Hessian)")
+                   help="L2 regularisation (0 .. 1e50) of the logistic loss (in the Hessian)")
     d.add_argument("--dtype", choices=["float64", "float32"], default="float64",
                    help="storage dtype of the gradients for the timings")
     d.add_argument("--cg-rtol", type=float, default=1e-6, dest="cg_rtol",
                    help="CG's relative residual tolerance")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="random seed (>= 0)")
     d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="a progress bar over CG's iterations (default: on a terminal, with "
                         "tqdm installed)")

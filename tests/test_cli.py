@@ -58,11 +58,33 @@ def test_demo_at_a_meaningful_size_has_no_note():
     ({"grads": 0}, "--grads must be >= 1; got 0"),
     ({"dim": 200_000}, "--dim 200000 is too large for the demo's dense comparison"),
     ({"cg_rtol": 0.0}, "--cg-rtol must be > 0.0"),
+    ({"seed": -1}, "--seed must be >= 0; got -1"),          # was a traceback from NumPy
+    ({"seed": 1.5}, "--seed must be an integer; got float 1.5"),
+    ({"l2": 1e308}, "--l2 must be <= 1e+50"),               # was a traceback from CG
+    ({"progress": "yes"}, "--progress must be True or False"),  # was half a story first
+    ({"out": 3}, "out must be a text stream"),                # was an AttributeError
 ])
 def test_demo_bad_options_are_cli_errors(kwargs, msg):
     with pytest.raises(cli.CLIError) as exc:
-        cli.run_demo(device="cpu", out=io.StringIO(), **kwargs)
+        cli.run_demo(**{"device": "cpu", "out": io.StringIO(), **kwargs})
     assert msg in str(exc.value)
+
+
+def test_demo_largest_l2_runs_and_seed_from_the_command_line(capsys):
+    assert cli.main(["demo", "--device", "cpu", "--dim", "10", "--grads", "5",
+                     "--l2", "1e50", "--no-progress"]) == 0
+    assert cli.main(["demo", "--device", "cpu", "--dim", "10", "--seed", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "mfac-linalg demo: error: --seed must be >= 0; got -1"
+
+
+def test_long_double_gradients_file(tmp_path, rng):
+    # the overflow pre-check on a float128 (longdouble) file raised a casting TypeError
+    G = rng.standard_normal((5, 4))
+    np.save(tmp_path / "G.npy", G.astype(np.longdouble))
+    assert cli.main(["diag", "--grads", str(tmp_path / "G.npy"), "--damping", "0.5",
+                     "--out", str(tmp_path / "d.npy")]) == 0
+    F = 0.5 * np.eye(4) + G.T @ G / 5
+    assert np.allclose(np.load(tmp_path / "d.npy"), np.diag(np.linalg.inv(F)), rtol=1e-12, atol=0)
 
 
 def test_demo_too_large_suggests_the_limit(capsys):
