@@ -27,6 +27,7 @@ SciPy's solvers and ``aslinearoperator(op).matmat(X)`` keep the one-pass matmat.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -48,6 +49,22 @@ class NonFiniteInput(Exception):
 #: ``todense`` refuses operators with more than this many entries (64 Mi entries,
 #: 512 MiB in float64) unless ``max_elements`` is raised explicitly.
 DENSE_LIMIT = 1 << 26
+
+
+class _DivisionByZero(ZeroDivisionError, ValueError):
+    """``op / 0`` or the inverse of ``0 * op``: a ``ZeroDivisionError`` (as for Python
+    numbers) that is also the ``ValueError`` of a bad argument value."""
+
+
+def _reciprocal(a, name):
+    """1 / a for a nonzero finite float, refusing a value whose reciprocal overflows."""
+    if a == 0:
+        raise _DivisionByZero(f"{name} must be nonzero; got {a!r}")
+    r = 1.0 / a
+    if math.isinf(r):
+        raise ValueError(f"{name} must have a finite reciprocal (|{name}| >= "
+                         f"{1 / np.finfo(np.float64).max:.3g}); got {a!r}")
+    return r
 
 
 class OutOfRangeError(IndexError, ValueError):
@@ -108,6 +125,9 @@ class _Algebra:
         if arr.ndim == 1:
             return self._protocol_product(arr, "x", adjoint=True)
         if arr.ndim == 2:
+            if arr.shape[1] != self._d:
+                raise ValueError(f"x must have shape ({self._d},) or (k, {self._d}) for "
+                                 f"x @ op; got shape {tuple(arr.shape)}")
             return self._protocol_product(arr.T, "x", adjoint=True).T
         raise ValueError(f"x must be 1-D or 2-D; got shape {tuple(arr.shape)}")
 
@@ -127,9 +147,7 @@ class _Algebra:
         if not _is_scalar(a):
             return NotImplemented
         a = _v.real(a, "divisor")
-        if a == 0:
-            raise ZeroDivisionError("op / 0")
-        return ScaledOperator(1.0 / a, self)
+        return ScaledOperator(_reciprocal(a, "divisor"), self)
 
     def __neg__(self):
         return ScaledOperator(-1.0, self)
@@ -572,7 +590,9 @@ class ScaledOperator(Operator):
     def __init__(self, a, op):
         a = _v.real(a, "scalar factor")
         if isinstance(op, ScaledOperator):
-            a, op = a * op._a, op._op
+            ab = a * op._a      # merged only where the product neither overflows nor
+            if math.isfinite(ab) and (ab != 0 or a == 0 or op._a == 0):   # underflows
+                a, op = ab, op._op
         self._a = float(a)
         self._op = op
         self._symmetric = op.symmetric
@@ -607,9 +627,7 @@ class ScaledOperator(Operator):
         return self._a * self._op._quad(X)
 
     def inverse(self):
-        if self._a == 0:
-            raise ZeroDivisionError("0 * op has no inverse")
-        return ScaledOperator(1.0 / self._a, self._op.inverse())
+        return ScaledOperator(_reciprocal(self._a, "scalar factor"), self._op.inverse())
 
     def _repr_fields(self):
         return [f"scalar={self._a:g}", f"of={type(self._op).__name__}"]

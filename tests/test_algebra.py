@@ -340,3 +340,29 @@ def test_quad_of_a_finite_vector_that_overflows_is_inf_not_nan(rng):
         assert q[3] == 0.0
         assert op.quad(u) == op.quad(u * 2.0 ** 500) * 2.0 ** -1000
         assert op.quad(u) * 2.0 ** 40 == op.quad(u * 2.0 ** 20)
+
+
+def test_scalars_that_overflow_or_vanish_are_refused_by_name_or_kept_exact(rng):
+    """``A * 1e300 * 1e-300`` was merged to one scalar (fine), but ``A * 1e-300 *
+    1e-300 * 1e300 * 1e300`` merged through 0 (every product 0) and ``A / 1e-310``
+    said "scalar factor must be finite; got inf"; ``A / 0`` was a bare ZeroDivisionError.
+    Products whose scalars over/underflow when merged are now kept nested (exact)."""
+    (A, DA), _, _ = _ops(ml._backend.CPU, rng)
+    x = rng.standard_normal(9)
+    y = A.matvec(x)
+    for op in (A * 1e-300 * 1e-300 * 1e300 * 1e300, A * 1e300 * 1e300 * 1e-300 * 1e-300):
+        np.testing.assert_allclose(op.matvec(x), y, rtol=1e-14)
+    assert (A * 2 * 3).scalar == 6.0 and (A * 2 * 3).operator is A
+    for bad in (0, 0.0, np.float16(0), np.array(0.0)):
+        with pytest.raises(ZeroDivisionError, match="divisor must be nonzero"):
+            A / bad
+        with pytest.raises(ValueError, match="divisor must be nonzero"):
+            A / bad
+    with pytest.raises(ValueError, match="divisor must have a finite reciprocal.*1e-310"):
+        A / 1e-310
+    with pytest.raises(ValueError, match="scalar factor must be nonzero"):
+        (A * 0).inverse()
+    with pytest.raises(ValueError, match=r"x must have shape \(9,\) or \(k, 9\) for x @ op; "
+                       r"got shape \(9, 2\)"):
+        np.ones((9, 2)) @ A
+    np.testing.assert_allclose(np.ones((2, 9)) @ A, np.ones((2, 9)) @ DA, rtol=1e-11)
