@@ -417,6 +417,35 @@ def test_window_checkpoint_file_checks(tmp_path):
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".tmp-")]
 
 
+def test_layout_split_gather_place_refuse_bad_arrays_before_writing():
+    # 0-d arrays raised IndexError; place wrote a too-long part's head silently, took
+    # lists and read-only outs to internal errors, and could write part of a multi-range
+    # rank before failing
+    lay = ColumnLayout(10, [[(0, 2), (8, 10)], [(2, 8)]])
+    with pytest.raises(ValueError, match="x must be at least 1-D"):
+        lay.split(np.array(1.0), 0)
+    with pytest.raises(ValueError, match=r"parts\[0\] must be at least 1-D"):
+        lay.gather([np.array(1.0)] * 2)
+    out = np.arange(10.0)
+    for part, o, kw, exc, msg in [
+            (np.ones(7), out, {}, ValueError, r"part must have shape \(4,\)"),
+            (np.array(5.0), out, {}, ValueError, r"part must have shape \(4,\)"),
+            (np.ones(4), [0.0] * 10, {}, TypeError, "out must be a writable array"),
+            (np.ones(4), out[:9], {}, ValueError, "out must have 10 entries"),
+            (np.ones(4), out, {"axis": 1}, ValueError, "axis must be <= 0"),
+            (np.ones(4), out, {"axis": 1.5}, TypeError, "axis must be an integer")]:
+        with pytest.raises(exc, match=msg):
+            lay.place(part, 0, o, **kw)
+    assert np.array_equal(out, np.arange(10.0))
+    ro = np.zeros(10)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be writable"):
+        lay.place(np.ones(4), 0, ro)
+    full = np.zeros((2, 10))
+    assert lay.place(np.ones((2, 4)), 0, full, axis=-1) is full
+    assert np.array_equal(full[0], [1, 1, 0, 0, 0, 0, 0, 0, 1, 1])
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs os.mkfifo")
 def test_window_checkpoint_refuses_directories_and_non_regular_files(tmp_path):
     import os

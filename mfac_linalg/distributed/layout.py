@@ -239,7 +239,7 @@ class ColumnLayout:
             a, be_p = B.asarray(part, f"parts[{p}]", backend=be)
             be = be_p
             arrs.append(a)
-        axis = self._axis(arrs[0], axis)
+        axis = self._axis(arrs[0], axis, "parts[0]")
         shape = list(arrs[0].shape)
         shape[axis] = self._dim
         dtype = np.result_type(*[a.dtype for a in arrs])
@@ -249,11 +249,35 @@ class ColumnLayout:
             want[axis] = self.local_dim(p)
             if list(a.shape) != want:
                 raise ValueError(f"parts[{p}] must have shape {tuple(want)}; got {tuple(a.shape)}")
-            self.place(a, p, out, axis=axis)
+            self._place(a, p, out, axis)
         return out
 
     def place(self, part, rank, out, *, axis=0):
-        """Write ``rank``'s slice ``part`` into its columns of the full array ``out``."""
+        """Write ``rank``'s slice ``part`` into its columns of the full array ``out``
+        (in place; returns ``out``).  ``out`` has d entries along ``axis``, ``part`` the
+        same shape with d_p there; everything is checked before anything is written.  O(d_p).
+        """
+        p = self._rank(rank)
+        if (isinstance(out, (str, bytes)) or not hasattr(out, "shape")
+                or not hasattr(out, "__setitem__") or not hasattr(out, "ndim")):
+            raise TypeError(f"out must be a writable array (NumPy or CuPy); got "
+                            f"{type(out).__name__}")
+        flags = getattr(out, "flags", None)
+        if flags is not None and not getattr(flags, "writeable", True):
+            raise ValueError("out must be writable; got a read-only array")
+        axis = self._axis(out, axis, "out")
+        if out.shape[axis] != self._dim:
+            raise ValueError(f"out must have {self._dim} entries along axis {axis}; got "
+                             f"shape {tuple(out.shape)}")
+        part, _ = B.asarray(part, "part")
+        want = list(out.shape)
+        want[axis] = self.local_dim(p)
+        if tuple(part.shape) != tuple(want):
+            raise ValueError(f"part must have shape {tuple(want)} (rank {p}'s columns of "
+                             f"out); got {tuple(part.shape)}")
+        return self._place(part, p, out, axis)
+
+    def _place(self, part, rank, out, axis):
         off = 0
         for a, b in self._ranges[self._rank(rank)]:
             idx = (slice(None),) * axis + (slice(a, b),)
@@ -263,8 +287,11 @@ class ColumnLayout:
         return out
 
     @staticmethod
-    def _axis(arr, axis):
-        axis = V.integer(axis, "axis", minimum=-arr.ndim, maximum=max(arr.ndim - 1, 0))
+    def _axis(arr, axis, name="x"):
+        if arr.ndim == 0:
+            raise ValueError(f"{name} must be at least 1-D (the columns lie along axis); "
+                             "got a 0-d array")
+        axis = V.integer(axis, "axis", minimum=-arr.ndim, maximum=arr.ndim - 1)
         return axis + arr.ndim if axis < 0 else axis
 
     # -- identity -----------------------------------------------------------------------
