@@ -123,10 +123,19 @@ def _bytes(n: float) -> str:
 
 
 def _save(path: str, arr: np.ndarray) -> None:
-    """Write ``arr`` to exactly ``path`` (no suffix added), atomically."""
+    """Write ``arr`` to exactly ``path`` (no suffix added), atomically.
+
+    A symbolic link is written through (its target is replaced, the link kept); an
+    existing path that is not a regular file (a device such as /dev/null, a FIFO) is
+    refused: replacing it by a file would destroy it."""
     if os.path.isdir(path):
         raise CLIError(f"--out: {path} is a directory; give a file path such as "
                        f"{os.path.join(path, 'out.npy')}")
+    if os.path.islink(path):
+        path = os.path.realpath(path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise CLIError(f"--out: {path} exists and is not a regular file (a device or a "
+                       "pipe); give a file path")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise CLIError(f"--out: cannot write {path} (no such directory: "
@@ -134,6 +143,15 @@ def _save(path: str, arr: np.ndarray) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=".mfac-linalg-", suffix=".npy.tmp", dir=folder)
+        # mkstemp makes the file 0600: give it the mode open() would (the umask's), or
+        # the mode of the file it replaces
+        if os.path.isfile(path):
+            mode = os.stat(path).st_mode & 0o7777
+        else:
+            mask = os.umask(0)
+            os.umask(mask)
+            mode = 0o666 & ~mask
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
             np.save(f, arr, allow_pickle=False)
         os.replace(tmp, path)

@@ -130,6 +130,36 @@ def test_out_is_written_exactly_as_given(tmp_path, rng):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".mfac-linalg-")]
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+def test_out_never_replaces_a_device_or_pipe_and_writes_through_links(tmp_path, rng, capsys):
+    # --out /dev/null used to replace the device node by a regular file (os.replace)
+    _files(tmp_path, rng)
+    g = str(tmp_path / "G.npy")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert cli.main(["diag", "--grads", g, "--damping", "0.2", "--out", str(fifo)]) == 2
+    assert "is not a regular file" in capsys.readouterr().err
+    assert not fifo.is_file() and fifo.exists()                 # still the FIFO
+    target, link = tmp_path / "target.npy", tmp_path / "link.npy"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o640)
+    link.symlink_to(target)
+    assert cli.main(["diag", "--grads", g, "--damping", "0.2", "--out", str(link)]) == 0
+    assert link.is_symlink() and np.load(target).shape == (30,)   # written through
+    assert (os.stat(target).st_mode & 0o777) == 0o640             # its mode kept
+
+
+def test_out_gets_the_umask_mode_not_mkstemp_s_0600(tmp_path, rng):
+    _files(tmp_path, rng)
+    mask = os.umask(0o022)
+    try:
+        assert cli.main(["diag", "--grads", str(tmp_path / "G.npy"), "--damping", "0.2",
+                         "--out", str(tmp_path / "d.npy")]) == 0
+    finally:
+        os.umask(mask)
+    assert (os.stat(tmp_path / "d.npy").st_mode & 0o777) == 0o644
+
+
 def test_a_failed_command_leaves_the_previous_output_alone(tmp_path, rng, capsys):
     _files(tmp_path, rng)
     out = tmp_path / "y.npy"
