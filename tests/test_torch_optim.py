@@ -166,6 +166,25 @@ def test_failed_step_and_bad_state_change_nothing():
     with pytest.raises(ValueError, match="no 'mfac' entry"):
         opt.load_state_dict({"state": {}, "param_groups": sd0["param_groups"]})
     assert torch.equal(opt.state_dict()["mfac"]["window"]["K"], sd0["mfac"]["window"]["K"])
+    # a group's hyperparameters are checked as at construction (they used to load as given:
+    # lr=None broke the next step, momentum=2 made it diverge)
+    for key, val, exc, match in [("lr", None, TypeError, r"\['lr'\] must be a real number"),
+                                 ("lr", -1.0, ValueError, r"\['lr'\] must be >= 0"),
+                                 ("momentum", 2.0, ValueError, r"\['momentum'\] must be < 1"),
+                                 ("weight_decay", float("nan"), ValueError,
+                                  r"\['weight_decay'\] must be a number")]:
+        groups = [dict(g) for g in sd0["param_groups"]]
+        groups[0][key] = val
+        with pytest.raises(exc, match=r"state_dict\['param_groups'\]\[0\]" + match):
+            opt.load_state_dict(dict(sd0, param_groups=groups))
+    groups = [dict(g) for g in sd0["param_groups"]]
+    del groups[0]["lr"]
+    with pytest.raises(ValueError, match=r"\[0\] is missing 'lr'"):
+        opt.load_state_dict(dict(sd0, param_groups=groups))
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["momentum"] == 0.9
+    after = opt.state_dict()
+    assert torch.equal(after["mfac"]["v"], sd0["mfac"]["v"])
+    assert torch.equal(after["mfac"]["window"]["G"], sd0["mfac"]["window"]["G"])
 
 
 def test_arguments_are_checked():
@@ -191,6 +210,10 @@ def test_arguments_are_checked():
         MFAC(ps, lr=0.1, dtype="float16")
     with pytest.raises(ValueError, match="every parameter is zero"):
         MFAC([torch.nn.Parameter(torch.zeros(3))], lr=0.1, sparse=True)
+    with pytest.raises(ValueError, match="params must hold at least one tensor"):
+        MFAC([{"params": []}], lr=0.1)                  # was an IndexError
+    with pytest.raises(ValueError, match=r"param_groups\[0\] must have a 'params' entry"):
+        MFAC([{"lr": 0.1}], lr=0.1)                     # was a KeyError
     opt = MFAC(ps, lr=0.1, window=4)
     with pytest.raises(RuntimeError, match="after construction"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})

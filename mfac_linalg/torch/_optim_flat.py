@@ -11,10 +11,26 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import _validate as V
+
+
+def check_group(g, name):
+    """A parameter group's hyperparameters: lr >= 0, momentum in [0, 1), weight_decay >= 0
+    (at construction and in a loaded state dict)."""
+    for key in ("lr", "momentum", "weight_decay"):
+        if key not in g:
+            raise ValueError(f"{name} is missing {key!r}")
+    V.real(g["lr"], f"{name}['lr']", low=0.0)
+    V.real(g["momentum"], f"{name}['momentum']", low=0.0, high=1.0, high_open=True)
+    V.real(g["weight_decay"], f"{name}['weight_decay']", low=0.0)
+
 
 def check_params(params):
     """(device, dtype) shared by all ``params``; raises naming the first that differs or
     is not a dense floating-point tensor."""
+    if not params:
+        raise ValueError("params must hold at least one tensor; got parameter groups with "
+                         "no parameters")
     dev, pdt = params[0].device, params[0].dtype
     for k, p in enumerate(params):
         if not p.dtype.is_floating_point:

@@ -10,6 +10,7 @@ import torch
 
 from .. import _validate as V
 from ..sliding import SlidingWindowInverseFisher
+from ._optim_flat import check_group
 from ._convert import _numpy_state, _tensor_state, device_spec
 from ._sharded_optim import _dist
 
@@ -88,6 +89,8 @@ class _CheckpointMFAC:
                 for g, mine in zip(groups, self.param_groups)):
             raise ValueError("state_dict's param_groups do not match this optimizer's (the "
                              "number of groups or of parameters per group differs)")
+        for k, g in enumerate(groups):
+            check_group(g, f"state_dict['param_groups'][{k}]")
         return m, v, steps
 
     def _mfac_load_state_dict(self, state_dict):

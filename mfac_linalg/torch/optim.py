@@ -256,14 +256,16 @@ class MFAC(_ShardedMFAC, _CheckpointMFAC, torch.optim.Optimizer):
         if getattr(self, "_frozen", False):
             raise RuntimeError("MFAC cannot take parameter groups after construction: the "
                                "window's dimension is fixed; build a new optimizer")
+        k = len(self.param_groups)
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_groups[{k}] must be a dict (a parameter group); got "
+                            f"{type(param_group).__name__}")
+        if "params" not in param_group:
+            raise ValueError(f"param_groups[{k}] must have a 'params' entry; got keys "
+                             f"{sorted(map(str, param_group))}")
         super().add_param_group(param_group)
-        g = self.param_groups[-1]
-        k = len(self.param_groups) - 1
         try:
-            V.real(g["lr"], f"param_groups[{k}]['lr']", low=0.0)
-            V.real(g["momentum"], f"param_groups[{k}]['momentum']", low=0.0, high=1.0,
-                   high_open=True)
-            V.real(g["weight_decay"], f"param_groups[{k}]['weight_decay']", low=0.0)
+            F.check_group(self.param_groups[-1], f"param_groups[{k}]")
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
