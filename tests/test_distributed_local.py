@@ -417,6 +417,23 @@ def test_window_checkpoint_file_checks(tmp_path):
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".tmp-")]
 
 
+def test_from_local_gradients_refuses_empty_and_misshapen_blocks():
+    G = np.random.default_rng(4).standard_normal((3, 5))
+    with pytest.raises(ValueError, match="local_grads must yield at least one"):
+        ShardedSlidingWindowInverseFisher.from_local_gradients(iter([]), 0.1, window=3)
+    with pytest.raises(ValueError, match=r"local_grads must be given as \(k, 5\) row"):
+        ShardedSlidingWindowInverseFisher.from_local_gradients(iter([G[:2], G[2:, :4]]),
+                                                               0.1, window=3)
+    bad = G[2:].copy()
+    bad[0, 1] = np.inf
+    with pytest.raises(ValueError, match="local_grads must be finite"):
+        ShardedSlidingWindowInverseFisher.from_local_gradients(iter([G[:2], bad]), 0.1,
+                                                               window=3)
+    w = ShardedSlidingWindowInverseFisher.from_local_gradients(iter([G[:2], G[2:]]), 0.1,
+                                                               window=3, dtype="float64")
+    assert w.count == 3 and np.array_equal(w.gradients(), G)
+
+
 def test_layout_split_gather_place_refuse_bad_arrays_before_writing():
     # 0-d arrays raised IndexError; place wrote a too-long part's head silently, took
     # lists and read-only outs to internal errors, and could write part of a multi-range

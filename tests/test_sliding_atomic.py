@@ -162,6 +162,13 @@ def test_from_gradients_equals_updates_and_refuses_bad_input():
         ml.SlidingWindowInverseFisher.from_gradients(G * 1e160, 0.3)
     with pytest.raises(ValueError, match="G must be 2-D"):
         ml.SlidingWindowInverseFisher.from_gradients(G[0], 0.3)
+    # an empty iterator leaked StopIteration; a later block of the wrong width or rank
+    # gave NumPy's broadcast error or "got more"
+    with pytest.raises(ValueError, match="at least one .* row block; got an empty"):
+        ml.SlidingWindowInverseFisher.from_gradients(iter([]), 0.3, window=5)
+    for block in (G[2:, :8], G[2], G[2:, :, None]):
+        with pytest.raises(ValueError, match=r"G must be given as \(k, 9\) row blocks"):
+            ml.SlidingWindowInverseFisher.from_gradients(iter([G[:2], block]), 0.3, window=5)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

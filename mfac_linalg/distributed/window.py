@@ -221,10 +221,15 @@ class ShardedSlidingWindowInverseFisher(_WindowUpdates, _WindowQueries, _WindowC
         (3, 3, 'float64')
         """
         blocks = local_grads if isinstance(local_grads, collections.abc.Iterator) else None
-        first = next(blocks) if blocks is not None else local_grads
-        arr, be = B.asarray(first, "local_grads", allow_half=True)
+        first = next(blocks, None) if blocks is not None else local_grads
+        empty = first is None and blocks is not None
+        arr, be = B.asarray(np.zeros((0, 0)) if empty else first, "local_grads",
+                            allow_half=True)
         err = None
         try:
+            if empty:           # still meet the set-up's collectives below
+                raise ValueError("local_grads must yield at least one (k, d_p) row block; "
+                                 "got an empty iterator")
             if arr.ndim != 2:
                 raise ValueError(f"local_grads must be 2-D (m, d_p); got shape "
                                  f"{tuple(arr.shape)}")
@@ -240,10 +245,10 @@ class ShardedSlidingWindowInverseFisher(_WindowUpdates, _WindowQueries, _WindowC
         w = cls(d_p, m, damping, comm, **kwargs)
         Kp = None
         try:
-            r = w._buf.write_rows(0, arr)
+            r = w._buf.write_rows(0, arr, "local_grads")
             for b in (blocks or ()):
                 r = w._buf.write_rows(r, B.asarray(b, "local_grads", backend=w._backend,
-                                                   allow_half=True)[0])
+                                                   allow_half=True)[0], "local_grads")
             if r != m:
                 raise ValueError(f"local_grads must hold window={m} rows; got {r}")
             Kp = w._buf.gram(m)

@@ -69,15 +69,19 @@ class RingBuffer:
             V.finite(out, name, self.backend)
         return out
 
-    def _room(self, r0, k):
-        if r0 + k > self.m:
-            raise ValueError(f"G must hold window={self.m} rows; got more")
+    def _room(self, r0, rows, name="G"):
+        """Refuse a row block that is not (k, dim) or that overflows the window."""
+        if rows.ndim != 2 or rows.shape[1] != self.d:
+            raise ValueError(f"{name} must be given as (k, {self.d}) row blocks; got a block "
+                             f"of shape {tuple(rows.shape)}")
+        if r0 + rows.shape[0] > self.m:
+            raise ValueError(f"{name} must hold window={self.m} rows; got more")
 
-    def write_rows(self, r0, rows):
+    def write_rows(self, r0, rows, name="G"):
         """Write rows r0, r0 + 1, ... in bulk (no Gram row): ``from_gradients``.  Returns
         the next row."""
-        rows = self.prepare(rows, name="G")
-        self._room(r0, rows.shape[0])
+        self._room(r0, rows, name)
+        rows = self.prepare(rows, name=name)
         self.G[r0:r0 + rows.shape[0], :self.d] = rows
         return r0 + rows.shape[0]
 

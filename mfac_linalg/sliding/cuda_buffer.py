@@ -54,13 +54,13 @@ class CudaRingBuffer(RingBuffer):
         """float32 rows; their NaN/inf check is fused into the first pass."""
         return rows.astype(np.float32, copy=False)
 
-    def write_rows(self, r0, rows):
+    def write_rows(self, r0, rows, name="G"):
         """Bulk write (``from_gradients``): rounded to the storage format on the device;
         a value that is not finite once stored is refused."""
         xp = self.backend.xp
+        self._room(r0, rows, name)
         r32 = rows.astype(np.float32, copy=False)
-        self._room(r0, r32.shape[0])
-        V.finite(r32, "G", self.backend)
+        V.finite(r32, name, self.backend)
         if self.name == "float32":
             raw = r32
         else:
@@ -72,7 +72,7 @@ class CudaRingBuffer(RingBuffer):
                     xp.uint16)
                 mask = 0x7F80
             if bool(((raw & xp.uint16(mask)) == mask).any()):
-                raise ValueError(f"G must be finite in {self.name} storage; got values that "
+                raise ValueError(f"{name} must be finite in {self.name} storage; got values that "
                                  f"overflow {self.name}")
         self.G[r0:r0 + raw.shape[0], :self.d] = raw
         return r0 + raw.shape[0]

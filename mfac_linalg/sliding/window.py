@@ -337,7 +337,10 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
 def _from_gradients(cls, G, damping, window, kwargs):
     """The set-up of :meth:`SlidingWindowInverseFisher.from_gradients`."""
     blocks = G if isinstance(G, collections.abc.Iterator) else None
-    first = next(blocks) if blocks is not None else G
+    first = next(blocks, None) if blocks is not None else G
+    if first is None:
+        raise ValueError("G must yield at least one (k, dim) row block; got an empty "
+                         "iterator")
     arr, be = B.asarray(first, "G", allow_half=True)
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ValueError(f"G must be 2-D (m, dim) with m, dim >= 1; got shape "
