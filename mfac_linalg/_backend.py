@@ -321,7 +321,7 @@ def as_bool(x, name, backend):
         raise TypeError(f"{name} lives on {be!r} but the operator lives on {backend!r}; "
                         "move it explicitly (no silent host/device copies)")
     if arr.dtype != np.bool_:
-        raise ValueError(f"{name} must be a boolean array; got dtype {arr.dtype}")
+        raise TypeError(f"{name} must be a boolean array; got dtype {arr.dtype}")
     return arr
 
 

@@ -88,6 +88,11 @@ def _structure(op, name="op"):
     if not dmin > 0:
         raise ValueError(f"{name} (a dense inverse Fisher H = F^-1) must have a positive "
                          f"diagonal; got a diagonal entry {dmin:g}")
+    if not np.isfinite(1.0 / dmin):     # w_q / H_qq and (H_QQ)^{-1} would overflow
+        raise ValueError(f"{name} (a dense inverse Fisher H = F^-1) must have diagonal "
+                         f"entries >= {1 / np.finfo(np.float64).max:.3g} (1/H_qq finite); "
+                         f"got a diagonal entry {dmin:g}: rescale H (the updates do not "
+                         "depend on its scale)")
     return _Dense(H), be
 
 
@@ -409,11 +414,14 @@ def prune(w, op, *, sparsity=None, count=None, method="joint", mask=None, group_
     TypeError
         A wrong type: ``sparsity`` a bool or a string, ``count``, ``steps`` or
         ``group_size`` not an integer, ``method`` not a string, ``regrad`` not
-        callable, ``op`` not an inverse-Fisher operator or array.
+        callable, ``op`` not an inverse-Fisher operator or array, ``mask`` not of
+        boolean dtype.
     ValueError
         A bad value: out-of-range ``sparsity``/``count``, a target below the
         mask, a count groups cannot reach, NaN/inf in ``w`` or a dense ``op``,
-        a dense ``op`` with a diagonal entry <= 0, wrong shapes.
+        a dense ``op`` with a diagonal entry <= 0 or so small that 1/H_qq
+        overflows, wrong shapes (``regrad``'s grads included), pruned weights or
+        a loss that overflow (in ``w``'s dtype) for a badly scaled ``op``.
 
     Notes
     -----
@@ -465,7 +473,16 @@ def prune(w, op, *, sparsity=None, count=None, method="joint", mask=None, group_
                                               exact and stage == steps, what)
         loss += float(l_stage)
         if regrad is not None and stage < steps:
-            op = op.with_gradients(regrad(w_cur.astype(out_dtype), mask_cur.copy()))
+            grads = regrad(w_cur.astype(out_dtype), mask_cur.copy())
+            if getattr(grads, "ndim", None) == 2 and grads.shape[1] != d:
+                raise ValueError(f"regrad(weights, mask) must return grads of shape (m, {d}); "
+                                 f"got shape {tuple(grads.shape)}")
+            op = op.with_gradients(grads)
             S, _ = _structure(op)
-    return PruneResult(weights=w_cur.astype(out_dtype, copy=False), mask=mask_cur, loss=loss,
-                       method=method)
+    with np.errstate(over="ignore"):
+        w_out = w_cur.astype(out_dtype, copy=False)
+    if not bool(xp.isfinite(w_out).all()) or np.isnan(loss):
+        raise ValueError(f"op is too badly scaled for these weights: the pruned weights "
+                         f"({w_out.dtype}) or the predicted loss overflowed to inf/NaN; "
+                         "rescale op or w")
+    return PruneResult(weights=w_out, mask=mask_cur, loss=loss, method=method)

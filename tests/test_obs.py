@@ -188,7 +188,7 @@ def test_obs_bad_input(rng):
         obs.group_saliency(w, op, group_size=3)
     with pytest.raises(ValueError, match="below the 3 weights the mask already removes"):
         obs.prune(w, op, count=2, mask=np.array([1, 1, 1, 0, 0, 0, 0, 0], bool))
-    with pytest.raises(ValueError, match="mask must be a boolean array; got dtype float64"):
+    with pytest.raises(TypeError, match="mask must be a boolean array; got dtype float64"):
         obs.prune(w, op, count=2, mask=np.zeros(8))
     with pytest.raises(ValueError, match="w must be finite"):
         obs.saliency(np.full(8, np.nan), op)
@@ -290,11 +290,12 @@ def test_prune_argument_types_and_ranges(rng, kw, exc, msg):
 
 
 @pytest.mark.parametrize("bad,msg", [("nan", "op must be finite"), ("inf", "op must be finite"),
-                                     ("zero", "positive diagonal"), ("neg", "positive diagonal")])
+                                     ("zero", "positive diagonal"), ("neg", "positive diagonal"),
+                                     ("subnormal", r"diagonal entries >= 5.56e-309")])
 def test_dense_H_with_bad_entries_refused(rng, bad, msg):
     G = rng.standard_normal((4, 6))
     H = np.linalg.inv(0.1 * np.eye(6) + G.T @ G / 4)
-    H[2, 2] = {"nan": np.nan, "inf": np.inf, "zero": 0.0, "neg": -1.0}[bad]
+    H[2, 2] = {"nan": np.nan, "inf": np.inf, "zero": 0.0, "neg": -1.0, "subnormal": 1e-320}[bad]
     w = rng.standard_normal(6)
     for call in (lambda: obs.saliency(w, H), lambda: obs.prune(w, H, count=2),
                  lambda: obs.group_saliency(w, H, group_size=2)):
@@ -316,3 +317,35 @@ def test_results_in_the_input_dtype(rng):
             assert r64.weights.dtype == np.float64
             assert np.array_equal(r.mask, r64.mask)
             assert rel_err(r.weights, r64.weights) < 1e-6
+
+
+def test_prune_never_returns_nonfinite_weights(rng):
+    """A dense H = 1e-320 I gave NaN weights and a NaN loss with no error (1/H_qq
+    overflows; now refused by name); float32 weights whose update overflows float32 are
+    refused instead of coming back as inf; w is untouched."""
+    w = rng.standard_normal(6)
+    w0 = w.copy()
+    for method in ("joint", "independent", "magnitude"):
+        with pytest.raises(ValueError, match="op .*diagonal entries >= "):
+            obs.prune(w, 1e-320 * np.eye(6), count=2, method=method)
+    # H with strong positive coupling: removing w_1 moves w_0 by -0.999 * (-3e38)
+    H = np.eye(4)
+    H[0, 1] = H[1, 0] = 0.999
+    w32 = np.array([3e38, -2e38, 3e38, 3e38], np.float32)      # w_1: the least salient
+    w32c = w32.copy()
+    r = obs.prune(w32.astype(np.float64), H, count=1, method="joint")
+    assert r.mask.tolist() == [False, True, False, False]
+    assert np.isfinite(r.weights).all() and r.weights[0] > 3.5e38   # beyond float32's max
+    with pytest.raises(ValueError, match=r"pruned weights \(float32\) or the predicted loss "
+                       "overflowed"):
+        obs.prune(w32, H, count=1, method="joint")
+    assert np.array_equal(w32, w32c) and np.array_equal(w, w0)
+
+
+def test_regrad_returning_the_wrong_width_is_named(rng):
+    G = rng.standard_normal((4, 8))
+    op = ml.StaticInverseFisher(G, 0.1)
+    w = rng.standard_normal(8)
+    with pytest.raises(ValueError, match=r"regrad\(weights, mask\) must return grads of shape "
+                       r"\(m, 8\); got shape \(4, 5\)"):
+        obs.prune(w, op, count=4, steps=2, regrad=lambda w_, m_: G[:, :5])
