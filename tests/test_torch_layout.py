@@ -49,6 +49,16 @@ def test_layout_from_model_round_trip_and_per_layer_order():
         lay.perm[0] = 1
     ws = lay.split(x)
     assert torch.equal(ws[0][0].reshape(-1), model[0].weight.reshape(-1)) and ws[1][1] is None
+    # W_k comes shaped (d_out, d_in) as documented (it was flat), along any dim, NumPy too
+    for m, (w, b) in zip(mods, ws):
+        W = m.weight.detach().reshape(m.weight.shape[0], -1)
+        assert w.shape == W.shape and torch.equal(w, W)
+        assert (b is None) == (m.bias is None) and (b is None or torch.equal(b, m.bias))
+    Xn = X.t().contiguous().numpy()                   # (d, 2): the layers along dim 0
+    for (w, _), (wn, _), m in zip(lay.split(X, dim=1), lay.split(Xn, dim=-2), mods):
+        W = m.weight.detach().reshape(m.weight.shape[0], -1)
+        assert w.shape == (2,) + tuple(W.shape) and torch.equal(w[1], 2 * W)
+        assert wn.shape == tuple(W.shape) + (2,) and np.array_equal(wn[..., 1], 2 * W.numpy())
 
 
 def test_layout_errors_name_the_argument():
@@ -60,6 +70,21 @@ def test_layout_errors_name_the_argument():
         lay.to_kronecker(torch.zeros(lay.dim), dim=2)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         lay.to_kronecker([0.0] * lay.dim)
+    # split checks its arguments as the conversions do (it leaked AttributeError/IndexError)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        lay.split([0.0] * lay.dim)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        lay.split(None)
+    with pytest.raises(ValueError, match="dim must be in"):
+        lay.split(torch.zeros(lay.dim), dim=1)
+    with pytest.raises(ValueError, match="dim must be in"):
+        lay.split(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="dim must be an integer"):
+        lay.split(torch.zeros(lay.dim), dim=0.0)
+    with pytest.raises(ValueError, match="x must have size"):
+        lay.split(torch.zeros(lay.dim + 1))
+    with pytest.raises(TypeError, match="layers must be a sequence"):
+        ParameterLayout(None)
     bn = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
     with pytest.raises(ValueError, match="outside nn.Linear"):
         ParameterLayout.from_model(bn)

@@ -163,6 +163,9 @@ class ParameterLayout:
     """
 
     def __init__(self, layers):
+        if isinstance(layers, (str, bytes, dict)) or not hasattr(layers, "__iter__"):
+            raise TypeError(f"layers must be a sequence of LayerSpec or (d_out, d_in, bias) "
+                            f"triples; got {type(layers).__name__}")
         specs = []
         for k, l in enumerate(layers):
             if isinstance(l, LayerSpec):
@@ -234,7 +237,9 @@ class ParameterLayout:
             return self._torch_idx[key]
         return arr
 
-    def _gather(self, x, which, dim, name):
+    def _check(self, x, dim, name):
+        """``x`` a tensor or NumPy array of size ``self.dim`` along ``dim``; returns ``dim``
+        made non-negative."""
         if not is_tensor(x) and not isinstance(x, np.ndarray):
             raise TypeError(f"{name} must be a torch.Tensor (or a NumPy array); got "
                             f"{type(x).__name__}")
@@ -246,6 +251,10 @@ class ParameterLayout:
         if x.shape[dim] != self.dim:
             raise ValueError(f"{name} must have size {self.dim} along dim {dim}; got shape "
                              f"{tuple(x.shape)}")
+        return dim % nd
+
+    def _gather(self, x, which, dim, name):
+        dim = self._check(x, dim, name)
         idx = self._index(which, x)
         if is_tensor(x):
             return x.index_select(dim, idx)
@@ -261,15 +270,18 @@ class ParameterLayout:
 
     def split(self, x, dim=0):
         """The per-layer slices of a vector in torch order: [(W_k, b_k or None)], each W_k
-        shaped (d_out, d_in) (views when ``x`` is contiguous along ``dim = 0``)."""
-        if x.shape[dim] != self.dim:
-            raise ValueError(f"x must have size {self.dim} along dim {dim}; got shape "
-                             f"{tuple(x.shape)}")
+        shaped (d_out, d_in) along ``dim`` (views for a tensor when the layout allows;
+        NumPy arrays give copies).  ``x``: a tensor or NumPy array of size ``dim`` along
+        ``dim``."""
+        dim = self._check(x, dim, "x")
         out = []
         for s, a in zip(self.layers, self.offsets[:-1]):
             a = int(a)
-            w = x.narrow(dim, a, s.d_out * s.d_in) if is_tensor(x) else np.take(
-                x, np.arange(a, a + s.d_out * s.d_in), axis=dim)
+            if is_tensor(x):
+                w = x.narrow(dim, a, s.d_out * s.d_in).unflatten(dim, (s.d_out, s.d_in))
+            else:
+                w = np.take(x, np.arange(a, a + s.d_out * s.d_in), axis=dim)
+                w = w.reshape(w.shape[:dim] + (s.d_out, s.d_in) + w.shape[dim + 1:])
             b = None
             if s.bias:
                 c = a + s.d_out * s.d_in
