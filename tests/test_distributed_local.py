@@ -13,7 +13,7 @@ from mfac_linalg import _backend as B
 from mfac_linalg.distributed import (ColumnLayout, Communicator, MPIComm, RemoteRankError,
                                      ShardedSlidingWindowInverseFisher,
                                      ShardedStaticInverseFisher, SingleProcessComm, agree,
-                                     as_comm, check_replicas, state_digest)
+                                     allgather, as_comm, check_replicas, state_digest)
 
 
 # -- layouts -------------------------------------------------------------------------------------
@@ -415,6 +415,29 @@ def test_window_checkpoint_file_checks(tmp_path):
         w2.load(tmp_path / "junk.npz")
     assert w2.digest() == w.digest()
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".tmp-")]
+
+
+def test_collective_helpers_check_their_arguments():
+    # comm=3 raised AttributeError; error="boom" Python's "must derive from BaseException";
+    # state_digest(None) hashed an object array's addresses (differs across processes)
+    c, lay = SingleProcessComm(), ColumnLayout.contiguous(4, 1)
+    for call in (lambda: agree(3, None, "x"), lambda: check_replicas(3, [np.eye(2)]),
+                 lambda: allgather(np.ones(4), lay, 3)):
+        with pytest.raises(TypeError, match="comm must be None, a mfac_linalg"):
+            call()
+    with pytest.raises(TypeError, match="error must be None or an exception; got str"):
+        agree(c, "boom", "x")
+    with pytest.raises(TypeError, match="arrays must be a sequence of arrays"):
+        check_replicas(c, None)
+    with pytest.raises(TypeError, match=r"arrays\[1\] must be a numeric or string array"):
+        state_digest(np.eye(2), None)
+    with pytest.raises(TypeError, match="layout must be a ColumnLayout; got int"):
+        allgather(np.ones(4), 3, c)
+    with pytest.raises(ValueError, match="part must be at least 1-D"):
+        allgather(np.array(1.0), lay, c)
+    out = allgather(np.arange(4, dtype=np.float32), lay, None)
+    assert out.dtype == np.float32 and np.array_equal(out, np.arange(4))
+    assert agree(None, None, "x") is None
 
 
 def test_from_local_gradients_refuses_empty_and_misshapen_blocks():

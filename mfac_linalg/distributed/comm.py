@@ -488,6 +488,9 @@ def agree(comm, error, what):
     >>> from mfac_linalg.distributed import SingleProcessComm, agree
     >>> agree(SingleProcessComm(), None, "my step")         # every rank succeeded
     """
+    comm = as_comm(comm)
+    if error is not None and not isinstance(error, BaseException):
+        raise TypeError(f"error must be None or an exception; got {type(error).__name__}")
     flags = np.zeros(comm.size, dtype=np.float64)
     if error is not None:
         flags[comm.rank] = 1.0
@@ -528,8 +531,11 @@ def state_digest(*arrays):
     True
     """
     h = hashlib.blake2b(digest_size=8)
-    for a in arrays:
+    for i, a in enumerate(arrays):
         host = np.ascontiguousarray(B.to_host(a))
+        if host.dtype.hasobject:        # the bytes of an object array are addresses
+            raise TypeError(f"arrays[{i}] must be a numeric or string array; got "
+                            f"{type(a).__name__} (object dtype)")
         h.update(str(host.dtype).encode() + str(host.shape).encode())
         h.update(host.tobytes())
     return np.frombuffer(h.digest(), dtype=np.uint16).astype(np.float64)
@@ -566,6 +572,9 @@ def check_replicas(comm, arrays, what="state"):
     >>> from mfac_linalg.distributed import SingleProcessComm, check_replicas
     >>> check_replicas(SingleProcessComm(), [np.eye(3)])
     """
+    comm = as_comm(comm)
+    if isinstance(arrays, (str, bytes)) or not hasattr(arrays, "__iter__"):
+        raise TypeError(f"arrays must be a sequence of arrays; got {type(arrays).__name__}")
     table = np.zeros((comm.size, 4), dtype=np.float64)
     table[comm.rank] = state_digest(*arrays)
     comm.allreduce_sum(table)
@@ -604,10 +613,14 @@ def allgather(part, layout, comm, *, axis=0):
     >>> allgather(np.array([1.0, 2.0, 3.0]), lay, SingleProcessComm())
     array([1., 2., 3.])
     """
+    from .layout import ColumnLayout
+    comm = as_comm(comm)
+    if not isinstance(layout, ColumnLayout):
+        raise TypeError(f"layout must be a ColumnLayout; got {type(layout).__name__}")
     arr, be = B.asarray(part, "part")
     if layout.size != comm.size:
         raise ValueError(f"layout has {layout.size} ranks but comm has {comm.size}")
-    axis = layout._axis(arr, axis)
+    axis = layout._axis(arr, axis, "part")
     want = list(arr.shape)
     want[axis] = layout.local_dim(comm.rank)
     err = None
