@@ -75,6 +75,16 @@ def test_per_sample_gradients_fall_back_for_batchnorm_and_check_arguments():
         per_sample_gradients(model, loss, (x, y), method="fast")
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         per_sample_gradients(lambda t: t, loss, (x, y))
+    # 0-d targets / 1-d inputs (one sample without its batch dimension): was an IndexError
+    with pytest.raises(ValueError, match="batch: inputs and targets must have a leading sample"):
+        per_sample_gradients(model, loss, (x[0], y[0]))
+    with pytest.raises(ValueError, match="data: inputs and targets must have a leading sample"):
+        capture_statistics(model, loss, (x[0], y[0]))
+    # a seed outside torch's range: was "Overflow when unpacking long long" without a name
+    with pytest.raises(ValueError, match="seed must be <= 18446744073709551615"):
+        capture_statistics(model, loss, (x, y), fisher="mc", seed=2 ** 64)
+    with pytest.raises(ValueError, match="seed must be >= -9223372036854775808"):
+        capture_statistics(model, loss, (x, y), fisher="mc", seed=-2 ** 63 - 1)
 
 
 # -- captured statistics -------------------------------------------------------------------

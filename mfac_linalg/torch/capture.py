@@ -54,6 +54,9 @@ def _batch(batch, name="batch"):
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must hold two tensors (inputs, targets); got "
                         f"({type(x).__name__}, {type(y).__name__})")
+    if x.ndim < 1 or y.ndim < 1:
+        raise ValueError(f"{name}: inputs and targets must have a leading sample dimension; "
+                         f"got shapes {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[0] != y.shape[0] or x.shape[0] < 1:
         raise ValueError(f"{name}: inputs and targets must have the same number of samples "
                          f">= 1; got {x.shape[0]} and {y.shape[0]}")
@@ -376,7 +379,7 @@ def capture_statistics(model, loss_fn, data, *, fisher="empirical", mc_samples=1
     mc_samples = V.positive_int(mc_samples, "mc_samples")
     if fisher == "empirical" and mc_samples != 1:
         raise ValueError(f"mc_samples must be 1 for fisher='empirical'; got {mc_samples}")
-    seed = V.integer(seed, "seed")
+    seed = V.integer(seed, "seed", minimum=-2 ** 63, maximum=2 ** 64 - 1)   # torch's range
     reduction = _reduction(loss_fn, reduction)
     if fisher == "mc" and not isinstance(loss_fn, _MC_LOSSES):
         raise ValueError("fisher='mc' needs loss_fn to be nn.CrossEntropyLoss, nn.MSELoss or "
