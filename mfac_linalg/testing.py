@@ -87,6 +87,29 @@ def _host64(a):
     return np.asarray(B.to_host(a), dtype=np.float64)
 
 
+def _real_array(a, name, *, ndim=2, square=False, allow_empty=False):
+    """A real, finite float64 host array of ``ndim`` dimensions (TypeError for a
+    non-numeric or complex input, ValueError for a bad shape or NaN/infinity)."""
+    from . import _backend as B
+    try:
+        raw = np.asarray(B.to_host(a))
+    except Exception as exc:
+        raise TypeError(f"{name} must be a real array; got {type(a).__name__} ({exc})") \
+            from None
+    if raw.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a real array; got dtype {raw.dtype}")
+    arr = np.array(raw, dtype=np.float64)
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D; got shape {arr.shape}")
+    if square and arr.shape[0] != arr.shape[1]:
+        raise ValueError(f"{name} must be a square matrix; got shape {arr.shape}")
+    if not allow_empty and arr.size == 0:
+        raise ValueError(f"{name} must not be empty; got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} must be finite; got NaN or infinity")
+    return arr
+
+
 def refined_solve(apply_exact, solve, X, *, maxiter=60):
     r"""Solve A Y = X to float64 accuracy by iterative refinement with exact residuals.
 
@@ -129,8 +152,14 @@ def refined_solve(apply_exact, solve, X, *, maxiter=60):
     >>> bool(Y[1, 0] == float(exact))                          # correctly rounded
     True
     """
+    from . import _validate as V
     mp = _mpmath()
-    X = np.asarray(X, dtype=np.float64)
+    maxiter = V.integer(maxiter, "maxiter", minimum=1)
+    if not (callable(apply_exact) and callable(solve)):
+        raise TypeError("apply_exact and solve must be callables; got "
+                        f"{type(apply_exact).__name__} and {type(solve).__name__}")
+    X = _real_array(X, "X", ndim=np.ndim(X) if np.ndim(X) in (1, 2) else 2,
+                    allow_empty=True)
     with mp.workprec(MP_PREC):
         Xmp = _to_mp(X)
         Y = _to_mp(solve(X))
@@ -195,13 +224,19 @@ class Oracle:
 
     def __init__(self, d, apply, *, kappa, logdet=None, logdet_scale=None, fisher=None,
                  model_error=0.0, symmetric=True, positive_definite=True, name="A"):
-        self.d = int(d)
+        from . import _validate as V
+        self.d = V.integer(d, "d", minimum=0)
+        if not callable(apply):
+            raise TypeError(f"apply must be a callable; got {type(apply).__name__}")
         self._apply = apply
-        self.kappa = float(kappa)
-        self.logdet = None if logdet is None else float(logdet)
-        self.logdet_scale = float(self.d if logdet_scale is None else logdet_scale)
+        self.kappa = V.real(kappa, "kappa", allow_inf=True, low=0.0)
+        self.logdet = None if logdet is None else V.real(logdet, "logdet")
+        self.logdet_scale = V.real(self.d if logdet_scale is None else logdet_scale,
+                                   "logdet_scale", low=0.0, low_open=self.d > 0)
+        if fisher is not None and not isinstance(fisher, Oracle):
+            raise TypeError(f"fisher must be an Oracle or None; got {type(fisher).__name__}")
         self.fisher = fisher
-        self.model_error = float(model_error)
+        self.model_error = V.real(model_error, "model_error", low=0.0)
         self.symmetric = bool(symmetric)
         self.positive_definite = bool(positive_definite)
         self.name = name
@@ -212,7 +247,11 @@ class Oracle:
 
     def matmat(self, X):
         """A @ X (float64, exact to one rounding) for X of shape (d, k) or (d,)."""
-        X = np.asarray(X, dtype=np.float64)
+        X = _real_array(X, "X", ndim=np.ndim(X) if np.ndim(X) in (1, 2) else 2,
+                        allow_empty=True)
+        if X.shape[0] != self.d:
+            raise ValueError(f"X must have {self.d} rows (the oracle's d); got shape "
+                             f"{X.shape}")
         if X.ndim == 1:
             return self._apply(X[:, None])[:, 0]
         return self._apply(X)
@@ -233,9 +272,7 @@ class Oracle:
         given, is computed exactly in mpmath when A is symmetric positive definite
         (and ``exact_logdet``).  Cost O(d³) mpmath operations once, O(d²k) per product.
         """
-        A = np.array(_host64(A), dtype=np.float64)
-        if A.ndim != 2 or A.shape[0] != A.shape[1]:
-            raise ValueError(f"A must be a square matrix; got shape {A.shape}")
+        A = _real_array(A, "A", square=True, allow_empty=True)
         A.setflags(write=False)
         d = A.shape[0]
         symmetric = bool(np.array_equal(A, A.T))
@@ -283,6 +320,11 @@ class Oracle:
         """
         import scipy.linalg as sla
         mp = _mpmath()
+        if solve is not None and not callable(solve):
+            raise TypeError(f"solve must be a callable or None; got {type(solve).__name__}")
+        if not self.kappa < math.inf:
+            raise ValueError(f"the matrix of {self!r} is singular (kappa = inf): it has no "
+                             "inverse")
         if solve is None:
             D = self.dense()
             if self.positive_definite:
@@ -360,18 +402,17 @@ def fisher_oracle(grads, damping=0.0, *, N=None):
     >>> round(float(np.exp(o.logdet)), 9)                 # det = 10.5 * 20.5 - 14**2
     19.25
     """
+    from . import _validate as V
     mp = _mpmath()
-    G = np.array(_host64(grads), dtype=np.float64)
-    if G.ndim != 2:
-        raise ValueError(f"grads must be 2-D (m, d); got shape {G.shape}")
+    G = _real_array(grads, "grads")
     m, d = G.shape
-    lam = float(damping)
-    if not lam >= 0 or not math.isfinite(lam):
-        raise ValueError(f"damping must be >= 0 and finite; got {damping}")
-    N = float(m if N is None else N)
-    if not N > 0:
-        raise ValueError(f"N must be > 0; got {N}")
-    sv = np.linalg.svd(G, compute_uv=False) ** 2 / N if G.size else np.zeros(1)
+    lam = V.real(damping, "damping", low=0.0)
+    N = float(m) if N is None else V.real(N, "N", low=0.0, low_open=True)
+    with np.errstate(over="ignore"):          # an overflow is refused just below
+        sv = np.linalg.svd(G, compute_uv=False) ** 2 / N if G.size else np.zeros(1)
+    if not (np.isfinite(sv).all() and math.isfinite(lam + float(sv.max()))):
+        raise ValueError("grads is too large: the eigenvalues of GᵀG/N overflow float64; "
+                         "rescale the gradients (and the damping by the square of the scale)")
     eig = lam + np.concatenate([sv, np.zeros(max(0, d - sv.size))])
     top = float(eig.max())
     if lam > 0:
@@ -447,13 +488,12 @@ def inverse_fisher_oracle(grads, damping, *, N=None):
     True
     """
     import scipy.linalg as sla
-    if not float(damping) > 0:
-        raise ValueError(f"damping must be > 0; got {damping}")
-    fwd = fisher_oracle(grads, damping, N=N)
-    G = np.array(_host64(grads), dtype=np.float64)
+    from . import _validate as V
+    lam = V.real(damping, "damping", low=0.0, low_open=True)
+    G = _real_array(grads, "grads")
+    fwd = fisher_oracle(G, lam, N=N)
     m, d = G.shape
-    lam = float(damping)
-    N = float(m if N is None else N)
+    N = float(m) if N is None else V.real(N, "N", low=0.0, low_open=True)
     # float64 corrections through the dual (Woodbury) form when m < d, else Cholesky of F
     if m < d:
         cC = sla.cho_factor(N * lam * np.eye(m) + G @ G.T, lower=True)
@@ -502,15 +542,39 @@ def kronecker_oracle(terms=(), *, shift=0.0, basis=None, inverse=True):
     >>> o.matmat(np.ones(6)).tolist()
     [0.5, 0.25, 0.16666666666666666, 0.3333333333333333, 0.14285714285714285, 0.09090909090909091]
     """
+    from . import _validate as V
     mp = _mpmath()
-    terms = [(np.array(_host64(P)), np.array(_host64(Q))) for P, Q in terms]
+    shift = V.real(shift, "shift")
+    inverse = V.boolean(inverse, "inverse")
+    if isinstance(terms, (str, bytes)) or not hasattr(terms, "__iter__"):
+        raise TypeError(f"terms must be a sequence of (P, Q) pairs; got {type(terms).__name__}")
+    pairs = []
+    for t, pq in enumerate(terms):
+        if isinstance(pq, (str, bytes)) or not hasattr(pq, "__len__") or len(pq) != 2 \
+                or hasattr(pq, "dtype"):
+            raise TypeError(f"terms[{t}] must be a pair (P, Q) of square matrices; got "
+                            f"{type(pq).__name__}")
+        pairs.append((_real_array(pq[0], f"terms[{t}][0]", square=True),
+                      _real_array(pq[1], f"terms[{t}][1]", square=True)))
+    terms = pairs
     if basis is not None:
-        U, W, S = (np.array(_host64(a)) for a in basis)
+        if isinstance(basis, (str, bytes)) or not hasattr(basis, "__len__") \
+                or len(basis) != 3 or hasattr(basis, "dtype"):
+            raise TypeError(f"basis must be a triple (U, W, S); got {type(basis).__name__}")
+        U = _real_array(basis[0], "basis[0] (U)", square=True)
+        W = _real_array(basis[1], "basis[1] (W)", square=True)
+        S = _real_array(basis[2], "basis[2] (S)")
         d_out, d_in = U.shape[0], W.shape[0]
+        if S.shape != (d_out, d_in):
+            raise ValueError(f"basis[2] (S) must have shape {(d_out, d_in)}; got {S.shape}")
     else:
         if not terms:
             raise ValueError("kronecker_oracle needs terms or basis")
         d_out, d_in = terms[0][0].shape[0], terms[0][1].shape[0]
+    for t, (P, Q) in enumerate(terms):
+        if (P.shape[0], Q.shape[0]) != (d_out, d_in):
+            raise ValueError(f"terms[{t}] must have factors of sizes ({d_out}, {d_in}) like "
+                             f"the others; got ({P.shape[0]}, {Q.shape[0]})")
     d = d_out * d_in
     dense = shift * np.eye(d)
     for P, Q in terms:
@@ -545,7 +609,11 @@ def kronecker_oracle(terms=(), *, shift=0.0, basis=None, inverse=True):
 
     eig = np.linalg.eigvalsh((dense + dense.T) / 2)
     pd = bool(eig[0] > 0)
-    kappa = float(np.abs(eig).max() / np.abs(eig).min())
+    small = float(np.abs(eig).min())
+    kappa = float(np.abs(eig).max()) / small if small > 0 else math.inf
+    if inverse and not small > 0:
+        raise ValueError("the matrix of terms, shift and basis is singular (an eigenvalue "
+                         "is 0): it has no inverse; add a shift or pass inverse=False")
     logdet = None
     if pd:
         logdet = _mp_logdet(apply_mp(np.eye(d)))
@@ -596,9 +664,14 @@ def block_diag_oracle(oracles):
     >>> o.dense().tolist()
     [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]]
     """
+    if isinstance(oracles, Oracle) or not hasattr(oracles, "__iter__"):
+        raise TypeError(f"oracles must be an iterable of Oracle; got {type(oracles).__name__}")
     oracles = list(oracles)
     if not oracles:
         raise ValueError("oracles must not be empty")
+    for i, o in enumerate(oracles):
+        if not isinstance(o, Oracle):
+            raise TypeError(f"oracles[{i}] must be an Oracle; got {type(o).__name__}")
     offs = np.concatenate([[0], np.cumsum([o.d for o in oracles])])
 
     def apply(X):
@@ -665,6 +738,15 @@ def gradient_matrices(*, max_m=12, max_d=12, kinds=_KINDS, dtype=np.float64, ran
     -------
     hypothesis.strategies.SearchStrategy of numpy.ndarray
 
+    Raises
+    ------
+    TypeError
+        A non-integer ``max_m``/``max_d``/``rank``, ``kinds`` not a sequence, or a
+        ``dtype`` that is not a dtype.
+    ValueError
+        ``max_m``/``max_d``/``rank`` < 1, an unknown or empty ``kinds`` (or one name as a
+        string), or a dtype other than float64/float32.
+
     Examples
     --------
     >>> from hypothesis import given, settings
@@ -682,11 +764,28 @@ def gradient_matrices(*, max_m=12, max_d=12, kinds=_KINDS, dtype=np.float64, ran
     >>> test_rank()
     """
     from hypothesis import strategies as st
+    from . import _validate as V
+    max_m = V.integer(max_m, "max_m", minimum=1)
+    max_d = V.integer(max_d, "max_d", minimum=1)
+    if isinstance(kinds, (str, bytes)):     # one name, not a sequence of names
+        raise ValueError(f"kinds must be a non-empty subset of {_KINDS}; got {kinds!r} "
+                         f"(for one kind write ({kinds!r},))")
+    if not hasattr(kinds, "__iter__"):
+        raise TypeError(f"kinds must be a sequence of kind names from {_KINDS}; got "
+                        f"{type(kinds).__name__} {kinds!r}")
+    kinds = tuple(kinds)
     bad = [k for k in kinds if k not in _KINDS]
-    if bad or not kinds or isinstance(kinds, str):
+    if bad or not kinds:
         raise ValueError(f"kinds must be a non-empty subset of {_KINDS}; got {kinds!r}")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank must be an integer >= 1 or None; got {rank!r}")
+    if rank is not None:
+        rank = V.integer(rank, "rank", minimum=1)
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float64 or float32; got {dtype!r}") from None
+    if dt not in (np.float64, np.float32):
+        raise ValueError(f"dtype must be float64 or float32; got {dt}")
+    dtype = dt
 
     @st.composite
     def strat(draw):
@@ -732,9 +831,11 @@ def fisher_problems(*, max_m=12, max_d=12, kinds=_KINDS, ratio=(1e-8, 1e2),
 
     Raises
     ------
+    TypeError
+        If ``ratio`` is not a pair of real numbers, or another argument has a wrong type.
     ValueError
-        If a bound of ``ratio`` is not > 0 (at the call), or ``kinds`` is not a
-        non-empty subset of the known kinds (when an example is drawn).
+        If a bound of ``ratio`` is not > 0 and finite or low > high, or another argument
+        is refused by :func:`gradient_matrices` (all checked at the call).
 
     Examples
     --------
@@ -748,7 +849,15 @@ def fisher_problems(*, max_m=12, max_d=12, kinds=_KINDS, ratio=(1e-8, 1e2),
     >>> test()
     """
     from hypothesis import strategies as st
-    lo, hi = (math.log10(float(r)) for r in ratio)
+    from . import _validate as V
+    if isinstance(ratio, (str, bytes)) or not hasattr(ratio, "__len__") or len(ratio) != 2:
+        raise TypeError(f"ratio must be a pair (low, high); got {type(ratio).__name__} "
+                        f"{ratio!r}")
+    r_lo = V.real(ratio[0], "ratio[0]", low=0.0, low_open=True)
+    r_hi = V.real(ratio[1], "ratio[1]", low=r_lo)
+    # the gradient matrices' arguments are checked now, not when an example is drawn
+    gradient_matrices(max_m=max_m, max_d=max_d, kinds=kinds, dtype=dtype)
+    lo, hi = math.log10(r_lo), math.log10(r_hi)
 
     @st.composite
     def strat(draw):

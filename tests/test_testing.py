@@ -348,3 +348,57 @@ def test_check_operator_on_a_curvlinops_operator():
     # and a wrong normalization (the mean instead of the sum) is caught
     with pytest.raises(mt.OperatorCheckError, match="matvec"):
         mt.check_operator(ef.to_scipy(), mt.fisher_oracle(np.array(G), 0.0), skip=("pickle",))
+
+
+# -- argument checks (hostile inputs): TypeError / ValueError naming the argument -------
+
+@pytest.mark.parametrize("call,exc,msg", [
+    (lambda: mt.fisher_oracle(np.full((2, 2), np.nan), 1.0), ValueError, "grads must be finite"),
+    (lambda: mt.fisher_oracle(np.ones((3, 0)), 1.0), ValueError, "grads must not be empty"),
+    (lambda: mt.fisher_oracle(np.ones((2, 2)) * 1j, 1.0), TypeError, "grads must be a real"),
+    (lambda: mt.fisher_oracle(np.full((2, 2), 1e300), 1.0), ValueError, "grads is too large"),
+    (lambda: mt.fisher_oracle(np.ones((2, 2)), True), TypeError, "damping must be a real"),
+    (lambda: mt.fisher_oracle(np.ones((2, 2)), 1.0, N="3"), TypeError, "N must be a real"),
+    (lambda: mt.fisher_oracle(np.ones((2, 2)), 1.0, N=math.inf), ValueError, "N must be finite"),
+    (lambda: mt.inverse_fisher_oracle(np.ones((2, 2)), None), TypeError, "damping must be"),
+    (lambda: mt.Oracle.from_dense(np.full((2, 2), np.nan)), ValueError, "A must be finite"),
+    (lambda: mt.Oracle.from_dense(np.zeros((2, 2))).inverse(), ValueError, "singular"),
+    (lambda: mt.Oracle.from_dense(np.eye(2)).matmat(np.ones(3)), ValueError, "X must have 2"),
+    (lambda: mt.Oracle(2.5, lambda X: X, kappa=1.0), TypeError, "d must be an integer"),
+    (lambda: mt.Oracle(-1, lambda X: X, kappa=1.0), ValueError, "d must be >= 0"),
+    (lambda: mt.Oracle(2, 3, kappa=1.0), TypeError, "apply must be a callable"),
+    (lambda: mt.kronecker_oracle([(np.eye(2), np.eye(2))], shift="x"), TypeError, "shift"),
+    (lambda: mt.kronecker_oracle([(np.eye(2), np.eye(2))], shift=math.nan), ValueError,
+     "shift must be a number"),
+    (lambda: mt.kronecker_oracle([np.eye(2)]), TypeError, r"terms\[0\] must be a pair"),
+    (lambda: mt.kronecker_oracle([(np.eye(2), np.eye(2)), (np.eye(3), np.eye(2))]),
+     ValueError, r"terms\[1\] must have factors"),
+    (lambda: mt.kronecker_oracle([(np.zeros((2, 2)), np.eye(2))]), ValueError, "singular"),
+    (lambda: mt.block_diag_oracle([np.eye(2)]), TypeError, r"oracles\[0\] must be an Oracle"),
+    (lambda: mt.refined_solve(lambda Y: Y, lambda R: R, np.ones((2, 1)), maxiter=0),
+     ValueError, "maxiter must be >= 1"),
+    (lambda: mt.refined_solve(lambda Y: Y, lambda R: R, np.full((2, 1), np.nan)),
+     ValueError, "X must be finite"),
+    (lambda: mt.gradient_matrices(max_m=0), ValueError, "max_m must be >= 1"),
+    (lambda: mt.gradient_matrices(max_d=2.5), TypeError, "max_d must be an integer"),
+    (lambda: mt.gradient_matrices(kinds=None), TypeError, "kinds must be a sequence"),
+    (lambda: mt.gradient_matrices(dtype=np.float16), ValueError, "dtype must be float64"),
+    (lambda: mt.gradient_matrices(rank=2.0), TypeError, "rank must be an integer"),
+    (lambda: mt.fisher_problems(ratio=(2.0, 1.0)), ValueError, r"ratio\[1\] must be >= 2"),
+    (lambda: mt.fisher_problems(ratio=(1e-8, math.inf)), ValueError, r"ratio\[1\] must be fin"),
+    (lambda: mt.fisher_problems(ratio=(1.0,)), TypeError, "ratio must be a pair"),
+    (lambda: mt.fisher_problems(max_m=0), ValueError, "max_m must be >= 1"),   # at the call
+])
+def test_hostile_arguments_raise_named_errors(call, exc, msg):
+    pytest.importorskip("hypothesis")
+    with pytest.raises(exc, match=msg):
+        call()
+
+
+def test_gradient_matrices_accepts_a_numpy_integer_rank():
+    from hypothesis import given, settings
+    @settings(max_examples=3, deadline=None, database=None)
+    @given(mt.gradient_matrices(max_m=4, max_d=4, rank=np.int64(1)))
+    def t(G):
+        assert np.linalg.matrix_rank(G) <= 1
+    t()
