@@ -452,6 +452,18 @@ def test_kronecker_bad_input(rng):
             fn()
 
 
+def test_pi_split_survives_factors_of_opposite_extreme_scales(rng):
+    """a * s, g / s leave F = Gamma kron A unchanged; the pi split used to compute
+    sqrt(tr Gamma / tr A), which underflowed to 0 here (ZeroDivisionError)."""
+    A, G = rng.standard_normal((20, 4)), rng.standard_normal((20, 3))
+    x = rng.standard_normal(12)
+    for s in (1e150, 1e-150):
+        for build in (ml.kfac, ml.kfac_corrected,
+                      lambda *a: ml.kpsvd(*a, damping_mode="pi")):
+            ref = build(A, G, 1e-3) @ x
+            assert rel_err(build(A * s, G / s, 1e-3) @ x, ref) < 1e-13
+
+
 # -- backends -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("build", BUILDERS, ids=lambda f: f.__name__)

@@ -123,8 +123,15 @@ def _pi_split(Bm, Cm, lam):
     r = math.sqrt(lam)
     if tb <= 0 or tc <= 0:
         return r, r
-    pi = math.sqrt(tb / tc)
-    return r * pi, r / pi
+    pi = math.sqrt(tb) / math.sqrt(tc)      # not sqrt(tb / tc): that ratio can under/overflow
+    lb, lc = r * pi, r / pi
+    if not (0.0 < lb < math.inf and 0.0 < lc < math.inf):
+        raise ValueError(
+            f"damping={lam:.3e} cannot be split as K-FAC's pi: the factors' mean eigenvalues "
+            f"{tb:.3e} and {tc:.3e} differ by more than float64's range allows; rescale "
+            "activations or output_grads towards each other (the approximation scales with "
+            "their product) or use damping_mode='exact' / first_term_damping='full'")
+    return lb, lc
 
 
 def _single_inverse(method, Bm, Cm, lam, damping_mode, indefinite, be, *, terms, info):
