@@ -235,7 +235,13 @@ class FisherOperator(Operator):
     Parameters
     ----------
     inverse_op : Operator
-        The inverse-Fisher operator providing the hooks above.
+        The inverse-Fisher operator providing the hooks above (static, block or
+        sliding window; ``op.fisher()`` of any other operator is not defined).
+
+    Raises
+    ------
+    TypeError
+        ``inverse_op`` is not an inverse-Fisher operator with those hooks.
 
     Examples
     --------
@@ -250,6 +256,12 @@ class FisherOperator(Operator):
     """
 
     def __init__(self, inverse_op):
+        if not (isinstance(inverse_op, Operator) and all(
+                hasattr(inverse_op, h) for h in ("_fisher_matmat", "_fisher_diagonal",
+                                                 "_fisher_entry", "logdet"))):
+            raise TypeError("inverse_op must be an inverse-Fisher operator (static, block or "
+                            "sliding window: what op.fisher() is built from); got "
+                            f"{type(inverse_op).__name__}")
         self._inv = inverse_op
         self._init_operator(inverse_op.shape[0], inverse_op.dtype, inverse_op.backend,
                             check_finite=inverse_op._check_finite)

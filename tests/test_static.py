@@ -318,3 +318,17 @@ def test_not_positive_definite_is_the_public_error(rng):
         with pytest.raises(ml.NotPositiveDefinite, match="damping is too small"):
             build()
         assert issubclass(ml.NotPositiveDefinite, ValueError)
+
+
+@pytest.mark.parametrize("bad", [None, 3, np.eye(3), "op"])
+def test_fisher_operator_constructor_refuses_non_inverse_fisher_operators(rng, bad):
+    """``ml.FisherOperator(x)`` is public: anything but an inverse-Fisher operator gave an
+    AttributeError (at once, or at the first product for ``2 * op``, ``op.fisher()``,
+    ``block_diag``); now a TypeError naming ``inverse_op``."""
+    op = ml.StaticInverseFisher(rng.standard_normal((5, 12)), 0.1)
+    for arg in (bad, op.fisher(), 2 * op, ml.block_diag([op, op])):
+        with pytest.raises(TypeError, match="inverse_op must be an inverse-Fisher operator"):
+            ml.FisherOperator(arg)
+    F = ml.FisherOperator(op)
+    x = rng.standard_normal(12)
+    assert np.array_equal(F.matvec(x), op.fisher().matvec(x)) and F.inverse() is op
