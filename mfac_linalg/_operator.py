@@ -485,7 +485,15 @@ class Operator(_Algebra, _SciPyLinearOperator):
 # -- the lazy algebra's nodes ------------------------------------------------------------
 
 def _operands(ops, what):
-    """Check operands of a sum/product: operators of one shape on one backend."""
+    """Check operands of a sum/product: a non-empty sequence of operators of one shape
+    on one backend.  Returns them as a list."""
+    if isinstance(ops, (Operator, str, bytes)) or not hasattr(ops, "__iter__"):
+        raise TypeError(f"ops must be a sequence of operators (the {what}'s operands); got "
+                        f"{type(ops).__name__}")
+    ops = list(ops)
+    if not ops:
+        raise ValueError(f"ops must hold at least one operator (the {what}'s operands); got "
+                         "an empty sequence")
     for k, op in enumerate(ops):
         if not isinstance(op, Operator):
             raise TypeError(f"{what} operand {k} must be an operator; got {type(op).__name__}")
@@ -526,7 +534,7 @@ class SumOperator(Operator):
 
     def __init__(self, ops):
         flat = []
-        for op in _operands(list(ops), "sum"):
+        for op in _operands(ops, "sum"):
             flat.extend(op._ops if isinstance(op, SumOperator) else [op])
         self._ops = flat
         self._symmetric = all(op.symmetric for op in flat)
@@ -589,6 +597,8 @@ class ScaledOperator(Operator):
 
     def __init__(self, a, op):
         a = _v.real(a, "scalar factor")
+        if not isinstance(op, Operator):
+            raise TypeError(f"op must be an operator; got {type(op).__name__}")
         if isinstance(op, ScaledOperator):
             ab = a * op._a      # merged only where the product neither overflows nor
             if math.isfinite(ab) and (ab != 0 or a == 0 or op._a == 0):   # underflows
@@ -663,7 +673,7 @@ class ProductOperator(Operator):
 
     def __init__(self, ops):
         flat = []
-        for op in _operands(list(ops), "product"):
+        for op in _operands(ops, "product"):
             flat.extend(op._ops if isinstance(op, ProductOperator) else [op])
         self._ops = flat
         self._symmetric = all(op is flat[0] for op in flat) and flat[0].symmetric

@@ -366,3 +366,24 @@ def test_scalars_that_overflow_or_vanish_are_refused_by_name_or_kept_exact(rng):
                        r"got shape \(9, 2\)"):
         np.ones((9, 2)) @ A
     np.testing.assert_allclose(np.ones((2, 9)) @ A, np.ones((2, 9)) @ DA, rtol=1e-11)
+
+
+@pytest.mark.parametrize("cls", [SumOperator, ProductOperator])
+def test_public_node_constructors_name_bad_operands(rng, cls):
+    """``SumOperator([])`` raised IndexError, ``SumOperator(None)`` "'NoneType' object is
+    not iterable", ``SumOperator(op)`` a message about op[i, j]; ``ScaledOperator(2, None)``
+    an AttributeError."""
+    (A, DA), _, _ = _ops(ml._backend.CPU, rng)
+    with pytest.raises(ValueError, match="ops must hold at least one operator"):
+        cls([])
+    for bad in (None, A, "ab", 5):
+        with pytest.raises(TypeError, match="ops must be a sequence of operators"):
+            cls(bad)
+    with pytest.raises(TypeError, match="operand 1 must be an operator; got ndarray"):
+        cls([A, np.eye(9)])
+    x = rng.standard_normal(9)
+    np.testing.assert_allclose(cls(iter([A, A])).matvec(x),
+                               (DA + DA if cls is SumOperator else DA @ DA) @ x, rtol=TOL)
+    for bad in (None, np.eye(9), A.to_scipy()):
+        with pytest.raises(TypeError, match="op must be an operator; got"):
+            ScaledOperator(2.0, bad)
