@@ -417,6 +417,32 @@ def test_window_checkpoint_file_checks(tmp_path):
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".tmp-")]
 
 
+@pytest.mark.parametrize("engine", ["cholesky", "explicit"])
+def test_window_load_state_dict_refuses_inconsistent_states(engine):
+    # every one of these loaded silently before (count 1.0/True, a changed damping or
+    # normalization, G, K or F not matching each other, since_refresh past refresh_every)
+    w = ShardedSlidingWindowInverseFisher(6, 4, 0.1, dtype="float64", engine=engine)
+    w.update(np.random.default_rng(5).standard_normal((3, 6)))
+    st, before = w.state_dict(), w.digest()
+    x = np.arange(6.0)
+    y = w.matvec(x)
+    cases = [("count", 1.0, TypeError, "count must be an integer"),
+             ("count", True, TypeError, "count must be an integer"),
+             ("count", 2, ValueError, "rows beyond 2 of G are not empty"),
+             ("damping", 0.3, ValueError, "F is not the"),
+             ("normalize", "count", ValueError, "F is not the"),
+             ("G", st["G"] * 1.001, ValueError, "K is not the Gram matrix"),
+             ("K", st["K"] * 1.001, ValueError, "F is not the|K is not the Gram"),
+             ("F", st["F"] * 1.01, ValueError, "F is not the"),
+             ("since_refresh", 99, ValueError, "exceeds refresh_every"),
+             ("damping", "0.1", TypeError, "damping must be a real number")]
+    for key, val, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            w.load_state_dict(dict(st, **{key: val}))
+        assert w.digest() == before and np.array_equal(w.matvec(x), y), key
+    assert w.load_state_dict(st).digest() == before
+
+
 def test_collective_helpers_check_their_arguments():
     # comm=3 raised AttributeError; error="boom" Python's "must derive from BaseException";
     # state_digest(None) hashed an object array's addresses (differs across processes)
@@ -504,7 +530,7 @@ def test_window_checkpoint_refuses_directories_and_non_regular_files(tmp_path):
     w.save(real)
     os.symlink(real, link)
     w.step(np.ones(4))
-    w.save(link)                                 # through the link: the link survives
+    assert w.save(link) == str(link)             # through the link: the link survives
     assert os.path.islink(link)
     w2 = ShardedSlidingWindowInverseFisher(4, 2, 0.5, dtype="float64")
     assert w2.load(real).digest() == w.digest()

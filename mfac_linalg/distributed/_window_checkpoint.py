@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import _backend as B
 from .. import _validate as V
-from ..sliding.checkpoint import shift_of
+from ..sliding.checkpoint import _as_float, _check_cholesky, _check_inverse, _probe_tol, shift_of
 from .comm import agree, state_digest
 from .layout import ColumnLayout
 
@@ -57,7 +57,8 @@ class _WindowCheckpointing:
         missing = [k for k in keys if k not in state]
         if missing:
             raise ValueError(f"state is missing {missing}")
-        if state["format"] != FORMAT or int(state["format_version"]) != FORMAT_VERSION:
+        if (state["format"] != FORMAT
+                or V.integer(state["format_version"], "state format_version") != FORMAT_VERSION):
             raise ValueError(f"state must be a {FORMAT} checkpoint of version {FORMAT_VERSION}; "
                              f"got {state['format']!r} version {state['format_version']}")
         layout = ColumnLayout.from_dict(state["layout"])
@@ -73,13 +74,16 @@ class _WindowCheckpointing:
                 raise ValueError(f"state: {key}={state[key]!r} does not match this window's "
                                  f"{key}={mine!r}")
         st = dict(state)
-        st["damping"] = V.damping(float(state["damping"]), "state damping",
+        st["damping"] = V.damping(state["damping"], "state damping",
                                   dtype=self._buf.compute_dtype)
         st["normalize"] = V.choice(state["normalize"], "state normalize", NORMALIZE)
-        st["refresh_every"] = V.positive_int(int(state["refresh_every"]), "state refresh_every")
+        st["refresh_every"] = V.positive_int(state["refresh_every"], "state refresh_every")
         m = self._m
-        for k in ("count", "since_refresh", "start"):
-            st[k] = V.integer(int(state[k]), f"state {k}", minimum=0)
+        for k in ("count", "since_refresh", "start"):      # no float/bool/str: exact ints
+            st[k] = V.integer(state[k], f"state {k}", minimum=0)
+        if st["since_refresh"] > st["refresh_every"]:
+            raise ValueError(f"state: since_refresh={st['since_refresh']} exceeds "
+                             f"refresh_every={st['refresh_every']}")
         n = min(st["count"], m)
         if st["start"] != (st["count"] - n) % m:
             raise ValueError(f"state: start={st['start']} does not match count={st['count']}")
@@ -92,9 +96,46 @@ class _WindowCheckpointing:
                                  f"{a.dtype.name} of shape {a.shape}")
             if a.dtype.kind == "f" and not np.isfinite(a).all():
                 raise ValueError(f"state: {k} holds NaN or infinity")
-            st[k] = a
-        st["logdet_C"] = V.real(float(state["logdet_C"]), "state logdet_C")
+            st[k] = np.array(a, copy=True)
+        st["logdet_C"] = V.real(state["logdet_C"], "state logdet_C")
+        self._check_local(st)
         return st
+
+    def _check_local(self, st):
+        """The replicated state consistent with itself (rows beyond the count empty, K
+        symmetric, F the factor or inverse of N lambda I + K for this count, damping and
+        normalization: the single window's checks); F None where it drifted (rebuilt)."""
+        m, K = self._m, st["K"]
+        n = min(st["count"], m)
+        if n < m and np.any(st["G"][n:]):
+            raise ValueError(f"state: count={st['count']} but rows beyond {n} of G are not "
+                             "empty")
+        if not np.array_equal(K, K.T):
+            raise ValueError("state: K is not symmetric")
+        if n < m and (np.any(K[n:]) or np.any(K[:, n:])):
+            raise ValueError(f"state: count={st['count']} but K has entries beyond {n}")
+        shift = shift_of(st["normalize"], m, n, st["damping"])
+        rng = np.random.default_rng(0)
+        if st["engine"] == "cholesky":
+            _check_cholesky(st["F"], K, n, shift, st["start"], rng)
+        elif not _check_inverse(st["F"], K, shift, st["logdet_C"], rng):
+            st["F"] = None
+
+    def _check_gram(self, st):
+        """Collective: K = sum_p G_p G_p^T by a random probe (one all-reduce of 2m
+        numbers), to the accumulation's rounding; every rank reaches the same verdict."""
+        m = self._m
+        G = _as_float(st["G"], st["dtype"])
+        z = np.random.default_rng(0).standard_normal(m)
+        buf = np.concatenate([G @ (G.T @ z), np.einsum("ij,ij->i", G, G)])
+        self._comm.allreduce_sum(buf)
+        norms = np.sqrt(buf[m:])
+        r = st["K"] @ z - buf[:m]
+        bound = _probe_tol(st["dtype"], self._layout.dim) * norms * (norms @ np.abs(z)) + 1e-300
+        if not np.all(np.abs(r) <= bound):
+            return ValueError("state: K is not the Gram matrix sum_p G_p G_p^T of the stored "
+                              "gradients (the ranks' G do not match K)")
+        return None
 
     def load_state_dict(self, state):
         """Restore every rank's state (each rank passes its own).  Collective: every rank
@@ -112,8 +153,12 @@ class _WindowCheckpointing:
         agree(self._comm, err, "load_state_dict")
         eng = self._new_engine(st["normalize"])
         n = min(st["count"], self._m)
-        eng.load(st["K"], st["F"], n, shift_of(st["normalize"], self._m, n, st["damping"]),
-                 st["start"], st["logdet_C"])
+        shift = shift_of(st["normalize"], self._m, n, st["damping"])
+        if st["F"] is None:             # an explicit inverse drifted beyond rounding
+            eng.rebuild(st["K"], n, shift, st["start"])
+            st["since_refresh"] = 0
+        else:
+            eng.load(st["K"], st["F"], n, shift, st["start"], st["logdet_C"])
         old = (self._eng, self._buf.snapshot(), self._count, self._since_refresh,
                self._damping, self._normalize, self._refresh_every)
         self._eng = eng
@@ -123,6 +168,7 @@ class _WindowCheckpointing:
         self._count, self._since_refresh = st["count"], st["since_refresh"]
         try:
             self.check_replicas()
+            agree(self._comm, self._check_gram(st), "load_state_dict")
         except BaseException:
             (self._eng, snap, self._count, self._since_refresh, self._damping,
              self._normalize, self._refresh_every) = old
@@ -133,6 +179,7 @@ class _WindowCheckpointing:
     def save(self, path):
         """Write this rank's state to ``path`` (an ``.npz``; no pickles), atomically: a
         temporary file in the same folder, then a rename.  Local.  Returns the path."""
+        given = V.path(path, "path")
         path = V.save_target(path, "path")  # no directory/device/FIFO; symlinks resolved
         st = self.state_dict()
         arrays = {k: np.asarray(st[k]) for k in ("G", "K", "F")}
@@ -148,7 +195,7 @@ class _WindowCheckpointing:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        return path
+        return given
 
     @staticmethod
     def read_state(path):
