@@ -972,6 +972,10 @@ class _Tracer:
         return False
 
 
+#: Check names of :func:`check_operator` besides the methods of DEFAULT_TOLERANCES.
+_CHECK_NAMES = {"pickle", "readonly", "fisher", "cg", "structure", "algebra"}
+
+
 def check_operator(op, oracle, *, rng=None, tolerances=None, eps=None, k=3,
                    methods=None, skip=(), strict=True, _prefix=""):
     r"""Check every method of the operator protocol against an exact oracle.
@@ -1041,8 +1045,12 @@ def check_operator(op, oracle, *, rng=None, tolerances=None, eps=None, k=3,
     ------
     OperatorCheckError
         (an ``AssertionError``) listing every failed check, with the report.
+    TypeError
+        ``op`` without ``shape`` and ``matvec``, or an argument of a wrong type (``rng``
+        not a Generator, ``k`` not an integer, ``methods``/``skip`` a string, ...).
     ValueError
-        ``strict`` and a bound >= 0.5.
+        ``strict`` and a bound >= 0.5; ``k`` < 1, ``eps`` or a tolerance not > 0, an
+        unknown name in ``methods``, ``skip`` or ``tolerances``.
 
     Examples
     --------
@@ -1079,21 +1087,52 @@ def check_operator(op, oracle, *, rng=None, tolerances=None, eps=None, k=3,
       matvec.(d,1): error 0.862 > bound 2.84e-14
       matmat: error 0.871 > bound 2.84e-14
     """
+    from collections.abc import Mapping
+    from . import _validate as V
+    if not (hasattr(op, "shape") and callable(getattr(op, "matvec", None))):
+        raise TypeError(f"op must be an operator with shape and matvec; got "
+                        f"{type(op).__name__}")
     if isinstance(oracle, Oracle):
         orc = oracle
     else:
         orc = Oracle.from_dense(oracle)
-    rng = np.random.default_rng(0) if rng is None else rng
+    if rng is None:
+        rng = np.random.default_rng(0)
+    elif not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator or None; got "
+                        f"{type(rng).__name__}")
+    k = V.integer(k, "k", minimum=1)
+    strict = V.boolean(strict, "strict")
     tol = dict(DEFAULT_TOLERANCES)
+    if tolerances is not None and not isinstance(tolerances, Mapping):
+        raise TypeError(f"tolerances must be a dict of method -> constant; got "
+                        f"{type(tolerances).__name__}")
     if tolerances:
         unknown = set(tolerances) - set(DEFAULT_TOLERANCES)
         if unknown:
-            raise ValueError(f"tolerances has unknown methods {sorted(unknown)}; known: "
-                             f"{sorted(DEFAULT_TOLERANCES)}")
-        tol.update(tolerances)
+            raise ValueError(f"tolerances has unknown methods {sorted(map(str, unknown))}; "
+                             f"known: {sorted(DEFAULT_TOLERANCES)}")
+        tol.update({name: V.real(c, f"tolerances[{name!r}]", low=0.0, low_open=True)
+                    for name, c in tolerances.items()})
+    known = set(DEFAULT_TOLERANCES) | _CHECK_NAMES
+    for arg, value in (("methods", methods), ("skip", skip)):
+        if value is None and arg == "methods":
+            continue
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise TypeError(f"{arg} must be a collection of check names (e.g. "
+                            f"('matvec',)); got {type(value).__name__} {value!r}")
+        unknown = set(value) - known
+        if unknown:
+            raise ValueError(f"{arg} has unknown check names {sorted(map(str, unknown))}; "
+                             f"known: {sorted(known)}")
+    if methods is not None:
+        methods = set(methods)
+    skip = set(skip)
     op_dtype = np.dtype(getattr(op, "dtype", np.float64))
     if eps is None:
         eps = float(np.finfo(op_dtype if op_dtype.kind == "f" else np.float64).eps)
+    else:
+        eps = V.real(eps, "eps", low=0.0, low_open=True)
     d = orc.d
     rep = CheckReport()
     base = orc.kappa * (eps + orc.model_error)

@@ -402,3 +402,45 @@ def test_gradient_matrices_accepts_a_numpy_integer_rank():
     def t(G):
         assert np.linalg.matrix_rank(G) <= 1
     t()
+
+
+class _Twice:
+    shape, dtype = (3, 3), np.dtype(np.float64)
+
+    def matvec(self, x):
+        return 2 * x
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    ({"k": 0}, ValueError, "k must be >= 1"),
+    ({"k": 2.5}, TypeError, "k must be an integer"),
+    ({"rng": 3}, TypeError, "rng must be a numpy.random.Generator"),
+    ({"eps": -1.0}, ValueError, "eps must be > 0"),
+    ({"eps": math.nan}, ValueError, "eps must be a number"),
+    ({"tolerances": [1]}, TypeError, "tolerances must be a dict"),
+    ({"tolerances": {"matvec": -1.0}}, ValueError, r"tolerances\['matvec'\] must be > 0"),
+    ({"tolerances": {"matvec": math.nan}}, ValueError, r"tolerances\['matvec'\] must be a num"),
+    # a string was taken as a set of letters / substrings, and unknown names checked nothing
+    ({"methods": "matvec"}, TypeError, "methods must be a collection"),
+    ({"methods": ["bogus"]}, ValueError, "methods has unknown check names"),
+    ({"skip": "pickle"}, TypeError, "skip must be a collection"),
+    ({"skip": ["bogus"]}, ValueError, "skip has unknown check names"),
+    ({"strict": "no"}, TypeError, "strict must be True or False"),
+])
+def test_check_operator_arguments_are_checked(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        mt.check_operator(_Twice(), 2 * np.eye(3), **kwargs)
+
+
+def test_check_operator_refuses_a_non_operator_instead_of_passing_it():
+    # check_operator(None, A) used to pass with every check "skipped"
+    with pytest.raises(TypeError, match="op must be an operator with shape and matvec"):
+        mt.check_operator(None, np.eye(3))
+    with pytest.raises(TypeError, match="op must be an operator"):
+        mt.check_operator(np.eye(3), np.eye(3))
+
+
+def test_check_operator_flags_a_wrong_operator_with_a_good_tolerance_override():
+    with pytest.raises(mt.OperatorCheckError, match="matvec: error 0.5"):
+        mt.check_operator(_Twice(), 4 * np.eye(3), skip=("pickle",),
+                          tolerances={"matvec": 4.0}, methods=("matvec",))
