@@ -464,6 +464,26 @@ def test_pi_split_survives_factors_of_opposite_extreme_scales(rng):
             assert rel_err(build(A * s, G / s, 1e-3) @ x, ref) < 1e-13
 
 
+@pytest.mark.parametrize("s", [1e100, 1e-100])
+def test_extreme_but_finite_scales_give_the_scaled_answer(rng, s):
+    """F(a s, g) = s^2 F(a, g): the fourth-degree R(F) products and fisher_error's Gram
+    identities used to overflow (1e100: fisher_error inf/NaN, iterations unconverged,
+    kfac_corrected sigma 0) or underflow (1e-100: kpsvd 'converged' to factors 5e-2 off)."""
+    A, G = rng.standard_normal((20, 4)), rng.standard_normal((20, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")               # no ConvergenceWarning, no overflow
+        for build in BUILDERS:
+            ref, op = build(A, G, 1e-3), build(A * s, G, 1e-3)
+            for kind in ("frobenius", "spectrum"):
+                assert abs(ml.fisher_error(op, A * s, G, kind=kind)
+                           - ml.fisher_error(ref, A, G, kind=kind)) < 1e-14
+            if "sigma" in ref.info:
+                assert op.info["converged"]
+                assert abs(op.info["sigma"][0] / (ref.info["sigma"][0] * s * s) - 1) < 1e-14
+                for (B1, C1), (B2, C2) in zip(ref.factors, op.factors):
+                    assert rel_err(np.kron(B2 / s, C2 / s), np.kron(B1, C1)) < 1e-13
+
+
 # -- backends -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("build", BUILDERS, ids=lambda f: f.__name__)

@@ -300,6 +300,16 @@ def ekfac(activations, output_grads, damping, *, bias=False, indefinite="abs"):
 # -- iterative builders ----------------------------------------------------------------------
 
 def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None, scale=0.0):
+    # R(F)'s products are of fourth degree in the data: run them on the data divided by
+    # powers of two near their largest entries (exact), so that they can neither overflow
+    # nor underflow, and scale back: F = c F', sigma = c sigma', (B, C) = sqrt(c) (B', C').
+    sa, sg = _pow2_scale(layer.A), _pow2_scale(layer.G)
+    r = sa * sg
+    if r != 1.0:
+        layer = type(layer)(layer.A / sa, layer.G / sg, layer.be, layer.mask)
+        if deflate is not None:
+            deflate = (deflate[0] / sg ** 2, deflate[1] / sa ** 2)
+        scale = scale / r ** 2
     Rop = Rearranged(layer, deflate)
     if solver == "lanczos":
         sig, P, Q, info = lanczos_triples(Rop, k, tol=tol, maxiter=maxiter, krylov=krylov,
@@ -310,7 +320,11 @@ def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None, s
         sig, P, Q, info = subspace_triples(Rop, k, tol=tol, maxiter=maxiter, init=init,
                                            scale=scale)
     info["band"] = None if layer.mask is None else "positions at distance <= band"
-    return factors_from_triples(sig, P, Q), info
+    terms = factors_from_triples(sig, P, Q)
+    if r != 1.0:
+        info["sigma"] = [x * r ** 2 for x in info["sigma"]]
+        terms = [(Bi * r, Ci * r) for Bi, Ci in terms]
+    return terms, info
 
 
 def _iterative(activations, output_grads, damping, bias, indefinite, k, solver, *, tol,
@@ -567,7 +581,7 @@ def kfac_corrected(activations, output_grads, damping, *, bias=False, solver="la
     Gam, Aa = layer.kfac_factors()
     # residuals relative to ||vec(Gamma)|| ||vec(A)|| (about sigma_1 of R(F)), not to the
     # residual's own sigma_1, which is 0 when K-FAC is exact (one sample)
-    scale = B.scalar(xp.linalg.norm(Gam)) * B.scalar(xp.linalg.norm(Aa))
+    scale = _norm(Gam, xp) * _norm(Aa, xp)
     res, info = _terms(layer, 1, solver, tol, maxiter, start, deflate=(Gam, Aa),
                        scale=scale)
     terms = [(Gam, Aa), res[0]]
@@ -680,16 +694,26 @@ def fisher_error(approx, activations, output_grads, *, bias=False, kind="frobeni
         raise ValueError(f"approx is for a ({approx.d_out}, {approx.d_in}) layer; the data give "
                          f"({layer.d_out}, {layer.d_in}) (check bias=)")
     n = layer.n
-    K = layer.gram()
-    if kind == "spectrum":
-        return _spectrum_error(approx, B.to_host(K) / n, n)
-    FF = B.scalar((K ** 2).sum()) / n ** 2
+    # Both errors are relative: scale the data by powers of two (exact) so that the Gram
+    # identities (fourth powers of the data) cannot overflow or underflow, and the
+    # approximation's terms to match (F -> F / (sa sg)^2).
+    sa, sg = _pow2_scale(layer.A), _pow2_scale(layer.G)
+    layer = type(layer)(layer.A / sa, layer.G / sg, layer.be, layer.mask)
+    ekfac = terms = None
     if approx._ekfac is not None:
         UG, UA, Sstar = approx._ekfac
+        ekfac = (UG, UA, Sstar / (sa * sg) ** 2)
+    else:
+        terms = [(Bi / sg ** 2, Ci / sa ** 2) for Bi, Ci in approx._terms]
+    K = layer.gram()
+    if kind == "spectrum":
+        return _spectrum_error(ekfac, terms, B.to_host(K) / n, n)
+    FF = B.scalar((K ** 2).sum()) / n ** 2
+    if ekfac is not None:
+        UG, UA, Sstar = ekfac
         cross = layer.ekfac_cross(UG, UA, Sstar) / n
         AA = B.scalar((Sstar ** 2).sum())
     else:
-        terms = approx._terms
         cross = sum(B.scalar(layer.quad_terms(Bi, Ci).sum()) / n for Bi, Ci in terms)
         AA = _norm2(terms)
     err2 = max(FF - 2.0 * cross + AA, 0.0)
@@ -701,19 +725,31 @@ def _norm2(terms):
                for Bi, Ci in terms for Bj, Cj in terms)
 
 
-def _spectrum_error(approx, Kn, n):
+def _norm(X, xp):
+    """||X||_F without overflow or underflow of its squares."""
+    m = _pow2_scale(X)
+    return m * B.scalar(xp.linalg.norm(X / m))
+
+
+def _pow2_scale(X):
+    """A power of two near max|X| (1 for an all-zero X): dividing by it is exact."""
+    top = float(B.to_host(abs(X).max()))
+    return math.ldexp(1.0, math.frexp(top)[1]) if top > 0 else 1.0
+
+
+def _spectrum_error(ekfac, terms, Kn, n):
     f = np.sort(np.clip(np.linalg.eigvalsh((Kn + Kn.T) / 2), 0.0, None))[::-1]
     ref = float(np.linalg.norm(f))
     if ref == 0.0:
         return 0.0
     tail2 = 0.0
-    if approx._ekfac is not None:
-        t = B.to_host(approx._ekfac[2]).ravel()
-    elif len(approx._terms) == 1:
-        Bm, Cm = (B.to_host(X) for X in approx._terms[0])
+    if ekfac is not None:
+        t = B.to_host(ekfac[2]).ravel()
+    elif len(terms) == 1:
+        Bm, Cm = (B.to_host(X) for X in terms[0])
         t = np.outer(np.linalg.eigvalsh(Bm), np.linalg.eigvalsh(Cm)).ravel()
     else:
-        t, tail2 = _two_term_spectrum([(B.to_host(b), B.to_host(c)) for b, c in approx._terms], n)
+        t, tail2 = _two_term_spectrum([(B.to_host(b), B.to_host(c)) for b, c in terms], n)
     t = np.sort(np.abs(t))[::-1]
     L = max(len(f), len(t))
     diff = np.zeros(L)
