@@ -166,6 +166,8 @@ def test_from_gradients_equals_updates_and_refuses_bad_input():
     # gave NumPy's broadcast error or "got more"
     with pytest.raises(ValueError, match="at least one .* row block; got an empty"):
         ml.SlidingWindowInverseFisher.from_gradients(iter([]), 0.3, window=5)
+    with pytest.raises(TypeError, match="G must be an array"):
+        ml.SlidingWindowInverseFisher.from_gradients(None, 0.3)
     for block in (G[2:, :8], G[2], G[2:, :, None]):
         with pytest.raises(ValueError, match=r"G must be given as \(k, 9\) row blocks"):
             ml.SlidingWindowInverseFisher.from_gradients(iter([G[:2], block]), 0.3, window=5)

@@ -338,7 +338,7 @@ def _from_gradients(cls, G, damping, window, kwargs):
     """The set-up of :meth:`SlidingWindowInverseFisher.from_gradients`."""
     blocks = G if isinstance(G, collections.abc.Iterator) else None
     first = next(blocks, None) if blocks is not None else G
-    if first is None:
+    if blocks is not None and first is None:
         raise ValueError("G must yield at least one (k, dim) row block; got an empty "
                          "iterator")
     arr, be = B.asarray(first, "G", allow_half=True)
