@@ -310,7 +310,16 @@ def asarray(x, name, *, backend=None, dtype=None, allow_half=False):
     if dtype is not None:
         target = dtype
     if arr.dtype != target:
-        arr = arr.astype(target)
+        src = arr
+        with np.errstate(over="ignore"):
+            arr = arr.astype(target)
+        if dtype is None and src.dtype.kind == "f" and src.dtype.itemsize > arr.dtype.itemsize:
+            # the policy narrowed a wider float (long double): a finite entry beyond
+            # the target's range would pass as an infinity "found in the input"
+            xp = be.xp
+            if not bool(xp.isfinite(arr).all()) and bool(xp.isfinite(src).all()):
+                raise ValueError(f"{name} is too large for {np.dtype(target).name}: its "
+                                 f"{src.dtype.name} entries overflow when cast; rescale it")
     return arr, be
 
 

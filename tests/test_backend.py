@@ -180,3 +180,24 @@ def test_gpu_backend_pickles_by_device_id():
     be = B.backend_for_device("cuda:0")
     twin = pickle.loads(pickle.dumps(be))
     assert twin == be and twin.device_id == 0 and twin.xp is be.xp
+
+
+@pytest.mark.skipif(np.finfo(np.longdouble).max <= np.finfo(np.float64).max,
+                    reason="long double is float64 on this platform")
+def test_long_double_beyond_float64_is_named_as_too_large_not_as_nonfinite():
+    """A finite long-double input beyond float64's range became inf under the dtype
+    policy and was then reported as "must be finite; got NaN or infinity"."""
+    import mfac_linalg as ml
+    big = np.longdouble("1e400")
+    G = np.random.default_rng(0).standard_normal((5, 4))
+    op = ml.StaticInverseFisher(G, 0.1)
+    for call, name in ((lambda: op.matvec(np.ones(4, np.longdouble) * big), "x"),
+                       (lambda: ml.StaticInverseFisher(G.astype(np.longdouble) * big, 0.1),
+                        "grads"),
+                       (lambda: ml.obs.saliency(np.ones(4, np.longdouble) * big, op), "w")):
+        with pytest.raises(ValueError, match=f"{name} is too large for float64: its "
+                                             f"{np.dtype(np.longdouble).name} entries overflow"):
+            call()
+    with pytest.raises(ValueError, match="x must be finite"):
+        op.matvec(np.full(4, np.longdouble(np.inf)))
+    np.testing.assert_array_equal(op.matvec(np.ones(4, np.longdouble)), op.matvec(np.ones(4)))
