@@ -443,6 +443,18 @@ def test_window_load_state_dict_refuses_inconsistent_states(engine):
     assert w.load_state_dict(st).digest() == before
 
 
+def test_sharded_todense_checks_max_elements():
+    # max_elements=nan compared False and bypassed the size guard
+    s = ShardedStaticInverseFisher(np.random.default_rng(6).standard_normal((3, 6)), 0.1)
+    for bad, exc in ((float("nan"), ValueError), (-1, ValueError), ("36", TypeError),
+                     (None, TypeError), (True, TypeError)):
+        with pytest.raises(exc, match="max_elements"):
+            s.todense(max_elements=bad)
+    with pytest.raises(ValueError, match="max_elements=35"):
+        s.todense(max_elements=35)
+    assert s.todense(max_elements=36).shape == (6, 6)
+
+
 def test_collective_helpers_check_their_arguments():
     # comm=3 raised AttributeError; error="boom" Python's "must derive from BaseException";
     # state_digest(None) hashed an object array's addresses (differs across processes)

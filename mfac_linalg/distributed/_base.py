@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _backend as B
+from .. import _validate as V
 from .._operator import DENSE_LIMIT, Operator, _index
 from .comm import as_comm, check_replicas, raise_failed
 from .layout import ColumnLayout
@@ -320,7 +321,8 @@ class ShardedOperator(_FlaggedCollectives, Operator):
         rank) when d*d exceeds ``max_elements``.
         """
         d = self._dglobal
-        if d * d > max_elements:
+        limit = V.real(max_elements, "max_elements", allow_inf=True, low=0)   # NaN refused
+        if d * d > limit:
             raise ValueError(f"todense would build a {d} x {d} matrix ({d * d} entries > "
                              f"max_elements={max_elements}); raise max_elements explicitly "
                              "if you mean it")
