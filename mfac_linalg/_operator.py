@@ -50,6 +50,9 @@ class NonFiniteInput(Exception):
 #: 512 MiB in float64) unless ``max_elements`` is raised explicitly.
 DENSE_LIMIT = 1 << 26
 
+#: ``op ** p`` keeps p references (a product applies op p times): p up to 2^20.
+_MAX_POWER = 1 << 20
+
 
 class _DivisionByZero(ZeroDivisionError, ValueError):
     """``op / 0`` or the inverse of ``0 * op``: a ``ZeroDivisionError`` (as for Python
@@ -173,7 +176,9 @@ class _Algebra:
         return NotImplemented
 
     def __pow__(self, p):
-        p = _v.integer(p, "exponent", minimum=1)
+        """``op ** p`` (an integer 1 <= p <= 2^20): the lazy product of p factors op;
+        each product applies op p times, O(p) times op's cost."""
+        p = _v.integer(p, "exponent", minimum=1, maximum=_MAX_POWER)
         return self if p == 1 else ProductOperator([self] * p)
 
     def __call__(self, x):

@@ -398,7 +398,7 @@ def prune(w, op, *, sparsity=None, count=None, method="joint", mask=None, group_
         g: remove groups of g consecutive weights inside a block (semi-structured
         sparsity), selected by group saliency; a partly masked group removes its
         remaining weights.
-    steps : int, default 1
+    steps : int in [1, max(1, d)], default 1
         Remove in ``steps`` stages of equal size.
     regrad : callable, optional
         ``regrad(weights, mask) -> grads (m, d)`` called between stages; the
@@ -456,7 +456,7 @@ def prune(w, op, *, sparsity=None, count=None, method="joint", mask=None, group_
     if total < already:
         raise ValueError(f"the target ({total} removed) is below the {already} weights the mask "
                          "already removes")
-    steps = _v.positive_int(steps, "steps")
+    steps = _v.integer(steps, "steps", minimum=1, maximum=max(1, d))   # d: one per weight
     if regrad is not None and not callable(regrad):
         raise TypeError(f"regrad must be callable: regrad(weights, mask) -> grads; got "
                         f"{type(regrad).__name__}")

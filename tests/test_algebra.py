@@ -387,3 +387,15 @@ def test_public_node_constructors_name_bad_operands(rng, cls):
     for bad in (None, np.eye(9), A.to_scipy()):
         with pytest.raises(TypeError, match="op must be an operator; got"):
             ScaledOperator(2.0, bad)
+
+
+def test_power_exponent_is_bounded(rng):
+    """``op ** 2**70`` leaked OverflowError from ``[op] * p`` (and ``op ** 10**10`` tried
+    to allocate 80 GB of references); now a ValueError naming the exponent."""
+    (A, DA), _, _ = _ops(ml._backend.CPU, rng)
+    with pytest.raises(ValueError, match="exponent must be <= 1048576; got 1048577"):
+        A ** (2 ** 20 + 1)
+    with pytest.raises(ValueError, match="exponent must be <= 1048576"):
+        A ** 2 ** 70
+    x = rng.standard_normal(9)
+    np.testing.assert_allclose((A ** np.int64(3)).matvec(x), DA @ DA @ DA @ x, rtol=TOL)

@@ -276,6 +276,7 @@ def test_group_prune_honours_count_exactly(rng):
     (dict(count=9), ValueError, "count must be <= 8; got 9"),
     (dict(count=2, steps=1.5), TypeError, "steps must be an integer; got float"),
     (dict(count=2, steps=0), ValueError, "steps must be >= 1; got 0"),
+    (dict(count=2, steps=2 ** 70), ValueError, "steps must be <= 8; got 1180591620717411303424"),
     (dict(count=2, group_size=2.0), TypeError, "group_size must be an integer; got float"),
     (dict(count=2, method=1), TypeError, "method must be one of"),
     (dict(count=2, regrad=3), TypeError, "regrad must be callable"),
