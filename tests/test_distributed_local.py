@@ -443,6 +443,22 @@ def test_window_load_state_dict_refuses_inconsistent_states(engine):
     assert w.load_state_dict(st).digest() == before
 
 
+def test_sharded_static_damping_range_follows_the_result_dtype():
+    # float32 gradients with damping 1e48 were accepted: 1/damping underflows float32
+    # and every product came back wrong by 100% (the single-process classes refuse it)
+    G = np.random.default_rng(7).standard_normal((3, 6))
+    with pytest.raises(ValueError, match="damping must be in .* for float32 results"):
+        ShardedStaticInverseFisher((G * 1e25).astype(np.float32), 1e48)
+    with pytest.raises(ValueError, match="damping must be in .* for float32 results"):
+        ShardedStaticInverseFisher(G.astype(np.float32), 1e-30)
+    with pytest.raises(ValueError, match="damping must be in .* for float32 results"):
+        ml.StaticInverseFisher(G.astype(np.float32), 1e-30)
+    op = ShardedStaticInverseFisher(G, 1e34)                 # float64: inside its range
+    F = 1e34 * np.eye(6) + G.T @ G / 3
+    x = np.arange(1.0, 7.0)
+    assert np.allclose(op.matvec(x), np.linalg.solve(F, x), rtol=1e-13, atol=0)
+
+
 def test_sharded_todense_checks_max_elements():
     # max_elements=nan compared False and bypassed the size guard
     s = ShardedStaticInverseFisher(np.random.default_rng(6).standard_normal((3, 6)), 0.1)

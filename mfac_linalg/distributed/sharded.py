@@ -204,8 +204,10 @@ class ShardedStaticInverseFisher(ShardedOperator):
         try:
             if err is not None:
                 raise err
-            lam = V.damping(damping)
             G, self._backend = local_gradients(local_grads, "local_grads")
+            # the range of the result dtype: 1/damping must not overflow or underflow it
+            lam = V.damping(damping, dtype=np.float64 if G.dtype == np.float64
+                            else np.float32)
             check_finite = V.boolean(check_finite, "check_finite")
         except Exception as exc:
             err = exc
