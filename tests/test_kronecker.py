@@ -416,6 +416,10 @@ def test_kronecker_bad_input(rng):
         (lambda: ml.lanczos(A, G5, 0.1, krylov=0), ValueError, "krylov"),
         (lambda: ml.block_diag([]), ValueError, "ops"),
         (lambda: K.kronecker_terms(A, G5, tol=None), TypeError, "tol must be a real number"),
+        # A (5, 3), G (5, 2): R(F) has min(6, 3) = 3 singular values (k = 10**9 allocated
+        # 67 GiB of zero terms before)
+        (lambda: K.kronecker_terms(A, G5, 4), ValueError, r"k must be <= 3 for a \(2, 3\) layer"),
+        (lambda: K.kronecker_terms(A, G5, 10 ** 9), ValueError, "k must be <= 3"),
         (lambda: ml.block_diag([np.eye(2)]), TypeError, r"ops\[0\]"),
         (lambda: ml.block_diag(None), TypeError, "ops must be a sequence of operators"),
         (lambda: ml.block_diag(3), TypeError, r"ops must be a sequence of operators \(one per block\); got int"),

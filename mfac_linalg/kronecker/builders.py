@@ -328,13 +328,20 @@ def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None, s
 
 
 def _iterative(activations, output_grads, damping, bias, indefinite, k, solver, *, tol,
-               maxiter, band, positions, init, choices, krylov=None):
+               maxiter, band, positions, init, choices, krylov=None, cap_k=False):
     """The iterative builders' common start: every argument checked (:func:`_begin`), the
     warm start (default K-FAC's A), then the k leading triples of R(F) by ``solver``.
+    ``cap_k``: refuse k above the number of R(F)'s singular values on symmetric factors.
     Returns (layer, lam, t0, terms, info)."""
     layer, lam, tol, maxiter, t0 = _begin(
         activations, output_grads, damping, bias, indefinite, tol=tol, maxiter=maxiter,
         band=band, positions=positions, choices=choices)
+    if cap_k:
+        kmax = min(layer.d_in * (layer.d_in + 1) // 2, layer.d_out * (layer.d_out + 1) // 2)
+        if k > kmax:
+            raise ValueError(f"k must be <= {kmax} for a ({layer.d_out}, {layer.d_in}) layer "
+                             "(R(F) has no more singular values on symmetric factors: "
+                             f"min(d_in (d_in + 1), d_out (d_out + 1)) / 2); got {k}")
     start = _init_factors(init, layer) or [layer.kfac_factors()[1]]
     terms, info = _terms(layer, k, solver, tol, maxiter, start, krylov=krylov)
     return layer, lam, t0, terms, info
@@ -601,8 +608,9 @@ def kronecker_terms(activations, output_grads, k=2, *, bias=False, solver="lancz
     ----------
     activations, output_grads, bias
         As :func:`kfac`.
-    k : int >= 1
-        Number of terms.
+    k : int, 1 <= k <= min(d_in (d_in + 1), d_out (d_out + 1)) / 2
+        Number of terms (R(F) has no more singular values on symmetric factors; d_in
+        counts the bias column).
     solver : {"lanczos", "subspace", "sequential"}
         As in :func:`lanczos` and :func:`deflation`.
     tol, maxiter, krylov, init, band, positions
@@ -629,7 +637,7 @@ def kronecker_terms(activations, output_grads, k=2, *, bias=False, solver="lancz
     _, _, _, terms, info = _iterative(
         activations, output_grads, 1.0, bias, "abs", k, solver, tol=tol, maxiter=maxiter,
         band=band, positions=positions, init=init, krylov=krylov,
-        choices=[(solver, "solver", ("lanczos", "subspace", "sequential"))])
+        choices=[(solver, "solver", ("lanczos", "subspace", "sequential"))], cap_k=True)
     return terms, info
 
 
