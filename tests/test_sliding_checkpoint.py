@@ -69,6 +69,24 @@ def test_save_and_load_refuse_non_regular_files_and_write_through_links(tmp_path
     _same_state(w, S.load(real))
 
 
+def test_saved_files_get_the_umask_mode_or_the_replaced_files(tmp_path):
+    # mkstemp's 0600 was kept: a checkpoint was unreadable to the group, and a replaced
+    # file lost its mode
+    w = _window()
+    mask = os.umask(0o022)
+    try:
+        w.save(tmp_path / "a")
+        assert os.stat(tmp_path / "a").st_mode & 0o777 == 0o644
+        os.chmod(tmp_path / "a", 0o640)
+        w.save(tmp_path / "a")
+        assert os.stat(tmp_path / "a").st_mode & 0o777 == 0o640
+        from mfac_linalg.distributed import ShardedSlidingWindowInverseFisher
+        p = ShardedSlidingWindowInverseFisher(3, 2, 0.5, dtype="float64").save(tmp_path / "s")
+        assert os.stat(p).st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)
+
+
 def test_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     w = _window()
     p = tmp_path / "ckpt.npz"

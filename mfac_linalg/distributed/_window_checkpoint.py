@@ -17,7 +17,8 @@ import numpy as np
 
 from .. import _backend as B
 from .. import _validate as V
-from ..sliding.checkpoint import _as_float, _check_cholesky, _check_inverse, _probe_tol, shift_of
+from ..sliding.checkpoint import (_as_float, _check_cholesky, _check_inverse, _probe_tol,
+                                  file_mode, shift_of)
 from .comm import agree, state_digest
 from .layout import ColumnLayout
 
@@ -190,6 +191,7 @@ class _WindowCheckpointing:
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
+            os.chmod(tmp, file_mode(path))
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

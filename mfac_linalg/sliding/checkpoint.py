@@ -220,6 +220,16 @@ def _target(path):
     return p if os.path.exists(p) else V.path(path, "path")
 
 
+def file_mode(path):
+    """The mode a saved file gets: the mode of the file it replaces, else what ``open``
+    would give (0666 less the umask), not ``mkstemp``'s 0600."""
+    if os.path.isfile(path):
+        return os.stat(path).st_mode & 0o7777
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write(path, state):
     """Write ``state`` to exactly ``path``, atomically (a temporary file in the same
     folder, then a rename): a failed save leaves a previous file intact."""
@@ -237,6 +247,7 @@ def write(path, state):
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode(p))
         os.replace(tmp, p)
     except BaseException:
         try:
