@@ -194,6 +194,8 @@ def test_arguments_are_checked():
         MFAC(ps, lr=0.1, momentum=1.0)
     with pytest.raises(TypeError, match="window must be an integer"):
         MFAC(ps, lr=0.1, window=4.5)
+    with pytest.raises(ValueError, match="window must be small enough"):
+        MFAC(ps, lr=0.1, window=2 ** 70)               # was NumPy's unnamed message
     with pytest.raises(ValueError, match="damping must be"):
         MFAC(ps, lr=0.1, damping=0.0)
     with pytest.raises(ValueError, match="lr must be >= 0"):

@@ -20,6 +20,7 @@ all-gather v so that every rank applies the same update.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .. import _validate as V
@@ -247,6 +248,9 @@ class MFAC(_ShardedMFAC, _CheckpointMFAC, torch.optim.Optimizer):
         self._total = sum(self._sizes)
         self._mask, self._idx = F.sparse_index(params, sparse)
         self._dim = self._total if self._mask is None else int(self._idx.numel())
+        if self._m * max(self._dim, 1) * 8 > np.iinfo(np.int64).max:
+            raise ValueError(f"window must be small enough for an m x d window of d = "
+                             f"{self._dim} parameters to be addressable; got {self._m}")
         self._ranges = F.group_ranges(self.param_groups, self._mask)
         self._steps = 0
 
