@@ -191,6 +191,8 @@ class _WindowCheckpointing:
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())        # on disk before the rename, as the single window
             os.chmod(tmp, file_mode(path))
             os.replace(tmp, path)
         except BaseException:
