@@ -488,6 +488,21 @@ def test_extreme_but_finite_scales_give_the_scaled_answer(rng, s):
                     assert rel_err(np.kron(B2 / s, C2 / s), np.kron(B1, C1)) < 1e-13
 
 
+def test_band_positions_at_the_integer_limits(rng):
+    """Position differences are exact: int64 extremes used to overflow and unsigned ones to
+    wrap, so far pairs counted as neighbours (or one direction of a pair was dropped)."""
+    A, G = rng.standard_normal((5, 4, 3)), rng.standard_normal((5, 4, 2))
+    ref = ml.kpsvd(A, G, 0.1, band=1, positions=np.array([-1000, 0, 1, 2])).info["sigma"]
+    got = ml.kpsvd(A, G, 0.1, band=1, positions=np.array([-2 ** 63, 0, 1, 2])).info["sigma"]
+    assert got == ref
+    ref = ml.kpsvd(A, G, 0.1, band=1).info["sigma"]
+    for dt in (np.uint64, np.uint8, np.int8):
+        pos = np.arange(4, dtype=dt)
+        assert ml.kpsvd(A, G, 0.1, band=1, positions=pos).info["sigma"] == ref
+    with pytest.raises(ValueError, match="positions must have shape"):
+        ml.kpsvd(A, G, 0.1, band=1, positions=np.zeros((4, 0), dtype=int))
+
+
 # -- backends -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("build", BUILDERS, ids=lambda f: f.__name__)

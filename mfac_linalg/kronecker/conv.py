@@ -43,11 +43,12 @@ def _band_mask(T, band, positions, be):
         pos = np.asarray(B.to_host(positions))
         if pos.ndim == 1:
             pos = pos[:, None]
-        if pos.ndim != 2 or pos.shape[0] != T:
+        if pos.ndim != 2 or pos.shape[0] != T or pos.shape[1] < 1:
             raise ValueError(f"positions must have shape ({T},) or ({T}, p) (one coordinate row "
                              f"per position); got shape {tuple(pos.shape)}")
         if pos.dtype.kind not in "iu":
             raise TypeError(f"positions must hold integers; got dtype {pos.dtype}")
+        pos = pos.astype(object)     # Python ints: int64 differences can overflow, uint wrap
     dist = np.abs(pos[:, None, :] - pos[None, :, :]).max(axis=2)
     return be.xp.asarray((dist <= band).astype(np.float64))
 
