@@ -75,6 +75,14 @@ def test_per_sample_gradients_fall_back_for_batchnorm_and_check_arguments():
         per_sample_gradients(model, loss, (x, y), method="fast")
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         per_sample_gradients(lambda t: t, loss, (x, y))
+    # a train-mode BatchNorm cannot see one sample: the call fails, and the running
+    # statistics the loop had already updated are restored (they were left changed)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        per_sample_gradients(model, loss, (x, y))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
     # 0-d targets / 1-d inputs (one sample without its batch dimension): was an IndexError
     with pytest.raises(ValueError, match="batch: inputs and targets must have a leading sample"):
         per_sample_gradients(model, loss, (x[0], y[0]))

@@ -151,13 +151,22 @@ def per_sample_gradients(model, loss_fn, batch, *, method="auto", chunk_size=Non
     if chunk_size is not None:
         chunk_size = V.positive_int(chunk_size, "chunk_size")
     params = _trainable(model)
-    if method in ("auto", "vmap"):
-        try:
-            return _psg_vmap(model, loss_fn, x, y, chunk_size)
-        except Exception:
-            if method == "vmap":
-                raise
-    return _psg_loop(model, loss_fn, x, y, params)
+    # a failed call leaves the model as it was: the per-sample forward passes of the loop
+    # update a train-mode BatchNorm's running statistics before a later sample can fail
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        if method in ("auto", "vmap"):
+            try:
+                return _psg_vmap(model, loss_fn, x, y, chunk_size)
+            except Exception:
+                if method == "vmap":
+                    raise
+        return _psg_loop(model, loss_fn, x, y, params)
+    except BaseException:
+        with torch.no_grad():
+            for b, old in saved:
+                b.copy_(old)
+        raise
 
 
 def _psg_vmap(model, loss_fn, x, y, chunk_size):
