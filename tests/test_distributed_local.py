@@ -443,6 +443,45 @@ def test_window_load_state_dict_refuses_inconsistent_states(engine):
     assert w.load_state_dict(st).digest() == before
 
 
+def test_window_load_checks_headers_before_reading(tmp_path):
+    # np.load read every member whatever its declared shape (a forged header could make
+    # it allocate any size) and a bad field in a file came back as a TypeError
+    import io
+    import json
+    import zipfile
+    w = ShardedSlidingWindowInverseFisher(4, 2, 0.5, dtype="float64")
+    w.step(np.arange(4.0))
+    good = w.save(tmp_path / "w.npz")
+    before = w.digest()
+    with np.load(good) as f:
+        raw = {k: f[k] for k in f.files}
+
+    def write(name, members):
+        p = tmp_path / name
+        with zipfile.ZipFile(p, "w") as zf:
+            for k, v in members.items():
+                b = io.BytesIO()
+                np.save(b, v)
+                data = b.getvalue()
+                if k == "G" and v.shape == (1,):          # forge a huge declared shape
+                    data = data.replace(b"(1,)", b"(100000, 100000)".ljust(4))
+                zf.writestr(k + ".npy", data)
+        return p
+
+    cases = [({**raw, "G": np.zeros(1)},
+              r"G must have shape \(2, 4\); the file declares shape \(100000, 100000\)"),
+             ({**raw, "X": np.zeros(1)}, "members must be"),
+             ({**raw, "meta": np.array(json.dumps([1]))}, "metadata is not a dict")]
+    for i, (members, msg) in enumerate(cases):
+        with pytest.raises(ValueError, match=msg):
+            w.load(write(f"bad{i}.npz", members))
+    meta = json.loads(str(raw["meta"]))
+    bad = write("str.npz", {**raw, "meta": np.array(json.dumps(dict(meta, count="1")))})
+    with pytest.raises(ValueError, match="str.npz: state count must be an integer"):
+        w.load(bad)
+    assert w.digest() == before and w.load(good).digest() == before
+
+
 def test_sharded_static_damping_range_follows_the_result_dtype():
     # float32 gradients with damping 1e48 were accepted: 1/damping underflows float32
     # and every product came back wrong by 100% (the single-process classes refuse it)

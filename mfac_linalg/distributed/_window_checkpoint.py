@@ -17,8 +17,8 @@ import numpy as np
 
 from .. import _backend as B
 from .. import _validate as V
-from ..sliding.checkpoint import (_as_float, _check_cholesky, _check_inverse, _probe_tol,
-                                  file_mode, shift_of)
+from ..sliding.checkpoint import (_as_float, _check_cholesky, _check_inverse, _header,
+                                  _probe_tol, file_mode, shift_of)
 from .comm import agree, state_digest
 from .layout import ColumnLayout
 
@@ -207,16 +207,13 @@ class _WindowCheckpointing:
         V.save_target(path, "path")          # a directory, device or FIFO: ValueError
         path = V.path(path, "path")
         try:
-            with np.load(path, allow_pickle=False) as f:
-                raw = {k: f[k] for k in f.files}
-            meta = json.loads(str(raw.pop("meta")))
+            with zipfile.ZipFile(path) as zf:
+                meta, raw = _read_members(zf, path)
         except FileNotFoundError:
             raise
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
-            raise ValueError(f"cannot read a sharded-window checkpoint from {path}: {exc}") \
-                from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"{path}: the metadata is not a dict")
+        except Exception as exc:    # a corrupted archive: zlib, struct, CRC, JSON, types...
+            raise ValueError(f"cannot read a sharded-window checkpoint from {path}: "
+                             f"{type(exc).__name__}: {exc}") from None
         meta.update(raw)
         return meta
 
@@ -225,7 +222,11 @@ class _WindowCheckpointing:
         :meth:`load_state_dict`); a file saved under another layout is refused."""
         err, st = None, None
         try:
-            st = self._validate_state(self.read_state(path))
+            raw = self.read_state(path)
+            try:
+                st = self._validate_state(raw)
+            except (TypeError, ValueError) as exc:     # the file's content: name the file
+                raise ValueError(f"{path}: {exc}") from None
         except Exception as exc:
             err = exc
         return self._load(st, err)
@@ -234,3 +235,35 @@ class _WindowCheckpointing:
         """The 64-bit digest of the replicated state (hex), the same on every rank while
         the replicas agree.  Local."""
         return state_digest(*self._replicated()).astype(np.uint16).tobytes().hex()
+
+
+def _read_members(zf, path):
+    """(meta, {G, K, F}) from an open archive: the metadata first (bounded), then each
+    array's ``.npy`` header checked against the shape the metadata implies (window,
+    this rank's columns) before it is read, so a forged header allocates nothing."""
+    infos = {i.filename: i for i in zf.infolist()}
+    want = {"meta.npy", "G.npy", "K.npy", "F.npy"}
+    if set(infos) != want:
+        raise ValueError(f"members must be {sorted(want)}; got {sorted(infos)}")
+    if infos["meta.npy"].file_size > 1 << 20:
+        raise ValueError("the metadata member is too large")
+    with zf.open(infos["meta.npy"]) as f:
+        meta = json.loads(str(np.lib.format.read_array(f, allow_pickle=False)))
+    if not isinstance(meta, dict):
+        raise ValueError("the metadata is not a dict")
+    m = V.positive_int(meta.get("window"), "window")
+    lay = ColumnLayout.from_dict(meta.get("layout"))
+    rank = V.integer(meta.get("rank"), "rank", minimum=0, maximum=lay.size - 1)
+    raw = {}
+    for k, shape in (("G", (m, lay.local_dim(rank))), ("K", (m, m)), ("F", (m, m))):
+        info = infos[k + ".npy"]
+        shp, _, dt = _header(zf, info, path)
+        if tuple(shp) != shape or dt.hasobject:
+            raise ValueError(f"{k} must have shape {shape}; the file declares shape "
+                             f"{tuple(shp)}, dtype {dt}")
+        nbytes = int(np.prod(shp, dtype=np.int64)) * dt.itemsize
+        if not nbytes <= info.file_size <= nbytes + 65536:
+            raise ValueError(f"member {k} has {info.file_size} bytes for a declared {nbytes}")
+        with zf.open(info) as f:
+            raw[k] = np.lib.format.read_array(f, allow_pickle=False)
+    return meta, raw
