@@ -82,6 +82,12 @@ def test_per_sample_gradients_fall_back_for_batchnorm_and_check_arguments():
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         per_sample_gradients(model, loss, (x, y))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the same for capture_statistics / kronecker_preconditioner failing on a later batch
+    # (the first batch's forward pass had updated the running statistics)
+    for fn in (capture_statistics, kronecker_preconditioner):
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):
+            fn(model, loss, [(x, y), (x[:, :2], y)], layers=["0", "2"])
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     model.eval()
     # 0-d targets / 1-d inputs (one sample without its batch dimension): was an IndexError
     with pytest.raises(ValueError, match="batch: inputs and targets must have a leading sample"):

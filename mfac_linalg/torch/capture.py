@@ -18,6 +18,7 @@ dimensions (tokens of a sequence, the features of ``MSELoss``) stays inside l_n.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,19 @@ def _reduction(loss_fn, reduction):
             raise ValueError("reduction must be given (\"mean\" or \"sum\") for a loss_fn "
                              "without a .reduction attribute")
     return V.choice(reduction, "reduction", ("mean", "sum"))
+
+
+@contextlib.contextmanager
+def _buffers_restored_on_error(model):
+    """Restore the model's buffers (BatchNorm running statistics) if the block raises."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for b, old in saved:
+                b.copy_(old)
+        raise
 
 
 def _trainable(model):
@@ -153,8 +167,7 @@ def per_sample_gradients(model, loss_fn, batch, *, method="auto", chunk_size=Non
     params = _trainable(model)
     # a failed call leaves the model as it was: the per-sample forward passes of the loop
     # update a train-mode BatchNorm's running statistics before a later sample can fail
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
+    with _buffers_restored_on_error(model):
         if method in ("auto", "vmap"):
             try:
                 return _psg_vmap(model, loss_fn, x, y, chunk_size)
@@ -162,11 +175,6 @@ def per_sample_gradients(model, loss_fn, batch, *, method="auto", chunk_size=Non
                 if method == "vmap":
                     raise
         return _psg_loop(model, loss_fn, x, y, params)
-    except BaseException:
-        with torch.no_grad():
-            for b, old in saved:
-                b.copy_(old)
-        raise
 
 
 def _psg_vmap(model, loss_fn, x, y, chunk_size):
@@ -401,59 +409,62 @@ def capture_statistics(model, loss_fn, data, *, fisher="empirical", mc_samples=1
     dev = weights[0].device
     gen = torch.Generator(device=dev if dev.type == "cuda" else "cpu")
     gen.manual_seed(seed)
-    acts = [[] for _ in mods]
-    grads = [[] for _ in mods]
-    loss_sum, n_total = 0.0, 0
-    for bi, (x, y) in enumerate(batches):
-        inputs, cur = {}, {}
-        calls = {}
+    # a failed call leaves the model as it was (train-mode BatchNorm statistics updated by
+    # the batches before the failing one are restored)
+    with _buffers_restored_on_error(model):
+        acts = [[] for _ in mods]
+        grads = [[] for _ in mods]
+        loss_sum, n_total = 0.0, 0
+        for bi, (x, y) in enumerate(batches):
+            inputs, cur = {}, {}
+            calls = {}
 
-        def fwd(module, inp, out, k):
-            calls[k] = calls.get(k, 0) + 1
-            if calls[k] > 1:
-                raise ValueError(f"layer {layout.layers[k].name!r} is called more than once "
-                                 "per forward pass; that is not supported")
-            inputs[k] = inp[0].detach()
-            out.register_hook(lambda g, k=k: cur.__setitem__(k, g.detach()))
-            return None
+            def fwd(module, inp, out, k):
+                calls[k] = calls.get(k, 0) + 1
+                if calls[k] > 1:
+                    raise ValueError(f"layer {layout.layers[k].name!r} is called more than once "
+                                     "per forward pass; that is not supported")
+                inputs[k] = inp[0].detach()
+                out.register_hook(lambda g, k=k: cur.__setitem__(k, g.detach()))
+                return None
 
-        handles = [m.register_forward_hook(lambda mod, i, o, k=k: fwd(mod, i, o, k))
-                   for k, m in enumerate(mods)]
-        try:
-            with torch.enable_grad():
-                output = model(x)
-                missing = [layout.layers[k].name for k in range(len(mods)) if k not in inputs]
-                if missing:
-                    raise ValueError(f"layers {missing} were not called in the forward pass")
-                loss = loss_fn(output, y)
-                loss_sum += float(loss.detach())
-                B = x.shape[0]
-                scale = float(B) if reduction == "mean" else 1.0
-                for draw in range(mc_samples if fisher == "mc" else 1):
-                    target = y if fisher == "empirical" else _sample_labels(loss_fn, output, gen)
-                    l = loss if fisher == "empirical" else loss_fn(output, target)
-                    cur.clear()
-                    torch.autograd.grad(l, weights, retain_graph=draw < mc_samples - 1,
-                                        allow_unused=True)
-                    for k, m in enumerate(mods):
-                        g = cur.get(k)
-                        if g is None:       # the output does not reach the loss
-                            g = torch.zeros_like(_zero_out(m, inputs[k]))
-                        A, G = _layer_rows(m, inputs[k], g * scale)
-                        acts[k].append(A)
-                        grads[k].append(G)
-                n_total += B * (mc_samples if fisher == "mc" else 1)
-        finally:
-            for h in handles:
-                h.remove()
-    stats = []
-    for k, spec in enumerate(layout.layers):
-        A = torch.cat(acts[k], 0)
-        G = torch.cat(grads[k], 0)
-        if A.ndim != G.ndim:
-            raise ValueError(f"layer {spec.name!r}: inconsistent positions across batches")
-        stats.append(LayerStatistics(spec.name, spec, A, G))
-    return CapturedStatistics(layout, stats, n_total, loss_sum / len(batches))
+            handles = [m.register_forward_hook(lambda mod, i, o, k=k: fwd(mod, i, o, k))
+                       for k, m in enumerate(mods)]
+            try:
+                with torch.enable_grad():
+                    output = model(x)
+                    missing = [layout.layers[k].name for k in range(len(mods)) if k not in inputs]
+                    if missing:
+                        raise ValueError(f"layers {missing} were not called in the forward pass")
+                    loss = loss_fn(output, y)
+                    loss_sum += float(loss.detach())
+                    B = x.shape[0]
+                    scale = float(B) if reduction == "mean" else 1.0
+                    for draw in range(mc_samples if fisher == "mc" else 1):
+                        target = y if fisher == "empirical" else _sample_labels(loss_fn, output, gen)
+                        l = loss if fisher == "empirical" else loss_fn(output, target)
+                        cur.clear()
+                        torch.autograd.grad(l, weights, retain_graph=draw < mc_samples - 1,
+                                            allow_unused=True)
+                        for k, m in enumerate(mods):
+                            g = cur.get(k)
+                            if g is None:       # the output does not reach the loss
+                                g = torch.zeros_like(_zero_out(m, inputs[k]))
+                            A, G = _layer_rows(m, inputs[k], g * scale)
+                            acts[k].append(A)
+                            grads[k].append(G)
+                    n_total += B * (mc_samples if fisher == "mc" else 1)
+            finally:
+                for h in handles:
+                    h.remove()
+        stats = []
+        for k, spec in enumerate(layout.layers):
+            A = torch.cat(acts[k], 0)
+            G = torch.cat(grads[k], 0)
+            if A.ndim != G.ndim:
+                raise ValueError(f"layer {spec.name!r}: inconsistent positions across batches")
+            stats.append(LayerStatistics(spec.name, spec, A, G))
+        return CapturedStatistics(layout, stats, n_total, loss_sum / len(batches))
 
 
 def _zero_out(module, x):
