@@ -277,12 +277,18 @@ class MFAC(_ShardedMFAC, _CheckpointMFAC, torch.optim.Optimizer):
     def _params(self):
         return [p for g in self.param_groups for p in g["params"]]
 
-    # -- read-only views ----------------------------------------------------------
+    # -- views ------------------------------------------------------------------------
     @property
     def window_operator(self):
         """The window behind the steps: a :class:`~mfac_linalg.SlidingWindowInverseFisher`
         (its dimension is the number of stored weights) or, with ``sharded=True``, this
-        rank's :class:`~mfac_linalg.distributed.ShardedSlidingWindowInverseFisher`."""
+        rank's :class:`~mfac_linalg.distributed.ShardedSlidingWindowInverseFisher`.
+
+        This is the optimizer's own window, not a copy (a copy would cost the whole m x d
+        buffer): use it for queries (``matvec``, ``diagonal``, ``quad``, ``logdet``,
+        ``fisher()``), which never change it.  Calling ``update``, ``step``, ``reset``,
+        ``refresh`` or ``load_state_dict`` on it changes the optimizer's curvature state;
+        to experiment, take ``copy.deepcopy(opt.window_operator)``."""
         return self._window
 
     @property
