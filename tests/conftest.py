@@ -35,3 +35,14 @@ def backend(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Every test starts from the same torch generator state, whatever ran before it (tests
+    that draw with torch.randn without a generator are then reproducible, one by one)."""
+    import sys
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(0)
+    yield
