@@ -13,22 +13,9 @@ import mfac_linalg as ml
 from mfac_linalg import _backend as B
 
 from oracles import dense_inverse, rel_err
+from test_sliding import assert_same_state as _same, state_arrays as _state
 
 ENGINES = ["cholesky", "explicit"]
-
-
-def _state(w):
-    return {k: np.array(v, copy=True) if isinstance(v, np.ndarray) else v
-            for k, v in w.state_dict().items()}
-
-
-def _same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], np.ndarray):
-            assert np.array_equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
 
 
 def _dense_F(w):
