@@ -105,7 +105,8 @@ class _WindowCheckpointing:
     def _check_local(self, st):
         """The replicated state consistent with itself (rows beyond the count empty, K
         symmetric, F the factor or inverse of N lambda I + K for this count, damping and
-        normalization: the single window's checks); F None where it drifted (rebuilt)."""
+        normalization: the single window's checks; an inverse within its drift band is
+        kept bit for bit)."""
         m, K = self._m, st["K"]
         n = min(st["count"], m)
         if n < m and np.any(st["G"][n:]):
@@ -119,8 +120,8 @@ class _WindowCheckpointing:
         rng = np.random.default_rng(0)
         if st["engine"] == "cholesky":
             _check_cholesky(st["F"], K, n, shift, st["start"], rng)
-        elif not _check_inverse(st["F"], K, shift, st["logdet_C"], rng):
-            st["F"] = None
+        else:
+            _check_inverse(st["F"], K, shift, st["logdet_C"], rng)
 
     def _check_gram(self, st):
         """Collective: K = sum_p G_p G_p^T by a random probe (one all-reduce of 2m
@@ -155,11 +156,7 @@ class _WindowCheckpointing:
         eng = self._new_engine(st["normalize"])
         n = min(st["count"], self._m)
         shift = shift_of(st["normalize"], self._m, n, st["damping"])
-        if st["F"] is None:             # an explicit inverse drifted beyond rounding
-            eng.rebuild(st["K"], n, shift, st["start"])
-            st["since_refresh"] = 0
-        else:
-            eng.load(st["K"], st["F"], n, shift, st["start"], st["logdet_C"])
+        eng.load(st["K"], st["F"], n, shift, st["start"], st["logdet_C"])
         old = (self._eng, self._buf.snapshot(), self._count, self._since_refresh,
                self._damping, self._normalize, self._refresh_every)
         self._eng = eng
