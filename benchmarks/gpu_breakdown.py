@@ -54,7 +54,7 @@ def main(d=100_000, m=1024, dtype="float32"):
     Lspare = cp.eye(m)
     Ci = cp.linalg.inv(C)
     Kc, Kold, x2 = A @ A.T / m, cp.empty(m), cp.empty(m)
-    det, ax = cp.empty(2), cp.zeros(m)
+    det, ax, dg = cp.empty(2), cp.zeros(m), cp.zeros(m)
     p, dj, beta = cp.ones(m - 1) * 0.01, cp.empty(m - 1), cp.empty(m - 1)
     parts = {
         "step (whole)": lambda: w.step(nxt()),
@@ -66,7 +66,7 @@ def main(d=100_000, m=1024, dtype="float32"):
             G, dtype, xq, u, slot=0, rows=m, backup=backup, flag=ws[m:m + 1], y=y),
         "combine (pass 2)": lambda: K.combine(G, dtype, c32, y, -1.0, rows=m),
         "window_replace (explicit m x m work)": lambda: K.window_replace(
-            Ci, Lspare, u, Kc, Kold, x2, ax, z, c32, det, 0),
+            Ci, Lspare, u, Kc, Kold, x2, ax, dg, z, c32, det, 0, 0.7),
         "trsv (cuBLAS trsm, 1 rhs; Cholesky engine)": lambda: K.trsv(L, z, m, transpose=False),
         "deletion sweep (Cholesky engine)": lambda: (
             K.ggms_coeffs(p, dj, beta, m - 1), K.chol_delete(L, Lspare, p, dj, beta, m)),

@@ -1,7 +1,7 @@
 """The two m x m engines of the GPU kernel path against each other, same data.
 
 For d = 1e5, m = 1024 (float32 and bfloat16): median and max step/matvec/update time
-with ``engine="explicit"`` (C^{-1} by rank-two Woodbury steps) and ``engine="cholesky"``
+with ``engine="explicit"`` (C^{-1} updated in place) and ``engine="cholesky"``
 (the factor by rank-one deletion and append), in interleaved rounds, whether either
 fell back to an exact rebuild (``since_refresh`` counts incremental updates), and
 how far the two agree after the same updates.  Usage: python benchmarks/gpu_paths.py

@@ -47,10 +47,10 @@ Two engines:
   rank-one deletion (Gill, Golub, Murray and Saunders 1974, method C1; below)
   and an append per replacement, O(m^2).  CPU, and on the GPU through the
   kernels (``mfac_linalg.kernels.engines``).
-* :class:`ExplicitEngine` (slot order, all m slots): C^{-1} itself, replaced
-  by a rank-two Woodbury step per replacement (GEMV-shaped, no triangular
-  solves; docs/math.md §2), log det C tracked through det of the 2 x 2
-  capacitance.  Chosen on the GPU for 32- and 16-bit storage with
+* :class:`ExplicitEngine` (slot order, all m slots): C^{-1} itself, a
+  replacement being a Schur-complement deletion and insertion (GEMV-shaped, no
+  triangular solves; docs/math.md §2) with cancellation guards, log det C
+  tracked through det C_new / det C = c_s sigma.  Chosen on the GPU for 32- and 16-bit storage with
   ``normalize="window"``; also available on the CPU.
 
 A change of the shift (``normalize="count"`` while the window fills) or a due
@@ -535,8 +535,8 @@ class ExplicitEngine(_Engine):
     """C^{-1} itself over all m slots (slot order; empty slots are zero gradients).
 
     Replacing slot s is a deletion and an insertion (two Schur complements, each a GEMV
-    and a rank-one update, O(m^2); the GPU kernels do the same replacement as one
-    rank-two Woodbury step).  Accuracy: an inverse updated in place
+    and a rank-one update, O(m^2); the GPU kernels fuse the same two steps and guards
+    into two kernels).  Accuracy: an inverse updated in place
     carries a relative error growing to ~ eps cond(C)^2 between refreshes (each
     deletion and insertion cancels in proportion to cond(C)), which the window's
     Woodbury form amplifies by kappa_W = lambda_max(F)/lambda; the factor stays at
@@ -577,7 +577,7 @@ class ExplicitEngine(_Engine):
         update: delete s, (C_{-s})^{-1} = C^{-1}_{-s} - c c^T / c_s with c = C^{-1} e_s;
         insert the new row b = u (b_s = 0), y = (C_{-s})^{-1} b, pivot sigma = s + u_s -
         b.y > 0, C_new^{-1} = [[(C_{-s})^{-1} + y y^T / sigma, -y / sigma], [., 1/sigma]].
-        det C_new = det C * c_s * sigma.  (The GPU kernels use one rank-two Woodbury step,
+        det C_new = det C * c_s * sigma.  (The GPU kernels fuse the same steps and guards,
         ``mfac_linalg.kernels.engines``.)"""
         xp = self.backend.xp
         s, out = p.slot, self._spare

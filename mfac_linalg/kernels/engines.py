@@ -15,8 +15,7 @@ import math
 import numpy as np
 
 from .. import _backend as B
-from .._capacitance import (CholeskyEngine, ExplicitEngine, GramOverflow, NonFiniteGradient,
-                            _det_ok)
+from .._capacitance import CholeskyEngine, ExplicitEngine, GramOverflow, NonFiniteGradient
 from . import sliding as K_
 
 __all__ = ["CholeskyKernelEngine", "ExplicitKernelEngine"]
@@ -148,15 +147,21 @@ class CholeskyKernelEngine(_KernelChecks, CholeskyEngine):
 class ExplicitKernelEngine(_KernelChecks, ExplicitEngine):
     """:class:`~mfac_linalg._capacitance.ExplicitEngine` as two kernels per replacement
     (a GEMV, then one block per row writing the new inverse, z = C_new^{-1} u in float64
-    and float32, det M and the Gram row): no host synchronisation before commit."""
+    and float32, det M and the Gram row): no host synchronisation before commit.
+
+    The replacement is the CPU engine's deletion and insertion (Schur complements) with
+    the same cancellation guards (deletion growth <= 1e3, insertion pivot > 1e-6 of its
+    diagonal), evaluated on the device; :meth:`commit` reads the verdict with det M in
+    its one synchronisation and rebuilds exactly when a guard failed."""
 
     def _alloc(self):
         super()._alloc()
         xp = self.backend.xp
         m = self.m
         self._Kold = xp.zeros(m, dtype=np.float64)
-        self._x2 = xp.zeros(m, dtype=np.float64)
+        self._x = xp.zeros(m, dtype=np.float64)
         self._ax = xp.zeros(m, dtype=np.float64)
+        self._dg = xp.zeros(m, dtype=np.float64)
         self._z = xp.zeros(m, dtype=np.float64)
         self._c32 = xp.zeros(m, dtype=np.float32)
         self._status = xp.zeros(4, dtype=np.float64)
@@ -177,16 +182,16 @@ class ExplicitKernelEngine(_KernelChecks, ExplicitEngine):
                 self._restore_gram(p)
                 raise
             return p
-        # status[1:3] receive det M and its scale
-        K_.window_replace(self.Ci, self._spare, u, self.K, self._Kold, self._x2, self._ax,
-                          self._z, self._c32, st[1:3], slot)
+        # status[1:3] receive det M = det C_new / det C and the guards' verdict
+        K_.window_replace(self.Ci, self._spare, u, self.K, self._Kold, self._x, self._ax,
+                          self._dg, self._z, self._c32, st[1:3], slot, p.shift)
         p.old_K = self._Kold
         p.z = self._z
         p.c32 = self._c32
         return p
 
     def _pivot_ok(self, p, value):
-        if not _det_ok(float(value[1]), float(value[2])):
+        if value[2] != 1.0:
             return False
         p.logdet = self.logdet_C + math.log(float(value[1]))
         return True

@@ -22,8 +22,9 @@ append_row      the new last row of the factor: l_nn = sqrt(c_nn - |ell|^2), and
                 forward-solved right-hand side z of the fused step.
 gram_update     the Gram row/column of the new slot (old row saved for a rollback).
 window_gemv, rank2_rows
-                the explicit inverse's rank-two slot replacement: a GEMV, then one
-                block per row writing the new inverse and z = C_new^{-1} u.
+                the explicit inverse's slot replacement (a deletion and an insertion):
+                a GEMV, then one block per row writing the new inverse, z = C_new^{-1} u
+                and the cancellation guards' verdict.
 """
 from __future__ import annotations
 
@@ -374,17 +375,24 @@ __global__ void gather_f64(const double* __restrict__ u, double* __restrict__ ua
     if (k < n) ua[k] = u[(start + k) % m];
 }
 
-// ---- explicit inverse of C (GPU kernel path): rank-two replacement of slot s ---------
-// Replacing gradient s changes C by a e_s^T + e_s a^T with a = delta - (delta_s / 2) e_s,
-// delta = u - K[s, :] (u: the new Gram row).  Two kernels, no host synchronisation:
-//   window_gemv: x2 = Ci a (a formed on the fly from u and the old K[s, :]), and the
-//                terms ax[i] = a_i x2_i of a . x2 (summed in rank2_rows, in a fixed order:
-//                no atomics, so the result is bit-reproducible);
-//   rank2_rows:  out = Ci - [x1 x2] M^{-1} [x2 x1]^T, x1 = Ci e_s (row s of Ci),
-//                M = [[1 + x2_s, a.x2], [x1_s, 1 + x2_s]], det M = det C_new / det C
-//                (det_out[0]; det_out[1] = |m00 m11| + |m01 m10|, the scale of its rounding);
-//                in the same read, z = out u (= C_new^{-1} u, the step's coefficients,
-//                float64 and float32), and K[s, :] = K[:, s] = u (old row to oldK).
+// ---- explicit inverse of C (GPU kernel path): replacement of slot s ------------------
+// Replacing the gradient of slot s is a deletion and an insertion (two Schur complements,
+// as the CPU ExplicitEngine does them), fused into two kernels, no host synchronisation:
+//   deletion:  D = Ci - c c^T / c_s,  c = Ci e_s (row s of Ci; Ci is symmetric);
+//   insertion: b = u with b_s = 0 (u: the new Gram row), y = D b = x - c x_s / c_s with
+//              x = Ci b, pivot sigma = (shift + u_s) - b.y = (shift + u_s) - (b.x - x_s^2/c_s),
+//              C_new^{-1} = D + y y^T / sigma off row/column s, -y / sigma on it, 1 / sigma at
+//              (s, s);  det C_new / det C = c_s sigma.
+//   window_gemv: x = Ci b, the terms ax[i] = b_i x_i of b.x (summed in rank2_rows in a
+//                fixed order: no atomics, so the result is bit-reproducible) and dg[i] =
+//                Ci[i, i];
+//   rank2_rows:  one block per row of C_new^{-1}; in the same read z = C_new^{-1} u (the
+//                step's coefficients, float64 and float32) and K[s, :] = K[:, s] = u (the
+//                old row to oldK).  Block 0 writes status[0] = c_s sigma and status[1] = 1
+//                when the replacement is trusted: c_s > 0, the deletion's growth
+//                max|c|^2 / (c_s max diag Ci) <= 1e3 (it amplifies the inverse's error by
+//                that much) and the pivot sigma > 1e-6 (shift + u_s) (at most six digits lost
+//                to cancellation), all finite; else 0 and the engine rebuilds exactly.
 __device__ __forceinline__ double block_sum_d(double v, double* red) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     v = warp_sum_d(v);
@@ -399,65 +407,101 @@ __device__ __forceinline__ double block_sum_d(double v, double* red) {
     return red[0];
 }
 
-__device__ __forceinline__ double window_a(const double* u, const double* Ks, int k, int s) {
-    const double dlt = u[k] - Ks[k];
-    return k == s ? 0.5 * dlt : dlt;
+__device__ __forceinline__ double block_max_d(double v, double* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        double w = lane < nw ? red[lane] : 0.0;
+        for (int o = 16; o > 0; o >>= 1) w = fmax(w, __shfl_xor_sync(0xffffffffu, w, o));
+        if (lane == 0) red[0] = w;
+    }
+    __syncthreads();
+    return red[0];
 }
 
-// one block per row i of Ci
+// one block per row i of Ci: x[i] = (Ci b)_i, ax[i] = b_i x_i, dg[i] = Ci[i, i]
 __global__ void window_gemv(const double* __restrict__ Ci, const double* __restrict__ u,
-                            const double* __restrict__ K, double* __restrict__ x2,
-                            double* __restrict__ ax, int m, int s) {
+                            double* __restrict__ x, double* __restrict__ ax,
+                            double* __restrict__ dg, int m, int s) {
     __shared__ double red[32];
     const int i = blockIdx.x;
     const double* row = Ci + (long long)i * m;
-    const double* Ks = K + (long long)s * m;
     double v0 = 0.0, v1 = 0.0;
     int k = threadIdx.x;
     for (; k + (int)blockDim.x < m; k += 2 * blockDim.x) {
-        v0 = fma(row[k], window_a(u, Ks, k, s), v0);
-        v1 = fma(row[k + blockDim.x], window_a(u, Ks, k + blockDim.x, s), v1);
+        const int k1 = k + blockDim.x;
+        v0 = fma(row[k], k == s ? 0.0 : u[k], v0);
+        v1 = fma(row[k1], k1 == s ? 0.0 : u[k1], v1);
     }
-    if (k < m) v0 = fma(row[k], window_a(u, Ks, k, s), v0);
+    if (k < m) v0 = fma(row[k], k == s ? 0.0 : u[k], v0);
     const double xi = block_sum_d(v0 + v1, red);
     if (threadIdx.x == 0) {
-        x2[i] = xi;
-        ax[i] = window_a(u, Ks, i, s) * xi;
+        x[i] = xi;
+        ax[i] = (i == s ? 0.0 : u[i]) * xi;
+        dg[i] = row[i];
     }
 }
 
 // one block per row i of the new inverse
 __global__ void rank2_rows(const double* __restrict__ Ci, double* __restrict__ out,
-                           const double* __restrict__ x2, const double* __restrict__ ax,
-                           const double* __restrict__ u, double* __restrict__ K,
-                           double* __restrict__ oldK, double* __restrict__ z,
-                           float* __restrict__ c, double* __restrict__ det_out, int m, int s) {
+                           const double* __restrict__ x, const double* __restrict__ ax,
+                           const double* __restrict__ dg, const double* __restrict__ u,
+                           double* __restrict__ K, double* __restrict__ oldK,
+                           double* __restrict__ z, float* __restrict__ cz,
+                           double* __restrict__ status, double shift, int m, int s) {
     __shared__ double red[32];
-    double t = 0.0;                                    // a . x2, the same order in every block
+    double t = 0.0;                                    // b . x, the same order in every block
     for (int k = threadIdx.x; k < m; k += blockDim.x) t += ax[k];
-    const double ax2 = block_sum_d(t, red);
+    const double bx = block_sum_d(t, red);
     __syncthreads();                                   // red is reused below
-    const double* x1 = Ci + (long long)s * m;          // Ci is symmetric: column s = row s
-    const double m00 = 1.0 + x2[s], m01 = ax2, m10 = x1[s], m11 = m00;
-    const double det = m00 * m11 - m01 * m10;
-    const double i00 = m11 / det, i01 = -m01 / det, i10 = -m10 / det, i11 = m00 / det;
+    const double* c = Ci + (long long)s * m;           // column s = row s
+    const double css = c[s], xs = x[s], cnn = shift + u[s];
+    const double sigma = cnn - (bx - xs * xs / css);
+    const double ics = 1.0 / css, isg = 1.0 / sigma;
     const int i = blockIdx.x;
-    const double x1i = x1[i], x2i = x2[i];
-    // out_ij = Ci_ij - (x1_i (i00 x2_j + i01 x1_j) + x2_i (i10 x2_j + i11 x1_j))
-    const double p = x1i * i00 + x2i * i10, q = x1i * i01 + x2i * i11;
     const double* row = Ci + (long long)i * m;
     double* orow = out + (long long)i * m;
-    double acc = 0.0;
-    for (int j = threadIdx.x; j < m; j += blockDim.x) {
-        const double v = row[j] - (p * x2[j] + q * x1[j]);
-        orow[j] = v;
-        acc = fma(v, u[j], acc);
+    double acc = 0.0, cmax = 0.0, dmax = 0.0;
+    if (i == s) {
+        for (int j = threadIdx.x; j < m; j += blockDim.x) {
+            const double v = j == s ? isg : -(x[j] - c[j] * (xs * ics)) * isg;
+            orow[j] = v;
+            acc = fma(v, u[j], acc);
+        }
+    } else {
+        const double ci = row[s], yi = x[i] - ci * (xs * ics);
+        const double pc = ci * ics, py = yi * isg;
+        for (int j = threadIdx.x; j < m; j += blockDim.x) {
+            const double cj = c[j];
+            const double v = j == s ? -py : row[j] - pc * cj + py * (x[j] - cj * (xs * ics));
+            orow[j] = v;
+            acc = fma(v, u[j], acc);
+        }
+    }
+    if (i == 0) {                                      // block-uniform branch
+        for (int j = threadIdx.x; j < m; j += blockDim.x) {
+            cmax = fmax(cmax, fabs(c[j]));
+            dmax = fmax(dmax, dg[j]);
+        }
     }
     const double zi = block_sum_d(acc, red);
+    if (i == 0) {
+        cmax = block_max_d(cmax, red);
+        dmax = block_max_d(dmax, red);
+    }
     if (threadIdx.x == 0) {
         z[i] = zi;
-        c[i] = (float)zi;
-        if (i == 0) { det_out[0] = det; det_out[1] = m00 * m11 + fabs(m01 * m10); }
+        cz[i] = (float)zi;
+        if (i == 0) {
+            const double growth = cmax * cmax / (css * dmax), det = css * sigma;
+            const bool ok = css > 0.0 && growth <= 1e3 && sigma > 1e-6 * cnn
+                            && isfinite(det) && isfinite(growth) && det > 0.0;
+            status[0] = det;
+            status[1] = ok ? 1.0 : 0.0;
+        }
         const double ui = u[i];
         oldK[i] = K[(long long)s * m + i];
         K[(long long)s * m + i] = ui;
@@ -646,16 +690,17 @@ def gram_update(K, u, oldK, s, ua=None, start=0, n=0):
                        np.int32(n)))
 
 
-def window_replace(Ci, out, u, K, oldK, x2, ax, z, c, det, s):
-    """The explicit inverse's slot replacement (two kernels; see the CUDA source):
-    out = C_new^{-1} (rank two from Ci), z = out @ u (float64), c = float32(z),
-    det[0] = det C_new / det C, det[1] = its rounding scale |m00 m11| + |m01 m10| (``det``
-    has two elements), K row/column s = u with the old row in oldK.  ``ax`` (float64,
-    length m) is scratch for the terms of a . x2.  Deterministic (no atomics)."""
+def window_replace(Ci, out, u, K, oldK, x, ax, dg, z, c, status, s, shift):
+    """The explicit inverse's slot replacement (deletion and insertion, two kernels; see
+    the CUDA source): out = C_new^{-1}, z = out @ u (float64), c = float32(z),
+    status[0] = det C_new / det C, status[1] = 1.0 when the replacement passed the
+    cancellation guards (else 0.0: rebuild exactly); K row/column s = u with the old row
+    in oldK.  ``x``, ``ax``, ``dg`` (float64, length m) are scratch.  Deterministic (no
+    atomics)."""
     m = Ci.shape[0]
-    fn("window_gemv")((m,), (128,), (Ci, u, K, x2, ax, np.int32(m), np.int32(s)))
-    fn("rank2_rows")((m,), (128,), (Ci, out, x2, ax, u, K, oldK, z, c, det, np.int32(m),
-                                    np.int32(s)))
+    fn("window_gemv")((m,), (128,), (Ci, u, x, ax, dg, np.int32(m), np.int32(s)))
+    fn("rank2_rows")((m,), (128,), (Ci, out, x, ax, dg, u, K, oldK, z, c, status,
+                                    np.float64(shift), np.int32(m), np.int32(s)))
 
 
 def scatter_f32(ca, c, start, n):

@@ -35,7 +35,8 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
     (docs/math.md §1-§2): two passes over the buffer and an m x m solve.  An m x m
     *engine* keeps C^{-1} current: a Cholesky factor in arrival order, updated by a
     rank-one deletion and an append per gradient, or (GPU, 32/16-bit storage,
-    ``normalize="window"``) the explicit inverse updated by rank-two Woodbury steps;
+    ``normalize="window"``) the explicit inverse updated by a Schur-complement
+    deletion and insertion;
     an exact refactorisation every ``refresh_every`` updates bounds the drift.
 
     Parameters
