@@ -6,7 +6,10 @@ as a ratio to the floor 2·m·d·bytes / copy bandwidth, where the bandwidth is
 that of a large device-to-device copy measured in the same run (bytes read
 plus bytes written). update reads the buffer once, so its ideal ratio is 0.5.
 Then the static operator: set-up over one Gram GEMM on the same data, matvec
-over the floor. Then accuracy: float32 and bfloat16 results against float64.
+over the floor, the diagonal over one read of V; the block operator's matvec and
+diagonal over one read of its factors. Then accuracy: float32 and bfloat16 results
+against float64, and float32 window steps against a float64 window for gradients
+whose scales span four decades, at three dampings.
 
 Usage: python benchmarks/gpu.py [--quick] [--out FILE.md] [--no-progress]
 """
@@ -97,6 +100,7 @@ def bench_window(d, m, dtype, bw, rows):
 
 
 def bench_static(d, m, bw):
+    """(Gram GEMM, set-up, matvec, diagonal) ms and the floor of two reads of V."""
     G = cp.random.RandomState(2).standard_normal((m, d), dtype=cp.float32)
     lam = 1e-3 * d
     t_gram = gpu_time(lambda: G @ G.T, repeat=5, warmup=1)
@@ -104,10 +108,63 @@ def bench_static(d, m, bw):
     op = ml.StaticInverseFisher(G, lam, check_finite=False)
     x = cp.random.RandomState(3).standard_normal(d, dtype=cp.float32)
     t_mv = gpu_time(lambda: op.matvec(x))
+    t_diag = gpu_time(op.diagonal, repeat=10)
     floor = 2 * m * d * 4 / bw * 1e3
     del G, op
     free()
-    return t_gram, t_setup, t_mv, floor
+    return t_gram, t_setup, t_mv, t_diag, floor
+
+
+def bench_block(d, m, b, bw, rows):
+    """Block operator (blocks of b columns, float32): matvec and diagonal against one
+    read of the factors V (r = min(m, b) rows per block)."""
+    G = cp.random.RandomState(4).standard_normal((m, d), dtype=cp.float32)
+    op = ml.BlockInverseFisher(G, 1.0, block_size=b, check_finite=False)
+    del G
+    free()
+    x = cp.random.RandomState(5).standard_normal(d, dtype=cp.float32)
+    t_mv = gpu_time(lambda: op.matvec(x))
+    t_diag = gpu_time(op.diagonal, repeat=10)
+    read = d * min(m, b) * 4 / bw * 1e3
+    rows.append([f"{d:.0e}", m, b, f"{read:.3f}", f"{t_mv:.3f}", f"{t_mv / read:.2f}",
+                 f"{t_diag:.3f}", f"{t_diag / read:.2f}"])
+    print("  " + " | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
+    del op
+    free()
+
+
+def accuracy_scaled(d=100_000, m=256, steps=400, rels=(1e-5, 1e-3, 1e-1)):
+    """float32 window steps against a float64 window over the same stored gradients.
+
+    Gradients with per-coordinate scales spread over four decades (10^-2 .. 10^2, as
+    across the layers of a network); lambda = rel * E|g|^2 / m for each rel; ``steps``
+    steps each.  Rows: rel, median and max relative error over the steps, the float32
+    rounding of the exact result (median), and max error / rounding."""
+    out = []
+    scales = cp.logspace(-2, 2, d, dtype=cp.float64)
+    g2 = float((scales ** 2).sum())
+    scales = scales.astype(cp.float32)
+    for rel in rels:
+        lam = rel * g2 / m
+        rs = cp.random.RandomState(21)
+        w32 = ml.SlidingWindowInverseFisher(d, m, lam, dtype="float32", device="gpu")
+        w64 = ml.SlidingWindowInverseFisher(d, m, lam, dtype="float64", device="gpu")
+        errs, rnd, ratio = [], [], []
+        for _ in range(steps):
+            g = rs.standard_normal(d, dtype=cp.float32) * scales
+            y = w32.step(g).astype(cp.float64)
+            y64 = w64.step(g.astype(cp.float64))
+            n64 = float(cp.linalg.norm(y64))
+            e = float(cp.linalg.norm(y - y64)) / n64
+            r = float(cp.linalg.norm(y64.astype(cp.float32).astype(cp.float64) - y64)) / n64
+            errs.append(e)
+            rnd.append(r)
+            ratio.append(e / r)
+        out.append((rel, float(np.median(errs)), max(errs), float(np.median(rnd)), max(ratio),
+                    w32.engine))
+        del w32, w64
+        free()
+    return out
 
 
 def accuracy(d=100_000, m=1024):
@@ -162,16 +219,34 @@ def main(quick=False, out=None, show_progress=None):
         lines.append(f"bfloat16 step / float32 step at d={dims[-1]:.0e}, m=1024: "
                      f"{steps[key16] / steps[key32]:.2f}")
     lines.append("")
-    t_gram, t_setup, t_mv, floor = bench_static(1_000_000, 1024, bw)
-    lines.append(f"static, d=1e6, m=1024, float32: set-up {t_setup:.1f} ms, one Gram GEMM "
-                 f"{t_gram:.1f} ms, set-up / Gram = {t_setup / t_gram:.2f}; matvec {t_mv:.3f} ms "
-                 f"= {t_mv / floor:.2f} x floor")
+    for d, m in ((100_000, 256), (100_000, 1024), (1_000_000, 1024)):
+        t_gram, t_setup, t_mv, t_diag, floor = bench_static(d, m, bw)
+        lines.append(f"static, d={d:.0e}, m={m}, float32: set-up {t_setup:.2f} ms, one Gram "
+                     f"GEMM {t_gram:.2f} ms, set-up / Gram = {t_setup / t_gram:.2f}; matvec "
+                     f"{t_mv:.3f} ms = {t_mv / floor:.2f} x floor (two reads of V); diagonal "
+                     f"{t_diag:.3f} ms = {2 * t_diag / floor:.2f} x one read of V")
+    lines.append("")
+    brows = []
+    for d, m, b in ((1_000_000, 256, 128), (1_000_000, 64, 1024), (1_000_000, 64, 128)):
+        bench_block(d, m, b, bw, brows)
+    lines.append("block operator, float32 (ms; ratio = time / one read of V, "
+                 "V: d x min(m, block) values)")
+    lines.append(table(["d", "m", "block", "read ms", "matvec", "ratio", "diagonal", "ratio"],
+                       brows))
+    lines.append("")
     acc, storage_err = accuracy()
     for dtype, err, err_round in acc:
         lines.append(f"accuracy d=1e5 m=1024 {dtype}: |y - y64| / |y64| = {err:.2e} "
                      f"(float32 rounding of the exact result: {err_round:.2e}, "
                      f"ratio {err / err_round:.1f})")
     lines.append(f"bfloat16 storage error (same data, float64 arithmetic): {storage_err:.2e}")
+    lines.append("")
+    lines.append("float32 window against float64 over the same stored gradients: d=1e5, m=256, "
+                 "400 steps, coordinate scales over four decades, lambda = rel E|g|^2 / m")
+    arows = [[f"{rel:.0e}", f"{med:.2e}", f"{mx:.2e}", f"{rnd:.2e}", f"{rat:.1f}", eng]
+             for rel, med, mx, rnd, rat, eng in accuracy_scaled()]
+    lines.append(table(["rel", "median error", "max error", "float32 rounding",
+                        "max error / rounding", "engine"], arows))
     text = "\n".join(lines)
     print(text)
     if out:

@@ -83,6 +83,11 @@ def row_sumsq(V, backend):
     column, as one ``einsum`` over the whole array.  Overflow is not reported here
     (callers check finiteness where it can happen).  O(size of V)."""
     xp = backend.xp
+    if backend.is_gpu:
+        red = B.kernel_module("reduce")
+        if red.supports(V):                  # one read, float64 sums (kernels/reduce.py)
+            with backend.device_context():
+                return red.sumsq_columns(V)
     two_d = V.ndim == 2
     spec = "ij,ij->j" if two_d else "nij,nij->nj"
     nthreads = host_threads() if backend.is_host else 1
@@ -154,6 +159,10 @@ class LowRank:
         self.starts = np.asarray(starts, dtype=np.int64)
         self.b = int(b)
         self.nb = len(self.starts)
+        if backend.is_gpu:
+            # one layout on the GPU (the kernels read row-major blocks): results must not
+            # depend on how V was produced, or copied
+            V = backend.xp.ascontiguousarray(V)
         self.V, self.L = V, L
         self.alpha, self.beta = float(alpha), float(beta)
         self.primal = bool(primal)
@@ -209,7 +218,15 @@ class LowRank:
         stack of one: two passes over V.
 
         The scale goes on the small (r, k) side and the d-sized result is built in
-        place (no d-sized temporaries beyond the result)."""
+        place (no d-sized temporaries beyond the result).  On the GPU one vector per
+        block of a stack goes through one kernel (``kernels/blocks.py``: V read about
+        once, float64 sums)."""
+        be = self.backend
+        if be.is_gpu and Xb.ndim == 3 and Xb.shape[2] == 1 and Xb.dtype == self.V.dtype:
+            kb = B.kernel_module("blocks")
+            if kb.fits(self.V):
+                with be.device_context():
+                    return kb.apply(self.V, Xb[:, :, 0], self.alpha, self.beta)[:, :, None]
         V, X = self._squeeze(Xb)
         U = V @ X                               # pass 1: (.., r, k)
         if not self.alpha:                      # primal: beta V^T V X
@@ -223,8 +240,13 @@ class LowRank:
         return Y
 
     def diagonal(self):
-        """(nb, b) diagonals: alpha + beta * column norms of V_k squared."""
-        D = row_sumsq(self.V, self.backend)     # one read of V, threaded on the host
+        """(nb, b) diagonals: alpha + beta * column norms of V_k squared.  One read of V
+        (threaded on the host; on the GPU one kernel, float64 sums rounded once)."""
+        be = self.backend
+        if be.is_gpu and B.kernel_module("reduce").supports(self.V):
+            with be.device_context():
+                return B.kernel_module("reduce").sumsq_columns(self.V, self.alpha, self.beta)
+        D = row_sumsq(self.V, be)
         D *= self.beta
         D += self.alpha
         return D
@@ -292,7 +314,10 @@ def _gram(W, backend, name):
     """W W^T (float64, symmetric) for W (nb, r, b); float32 data overflowing or too
     inexact is redone with float64 accumulation by the caller (``exact=True``)."""
     with np.errstate(over="ignore"):     # an overflow is detected (and redone) by the caller
-        K = (W @ _mT(W)).astype(np.float64, copy=False)
+        if W.shape[0] == 1:              # a 2-D GEMM: CuPy's batched matmul of one is slower
+            K = (W[0] @ W[0].T).astype(np.float64, copy=False)[None]
+        else:
+            K = (W @ _mT(W)).astype(np.float64, copy=False)
     return (K + _mT(K)) * 0.5
 
 
@@ -309,6 +334,8 @@ def _cholesky(C, backend):
     """Batched lower Cholesky factor, or None when C is not numerically positive definite."""
     xp = backend.xp
     try:
+        if C.shape[0] == 1 and backend.is_gpu:
+            return backend.cholesky_lower(C[0])[None]       # checks finiteness itself
         L = backend.cholesky_lower(C[0])[None] if C.shape[0] == 1 else xp.linalg.cholesky(C)
     except np.linalg.LinAlgError:
         return None
@@ -409,9 +436,8 @@ def _dual_factor_chunk(W, lam, N, backend, name):
     eye = xp.eye(r, dtype=np.float64)
     L = None
     if W.dtype != np.float64:
-        K = _gram(W, backend, name)
-        if bool(xp.isfinite(K).all()):
-            L = _cholesky(K + shift * eye, backend)
+        # a float32 Gram that overflowed makes the factor non-finite: _cholesky says None
+        L = _cholesky(_gram(W, backend, name) + shift * eye, backend)
     if L is None:   # float64 data, or a float32 Gram that overflowed or was too inexact
         K = _gram64(W, backend) if W.dtype != np.float64 else _gram(W, backend, name)
         _v.gram_finite(K, name, backend)
@@ -441,11 +467,13 @@ def _dual_finish(W, L, starts, lam, N, backend, name, inplace):
                 V[sl] = Vs
     # |V| <= 1 in exact arithmetic (V^T V = I - lambda F^{-1}): a finite V sums to a
     # finite value, and a NaN or infinity in it makes the sum non-finite; no (r, b)
-    # boolean temporary
-    if not bool(xp.isfinite(V.sum())):
+    # boolean temporary.  One host read for the check and log det L.
+    vsum, ldl = B.to_host(xp.stack([V.sum().astype(np.float64),
+                                    xp.log(xp.diagonal(L, axis1=-2, axis2=-1)).sum()]))
+    if not math.isfinite(vsum):
         raise ValueError(f"{name} is too large for its dtype {W.dtype}: the factor overflows; "
                          "rescale it (and the damping by the square of the scale)")
-    logdet = _logdet_L(L, backend) + nb * (b * math.log(lam) - r * math.log(shift))
+    logdet = 2.0 * float(ldl) + nb * (b * math.log(lam) - r * math.log(shift))
     return LowRank(starts, b, V, L, 1.0 / lam, -1.0 / lam, False, N, lam, logdet, backend)
 
 

@@ -1,8 +1,8 @@
 """The sliding window's CUDA kernels on their own, and the rollback of the fused GPU step.
 
 Each kernel against NumPy on random inputs: the fused first pass (slot write, saved
-old row, NaN/inf flag, y = x / lambda), the explicit inverse's rank-two replacement
-(against a dense inverse), and a failed step or update on the kernel path leaving the
+old row, NaN/inf flag, y = x / lambda), the explicit inverse's slot replacement
+(against a dense inverse, and its cancellation guard), and a failed step or update on the kernel path leaving the
 window exactly as a twin that never saw it.
 """
 import numpy as np
@@ -66,30 +66,42 @@ def test_rows_dot_fused_outputs(kind, m, ld, rows, slot):
         assert flag.get()[0] == 1.0
 
 
-@pytest.mark.parametrize("m,s", [(1, 0), (2, 1), (37, 0), (37, 36), (300, 123)])
-def test_window_replace_against_dense_inverse(m, s):
-    import cupy as cp
-    from mfac_linalg.kernels import sliding as K
-    rng = np.random.default_rng(m + s)
-    shift = 0.7
+def _replace_case(m, s, rng, shift=0.7, near=None):
+    """C = shift I + K and the Gram row u of a new gradient in slot s (a near-copy of
+    slot ``near``'s gradient, when given)."""
     A = rng.standard_normal((m, 3 * m))
     Kg = A @ A.T / m                                  # Gram matrix of the slots
-    g_new = rng.standard_normal(3 * m)
+    g_new = rng.standard_normal(3 * m) if near is None else A[near] * (1 + 1e-9)
     A2 = A.copy()
     A2[s] = g_new
     u = A2 @ g_new / m                                 # the new Gram row of slot s
-    C = Kg + shift * np.eye(m)
     Knew = Kg.copy()
     Knew[s, :] = u
     Knew[:, s] = u
-    Cnew = Knew + shift * np.eye(m)
-    Ci = cp.asarray(np.linalg.inv(C))
+    return Kg, u, Kg + shift * np.eye(m), Knew + shift * np.eye(m), Knew
+
+
+def _run_replace(Ci, Kg, u, s, shift):
+    import cupy as cp
+    from mfac_linalg.kernels import sliding as K
+    m = Kg.shape[0]
     out = cp.full((m, m), np.nan)
     Kd = cp.asarray(Kg)
     Kold = cp.full(m, np.nan)
-    x2, z, c = cp.empty(m), cp.full(m, np.nan), cp.full(m, np.nan, dtype=np.float32)
-    ax, det = cp.full(m, np.nan), cp.full(2, np.nan)
-    K.window_replace(Ci, out, cp.asarray(u), Kd, Kold, x2, ax, z, c, det, s)
+    x, z, c = cp.full(m, np.nan), cp.full(m, np.nan), cp.full(m, np.nan, dtype=np.float32)
+    ax, dg, status = cp.full(m, np.nan), cp.full(m, np.nan), cp.full(2, np.nan)
+    K.window_replace(Ci, out, cp.asarray(u), Kd, Kold, x, ax, dg, z, c, status, s, shift)
+    return out, z, c, status, Kd, Kold
+
+
+@pytest.mark.parametrize("m,s", [(1, 0), (2, 1), (37, 0), (37, 36), (300, 123)])
+def test_window_replace_against_dense_inverse(m, s):
+    import cupy as cp
+    rng = np.random.default_rng(m + s)
+    shift = 0.7
+    Kg, u, C, Cnew, Knew = _replace_case(m, s, rng, shift)
+    Ci = cp.asarray(np.linalg.inv(C))
+    out, z, c, status, Kd, Kold = _run_replace(Ci, Kg, u, s, shift)
     Cinv = np.linalg.inv(Cnew)
     tol = 1e-11 * np.linalg.cond(Cnew) * np.linalg.cond(C)
     assert np.abs(out.get() - Cinv).max() <= tol * np.abs(Cinv).max()
@@ -97,17 +109,27 @@ def test_window_replace_against_dense_inverse(m, s):
     assert np.abs(z.get() - zr).max() <= tol * np.abs(zr).max()
     assert np.array_equal(c.get(), z.get().astype(np.float32))
     ratio = np.exp(np.linalg.slogdet(Cnew)[1] - np.linalg.slogdet(C)[1])
-    assert abs(det.get()[0] - ratio) <= tol * ratio
-    assert 0 < det.get()[1] < np.inf                     # the scale of det's rounding
+    assert abs(status.get()[0] - ratio) <= tol * ratio
+    assert status.get()[1] == 1.0                        # the guards trust it
     assert np.array_equal(Kd.get(), Knew)
     assert np.array_equal(Kold.get(), Kg[s])
     assert np.array_equal(Ci.get(), np.linalg.inv(C))     # the old inverse is left alone
     out1, z1 = out.get(), z.get()                          # no atomics: bit-reproducible
-    Kd[...] = cp.asarray(Kg)
     for _ in range(3):
-        K.window_replace(Ci, out, cp.asarray(u), Kd, Kold, x2, ax, z, c, det, s)
-        Kd[...] = cp.asarray(Kg)
-        assert np.array_equal(out.get(), out1) and np.array_equal(z.get(), z1)
+        o, zz = _run_replace(Ci, Kg, u, s, shift)[:2]
+        assert np.array_equal(o.get(), out1) and np.array_equal(zz.get(), z1)
+
+
+def test_window_replace_guard_flags_a_cancelling_pivot():
+    """A new gradient that nearly repeats a held one with a tiny shift: the insertion
+    pivot keeps fewer than 1e-6 of its diagonal, and the kernel says so (status[1] = 0:
+    the engine rebuilds exactly)."""
+    import cupy as cp
+    rng = np.random.default_rng(3)
+    m, s, shift = 12, 4, 1e-9
+    Kg, u, C, _, _ = _replace_case(m, s, rng, shift, near=7)
+    status = _run_replace(cp.asarray(np.linalg.inv(C)), Kg, u, s, shift)[3]
+    assert status.get()[1] == 0.0
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
@@ -175,3 +197,99 @@ def test_kernel_matvec_checks_its_input_in_its_first_pass(explicit):
     with pytest.raises(ValueError, match="^X must be finite"):
         w.matmat(cp.asarray(x[:, None]))
     assert cp.isnan(ws[1].matvec(cp.asarray(x))).all()
+
+
+@pytest.mark.parametrize("shape,view", [
+    ((5, 7), "c"), ((1, 1), "c"), ((0, 4), "c"), ((3, 0), "c"),
+    ((2000, 3), "c"),             # few columns, many rows: cut into runs of rows
+    ((64, 40_000), "c"),          # enough columns: one run
+    ((3, 33, 129), "c"), ((4, 50, 10), "f"), ((4, 60, 30), "strided"),
+])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sumsq_columns_against_float64(shape, view, dtype):
+    """alpha + beta * sum_i V[.., i, j]^2 with float64 sums, rounded once: equal to the
+    float64 result rounded to the dtype (to one unit), for C- and F-ordered and strided
+    stacks; bit-reproducible."""
+    import cupy as cp
+    from mfac_linalg.kernels import reduce as R
+    rng = np.random.default_rng(sum(shape))
+    A = rng.standard_normal(shape) * np.logspace(-2, 2, shape[-1]) if shape[-1] else \
+        np.zeros(shape)
+    A = A.astype(dtype)
+    V = cp.asarray(A)
+    if view == "f":
+        V = cp.asfortranarray(V)
+    elif view == "strided":                 # every other column of a wider array
+        W = np.full(shape[:-1] + (2 * shape[-1],), np.nan, dtype=dtype)
+        W[..., ::2] = A
+        V = cp.asarray(W)[..., ::2]
+    alpha, beta = 0.25, -0.5
+    out = R.sumsq_columns(V, alpha, beta)
+    s = np.einsum("...ij,...ij->...j", A.astype(np.float64), A.astype(np.float64))
+    ref = alpha + beta * s
+    assert out.shape == ref.shape and out.dtype == np.dtype(dtype)
+    got = out.get().astype(np.float64)
+    # one rounding to the dtype, plus the float64 sums' own rounding (another order)
+    tol = (np.spacing(np.abs(ref).astype(dtype)).astype(np.float64)
+           + 2 * max(shape[-2], 1) * 2.0 ** -53 * (abs(alpha) + abs(beta) * s))
+    assert np.all(np.abs(got - ref) <= tol)
+    assert np.array_equal(R.sumsq_columns(V, alpha, beta).get(), out.get())
+
+
+def test_sumsq_columns_slices_a_stack_beyond_the_grid(monkeypatch):
+    import cupy as cp
+    from mfac_linalg.kernels import reduce as R
+    V = cp.asarray(np.random.default_rng(0).standard_normal((7, 5, 3)))
+    whole = R.sumsq_columns(V).get()
+    monkeypatch.setattr(R, "MAX_GRID", 2)
+    assert np.array_equal(R.sumsq_columns(V).get(), whole)
+    assert np.allclose(whole, (V.get() ** 2).sum(axis=1), rtol=1e-15, atol=0)
+
+
+def test_sumsq_columns_float32_is_float64_faithful():
+    """Sums that cancel in float32 (a large alpha, beta < 0): the kernel rounds once."""
+    import cupy as cp
+    from mfac_linalg.kernels import reduce as R
+    rng = np.random.default_rng(1)
+    A = (rng.standard_normal((1024, 1000)) / 32).astype(np.float32)
+    s = (A.astype(np.float64) ** 2).sum(axis=0)
+    alpha = float(s.max()) * 1.0001
+    out = R.sumsq_columns(cp.asarray(A), alpha, -1.0).get().astype(np.float64)
+    ref = alpha - s
+    assert np.all(np.abs(out - ref) <= np.spacing(ref.astype(np.float32)).astype(np.float64))
+
+
+@pytest.mark.parametrize("nb,r,b", [(1, 1, 1), (3, 5, 7), (40, 64, 128), (7, 256, 128),
+                                    (5, 33, 1000), (2, 700, 40)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("alpha,beta", [(2.0, -0.5), (0.0, 1.5)])
+def test_block_apply_against_float64(nb, r, b, dtype, alpha, beta):
+    """alpha x + beta V^T (V x) per block, float64 sums rounded once: within the float64
+    product's own rounding plus one unit of the dtype; bit-reproducible."""
+    import cupy as cp
+    from mfac_linalg.kernels import blocks as KB
+    rng = np.random.default_rng(nb * r + b)
+    V = rng.standard_normal((nb, r, b)).astype(dtype)
+    X = rng.standard_normal((nb, b)).astype(dtype)
+    Vd = cp.asarray(V)
+    assert KB.fits(Vd)
+    Y = KB.apply(Vd, cp.asarray(X), alpha, beta)
+    V64, X64 = V.astype(np.float64), X.astype(np.float64)
+    U = np.einsum("nij,nj->ni", V64, X64)
+    ref = alpha * X64 + beta * np.einsum("nij,ni->nj", V64, U)
+    # float64 rounding of the two sums (another order) and one rounding to the dtype
+    mag = abs(alpha) * np.abs(X64) + abs(beta) * np.einsum(
+        "nij,ni->nj", np.abs(V64), np.einsum("nij,nj->ni", np.abs(V64), np.abs(X64)))
+    tol = 4 * (r + b) * 2.0 ** -53 * mag + np.spacing(np.abs(ref).astype(dtype))
+    assert Y.dtype == np.dtype(dtype) and Y.shape == (nb, b)
+    assert np.all(np.abs(Y.get().astype(np.float64) - ref) <= tol)
+    assert np.array_equal(KB.apply(Vd, cp.asarray(X), alpha, beta).get(), Y.get())
+
+
+def test_block_apply_refuses_what_it_cannot_take():
+    import cupy as cp
+    from mfac_linalg.kernels import blocks as KB
+    assert not KB.fits(cp.zeros((2, 3, 4), dtype=cp.float16))
+    assert not KB.fits(cp.zeros((2, 3, 8))[:, :, ::2])            # not contiguous
+    assert not KB.fits(cp.zeros((1, 8, 8192)))                     # shared memory
+    assert KB.fits(cp.zeros((1, 8, 4000)))
