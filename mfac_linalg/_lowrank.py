@@ -35,12 +35,14 @@ from __future__ import annotations
 import math
 import os
 import threading
+from contextlib import nullcontext as _no_context
 
 import numpy as np
 
 from . import _backend as B
 from . import _validate as _v
 from ._capacitance import NotPositiveDefinite   # the library's one such error (public)
+from ._operator import NonFiniteInput
 
 __all__ = ["LowRank", "build", "column_sumsq", "DUAL_MARGIN", "NotPositiveDefinite"]
 
@@ -213,30 +215,43 @@ class LowRank:
         to make), else as they are."""
         return (self.V[0], Xb) if Xb.ndim == 2 else (self.V, Xb)
 
-    def matmat(self, Xb):
+    def matmat(self, Xb, check=False):
         """(alpha I + beta V_k^T V_k) X_k for Xb of shape (nb, b, k), or (b, k) for a
         stack of one: two passes over V.
 
         The scale goes on the small (r, k) side and the d-sized result is built in
         place (no d-sized temporaries beyond the result).  On the GPU one vector per
         block of a stack goes through one kernel (``kernels/blocks.py``: V read about
-        once, float64 sums)."""
+        once, float64 sums).
+
+        ``check``: raise ``NonFiniteInput`` when X holds NaN or infinity, read from U = V X
+        (r values, not d): V is finite and every x_j enters every u_i (0 * inf is NaN),
+        so U is finite exactly when X is and its products do not overflow.  The flag is
+        formed before pass 2 and read after it (one host read, no stall between the
+        passes)."""
         be = self.backend
-        if be.is_gpu and Xb.ndim == 3 and Xb.shape[2] == 1 and Xb.dtype == self.V.dtype:
+        if (not check and be.is_gpu and Xb.ndim == 3 and Xb.shape[2] == 1
+                and Xb.dtype == self.V.dtype):
             kb = B.kernel_module("blocks")
             if kb.fits(self.V):
                 with be.device_context():
                     return kb.apply(self.V, Xb[:, :, 0], self.alpha, self.beta)[:, :, None]
         V, X = self._squeeze(Xb)
-        U = V @ X                               # pass 1: (.., r, k)
-        if not self.alpha:                      # primal: beta V^T V X
-            if self.beta != 1.0:
-                U *= self.beta
-            return _mT(V) @ U
-        U *= self.beta / self.alpha             # dual: alpha (X + (beta/alpha) V^T U)
-        Y = _mT(V) @ U                          # pass 2
-        Y += X
-        Y *= self.alpha
+        # with ``check``, NaN/inf flow through on purpose and are reported below
+        with np.errstate(invalid="ignore", over="ignore") if check else _no_context():
+            U = V @ X                           # pass 1: (.., r, k)
+            ok = be.xp.isfinite(U).all() if check else None     # read after pass 2
+            if not self.alpha:                  # primal: beta V^T V X
+                if self.beta != 1.0:
+                    U *= self.beta
+                Y = _mT(V) @ U
+            else:
+                U *= self.beta / self.alpha     # dual: alpha (X + (beta/alpha) V^T U)
+                Y = _mT(V) @ U                  # pass 2
+                Y += X
+                Y *= self.alpha
+        if check and not bool(ok):
+            raise NonFiniteInput
         return Y
 
     def diagonal(self):

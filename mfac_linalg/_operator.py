@@ -302,6 +302,24 @@ class Operator(_Algebra, _SciPyLinearOperator):
         ``NonFiniteInput``), sparing a separate pass and synchronisation."""
         return False
 
+    def _nonfinite(self, x, name):
+        """The error for input that a ``_matmat`` flagged itself: NaN or infinity in x,
+        finite x that overflows the operator's dtype when cast, or finite x whose
+        products with the operator overflow (the same messages as :meth:`_prepare`)."""
+        X0, _ = B.as_vector_block(x, name, self._d, self._backend, finite=False)
+        xp = self._backend.xp
+        if not bool(xp.isfinite(X0).all()):
+            return ValueError(f"{name} must be finite; got NaN or infinity")
+        if X0.dtype != self._dtype:
+            with np.errstate(over="ignore"):
+                cast_ok = bool(xp.isfinite(X0.astype(self._dtype)).all())
+            if not cast_ok:
+                return ValueError(f"{name} is too large for the operator's dtype "
+                                  f"{self._dtype.name}: its entries overflow when cast; "
+                                  "rescale it")
+        return ValueError(f"{name} is too large: its products with the operator overflow; "
+                          "rescale it")
+
     def _matmat(self, X):
         raise NotImplementedError(f"{type(self).__name__} does not implement _matmat")
 
@@ -322,7 +340,7 @@ class Operator(_Algebra, _SciPyLinearOperator):
         try:
             Y = self._rmatmat(X) if adjoint else self._matmat(X)
         except NonFiniteInput:
-            raise ValueError(f"{name} must be finite; got NaN or infinity") from None
+            raise self._nonfinite(x, name) from None
         if Y.dtype != out_dtype:
             Y = Y.astype(out_dtype)
         return Y[:, 0] if was_1d else Y

@@ -178,8 +178,13 @@ class StaticInverseFisher(_LowRankInverseFisher):
         return [f"m={self._m}", f"damping={self._damping:.0e}"]
 
     # -- hooks: F^{-1} = alpha I + beta V^T V ----------------------------------
+    def _checks_own_finite(self, X):
+        """X's NaN/inf check is read from V X (r values) in the product itself
+        (``LowRank.matmat``): no separate pass over X."""
+        return True
+
     def _matmat(self, X):
-        return self._lr.matmat(X)
+        return self._lr.matmat(X, check=self._check_finite)
 
     def _diagonal(self):
         return self._lr.diagonal()[0]

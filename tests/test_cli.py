@@ -226,6 +226,8 @@ def test_bad_grads_file_one_line_exit_2(tmp_path, monkeypatch, capsys, kind, msg
      "--vec must have shape (4,) or (4, k) (d = the columns of --grads); got shape (3,)"),
     (["ihvp", "--vec", "vnan.npy", "--damping", "1"], "--vec must be finite"),
     (["ihvp", "--vec", "vbig.npy", "--damping", "1e-3"], "the result F^-1 x overflows float64"),
+    (["ihvp", "--vec", "vhuge.npy", "--damping", "1e-3"],
+     "--vec is too large: its products with the operator overflow"),
     (["diag", "--damping", "1", "--out", "outdir"], "--out: outdir is a directory"),
     (["diag", "--damping", "1", "--out", "nodir/o.npy"],
      "--out: cannot write nodir/o.npy (no such directory: nodir)"),
@@ -235,7 +237,8 @@ def test_bad_options_one_line_exit_2(tmp_path, monkeypatch, capsys, args, msg):
     np.save("G.npy", np.ones((2, 4)))
     np.save("v3.npy", np.ones(3))
     np.save("vnan.npy", np.array([1.0, np.nan, 0, 0]))
-    np.save("vbig.npy", np.full(4, 1e308))
+    np.save("vbig.npy", 1e306 * np.array([1.0, -1.0, 0.0, 0.0]))   # F^-1 x = x / 1e-3
+    np.save("vhuge.npy", np.full(4, 1e308))                         # G x overflows
     os.mkdir("outdir")
     full = [args[0], "--grads", "G.npy", *args[1:]]
     if "--out" not in full:

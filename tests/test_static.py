@@ -332,3 +332,34 @@ def test_fisher_operator_constructor_refuses_non_inverse_fisher_operators(rng, b
     F = ml.FisherOperator(op)
     x = rng.standard_normal(12)
     assert np.array_equal(F.matvec(x), op.fisher().matvec(x)) and F.inverse() is op
+
+
+@pytest.mark.parametrize("m,d", [(3, 8), (12, 5)])          # dual and primal forms
+def test_matvec_checks_x_through_its_own_product(m, d, rng, monkeypatch):
+    """The finiteness of x is read from V x (r values) in the product: no separate pass
+    over x, and the same errors: NaN/inf, a cast that overflows, products that overflow."""
+    from mfac_linalg import _backend as B
+    op = ml.StaticInverseFisher(rng.standard_normal((m, d)), 0.3)
+    calls = []
+    real = B.check_finite
+    monkeypatch.setattr(B, "check_finite", lambda *a: calls.append(a[1]) or real(*a))
+    x = rng.standard_normal(d)
+    np.testing.assert_array_equal(op.matvec(x), op.matmat(x[:, None])[:, 0])
+    for bad in (np.nan, np.inf, -np.inf):
+        xb = x.copy()
+        xb[d // 2] = bad
+        with pytest.raises(ValueError, match=r"^x must be finite; got NaN or infinity$"):
+            op.matvec(xb)
+        with pytest.raises(ValueError, match=r"^X must be finite"):
+            op.matmat(np.stack([x, xb], axis=1))
+    assert calls == []
+    ones = ml.StaticInverseFisher(np.ones((3, 8)), 0.3)     # V x ~ sqrt(8) 1e308: overflows
+    with pytest.raises(ValueError, match="x is too large: its products with the operator "
+                                         "overflow"):
+        ones.matvec(np.full(8, 1e308))
+    op32 = ml.StaticInverseFisher(rng.standard_normal((m, d)).astype(np.float32), 0.3)
+    with pytest.raises(ValueError, match="x is too large for the operator's dtype float32"):
+        op32.matvec(np.full(d, 1e39))
+    off = ml.StaticInverseFisher(rng.standard_normal((m, d)), 0.3, check_finite=False)
+    with np.errstate(invalid="ignore"):
+        assert np.isnan(off.matvec(np.full(d, np.nan))).all()   # unchecked: NaN out
