@@ -93,7 +93,6 @@ __all__ = ["gram", "gram64", "cholesky_shifted", "logdet_factor", "padded_identi
            "ExplicitEngine", "pick_engine", "ENGINES"]
 
 _BLOCK = 128
-_EPS = float(np.finfo(np.float64).eps)
 ENGINES = ("auto", "cholesky", "explicit")
 _KERNEL_STORAGE = ("float32", "float16", "bfloat16")
 
@@ -645,13 +644,6 @@ class ExplicitEngine(_Engine):
         self.logdet_C = float(logdet)
         self.n, self.start, self.shift = int(n), int(start), float(shift)
         self.valid = True
-
-
-def _det_ok(det, scale):
-    """det M = det C_new / det C is trusted when it is positive, finite and above the
-    rounding of its own cancellation (64 eps of |m00 m11| + |m01 m10|); else the
-    explicit engine rebuilds exactly, which raises when C_new is singular."""
-    return math.isfinite(det) and det > 64.0 * _EPS * scale and det > 1e-300
 
 
 def engine_kind(backend, storage, normalize, engine="auto"):
