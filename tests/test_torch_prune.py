@@ -237,3 +237,53 @@ def test_prune_leaves_other_parameters_alone():
                 num_grads=20, damping=LAM)
     assert set(rep.masks.removed) == {"0", "2"} and rep.sparsity == 0.5
     assert all(torch.equal(a, b) for a, b in zip(ln, model[1].parameters()))
+
+
+@pytest.mark.parametrize("where", ["between", "numerical"])
+@pytest.mark.parametrize("masked_before", [False, True])
+def test_a_failed_prune_restores_the_model(where, masked_before, monkeypatch):
+    """A failure in stage 2 of 3 (raised by ``between``, or a numerical failure of the
+    operator) leaves the model as before the call: its state_dict bit for bit, no new
+    hooks or mask buffers, an existing mask unchanged."""
+    import importlib
+    import mfac_linalg as ml
+    from mfac_linalg.torch import PruneMasks
+    P = importlib.import_module("mfac_linalg.torch.prune")     # the module, not the function
+    model = _mlp()
+    x, y = _data()
+    if masked_before:
+        masks = PruneMasks([("0", model[0]), ("2", model[2])])
+        masks.removed["0"][0, :3] = True
+        masks.apply()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mask_before = (model[0]._mfac_removed.clone() if masked_before else None)
+    hooks_before = {n: len(m._forward_pre_hooks) for n, m in model.named_children()}
+    calls = []
+    between = None
+    if where == "between":
+        def between(model, stage):
+            with torch.no_grad():
+                model[0].weight.add_(1.0)          # a training step, say
+            raise RuntimeError("interrupted")
+        exc = RuntimeError
+    else:
+        real = P._operator
+
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise ml.NotPositiveDefinite("the damping is too small (test)")
+            return real(*args, **kwargs)
+        monkeypatch.setattr(P, "_operator", failing)
+        exc = ml.NotPositiveDefinite
+    with pytest.raises(exc):
+        P.prune(model, torch.nn.CrossEntropyLoss(), (x, y), 0.8, num_grads=32, damping=1e-3,
+                block_size=16, steps=3, between=between)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert {n: len(m._forward_pre_hooks) for n, m in model.named_children()} == hooks_before
+    if masked_before:
+        assert torch.equal(model[0]._mfac_removed, mask_before)
+    else:
+        assert not any(hasattr(m, "_mfac_removed") for m in model.children())

@@ -362,8 +362,10 @@ def prune(model, loss_fn, data, sparsity, *, method="joint", fisher="block", blo
     ------
     TypeError, ValueError
         Bad arguments (named in the message), too few samples for ``num_grads``: checked
-        before the model is touched.  A numerical failure inside a stage raises before
-        that stage writes anything; the earlier stages' results stay on the model.
+        before the model is touched.  Any failure after that (numerical, in any stage, or
+        raised by ``between``) restores the model as it was before the call: its
+        ``state_dict`` bit for bit and the pruned layers' masks and hooks.  This keeps one
+        copy of the model's ``state_dict`` for the duration of the call.
 
     Examples
     --------
@@ -420,6 +422,45 @@ def prune(model, loss_fn, data, sparsity, *, method="joint", fisher="block", blo
     available = sum(x.shape[0] for x, _ in batches)
     if method != "magnitude" and available < num_grads:
         raise ValueError(f"num_grads={num_grads} but data holds only {available} samples")
+    snapshot = _Snapshot(model, named)
+    try:
+        return _prune_stages(model, loss_fn, batches, named, sizes, D, layer_of, weight_idx,
+                             s_i, sparsity, method, fisher, block_size, num_grads, damping,
+                             scope, first_order, steps, schedule, block_layout, between)
+    except BaseException:
+        snapshot.restore()
+        raise
+
+
+class _Snapshot:
+    """The model's state before :func:`prune` touches it: a copy of its ``state_dict``
+    and, per pruned layer, its mask (if it had one) and forward pre-hooks."""
+
+    def __init__(self, model, named):
+        self.model = model
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.layers = [(m, m._mfac_removed.clone() if "_mfac_removed" in m._buffers else None,
+                        set(_hook_keys(m))) for _, m in named]
+
+    @torch.no_grad()
+    def restore(self):
+        live = self.model.state_dict()
+        for k, v in self.state.items():
+            live[k].copy_(v)
+        for m, mask, hooks in self.layers:
+            for k in _hook_keys(m):
+                if k not in hooks:
+                    del m._forward_pre_hooks[k]
+            if mask is not None:
+                m._mfac_removed.copy_(mask)
+            elif "_mfac_removed" in m._buffers:
+                del m._buffers["_mfac_removed"]
+
+
+def _prune_stages(model, loss_fn, batches, named, sizes, D, layer_of, weight_idx, s_i,
+                  sparsity, method, fisher, block_size, num_grads, damping, scope,
+                  first_order, steps, schedule, block_layout, between):
+    """The stages of :func:`prune` (arguments validated); the caller restores on error."""
     masks = PruneMasks(named)          # keeps the masks already on these layers
     with torch.no_grad():
         for _, m in named:
