@@ -470,10 +470,11 @@ class Operator(_Algebra, _SciPyLinearOperator):
     def todense(self, *, max_elements=DENSE_LIMIT):
         """The dense d x d matrix (for tests and small problems), O(d^2) memory.
 
-        Raises ``ValueError`` when d*d exceeds ``max_elements`` (a number >= 0,
-        ``inf`` allowed; NaN is refused).
+        Raises ``ValueError`` when d*d exceeds ``max_elements`` (an integer >= 0, or
+        ``math.inf`` for no limit; a float such as 1.5 is a ``TypeError``, NaN a
+        ``ValueError``).
         """
-        limit = _v.real(max_elements, "max_elements", allow_inf=True, low=0)
+        limit = _v.count_limit(max_elements, "max_elements")
         if self._d * self._d > limit:
             raise ValueError(f"todense would build a {self._d} x {self._d} matrix "
                              f"({self._d * self._d} entries > max_elements={max_elements}); "

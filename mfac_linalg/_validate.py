@@ -78,6 +78,16 @@ def positive_int(value, name):
     return integer(value, name, minimum=1)
 
 
+def count_limit(value, name):
+    """A limit on a count: an integer >= 0, or +inf for none.  TypeError for a finite
+    float (1.5 or 81.0: a count is an integer), a string or a bool; ValueError for NaN
+    or a negative value.  Returns an ``int`` or ``math.inf``."""
+    v = real(value, name, allow_inf=True, low=0)
+    if math.isinf(v):
+        return v
+    return integer(value, name, minimum=0)
+
+
 def real(value, name, *, allow_nan=False, allow_inf=False, low=None, high=None,
          low_open=False, high_open=False):
     """A real scalar (int, float, NumPy/CuPy 0-d real array; not bool, str or complex).

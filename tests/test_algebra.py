@@ -239,6 +239,10 @@ def test_todense_size_guard_validates_max_elements(rng):
         A.todense(max_elements=True)
     with pytest.raises(ValueError, match="max_elements must be >= 0"):
         A.todense(max_elements=-1)
+    for frac in (1.5, 81.0, np.float64(100.0)):       # a count: an integer, or inf
+        with pytest.raises(TypeError, match="max_elements must be an integer"):
+            A.todense(max_elements=frac)
+    assert A.todense(max_elements=np.int64(81)).shape == (9, 9)
     with pytest.raises(ValueError, match="todense would build a 9 x 9 matrix"):
         A.todense(max_elements=80)
     assert np.array_equal(A.todense(max_elements=81), A.todense(max_elements=float("inf")))

@@ -321,7 +321,7 @@ class ShardedOperator(_FlaggedCollectives, Operator):
         rank) when d*d exceeds ``max_elements``.
         """
         d = self._dglobal
-        limit = V.real(max_elements, "max_elements", allow_inf=True, low=0)   # NaN refused
+        limit = V.count_limit(max_elements, "max_elements")   # NaN refused
         if d * d > limit:
             raise ValueError(f"todense would build a {d} x {d} matrix ({d * d} entries > "
                              f"max_elements={max_elements}); raise max_elements explicitly "
