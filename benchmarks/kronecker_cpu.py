@@ -9,6 +9,9 @@ process (``time.process_time``, medians of interleaved rounds) with single-threa
 shared machine wall time mostly measures the other processes, and idle BLAS threads that
 spin would be counted as CPU time.
 
+Then, where curvlinops and torch are installed, K-FAC with pi damping against curvlinops'
+``KFACInverseLinearOperator`` (build and one product; ``vs_curvlinops``).
+
 Run:  python benchmarks/kronecker_cpu.py [--quick] [--no-progress]
 """
 from __future__ import annotations
@@ -74,6 +77,72 @@ def run(sizes, rounds, seed=0, show_progress=None):
     return rows
 
 
+def vs_curvlinops(sizes, rounds, lam=1e-3):
+    """K-FAC against curvlinops' ``KFACInverseLinearOperator`` on one ``nn.Linear(D, D)``
+    with bias, float64, single-threaded torch and BLAS, for both damping modes: pi
+    (``use_heuristic_damping=True``: the same split) and exact (``use_exact_damping=True``).
+
+    Build: ours ``kfac(activations, output_grads, lam, bias=True, damping_mode=...)`` from
+    the captured inputs and per-sample output gradients; theirs ``KFACLinearOperator`` on
+    the model and data (its forward and backward pass included: that is how its factors
+    are obtained) plus the inverse and its first product (which computes the cached
+    inverse).  Apply: one vector of D (D + 1) entries.  "before" (pi rows) is our
+    eigendecomposition route, the pi form before this release (still taken with
+    ``indefinite="clip"``).  Rows: mode, D, n, median CPU ms of each and ours / theirs.
+    None if curvlinops or torch is missing."""
+    try:
+        import torch
+        from curvlinops import KFACInverseLinearOperator, KFACLinearOperator
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    rows = []
+    for mode in ("pi", "exact"):
+        for D, n in sizes:
+            torch.manual_seed(0)
+            lin = torch.nn.Linear(D, D).double()
+            X = torch.randn(n, D, dtype=torch.float64)
+            Y = torch.randn(n, D, dtype=torch.float64)
+            loss = torch.nn.MSELoss(reduction="sum")
+            with torch.no_grad():
+                g = 2.0 * (lin(X) - Y)              # per-sample output gradients of the sum
+            a, gn = X.numpy(), g.numpy()
+            v = torch.randn(D * (D + 1), dtype=torch.float64)
+            V = v.numpy().reshape(D, D + 1)
+            kw = ({"use_heuristic_damping": True} if mode == "pi"
+                  else {"use_exact_damping": True})
+
+            def theirs(kw=kw, lin=lin, loss=loss, X=X, Y=Y, v=v):
+                K = KFACLinearOperator(lin, loss, [lin.weight, lin.bias], [(X, Y)],
+                                       fisher_type="empirical", separate_weight_and_bias=False,
+                                       check_deterministic=False)
+                inv = KFACInverseLinearOperator(K, damping=lam, **kw)
+                inv @ v
+                return inv
+
+            def ours(a=a, gn=gn, mode=mode):
+                return ml.kfac(a, gn, lam, bias=True, damping_mode=mode)
+
+            def before(a=a, gn=gn):
+                return ml.kfac(a, gn, lam, bias=True, indefinite="clip")
+            ops = {"ours": ours(), "theirs": theirs(), "before": before()}
+            fns = {"build ours": ours, "build theirs": theirs,
+                   "apply ours": lambda: ops["ours"].matvec(V),
+                   "apply theirs": lambda: ops["theirs"] @ v}
+            if mode == "pi":
+                fns.update({"build before": before,
+                            "apply before": lambda: ops["before"].matvec(V)})
+            t = cpu_compare(fns, rounds)
+            row = [mode, str(D), str(n)]
+            for what in ("build", "apply"):
+                o, th = t[f"{what} ours"], t[f"{what} theirs"]
+                b = t.get(f"{what} before")
+                row += [f"{o * 1e3:.1f}", "-" if b is None else f"{b * 1e3:.1f}",
+                        f"{th * 1e3:.1f}", f"{o / th:.2f}"]
+            rows.append(row)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes, few rounds")
@@ -87,6 +156,14 @@ def main():
                                                         for name, _, _ in BUILDERS]
     print(table(header, run(sizes, rounds,
                             show_progress=False if args.no_progress else None)))
+    cl = vs_curvlinops([(256, 1024)] if args.quick else [(512, 4096), (1024, 4096)],
+                       3 if args.quick else 5)
+    if cl is None:
+        print("\ncurvlinops or torch not installed: no comparison with it")
+    else:
+        print("\nK-FAC against curvlinops (CPU ms, single-threaded; ours / theirs)")
+        print(table(["damping", "D", "n", "build ours", "before", "curvlinops", "ours/theirs",
+                     "apply ours", "before", "curvlinops", "ours/theirs"], cl))
 
 
 if __name__ == "__main__":

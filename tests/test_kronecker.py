@@ -520,3 +520,35 @@ def test_kronecker_on_backend(backend, build, rng):
         else damped_dense(ref, 0.1)
     check_operator(op, np.linalg.inv(M), float64_tol(cond(M)), rng,
                    logdet=np.linalg.slogdet(M)[1], forward=M, forward_tol=1e-10)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_pi_kfac_cholesky_route_equals_the_eigendecomposition(rng, bias):
+    """The default pi-damped K-FAC (Cholesky factors, two-GEMM products) is the same
+    operator as the eigendecomposition route (taken with indefinite='clip'): products,
+    forward products, diagonal, entries and log det to rounding."""
+    A, G, Ab, G3, F = layer(rng, 80, 5, 4, bias)
+    fast = ml.kfac(A, G, 1e-2, bias=bias)
+    eig = ml.kfac(A, G, 1e-2, bias=bias, indefinite="clip")
+    assert fast.info["factorization"] == "cholesky" and "factorization" not in eig.info
+    X = rng.standard_normal((fast.shape[0], 3))
+    assert rel_err(fast.matmat(X), eig.matmat(X)) < 1e-12
+    assert rel_err(fast.fisher().matmat(X), eig.fisher().matmat(X)) < 1e-12
+    assert rel_err(fast.diagonal(), eig.diagonal()) < 1e-12
+    assert rel_err(fast.fisher().diagonal(), eig.fisher().diagonal()) < 1e-12
+    assert abs(fast.entry(1, 3) - eig.entry(1, 3)) < 1e-12 * np.abs(eig.todense()).max()
+    assert abs(fast.logdet() - eig.logdet()) < 1e-12 * abs(eig.logdet())
+    M = damped_dense(eig, 1e-2)
+    assert rel_err(fast.todense(), np.linalg.inv(M)) < float64_tol(cond(M))
+
+
+def test_pi_kfac_falls_back_to_the_eigendecomposition_when_cholesky_fails():
+    """A damped factor that is not positive definite (an eigenvalue below -lam_B): the
+    eigendecomposition route and its indefinite='abs' rule, never a failure."""
+    from mfac_linalg.kronecker.builders import _single_inverse
+    Bm, Cm = -np.diag([1.0, 2.0]), np.eye(3)
+    op = _single_inverse("kfac", Bm, Cm, 0.01, "pi", "abs", ml._backend.CPU,
+                         terms=[(Bm, Cm)], info={})
+    assert "factorization" not in op.info
+    assert np.all(np.isfinite(op.todense()))
+    assert np.linalg.norm(op.todense(), 2) <= 1.0 / 0.01 * (1 + 1e-12)

@@ -134,10 +134,45 @@ def _pi_split(Bm, Cm, lam):
     return lb, lc
 
 
+def _pi_cholesky(method, Bm, Cm, lam, be, *, terms, info):
+    """((B + lam_B I) kron (C + lam_C I))^{-1} through the Cholesky factors of the damped
+    factors (docs/math.md §4): K_B = L_B^{-T} (K_B K_B^T = (B + lam_B I)^{-1}), S = 1, and
+    the explicit inverses kept for a two-GEMM apply, (B + lam_B I)^{-1} V (C + lam_C I)^{-1}.
+    About d^3 per factor (Cholesky, triangular inverse, one product) against ~9 d^3 for a
+    symmetric eigendecomposition.  None when a damped factor is not numerically positive
+    definite (rounding left an eigenvalue below -lam_B): the caller takes the
+    eigendecomposition, whose ``indefinite`` rule handles it."""
+    xp = be.xp
+    lb, lc = _pi_split(Bm, Cm, lam)
+    out = []
+    for M, shift in ((Bm, lb), (Cm, lc)):
+        Md = _sym(M) + shift * xp.eye(M.shape[0])
+        try:
+            L = be.cholesky_lower(Md)
+        except np.linalg.LinAlgError:
+            return None
+        if not bool(xp.isfinite(L).all()):
+            return None
+        Li = be.solve_triangular(L, xp.eye(L.shape[0]), lower=True)
+        out.append((Md, L, Li.T, _sym(Li.T @ Li), 2.0 * B.scalar(xp.log(xp.diagonal(L)).sum())))
+    (Bd, LB, KB, Binv, ldB), (Cd, LC, KC, Cinv, ldC) = out
+    d_out, d_in = Bd.shape[0], Cd.shape[0]
+    info.update(damping_mode="pi", indefinite="abs", factorization="cholesky")
+    return KroneckerInverse(method, KB, KC, xp.ones((d_out, d_in)), KBinvT=LB, KCinvT=LC,
+                            logdet_offset=d_in * ldB + d_out * ldC, terms=terms, damping=lam,
+                            backend=be, info=info, clipped=0, direct=(Binv, Cinv, Bd, Cd))
+
+
 def _single_inverse(method, Bm, Cm, lam, damping_mode, indefinite, be, *, terms, info):
     """(B kron C + lam I)^{-1} ("exact") or ((B + lam_B I) kron (C + lam_C I))^{-1} ("pi")
-    through the eigendecompositions of B and C; O(d_out^3 + d_in^3)."""
+    through the eigendecompositions of B and C; O(d_out^3 + d_in^3).  The "pi" form with
+    ``indefinite="abs"`` goes through Cholesky factors instead (:func:`_pi_cholesky`)
+    where they exist: the same operator, several times cheaper to build and to apply."""
     xp = be.xp
+    if damping_mode == "pi" and indefinite == "abs":
+        op = _pi_cholesky(method, Bm, Cm, lam, be, terms=terms, info=info)
+        if op is not None:
+            return op
     sB, UB = xp.linalg.eigh(_sym(Bm))
     sC, UC = xp.linalg.eigh(_sym(Cm))
     if damping_mode == "exact":

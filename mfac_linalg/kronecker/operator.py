@@ -52,6 +52,14 @@ class _KronProducts(_Picklable, Operator):
             return Operator.matvec(self, arr.reshape(-1)).reshape(self.d_out, self.d_in)
         return Operator.matvec(self, x)
 
+    def _apply_direct(self, X, Bm, Cm):
+        """vec(B V C) for symmetric B, C and the k columns of X at once: two GEMMs."""
+        k = X.shape[1]
+        if k == 0:
+            return self._backend.xp.zeros((self._d, 0), dtype=X.dtype)
+        V = X.T.reshape(k, self.d_out, self.d_in)
+        return (Bm @ V @ Cm).reshape(k, -1).T
+
     def _apply(self, X, KL, KR, S, divide):
         """vec(KL [(KL_t V KR) ./ S or .* S] KR^T) for the k columns of X at once."""
         k = X.shape[1]
@@ -93,7 +101,10 @@ class KroneckerInverse(_KronProducts):
     """
 
     def __init__(self, method, KB, KC, S, *, KBinvT, KCinvT, logdet_offset, terms=None,
-                 ekfac=None, damping, backend, info=None, clipped=0):
+                 ekfac=None, damping, backend, info=None, clipped=0, direct=None):
+        # direct: (B^-1, C^-1, B, C) of a product form M = B kron C (S = 1): products as
+        # two GEMMs, B^-1 V C^-1 and B V C, instead of four through K_B, K_C
+        self._direct = direct
         self._method = method
         self._KB, self._KC, self._S = KB, KC, S
         self._KBinvT, self._KCinvT = KBinvT, KCinvT
@@ -129,9 +140,14 @@ class KroneckerInverse(_KronProducts):
                 f"damping={self._damping:.0e}"]
 
     def _matmat(self, X):
+        if self._direct is not None:
+            return self._apply_direct(X, self._direct[0], self._direct[1])
         return self._apply(X, self._KB, self._KC, self._S, True)
 
     def _diagonal(self):
+        if self._direct is not None:
+            xp = self._backend.xp
+            return xp.outer(xp.diagonal(self._direct[0]), xp.diagonal(self._direct[1])).reshape(-1)
         return ((self._KB ** 2) @ (1.0 / self._S) @ (self._KC ** 2).T).reshape(-1)
 
     def _entry(self, i, j):
@@ -169,6 +185,8 @@ class KroneckerFisher(_KronProducts):
 
     def _matmat(self, X):
         i = self._inv
+        if i._direct is not None:
+            return self._apply_direct(X, i._direct[2], i._direct[3])
         return self._apply(X, i._KBinvT, i._KCinvT, i._S, False)
 
     def _diagonal(self):
