@@ -438,7 +438,9 @@ class _Snapshot:
 
     def __init__(self, model, named):
         self.model = model
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # tensors only (a module's extra state, if any, is not a tensor: left alone)
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()
+                      if torch.is_tensor(v)}
         self.layers = [(m, m._mfac_removed.clone() if "_mfac_removed" in m._buffers else None,
                         set(_hook_keys(m))) for _, m in named]
 
