@@ -202,6 +202,7 @@ def test_kernel_matvec_checks_its_input_in_its_first_pass(explicit):
 @pytest.mark.parametrize("shape,view", [
     ((5, 7), "c"), ((1, 1), "c"), ((0, 4), "c"), ((3, 0), "c"),
     ((2000, 3), "c"),             # few columns, many rows: cut into runs of rows
+    ((1_100_000, 1), "c"),        # more runs than the grid's y extent allows
     ((64, 40_000), "c"),          # enough columns: one run
     ((3, 33, 129), "c"), ((4, 50, 10), "f"), ((4, 60, 30), "strided"),
 ])

@@ -17,9 +17,9 @@ bound by memory), one rounding at the end; no atomics, so results are bit-reprod
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
+
+from ._compile import function
 
 __all__ = ["apply", "fits"]
 
@@ -130,17 +130,6 @@ MAX_SHARED = 40 * 1024
 MAX_GRID = 2**31 - 1
 
 
-@functools.lru_cache(maxsize=None)
-def _module():
-    import cupy as cp
-    return cp.RawModule(code=SOURCE, options=("-std=c++17",))
-
-
-@functools.lru_cache(maxsize=None)
-def _fn(name, device):
-    return _module().get_function(name)
-
-
 def fits(V):
     """True where :func:`apply` takes V: a C-contiguous float32/float64 stack whose
     blocks' (b + r) float64 values fit the shared memory."""
@@ -167,7 +156,7 @@ def apply(V, X, alpha, beta):
     X = cp.ascontiguousarray(X, dtype=V.dtype)
     Y = cp.empty((nb, b), dtype=V.dtype)
     threads = _threads(r, b)
-    _fn(f"block_apply_{_SUFFIX[np.dtype(V.dtype)]}", cp.cuda.runtime.getDevice())(
+    function(SOURCE, f"block_apply_{_SUFFIX[np.dtype(V.dtype)]}")(
         (nb,), (threads,), (V, X, Y, np.int32(r), np.int32(b), np.float64(alpha),
                             np.float64(beta)),
         shared_mem=_shared(r, b, threads))

@@ -15,9 +15,9 @@ no atomics, so the result is bit-reproducible.
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
+
+from ._compile import function
 
 __all__ = ["sumsq_columns"]
 
@@ -83,17 +83,6 @@ THREADS = 256
 MAX_GRID = 65535
 
 
-@functools.lru_cache(maxsize=None)
-def _module():
-    import cupy as cp
-    return cp.RawModule(code=SOURCE, options=("-std=c++17",))
-
-
-@functools.lru_cache(maxsize=None)
-def _fn(name, device):
-    return _module().get_function(name)
-
-
 def supports(V):
     """True where :func:`sumsq_columns` handles V's dtype (float32, float64)."""
     return np.dtype(V.dtype) in _SUFFIX
@@ -120,18 +109,17 @@ def sumsq_columns(V, alpha=0.0, beta=1.0, out_dtype=None):
         out[...] = alpha
         return out[0] if two_d else out
     sb, sr, sc = (s // dt.itemsize for s in V3.strides)
-    nruns = max(1, min(-(-TARGET_THREADS // (nb * c)), -(-r // 16)))
+    nruns = max(1, min(-(-TARGET_THREADS // (nb * c)), -(-r // 16), MAX_GRID))
     run = -(-r // nruns)
     nruns = -(-r // run)
     part = cp.empty((nb, nruns, c), dtype=np.float64) if nruns > 1 else out
-    dev = cp.cuda.runtime.getDevice()
     grid = (-(-c // THREADS), nruns, nb)
-    _fn(f"sumsq_run_{_SUFFIX[dt]}_{_SUFFIX[od]}", dev)(
+    function(SOURCE, f"sumsq_run_{_SUFFIX[dt]}_{_SUFFIX[od]}")(
         grid, (THREADS,),
         (V3, part, out, np.int64(sb), np.int64(sr), np.int64(sc), np.int32(r), np.int32(c),
          np.int32(run), np.int32(nruns), np.float64(alpha), np.float64(beta)))
     if nruns > 1:
-        _fn(f"sumsq_finish_{_SUFFIX[od]}", dev)(
+        function(SOURCE, f"sumsq_finish_{_SUFFIX[od]}")(
             (-(-c // THREADS), nb), (THREADS,),
             (part, out, np.int32(c), np.int32(nruns), np.float64(alpha), np.float64(beta)))
     return out[0] if two_d else out
