@@ -183,9 +183,19 @@ def cholesky_shifted(K, shift, backend):
 
 
 def logdet_factor(L, backend):
-    """log det(L L^T) = 2 sum log diag(L)."""
-    xp = backend.xp
-    return 2.0 * B.scalar(xp.log(xp.diagonal(L)).sum()) if L.shape[0] else 0.0
+    """log det(L L^T) = 2 sum log diag(L), O(n).
+
+    On the host with ``math.log`` and an exactly rounded sum (``math.fsum``): the same
+    bits for the same factor wherever it is computed.  A vectorised ``log`` may take a
+    SIMD path that depends on the array's memory alignment, so replicas of one state
+    (the ranks of a sharded window) could disagree in the last bit."""
+    if not L.shape[0]:
+        return 0.0
+    diag = np.asarray(B.to_host(backend.xp.diagonal(L)), dtype=np.float64)
+    if not np.all(diag > 0.0):                  # not a factor of a PD matrix: as NumPy says
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return 2.0 * float(np.log(diag).sum())
+    return 2.0 * math.fsum(math.log(v) for v in diag.tolist())
 
 
 def padded_identity(m, backend):
