@@ -1,6 +1,7 @@
 """mfac_linalg.distributed in one process: layouts, communicators and their adapters,
 argument checks, and the sharded operators with P = 1 (the multi-process tests are in
 test_distributed.py)."""
+import math
 import pickle
 import sys
 import types
@@ -795,7 +796,10 @@ def _static_threads(comm, layout, m, seed):
     i, j = (int(v) for v in rng.integers(0, d, 2))
     return max(_rel(op.matmat(X[J]), ref.matmat(X)[J]), _rel(op.quad(X[J]), ref.quad(X)),
                abs(op.entry(i, j) - ref.entry(i, j)) * 0.6, _rel(op.todense(), ref.todense()),
-               _rel(op.diagonal(), ref.diagonal()[J]), _rel(op.logdet(), ref.logdet()))
+               _rel(op.diagonal(), ref.diagonal()[J]),
+               # log det F = d log(lam) + log det C - r log(m lam) can cancel to near 0
+               # (-7e-5 at m=4, seed=4): its error against the terms' size, not its own
+               abs(op.logdet() - ref.logdet()) / max(1.0, abs(d * math.log(0.6))))
 
 
 @given(st.integers(1, 3), st.integers(1, 6), st.integers(0, 2 ** 31 - 1))
