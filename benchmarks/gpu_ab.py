@@ -26,8 +26,16 @@ import cupy as cp
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import mfac_linalg as new  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu import free, gpu_time as _gpu_time  # noqa: E402
+
 old = None
 ROUNDS = 7
+
+
+def gpu_time(fn, repeat=15, warmup=2):
+    """gpu.py's CUDA-event median, with this script's default counts."""
+    return _gpu_time(fn, repeat=repeat, warmup=warmup)
 
 
 def load_before(folder):
@@ -40,22 +48,6 @@ def load_before(folder):
     sys.path.insert(0, tmp)
     import importlib
     return importlib.import_module("mfac_before")
-
-
-def gpu_time(fn, repeat=15, warmup=2):
-    for _ in range(warmup):
-        fn()
-    cp.cuda.Device().synchronize()
-    a, b = cp.cuda.Event(), cp.cuda.Event()
-    ts = []
-    for _ in range(repeat):
-        a.record(); fn(); b.record(); b.synchronize()
-        ts.append(cp.cuda.get_elapsed_time(a, b))
-    return float(np.median(ts))
-
-
-def free():
-    cp.get_default_memory_pool().free_all_blocks()
 
 
 

@@ -291,9 +291,7 @@ class Operator(_Algebra, _SciPyLinearOperator):
                 B.check_finite(X, name, self._backend)
             except ValueError:
                 if X is not X0 and bool(self._backend.xp.isfinite(X0).all()):
-                    raise ValueError(f"{name} is too large for the operator's dtype "
-                                     f"{self._dtype.name}: its entries overflow when cast; "
-                                     "rescale it") from None
+                    raise self._cast_overflow(name) from None
                 raise
         return X, was_1d, out_dtype
 
@@ -301,6 +299,11 @@ class Operator(_Algebra, _SciPyLinearOperator):
         """True where ``_matmat(X)`` checks X for NaN/inf itself (raising
         ``NonFiniteInput``), sparing a separate pass and synchronisation."""
         return False
+
+    def _cast_overflow(self, name):
+        """The error for finite input that overflows the operator's dtype when cast."""
+        return ValueError(f"{name} is too large for the operator's dtype {self._dtype.name}: "
+                          "its entries overflow when cast; rescale it")
 
     def _nonfinite(self, x, name):
         """The error for input that a ``_matmat`` flagged itself: NaN or infinity in x,
@@ -314,9 +317,7 @@ class Operator(_Algebra, _SciPyLinearOperator):
             with np.errstate(over="ignore"):
                 cast_ok = bool(xp.isfinite(X0.astype(self._dtype)).all())
             if not cast_ok:
-                return ValueError(f"{name} is too large for the operator's dtype "
-                                  f"{self._dtype.name}: its entries overflow when cast; "
-                                  "rescale it")
+                return self._cast_overflow(name)
         return ValueError(f"{name} is too large: its products with the operator overflow; "
                           "rescale it")
 

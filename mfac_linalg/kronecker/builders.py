@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import _backend as B
 from .. import _validate as V
+from .._capacitance import logdet_factor
 from .conv import layer_data
 from .operator import KroneckerFisher, KroneckerInverse
 from .rearranged import (Rearranged, _sym, factors_from_triples, lanczos_triples,
@@ -154,7 +155,7 @@ def _pi_cholesky(method, Bm, Cm, lam, be, *, terms, info):
         if not bool(xp.isfinite(L).all()):
             return None
         Li = be.solve_triangular(L, xp.eye(L.shape[0]), lower=True)
-        out.append((Md, L, Li.T, _sym(Li.T @ Li), 2.0 * B.scalar(xp.log(xp.diagonal(L)).sum())))
+        out.append((Md, L, Li.T, _sym(Li.T @ Li), logdet_factor(L, be)))
     (Bd, LB, KB, Binv, ldB), (Cd, LC, KC, Cinv, ldC) = out
     d_out, d_in = Bd.shape[0], Cd.shape[0]
     info.update(damping_mode="pi", indefinite="abs", factorization="cholesky")
@@ -207,7 +208,7 @@ def _two_term_inverse(method, terms, lam, be, info, indefinite, first_term_dampi
         Li = be.solve_triangular(L, xp.eye(L.shape[0]), lower=True)
         s, W = xp.linalg.eigh(_sym(Li @ _sym(Bs) @ Li.T))
         K = Li.T @ W
-        return s, K, Mf @ K, 2.0 * B.scalar(xp.log(xp.diagonal(L)).sum())
+        return s, K, Mf @ K, logdet_factor(L, be)
 
     try:
         sB, KB, KBt, ldB = gen(B1, B2, lb)
