@@ -133,37 +133,41 @@ def bench_block(d, m, b, bw, rows):
     free()
 
 
-def accuracy_scaled(d=100_000, m=256, steps=400, rels=(1e-5, 1e-3, 1e-1)):
+def accuracy_scaled(d=100_000, m=256, steps=400, rels=(1e-5, 1e-3, 1e-1),
+                    accumulates=("float64", "float32")):
     """float32 window steps against a float64 window over the same stored gradients.
 
     Gradients with per-coordinate scales spread over four decades (10^-2 .. 10^2, as
     across the layers of a network); lambda = rel * E|g|^2 / m for each rel; ``steps``
-    steps each.  Rows: rel, median and max relative error over the steps, the float32
-    rounding of the exact result (median), and max error / rounding."""
+    steps each, for each accumulator of the passes (``accumulate``, docs/math.md §7).
+    Rows: rel, accumulator, median and max relative error over the steps, the float32
+    rounding of the exact result (median), max error / rounding, the engine."""
     out = []
     scales = cp.logspace(-2, 2, d, dtype=cp.float64)
     g2 = float((scales ** 2).sum())
     scales = scales.astype(cp.float32)
     for rel in rels:
         lam = rel * g2 / m
-        rs = cp.random.RandomState(21)
-        w32 = ml.SlidingWindowInverseFisher(d, m, lam, dtype="float32", device="gpu")
-        w64 = ml.SlidingWindowInverseFisher(d, m, lam, dtype="float64", device="gpu")
-        errs, rnd, ratio = [], [], []
-        for _ in range(steps):
-            g = rs.standard_normal(d, dtype=cp.float32) * scales
-            y = w32.step(g).astype(cp.float64)
-            y64 = w64.step(g.astype(cp.float64))
-            n64 = float(cp.linalg.norm(y64))
-            e = float(cp.linalg.norm(y - y64)) / n64
-            r = float(cp.linalg.norm(y64.astype(cp.float32).astype(cp.float64) - y64)) / n64
-            errs.append(e)
-            rnd.append(r)
-            ratio.append(e / r)
-        out.append((rel, float(np.median(errs)), max(errs), float(np.median(rnd)), max(ratio),
-                    w32.engine))
-        del w32, w64
-        free()
+        for acc in accumulates:
+            rs = cp.random.RandomState(21)
+            w32 = ml.SlidingWindowInverseFisher(d, m, lam, dtype="float32", device="gpu",
+                                                accumulate=acc)
+            w64 = ml.SlidingWindowInverseFisher(d, m, lam, dtype="float64", device="gpu")
+            errs, rnd, ratio = [], [], []
+            for _ in range(steps):
+                g = rs.standard_normal(d, dtype=cp.float32) * scales
+                y = w32.step(g).astype(cp.float64)
+                y64 = w64.step(g.astype(cp.float64))
+                n64 = float(cp.linalg.norm(y64))
+                e = float(cp.linalg.norm(y - y64)) / n64
+                r = float(cp.linalg.norm(y64.astype(cp.float32).astype(cp.float64) - y64)) / n64
+                errs.append(e)
+                rnd.append(r)
+                ratio.append(e / r)
+            out.append((rel, acc, float(np.median(errs)), max(errs), float(np.median(rnd)),
+                        max(ratio), w32.engine))
+            del w32, w64
+            free()
     return out
 
 
@@ -211,7 +215,9 @@ def main(quick=False, out=None, show_progress=None):
     cases = list(itertools.product(dims, windows, ("float32", "bfloat16")))   # d, m, dtype
     for d, m, dtype in progress(cases, desc="GPU sliding-window cases", enabled=show_progress):
         steps[(d, m, dtype)] = bench_window(d, m, dtype, bw, rows)
-    lines.append("sliding window (ms; ratio = time / floor, floor = 2 m d bytes / copy bandwidth)")
+    acc = ml.SlidingWindowInverseFisher(8, 1, 1.0, device="gpu").accumulate
+    lines.append("sliding window (ms; ratio = time / floor, floor = 2 m d bytes / copy bandwidth;"
+                 f" accumulate={acc}, the default here)")
     lines.append(table(["d", "m", "storage", "floor ms", "matvec", "ratio", "update", "ratio",
                         "step", "ratio"], rows))
     key32, key16 = (dims[-1], 1024, "float32"), (dims[-1], 1024, "bfloat16")
@@ -243,9 +249,9 @@ def main(quick=False, out=None, show_progress=None):
     lines.append("")
     lines.append("float32 window against float64 over the same stored gradients: d=1e5, m=256, "
                  "400 steps, coordinate scales over four decades, lambda = rel E|g|^2 / m")
-    arows = [[f"{rel:.0e}", f"{med:.2e}", f"{mx:.2e}", f"{rnd:.2e}", f"{rat:.1f}", eng]
-             for rel, med, mx, rnd, rat, eng in accuracy_scaled()]
-    lines.append(table(["rel", "median error", "max error", "float32 rounding",
+    arows = [[f"{rel:.0e}", acc, f"{med:.2e}", f"{mx:.2e}", f"{rnd:.2e}", f"{rat:.1f}", eng]
+             for rel, acc, med, mx, rnd, rat, eng in accuracy_scaled()]
+    lines.append(table(["rel", "accumulate", "median error", "max error", "float32 rounding",
                         "max error / rounding", "engine"], arows))
     text = "\n".join(lines)
     print(text)

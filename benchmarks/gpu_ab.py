@@ -12,6 +12,7 @@ The other version is a folder holding its ``mfac_linalg`` package, e.g.
 under another name (its imports are relative) so both load side by side.
 
 Usage: python benchmarks/gpu_ab.py --before DIR [--rounds N] [--out FILE.md] [--quick]
+       [--accumulate auto|float32|float64]
 """
 import argparse
 import os
@@ -31,6 +32,7 @@ from gpu import free, gpu_time as _gpu_time  # noqa: E402
 
 old = None
 ROUNDS = 7
+ACCUMULATE = "auto"     # the new windows' accumulate (the old version may not have it)
 
 
 def gpu_time(fn, repeat=15, warmup=2):
@@ -60,7 +62,7 @@ def chunks(d, m, seed):
 
 def windows(d, m, dtype, lam):
     wn = new.SlidingWindowInverseFisher(d, m, lam, dtype=dtype, device="gpu",
-                                        refresh_every=10**9)
+                                        refresh_every=10**9, accumulate=ACCUMULATE)
     wo = old.SlidingWindowInverseFisher(d, m, lam, dtype=dtype, device="gpu",
                                         refresh_every=10**9)
     for blk in chunks(d, m, 0):
@@ -151,16 +153,19 @@ def bench_block(d, m, b, lines):
 
 
 def main():
-    global old, ROUNDS
+    global old, ROUNDS, ACCUMULATE
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--before", required=True, help="folder holding the other mfac_linalg")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", help="also write the table to this Markdown file")
     p.add_argument("--quick", action="store_true", help="d <= 1e6, m <= 1024")
+    p.add_argument("--accumulate", default="auto", choices=("auto", "float32", "float64"),
+                   help="the new windows' accumulate (default auto)")
     args = p.parse_args()
-    old, ROUNDS = load_before(args.before), args.rounds
+    old, ROUNDS, ACCUMULATE = load_before(args.before), args.rounds, args.accumulate
     lines = [f"device: {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}, "
-             f"rounds {ROUNDS}, each a median of 15 calls after 2 warm-up calls",
+             f"rounds {ROUNDS}, each a median of 15 calls after 2 warm-up calls; new windows: "
+             f"accumulate={ACCUMULATE}",
              "", "| d | m | storage | matvec old | new | new/old | update old | new | new/old "
              "| step old | new | new/old | matvec old vs new rel. diff |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

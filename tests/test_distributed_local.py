@@ -816,7 +816,7 @@ def test_static_random_layouts_on_thread_ranks(P, m, seed):
 def _fused_parts():
     """make_buffer / pick_engine whose buffer has the CUDA buffer's fused interface
     (start_vector, combine_vector; its prepare defers the NaN check) and whose engine has
-    the kernel engines' solve32, all in NumPy: the sharded window's fused control flow
+    the kernel engines' solve_kernel, all in NumPy: the sharded window's fused control flow
     runs on the CPU."""
     from mfac_linalg._capacitance import pick_engine
     from mfac_linalg.sliding.buffer import RingBuffer
@@ -836,12 +836,12 @@ def _fused_parts():
         def combine_vector(self, y, c, n, lam):
             return y - (self.G[:n].T @ c[:n]) / lam
 
-    def make(window, dim, storage, backend):
+    def make(window, dim, storage, backend, accumulate="auto"):
         return FusedHost(window, dim, storage, backend)
 
     def pick(*args, **kwargs):
         eng = pick_engine(*args, **kwargs)
-        eng.solve32 = lambda u: eng.solve(u[:eng.n, None])[:, 0]
+        eng.solve_kernel = lambda u, dtype=np.float64: eng.solve(u[:eng.n, None])[:, 0]
         return eng
 
     return make, pick

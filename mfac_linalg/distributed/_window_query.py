@@ -39,7 +39,8 @@ class _WindowQueries:
 
     def _fused_vector(self, X, err):
         """The CUDA buffer's fused pass 1 for one vector (no float32 copy of a 16-bit
-        buffer): u = G_h x all-reduced into the workspace, and y = x / λ.  Returns (u, y)."""
+        buffer): u = G_h x all-reduced into the workspace.  Returns (u, t), t for
+        ``combine_vector``."""
         n, m = self._n(), self._m
         u = y = None
         if err is None:
@@ -55,7 +56,8 @@ class _WindowQueries:
         n = self._n()
         if self._buf.fused and k == 1 and n:
             u, y = self._fused_vector(X, err)
-            y = self._buf.combine_vector(y, self._eng.solve32(u), n, self._damping)
+            y = self._buf.combine_vector(
+                y, self._eng.solve_kernel(u, self._buf.coef_dtype), n, self._damping)
             return y[:, None].astype(X.dtype, copy=False)
         U = self._project(X, k, err)
         if n == 0:

@@ -101,6 +101,9 @@ class ShardedSlidingWindowInverseFisher(_WindowUpdates, _WindowQueries, _WindowC
         (default ``window``).
     engine : {"auto", "cholesky", "explicit"}
         The m x m engine (as the single-device window's).
+    accumulate : {"auto", "float32", "float64"}
+        The accumulator of this rank's passes (as the single-device window's; it may
+        differ between ranks: u is all-reduced, the replicated state stays identical).
     check_every : int, optional
         Compare a 64-bit digest of the replicated state over the ranks every this many
         updates (one all-reduce of 4 P numbers); a mismatch raises
@@ -136,7 +139,7 @@ class ShardedSlidingWindowInverseFisher(_WindowUpdates, _WindowQueries, _WindowC
 
     def __init__(self, local_dim, window, damping, comm=None, *, layout=None,
                  dtype="float32", device=None, normalize="window", refresh_every=None,
-                 engine="auto", check_every=None, check_finite=True):
+                 engine="auto", check_every=None, check_finite=True, accumulate="auto"):
         comm, layout, err = self._setup_comm(comm, layout)
         self._comm = comm
         self._backend = B.CPU
@@ -151,7 +154,7 @@ class ShardedSlidingWindowInverseFisher(_WindowUpdates, _WindowQueries, _WindowC
             be = B.backend_for_device(device)
             storage = _storage_name(dtype, be)
             make_buffer, pick_engine = _parts()
-            buf = make_buffer(window, local_dim, storage, be)
+            buf = make_buffer(window, local_dim, storage, be, accumulate)
             lam = V.damping(damping, dtype=buf.compute_dtype)
             refresh_every = window if refresh_every is None else V.positive_int(
                 refresh_every, "refresh_every")

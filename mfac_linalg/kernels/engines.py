@@ -118,30 +118,28 @@ class CholeskyKernelEngine(_KernelChecks, CholeskyEngine):
         return bool(math.isfinite(value[1]) and value[1] > 0.0)
 
     def coefficients(self, p, dtype=np.float64):
-        """C_new^{-1} u in slot order; float32 (length m, for the kernel pass 2) or
-        float64 (n,)."""
-        if dtype != np.float32:
-            return super().coefficients(p)
+        """C_new^{-1} u in slot order, length m (the first n entries are read), float32
+        or float64 for the kernel pass 2; two triangular solves and a scatter."""
         n = p.n
         if p.z is not None:
             z = p.z
         else:
             z = p.ua[:n].copy()
             K_.trsv(self._spare, z, n, transpose=False)
-        return self._scatter32(self._spare, z, n, p.start)
+        return self._scatter(self._spare, z, n, p.start, dtype)
 
-    def _scatter32(self, L, z, n, start):
+    def _scatter(self, L, z, n, start, dtype):
         K_.trsv(L, z, n, transpose=True)
-        c32 = self.backend.xp.empty(self.m, dtype=np.float32)
-        K_.scatter_f32(z, c32, start, n)
-        return c32
+        c = self.backend.xp.empty(self.m, dtype=dtype)
+        K_.scatter(z, c, start, n)
+        return c
 
-    def solve32(self, u):
-        """float32 C^{-1} u (slot order, length m) for u from the kernel pass 1."""
+    def solve_kernel(self, u, dtype=np.float32):
+        """C^{-1} u (slot order, length m) in ``dtype`` for u from the kernel pass 1."""
         n = self.n
         z = K_.gather_f64(u, self.backend.xp.empty(self.m, dtype=np.float64), self.start, n)
         K_.trsv(self.L, z, n, transpose=False)
-        return self._scatter32(self.L, z, n, self.start)
+        return self._scatter(self.L, z, n, self.start, dtype)
 
 
 class ExplicitKernelEngine(_KernelChecks, ExplicitEngine):
@@ -197,12 +195,14 @@ class ExplicitKernelEngine(_KernelChecks, ExplicitEngine):
         return True
 
     def coefficients(self, p, dtype=np.float64):
+        """C_new^{-1} u in slot order: float32 (length m, written by the replacement
+        kernel) or float64."""
         if dtype != np.float32:
             return super().coefficients(p)
         if p.c32 is not None:
             return p.c32
         return (self._spare @ p.u).astype(np.float32)
 
-    def solve32(self, u):
-        """float32 C^{-1} u over all m slots (u is zero for empty slots)."""
-        return (self.Ci @ u).astype(np.float32)
+    def solve_kernel(self, u, dtype=np.float32):
+        """C^{-1} u over all m slots in ``dtype`` (u is zero for empty slots)."""
+        return (self.Ci @ u).astype(dtype, copy=False)

@@ -13,6 +13,9 @@ rows_dot_*      u[r] += sum_j G[r, j] x[j] for all rows, float32 partial sums pe
                 y = x / lambda (the fused "write g and compute G g").
 combine_*       y[j] += scale * sum_i G[i, j] c[i]: pass 2 of the IHVP, the rows
                 split across blocks (atomics into y) so small d still fills the GPU.
+*_w             the float64-faithful passes (docs/math.md §7): rows_dot with float64
+                accumulators; combine_*_w writes y = float32((x - G^T c) / lambda) from
+                float64 c and float64 sums (split partial sums added in a fixed order).
 round_*         x -> storage dtype -> float32 (the gradient as it will be stored).
 ggms_coeffs     the O(m) coefficients p^2 prefix sums, d_j, beta_j of the rank-one
                 Cholesky update (one block, a block-wide scan).
@@ -45,6 +48,13 @@ __device__ __forceinline__ double warp_sum_d(double v) {
     #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
     return v;
+}
+__device__ __forceinline__ double warp_sum(double v) { return warp_sum_d(v); }
+// one multiply-add into the accumulator's precision: a float32 product of float32
+// values, or the exact (48-bit) product in a float64 accumulator
+__device__ __forceinline__ float mac(float g, float x, float a) { return fmaf(g, x, a); }
+__device__ __forceinline__ double mac(float g, float x, double a) {
+    return fma((double)g, (double)x, a);
 }
 
 // ---- 16-byte loads and stores as float -------------------------------------
@@ -85,12 +95,13 @@ template <int V> __device__ __forceinline__ void loadx(const float* p, float* o)
 }
 
 // ---- pass 1: u = G x (float64 out), optional fused write of x into row slot --
+// A: the accumulator (float, or double for the float64-faithful passes of docs/math.md §7).
 // One block: R rows x one column chunk; the 1-D grid runs over the row groups first,
 // so consecutive blocks read the same chunk of x (from L2) for different rows.
 // Optional, in the same read of the buffer: the old contents of row ``slot`` are
 // saved to ``backup`` before x overwrites them; a NaN or infinity in x sets
 // flag[0] = 1; y = inv_lam * x is written (the start of pass 2).
-template <typename T, int R>
+template <typename T, int R, typename A>
 __device__ void rows_dot_impl(const float* __restrict__ x, T* __restrict__ G,
                               double* __restrict__ u, int m, long long ld, int slot,
                               long long chunk, int groups, T* __restrict__ backup,
@@ -103,9 +114,9 @@ __device__ void rows_dot_impl(const float* __restrict__ x, T* __restrict__ G,
     const int r0 = grp * R;
     const bool first = grp == 0;
     bool bad = false;
-    float acc[R];
+    A acc[R];
     #pragma unroll
-    for (int k = 0; k < R; ++k) acc[k] = 0.f;
+    for (int k = 0; k < R; ++k) acc[k] = A(0);
     for (long long j = c0 + (long long)threadIdx.x * V; j < c1; j += (long long)blockDim.x * V) {
         float xv[V];
         loadx<V>(x + j, xv);
@@ -142,23 +153,23 @@ __device__ void rows_dot_impl(const float* __restrict__ x, T* __restrict__ G,
                     load16(p, gv);
                 }
                 #pragma unroll
-                for (int t = 0; t < V; ++t) acc[k] = fmaf(gv[t], xv[t], acc[k]);
+                for (int t = 0; t < V; ++t) acc[k] = mac(gv[t], xv[t], acc[k]);
             }
         }
     }
     if (bad) flag[0] = 1.0;
-    __shared__ float red[R][32];
+    __shared__ A red[R][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     #pragma unroll
     for (int k = 0; k < R; ++k) {
-        float v = warp_sum(acc[k]);
+        A v = warp_sum(acc[k]);
         if (lane == 0) red[k][warp] = v;
     }
     __syncthreads();
     if (warp == 0) {
         #pragma unroll
         for (int k = 0; k < R; ++k) {
-            float v = lane < nw ? red[k][lane] : 0.f;
+            A v = lane < nw ? red[k][lane] : A(0);
             v = warp_sum(v);
             if (lane == 0 && r0 + k < m) atomicAdd(u + r0 + k, (double)v);
         }
@@ -215,19 +226,125 @@ __device__ void combine_impl(const T* __restrict__ G, const float* __restrict__ 
     }
 }
 
+// ---- pass 2, float64-faithful (docs/math.md §7): y = float32((x - G^T c) / lambda) ----
+// c float64, float64 accumulators (every product of a stored value and c exact to one
+// float64 rounding), x - G^T c and the division by lambda in float64, one rounding to
+// float32 at the end.  Rows split across blockIdx.y as in combine_impl; the splits'
+// partial sums go to part[split, :] (float64) and the last block of each column range
+// to finish (count: one zeroed counter per blockIdx.x, reset by that block) adds them in
+// split order: the result does not depend on the blocks' scheduling.
+template <typename T>
+__device__ void combine_wide_impl(const T* __restrict__ G, const double* __restrict__ c,
+                                  const float* __restrict__ x, float* __restrict__ y,
+                                  double* __restrict__ part, unsigned* __restrict__ count,
+                                  int m, long long ld, int rows_per, double inv_lam) {
+    constexpr int V = 16 / sizeof(T);
+    constexpr int TILE = 1024;
+    __shared__ double cs[TILE];
+    __shared__ bool last;
+    const int i0 = blockIdx.y * rows_per;
+    const int i1 = min(i0 + rows_per, m);
+    const long long j = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * V;
+    const bool active = j < ld;
+    double acc[V];
+    #pragma unroll
+    for (int t = 0; t < V; ++t) acc[t] = 0.0;
+    for (int t0 = i0; t0 < i1; t0 += TILE) {
+        const int t1 = min(t0 + TILE, i1);
+        __syncthreads();
+        for (int i = threadIdx.x; i < t1 - t0; i += blockDim.x) cs[i] = c[t0 + i];
+        __syncthreads();
+        if (!active) continue;
+        int i = t0;
+        for (; i + 4 <= t1; i += 4) {
+            float g0[V], g1[V], g2[V], g3[V];
+            load16(G + (long long)(i + 0) * ld + j, g0);
+            load16(G + (long long)(i + 1) * ld + j, g1);
+            load16(G + (long long)(i + 2) * ld + j, g2);
+            load16(G + (long long)(i + 3) * ld + j, g3);
+            const double a0 = cs[i - t0], a1 = cs[i + 1 - t0], a2 = cs[i + 2 - t0],
+                         a3 = cs[i + 3 - t0];
+            #pragma unroll
+            for (int t = 0; t < V; ++t)
+                acc[t] = fma((double)g3[t], a3, fma((double)g2[t], a2,
+                         fma((double)g1[t], a1, fma((double)g0[t], a0, acc[t]))));
+        }
+        for (; i < t1; ++i) {
+            float g0[V];
+            load16(G + (long long)i * ld + j, g0);
+            const double a0 = cs[i - t0];
+            #pragma unroll
+            for (int t = 0; t < V; ++t) acc[t] = fma((double)g0[t], a0, acc[t]);
+        }
+    }
+    if (gridDim.y > 1) {
+        if (active) {
+            double* pp = part + (long long)blockIdx.y * ld + j;
+            #pragma unroll
+            for (int t = 0; t < V; ++t) pp[t] = acc[t];
+        }
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) last = atomicAdd(count + blockIdx.x, 1u) == gridDim.y - 1;
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+        if (threadIdx.x == 0) count[blockIdx.x] = 0u;
+        if (!active) return;
+        #pragma unroll
+        for (int t = 0; t < V; ++t) {
+            double s = 0.0;
+            for (int q = 0; q < (int)gridDim.y; ++q) s += __ldcg(part + (long long)q * ld + j + t);
+            acc[t] = s;
+        }
+    }
+    if (!active) return;
+    float xv[V], yv[V];
+    loadx<V>(x + j, xv);
+    #pragma unroll
+    for (int t = 0; t < V; ++t) yv[t] = (float)(((double)xv[t] - acc[t]) * inv_lam);
+    #pragma unroll
+    for (int t = 0; t < V; t += 4) store16(y + j + t, yv + t);
+}
+
 extern "C" {
 __global__ void rows_dot_f32(const float* x, float* G, double* u, int m, long long ld, int slot,
                              long long chunk, int groups, float* backup, double* flag, float* y,
                              float inv_lam)
-{ rows_dot_impl<float, 4>(x, G, u, m, ld, slot, chunk, groups, backup, flag, y, inv_lam); }
+{ rows_dot_impl<float, 4, float>(x, G, u, m, ld, slot, chunk, groups, backup, flag, y, inv_lam); }
+__global__ void rows_dot_f32_w(const float* x, float* G, double* u, int m, long long ld, int slot,
+                             long long chunk, int groups, float* backup, double* flag, float* y,
+                             float inv_lam)
+{ rows_dot_impl<float, 4, double>(x, G, u, m, ld, slot, chunk, groups, backup, flag, y, inv_lam); }
 __global__ void rows_dot_bf16(const float* x, __nv_bfloat16* G, double* u, int m, long long ld, int slot,
                              long long chunk, int groups, __nv_bfloat16* backup, double* flag, float* y,
                              float inv_lam)
-{ rows_dot_impl<__nv_bfloat16, 8>(x, G, u, m, ld, slot, chunk, groups, backup, flag, y, inv_lam); }
+{ rows_dot_impl<__nv_bfloat16, 8, float>(x, G, u, m, ld, slot, chunk, groups, backup, flag, y, inv_lam); }
+__global__ void rows_dot_bf16_w(const float* x, __nv_bfloat16* G, double* u, int m, long long ld, int slot,
+                             long long chunk, int groups, __nv_bfloat16* backup, double* flag, float* y,
+                             float inv_lam)
+{ rows_dot_impl<__nv_bfloat16, 8, double>(x, G, u, m, ld, slot, chunk, groups, backup, flag, y, inv_lam); }
 __global__ void rows_dot_f16(const float* x, __half* G, double* u, int m, long long ld, int slot,
                              long long chunk, int groups, __half* backup, double* flag, float* y,
                              float inv_lam)
-{ rows_dot_impl<__half, 8>(x, G, u, m, ld, slot, chunk, groups, backup, flag, y, inv_lam); }
+{ rows_dot_impl<__half, 8, float>(x, G, u, m, ld, slot, chunk, groups, backup, flag, y, inv_lam); }
+__global__ void rows_dot_f16_w(const float* x, __half* G, double* u, int m, long long ld, int slot,
+                             long long chunk, int groups, __half* backup, double* flag, float* y,
+                             float inv_lam)
+{ rows_dot_impl<__half, 8, double>(x, G, u, m, ld, slot, chunk, groups, backup, flag, y, inv_lam); }
+
+__global__ void combine_f32_w(const float* G, const double* c, const float* x, float* y,
+                              double* part, unsigned* count, int m, long long ld, int rows_per,
+                              double inv_lam)
+{ combine_wide_impl<float>(G, c, x, y, part, count, m, ld, rows_per, inv_lam); }
+__global__ void combine_bf16_w(const __nv_bfloat16* G, const double* c, const float* x, float* y,
+                              double* part, unsigned* count, int m, long long ld, int rows_per,
+                              double inv_lam)
+{ combine_wide_impl<__nv_bfloat16>(G, c, x, y, part, count, m, ld, rows_per, inv_lam); }
+__global__ void combine_f16_w(const __half* G, const double* c, const float* x, float* y,
+                              double* part, unsigned* count, int m, long long ld, int rows_per,
+                              double inv_lam)
+{ combine_wide_impl<__half>(G, c, x, y, part, count, m, ld, rows_per, inv_lam); }
 
 __global__ void combine_f32(const float* G, const float* c, float* y, int m, long long ld, int rows_per, float scale)
 { combine_impl<float>(G, c, y, m, ld, rows_per, scale); }
@@ -509,11 +626,16 @@ __global__ void rank2_rows(const double* __restrict__ Ci, double* __restrict__ o
     }
 }
 
-// slot-order float32 coefficients from the arrival-order solution: c[(start+k)%m] = ca[k]
+// slot-order coefficients from the arrival-order solution: c[(start+k)%m] = ca[k]
 __global__ void scatter_f32(const double* __restrict__ ca, float* __restrict__ c,
                             int m, int start, int n) {
     const int k = blockIdx.x * blockDim.x + threadIdx.x;
     if (k < n) c[(start + k) % m] = (float)ca[k];
+}
+__global__ void scatter_f64(const double* __restrict__ ca, double* __restrict__ c,
+                            int m, int start, int n) {
+    const int k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k < n) c[(start + k) % m] = ca[k];
 }
 }
 """
@@ -555,13 +677,14 @@ def _ptr(a):
 
 
 def rows_dot(G, kind, x, u, slot=-1, rows=None, *, backup=None, flag=None, y=None,
-             inv_lam=1.0):
+             inv_lam=1.0, wide=False):
     """u[:rows] += G[:rows] @ x (float64 u); writes x into row ``slot`` if slot >= 0.
 
     G: (m, ld) float32 or uint16 (raw 16-bit) buffer; x: (ld,) float32, zero-padded.
     In the same pass, where given: ``backup`` (ld,) receives row ``slot`` as it was
     before; ``flag[0]`` (float64) is set to 1 if x holds NaN or infinity; ``y`` (ld,)
-    float32 is set to ``inv_lam * x``.
+    float32 is set to ``inv_lam * x``.  ``wide``: float64 accumulators (each product
+    exact, the sums rounded in float64: docs/math.md §7) instead of float32 ones.
     """
     m = G.shape[0] if rows is None else rows
     ld = G.shape[1]
@@ -573,30 +696,58 @@ def rows_dot(G, kind, x, u, slot=-1, rows=None, *, backup=None, flag=None, y=Non
     R = 4 if kind == "float32" else 8     # rows per block: the x chunk is loaded once for R rows
     groups = (m + R - 1) // R
     grid = (groups * ((ld + chunk - 1) // chunk),)
-    fn("rows_dot_" + SUFFIX[kind])(grid, (threads,), (
+    fn("rows_dot_" + SUFFIX[kind] + ("_w" if wide else ""))(grid, (threads,), (
         x, G, u, np.int32(m), np.int64(ld), np.int32(slot), np.int64(chunk), np.int32(groups),
         _ptr(backup), _ptr(flag), _ptr(y), np.float32(inv_lam)))
     return u
 
 
+_THREADS = 256
+
+
+def combine_grid(m, ld, kind):
+    """(column blocks, row splits, rows per split) of pass 2 over m rows: the rows are
+    split across blocks when the columns alone leave the GPU idle (small d)."""
+    vec = 16 // ITEMSIZE[kind]
+    bx = (ld // vec + _THREADS - 1) // _THREADS
+    if m == 0:
+        return bx, 1, 0
+    splits = max(1, min((m + 31) // 32, -(-2048 // bx)))
+    rows_per = -(-m // splits)
+    return bx, -(-m // rows_per), rows_per
+
+
 def combine(G, kind, c, y, scale, rows=None):
     """y += scale * G[:rows]^T c (float32 c and y, y of length ld)."""
-    import cupy as cp
     m = G.shape[0] if rows is None else rows
     ld = G.shape[1]
     if m == 0:
         return y
-    threads = 256
-    vec = 16 // ITEMSIZE[kind]
-    bx = (ld // vec + threads - 1) // threads
-    splits = max(1, min((m + 31) // 32, -(-2048 // bx)))
-    rows_per = -(-m // splits)
-    splits = -(-m // rows_per)
-    fn("combine_" + SUFFIX[kind])((bx, splits), (threads,),
+    bx, splits, rows_per = combine_grid(m, ld, kind)
+    fn("combine_" + SUFFIX[kind])((bx, splits), (_THREADS,),
                                   (G, c, y, np.int32(m), np.int64(ld), np.int32(rows_per),
                                    np.float32(scale)),
                                   shared_mem=rows_per * 4)
-    del cp
+    return y
+
+
+def combine_wide(G, kind, c, x, y, lam, part, count, rows=None):
+    """y = float32((x - G[:rows]^T c) / lam), float64-faithful (docs/math.md §7).
+
+    c: float64 (at least ``rows`` long, slot order); x, y: float32 of length ld;
+    ``part``: float64 scratch of at least splits x ld values and ``count``: uint32
+    zeros, one per column block (``combine_grid``), left zeroed; both may be None when
+    the grid has one split.  Deterministic: no atomics in the sums.
+    """
+    m = G.shape[0] if rows is None else rows
+    ld = G.shape[1]
+    bx, splits, rows_per = combine_grid(m, ld, kind)
+    if splits > 1 and (part is None or part.size < splits * ld or count.size < bx):
+        raise ValueError("combine_wide: scratch too small for the grid")
+    fn("combine_" + SUFFIX[kind] + "_w")((bx, splits), (_THREADS,),
+                                         (G, c, x, y, _ptr(part), _ptr(count), np.int32(m),
+                                          np.int64(ld), np.int32(rows_per),
+                                          np.float64(1.0 / lam)))
     return y
 
 
@@ -703,8 +854,11 @@ def window_replace(Ci, out, u, K, oldK, x, ax, dg, z, c, status, s, shift):
                                     np.float64(shift), np.int32(m), np.int32(s)))
 
 
-def scatter_f32(ca, c, start, n):
+def scatter(ca, c, start, n):
+    """c[(start + k) % m] = ca[k] for k < n: arrival order to slot order, into a float32
+    or float64 c of length m."""
     m = c.shape[0]
     threads = 256
-    fn("scatter_f32")(((m + threads - 1) // threads,), (threads,),
-                      (ca, c, np.int32(m), np.int32(start), np.int32(n)))
+    name = "scatter_f32" if c.dtype == np.float32 else "scatter_f64"
+    fn(name)(((m + threads - 1) // threads,), (threads,),
+             (ca, c, np.int32(m), np.int32(start), np.int32(n)))

@@ -8,6 +8,12 @@ zero) and computes, over its rows, the only d-sized work of the window
   write g into ``slot`` and return u = G g, the new Gram row (the same pass);
 * pass 2, ``combine(X, C, n, lam)``: Y = (X - G_h^T C) / lambda.
 
+With ``wide`` (``accumulate="float64"`` of the window, docs/math.md §7) the passes
+over float32 or 16-bit storage accumulate in float64 and round the result once:
+every stored value is exact in float64, so the products are exact, the sums carry
+float64 rounding only, and y = (x - G_h^T c) / lambda keeps its digits where it
+cancels (small lambda, x near the span of G).
+
 A column-sharded window holds a column block of G on each device and runs the
 same two passes on its block, with an all-reduce of U (or u) between them.
 The CUDA subclass (:mod:`.cuda_buffer`) fuses them into kernels for float32 and
@@ -22,6 +28,30 @@ from .. import _validate as V
 __all__ = ["RingBuffer", "Write", "make_buffer", "KERNEL_STORAGE"]
 
 KERNEL_STORAGE = ("float32", "float16", "bfloat16")
+#: values of the window's ``accumulate``
+ACCUMULATE = ("auto", "float32", "float64")
+#: float64 elements per converted column chunk of the float64-accumulated passes
+_WIDE_CHUNK_ELEMENTS = 1 << 18
+
+
+def resolve_accumulate(accumulate, storage, backend):
+    """"float32" or "float64": the accumulator of the passes over a buffer of ``storage``.
+
+    float64 storage accumulates in float64 (``accumulate="float32"`` is refused);
+    "auto" is float64 for float32/16-bit storage on GPUs with fast float64
+    (``Backend.fast_float64``: no cost there), float32 elsewhere (on the CPU the
+    float64 passes convert the buffer chunk by chunk: 4-6x a float32 pass on 2 cores,
+    docs/benchmarks.md).
+    """
+    accumulate = V.choice(accumulate, "accumulate", ACCUMULATE)
+    if storage == "float64":
+        if accumulate == "float32":
+            raise ValueError("accumulate must be 'auto' or 'float64' for float64 storage; "
+                             "got 'float32'")
+        return "float64"
+    if accumulate == "auto":
+        return "float64" if backend.fast_float64 else "float32"
+    return accumulate
 
 
 class Write:
@@ -46,11 +76,13 @@ class RingBuffer:
     fused = False                     # no fused one-vector kernels
     coef_dtype = np.float64           # what combine wants for C
 
-    def __init__(self, window, dim, storage, backend):
+    def __init__(self, window, dim, storage, backend, wide=False):
         self.m, self.d, self.ld = int(window), int(dim), int(dim)
         self.storage = np.dtype(storage)
         self.name = self.storage.name
         self.backend = backend
+        self.wide = bool(wide) and self.storage != np.float64
+        self._old = None                  # the row an update replaces (for undo)
         with backend.device_context():
             self.G = backend.xp.zeros((self.m, self.ld), dtype=self.storage)
 
@@ -89,17 +121,25 @@ class RingBuffer:
         """Pass 1 of an update: write ``row`` into ``slot`` and return the new Gram row
         u = G[:rows] g (float64, length m) with the old row kept for :meth:`undo`."""
         xp = self.backend.xp
-        old = self.G[slot].copy()
+        if self._old is None:
+            self._old = xp.empty(self.ld, dtype=self.storage)
+        old = self._old                     # one preallocated row: one write in flight
+        old[...] = self.G[slot]
         self.G[slot] = row
         x = self.G[slot]
         u = xp.zeros(self.m, dtype=np.float64)
         with np.errstate(over="ignore", invalid="ignore"):   # check_gram refuses it
-            u[:rows] = self.G[:rows] @ x
+            u[:rows] = self.project(x[:, None], rows)[:, 0] if self.wide else self.G[:rows] @ x
         return Write(slot, old, u, x)       # x: a view of the row as stored
 
     def check_gram(self, w):
-        """u must be finite (a finite g whose products overflow): O(m)."""
-        V.gram_finite(w.u, "g", self.backend)
+        """u must be finite: O(m).  This is also g's NaN/inf check (``prepare(...,
+        check=False)`` defers it here): a NaN or infinity in g makes u[slot] = g.g
+        non-finite, and only then is g itself scanned, to tell "g must be finite"
+        from "its Gram products overflow"."""
+        if not bool(self.backend.xp.isfinite(w.u).all()):
+            V.finite(w.x, "g", self.backend)
+            V.gram_finite(w.u, "g", self.backend)
 
     def undo(self, w):
         """Put back the row ``w`` replaced."""
@@ -116,11 +156,28 @@ class RingBuffer:
 
     def project(self, X, n):
         """Pass 1: U = G_h X in float64, (n, k); X (dim, k)."""
+        if self.wide:
+            X64 = X.astype(np.float64)
+            U = self.backend.xp.zeros((n, X.shape[1]), dtype=np.float64)
+            for a, b, Gc in self._wide_chunks(n):
+                U += Gc @ X64[a:b]
+            return U
         Gh = self.held(n)
         return (Gh @ self._pad(X).astype(Gh.dtype, copy=False)).astype(np.float64)
 
+    def _wide_chunks(self, n):
+        """(a, b, G_h[:, a:b] in float64) over column chunks of about
+        ``_WIDE_CHUNK_ELEMENTS`` values (a bounded float64 copy at a time)."""
+        return self.column_chunks(n, max(256, _WIDE_CHUNK_ELEMENTS // max(n, 1)))
+
     def combine(self, X, C, n, lam):
         """Pass 2: (X - G_h^T C) / lambda, in X's dtype; C (n, k) float64."""
+        if self.wide:       # float64 sums and subtraction, one rounding (docs/math.md §7)
+            Y = self.backend.xp.empty(X.shape, dtype=X.dtype)
+            C = C[:n]
+            for a, b, Gc in self._wide_chunks(n):
+                Y[a:b] = (X[a:b].astype(np.float64) - Gc.T @ C) * (1.0 / lam)
+            return Y
         Gh = self.held(n)
         Y = (Gh.T @ (-C).astype(Gh.dtype))[:self.d]
         Y = Y.astype(X.dtype, copy=False)
@@ -163,11 +220,14 @@ class RingBuffer:
 
     def gram(self, n, chunk=1 << 16):
         """K = G_h G_h^T over the held rows, float64 (m x m, zero beyond n), with the
-        accumulation of pass 1 (the storage precision; float32 for 16-bit storage)."""
+        accumulation of pass 1 (the storage precision, float32 for 16-bit storage;
+        float64 when ``wide``)."""
         xp = self.backend.xp
         K = xp.zeros((self.m, self.m), dtype=np.float64)
         for a in range(0, self.ld, chunk):
             Gc = self.held_columns(n, slice(a, a + chunk))
+            if self.wide:
+                Gc = Gc.astype(np.float64)
             K[:n, :n] += (Gc @ Gc.T).astype(np.float64)
         return (K + K.T) * 0.5
 
@@ -197,10 +257,12 @@ class RingBuffer:
         self.G[...] = 0
 
 
-def make_buffer(window, dim, storage, backend):
+def make_buffer(window, dim, storage, backend, accumulate="auto"):
     """The ring buffer for a storage dtype name: the CUDA one (fused kernels) for float32
-    and 16-bit storage on the GPU, else the array-API one."""
+    and 16-bit storage on the GPU, else the array-API one; ``accumulate`` as the
+    window's (:func:`resolve_accumulate`)."""
+    wide = resolve_accumulate(accumulate, storage, backend) == "float64"
     if backend.is_gpu and storage in KERNEL_STORAGE:
         from .cuda_buffer import CudaRingBuffer
-        return CudaRingBuffer(window, dim, storage, backend)
-    return RingBuffer(window, dim, storage, backend)
+        return CudaRingBuffer(window, dim, storage, backend, wide)
+    return RingBuffer(window, dim, storage, backend, wide)

@@ -407,27 +407,29 @@ class Checkpointing:
         write(path, self.state_dict())
 
     @classmethod
-    def load(cls, path, *, device=None, engine="auto"):
+    def load(cls, path, *, device=None, engine="auto", accumulate="auto"):
         """Read a window written by :meth:`save` from exactly ``path``; every field is
-        checked before anything is allocated (ValueError naming the file)."""
+        checked before anything is allocated (ValueError naming the file).  ``device``,
+        ``engine`` and ``accumulate`` as the constructor's (they are not state)."""
         raw = read(path)
         try:
             st = validate_state(raw)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: {exc}") from None
         win = cls(st["dim"], st["window"], st["damping"], dtype=st["dtype"], device=device,
-                  normalize=st["normalize"], refresh_every=st["refresh_every"], engine=engine)
+                  normalize=st["normalize"], refresh_every=st["refresh_every"], engine=engine,
+                  accumulate=accumulate)
         return win.load_state_dict(st, _trusted=True)
 
     def __reduce__(self):
         # copy.copy, copy.deepcopy and pickle: an independent window, bit-identical state
         return (_rebuild, (type(self), self.state_dict(), self.device, self._engine_choice,
-                           self._check_finite))
+                           self._check_finite, self._accumulate_choice))
 
 
-def _rebuild(cls, state, device, engine, check_finite):
+def _rebuild(cls, state, device, engine, check_finite, accumulate="auto"):
     dev = "cpu" if device == "cpu" else "cuda:" + device.split(":")[1]
     w = cls(state["dim"], state["window"], state["damping"], dtype=state["dtype"], device=dev,
             normalize=state["normalize"], refresh_every=state["refresh_every"],
-            check_finite=check_finite, engine=engine)
+            check_finite=check_finite, engine=engine, accumulate=accumulate)
     return w.load_state_dict(state, _trusted=True)

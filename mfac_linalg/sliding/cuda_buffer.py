@@ -1,7 +1,10 @@
 """The CUDA ring buffer: float32 and 16-bit storage with the fused kernel passes.
 
 Rows are padded to a multiple of 8 values (16-byte vectors); 16-bit rows are held
-as raw ``uint16`` words that the kernels convert with float32 accumulation.  This
+as raw ``uint16`` words that the kernels convert to float32.  The kernels accumulate
+in float32, or with ``wide`` in float64 with one rounding of the result (docs/math.md
+§7; the default on GPUs with fast float64): then pass 1 writes no y and pass 2 reads
+x and float64 coefficients and writes y = float32((x - G_h^T c) / lambda).  This
 module (with ``_backend`` and ``kernels/``) is the only place of the window that
 touches CuPy: the kernel launches, the workspace memset and the one host read.
 
@@ -32,19 +35,25 @@ class CudaRingBuffer(RingBuffer):
     """
 
     fused = True
-    coef_dtype = np.float32
 
-    def __init__(self, window, dim, storage, backend):
+    def __init__(self, window, dim, storage, backend, wide=False):
         self.m, self.d = int(window), int(dim)
         self.ld = K_.padded(self.d)
         self.name = storage
         self.storage = np.dtype(np.float32 if storage == "float32" else np.uint16)
         self.backend = backend
+        self.wide = bool(wide)
+        self.coef_dtype = np.dtype(np.float64 if self.wide else np.float32)
         xp = backend.xp
         with backend.device_context():
             self.G = xp.zeros((self.m, self.ld), dtype=self.storage)
             self.ws = xp.zeros(self.m + 4, dtype=np.float64)
             self.Gold = xp.zeros(self.ld, dtype=self.storage)
+            self._part = self._count = None
+            bx, splits, _ = K_.combine_grid(self.m, self.ld, storage)
+            if self.wide and splits > 1:       # pass 2's split partial sums (small d)
+                self._part = xp.empty(splits * self.ld, dtype=np.float64)
+                self._count = xp.zeros(bx, dtype=np.uint32)
 
     @property
     def compute_dtype(self):
@@ -99,15 +108,24 @@ class CudaRingBuffer(RingBuffer):
         ws = self._zero_ws()
         y = self.backend.xp.empty(self.ld, dtype=np.float32) if want_y else None
         K_.rows_dot(self.G, self.name, xq, ws[:m], slot=slot, rows=rows, backup=self.Gold,
-                    flag=ws[m:m + 1] if check else None, y=y, inv_lam=1.0 / lam)
+                    flag=ws[m:m + 1] if check else None, y=None if self.wide else y,
+                    inv_lam=1.0 / lam, wide=self.wide)
         return Write(slot, self.Gold, ws[:m], xq, y, ws[m:m + 4])
 
     def check_gram(self, w):
         """Deferred: an overflowed u shows as a non-finite pivot at the engine's commit."""
 
-    def finish_step(self, w, c32, n, lam):
-        K_.combine(self.G, self.name, c32, w.y, -1.0 / lam, rows=n)
-        return w.y[:self.d]
+    def finish_step(self, w, c, n, lam):
+        """Pass 2 of the fused step, c in ``coef_dtype`` (slot order, length >= n)."""
+        return self._pass2(w.x, w.y, c, n, lam)
+
+    def _pass2(self, x, y, c, n, lam):
+        """y = (x - G_h^T c) / lambda, where pass 1 wrote y = x / lambda unless ``wide``."""
+        if self.wide:
+            K_.combine_wide(self.G, self.name, c, x, y, lam, self._part, self._count, rows=n)
+        else:
+            K_.combine(self.G, self.name, c, y, -1.0 / lam, rows=n)
+        return y[:self.d]
 
     # -- one vector: the fused matvec ---------------------------------------------------
     def start_vector(self, x, n, lam, check):

@@ -13,7 +13,7 @@ from .._capacitance import ENGINES, pick_engine
 from .._operator import NonFiniteInput, Operator
 from ..static import FisherOperator
 from . import checkpoint as ckpt
-from .buffer import make_buffer
+from .buffer import ACCUMULATE, make_buffer
 
 __all__ = ["SlidingWindowInverseFisher"]
 
@@ -60,6 +60,15 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
         checked, after the cast to the storage dtype, and so is their Gram row).
     engine : {"auto", "cholesky", "explicit"}
         The m x m scheme (``mfac_linalg._capacitance.pick_engine``).
+    accumulate : {"auto", "float32", "float64"}
+        The accumulator of the passes over float32 or 16-bit storage (docs/math.md §7).
+        "float64": every product of stored values is exact in float64, the sums and
+        x - G_h^T c are float64 and the result is rounded once, so the error is the
+        final float32 rounding plus about 1e-16 κ (κ = λ_max(F)/λ), against about
+        6e-8 κ in float32 (1 % at κ = 1e5: small damping).  "auto": float64 on GPUs
+        with fast float64 (H100, H200, A100, V100: no cost there), float32 elsewhere
+        (on the CPU the float64 passes convert the buffer in chunks: 4-6x slower).  float64
+        storage always accumulates in float64.
 
     Costs (n = gradients held <= m; docs/sliding.md has the table)
     ---------------------------------------------------------------
@@ -92,13 +101,15 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
     """
 
     def __init__(self, dim, window, damping, *, dtype="float32", device=None,
-                 normalize="window", refresh_every=None, check_finite=True, engine="auto"):
+                 normalize="window", refresh_every=None, check_finite=True, engine="auto",
+                 accumulate="auto"):
         dim = V.positive_int(dim, "dim")
         window = V.positive_int(window, "window")
         normalize = V.choice(normalize, "normalize", ckpt.NORMALIZE)
         self._engine_choice = V.choice(engine, "engine", ENGINES)
+        self._accumulate_choice = V.choice(accumulate, "accumulate", ACCUMULATE)
         be = B.backend_for_device(device)
-        buf = make_buffer(window, dim, _storage(dtype, be), be)
+        buf = make_buffer(window, dim, _storage(dtype, be), be, accumulate)
         self._damping = V.damping(damping, dtype=buf.compute_dtype)
         self._refresh_every = window if refresh_every is None else V.positive_int(
             refresh_every, "refresh_every")
@@ -139,6 +150,9 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
     refresh_every = property(lambda self: self._refresh_every, doc="Updates between refreshes.")
     storage_dtype = property(lambda self: self._buf.name, doc="The buffer's dtype name.")
     engine = property(lambda self: self._eng.kind, doc='The m x m engine: "cholesky" or "explicit".')
+    accumulate = property(lambda self: "float64" if self._buf.wide or self._buf.name == "float64"
+                          else "float32",
+                          doc='The accumulator of the passes: "float32" or "float64".')
 
     def _n(self):
         return min(self._count, self._m)
@@ -151,7 +165,8 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
 
     def _repr_fields(self):
         return [f"m={self._m}", f"held={self._n()}", f"damping={self._damping:.0e}",
-                f"normalize={self._normalize}", f"engine={self._eng.kind}"]
+                f"normalize={self._normalize}", f"engine={self._eng.kind}",
+                f"accumulate={self.accumulate}"]
 
     def gradients(self):
         """The held gradients in arrival order (oldest first), a copy (n x dim); 16-bit
@@ -182,7 +197,9 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
         if rows.ndim != 2 or rows.shape[1] != self._d:
             raise ValueError(f"g must be (dim,) or (k, dim) with dim={self._d}; got shape "
                              f"{tuple(arr.shape)}")
-        return arr.dtype, self._buf.prepare(rows)
+        # g's NaN/inf check is deferred to its Gram row (buf.check_gram, or the CUDA
+        # kernel's flag): no separate pass over g
+        return arr.dtype, self._buf.prepare(rows, check=False)
 
     def _push(self, row, *, want_y=False, rebuild=False, defer=False):
         """One transaction: pass 1 (write g, u = G g), the engine's staged replacement,
@@ -245,7 +262,7 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
                 return X * (1.0 / lam)
             if buf.fused and X.shape[1] == 1:          # kernel path: two kernel passes
                 u, y = buf.start_vector(X[:, 0], n, lam, self._check_finite)
-                y = buf.combine_vector(y, eng.solve32(u), n, lam)
+                y = buf.combine_vector(y, eng.solve_kernel(u, buf.coef_dtype), n, lam)
                 if self._check_finite and buf.flagged():
                     raise NonFiniteInput
                 return y[:, None].astype(X.dtype, copy=False)
