@@ -717,6 +717,13 @@ def combine_grid(m, ld, kind):
     return bx, -(-m // rows_per), rows_per
 
 
+def combine_max_splits(m, ld, kind):
+    """An upper bound of the row splits of pass 2 over any n <= m rows (the scratch size
+    of ``combine_wide``: splits x ld values)."""
+    bx = combine_grid(m, ld, kind)[0]
+    return max(1, min((m + 31) // 32, -(-2048 // bx)))
+
+
 def combine(G, kind, c, y, scale, rows=None):
     """y += scale * G[:rows]^T c (float32 c and y, y of length ld)."""
     m = G.shape[0] if rows is None else rows

@@ -30,8 +30,6 @@ __all__ = ["RingBuffer", "Write", "make_buffer", "KERNEL_STORAGE"]
 KERNEL_STORAGE = ("float32", "float16", "bfloat16")
 #: values of the window's ``accumulate``
 ACCUMULATE = ("auto", "float32", "float64")
-#: float64 elements per converted column chunk of the float64-accumulated passes
-_WIDE_CHUNK_ELEMENTS = 1 << 18
 
 
 def resolve_accumulate(accumulate, storage, backend):
@@ -74,6 +72,7 @@ class RingBuffer:
     """
 
     fused = False                     # no fused one-vector kernels
+    wide_chunk = 1 << 18              # float64 values per converted column chunk (wide)
     coef_dtype = np.float64           # what combine wants for C
 
     def __init__(self, window, dim, storage, backend, wide=False):
@@ -167,8 +166,8 @@ class RingBuffer:
 
     def _wide_chunks(self, n):
         """(a, b, G_h[:, a:b] in float64) over column chunks of about
-        ``_WIDE_CHUNK_ELEMENTS`` values (a bounded float64 copy at a time)."""
-        return self.column_chunks(n, max(256, _WIDE_CHUNK_ELEMENTS // max(n, 1)))
+        ``wide_chunk`` values (a bounded float64 copy at a time)."""
+        return self.column_chunks(n, max(256, self.wide_chunk // max(n, 1)))
 
     def combine(self, X, C, n, lam):
         """Pass 2: (X - G_h^T C) / lambda, in X's dtype; C (n, k) float64."""

@@ -35,6 +35,7 @@ class CudaRingBuffer(RingBuffer):
     """
 
     fused = True
+    wide_chunk = 1 << 25     # float64 values per converted chunk of the multi-column passes
 
     def __init__(self, window, dim, storage, backend, wide=False):
         self.m, self.d = int(window), int(dim)
@@ -50,7 +51,8 @@ class CudaRingBuffer(RingBuffer):
             self.ws = xp.zeros(self.m + 4, dtype=np.float64)
             self.Gold = xp.zeros(self.ld, dtype=self.storage)
             self._part = self._count = None
-            bx, splits, _ = K_.combine_grid(self.m, self.ld, storage)
+            bx = K_.combine_grid(self.m, self.ld, storage)[0]
+            splits = K_.combine_max_splits(self.m, self.ld, storage)
             if self.wide and splits > 1:       # pass 2's split partial sums (small d)
                 self._part = xp.empty(splits * self.ld, dtype=np.float64)
                 self._count = xp.zeros(bx, dtype=np.uint32)
