@@ -133,8 +133,11 @@ class Backend:
         (docs/math.md §7); False elsewhere (the CPU: see ``accumulate`` of the window)."""
         if self.name == "cpu":
             return False
-        cc = _cupy().cuda.Device(self.device_id).compute_capability
-        return cc in ("60", "70", "80", "90", "100")
+        fast = _FAST64.get(self.device_id)
+        if fast is None:
+            cc = _cupy().cuda.Device(self.device_id).compute_capability
+            fast = _FAST64[self.device_id] = cc in ("60", "70", "80", "90", "100")
+        return fast
 
     def device_context(self):
         """Context manager making this backend's device current (no-op on CPU)."""
@@ -164,6 +167,10 @@ def _backend_from_spec(name, device_id):
 
 def _gpu_backend(device_id: int) -> Backend:
     return Backend(_cupy(), "gpu", int(device_id))
+
+
+#: device id -> whether its float64 rate is half its float32 rate (looked up once)
+_FAST64 = {}
 
 
 def backend_for_device(device) -> Backend:
