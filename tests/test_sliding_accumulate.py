@@ -210,3 +210,35 @@ def test_wide_kernels_against_float64(kind, m, ld, rows):
     assert all(np.array_equal(o, outs[0]) for o in outs)   # deterministic
     if count is not None:
         assert not count.get().any()                       # left zeroed for the next call
+
+
+@gpu
+@pytest.mark.parametrize("d", [40_000, 40_001, 2_000_000])     # kernel passes, fallback, unsplit
+def test_gpu_static_matvec_faithful_and_checked_in_its_passes(d):
+    """The static operator's one-vector product on a fast-float64 GPU (the window's
+    float64-faithful passes) against the float64 operator at small damping, and its
+    NaN/inf and overflow checks (a flag of those passes)."""
+    import cupy as cp
+    rng = np.random.default_rng(d)
+    m = 24
+    scales = np.logspace(-2, 2, d)
+    G = (rng.standard_normal((m, d)) * scales).astype(np.float32)
+    lam = 1e-5 * float((scales ** 2).sum()) / m
+    op = ml.StaticInverseFisher(cp.asarray(G), lam)
+    op64 = ml.StaticInverseFisher(cp.asarray(G, dtype=cp.float64), lam)
+    x = cp.asarray((G[:3].T @ rng.standard_normal(3) + rng.standard_normal(d)).astype(np.float32))
+    y64 = op64.matvec(x.astype(cp.float64))
+    err = float(cp.linalg.norm(op.matvec(x).astype(cp.float64) - y64))
+    rnd = float(cp.linalg.norm(y64.astype(cp.float32) - y64))
+    if d % 4 == 0 and B.backend_for_device("gpu").fast_float64:
+        assert err <= 10 * rnd, (err, rnd)
+    else:                                   # float32 passes: about eps32 kappa
+        assert err <= 1e-3 * float(cp.linalg.norm(y64))
+    bad = x.copy()
+    bad[d // 2] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        op.matvec(bad)
+    small = ml.StaticInverseFisher(cp.asarray(G), 1e-3)        # alpha = 1e3: alpha x overflows
+    with pytest.raises(ValueError, match="too large"):
+        small.matvec(cp.full(d, 3e38, dtype=cp.float32))
+    assert float(cp.linalg.norm(op.matvec(x).astype(cp.float64) - y64)) == err   # unchanged
