@@ -9,7 +9,7 @@ import mfac_linalg as ml
 from mfac_linalg import _backend as B
 
 from battery import check_operator
-from oracles import (EPS64, bf16_bits, bf16_values, cond, dense_inverse, float32_tol,
+from oracles import (EPS32, EPS64, bf16_bits, bf16_values, cond, dense_inverse, float32_tol,
                      float64_tol, rel_err)
 
 
@@ -70,6 +70,7 @@ class WindowMachine(RuleBasedStateMachine):
 
     DEVICE = "cpu"
     DTYPE = "float64"
+    ACCUMULATE = "auto"
 
     @initialize(window=st.integers(1, 24), dim=st.integers(1, 30),
                 normalize=st.sampled_from(["window", "count"]),
@@ -82,7 +83,8 @@ class WindowMachine(RuleBasedStateMachine):
         self.be = B.backend_for_device(self.DEVICE)
         self.w = ml.SlidingWindowInverseFisher(dim, window, lam, dtype=self.DTYPE,
                                                device=self.DEVICE, normalize=normalize,
-                                               refresh_every=refresh, engine=engine)
+                                               refresh_every=refresh, engine=engine,
+                                               accumulate=self.ACCUMULATE)
         self.ref = DenseWindow(dim, window, lam, normalize, self.DTYPE)
 
     def dev(self, a):
@@ -106,6 +108,10 @@ class WindowMachine(RuleBasedStateMachine):
         kappa = float(np.linalg.eigvalsh(F)[-1] / self.ref.damping)
         if self.DTYPE == "float64":
             tol = max(1e-9, float64_tol(kappa))
+        elif self.w.accumulate == "float64":
+            # float64-faithful passes (docs/math.md §7): the float32 rounding of the
+            # result plus the float64 error
+            tol = 10 * EPS32 + float64_tol(kappa)
         else:
             tol = float32_tol(kappa, self.ref.window)
         if self.w.engine == "explicit":
@@ -179,7 +185,8 @@ class WindowMachine(RuleBasedStateMachine):
             path = os.path.join(tmp, "w.npz")
             self.w.save(path)
             w2 = ml.SlidingWindowInverseFisher.load(path, device=self.DEVICE,
-                                                    engine=self.w.engine)
+                                                    engine=self.w.engine,
+                                                    accumulate=self.w.accumulate)
         g = self.rng.standard_normal(self.ref.dim)
         assert np.array_equal(B.to_host(w2.matvec(x)), B.to_host(self.w.matvec(x)))
         assert np.array_equal(B.to_host(w2.step(self.dev(g))), B.to_host(self.w.step(self.dev(g))))
@@ -195,7 +202,7 @@ class WindowMachine(RuleBasedStateMachine):
         twin = ml.SlidingWindowInverseFisher(self.ref.dim, self.ref.window,
                                              2 * self.ref.damping, dtype=self.DTYPE,
                                              device=self.DEVICE, normalize=other,
-                                             engine=engine)
+                                             engine=engine, accumulate=self.ACCUMULATE)
         twin.update(self.dev(self.rng.standard_normal((2, self.ref.dim))))
         twin.load_state_dict(self.w.state_dict())
         assert twin.normalize == self.ref.normalize and twin.damping == self.ref.damping
@@ -220,6 +227,17 @@ class WindowMachine(RuleBasedStateMachine):
 
 TestWindowMachine = WindowMachine.TestCase
 TestWindowMachine.settings = settings(stateful_step_count=25)
+
+
+class WindowMachine32Wide(WindowMachine):
+    """float32 storage with float64-faithful passes on the CPU: float32 results within
+    a few float32 roundings of the dense model of the stored gradients."""
+    DTYPE = "float32"
+    ACCUMULATE = "float64"
+
+
+TestWindowMachine32Wide = WindowMachine32Wide.TestCase
+TestWindowMachine32Wide.settings = settings(stateful_step_count=20)
 
 _needs_gpu = [pytest.mark.gpu,
               pytest.mark.skipif(not B.gpu_available(), reason="needs CuPy and a CUDA GPU")]

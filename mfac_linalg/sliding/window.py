@@ -274,7 +274,8 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
 
     def _quad(self, X):
         with self._lock:
-            xx = self._backend.xp.einsum("ij,ij->j", X, X).astype(np.float64)
+            X64 = X.astype(np.float64) if self._buf.wide else X    # faithful: float64 x.x
+            xx = self._backend.xp.einsum("ij,ij->j", X64, X64).astype(np.float64)
             n = self._n()
             if n:
                 xx = xx - self._eng.inner(self._buf.project(X, n))
@@ -286,7 +287,8 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
             out = self._backend.xp.full(self._d, 1.0 / self._damping, dtype=self._dtype)
             n = self._n()
             for a, b, Gc in (self._buf.column_chunks(n, chunk) if n else ()):
-                out[a:b] -= (self._eng.inner(Gc) / self._damping).astype(self._dtype)
+                # 1/lambda - s/lambda in float64, rounded once
+                out[a:b] = ((1.0 - self._eng.inner(Gc)) / self._damping).astype(self._dtype)
             return out
 
     def _entry(self, i, j):
