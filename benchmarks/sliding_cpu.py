@@ -164,13 +164,15 @@ def vs_published(sizes, rng, damp=1e-3):
         err = float(np.linalg.norm(peer.mul(torch.from_numpy(x)).numpy() - w.matvec(x))
                     / np.linalg.norm(w.matvec(x)))
         del G
-        gs = rng.standard_normal((8, dim), dtype=np.float32)
+        # distinct gradients for every push of a run (32 per object): repeats would make
+        # the window's Gram matrix rank-deficient, which the float32 baseline cannot factor
+        gs = rng.standard_normal((64, dim), dtype=np.float32)
         gts = [torch.from_numpy(r) for r in gs]
         k = [0]
 
         def nxt(seq):
             k[0] += 1
-            return seq[k[0] % 8]
+            return seq[k[0] % 64]
         t = compare({"ours update": lambda: w.update(nxt(gs)),
                      "peer update": lambda: peer.update(nxt(gts)),
                      "ours step": lambda: w.step(nxt(gs)),

@@ -777,7 +777,8 @@ def dual_apply(V, x, alpha, beta, check):
     with the flag a device array to read once (None without ``check``)."""
     import cupy as cp
     r, d = V.shape
-    x = cp.ascontiguousarray(x)
+    if not x.flags.c_contiguous or x.data.ptr % 16:      # 16-byte vector loads
+        x = x.copy()
     ws = cp.zeros(r + 1, dtype=np.float64)
     flag = ws[r:] if check else None
     rows_dot(V, "float32", x, ws[:r], rows=r, flag=flag, wide=True)
@@ -794,7 +795,7 @@ def dual_fits(V, x):
     """True where :func:`dual_apply` takes V (r, d) and x."""
     return (V.ndim == 2 and V.dtype == np.float32 and V.flags.c_contiguous
             and V.shape[1] % 4 == 0 and V.shape[0] > 0 and x.dtype == np.float32
-            and x.shape == (V.shape[1],))
+            and x.shape == (V.shape[1],) and V.data.ptr % 16 == 0)
 
 
 def round_to(kind, x, out):

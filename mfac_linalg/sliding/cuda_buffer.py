@@ -91,7 +91,8 @@ class CudaRingBuffer(RingBuffer):
     def _stored(self, row):
         """g as the kernels read it: contiguous float32 of length ld, rounded to the
         storage format (no copy for unpadded contiguous float32)."""
-        if self.name == "float32" and self.ld == self.d and row.flags.c_contiguous:
+        if (self.name == "float32" and self.ld == self.d and row.flags.c_contiguous
+                and row.data.ptr % 16 == 0):        # the kernels load 16-byte vectors
             return row
         out = self.backend.xp.zeros(self.ld, dtype=np.float32)
         out[:self.d] = row
@@ -134,7 +135,8 @@ class CudaRingBuffer(RingBuffer):
         """Pass 1 for one vector: u = G_h x into the workspace, y = x / lambda, x's
         NaN/inf flag raised if ``check``.  Returns (u, y)."""
         m = self.m
-        if self.ld == self.d and x.dtype == np.float32 and x.flags.c_contiguous:
+        if (self.ld == self.d and x.dtype == np.float32 and x.flags.c_contiguous
+                and x.data.ptr % 16 == 0):          # the kernels load 16-byte vectors
             xq = x
         else:
             xq = self.backend.xp.zeros(self.ld, dtype=np.float32)
