@@ -125,20 +125,6 @@ class Backend:
             L, b, trans=1 if trans else 0, lower=lower, overwrite_b=overwrite_b,
             check_finite=False)
 
-    @property
-    def fast_float64(self):
-        """True on a GPU whose float64 rate is half its float32 rate (compute capability
-        6.0, 7.0, 8.0, 9.0, 10.0: P100, V100, A100, H100/H200, B200), where a pass that
-        reads float32 at memory bandwidth can accumulate in float64 at no cost
-        (docs/math.md §7); False elsewhere (the CPU: see ``accumulate`` of the window)."""
-        if self.name == "cpu":
-            return False
-        fast = _FAST64.get(self.device_id)
-        if fast is None:
-            cc = _cupy().cuda.Device(self.device_id).compute_capability
-            fast = _FAST64[self.device_id] = cc in ("60", "70", "80", "90", "100")
-        return fast
-
     def device_context(self):
         """Context manager making this backend's device current (no-op on CPU)."""
         if self.name == "cpu":
@@ -167,10 +153,6 @@ def _backend_from_spec(name, device_id):
 
 def _gpu_backend(device_id: int) -> Backend:
     return Backend(_cupy(), "gpu", int(device_id))
-
-
-#: device id -> whether its float64 rate is half its float32 rate (looked up once)
-_FAST64 = {}
 
 
 def backend_for_device(device) -> Backend:

@@ -222,10 +222,7 @@ class LowRank:
         The scale goes on the small (r, k) side and the d-sized result is built in
         place (no d-sized temporaries beyond the result).  On the GPU one vector per
         block of a stack goes through one kernel (``kernels/blocks.py``: V read about
-        once, float64 sums); one vector of a stack of one (the static operator, dual
-        form, float32) through the window's two float64-faithful kernel passes on GPUs
-        with fast float64 (``kernels/sliding.dual_apply``: the check is a flag of those
-        passes, read once at the end).
+        once, float64 sums).
 
         ``check``: raise ``NonFiniteInput`` when X holds NaN or infinity, read from U = V X
         (r values, not d): V is finite and every x_j enters every u_i (0 * inf is NaN),
@@ -233,14 +230,6 @@ class LowRank:
         formed before pass 2 and read after it (one host read, no stall between the
         passes)."""
         be = self.backend
-        if be.is_gpu and Xb.ndim == 2 and Xb.shape[1] == 1 and self.alpha and be.fast_float64:
-            ks = B.kernel_module("sliding")
-            if ks.dual_fits(self.V[0], Xb[:, 0]):
-                with be.device_context():
-                    y, flag = ks.dual_apply(self.V[0], Xb[:, 0], self.alpha, self.beta, check)
-                if check and B.scalar(flag[0]):      # the one host read
-                    raise NonFiniteInput
-                return y[:, None]
         if (not check and be.is_gpu and Xb.ndim == 3 and Xb.shape[2] == 1
                 and Xb.dtype == self.V.dtype):
             kb = B.kernel_module("blocks")

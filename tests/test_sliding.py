@@ -243,9 +243,9 @@ _needs_gpu = [pytest.mark.gpu,
               pytest.mark.skipif(not B.gpu_available(), reason="needs CuPy and a CUDA GPU")]
 
 
-def _gpu_machine(dtype):
-    machine = type(f"WindowMachineGPU_{dtype}", (WindowMachine,),
-                   {"DEVICE": "gpu", "DTYPE": dtype})
+def _gpu_machine(dtype, accumulate="auto"):
+    machine = type(f"WindowMachineGPU_{dtype}_{accumulate}", (WindowMachine,),
+                   {"DEVICE": "gpu", "DTYPE": dtype, "ACCUMULATE": accumulate})
     case = machine.TestCase
     case.settings = settings(stateful_step_count=20)
     for mark in _needs_gpu:
@@ -257,6 +257,8 @@ TestWindowMachineGPU64 = _gpu_machine("float64")
 TestWindowMachineGPU32 = _gpu_machine("float32")
 TestWindowMachineGPUbf16 = _gpu_machine("bfloat16")
 TestWindowMachineGPUf16 = _gpu_machine("float16")
+TestWindowMachineGPU32Wide = _gpu_machine("float32", "float64")      # the float64 kernels
+TestWindowMachineGPUbf16Wide = _gpu_machine("bfloat16", "float64")
 
 
 @pytest.mark.parametrize("normalize", ["window", "count"])

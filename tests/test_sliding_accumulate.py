@@ -115,7 +115,7 @@ def test_load_takes_accumulate(tmp_path):
 
 
 @gpu
-# -- the GPU: the kernels, automatic on fast-float64 GPUs ------------------------------------
+# -- the GPU: the float64-accumulating kernels (opt-in) -------------------------------------
 
 @pytest.mark.parametrize("engine", ["cholesky", "explicit"])
 @pytest.mark.parametrize("rel", [1e-5, 1e-3, 1e-1])
@@ -143,9 +143,13 @@ def test_gpu_bfloat16_window_is_float64_faithful_over_its_stored_values(engine):
 
 
 @gpu
-def test_gpu_auto_follows_the_float64_rate():
-    w = ml.SlidingWindowInverseFisher(100, 4, 0.1, device="gpu")
-    assert w.accumulate == ("float64" if B.backend_for_device("gpu").fast_float64 else "float32")
+def test_gpu_auto_is_float32_accumulation():
+    """Until the float64 kernels are timed on hardware they are opt-in (docs/sliding.md)."""
+    for dtype in ("float32", "bfloat16", "float16"):
+        w = ml.SlidingWindowInverseFisher(100, 4, 0.1, dtype=dtype, device="gpu")
+        assert w.accumulate == "float32"
+    assert ml.SlidingWindowInverseFisher(100, 4, 0.1, dtype="float64",
+                                         device="gpu").accumulate == "float64"
 
 
 @gpu
@@ -210,38 +214,6 @@ def test_wide_kernels_against_float64(kind, m, ld, rows):
     assert all(np.array_equal(o, outs[0]) for o in outs)   # deterministic
     if count is not None:
         assert not count.get().any()                       # left zeroed for the next call
-
-
-@gpu
-@pytest.mark.parametrize("d", [40_000, 40_001, 2_000_000])     # kernel passes, fallback, unsplit
-def test_gpu_static_matvec_faithful_and_checked_in_its_passes(d):
-    """The static operator's one-vector product on a fast-float64 GPU (the window's
-    float64-faithful passes) against the float64 operator at small damping, and its
-    NaN/inf and overflow checks (a flag of those passes)."""
-    import cupy as cp
-    rng = np.random.default_rng(d)
-    m = 24
-    scales = np.logspace(-2, 2, d)
-    G = (rng.standard_normal((m, d)) * scales).astype(np.float32)
-    lam = 1e-5 * float((scales ** 2).sum()) / m
-    op = ml.StaticInverseFisher(cp.asarray(G), lam)
-    op64 = ml.StaticInverseFisher(cp.asarray(G, dtype=cp.float64), lam)
-    x = cp.asarray((G[:3].T @ rng.standard_normal(3) + rng.standard_normal(d)).astype(np.float32))
-    y64 = op64.matvec(x.astype(cp.float64))
-    err = float(cp.linalg.norm(op.matvec(x).astype(cp.float64) - y64))
-    rnd = float(cp.linalg.norm(y64.astype(cp.float32) - y64))
-    if d % 4 == 0 and B.backend_for_device("gpu").fast_float64:
-        assert err <= 10 * rnd, (err, rnd)
-    else:                                   # float32 passes: about eps32 kappa
-        assert err <= 1e-3 * float(cp.linalg.norm(y64))
-    bad = x.copy()
-    bad[d // 2] = np.nan
-    with pytest.raises(ValueError, match="finite"):
-        op.matvec(bad)
-    small = ml.StaticInverseFisher(cp.asarray(G), 1e-3)        # alpha = 1e3: alpha x overflows
-    with pytest.raises(ValueError, match="too large"):
-        small.matvec(cp.full(d, 3e38, dtype=cp.float32))
-    assert float(cp.linalg.norm(op.matvec(x).astype(cp.float64) - y64)) == err   # unchanged
 
 
 @gpu

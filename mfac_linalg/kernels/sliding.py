@@ -237,8 +237,7 @@ template <typename T>
 __device__ void combine_wide_impl(const T* __restrict__ G, const double* __restrict__ c,
                                   const float* __restrict__ x, float* __restrict__ y,
                                   double* __restrict__ part, unsigned* __restrict__ count,
-                                  int m, long long ld, int rows_per, double inv_lam,
-                                  double* __restrict__ flag) {
+                                  int m, long long ld, int rows_per, double inv_lam) {
     constexpr int V = 16 / sizeof(T);
     constexpr int TILE = 1024;
     __shared__ double cs[TILE];
@@ -306,12 +305,6 @@ __device__ void combine_wide_impl(const T* __restrict__ G, const double* __restr
     for (int t = 0; t < V; ++t) yv[t] = (float)(((double)xv[t] - acc[t]) * inv_lam);
     #pragma unroll
     for (int t = 0; t < V; t += 4) store16(y + j + t, yv + t);
-    if (flag != nullptr) {                  // optional: flag a result that overflowed
-        bool bad = false;
-        #pragma unroll
-        for (int t = 0; t < V; ++t) bad |= !isfinite(yv[t]);
-        if (bad) flag[0] = 1.0;
-    }
 }
 
 extern "C" {
@@ -342,16 +335,16 @@ __global__ void rows_dot_f16_w(const float* x, __half* G, double* u, int m, long
 
 __global__ void combine_f32_w(const float* G, const double* c, const float* x, float* y,
                               double* part, unsigned* count, int m, long long ld, int rows_per,
-                              double inv_lam, double* flag)
-{ combine_wide_impl<float>(G, c, x, y, part, count, m, ld, rows_per, inv_lam, flag); }
+                              double inv_lam)
+{ combine_wide_impl<float>(G, c, x, y, part, count, m, ld, rows_per, inv_lam); }
 __global__ void combine_bf16_w(const __nv_bfloat16* G, const double* c, const float* x, float* y,
                               double* part, unsigned* count, int m, long long ld, int rows_per,
-                              double inv_lam, double* flag)
-{ combine_wide_impl<__nv_bfloat16>(G, c, x, y, part, count, m, ld, rows_per, inv_lam, flag); }
+                              double inv_lam)
+{ combine_wide_impl<__nv_bfloat16>(G, c, x, y, part, count, m, ld, rows_per, inv_lam); }
 __global__ void combine_f16_w(const __half* G, const double* c, const float* x, float* y,
                               double* part, unsigned* count, int m, long long ld, int rows_per,
-                              double inv_lam, double* flag)
-{ combine_wide_impl<__half>(G, c, x, y, part, count, m, ld, rows_per, inv_lam, flag); }
+                              double inv_lam)
+{ combine_wide_impl<__half>(G, c, x, y, part, count, m, ld, rows_per, inv_lam); }
 
 __global__ void combine_f32(const float* G, const float* c, float* y, int m, long long ld, int rows_per, float scale)
 { combine_impl<float>(G, c, y, m, ld, rows_per, scale); }
@@ -745,15 +738,13 @@ def combine(G, kind, c, y, scale, rows=None):
     return y
 
 
-def combine_wide(G, kind, c, x, y, lam, part, count, rows=None, *, inv_lam=None, flag=None):
+def combine_wide(G, kind, c, x, y, lam, part, count, rows=None):
     """y = float32((x - G[:rows]^T c) / lam), float64-faithful (docs/math.md §7).
 
     c: float64 (at least ``rows`` long, slot order); x, y: float32 of length ld;
     ``part``: float64 scratch of at least splits x ld values and ``count``: uint32
     zeros, one per column block (``combine_grid``), left zeroed; both may be None when
-    the grid has one split.  ``inv_lam`` replaces 1 / lam when given; ``flag[0]``
-    (float64), when given, is set to 1 if a result is not finite.  Deterministic: no
-    atomics in the sums.
+    the grid has one split.  Deterministic: no atomics in the sums.
     """
     m = G.shape[0] if rows is None else rows
     ld = G.shape[1]
@@ -763,39 +754,9 @@ def combine_wide(G, kind, c, x, y, lam, part, count, rows=None, *, inv_lam=None,
     fn("combine_" + SUFFIX[kind] + "_w")((bx, splits), (_THREADS,),
                                          (G, c, x, y, _ptr(part), _ptr(count), np.int32(m),
                                           np.int64(ld), np.int32(rows_per),
-                                          np.float64(1.0 / lam if inv_lam is None else inv_lam),
-                                          _ptr(flag)))
+                                          np.float64(1.0 / lam)))
     return y
 
-
-def dual_apply(V, x, alpha, beta, check):
-    """y = alpha x + beta V^T (V x) for V (r, d) float32 C-contiguous with d % 4 == 0
-    and x (d,) float32, alpha != 0: the static operator's dual form as the window's
-    float64-faithful passes (rows_dot with float64 sums, then combine_wide with
-    c = -(beta / alpha) V x: y = fl32(alpha (x - V^T c))).  With ``check`` the first
-    pass flags NaN/inf in x and the second a result that overflowed; returns (y, flag)
-    with the flag a device array to read once (None without ``check``)."""
-    import cupy as cp
-    r, d = V.shape
-    if not x.flags.c_contiguous or x.data.ptr % 16:      # 16-byte vector loads
-        x = x.copy()
-    ws = cp.zeros(r + 1, dtype=np.float64)
-    flag = ws[r:] if check else None
-    rows_dot(V, "float32", x, ws[:r], rows=r, flag=flag, wide=True)
-    c = ws[:r] * (-beta / alpha)
-    y = cp.empty(d, dtype=np.float32)
-    bx, splits, _ = combine_grid(r, d, "float32")
-    part = cp.empty(splits * d, dtype=np.float64) if splits > 1 else None
-    count = cp.zeros(bx, dtype=np.uint32) if splits > 1 else None
-    combine_wide(V, "float32", c, x, y, None, part, count, rows=r, inv_lam=alpha, flag=flag)
-    return y, flag
-
-
-def dual_fits(V, x):
-    """True where :func:`dual_apply` takes V (r, d) and x."""
-    return (V.ndim == 2 and V.dtype == np.float32 and V.flags.c_contiguous
-            and V.shape[1] % 4 == 0 and V.shape[0] > 0 and x.dtype == np.float32
-            and x.shape == (V.shape[1],) and V.data.ptr % 16 == 0)
 
 
 def round_to(kind, x, out):

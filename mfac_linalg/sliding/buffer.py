@@ -36,10 +36,10 @@ def resolve_accumulate(accumulate, storage, backend):
     """"float32" or "float64": the accumulator of the passes over a buffer of ``storage``.
 
     float64 storage accumulates in float64 (``accumulate="float32"`` is refused);
-    "auto" is float64 for float32/16-bit storage on GPUs with fast float64
-    (``Backend.fast_float64``: no cost there), float32 elsewhere (on the CPU the
-    float64 passes convert the buffer chunk by chunk: 4-6x a float32 pass on 2 cores,
-    docs/benchmarks.md).
+    "auto" is float32 for float32/16-bit storage (on the CPU the float64 passes convert
+    the buffer chunk by chunk: 4-6x a float32 pass on 2 cores, docs/benchmarks.md; on
+    the GPU the float64 kernels are opt-in until they are measured on hardware).
+    ``backend`` is accepted for a rule by device.
     """
     accumulate = V.choice(accumulate, "accumulate", ACCUMULATE)
     if storage == "float64":
@@ -47,9 +47,7 @@ def resolve_accumulate(accumulate, storage, backend):
             raise ValueError("accumulate must be 'auto' or 'float64' for float64 storage; "
                              "got 'float32'")
         return "float64"
-    if accumulate == "auto":
-        return "float64" if backend.fast_float64 else "float32"
-    return accumulate
+    return "float32" if accumulate == "auto" else accumulate
 
 
 class Write:

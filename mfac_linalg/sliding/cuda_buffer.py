@@ -3,7 +3,7 @@
 Rows are padded to a multiple of 8 values (16-byte vectors); 16-bit rows are held
 as raw ``uint16`` words that the kernels convert to float32.  The kernels accumulate
 in float32, or with ``wide`` in float64 with one rounding of the result (docs/math.md
-§7; the default on GPUs with fast float64): then pass 1 writes no y and pass 2 reads
+§7; ``accumulate="float64"``): then pass 1 writes no y and pass 2 reads
 x and float64 coefficients and writes y = float32((x - G_h^T c) / lambda).  This
 module (with ``_backend`` and ``kernels/``) is the only place of the window that
 touches CuPy: the kernel launches, the workspace memset and the one host read.

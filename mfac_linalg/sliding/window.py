@@ -65,10 +65,11 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
         "float64": every product of stored values is exact in float64, the sums and
         x - G_h^T c are float64 and the result is rounded once, so the error is the
         final float32 rounding plus about 1e-16 κ (κ = λ_max(F)/λ), against about
-        6e-8 κ in float32 (1 % at κ = 1e5: small damping).  "auto": float64 on GPUs
-        with fast float64 (H100, H200, A100, V100: no cost there), float32 elsewhere
-        (on the CPU the float64 passes convert the buffer in chunks: 4-6x slower).  float64
-        storage always accumulates in float64.
+        6e-8 κ in float32 (1 % at κ = 1e5: small damping).  "auto" is "float32" for
+        float32 and 16-bit storage: on the CPU the float64 passes convert the buffer in
+        chunks (4-6x slower); on the GPU they are kernels (one float64 FMA per stored
+        value, within the float64 rate of an H100/H200) that have not yet been timed
+        on hardware, so they are opt-in.  float64 storage always accumulates in float64.
 
     Costs (n = gradients held <= m; docs/sliding.md has the table)
     ---------------------------------------------------------------
