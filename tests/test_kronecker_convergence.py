@@ -30,6 +30,7 @@ def _method_terms(A, G, bias):
                ("kpsvd-lanczos", ml.kpsvd(A, G, 0.1, bias=bias, solver="lanczos")),
                ("deflation", ml.deflation(A, G, 0.1, bias=bias)),
                ("deflation-sequential", ml.deflation(A, G, 0.1, bias=bias, solver="sequential")),
+               ("deflation-subspace", ml.deflation(A, G, 0.1, bias=bias, solver="subspace")),
                ("lanczos", ml.lanczos(A, G, 0.1, bias=bias)),
                ("lanczos-K2", ml.lanczos(A, G, 0.1, bias=bias, krylov=2))]
         rows = [(name, op.factors, op.info) for name, op in out]
