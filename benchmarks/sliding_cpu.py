@@ -130,21 +130,22 @@ class Published:
             giHix[i:].sub_(self.giHig[i - 1, i:], alpha=giHix[i - 1] / self.denom[i - 1])
         return self.lambd * x - (giHix / self.denom).matmul(self.coef) @ self.grads
 
-    def update(self, g):
+    def _replace(self, g):
+        """Write g into the oldest slot, set its Gram row and rerun ``setup``; returns
+        G g (the slot index advances after the caller is done)."""
         self.grads[self.last, :] = g
         tmp = self.grads @ g
         self.dots[self.last, :] = tmp
         self.dots[:, self.last] = tmp
         self.setup()
+        return tmp
+
+    def update(self, g):
+        self._replace(g)
         self.last = (self.last + 1) % self.m
 
     def update_mul(self, g):
-        self.grads[self.last, :] = g
-        tmp = self.grads @ g
-        self.dots[self.last, :] = tmp
-        self.dots[:, self.last] = tmp
-        self.setup()
-        res = self.mul(g, tmp)
+        res = self.mul(g, self._replace(g))
         self.last = (self.last + 1) % self.m
         return res
 

@@ -32,14 +32,13 @@ KERNEL_STORAGE = ("float32", "float16", "bfloat16")
 ACCUMULATE = ("auto", "float32", "float64")
 
 
-def resolve_accumulate(accumulate, storage, backend):
+def resolve_accumulate(accumulate, storage):
     """"float32" or "float64": the accumulator of the passes over a buffer of ``storage``.
 
     float64 storage accumulates in float64 (``accumulate="float32"`` is refused);
     "auto" is float32 for float32/16-bit storage (on the CPU the float64 passes convert
     the buffer chunk by chunk: 4-6x a float32 pass on 2 cores, docs/benchmarks.md; on
     the GPU the float64 kernels are opt-in until they are measured on hardware).
-    ``backend`` is accepted for a rule by device.
     """
     accumulate = V.choice(accumulate, "accumulate", ACCUMULATE)
     if storage == "float64":
@@ -258,7 +257,7 @@ def make_buffer(window, dim, storage, backend, accumulate="auto"):
     """The ring buffer for a storage dtype name: the CUDA one (fused kernels) for float32
     and 16-bit storage on the GPU, else the array-API one; ``accumulate`` as the
     window's (:func:`resolve_accumulate`)."""
-    wide = resolve_accumulate(accumulate, storage, backend) == "float64"
+    wide = resolve_accumulate(accumulate, storage) == "float64"
     if backend.is_gpu and storage in KERNEL_STORAGE:
         from .cuda_buffer import CudaRingBuffer
         return CudaRingBuffer(window, dim, storage, backend, wide)
