@@ -77,6 +77,28 @@ def run(sizes, rounds, seed=0, show_progress=None):
     return rows
 
 
+LARGE = [("KPSVD", ml.kpsvd, {}), ("deflation", ml.deflation, {}), ("Lanczos", ml.lanczos, {})]
+
+
+def large(sizes, rounds, seed=1, show_progress=None):
+    """The default iterative builders on the issue's layers (n = 4096, D = 256 / 512):
+    build time / K-FAC's (R products in brackets), as :func:`run` without the slow
+    sequential and subspace variants."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n, d in progress(sizes, desc="large layers", enabled=show_progress):
+        a, g = layer(rng, n, d, d)
+        fns = {"K-FAC": lambda: ml.kfac(a, g, 1e-3, bias=True)}
+        for name, build, kw in LARGE:
+            fns[name] = (lambda b=build, k=kw: b(a, g, 1e-3, bias=True, **k))
+        t = cpu_compare(fns, rounds)
+        prods = {name: build(a, g, 1e-3, bias=True, **kw).info["products"]
+                 for name, build, kw in LARGE}
+        rows.append([f"{n}", f"{d + 1}x{d}", f"{t['K-FAC'] * 1e3:.1f}"]
+                    + [f"{t[name] / t['K-FAC']:.1f} ({prods[name]})" for name, _, _ in LARGE])
+    return rows
+
+
 def vs_curvlinops(sizes, rounds, lam=1e-3):
     """K-FAC against curvlinops' ``KFACInverseLinearOperator`` on one ``nn.Linear(D, D)``
     with bias, float64, single-threaded torch and BLAS, for both damping modes: pi
@@ -156,6 +178,11 @@ def main():
                                                         for name, _, _ in BUILDERS]
     print(table(header, run(sizes, rounds,
                             show_progress=False if args.no_progress else None)))
+    big = [(1000, 128)] if args.quick else [(4096, 256), (4096, 512)]
+    print("\nDefault iterative builders on larger layers (build / K-FAC, R products)")
+    print(table(["n", "(d_in+1)xd_out", "K-FAC CPU ms"]
+                + [f"{name} /K-FAC (R prods)" for name, _, _ in LARGE],
+                large(big, rounds, show_progress=False if args.no_progress else None)))
     cl = vs_curvlinops([(256, 1024)] if args.quick else [(512, 4096), (1024, 4096)],
                        3 if args.quick else 5)
     if cl is None:

@@ -27,7 +27,7 @@ def _method_terms(A, G, bias):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ml.ConvergenceWarning)
         out = [("kpsvd", ml.kpsvd(A, G, 0.1, bias=bias)),
-               ("kpsvd-lanczos", ml.kpsvd(A, G, 0.1, bias=bias, solver="lanczos")),
+               ("kpsvd-subspace", ml.kpsvd(A, G, 0.1, bias=bias, solver="subspace")),
                ("deflation", ml.deflation(A, G, 0.1, bias=bias)),
                ("deflation-sequential", ml.deflation(A, G, 0.1, bias=bias, solver="sequential")),
                ("deflation-subspace", ml.deflation(A, G, 0.1, bias=bias, solver="subspace")),
@@ -114,13 +114,33 @@ def test_residuals_are_the_two_sided_ones(rng):
     assert op.info["residual"] <= 1e-6
 
 
+def test_lanczos_ends_its_cycle_at_tol():
+    """A cycle stops at the first step whose residual (from the bidiagonal) reaches tol: on a
+    layer with a clear gap KPSVD needs far fewer than a whole cycle of K = 10 steps (20
+    products, plus 2 for the explicit residual), and the explicit residual holds."""
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((2000, 16)) * np.linspace(0.2, 2.0, 16) ** 2
+    g = rng.standard_normal((2000, 12)) * np.linspace(0.1, 1.5, 12) ** 2
+    for tol in (1e-6, 1e-12):
+        op = ml.kpsvd(a, g, 1e-3, tol=tol)
+        assert op.info["converged"] and op.info["residual"] <= tol
+        assert op.info["iterations"] == 1 and op.info["products"] <= 14, op.info["products"]
+    loose, tight = (ml.kpsvd(a, g, 1e-3, tol=t).info["products"] for t in (1e-4, 1e-12))
+    assert loose < tight
+    # subspace iteration reaches the same factors
+    sub = ml.kpsvd(a, g, 1e-3, solver="subspace")
+    for (B1, C1), (B2, C2) in zip(op.factors, sub.factors):
+        assert np.linalg.norm(np.kron(B1, C1) - np.kron(B2, C2)) <= 1e-10 * np.linalg.norm(
+            np.kron(B2, C2))
+
+
 @pytest.mark.parametrize("build", [ml.kpsvd, ml.deflation, ml.lanczos, ml.kfac_corrected],
                          ids=lambda f: f.__name__)
 def test_convergence_warning_at_maxiter(build, rng):
     A, G, Ab, G3, F = layer(rng, 300, 12, 9)
     with pytest.warns(ml.ConvergenceWarning, match="maxiter=1 "):
-        op = build(A, G, 0.1, maxiter=1, tol=1e-15)
-    assert op.info["converged"] is False and op.info["residual"] > 1e-15
+        op = build(A, G, 0.1, maxiter=1, tol=1e-17)   # below rounding: cannot converge
+    assert op.info["converged"] is False and op.info["residual"] > 1e-17
     assert op.info["iterations"] == 1
     x = rng.standard_normal(108)
     assert np.all(np.isfinite(op @ x))                     # still a usable operator

@@ -425,12 +425,12 @@ def _doc(f):
 
 @_doc
 def kpsvd(activations, output_grads, damping, *, bias=False, damping_mode="exact",
-          solver="subspace", tol=TOL,
+          solver="lanczos", tol=TOL,
           maxiter=MAXITER, init=None, indefinite="abs", band=None, positions=None):
     r"""KPSVD: the best single Kronecker product min ||F - B kron C||_F (docs/math.md §4, §8).
 
     The top singular triple (sigma, p, q) of the rearranged Fisher R(F), found matrix-free by
-    subspace iteration (F and R(F) are never formed); B = sqrt(sigma) p, C = sqrt(sigma) q,
+    Golub-Kahan-Lanczos from K-FAC's A (F and R(F) are never formed); B = sqrt(sigma) p, C = sqrt(sigma) q,
     symmetric with tr(B) > 0 (PSD for a PSD F).
 
     Parameters
@@ -440,9 +440,10 @@ def kpsvd(activations, output_grads, damping, *, bias=False, damping_mode="exact
     damping_mode : {"exact", "pi"}
         "exact": (B kron C + lam I)^{-1}; "pi": ((B + lam_B I) kron (C + lam_C I))^{-1} with
         lam_B lam_C = lam, lam_B / lam_C = (tr B / d_out) / (tr C / d_in) (K-FAC's pi).
-    solver : {"subspace", "lanczos"}
-        Subspace iteration (the default: from K-FAC's A it needs few products) or
-        Golub-Kahan-Lanczos (:func:`lanczos`).
+    solver : {"lanczos", "subspace"}
+        Golub-Kahan-Lanczos (the default, as :func:`lanczos`; it stops within a cycle once
+        the residual reaches ``tol``) or subspace iteration on a block of 3 (one R and one
+        R^T product on each vector per iteration).
     indefinite : {"abs", "clip", "raise"}
         As :func:`kfac`.
     %(iter)s

@@ -21,7 +21,8 @@ bound it by only sqrt(tol)):
 * :func:`subspace_triples`: subspace (block power) iteration with Rayleigh-Ritz; one R and one
   R^T product on a block of k + 2 vectors per iteration.
 * :func:`lanczos_triples`: restarted Golub-Kahan-Lanczos bidiagonalization with full
-  reorthogonalization; the right residual is beta_K |u_{K,i}| for free.
+  reorthogonalization; the right residual is beta_j |u_{j,i}| for free after every step j,
+  and a cycle ends at the first step where it reaches tol.
 
 Both report the final residuals from two explicit products (not from the recurrences).
 """
@@ -274,8 +275,10 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
     ``||R^T p_i - s_i q_i|| = beta_K |u_{K,i}|``.  Restart (the paper's) from
     q_1 = sum_{i<k} q_i, each Ritz vector first improved by the power step it gets for free,
     R^T p_i / s_i = q_i + (beta_K u_{K,i} / s_i) q_{K+1}.  A breakdown (an invariant subspace) continues from a random vector
-    orthogonal to the basis.  ``maxiter`` counts cycles; each costs K products with R and
-    K with R^T on single vectors.  ``krylov`` K defaults to max(10, 3k) (capped by the
+    orthogonal to the basis.  After every step j >= k the Ritz triples of the j steps so far
+    are formed (the SVD of the j x j bidiagonal) and the cycle ends once their right
+    residuals beta_j |u_{j,i}| / sigma_1 are <= tol.  ``maxiter`` counts cycles; each costs
+    at most K products with R and K with R^T on single vectors.  ``krylov`` K defaults to max(10, 3k) (capped by the
     dimension); the paper's K = 2 is ``krylov=2``.  Residuals are relative to
     max(sigma_1, ``scale``).
     """
@@ -314,20 +317,25 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
                     Qb[j + 1] = _fresh(rng, Qb, j + 1, d_in, xp)
             else:
                 beta[j], Qb[j + 1] = b, qn / b
-        Bk = np.diag(alpha) + np.diag(beta[:-1], 1)
-        u, s, vt = np.linalg.svd(Bk)
-        u, s, vt = xp.asarray(u), xp.asarray(s), xp.asarray(vt)
-        P = u.T @ Pb
-        Q = vt @ Qb[:K]
+            if j + 1 >= kk:
+                # the Ritz triples of the j + 1 steps so far (a tiny SVD): stop the cycle
+                # once their right residuals beta_j |u_{j,i}| reach tol
+                u, s, vt = np.linalg.svd(np.diag(alpha[:j + 1]) + np.diag(beta[:j], 1))
+                s1 = max(float(s[0]), scale)
+                if s1 == 0.0 or (beta[j] * np.abs(u[j, :kk]) / s1).max() <= tol:
+                    break
+        Ke = j + 1                           # the steps this cycle took (K, or fewer)
         info["iterations"] = cycle
-        s1 = max(float(B.to_host(s[0])), scale)
         if s1 == 0.0:
             break
-        res = beta[K - 1] * np.abs(B.to_host(u[K - 1, :kk])) / s1
+        res = beta[Ke - 1] * np.abs(u[Ke - 1, :kk]) / s1
+        w = beta[Ke - 1] * u[Ke - 1, :kk] / np.maximum(s[:kk], 1e-300)
+        u, s, vt = xp.asarray(u), xp.asarray(s), xp.asarray(vt)
+        P = u.T @ Pb[:Ke]
+        Q = vt @ Qb[:Ke]
         if res.max() <= tol:
             break
-        w = beta[K - 1] * B.to_host(u[K - 1, :kk]) / np.maximum(B.to_host(s[:kk]), 1e-300)
-        step = Q[:kk] + xp.asarray(w)[:, None] * Qb[K][None]        # R^T p_i / s_i
+        step = Q[:kk] + xp.asarray(w)[:, None] * Qb[Ke][None]       # R^T p_i / s_i
         q = step.sum(axis=0)
         if float(B.to_host(xp.linalg.norm(q))) < 1e-8:      # cancellation: take the first
             q = step[0]
