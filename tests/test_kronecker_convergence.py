@@ -32,7 +32,9 @@ def _method_terms(A, G, bias):
                ("deflation-sequential", ml.deflation(A, G, 0.1, bias=bias, solver="sequential")),
                ("deflation-subspace", ml.deflation(A, G, 0.1, bias=bias, solver="subspace")),
                ("lanczos", ml.lanczos(A, G, 0.1, bias=bias)),
-               ("lanczos-K2", ml.lanczos(A, G, 0.1, bias=bias, krylov=2))]
+               ("lanczos-K2", ml.lanczos(A, G, 0.1, bias=bias, krylov=2)),
+               # thick restarts (3 Ritz pairs kept, 2 new steps a cycle): many cycles
+               ("lanczos-K5", ml.lanczos(A, G, 0.1, bias=bias, krylov=5))]
         rows = [(name, op.factors, op.info) for name, op in out]
         terms, info = kr.kronecker_terms(A, G, 3, bias=bias)
         rows.append(("terms-3", terms, info))

@@ -540,9 +540,11 @@ def lanczos(activations, output_grads, damping, *, bias=False, k=2, krylov=None,
     r"""Lanczos: the best k-term Kronecker sum from restarted Golub-Kahan bidiagonalization.
 
     The paper's fourth method (docs/math.md §8): the top k triples of R(F) at once from
-    Golub-Kahan-Lanczos bidiagonalization with full reorthogonalization, restarted from
-    q = sum_i q_i; the same target as :func:`deflation` (k = 2) or :func:`kpsvd` (k = 1).
-    Each cycle costs ``krylov`` products with R and with R^T on one vector.
+    Golub-Kahan-Lanczos bidiagonalization with full reorthogonalization, thick-restarted
+    (the paper's restart from q = sum_i q_i where ``krylov`` <= k + 1); the same target as
+    :func:`deflation` (k = 2) or :func:`kpsvd` (k = 1).  A cycle costs at most ``krylov``
+    products with R and with R^T on one vector, and ends early once the residual reaches
+    ``tol``.
 
     Parameters
     ----------
@@ -551,7 +553,7 @@ def lanczos(activations, output_grads, damping, *, bias=False, k=2, krylov=None,
     k : {1, 2}
         Terms of the approximation that gets an inverse (more terms: :func:`kronecker_terms`).
     krylov : int >= 1, optional
-        Steps per cycle K (default max(10, 3k), capped by the dimension); the paper's is 2.
+        Steps per cycle K (default max(20, 4k), capped by the dimension); the paper's is 2.
     %(iter)s%(two)s
 
     Returns

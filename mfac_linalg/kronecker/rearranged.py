@@ -48,7 +48,7 @@ class ConvergenceWarning(RuntimeWarning):
     --------
     >>> import warnings, numpy as np, mfac_linalg as ml
     >>> rng = np.random.default_rng(0)
-    >>> a, g = rng.standard_normal((100, 6)), rng.standard_normal((100, 5))
+    >>> a, g = rng.standard_normal((100, 20)), rng.standard_normal((100, 15))
     >>> with warnings.catch_warnings(record=True) as w:
     ...     warnings.simplefilter("always")
     ...     op = ml.deflation(a, g, 1e-2, maxiter=1)
@@ -270,75 +270,100 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
     One cycle of K steps from a unit q_1 (docs/math.md §8):
     ``p_j = R q_j - beta_{j-1} p_{j-1}``, ``alpha_j = ||p_j||``;
     ``q_{j+1} = R^T p_j - alpha_j q_j``, ``beta_j = ||q_{j+1}||``, each vector
-    reorthogonalized against its predecessors (twice).  Then R Q_K = P_K B_K with B_K upper
-    bidiagonal; the SVD B_K = u diag(s) v^T gives the Ritz triples (s_i, P_K u_i, Q_K v_i) with
-    ``||R^T p_i - s_i q_i|| = beta_K |u_{K,i}|``.  Restart (the paper's) from
-    q_1 = sum_{i<k} q_i, each Ritz vector first improved by the power step it gets for free,
-    R^T p_i / s_i = q_i + (beta_K u_{K,i} / s_i) q_{K+1}.  A breakdown (an invariant subspace) continues from a random vector
-    orthogonal to the basis.  After every step j >= k the Ritz triples of the j steps so far
-    are formed (the SVD of the j x j bidiagonal) and the cycle ends once their right
-    residuals beta_j |u_{j,i}| / sigma_1 are <= tol.  ``maxiter`` counts cycles; each costs
-    at most K products with R and K with R^T on single vectors.  ``krylov`` K defaults to max(10, 3k) (capped by the
-    dimension); the paper's K = 2 is ``krylov=2``.  Residuals are relative to
-    max(sigma_1, ``scale``).
+    reorthogonalized against its predecessors (twice).  Then R Q_K = P_K B_K and
+    R^T P_K = Q_K B_K^T + beta_K q_{K+1} e_K^T; the SVD B_K = u diag(s) v^T gives the Ritz
+    triples (s_i, P_K u_i, Q_K v_i) with ``||R^T p_i - s_i q_i|| = beta_K |u_{K,i}|``.
+    After every step j >= k the Ritz triples of the j steps so far are formed (the SVD of
+    the j x j matrix B_j) and the cycle ends once their right residuals
+    beta_j |u_{j,i}| / sigma_1 are <= tol.
+
+    Restarts are thick where the cycle has room (K >= k + 2): the l = k + (K - k) // 2
+    leading Ritz pairs are kept, R Q~ = P~ S and R^T P~ = Q~ S + q_{K+1} rho^T
+    (rho_i = beta_K u_{K,i}), and the next cycle continues from q_{K+1}, whose p gets the
+    coefficients rho against P~ (B becomes upper triangular: S, the column rho, then
+    bidiagonal); the coefficients of p against the earlier p's are taken from its
+    reorthogonalization, so the relations hold with B upper triangular.  With K <= k + 1
+    (the paper's K = 2) a cycle restarts from q_1 = sum_{i<k} q_i, each Ritz vector first
+    improved by the power step it gets for free,
+    R^T p_i / s_i = q_i + (beta_K u_{K,i} / s_i) q_{K+1}.  A breakdown (an invariant
+    subspace) continues from a random vector orthogonal to the basis.  ``maxiter`` counts
+    cycles; each costs at most K - l products with R and as many with R^T on single
+    vectors (K the first).  ``krylov`` K defaults to max(20, 4k) (capped by the dimension).
+    Residuals are relative to max(sigma_1, ``scale``).
     """
     xp = Rop.xp
     rng = np.random.default_rng(seed)
     d_out, d_in = Rop.d_out, Rop.d_in
     kk = min(k, Rop.dim)
-    K = min(krylov if krylov is not None else max(10, 3 * k), Rop.dim)
+    K = min(krylov if krylov is not None else max(20, 4 * k), Rop.dim)
     K = max(K, kk)
+    keep = kk + (K - kk) // 2 if K >= kk + 2 else 0      # Ritz pairs a thick restart keeps
     q = _start_block(Rop, 1, None if init is None else [sum(init)], rng)[0]
     info = {"solver": "lanczos", "iterations": 0, "krylov": K}
+    Qb = xp.zeros((K + 1, d_in * d_in))
+    Pb = xp.zeros((K, d_out * d_out))
+    Bm = np.zeros((K, K))
+    Qb[0] = q / xp.linalg.norm(q)
+    start = 0                                # the kept Ritz pairs: rows [0, start)
+    nrm = scale
     for cycle in range(1, maxiter + 1):
-        Qb = xp.zeros((K + 1, d_in * d_in))
-        Pb = xp.zeros((K, d_out * d_out))
-        alpha, beta = np.zeros(K), np.zeros(K)
-        Qb[0] = q / xp.linalg.norm(q)
-        nrm = 0.0
-        for j in range(K):
+        for j in range(start, K):
             p = Rop.R(Qb[j].reshape(1, d_in, d_in)).reshape(-1)
-            if j > 0:
-                p = p - beta[j - 1] * Pb[j - 1]
-            p = _reorth(p, Pb, j, xp)
+            if j > 0:                        # B[:j, j] = P_j^T R q_j, twice
+                h = Pb[:j] @ p
+                p = p - Pb[:j].T @ h
+                h2 = Pb[:j] @ p
+                p = p - Pb[:j].T @ h2
+                Bm[:j, j] = B.to_host(h + h2)
             a = float(B.to_host(xp.linalg.norm(p)))
-            nrm = max(nrm, a, scale)
+            nrm = max(nrm, a)
             if a <= 1e-13 * nrm or a == 0.0:
-                alpha[j], Pb[j] = 0.0, _fresh(rng, Pb, j, d_out, xp)
+                Bm[j, j], Pb[j] = 0.0, _fresh(rng, Pb, j, d_out, xp)
             else:
-                alpha[j], Pb[j] = a, p / a
-            qn = Rop.RT(Pb[j].reshape(1, d_out, d_out)).reshape(-1) - alpha[j] * Qb[j]
+                Bm[j, j], Pb[j] = a, p / a
+            qn = Rop.RT(Pb[j].reshape(1, d_out, d_out)).reshape(-1) - Bm[j, j] * Qb[j]
             qn = _reorth(qn, Qb, j + 1, xp)
             b = float(B.to_host(xp.linalg.norm(qn)))
             nrm = max(nrm, b)
             if b <= 1e-13 * nrm or b == 0.0:
-                beta[j] = 0.0
+                b = 0.0                      # converged (residuals 0) if j + 1 = K
                 if j + 1 < K:
                     Qb[j + 1] = _fresh(rng, Qb, j + 1, d_in, xp)
             else:
-                beta[j], Qb[j + 1] = b, qn / b
+                Qb[j + 1] = qn / b
             if j + 1 >= kk:
-                # the Ritz triples of the j + 1 steps so far (a tiny SVD): stop the cycle
-                # once their right residuals beta_j |u_{j,i}| reach tol
-                u, s, vt = np.linalg.svd(np.diag(alpha[:j + 1]) + np.diag(beta[:j], 1))
+                # the Ritz triples of the j + 1 steps so far (a small SVD): stop the cycle
+                # once their right residuals b |u_{j,i}| reach tol
+                u, s, vt = np.linalg.svd(Bm[:j + 1, :j + 1])
                 s1 = max(float(s[0]), scale)
-                if s1 == 0.0 or (beta[j] * np.abs(u[j, :kk]) / s1).max() <= tol:
+                if s1 == 0.0 or (b * np.abs(u[j, :kk]) / s1).max() <= tol:
                     break
-        Ke = j + 1                           # the steps this cycle took (K, or fewer)
+        J = j + 1                            # the steps so far (K, or fewer at tol)
         info["iterations"] = cycle
-        if s1 == 0.0:
+        res = b * np.abs(u[J - 1, :kk]) / max(s1, 1e-300)
+        rho = b * u[J - 1]                   # R^T p~_i = s_i q~_i + rho_i q_{J+1}
+        ud, vtd = xp.asarray(u), xp.asarray(vt)
+        P = ud.T @ Pb[:J]
+        Q = vtd @ Qb[:J]
+        if s1 == 0.0 or res.max() <= tol or cycle == maxiter:
             break
-        res = beta[Ke - 1] * np.abs(u[Ke - 1, :kk]) / s1
-        w = beta[Ke - 1] * u[Ke - 1, :kk] / np.maximum(s[:kk], 1e-300)
-        u, s, vt = xp.asarray(u), xp.asarray(s), xp.asarray(vt)
-        P = u.T @ Pb[:Ke]
-        Q = vt @ Qb[:Ke]
-        if res.max() <= tol:
-            break
-        step = Q[:kk] + xp.asarray(w)[:, None] * Qb[Ke][None]       # R^T p_i / s_i
-        q = step.sum(axis=0)
-        if float(B.to_host(xp.linalg.norm(q))) < 1e-8:      # cancellation: take the first
-            q = step[0]
+        if keep:
+            l = min(keep, J - 1)
+            nxt = Qb[J].copy()
+            Pb[:l], Qb[:l] = P[:l], Q[:l]
+            Qb[l] = nxt
+            Bm[...] = 0.0
+            Bm[:l, :l] = np.diag(s[:l])
+            start = l
+        else:
+            w = rho[:kk] / np.maximum(s[:kk], 1e-300)
+            step = Q[:kk] + xp.asarray(w)[:, None] * Qb[J][None]       # R^T p_i / s_i
+            q = step.sum(axis=0)
+            if float(B.to_host(xp.linalg.norm(q))) < 1e-8:      # cancellation: the first
+                q = step[0]
+            Bm[...] = 0.0
+            Qb[0] = q / xp.linalg.norm(q)
+            start = 0
     return _final(Rop, s, P, Q, k, info, tol, maxiter, "Lanczos bidiagonalization", scale)
 
 
