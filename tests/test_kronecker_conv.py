@@ -2,6 +2,7 @@
 oracles built with np.kron from the explicit per-sample gradients (docs/math.md §8)."""
 
 import numpy as np
+import pytest
 from hypothesis import given, strategies as st
 
 import mfac_linalg as ml
@@ -133,3 +134,26 @@ def test_conv_fisher_error_vs_dense(lay):
         sref = spectrum_error(F, Ft)
         got = ml.fisher_error(op, A, G, bias=lay["bias"], kind="spectrum")
         assert abs(got - sref) <= 1e-9 * max(sref, 1e-3)
+
+
+@pytest.mark.parametrize("signs", ["mixed", "positive", "negative", "zero"])
+def test_dense_products_half_flop_forms(signs):
+    """The host float64 dense products (trmm for x^T Q x, two syrks for sum c y y^T) equal the
+    plain GEMM forms to rounding, for Q of any symmetry and weights of any sign."""
+    from mfac_linalg.kronecker.conv import _quad_rows, _weighted_gram
+    rng = np.random.default_rng(3)
+    X, Y = rng.standard_normal((300, 17)), rng.standard_normal((300, 9))
+    Q = rng.standard_normal((17, 17))
+    X0, Q0 = X.copy(), Q.copy()
+    c_ref = np.einsum("ni,ij,nj->n", X, Q, X)
+    assert rel_err(_quad_rows(X, Q), c_ref) < 1e-13
+    assert np.array_equal(X, X0) and np.array_equal(Q, Q0)   # the inputs are not overwritten
+    c = {"mixed": rng.standard_normal(300), "positive": rng.random(300),
+         "negative": -rng.random(300), "zero": np.zeros(300)}[signs]
+    ref = (Y * c[:, None]).T @ Y
+    out = _weighted_gram(Y, c)
+    if signs == "zero":
+        assert np.array_equal(out, np.zeros((9, 9)))
+    else:
+        assert rel_err(out, ref) < 1e-13
+    assert np.array_equal(out, out.T)
