@@ -157,3 +157,21 @@ def test_dense_products_half_flop_forms(signs):
     else:
         assert rel_err(out, ref) < 1e-13
     assert np.array_equal(out, out.T)
+
+
+def test_dense_products_past_the_half_flop_widths():
+    """R and R^T of a dense layer wide enough for the trmm / syrk forms against the GEMM
+    forms (the same layer below the thresholds)."""
+    from mfac_linalg.kronecker import conv
+    rng = np.random.default_rng(4)
+    A, G = rng.standard_normal((50, 12)), rng.standard_normal((50, 10))
+    Q, P = rng.standard_normal((2, 12, 12)), rng.standard_normal((2, 10, 10))
+    lay = conv.layer_data(A, G, False)
+    ref = lay.r_product(Q), lay.rt_product(P)
+    old = conv.TRMM_MIN, conv.SYRK_MIN
+    try:
+        conv.TRMM_MIN = conv.SYRK_MIN = 1
+        assert rel_err(lay.r_product(Q), ref[0]) < 1e-13
+        assert rel_err(lay.rt_product(P), ref[1]) < 1e-13
+    finally:
+        conv.TRMM_MIN, conv.SYRK_MIN = old
