@@ -74,8 +74,10 @@ def host_threads():
     return max(1, min(n, 8))
 
 
-def row_sumsq(V, backend):
-    """sum_i V[..., i, :]**2: (r, c) -> (c,) or (nb, r, c) -> (nb, c), in V's dtype.
+def row_sumsq(V, backend, alpha=None, beta=None):
+    """sum_i V[..., i, :]**2: (r, c) -> (c,) or (nb, r, c) -> (nb, c), in V's dtype;
+    with ``alpha``, ``beta``: alpha + beta * that, each thread scaling its own slice while
+    it is in cache (no further pass over the result).
 
     One read of V.  On the host, large arrays are cut into pieces (one column
     range a thread for a 2-D V or a stack of few blocks, else four runs of
@@ -89,13 +91,20 @@ def row_sumsq(V, backend):
         red = B.kernel_module("reduce")
         if red.supports(V):                  # one read, float64 sums (kernels/reduce.py)
             with backend.device_context():
-                return red.sumsq_columns(V)
+                return (red.sumsq_columns(V) if beta is None
+                        else red.sumsq_columns(V, alpha, beta))
     two_d = V.ndim == 2
     spec = "ij,ij->j" if two_d else "nij,nij->nj"
     nthreads = host_threads() if backend.is_host else 1
+    def affine(o):
+        if beta is not None:
+            o *= beta
+            o += alpha
+        return o
+
     if nthreads == 1 or V.size < PARALLEL_MIN:
         with np.errstate(over="ignore"):
-            return xp.einsum(spec, V, V)
+            return affine(xp.einsum(spec, V, V))
     out = np.empty((V.shape[-1],) if two_d else (V.shape[0], V.shape[-1]), dtype=V.dtype)
     by_cols = two_d or V.shape[0] < 4 * nthreads    # a few big blocks: cut their columns
     n = V.shape[-1] if by_cols else V.shape[0]
@@ -118,7 +127,7 @@ def row_sumsq(V, backend):
                 A, o = jobs.pop()
             try:
                 with np.errstate(over="ignore"):   # finiteness is the caller's check
-                    np.einsum(spec, A, A, out=o)
+                    affine(np.einsum(spec, A, A, out=o))
             except BaseException as exc:  # pragma: no cover - re-raised below
                 errors.append(exc)
                 return
@@ -261,10 +270,7 @@ class LowRank:
         if be.is_gpu and B.kernel_module("reduce").supports(self.V):
             with be.device_context():
                 return B.kernel_module("reduce").sumsq_columns(self.V, self.alpha, self.beta)
-        D = row_sumsq(self.V, be)
-        D *= self.beta
-        D += self.alpha
-        return D
+        return row_sumsq(self.V, be, self.alpha, self.beta)
 
     def quad(self, Xb):
         """sum_k x_k^T (alpha I + beta V_k^T V_k) x_k for each of the k columns (float64);

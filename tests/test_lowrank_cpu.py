@@ -26,6 +26,13 @@ def test_row_sumsq_threaded_is_bitwise_einsum(monkeypatch, host, shape, dtype):
     V64 = V.astype(np.float64)
     assert np.max(np.abs(out - np.einsum(spec, V64, V64)) / np.einsum(spec, V64, V64)) \
         <= 4 * shape[-2] * np.finfo(dtype).eps
+    # alpha + beta * sums, scaled by each thread in place: the same values as after the pass
+    alpha, beta = dtype(0.25), dtype(-1.5)
+    want = ref * beta
+    want += alpha
+    for path_min in (1, 1 << 40):                      # threaded, and one einsum
+        monkeypatch.setattr(LR, "PARALLEL_MIN", path_min)
+        assert np.array_equal(LR.row_sumsq(V, host, alpha, beta), want)
 
 
 def test_row_sumsq_default_threads(monkeypatch, host):
