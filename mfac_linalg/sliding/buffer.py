@@ -220,12 +220,15 @@ class RingBuffer:
         float64 when ``wide``)."""
         xp = self.backend.xp
         K = xp.zeros((self.m, self.m), dtype=np.float64)
-        for a in range(0, self.ld, chunk):
-            Gc = self.held_columns(n, slice(a, a + chunk))
-            if self.wide:
-                Gc = Gc.astype(np.float64)
-            K[:n, :n] += (Gc @ Gc.T).astype(np.float64)
-        return (K + K.T) * 0.5
+        # an overflow leaves inf/NaN in K, which every caller refuses by name
+        # (_validate.gram_finite): no RuntimeWarning on the way
+        with np.errstate(over="ignore", invalid="ignore"):
+            for a in range(0, self.ld, chunk):
+                Gc = self.held_columns(n, slice(a, a + chunk))
+                if self.wide:
+                    Gc = Gc.astype(np.float64)
+                K[:n, :n] += (Gc @ Gc.T).astype(np.float64)
+            return (K + K.T) * 0.5
 
     def rows(self, order):
         """Copies of the rows ``order`` (a host index array), as floats, (len, dim)."""
