@@ -96,6 +96,7 @@ def row_sumsq(V, backend, alpha=None, beta=None):
     two_d = V.ndim == 2
     spec = "ij,ij->j" if two_d else "nij,nij->nj"
     nthreads = host_threads() if backend.is_host else 1
+
     def affine(o):
         if beta is not None:
             o *= beta

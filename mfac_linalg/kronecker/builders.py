@@ -430,8 +430,8 @@ def kpsvd(activations, output_grads, damping, *, bias=False, damping_mode="exact
     r"""KPSVD: the best single Kronecker product min ||F - B kron C||_F (docs/math.md §4, §8).
 
     The top singular triple (sigma, p, q) of the rearranged Fisher R(F), found matrix-free by
-    Golub-Kahan-Lanczos from K-FAC's A (F and R(F) are never formed); B = sqrt(sigma) p, C = sqrt(sigma) q,
-    symmetric with tr(B) > 0 (PSD for a PSD F).
+    Golub-Kahan-Lanczos from K-FAC's A (F and R(F) are never formed); B = sqrt(sigma) p,
+    C = sqrt(sigma) q, symmetric with tr(B) > 0 (PSD for a PSD F).
 
     Parameters
     ----------
