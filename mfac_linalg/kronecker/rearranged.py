@@ -364,7 +364,8 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
             Bm[...] = 0.0
             Qb[0] = q / xp.linalg.norm(q)
             start = 0
-    return _final(Rop, s, P, Q, k, info, tol, maxiter, "Lanczos bidiagonalization", scale)
+    return _final(Rop, xp.asarray(s), P, Q, k, info, tol, maxiter, "Lanczos bidiagonalization",
+                  scale)
 
 
 def factors_from_triples(sig, P, Q):
