@@ -505,7 +505,7 @@ def deflation(activations, output_grads, damping, *, bias=False, solver="lanczos
         k = 2: 8-20x fewer products than "subspace" (subspace iteration, which converges
         like (sigma_3/sigma_2)^(2 iterations) and crawls when sigma_3 is close to sigma_2;
         docs/kronecker.md); "sequential": the paper's deflation, the top triple, then the
-        top triple of R - sigma_1 p_1 q_1^T.
+        top triple of R - sigma_1 p_1 q_1^T (each by Golub-Kahan-Lanczos).
     %(iter)s%(two)s
 
     Returns

@@ -186,8 +186,9 @@ def subspace_triples(Rop, k, *, tol, maxiter, init=None, oversample=2, seed=0, s
 
 def sequential_triples(Rop, k, *, tol, maxiter, init=None, seed=0):
     """The top-k triples one after the other (the paper's deflation, §3.2): triple i is the top
-    triple of ``R - sum_{j<i} sigma_j p_j q_j^T``, each found by :func:`subspace_triples` to
-    tol / 10 (an earlier triple's error enters the later ones' residuals)."""
+    triple of ``R - sum_{j<i} sigma_j p_j q_j^T``, each found by :func:`lanczos_triples` to
+    tol / 10 (an earlier triple's error enters the later ones' residuals), its start and
+    restart vectors restricted to the complement of the triples found."""
     xp = Rop.xp
     base = Rop.deflate
     sig, Ps, Qs = [], [], []
@@ -204,10 +205,9 @@ def sequential_triples(Rop, k, *, tol, maxiter, init=None, seed=0):
         start = None if init is None or i >= len(init) else [init[i]]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            s, P, Q, sub_info = subspace_triples(sub, 1, tol=tol / 10, maxiter=maxiter,
-                                                 init=start,
-                                                 seed=seed + i,
-                                                 scale=float(B.to_host(sig[0])) if sig else 0.0)
+            s, P, Q, sub_info = lanczos_triples(sub, 1, tol=tol / 10, maxiter=maxiter,
+                                                init=start, seed=seed + i,
+                                                scale=float(B.to_host(sig[0])) if sig else 0.0)
         products += sub.products
         info["iterations"] += sub_info["iterations"]
         sig.append(s[0])
@@ -258,9 +258,13 @@ def _reorth(x, basis, j, xp):
     return x - Bj.T @ (Bj @ x)
 
 
-def _fresh(rng, basis, j, d, xp):
-    """A random unit symmetric vector orthogonal to basis[:j] (after a breakdown)."""
-    x = _reorth(_random_sym(rng, 1, d, xp).reshape(-1), basis, j, xp)
+def _fresh(rng, basis, j, d, xp, proj=None):
+    """A random unit symmetric vector orthogonal to basis[:j] (after a breakdown), first
+    restricted by ``proj`` (the operator's ``complement`` of that side) when given."""
+    x = _random_sym(rng, 1, d, xp)
+    if proj is not None:
+        x = proj(x)
+    x = _reorth(x.reshape(-1), basis, j, xp)
     return x / xp.linalg.norm(x)
 
 
@@ -298,7 +302,13 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
     K = min(krylov if krylov is not None else max(20, 4 * k), Rop.dim)
     K = max(K, kk)
     keep = kk + (K - kk) // 2 if K >= kk + 2 else 0      # Ritz pairs a thick restart keeps
-    q = _start_block(Rop, 1, None if init is None else [sum(init)], rng)[0]
+    def left(X):
+        return Rop.complement(X.reshape(1, -1), "left")
+
+    def right(X):
+        return Rop.complement(X.reshape(1, -1), "right")
+
+    q = right(_start_block(Rop, 1, None if init is None else [sum(init)], rng))[0]
     info = {"solver": "lanczos", "iterations": 0, "krylov": K}
     Qb = xp.zeros((K + 1, d_in * d_in))
     Pb = xp.zeros((K, d_out * d_out))
@@ -318,7 +328,7 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
             a = float(B.to_host(xp.linalg.norm(p)))
             nrm = max(nrm, a)
             if a <= 1e-13 * nrm or a == 0.0:
-                Bm[j, j], Pb[j] = 0.0, _fresh(rng, Pb, j, d_out, xp)
+                Bm[j, j], Pb[j] = 0.0, _fresh(rng, Pb, j, d_out, xp, left)
             else:
                 Bm[j, j], Pb[j] = a, p / a
             qn = Rop.RT(Pb[j].reshape(1, d_out, d_out)).reshape(-1) - Bm[j, j] * Qb[j]
@@ -328,7 +338,7 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
             if b <= 1e-13 * nrm or b == 0.0:
                 b = 0.0                      # converged (residuals 0) if j + 1 = K
                 if j + 1 < K:
-                    Qb[j + 1] = _fresh(rng, Qb, j + 1, d_in, xp)
+                    Qb[j + 1] = _fresh(rng, Qb, j + 1, d_in, xp, right)
             else:
                 Qb[j + 1] = qn / b
             if j + 1 >= kk:
