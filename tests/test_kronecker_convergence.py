@@ -118,7 +118,7 @@ def test_residuals_are_the_two_sided_ones(rng):
 
 def test_lanczos_ends_its_cycle_at_tol():
     """A cycle stops at the first step whose residual (from the bidiagonal) reaches tol: on a
-    layer with a clear gap KPSVD needs far fewer than a whole cycle of K = 10 steps (20
+    layer with a clear gap KPSVD needs far fewer than a whole cycle of K = 20 steps (40
     products, plus 2 for the explicit residual), and the explicit residual holds."""
     rng = np.random.default_rng(7)
     a = rng.standard_normal((2000, 16)) * np.linspace(0.2, 2.0, 16) ** 2
