@@ -370,10 +370,11 @@ def _inv_lower(L, backend):
     r = L.shape[-1]
     if L.shape[0] == 1:
         return backend.solve_triangular(L[0], xp.eye(r), lower=True)[None]
-    if backend.is_host:
+    if backend.is_host and r >= 16:
         # LAPACK's triangular inverse, block by block: r^3 / 3 flops against a batched LU
-        # solve's 8 r^3 / 3 (0.27 s against 0.73 s for 7813 blocks of r = 64); it touches
-        # the lower triangle only, so the strict upper one stays L's zeros
+        # solve's 8 r^3 / 3 (0.27 s against 0.73 s for 7813 blocks of r = 64; below r = 16
+        # the loop's overhead loses to the batched call); it touches the lower triangle
+        # only, so the strict upper one stays L's (a Cholesky factor's zeros)
         from scipy.linalg import lapack
         out = np.empty_like(L)
         for i in range(L.shape[0]):

@@ -166,3 +166,23 @@ def test_warm_start_from_previous_factors(build, rng):
     assert np.linalg.norm(warm @ x - again @ x) <= 1e-8 * np.linalg.norm(again @ x)
     # factors as a list of pairs work the same way
     assert build(A2, G, 0.1, init=list(cold.factors)).info["converged"]
+
+
+def test_lanczos_finds_repeated_singular_values():
+    """A singular value repeated among the top k: a Krylov space from one vector holds one
+    copy and breaks down; the cycle must not stop there on its (exact, but not top) triples.
+    Inputs along the 3 axes and the 4 cube diagonals, orthogonal output gradients: the
+    top singular values of R(F) are 0.3132 and 0.2276 three times."""
+    A = np.array([np.eye(3)[i] for i in range(3)]
+                 + [np.array([1, a, b]) / np.sqrt(3) for a in (1, -1) for b in (1, -1)])
+    G = np.eye(7) * np.array([1, 1, 1, 1.3, 1.3, 1.3, 1.3])[:, None]
+    F = sum(np.kron(np.outer(g, g), np.outer(a, a)) for a, g in zip(A, G)) / 7
+    s = np.linalg.svd(rearranged(F, 7, 3), compute_uv=False)
+    assert abs(s[1] - s[3]) < 1e-12 * s[0] and s[3] - s[4] > 0.05    # the case it tests
+    terms, info = kr.kronecker_terms(A, G, 3)
+    assert info["converged"]
+    assert np.allclose(info["sigma"], s[:3], rtol=0, atol=1e-10 * s[0]), (info["sigma"], s[:4])
+    for seed in range(3):
+        Rop = kr.rearranged.Rearranged(kr.conv.layer_data(A, G, False))
+        sig, _, _, inf = kr.rearranged.lanczos_triples(Rop, 3, tol=1e-12, maxiter=50, seed=seed)
+        assert np.allclose(np.asarray(sig), s[:3], rtol=0, atol=1e-10 * s[0]), (seed, sig)

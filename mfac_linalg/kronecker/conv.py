@@ -106,7 +106,7 @@ def _weighted_gram(Y, c):
     """sum_n c_n y_n y_n^T for the rows of Y (n, e) (float64, host) as the difference of two
     symmetric rank-k products (BLAS syrk through NumPy's A^T A, half a GEMM's flops): the
     rows with c_n > 0 scaled by sqrt(c_n), those with c_n < 0 by sqrt(-c_n)."""
-    pos = c > 0
+    pos = ~(c <= 0)                  # NaN rows join these, so a NaN propagates
     neg = c < 0
     Zp = Y[pos] * np.sqrt(c[pos])[:, None]
     out = Zp.T @ Zp

@@ -317,6 +317,10 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
     start = 0                                # the kept Ritz pairs: rows [0, start)
     nrm = scale
     for cycle in range(1, maxiter + 1):
+        # a (near) breakdown means the Krylov space ran out of new directions: with a
+        # repeated singular value among the top k it holds one copy only, and the triples
+        # found are exact but not the top ones; such a cycle runs to its end (and restarts)
+        broke = False
         for j in range(start, K):
             p = Rop.R(Qb[j].reshape(1, d_in, d_in)).reshape(-1)
             if j > 0:                        # B[:j, j] = P_j^T R q_j, twice
@@ -341,7 +345,8 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
                     Qb[j + 1] = _fresh(rng, Qb, j + 1, d_in, xp, right)
             else:
                 Qb[j + 1] = qn / b
-            if j + 1 >= kk:
+            broke = broke or min(a, b) <= 1e-8 * nrm
+            if j + 1 >= kk and (not broke or j + 1 == K):
                 # the Ritz triples of the j + 1 steps so far (a small SVD): stop the cycle
                 # once their right residuals b |u_{j,i}| reach tol
                 u, s, vt = np.linalg.svd(Bm[:j + 1, :j + 1])
