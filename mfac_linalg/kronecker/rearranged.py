@@ -279,7 +279,9 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
     triples (s_i, P_K u_i, Q_K v_i) with ``||R^T p_i - s_i q_i|| = beta_K |u_{K,i}|``.
     After every step j >= k the Ritz triples of the j steps so far are formed (the SVD of
     the j x j matrix B_j) and the cycle ends once their right residuals
-    beta_j |u_{j,i}| / sigma_1 are <= tol.
+    beta_j |u_{j,i}| / sigma_1 are <= tol; after a near breakdown (alpha or beta <= 1e-8 of
+    the largest seen: with a singular value repeated among the top k, the space holds one
+    copy of it) only at the cycle's end, so that the restart can bring in the others.
 
     Restarts are thick where the cycle has room (K >= k + 2): the l = k + (K - k) // 2
     leading Ritz pairs are kept, R Q~ = P~ S and R^T P~ = Q~ S + q_{K+1} rho^T
