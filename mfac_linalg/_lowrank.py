@@ -267,11 +267,7 @@ class LowRank:
     def diagonal(self):
         """(nb, b) diagonals: alpha + beta * column norms of V_k squared.  One read of V
         (threaded on the host; on the GPU one kernel, float64 sums rounded once)."""
-        be = self.backend
-        if be.is_gpu and B.kernel_module("reduce").supports(self.V):
-            with be.device_context():
-                return B.kernel_module("reduce").sumsq_columns(self.V, self.alpha, self.beta)
-        return row_sumsq(self.V, be, self.alpha, self.beta)
+        return row_sumsq(self.V, self.backend, self.alpha, self.beta)
 
     def quad(self, Xb):
         """sum_k x_k^T (alpha I + beta V_k^T V_k) x_k for each of the k columns (float64);

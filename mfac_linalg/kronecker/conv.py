@@ -91,15 +91,15 @@ TRMM_MIN, SYRK_MIN = 256, 256
 
 def _quad_rows(X, Q):
     """c_n = x_n^T Q x_n for the rows of X (n, d) and any square Q (float64, host), in
-    half a GEMM's flops: x^T Q x = x^T S x with S = (Q + Q^T) / 2, and with U = triu(S),
-    x^T S x = 2 x^T U x - sum_i S_ii x_i^2, where X U is a triangular product (BLAS trmm,
+    half a GEMM's flops: x^T Q x = x^T U x with U upper triangular, U_ij = Q_ij + Q_ji
+    above the diagonal and U_ii = Q_ii, where X U is a triangular product (BLAS trmm,
     n d^2 flops against a GEMM's 2 n d^2)."""
     from scipy.linalg import blas
-    Q = (Q + Q.T) * 0.5
-    U = np.triu(Q)
+    U = np.triu(Q + Q.T)
+    U[np.diag_indices_from(U)] *= 0.5
     # X U = (U^T X^T)^T: X^T is X's memory in Fortran order (d, n), as trmm wants
     XU = blas.dtrmm(1.0, U, X.T, side=0, lower=0, trans_a=1)
-    return 2.0 * np.einsum("ji,ij->i", XU, X) - (X * X) @ np.diagonal(Q)
+    return np.einsum("ji,ij->i", XU, X)
 
 
 def _weighted_gram(Y, c):

@@ -249,13 +249,19 @@ class _SumDeflated(Rearranged):
         return self._project(super().RT(self._project(P, self._P)), self._Q)
 
 
+def _project_out(x, basis, j):
+    """(x minus its projection on basis[:j], the coefficients basis[:j] x): twice, 'twice is
+    enough', the coefficients of both passes summed."""
+    Bj = basis[:j]
+    h = Bj @ x
+    x = x - Bj.T @ h
+    h2 = Bj @ x
+    return x - Bj.T @ h2, h + h2
+
+
 def _reorth(x, basis, j, xp):
     """x minus its projection on basis[:j] (twice: 'twice is enough')."""
-    if j == 0:
-        return x
-    Bj = basis[:j]
-    x = x - Bj.T @ (Bj @ x)
-    return x - Bj.T @ (Bj @ x)
+    return x if j == 0 else _project_out(x, basis, j)[0]
 
 
 def _fresh(rng, basis, j, d, xp, proj=None):
@@ -304,6 +310,7 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
     K = min(krylov if krylov is not None else max(20, 4 * k), Rop.dim)
     K = max(K, kk)
     keep = kk + (K - kk) // 2 if K >= kk + 2 else 0      # Ritz pairs a thick restart keeps
+
     def left(X):
         return Rop.complement(X.reshape(1, -1), "left")
 
@@ -325,12 +332,9 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
         broke = False
         for j in range(start, K):
             p = Rop.R(Qb[j].reshape(1, d_in, d_in)).reshape(-1)
-            if j > 0:                        # B[:j, j] = P_j^T R q_j, twice
-                h = Pb[:j] @ p
-                p = p - Pb[:j].T @ h
-                h2 = Pb[:j] @ p
-                p = p - Pb[:j].T @ h2
-                Bm[:j, j] = B.to_host(h + h2)
+            if j > 0:                        # B[:j, j] = P_j^T R q_j
+                p, h = _project_out(p, Pb, j)
+                Bm[:j, j] = B.to_host(h)
             a = float(B.to_host(xp.linalg.norm(p)))
             nrm = max(nrm, a)
             if a <= 1e-13 * nrm or a == 0.0:
