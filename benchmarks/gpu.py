@@ -215,9 +215,11 @@ def main(quick=False, out=None, show_progress=None):
     cases = list(itertools.product(dims, windows, ("float32", "bfloat16")))   # d, m, dtype
     for d, m, dtype in progress(cases, desc="GPU sliding-window cases", enabled=show_progress):
         steps[(d, m, dtype)] = bench_window(d, m, dtype, bw, rows)
-    acc = ml.SlidingWindowInverseFisher(8, 1, 1.0, device="gpu").accumulate
+    acc = {dt: ml.SlidingWindowInverseFisher(8, 1, 1.0, dtype=dt, device="gpu").accumulate
+           for dt in ("float32", "bfloat16")}
     lines.append("sliding window (ms; ratio = time / floor, floor = 2 m d bytes / copy bandwidth;"
-                 f" accumulate={acc}, the default here)")
+                 f" the default accumulate here: {acc['float32']} for float32 storage, "
+                 f"{acc['bfloat16']} for bfloat16)")
     lines.append(table(["d", "m", "storage", "floor ms", "matvec", "ratio", "update", "ratio",
                         "step", "ratio"], rows))
     key32, key16 = (dims[-1], 1024, "float32"), (dims[-1], 1024, "bfloat16")

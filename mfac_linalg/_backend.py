@@ -55,6 +55,20 @@ def gpu_available() -> bool:
         return False
 
 
+#: compute capabilities with float64 at half the float32 rate
+FAST_FLOAT64 = ("60", "70", "80", "90", "100")
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_capability(device_id) -> str:
+    """The CUDA device's compute capability as CuPy spells it ("90"); "" if unknown."""
+    cp = _cupy()
+    try:
+        return str(cp.cuda.Device(0 if device_id is None else device_id).compute_capability)
+    except Exception:
+        return ""
+
+
 def default_device() -> str:
     """``"gpu"`` when a usable GPU is there, else ``"cpu"``."""
     return "gpu" if gpu_available() else "cpu"
@@ -94,6 +108,14 @@ class Backend:
         """True for a CUDA backend (CuPy arrays; the kernels can run).  Modules outside
         ``_backend`` switch on this, never on ``name`` (the boundary test checks)."""
         return self.name == "gpu"
+
+    @property
+    def fast_float64(self):
+        """True on a GPU whose float64 rate is half its float32 rate (compute capability
+        6.0, 7.0, 8.0, 9.0, 10.0: P100, V100, A100, H100/H200, B200), where float64
+        accumulation in a memory-bound pass costs nothing; False elsewhere (the CPU, and
+        GPUs with 1/32 or 1/64 of the float32 rate)."""
+        return self.is_gpu and _compute_capability(self.device_id) in FAST_FLOAT64
 
     # -- dense linear algebra on small float64 matrices -------------------
     @property

@@ -142,12 +142,26 @@ def test_gpu_bfloat16_window_is_float64_faithful_over_its_stored_values(engine):
     assert worst <= 10.0, worst
 
 
+def test_fast_float64_is_false_on_the_cpu():
+    assert B.backend_for_device("cpu").fast_float64 is False
+    assert B.FAST_FLOAT64 == ("60", "70", "80", "90", "100")
+
+
 @gpu
-def test_gpu_auto_is_float32_accumulation():
-    """Until the float64 kernels are timed on hardware they are opt-in (docs/sliding.md)."""
+def test_gpu_auto_accumulates_in_float64_where_float64_is_fast():
+    """"auto" is float64 for float32 storage on H100/H200-class GPUs (compute capability
+    in FAST_FLOAT64), float32 elsewhere and for 16-bit storage; float64 storage is always
+    float64."""
+    import cupy as cp
+    be = B.backend_for_device("gpu")
+    cc = str(cp.cuda.Device().compute_capability)
+    assert be.fast_float64 is (cc in B.FAST_FLOAT64)
     for dtype in ("float32", "bfloat16", "float16"):
         w = ml.SlidingWindowInverseFisher(100, 4, 0.1, dtype=dtype, device="gpu")
-        assert w.accumulate == "float32"
+        assert w.accumulate == ("float64" if be.fast_float64 and dtype == "float32"
+                                else "float32")
+        assert ml.SlidingWindowInverseFisher(100, 4, 0.1, dtype=dtype, device="gpu",
+                                             accumulate="float32").accumulate == "float32"
     assert ml.SlidingWindowInverseFisher(100, 4, 0.1, dtype="float64",
                                          device="gpu").accumulate == "float64"
 
@@ -224,8 +238,9 @@ def test_gpu_kernel_paths_take_vectors_at_odd_offsets(accumulate):
     import cupy as cp
     rng = np.random.default_rng(7)
     d = 4096
-    big = cp.asarray(rng.standard_normal((6, d + 1)).astype(np.float32))
-    views = [big[i, 1:] for i in range(6)]
+    # rows of d + 4 values (a multiple of 16 bytes), each view 4 bytes in: none aligned
+    big = cp.asarray(rng.standard_normal((6, d + 4)).astype(np.float32))
+    views = [big[i, 1:d + 1] for i in range(6)]
     assert all(v.data.ptr % 16 for v in views)
     a = ml.SlidingWindowInverseFisher(d, 4, 0.5, device="gpu", accumulate=accumulate)
     b = ml.SlidingWindowInverseFisher(d, 4, 0.5, device="gpu", accumulate=accumulate)
@@ -234,3 +249,34 @@ def test_gpu_kernel_paths_take_vectors_at_odd_offsets(accumulate):
     assert bool((a.matvec(views[5]) == b.matvec(views[5].copy())).all())
     op = ml.StaticInverseFisher(big[:4, :d].copy(), 0.5)
     assert bool((op.matvec(views[5]) == op.matvec(views[5].copy())).all())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not B.gpu_available(), reason="needs CuPy and a CUDA GPU")])])
+@pytest.mark.parametrize("engine", ["cholesky", "explicit"])
+def test_float64_accumulation_takes_huge_float32_gradients(device, engine):
+    """g of float32 values near 1e20: g.g (1e42) overflows float32 (a float32-accumulating
+    window refuses g) but not float64, so a float64-accumulating window takes g and agrees
+    with a float64 window fed the same values: steps, matvec, the diagonal."""
+    xp = np if device == "cpu" else pytest.importorskip("cupy")
+    rng = np.random.default_rng(3)
+    d, m, lam = 60, 3, 1e10
+    w = ml.SlidingWindowInverseFisher(d, m, lam, device=device, engine=engine,
+                                      accumulate="float64")
+    w64 = ml.SlidingWindowInverseFisher(d, m, lam, dtype="float64", device=device,
+                                        engine=engine)
+    for scale in (1.0, 1e20, 3e19, 1e20, 1.0):
+        g = (scale * rng.standard_normal(d)).astype(np.float32)
+        y = B.to_host(w.step(xp.asarray(g))).astype(np.float64)
+        y64 = B.to_host(w64.step(xp.asarray(g.astype(np.float64))))
+        assert np.isfinite(y).all()
+        assert np.linalg.norm(y - y64) <= 1e-6 * np.linalg.norm(y64)
+    x = rng.standard_normal(d).astype(np.float32)
+    v = B.to_host(w.matvec(xp.asarray(x))).astype(np.float64)
+    v64 = B.to_host(w64.matvec(xp.asarray(x.astype(np.float64))))
+    assert np.linalg.norm(v - v64) <= 1e-6 * np.linalg.norm(v64)
+    dg = B.to_host(w.diagonal()).astype(np.float64)
+    assert np.allclose(dg, B.to_host(w64.diagonal()), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="too large"):     # the float32 window refuses g
+        w32 = ml.SlidingWindowInverseFisher(d, m, lam, device=device, accumulate="float32")
+        w32.update(xp.asarray(np.full(d, 1e20, dtype=np.float32)))

@@ -243,12 +243,15 @@ _gpu = [pytest.mark.gpu,
 @pytest.mark.parametrize("normalize", ["window", "count"])
 def test_gpu_kernel_engines_are_atomic(dtype, engine, normalize):
     """The kernel path: near-singular duplicates (raise NotPositiveDefinite untouched, or
-    commit), Gram products that overflow (ValueError naming g, untouched), a NaN."""
+    commit), Gram products that overflow (ValueError naming g, untouched), a NaN.  With
+    float32 accumulation: with float64 accumulation no Gram product of float32 values
+    overflows (test_sliding_accumulate.py)."""
     import cupy as cp
     rng = np.random.default_rng(6)
     d = 200
     w = ml.SlidingWindowInverseFisher(d, 4, 1e-8, dtype=dtype, device="gpu",
-                                      normalize=normalize, engine=engine)
+                                      normalize=normalize, engine=engine,
+                                      accumulate="float32")
     w.update(cp.asarray(1e4 * rng.standard_normal((2, d))))
     x = cp.asarray(rng.standard_normal(d), dtype=cp.float32)
     g = w.gradients()[-1]

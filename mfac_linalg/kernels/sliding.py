@@ -676,6 +676,13 @@ def _ptr(a):
     return np.uintp(0) if a is None else a
 
 
+def _want(what, a, dtype):
+    """The kernels take raw pointers: an array of another dtype would be misread (and was,
+    once: float64 coefficients through the float32 pass 2), so every launch checks."""
+    if a is not None and a.dtype != dtype:
+        raise TypeError(f"{what} must be {np.dtype(dtype).name}, got {a.dtype}")
+
+
 def rows_dot(G, kind, x, u, slot=-1, rows=None, *, backup=None, flag=None, y=None,
              inv_lam=1.0, wide=False):
     """u[:rows] += G[:rows] @ x (float64 u); writes x into row ``slot`` if slot >= 0.
@@ -686,6 +693,10 @@ def rows_dot(G, kind, x, u, slot=-1, rows=None, *, backup=None, flag=None, y=Non
     float32 is set to ``inv_lam * x``.  ``wide``: float64 accumulators (each product
     exact, the sums rounded in float64: docs/math.md §7) instead of float32 ones.
     """
+    _want("rows_dot: x", x, np.float32)
+    _want("rows_dot: u", u, np.float64)
+    _want("rows_dot: y", y, np.float32)
+    _want("rows_dot: flag", flag, np.float64)
     m = G.shape[0] if rows is None else rows
     ld = G.shape[1]
     if m == 0:
@@ -726,6 +737,8 @@ def combine_max_splits(m, ld, kind):
 
 def combine(G, kind, c, y, scale, rows=None):
     """y += scale * G[:rows]^T c (float32 c and y, y of length ld)."""
+    _want("combine: c", c, np.float32)
+    _want("combine: y", y, np.float32)
     m = G.shape[0] if rows is None else rows
     ld = G.shape[1]
     if m == 0:
@@ -746,6 +759,9 @@ def combine_wide(G, kind, c, x, y, lam, part, count, rows=None):
     zeros, one per column block (``combine_grid``), left zeroed; both may be None when
     the grid has one split.  Deterministic: no atomics in the sums.
     """
+    _want("combine_wide: c", c, np.float64)
+    _want("combine_wide: x", x, np.float32)
+    _want("combine_wide: y", y, np.float32)
     m = G.shape[0] if rows is None else rows
     ld = G.shape[1]
     bx, splits, rows_per = combine_grid(m, ld, kind)

@@ -32,13 +32,18 @@ KERNEL_STORAGE = ("float32", "float16", "bfloat16")
 ACCUMULATE = ("auto", "float32", "float64")
 
 
-def resolve_accumulate(accumulate, storage):
+def resolve_accumulate(accumulate, storage, backend=None):
     """"float32" or "float64": the accumulator of the passes over a buffer of ``storage``.
 
-    float64 storage accumulates in float64 (``accumulate="float32"`` is refused);
-    "auto" is float32 for float32/16-bit storage (on the CPU the float64 passes convert
-    the buffer chunk by chunk: 4-6x a float32 pass on 2 cores, docs/benchmarks.md; on
-    the GPU the float64 kernels are opt-in until they are measured on hardware).
+    float64 storage accumulates in float64 (``accumulate="float32"`` is refused).
+    "auto" is float64 for float32 storage on a GPU with fast float64
+    (``backend.fast_float64``: H100, H200, A100, ...), where the kernels stay
+    memory-bound (measured on an H100: 0.7-1.9 % slower at d = 1e6, docs/benchmarks.md)
+    and the error falls from up to 1e4-1e6x to 1x the float32 rounding of the exact
+    result; float32 elsewhere: for 16-bit storage (float64 costs 9-11 % there, the
+    buffer read being half as long), on the CPU (the float64 passes convert the buffer
+    chunk by chunk: 4-6x a float32 pass on 2 cores) and on GPUs with 1/32-1/64 of the
+    float32 rate in float64.
     """
     accumulate = V.choice(accumulate, "accumulate", ACCUMULATE)
     if storage == "float64":
@@ -46,7 +51,10 @@ def resolve_accumulate(accumulate, storage):
             raise ValueError("accumulate must be 'auto' or 'float64' for float64 storage; "
                              "got 'float32'")
         return "float64"
-    return "float32" if accumulate == "auto" else accumulate
+    if accumulate == "auto":
+        fast = storage == "float32" and backend is not None and backend.fast_float64
+        return "float64" if fast else "float32"
+    return accumulate
 
 
 class Write:
@@ -260,7 +268,7 @@ def make_buffer(window, dim, storage, backend, accumulate="auto"):
     """The ring buffer for a storage dtype name: the CUDA one (fused kernels) for float32
     and 16-bit storage on the GPU, else the array-API one; ``accumulate`` as the
     window's (:func:`resolve_accumulate`)."""
-    wide = resolve_accumulate(accumulate, storage) == "float64"
+    wide = resolve_accumulate(accumulate, storage, backend) == "float64"
     if backend.is_gpu and storage in KERNEL_STORAGE:
         from .cuda_buffer import CudaRingBuffer
         return CudaRingBuffer(window, dim, storage, backend, wide)

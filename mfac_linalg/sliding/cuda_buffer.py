@@ -132,8 +132,9 @@ class CudaRingBuffer(RingBuffer):
 
     # -- one vector: the fused matvec ---------------------------------------------------
     def start_vector(self, x, n, lam, check):
-        """Pass 1 for one vector: u = G_h x into the workspace, y = x / lambda, x's
-        NaN/inf flag raised if ``check``.  Returns (u, y)."""
+        """Pass 1 for one vector: u = G_h x into the workspace (float64; with ``wide``
+        float64 accumulators), x's NaN/inf flag raised if ``check``, and without
+        ``wide`` y = x / lambda.  Returns (u, pending) for :meth:`combine_vector`."""
         m = self.m
         if (self.ld == self.d and x.dtype == np.float32 and x.flags.c_contiguous
                 and x.data.ptr % 16 == 0):          # the kernels load 16-byte vectors
@@ -144,13 +145,16 @@ class CudaRingBuffer(RingBuffer):
         ws = self._zero_ws()
         y = self.backend.xp.empty(self.ld, dtype=np.float32)
         K_.rows_dot(self.G, self.name, xq, ws[:m], rows=n,
-                    flag=ws[m:m + 1] if check else None, y=y, inv_lam=1.0 / lam)
-        return ws[:m], y
+                    flag=ws[m:m + 1] if check else None, y=None if self.wide else y,
+                    inv_lam=1.0 / lam, wide=self.wide)
+        return ws[:m], (xq, y)
 
-    def combine_vector(self, y, c32, n, lam):
-        """Pass 2 for one vector, in place: y -= G_h^T c / lambda."""
-        K_.combine(self.G, self.name, c32, y, -1.0 / lam, rows=n)
-        return y[:self.d]
+    def combine_vector(self, pending, c, n, lam):
+        """Pass 2 for one vector: y = (x - G_h^T c) / lambda, c in ``coef_dtype`` (float64
+        sums and one rounding with ``wide``, else y -= G_h^T c / lambda in place on the
+        y = x / lambda of pass 1)."""
+        x, y = pending
+        return self._pass2(x, y, c, n, lam)
 
     def flagged(self):
         """Synchronise and read the vector's NaN/inf flag."""

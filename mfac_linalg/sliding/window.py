@@ -65,11 +65,14 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
         "float64": every product of stored values is exact in float64, the sums and
         x - G_h^T c are float64 and the result is rounded once, so the error is the
         final float32 rounding plus about 1e-16 κ (κ = λ_max(F)/λ), against about
-        6e-8 κ in float32 (1 % at κ = 1e5: small damping).  "auto" is "float32" for
-        float32 and 16-bit storage: on the CPU the float64 passes convert the buffer in
-        chunks (4-6x slower); on the GPU they are kernels (one float64 FMA per stored
-        value, within the float64 rate of an H100/H200) that have not yet been timed
-        on hardware, so they are opt-in.  float64 storage always accumulates in float64.
+        6e-8 κ in float32 (1 % at κ = 1e5: small damping).  "auto" is "float64" for
+        float32 storage on a GPU with fast float64 (H100, H200, A100, V100, P100: one
+        float64 FMA per stored value stays within the memory-bound passes, 0.7-1.9 %
+        slower on an H100 at d = 1e6) and "float32" otherwise: for 16-bit storage (about
+        10 % on an H100), on the CPU (the float64 passes convert the buffer in chunks,
+        4-6x slower) and on GPUs with slow float64.  float64 storage always accumulates
+        in float64.  A float64-accumulating window takes gradients whose Gram products
+        overflow float32.
 
     Costs (n = gradients held <= m; docs/sliding.md has the table)
     ---------------------------------------------------------------
@@ -262,8 +265,8 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
             if n == 0:
                 return X * (1.0 / lam)
             if buf.fused and X.shape[1] == 1:          # kernel path: two kernel passes
-                u, y = buf.start_vector(X[:, 0], n, lam, self._check_finite)
-                y = buf.combine_vector(y, eng.solve_kernel(u, buf.coef_dtype), n, lam)
+                u, pending = buf.start_vector(X[:, 0], n, lam, self._check_finite)
+                y = buf.combine_vector(pending, eng.solve_kernel(u, buf.coef_dtype), n, lam)
                 if self._check_finite and buf.flagged():
                     raise NonFiniteInput
                 return y[:, None].astype(X.dtype, copy=False)
