@@ -2,6 +2,7 @@
 the SVD of the explicit R(F); Lanczos and deflation agree; the residual is two-sided; the
 ConvergenceWarning fires at maxiter; warm starts help (docs/math.md §8)."""
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
@@ -34,7 +35,10 @@ def _method_terms(A, G, bias):
                ("lanczos", ml.lanczos(A, G, 0.1, bias=bias)),
                ("lanczos-K2", ml.lanczos(A, G, 0.1, bias=bias, krylov=2)),
                # thick restarts (3 Ritz pairs kept, 2 new steps a cycle): many cycles
-               ("lanczos-K5", ml.lanczos(A, G, 0.1, bias=bias, krylov=5))]
+               ("lanczos-K5", ml.lanczos(A, G, 0.1, bias=bias, krylov=5)),
+               # the default cycle spans the small layers' sides (formed exactly): K = 8
+               # keeps the Lanczos path on them
+               ("lanczos-K8", ml.lanczos(A, G, 0.1, bias=bias, krylov=8))]
         rows = [(name, op.factors, op.info) for name, op in out]
         terms, info = kr.kronecker_terms(A, G, 3, bias=bias)
         rows.append(("terms-3", terms, info))
@@ -186,3 +190,120 @@ def test_lanczos_finds_repeated_singular_values():
         Rop = kr.rearranged.Rearranged(kr.conv.layer_data(A, G, False))
         sig, _, _, inf = kr.rearranged.lanczos_triples(Rop, 3, tol=1e-12, maxiter=50, seed=seed)
         assert np.allclose(np.asarray(sig), s[:3], rtol=0, atol=1e-10 * s[0]), (seed, sig)
+
+
+# -- found by fuzzing the builders ---------------------------------------------------------
+
+def _sym_sigma(a, g, bias=False):
+    """The singular values of R(F) on symmetric matrices, from the explicit R."""
+    Ab = np.hstack([a, np.ones((a.shape[0], 1))]) if bias else a
+    n, di, do = a.shape[0], Ab.shape[1], g.shape[1]
+    F = sum(np.kron(np.outer(gg, gg), np.outer(aa, aa)) for aa, gg in zip(Ab, g)) / n
+    return svd_terms(rearranged(F, do, di), do, di, 1)[1]
+
+
+def test_small_sides_are_formed_exactly():
+    """d_out = 2: the default cycle (K capped at 3) spanned the P side, a breakdown hid
+    sigma_2 and the builder reported converged on sigma = [1.34, 0.31]; R(F) is now formed
+    on the 3 basis matrices of that side."""
+    a = np.array([[1., 0, -1, 1], [0, 0, 0, -1], [0, 1, 1, 1]])
+    g = np.array([[-1., 0], [-1, 1], [0, -1]])
+    s = _sym_sigma(a, g)
+    for solver in ("lanczos", "subspace", "sequential"):
+        op = ml.deflation(a, g, 1e-3, solver=solver)
+        assert op.info["converged"]
+        assert np.allclose(op.info["sigma"], s[:2], rtol=1e-12), (solver, op.info["sigma"])
+    assert ml.deflation(a, g, 1e-3).info["dense"]
+
+
+@pytest.mark.parametrize("krylov", [1, 2, 3])
+def test_paper_restart_finds_a_repeated_and_a_hidden_triple(krylov):
+    """K <= k + 1 (the paper's restart) from the sum of the Ritz vectors stays in its
+    invariant subspace: after a breakdown it goes on with thick restarts."""
+    a, g = np.diag(np.sqrt([3.0, 3, 1, 1])), np.eye(4)            # sigma = .75, .75, .25, .25
+    op = ml.lanczos(a, g, 1e-3, krylov=krylov)
+    assert op.info["converged"]
+    assert np.allclose(op.info["sigma"], [0.75, 0.75], rtol=1e-12)
+    rng = np.random.default_rng(2372)
+    n, di, do = rng.integers(2, 30), rng.integers(2, 5), rng.integers(2, 5)
+    a, g = rng.standard_normal((n, di)), rng.standard_normal((n, do))
+    op = ml.lanczos(a, g, 1e-3, krylov=krylov)
+    assert np.allclose(op.info["sigma"], _sym_sigma(a, g)[:2], rtol=1e-10)
+
+
+@pytest.mark.parametrize("solver", ["lanczos", "subspace", "sequential"])
+def test_a_repeated_top_sigma_gives_semidefinite_factors(solver):
+    """sigma_1 = sigma_2: any basis of the pair is a top triple; the trace-maximal one is
+    taken, so that the first factor is semidefinite and the two-term inverses build."""
+    t, u = 0.3, 1.1
+    a = 2 * np.array([[np.cos(t), np.sin(t)], [np.sin(t), -np.cos(t)]])
+    g = np.array([[np.cos(u), np.sin(u)], [np.sin(u), -np.cos(u)]])
+    if solver != "sequential":
+        (Bm, Cm), = ml.kpsvd(a, g, 1e-3, solver=solver).factors
+        assert np.linalg.eigvalsh(Bm).min() >= -1e-12 and np.linalg.eigvalsh(Cm).min() >= -1e-12
+    op = ml.deflation(a, g, 1e-3, solver=solver)
+    Bm = op.factors[0][0]
+    assert np.linalg.eigvalsh(Bm).min() >= -1e-12 * np.abs(Bm).max()
+    F = op.fisher().todense()
+    assert np.allclose(F @ op.todense(), np.eye(F.shape[0]), atol=1e-10)
+
+
+def test_a_warm_start_near_the_second_triple_finds_the_first():
+    """From C_2 + 1e-9 C_1 the first step's Ritz triple is sigma_2's to 1e-7: a cycle may
+    stop only from step k + 1 on, which brings in C_1 (d_out = 6: 21 > K, Lanczos)."""
+    rng = np.random.default_rng(0)
+    a, g = rng.standard_normal((300, 8)), rng.standard_normal((300, 6))
+    (B1, C1), (B2, C2) = kr.kronecker_terms(a, g, 2)[0]
+    s = _sym_sigma(a, g)
+    op = ml.kpsvd(a, g, 1e-3, init=C2 + 1e-9 * C1, tol=1e-6)
+    assert "dense" not in op.info
+    assert op.info["converged"] and abs(op.info["sigma"][0] - s[0]) <= 1e-6 * s[0]
+
+
+@pytest.mark.parametrize("build", [ml.kpsvd, ml.deflation, ml.lanczos, ml.kfac_corrected])
+def test_extreme_scales_build_or_are_refused_by_name(build):
+    """Data scaled by 2^-272 or 1e78: the powers of two the builders divide by (and their
+    squares) lie outside the float range; neither a ZeroDivisionError nor an OverflowError,
+    no RuntimeWarning; where F's eigenvalues overflow float64 a ValueError names the data."""
+    rng = np.random.default_rng(0)
+    a, g = rng.standard_normal((30, 4)), rng.standard_normal((30, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny = build(a * 1e-82, g * 1e-82, 1e-3)
+        assert tiny.info["converged"]
+        x = rng.standard_normal(tiny.shape[0])
+        assert np.allclose(tiny.matvec(x), x / 1e-3, rtol=1e-12)     # F is below rounding
+        try:
+            big = build(a * 1e78, g * 1e78, 1e-3)
+        except ValueError as exc:
+            assert "activations and output_grads are too large" in str(exc)
+        else:
+            assert big.info["converged"]
+            assert np.isfinite(big.matvec(x)).all()
+
+
+def test_convergence_warnings_point_at_the_caller():
+    rng = np.random.default_rng(0)
+    a, g = rng.standard_normal((100, 20)), rng.standard_normal((100, 15))
+    for build in (partial(ml.kpsvd, solver="subspace"), ml.deflation, ml.lanczos,
+                  partial(ml.deflation, solver="sequential")):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            build(a, g, 1e-2, maxiter=1)
+        caught = [x for x in w if issubclass(x.category, ml.ConvergenceWarning)]
+        assert caught and all(x.filename == __file__ for x in caught), \
+            [(x.filename, x.lineno) for x in caught]
+
+
+def test_sequential_warm_start_with_reordered_factors():
+    """A start vector in the span of the triples already found is replaced by a random one
+    (its projection on the complement would be rounding noise)."""
+    rng = np.random.default_rng(1)
+    a, g = rng.standard_normal((1, 4)), rng.standard_normal((1, 4))     # R(F) of rank one
+    op = ml.deflation(a, g, 1e-3, solver="sequential")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ml.ConvergenceWarning)
+        op2 = ml.deflation(a, g, 1e-3, solver="sequential", init=op.factors[::-1])
+    assert op2.info["converged"]
+    C1, C2 = op2.factors[0][1], op2.factors[1][1]
+    assert abs((C1 * C2).sum()) <= 1e-12 * np.linalg.norm(C1) * max(np.linalg.norm(C2), 1e-300)

@@ -20,7 +20,7 @@ from .._capacitance import logdet_factor
 from .conv import layer_data
 from .operator import KroneckerFisher, KroneckerInverse
 from .rearranged import (Rearranged, _sym, factors_from_triples, lanczos_triples,
-                         sequential_triples, subspace_triples)
+                         sequential_triples, subspace_triples, user_stacklevel)
 
 __all__ = ["kfac", "ekfac", "kpsvd", "deflation", "lanczos", "kfac_corrected",
            "kronecker_terms", "fisher_error"]
@@ -98,7 +98,13 @@ def _check_init(C, name, layer):
 def _screen(S_raw, S_abs, indefinite, xp):
     """The ``indefinite`` rule: entries of S at or below 1e-10 max|S| are never divided by.
     'abs' uses S_abs (>= the damping term, documented per builder), 'clip' raises them to the
-    floor with a RuntimeWarning, 'raise' refuses.  Returns (S, count of such entries)."""
+    floor with a RuntimeWarning, 'raise' refuses.  Returns (S, count of such entries).
+    Eigenvalues beyond the float range (products of the factors' eigenvalues: fourth
+    powers of the data) are refused by name."""
+    if not bool(B.to_host(xp.isfinite(S_abs).all())):
+        raise ValueError("activations and output_grads are too large: the eigenvalues of the "
+                         "Kronecker approximation (fourth powers of the data) overflow float64; "
+                         "rescale them (F scales by the squares of both scales)")
     top = float(B.to_host(xp.abs(S_raw).max()))
     floor = 1e-10 * top if top > 0 else 1e-300
     nbad = int(B.to_host((S_raw <= floor).sum()))
@@ -112,7 +118,7 @@ def _screen(S_raw, S_abs, indefinite, xp):
     warnings.warn(f"{nbad} eigenvalues of the damped Kronecker approximation were <= "
                   f"{floor:.3e} and were raised to it (indefinite='clip'): the inverse is up "
                   "to 1e10 times larger there; indefinite='abs' cannot blow up",
-                  RuntimeWarning, stacklevel=4)
+                  RuntimeWarning, stacklevel=user_stacklevel())
     return xp.where(S_raw <= floor, floor, S_raw), nbad
 
 
@@ -176,13 +182,14 @@ def _single_inverse(method, Bm, Cm, lam, damping_mode, indefinite, be, *, terms,
             return op
     sB, UB = xp.linalg.eigh(_sym(Bm))
     sC, UC = xp.linalg.eigh(_sym(Cm))
-    if damping_mode == "exact":
-        S_raw = sB[:, None] * sC[None, :] + lam
-        S_abs = xp.abs(sB)[:, None] * xp.abs(sC)[None, :] + lam
-    else:
-        lb, lc = _pi_split(Bm, Cm, lam)
-        S_raw = (sB[:, None] + lb) * (sC[None, :] + lc)
-        S_abs = (xp.abs(sB)[:, None] + lb) * (xp.abs(sC)[None, :] + lc)
+    with np.errstate(over="ignore", invalid="ignore"):     # refused in _screen
+        if damping_mode == "exact":
+            S_raw = sB[:, None] * sC[None, :] + lam
+            S_abs = xp.abs(sB)[:, None] * xp.abs(sC)[None, :] + lam
+        else:
+            lb, lc = _pi_split(Bm, Cm, lam)
+            S_raw = (sB[:, None] + lb) * (sC[None, :] + lc)
+            S_abs = (xp.abs(sB)[:, None] + lb) * (xp.abs(sC)[None, :] + lc)
     S, nbad = _screen(S_raw, S_abs, indefinite, xp)
     info.update(damping_mode=damping_mode, indefinite=indefinite)
     return KroneckerInverse(method, UB, UC, S, KBinvT=UB, KCinvT=UC, logdet_offset=0.0,
@@ -216,8 +223,10 @@ def _two_term_inverse(method, terms, lam, be, info, indefinite, first_term_dampi
     except np.linalg.LinAlgError:
         raise ValueError(f"{method}: the first Kronecker term plus damping is not positive "
                          "definite (increase damping)") from None
-    S, nbad = _screen(1.0 + sB[:, None] * sC[None, :],
-                      1.0 + xp.abs(sB)[:, None] * xp.abs(sC)[None, :], indefinite, xp)
+    with np.errstate(over="ignore", invalid="ignore"):     # refused in _screen
+        S_raw = 1.0 + sB[:, None] * sC[None, :]
+        S_abs = 1.0 + xp.abs(sB)[:, None] * xp.abs(sC)[None, :]
+    S, nbad = _screen(S_raw, S_abs, indefinite, xp)
     d_out, d_in = KB.shape[0], KC.shape[0]
     info.update(indefinite=indefinite, first_term_damping=first_term_damping,
                 first_term_shifts=(lb, lc))
@@ -343,9 +352,10 @@ def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None, s
     r = sa * sg
     if r != 1.0:
         layer = type(layer)(layer.A / sa, layer.G / sg, layer.be, layer.mask)
+        # r and its square may lie outside the float range: divide twice (no ** 2)
         if deflate is not None:
-            deflate = (deflate[0] / sg ** 2, deflate[1] / sa ** 2)
-        scale = scale / r ** 2
+            deflate = (deflate[0] / sg / sg, deflate[1] / sa / sa)
+        scale = scale / r / r if scale > 0 else 0.0
     Rop = Rearranged(layer, deflate)
     if solver == "lanczos":
         sig, P, Q, info = lanczos_triples(Rop, k, tol=tol, maxiter=maxiter, krylov=krylov,
@@ -358,7 +368,7 @@ def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None, s
     info["band"] = None if layer.mask is None else "positions at distance <= band"
     terms = factors_from_triples(sig, P, Q)
     if r != 1.0:
-        info["sigma"] = [x * r ** 2 for x in info["sigma"]]
+        info["sigma"] = [x * r * r for x in info["sigma"]]
         terms = [(Bi * r, Ci * r) for Bi, Ci in terms]
     return terms, info
 
@@ -753,9 +763,9 @@ def fisher_error(approx, activations, output_grads, *, bias=False, kind="frobeni
     ekfac = terms = None
     if approx._ekfac is not None:
         UG, UA, Sstar = approx._ekfac
-        ekfac = (UG, UA, Sstar / (sa * sg) ** 2)
+        ekfac = (UG, UA, Sstar / (sa * sg) / (sa * sg))      # no ** 2: it may overflow
     else:
-        terms = [(Bi / sg ** 2, Ci / sa ** 2) for Bi, Ci in approx._terms]
+        terms = [(Bi / sg / sg, Ci / sa / sa) for Bi, Ci in approx._terms]
     K = layer.gram()
     if kind == "spectrum":
         return _spectrum_error(ekfac, terms, B.to_host(K) / n, n)

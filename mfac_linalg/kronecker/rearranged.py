@@ -29,6 +29,8 @@ Both report the final residuals from two explicit products (not from the recurre
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 
 import numpy as np
@@ -55,6 +57,18 @@ class ConvergenceWarning(RuntimeWarning):
     >>> w[0].category is ml.ConvergenceWarning, op.info["converged"]
     (True, False)
     """
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def user_stacklevel():
+    """The ``stacklevel`` that points a warning at the first frame outside mfac_linalg
+    (the builders reach the warning through different depths of library frames)."""
+    level, f = 1, sys._getframe(1)
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(_PACKAGE):
+        f, level = f.f_back, level + 1
+    return level
 
 
 def _sym(X):
@@ -95,6 +109,11 @@ class Rearranged:
     def complement(self, X, side):
         """X (rows) restricted to where the triples are sought (all of it here)."""
         return X
+
+    def complement_basis(self, E, side):
+        """An orthonormal basis (rows) of where the triples are sought, from the orthonormal
+        basis E of all symmetric matrices of that side: E itself here."""
+        return E
 
     def RT(self, P):
         return self._apply(P, self.layer.rt_product, 1)
@@ -146,8 +165,89 @@ def _final(Rop, sig, P, Q, k, info, tol, maxiter, what, scale=0.0):
         warnings.warn(f"{what} stopped after maxiter={maxiter} iterations with the two-sided "
                       f"residual {info['residual']:.2e} > tol={tol:.1e}; the factors are "
                       "accurate to about residual / gap (see op.info)", ConvergenceWarning,
-                      stacklevel=5)   # the builder's caller
+                      stacklevel=user_stacklevel())
     return sk, Pk, Qk, info
+
+
+def _align_clusters(s, P, Q, n, tol, Rop):
+    """Within each cluster of (numerically) equal singular values among the n leading
+    converged triples, rotate the triples (the same orthogonal H on both sides, which keeps
+    R q_i = sigma p_i) so that the first one is the cluster's projection of vec(I): with a
+    repeated sigma every basis of the cluster is a valid answer, and an arbitrary one gives
+    indefinite factors (tr P = 0) where the trace-maximal one keeps them semidefinite for a
+    semidefinite F.  Sums over a whole cluster do not change."""
+    xp = Rop.xp
+    sh = np.asarray(B.to_host(s[:n]), dtype=float)
+    if n < 2 or sh[0] <= 0:
+        return P, Q
+    gap = max(10 * tol, 1e-12) * sh[0]
+    i = 0
+    while i < n:
+        j = i + 1
+        while j < n and sh[j - 1] - sh[j] <= gap:
+            j += 1
+        if j - i > 1:
+            for side, d in ((P, Rop.d_out), (Q, Rop.d_in)):
+                t = np.asarray(B.to_host(side[i:j].reshape(j - i, d, d).trace(axis1=1, axis2=2)))
+                nt = float(np.linalg.norm(t))
+                if nt > 1e-8 * math.sqrt(d):
+                    break
+            else:
+                i = j
+                continue
+            c = t / nt
+            e1 = np.zeros(j - i)
+            e1[0] = 1.0
+            v = c - e1
+            nv = float(np.linalg.norm(v))
+            if nv > 1e-15:
+                v /= nv
+                H = xp.asarray(np.eye(j - i) - 2.0 * np.outer(v, v))   # H e_1 = c, H = H^T
+                P = P.copy()
+                Q = Q.copy()
+                P[i:j] = H @ P[i:j]
+                Q[i:j] = H @ Q[i:j]
+        i = j
+    return P, Q
+
+
+def _sym_basis(d, xp):
+    """An orthonormal basis (Frobenius) of the symmetric d x d matrices, (d(d+1)/2, d, d)."""
+    E = np.zeros((d * (d + 1) // 2, d, d))
+    r = 0
+    for i in range(d):
+        E[r, i, i] = 1.0
+        r += 1
+        for j in range(i + 1, d):
+            E[r, i, j] = E[r, j, i] = math.sqrt(0.5)
+            r += 1
+    return xp.asarray(E)
+
+
+def dense_triples(Rop, k, *, tol, maxiter, info, scale=0.0):
+    """All triples of ``Rop`` from its matrix between orthonormal bases of the symmetric
+    matrices (restricted to the operator's ``complement``) on the two sides: one product
+    per basis matrix of the smaller side, then an SVD.  Exact; for operators whose smaller
+    side has no more dimensions than a Krylov cycle would take steps (a cycle that spans a
+    whole side leaves nothing to restart from, and breakdowns hide the triples a fresh
+    vector missed).  Every vector returned, those of zero singular values included, lies
+    in the complement."""
+    xp = Rop.xp
+    d_out, d_in = Rop.d_out, Rop.d_in
+    Eo = Rop.complement_basis(_sym_basis(d_out, xp).reshape(-1, d_out * d_out), "left")
+    Ei = Rop.complement_basis(_sym_basis(d_in, xp).reshape(-1, d_in * d_in), "right")
+    no, ni = Eo.shape[0], Ei.shape[0]
+    if no <= ni:                       # M[i, l] = e_o,i^T R e_i,l from R^T on the e_o
+        M = Rop.RT(Eo.reshape(no, d_out, d_out)).reshape(no, -1) @ Ei.T
+    else:                              # from R on the e_i
+        M = (Rop.R(Ei.reshape(ni, d_in, d_in)).reshape(ni, -1) @ Eo.T).T
+    u, s, vt = xp.linalg.svd(M, full_matrices=False)
+    P = u.T @ Eo
+    Q = vt @ Ei
+    info["iterations"] = 1
+    info["dense"] = True
+    P, Q = _align_clusters(s, P, Q, int(s.shape[0]), tol, Rop)
+    return _final(Rop, s, P, Q, k, info, tol, maxiter, info["solver"], scale)
 
 
 def subspace_triples(Rop, k, *, tol, maxiter, init=None, oversample=2, seed=0, scale=0.0):
@@ -163,9 +263,11 @@ def subspace_triples(Rop, k, *, tol, maxiter, init=None, oversample=2, seed=0, s
     rng = np.random.default_rng(seed)
     kk = min(k, Rop.dim)
     p = min(kk + oversample, Rop.dim)
+    info = {"solver": "subspace", "iterations": 0}
+    if Rop.dim <= p:                     # the block would span a whole side: exact instead
+        return dense_triples(Rop, k, tol=tol, maxiter=maxiter, info=info, scale=scale)
     V = Rop.complement(_start_block(Rop, p, init, rng), "right")
     d_out, d_in = Rop.d_out, Rop.d_in
-    info = {"solver": "subspace", "iterations": 0}
     for it in range(1, maxiter + 1):
         U = Rop.complement(_orth(Rop.R(V.reshape(p, d_in, d_in)).reshape(p, -1), xp), "left")
         W = Rop.RT(U.reshape(p, d_out, d_out)).reshape(p, -1)       # rows R^T u_j
@@ -177,10 +279,13 @@ def subspace_triples(Rop, k, *, tol, maxiter, init=None, oversample=2, seed=0, s
         s1 = max(float(B.to_host(s[0])), scale)
         if s1 == 0.0:
             break
-        res = xp.linalg.norm(RtP[:kk] - s[:kk, None] * Q[:kk], axis=1) / s1
-        if float(B.to_host(res.max())) <= tol:
+        res = xp.linalg.norm(RtP - s[:, None] * Q, axis=1) / s1
+        if float(B.to_host(res[:kk].max())) <= tol:
             break
         V = Rop.complement(_orth(W, xp), "right")
+    if s1 > 0:
+        ok = np.asarray(B.to_host(res)) <= tol
+        P, Q = _align_clusters(s, P, Q, int(ok.argmin()) if not ok.all() else ok.size, tol, Rop)
     return _final(Rop, s, P, Q, k, info, tol, maxiter, "subspace iteration", scale)
 
 
@@ -232,7 +337,33 @@ class _SumDeflated(Rearranged):
         self.dim -= len(terms)
 
     def complement(self, X, side):
-        return _orth(self._project(X, self._P if side == "left" else self._Q), self.xp)
+        """Orthonormal rows spanning X's rows projected on the complement (twice); a row
+        that lay in the span of the triples found (a warm start of reordered factors) is
+        replaced by a random one, whose projection is not rounding noise."""
+        xp = self.xp
+        Bm = self._P if side == "left" else self._Q
+        Y = self._project(self._project(X, Bm), Bm)
+        k = X.shape[0]
+        before = xp.linalg.norm(X.reshape(k, -1), axis=1)
+        after = B.to_host(xp.linalg.norm(Y.reshape(k, -1), axis=1))
+        small = np.asarray(after) <= 1e-8 * np.asarray(B.to_host(before))
+        if small.any():
+            rng = np.random.default_rng(int(small.sum()))
+            d = X.shape[-1]
+            Y = Y.copy()
+            for i in np.flatnonzero(small):
+                Y[i] = self._project(self._project(_random_sym(rng, 1, d, xp), Bm), Bm)[0]
+        return _orth(Y.reshape(k, -1), xp).reshape(X.shape)
+
+    def complement_basis(self, E, side):
+        """The complement of the triples found (span of E projected: the right singular
+        vectors of the projected E whose singular value is 1, not 0)."""
+        Bm = self._P if side == "left" else self._Q
+        if Bm is None:
+            return E
+        Y = self._project(self._project(E, Bm), Bm)
+        _, s, vt = self.xp.linalg.svd(Y, full_matrices=False)
+        return vt[np.asarray(B.to_host(s)) > 0.5]
 
     @staticmethod
     def _project(X, Bm):
@@ -317,8 +448,11 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
     def right(X):
         return Rop.complement(X.reshape(1, -1), "right")
 
-    q = right(_start_block(Rop, 1, None if init is None else [sum(init)], rng))[0]
     info = {"solver": "lanczos", "iterations": 0, "krylov": K}
+    if Rop.dim <= K:                  # a cycle would span a whole side: exact instead
+        return dense_triples(Rop, k, tol=tol, maxiter=maxiter, info=info, scale=scale)
+    q = right(_start_block(Rop, 1, None if init is None else [sum(init)], rng))[0]
+    first = min(kk + 1, K)            # steps before a cycle may stop: one past the k
     Qb = xp.zeros((K + 1, d_in * d_in))
     Pb = xp.zeros((K, d_out * d_out))
     Bm = np.zeros((K, K))
@@ -347,12 +481,13 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
             nrm = max(nrm, b)
             if b <= 1e-13 * nrm or b == 0.0:
                 b = 0.0                      # converged (residuals 0) if j + 1 = K
-                if j + 1 < K:
-                    Qb[j + 1] = _fresh(rng, Qb, j + 1, d_in, xp, right)
+                # a fresh continuation (also at the cycle's end: a thick restart goes on
+                # from q_{K+1}, which must be orthogonal to the basis)
+                Qb[j + 1] = _fresh(rng, Qb, j + 1, d_in, xp, right)
             else:
                 Qb[j + 1] = qn / b
             broke = broke or min(a, b) <= 1e-8 * nrm
-            if j + 1 >= kk and (not broke or j + 1 == K):
+            if j + 1 >= first and (not broke or j + 1 == K):
                 # the Ritz triples of the j + 1 steps so far (a small SVD): stop the cycle
                 # once their right residuals b |u_{j,i}| reach tol
                 u, s, vt = np.linalg.svd(Bm[:j + 1, :j + 1])
@@ -366,7 +501,24 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
         ud, vtd = xp.asarray(u), xp.asarray(vt)
         P = ud.T @ Pb[:J]
         Q = vtd @ Qb[:J]
-        if s1 == 0.0 or res.max() <= tol or cycle == maxiter:
+        done = s1 == 0.0 or res.max() <= tol
+        if broke and not keep and s1 > 0.0 and cycle < maxiter:
+            # the explicit restart (K <= k + 1) cannot leave an invariant subspace, which need
+            # not hold the top k triples, nor find a singular value repeated among them (a
+            # single-vector Krylov space holds one direction per distinct value): after a
+            # breakdown the cycles go on as thick restarts of k + 2 steps (exact if that
+            # would span a side), which continue from a fresh vector
+            if kk + 2 >= Rop.dim:
+                info["krylov"] = Rop.dim
+                return dense_triples(Rop, k, tol=tol, maxiter=maxiter, info=info, scale=scale)
+            K = kk + 2
+            keep = kk + 1
+            info["krylov"] = K
+            Qb2, Pb2 = xp.zeros((K + 1, d_in * d_in)), xp.zeros((K, d_out * d_out))
+            Qb2[J] = Qb[J]
+            Qb, Pb, Bm = Qb2, Pb2, np.zeros((K, K))
+            done = False
+        if done or cycle == maxiter:
             break
         if keep:
             l = min(keep, J - 1)
@@ -385,6 +537,10 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
             Bm[...] = 0.0
             Qb[0] = q / xp.linalg.norm(q)
             start = 0
+    if s1 > 0.0:                         # the converged leading pairs: clusters aligned
+        ok = b * np.abs(u[J - 1, :J]) / s1 <= tol
+        P, Q = _align_clusters(s, P, Q, int(ok.argmin()) if not ok.all() else ok.size, tol,
+                               Rop)
     return _final(Rop, xp.asarray(s), P, Q, k, info, tol, maxiter, "Lanczos bidiagonalization",
                   scale)
 
