@@ -270,7 +270,10 @@ def test_float64_accumulation_takes_huge_float32_gradients(device, engine):
         y = B.to_host(w.step(xp.asarray(g))).astype(np.float64)
         y64 = B.to_host(w64.step(xp.asarray(g.astype(np.float64))))
         assert np.isfinite(y).all()
-        assert np.linalg.norm(y - y64) <= 1e-6 * np.linalg.norm(y64)
+        # a huge g is all but projected out: y is what cancellation leaves of terms of
+        # size |g| / lambda, float64 rounding of those in both windows
+        assert np.linalg.norm(y - y64) <= (1e-6 * np.linalg.norm(y64)
+                                          + 1e-13 * np.linalg.norm(g.astype(np.float64)) / lam)
     x = rng.standard_normal(d).astype(np.float32)
     v = B.to_host(w.matvec(xp.asarray(x))).astype(np.float64)
     v64 = B.to_host(w64.matvec(xp.asarray(x.astype(np.float64))))
