@@ -234,11 +234,12 @@ class LowRank:
         block of a stack goes through one kernel (``kernels/blocks.py``: V read about
         once, float64 sums).
 
-        ``check``: raise ``NonFiniteInput`` when X holds NaN or infinity, read from U = V X
-        (r values, not d): V is finite and every x_j enters every u_i (0 * inf is NaN),
-        so U is finite exactly when X is and its products do not overflow.  The flag is
-        formed before pass 2 and read after it (one host read, no stall between the
-        passes)."""
+        ``check``: raise ``NonFiniteInput`` when X holds NaN or infinity or a product
+        overflows, read from the result Y: with alpha != 0 every x_j enters y_j, and
+        every u_i enters every y_j (0 * inf is NaN), so Y is finite exactly when X is
+        and neither pass nor the final scaling overflows (a check of U alone missed a
+        result that overflows the dtype only when scaled by alpha = 1/lambda).  One
+        host read after pass 2."""
         be = self.backend
         if (not check and be.is_gpu and Xb.ndim == 3 and Xb.shape[2] == 1
                 and Xb.dtype == self.V.dtype):
@@ -250,7 +251,6 @@ class LowRank:
         # with ``check``, NaN/inf flow through on purpose and are reported below
         with np.errstate(invalid="ignore", over="ignore") if check else _no_context():
             U = V @ X                           # pass 1: (.., r, k)
-            ok = be.xp.isfinite(U).all() if check else None     # read after pass 2
             if not self.alpha:                  # primal: beta V^T V X
                 if self.beta != 1.0:
                     U *= self.beta
@@ -260,7 +260,7 @@ class LowRank:
                 Y = _mT(V) @ U                  # pass 2
                 Y += X
                 Y *= self.alpha
-        if check and not bool(ok):
+        if check and not bool(be.xp.isfinite(Y).all()):
             raise NonFiniteInput
         return Y
 

@@ -27,6 +27,7 @@ SciPy's solvers and ``aslinearoperator(op).matmat(X)`` keep the one-pass matmat.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -338,12 +339,22 @@ class Operator(_Algebra, _SciPyLinearOperator):
         if shape == "matrix" and was_1d:
             raise ValueError(f"{name} must be 2-D with shape ({self._d}, k); got shape "
                              f"({self._d},)")
+        # on the host a result that overflows (in the operator's dtype or the caller's) is
+        # refused like input that does, by one pass over Y, O(d k), unless the product
+        # checked its own result in the same dtype; on the GPU that check would add a
+        # synchronisation to every product, and only the operators that synchronise
+        # anyway make it (their own check)
+        check = (self._check_finite and self._backend.is_host
+                 and (not self._checks_own_finite(X) or out_dtype != self._dtype))
         try:
-            Y = self._rmatmat(X) if adjoint else self._matmat(X)
+            with np.errstate(over="ignore", invalid="ignore") if check else contextlib.nullcontext():
+                Y = self._rmatmat(X) if adjoint else self._matmat(X)
+                if Y.dtype != out_dtype:         # the caller's dtype, which may overflow too
+                    Y = Y.astype(out_dtype)
+            if check and not bool(np.isfinite(Y).all()):
+                raise NonFiniteInput
         except NonFiniteInput:
             raise self._nonfinite(x, name) from None
-        if Y.dtype != out_dtype:
-            Y = Y.astype(out_dtype)
         return Y[:, 0] if was_1d else Y
 
     def matvec(self, x):

@@ -395,3 +395,34 @@ def test_from_gradients_window_disagreeing_with_an_array():
         return
     assert w.window == 6 and np.array_equal(np.asarray(w.gradients()), G[-6:]), (
         f"window=6 ignored: window {w.window}, count {w.count}")
+
+
+def test_results_that_overflow_are_refused_by_name_on_the_cpu():
+    """Finite x whose product with the operator is finite in every intermediate but whose
+    result overflows float32 once scaled by 1/lambda: refused like products that overflow
+    (it came back as inf with a RuntimeWarning from the window and the static operator)."""
+    import warnings
+    rng = np.random.default_rng(0)
+    G = (1e-3 * rng.standard_normal((4, 8))).astype(np.float32)
+    x = np.full(16, 1e30, dtype=np.float32)
+    ops = [ml.SlidingWindowInverseFisher.from_gradients(G, 1e-10),
+           ml.StaticInverseFisher(G, 1e-10),
+           ml.BlockInverseFisher(G, 1e-10, block_size=8),
+           # rank-deficient factors (2 samples, 5 inputs): x has a part that F^-1 scales by
+           # about 1/lambda
+           ml.kfac((1e-3 * rng.standard_normal((2, 5))).astype(np.float32),
+                   rng.standard_normal((2, 2)).astype(np.float32), 1e-10)]
+    for op in ops:
+        xx = x[:op.shape[0]]
+        before = op.matvec(np.ones(op.shape[0], dtype=np.float32))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for call in (op.matvec, lambda v: op.matmat(v[:, None]), op.rmatvec):
+                with pytest.raises(ValueError, match="[xX] is too large: its products with the "
+                                                     "operator overflow"):
+                    call(xx)
+        assert np.array_equal(op.matvec(np.ones(op.shape[0], dtype=np.float32)), before)
+    # without the check the inf comes back (the caller opted out)
+    quiet = ml.StaticInverseFisher(G, 1e-10, check_finite=False)
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert not np.isfinite(quiet.matvec(x[:8])).all()
