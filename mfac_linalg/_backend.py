@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import re
 
 import numpy as np
 
@@ -57,6 +58,8 @@ def gpu_available() -> bool:
 
 #: compute capabilities with float64 at half the float32 rate
 FAST_FLOAT64 = ("60", "70", "80", "90", "100")
+#: parts of those compute capabilities whose float64 rate was cut (export variants)
+SLOW_FLOAT64_NAMES = re.compile(r"\b(H800|H20)\b")
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,6 +70,24 @@ def _compute_capability(device_id) -> str:
         return str(cp.cuda.Device(0 if device_id is None else device_id).compute_capability)
     except Exception:
         return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device_id) -> str:
+    """The CUDA device's name ("NVIDIA H100 80GB HBM3"); "" if unknown."""
+    cp = _cupy()
+    try:
+        props = cp.cuda.runtime.getDeviceProperties(0 if device_id is None else device_id)
+        name = props.get("name", b"")
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:
+        return ""
+
+
+def has_fast_float64(capability: str, name: str) -> bool:
+    """float64 at half the float32 rate: compute capability 6.0, 7.0, 8.0, 9.0 or 10.0,
+    except the parts whose float64 was cut (H800, H20)."""
+    return capability in FAST_FLOAT64 and not SLOW_FLOAT64_NAMES.search(name)
 
 
 def default_device() -> str:
@@ -112,10 +133,12 @@ class Backend:
     @property
     def fast_float64(self):
         """True on a GPU whose float64 rate is half its float32 rate (compute capability
-        6.0, 7.0, 8.0, 9.0, 10.0: P100, V100, A100, H100/H200, B200), where float64
-        accumulation in a memory-bound pass costs nothing; False elsewhere (the CPU, and
-        GPUs with 1/32 or 1/64 of the float32 rate)."""
-        return self.is_gpu and _compute_capability(self.device_id) in FAST_FLOAT64
+        6.0, 7.0, 8.0, 9.0, 10.0: P100, V100, A100, H100/H200, B200; not the H800 and
+        H20, whose float64 was cut), where float64 accumulation in a memory-bound pass
+        costs little; False elsewhere (the CPU, and GPUs with 1/32 or 1/64 of the float32
+        rate)."""
+        return self.is_gpu and has_fast_float64(_compute_capability(self.device_id),
+                                                _device_name(self.device_id))
 
     # -- dense linear algebra on small float64 matrices -------------------
     @property

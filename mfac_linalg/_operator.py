@@ -461,14 +461,22 @@ class Operator(_Algebra, _SciPyLinearOperator):
         the form is evaluated and the factor is put back after (exact, so results in
         the normal range are unchanged): a finite x whose form overflows gives
         ``inf`` of the right sign, not the NaN of ``inf - inf`` inside a factored
-        form, and a tiny x keeps its digits instead of underflowing.
+        form, and a tiny x keeps its digits instead of underflowing.  Where the form of
+        the scaled x already overflows (the operator's own entries beyond the range, e.g.
+        ``(1e200 * op) @ (1e200 * op)``), a ``ValueError`` as from :meth:`matvec`.
         """
         X, was_1d, out_dtype = self._prepare(x, "x")
         xp = self._backend.xp
         if X.shape[1]:
             _, e = xp.frexp(xp.abs(X).max(axis=0))   # max|x_k| = f 2^e, f in [1/2, 1)
             X = xp.ldexp(X, -e[None, :])
-            q = self._quad(X)
+            try:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    q = self._quad(X)
+            except NonFiniteInput:
+                raise self._nonfinite(x, "x") from None
+            if not bool(xp.isfinite(q).all()):
+                raise self._nonfinite(x, "x")
             with np.errstate(over="ignore", under="ignore"):
                 q = xp.ldexp(q, 2 * e)
         else:

@@ -432,12 +432,20 @@ def run_demo(dim: int = 2000, grads: int = 256, damping: float = 3e-4, l2: float
                                     low_open=True, high_open=True))
     device = _check(lambda: V.choice(device, "--device", ("auto", "cpu", "gpu")))
     limit = demo_max_dim(grads)
+    mem = _available_memory()
+    if mem is not None and _demo_bytes(min(dim, 2), grads) > 0.5 * mem:
+        # even d = 2 does not fit: the gradients' count is what is too large
+        raise CLIError(
+            f"--grads {grads} is too large for the demo: its per-sample gradients and data "
+            f"take {_bytes(_demo_bytes(2, grads))} at d = 2, over half the available memory "
+            f"({_bytes(mem)}); use fewer --grads")
     if dim > limit:
         raise CLIError(
-            f"--dim {dim} is too large for the demo's dense comparison (it forms d x d "
-            f"matrices: {_bytes(_demo_bytes(dim, grads))} and O(d^3) time at d = {dim}); "
-            f"use --dim <= {limit}. M-FAC itself needs O(dm) memory: for large d use "
-            "mfac_linalg.StaticInverseFisher directly")
+            f"--dim {dim} is too large for the demo's dense comparison (with --grads "
+            f"{grads}: the data, the gradients and three d x d matrices take "
+            f"{_bytes(_demo_bytes(dim, grads))}, and O(d^3) time at d = {dim}); "
+            f"use --dim <= {limit} (or fewer --grads). M-FAC itself needs O(dm) memory: "
+            "for large d use mfac_linalg.StaticInverseFisher directly")
     if device == "auto":
         device = B.default_device()
     be = _input_errors(lambda: B.backend_for_device(device), {"device": "--device"})

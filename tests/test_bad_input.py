@@ -426,3 +426,16 @@ def test_results_that_overflow_are_refused_by_name_on_the_cpu():
     quiet = ml.StaticInverseFisher(G, 1e-10, check_finite=False)
     with np.errstate(over="ignore", invalid="ignore"):
         assert not np.isfinite(quiet.matvec(x[:8])).all()
+
+
+def test_quad_of_an_operator_whose_entries_overflow_is_refused():
+    """quad scales x to unit size first, so a finite x whose form overflows gives inf;
+    an operator whose own entries overflow (1e400) gives NaN inside the form: refused
+    by name, as matvec refuses it (it returned NaN)."""
+    op = ml.StaticInverseFisher(np.random.default_rng(0).standard_normal((3, 5)), 0.5)
+    P = (1e200 * op) @ (1e200 * op)
+    x = np.array([1.0, -1.0, 0.5, 0.0, 2.0])
+    for call in (P.matvec, P.quad, lambda v: P.quad(np.stack([v, v], 1))):
+        with pytest.raises(ValueError, match="x is too large"):
+            call(x)
+    assert op.quad(np.full(5, 1e200)) == np.inf

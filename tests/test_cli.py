@@ -321,3 +321,16 @@ def test_console_script_entry_point_declared():
 def test_verdict_says_what_was_measured(ok, meaningful, speedup, iters, expect):
     bound = 1e-12 if ok else 1e-16
     assert cli._verdict(ok, 4e-15, bound, meaningful, speedup, iters) == expect
+
+
+def test_demo_names_grads_when_even_the_smallest_dim_does_not_fit():
+    from mfac_linalg import cli
+    mem = cli._available_memory()
+    if mem is None:
+        pytest.skip("no /proc/meminfo")
+    grads = int(mem)                       # 8 bytes x 4 values a gradient at d = 2: > mem
+    r = subprocess.run([sys.executable, "-m", "mfac_linalg.cli", "demo", "--dim", "2",
+                        "--grads", str(grads)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"--grads {grads} is too large for the demo" in lines[0]

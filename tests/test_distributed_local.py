@@ -956,3 +956,29 @@ def test_window_on_gpu_thread_ranks(P, dtype, tol):
     for worst, _ in outs:
         assert worst <= tol
     assert len({dg for _, dg in outs}) == 1
+
+
+def test_sharded_quad_is_float64_faithful_with_float64_accumulation():
+    """x.x in float64 where the passes accumulate in float64, as the single window does:
+    x nearly in the span of the gradients makes x^T F^-1 x a cancellation (it was in
+    float32: relative error 0.1-0.9)."""
+    rng = np.random.default_rng(0)
+    d, m, lam = 2000, 4, 1e-6
+    G = rng.standard_normal((m, d)).astype(np.float32)
+    w = ml.SlidingWindowInverseFisher(d, m, lam, accumulate="float64")
+    s = ShardedSlidingWindowInverseFisher(d, m, lam, None, accumulate="float64")
+    w64 = ml.SlidingWindowInverseFisher(d, m, lam, dtype="float64")
+    for g in G:
+        w.update(g)
+        s.update(g)
+        w64.update(g.astype(np.float64))
+    x = (G[0] + 1e-3 * rng.standard_normal(d)).astype(np.float32)
+    ref = w64.quad(x.astype(np.float64))
+    for X in (x, np.stack([x, x], 1)):
+        assert np.abs(s.quad(X) - ref).max() <= 1e-9 * abs(ref)
+        assert np.abs(w.quad(X) - ref).max() <= 1e-9 * abs(ref)
+
+
+def test_sharded_load_called_on_the_class_says_how_to_load():
+    with pytest.raises(TypeError, match="is an instance method"):
+        ShardedSlidingWindowInverseFisher.load("w.npz", None)

@@ -299,11 +299,56 @@ def test_sequential_warm_start_with_reordered_factors():
     """A start vector in the span of the triples already found is replaced by a random one
     (its projection on the complement would be rounding noise)."""
     rng = np.random.default_rng(1)
-    a, g = rng.standard_normal((1, 4)), rng.standard_normal((1, 4))     # R(F) of rank one
-    op = ml.deflation(a, g, 1e-3, solver="sequential")
+    # R(F) of rank one (d = 4: formed exactly; d = 7: Lanczos, whose start vectors go
+    # through the complement), and a generic 8 x 8 layer (Lanczos)
+    for n, d in ((1, 4), (1, 7), (50, 8)):
+        a, g = rng.standard_normal((n, d)), rng.standard_normal((n, d))
+        op = ml.deflation(a, g, 1e-3, solver="sequential")
+        for init in (op.factors[::-1], [op.factors[0]] * 2):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ml.ConvergenceWarning)
+                op2 = ml.deflation(a, g, 1e-3, solver="sequential", init=init)
+            assert op2.info["converged"]
+            assert np.allclose(op2.info["sigma"], op.info["sigma"], rtol=1e-10,
+                               atol=1e-12 * op.info["sigma"][0])
+            C1, C2 = op2.factors[0][1], op2.factors[1][1]
+            assert abs((C1 * C2).sum()) <= 1e-10 * np.linalg.norm(C1) * np.linalg.norm(C2) \
+                or np.linalg.norm(C2) <= 1e-8 * np.linalg.norm(C1)
+
+
+@pytest.mark.parametrize("krylov", [1, 2, 3, 4, 6])
+def test_a_repeated_sigma_behind_a_breakdown_is_found(krylov):
+    """levels 3, 2, 3, 2, 1 (sigma 3/5 twice): a cycle breaks down holding one copy; its
+    triples count only when a whole cycle from a fresh continuation finds the same top-k
+    (short cycles go on at the default length): found for every K (before: [3, 2] for
+    K <= 4, reported converged)."""
+    op = ml.lanczos(np.diag(np.sqrt([3.0, 2, 3, 2, 1])), np.eye(5), 1e-3, krylov=krylov)
+    assert op.info["converged"]
+    assert np.allclose(np.array(op.info["sigma"]) * 5, [3, 3], rtol=1e-12)
+    terms, info = kr.kronecker_terms(np.diag(np.sqrt([3.0, 3, 3, 2, 2, 1])), np.eye(6), 4,
+                                     krylov=krylov + 2)
+    assert np.allclose(np.array(info["sigma"]) * 6, [3, 3, 3, 2], rtol=1e-12)
+
+
+def test_nearly_equal_sigmas_are_not_mixed():
+    """sigma_1 - sigma_2 = 2.5e-12 sigma_1, above tol / 10: the triples stay as they are
+    (rotated together, each would carry a residual of the difference: converged=False)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", ml.ConvergenceWarning)
-        op2 = ml.deflation(a, g, 1e-3, solver="sequential", init=op.factors[::-1])
-    assert op2.info["converged"]
-    C1, C2 = op2.factors[0][1], op2.factors[1][1]
-    assert abs((C1 * C2).sum()) <= 1e-12 * np.linalg.norm(C1) * max(np.linalg.norm(C2), 1e-300)
+        op = ml.kpsvd(np.diag([1.0, np.sqrt(1 - 5e-12)]), np.eye(2), 1e-3)
+    assert op.info["converged"] and op.info["residual"] <= 1e-15
+    Bm = op.factors[0][0]
+    assert abs(Bm[1, 1]) <= 1e-6 * abs(Bm[0, 0])            # diag(.707, 0), not I/2
+
+
+def test_one_small_side_forms_only_its_own_basis():
+    """d_out = 2, d_in = 256: R(F) is formed from 3 products with R^T (a basis of the
+    large side, 32896 x 256 x 256, would not fit in memory)."""
+    rng = np.random.default_rng(0)
+    a, g = rng.standard_normal((256, 256)), rng.standard_normal((256, 2))
+    op = ml.kpsvd(a, g, 1e-3)
+    assert op.info["dense"] and op.info["converged"]
+    assert op.info["products"] == 3 + 2                   # the basis, then the residuals
+    R3 = np.stack([(g[:, i] * g[:, j] * (a.T * 1.0)) @ a / 256 for i, j in
+                   ((0, 0), (0, 1), (1, 1))])           # blocks F_ij = E[g_i g_j a a^T]
+    assert op.info["sigma"][0] >= np.linalg.norm(R3[0]) * 0.999

@@ -147,6 +147,18 @@ def test_fast_float64_is_false_on_the_cpu():
     assert B.FAST_FLOAT64 == ("60", "70", "80", "90", "100")
 
 
+@pytest.mark.parametrize("cc,name,fast", [
+    ("90", "NVIDIA H100 80GB HBM3", True), ("90", "NVIDIA H200", True),
+    ("80", "NVIDIA A100-SXM4-80GB", True), ("70", "Tesla V100-SXM2-16GB", True),
+    ("90", "NVIDIA H800", False), ("90", "NVIDIA H20", False),
+    ("89", "NVIDIA L40S", False), ("86", "NVIDIA GeForce RTX 3090", False),
+    ("75", "Tesla T4", False), ("", "", False)])
+def test_fast_float64_table(cc, name, fast):
+    """By compute capability and name: the export parts of 9.0 (H800, H20) have float64
+    cut to about 1 TFLOP/s; the H200 is not an H20."""
+    assert B.has_fast_float64(cc, name) is fast
+
+
 @gpu
 def test_gpu_auto_accumulates_in_float64_where_float64_is_fast():
     """"auto" is float64 for float32 storage on H100/H200-class GPUs (compute capability

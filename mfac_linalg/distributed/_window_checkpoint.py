@@ -216,7 +216,13 @@ class _WindowCheckpointing:
 
     def load(self, path):
         """Load this rank's checkpoint file into the window.  Collective (see
-        :meth:`load_state_dict`); a file saved under another layout is refused."""
+        :meth:`load_state_dict`); a file saved under another layout is refused.  An
+        instance method (the window's layout and communicator come first), unlike the
+        single-process ``SlidingWindowInverseFisher.load(path)``."""
+        if not hasattr(self, "_load"):        # called on the class, as the single window's
+            raise TypeError("ShardedSlidingWindowInverseFisher.load is an instance method: "
+                            "build the window with its layout and communicator, then call "
+                            "window.load(path) on every rank")
         err, st = None, None
         try:
             raw = self.read_state(path)

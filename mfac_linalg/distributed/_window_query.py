@@ -67,13 +67,16 @@ class _WindowQueries:
     def _collective_quad(self, X, k, err):
         xp = self._backend.xp
         n = self._n()
+
+        def xx_of(X_):          # float64 x.x where the passes are float64 (docs/math.md §7)
+            X64 = X_.astype(np.float64) if self._buf.wide else X_
+            return xp.einsum("ij,ij->j", X64, X64).astype(np.float64)
+
         if self._buf.fused and k == 1 and n:
-            xx = self._flagged_sum(None if err else xp.einsum("ij,ij->j", X, X).astype(
-                np.float64), 1, err, "quad")
+            xx = self._flagged_sum(None if err else xx_of(X), 1, err, "quad")
             u, _ = self._fused_vector(X, None)
             return (xx - self._eng.inner(u[:n, None])) / self._damping
-        S = self._project(X, k, err, extra=lambda X_: xp.einsum(
-            "ij,ij->j", X_, X_).astype(np.float64)[None, :])
+        S = self._project(X, k, err, extra=lambda X_: xx_of(X_)[None, :])
         U, xx = S[:-1], S[-1]
         if n:
             xx = xx - self._eng.inner(U)

@@ -763,7 +763,8 @@ def fisher_error(approx, activations, output_grads, *, bias=False, kind="frobeni
     ekfac = terms = None
     if approx._ekfac is not None:
         UG, UA, Sstar = approx._ekfac
-        ekfac = (UG, UA, Sstar / (sa * sg) / (sa * sg))      # no ** 2: it may overflow
+        ekfac = (UG, UA, Sstar / sa / sa / sg / sg)     # one factor at a time: sa sg may
+                                                         # over- or underflow
     else:
         terms = [(Bi / sg / sg, Ci / sa / sa) for Bi, Ci in approx._terms]
     K = layer.gram()

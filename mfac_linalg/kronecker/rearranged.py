@@ -180,11 +180,13 @@ def _align_clusters(s, P, Q, n, tol, Rop):
     sh = np.asarray(B.to_host(s[:n]), dtype=float)
     if n < 2 or sh[0] <= 0:
         return P, Q
-    gap = max(10 * tol, 1e-12) * sh[0]
+    # the whole spread of a cluster within tol / 10: rotating triples whose sigma differ
+    # by delta adds about delta to their residuals (sigma is not rotated with them)
+    gap = max(0.1 * tol, 1e-15) * sh[0]
     i = 0
     while i < n:
         j = i + 1
-        while j < n and sh[j - 1] - sh[j] <= gap:
+        while j < n and sh[i] - sh[j] <= gap:
             j += 1
         if j - i > 1:
             for side, d in ((P, Rop.d_out), (Q, Rop.d_in)):
@@ -224,30 +226,48 @@ def _sym_basis(d, xp):
     return xp.asarray(E)
 
 
-def dense_triples(Rop, k, *, tol, maxiter, info, scale=0.0):
-    """All triples of ``Rop`` from its matrix between orthonormal bases of the symmetric
-    matrices (restricted to the operator's ``complement``) on the two sides: one product
-    per basis matrix of the smaller side, then an SVD.  Exact; for operators whose smaller
-    side has no more dimensions than a Krylov cycle would take steps (a cycle that spans a
-    whole side leaves nothing to restart from, and breakdowns hide the triples a fresh
-    vector missed).  Every vector returned, those of zero singular values included, lies
-    in the complement."""
+def dense_triples(Rop, k, *, tol, maxiter, info, scale=0.0, seed=0):
+    """All triples of ``Rop`` from its matrix on an orthonormal basis of the symmetric
+    matrices of the smaller side (restricted to the operator's ``complement``): one
+    product per basis matrix, then an SVD; O(products + dim_small^2 d_big^2), no basis of
+    the larger side.  Exact; for operators whose smaller side has no more dimensions than
+    a Krylov cycle would take steps (a cycle that spans a whole side leaves nothing to
+    restart from, and breakdowns hide the triples a fresh vector missed).  The larger
+    side's vectors of zero singular values (the SVD leaves them unconstrained) are random
+    symmetric ones in the complement, orthogonal to the others: R q = 0 there, as the
+    small side's basis holds all of R's range."""
     xp = Rop.xp
+    rng = np.random.default_rng(seed)
     d_out, d_in = Rop.d_out, Rop.d_in
-    Eo = Rop.complement_basis(_sym_basis(d_out, xp).reshape(-1, d_out * d_out), "left")
-    Ei = Rop.complement_basis(_sym_basis(d_in, xp).reshape(-1, d_in * d_in), "right")
-    no, ni = Eo.shape[0], Ei.shape[0]
-    if no <= ni:                       # M[i, l] = e_o,i^T R e_i,l from R^T on the e_o
-        M = Rop.RT(Eo.reshape(no, d_out, d_out)).reshape(no, -1) @ Ei.T
-    else:                              # from R on the e_i
-        M = (Rop.R(Ei.reshape(ni, d_in, d_in)).reshape(ni, -1) @ Eo.T).T
-    u, s, vt = xp.linalg.svd(M, full_matrices=False)
-    P = u.T @ Eo
-    Q = vt @ Ei
+    if d_out * (d_out + 1) <= d_in * (d_in + 1):     # R = E^T W, rows of W = R^T e_i
+        E = Rop.complement_basis(_sym_basis(d_out, xp).reshape(-1, d_out * d_out), "left")
+        W = Rop.RT(E.reshape(-1, d_out, d_out)).reshape(E.shape[0], -1)
+        u, s, vt = xp.linalg.svd(W, full_matrices=False)        # R = (E^T u) s vt
+        P, Q = u.T @ E, vt
+        big, side, d = Q, "right", d_in
+    else:                                            # R = Z^T E, rows of Z = R e_i
+        E = Rop.complement_basis(_sym_basis(d_in, xp).reshape(-1, d_in * d_in), "right")
+        Z = Rop.R(E.reshape(-1, d_in, d_in)).reshape(E.shape[0], -1)
+        u, s, vt = xp.linalg.svd(Z, full_matrices=False)        # R = vt^T s (u^T E)
+        P, Q = vt, u.T @ E
+        big, side, d = P, "left", d_out
+    # zero: below rounding of R's scale (a deflated R's own "singular values" are noise
+    # whose vectors need not lie in the complement)
+    sh = np.asarray(B.to_host(s), dtype=float)
+    zero = np.flatnonzero(sh <= 1e-14 * max(float(sh[0]) if sh.size else 0.0, scale))
+    if zero.size:
+        big = big.copy()
+        proj = lambda X: Rop.complement(X.reshape(1, -1), side)     # noqa: E731
+        for i in zero:
+            big[i] = _fresh(rng, big, int(i), d, xp, proj)
+        if side == "right":
+            Q = big
+        else:
+            P = big
     info["iterations"] = 1
     info["dense"] = True
     P, Q = _align_clusters(s, P, Q, int(s.shape[0]), tol, Rop)
-    return _final(Rop, s, P, Q, k, info, tol, maxiter, info["solver"], scale)
+    return _final(Rop, s, P, Q, k, info, tol, maxiter, info["solver"] + " (R formed)", scale)
 
 
 def subspace_triples(Rop, k, *, tol, maxiter, init=None, oversample=2, seed=0, scale=0.0):
@@ -349,10 +369,11 @@ class _SumDeflated(Rearranged):
         small = np.asarray(after) <= 1e-8 * np.asarray(B.to_host(before))
         if small.any():
             rng = np.random.default_rng(int(small.sum()))
-            d = X.shape[-1]
+            d = self.d_out if side == "left" else self.d_in
             Y = Y.copy()
             for i in np.flatnonzero(small):
-                Y[i] = self._project(self._project(_random_sym(rng, 1, d, xp), Bm), Bm)[0]
+                r = _random_sym(rng, 1, d, xp).reshape((1,) + X.shape[1:])
+                Y[i] = self._project(self._project(r, Bm), Bm)[0]
         return _orth(Y.reshape(k, -1), xp).reshape(X.shape)
 
     def complement_basis(self, E, side):
@@ -414,11 +435,15 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
     reorthogonalized against its predecessors (twice).  Then R Q_K = P_K B_K and
     R^T P_K = Q_K B_K^T + beta_K q_{K+1} e_K^T; the SVD B_K = u diag(s) v^T gives the Ritz
     triples (s_i, P_K u_i, Q_K v_i) with ``||R^T p_i - s_i q_i|| = beta_K |u_{K,i}|``.
-    After every step j >= k the Ritz triples of the j steps so far are formed (the SVD of
-    the j x j matrix B_j) and the cycle ends once their right residuals
-    beta_j |u_{j,i}| / sigma_1 are <= tol; after a near breakdown (alpha or beta <= 1e-8 of
-    the largest seen: with a singular value repeated among the top k, the space holds one
-    copy of it) only at the cycle's end, so that the restart can bring in the others.
+    After every step j >= k + 1 the Ritz triples of the j steps so far are formed (the SVD
+    of the j x j matrix B_j) and the cycle ends once their right residuals
+    beta_j |u_{j,i}| / sigma_1 are <= tol.  After a (near) breakdown (alpha or beta <= 1e-8
+    of the largest seen: an invariant subspace, which holds one copy of a repeated singular
+    value, or a fresh vector that has not yet grown a larger one) the cycle runs to its end
+    and its triples count only when the next whole cycle, from a fresh continuation, finds
+    the same top-k sigma; cycles shorter than the default go on at the default length
+    after such a cycle.  Where the smaller side's symmetric dimension is <= K (a cycle
+    would span it) R is formed instead (:func:`dense_triples`).
 
     Restarts are thick where the cycle has room (K >= k + 2): the l = k + (K - k) // 2
     leading Ritz pairs are kept, R Q~ = P~ S and R^T P~ = Q~ S + q_{K+1} rho^T
@@ -450,9 +475,12 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
 
     info = {"solver": "lanczos", "iterations": 0, "krylov": K}
     if Rop.dim <= K:                  # a cycle would span a whole side: exact instead
-        return dense_triples(Rop, k, tol=tol, maxiter=maxiter, info=info, scale=scale)
+        return dense_triples(Rop, k, tol=tol, maxiter=maxiter, info=info, scale=scale,
+                             seed=seed)
     q = right(_start_block(Rop, 1, None if init is None else [sum(init)], rng))[0]
     first = min(kk + 1, K)            # steps before a cycle may stop: one past the k
+    k_default = max(20, 4 * k)
+    pending = None                    # top-k sigma of the last cycle with a breakdown
     Qb = xp.zeros((K + 1, d_in * d_in))
     Pb = xp.zeros((K, d_out * d_out))
     Bm = np.zeros((K, K))
@@ -487,7 +515,7 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
             else:
                 Qb[j + 1] = qn / b
             broke = broke or min(a, b) <= 1e-8 * nrm
-            if j + 1 >= first and (not broke or j + 1 == K):
+            if j + 1 >= first and ((not broke and pending is None) or j + 1 == K):
                 # the Ritz triples of the j + 1 steps so far (a small SVD): stop the cycle
                 # once their right residuals b |u_{j,i}| reach tol
                 u, s, vt = np.linalg.svd(Bm[:j + 1, :j + 1])
@@ -502,22 +530,33 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
         P = ud.T @ Pb[:J]
         Q = vtd @ Qb[:J]
         done = s1 == 0.0 or res.max() <= tol
-        if broke and not keep and s1 > 0.0 and cycle < maxiter:
-            # the explicit restart (K <= k + 1) cannot leave an invariant subspace, which need
-            # not hold the top k triples, nor find a singular value repeated among them (a
-            # single-vector Krylov space holds one direction per distinct value): after a
-            # breakdown the cycles go on as thick restarts of k + 2 steps (exact if that
-            # would span a side), which continue from a fresh vector
-            if kk + 2 >= Rop.dim:
-                info["krylov"] = Rop.dim
-                return dense_triples(Rop, k, tol=tol, maxiter=maxiter, info=info, scale=scale)
-            K = kk + 2
-            keep = kk + 1
-            info["krylov"] = K
-            Qb2, Pb2 = xp.zeros((K + 1, d_in * d_in)), xp.zeros((K, d_out * d_out))
-            Qb2[J] = Qb[J]
-            Qb, Pb, Bm = Qb2, Pb2, np.zeros((K, K))
-            done = False
+        if broke and s1 > 0.0:
+            # a breakdown (an invariant subspace, or the fresh vectors after one) may hide
+            # a top triple: a single-vector Krylov space holds one direction per distinct
+            # singular value, and a fresh vector's part may not have grown by the cycle's
+            # end.  Its triples count only when the next whole cycle, which explores from
+            # a fresh continuation, finds the same top-k sigma.
+            top = np.asarray(s[:kk], dtype=float)
+            done = (done and pending is not None and top.size == pending.size
+                    and float(np.abs(top - pending).max()) <= tol * s1)
+            pending = top
+            if not done and K < k_default and cycle < maxiter:
+                # short cycles (the paper's restart, or thick ones of few steps) explore
+                # too little: go on with thick restarts of the default length (the matrix
+                # itself where that would span a side)
+                K2 = k_default
+                if K2 >= Rop.dim:            # as the default cycle would have been
+                    info["krylov"] = Rop.dim
+                    return dense_triples(Rop, k, tol=tol, maxiter=maxiter, info=info,
+                                         scale=scale, seed=seed)
+                K = K2
+                keep = kk + (K - kk) // 2
+                info["krylov"] = K
+                Qb2, Pb2 = xp.zeros((K + 1, d_in * d_in)), xp.zeros((K, d_out * d_out))
+                Qb2[J] = Qb[J]
+                Qb, Pb, Bm = Qb2, Pb2, np.zeros((K, K))
+        elif done:
+            pending = None
         if done or cycle == maxiter:
             break
         if keep:
