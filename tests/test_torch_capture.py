@@ -1,5 +1,8 @@
 """mfac_linalg.torch.capture: per-sample gradients, layer statistics, and the Kronecker
 preconditioner against curvlinops and dense oracles."""
+import copy
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -290,3 +293,93 @@ def test_capture_refuses_what_it_cannot_represent():
         kronecker_preconditioner(None, None, None, "kfac", 1e-2, statistics={})
     with pytest.raises(TypeError, match=r"data\[0\] must be a pair"):
         capture_statistics(lin, loss, [x])
+
+
+# -- layers off the loss, no_grad, buffers -----------------------------------------------------
+
+class _AuxNet(torch.nn.Module):
+    """A layer (aux) whose output does not reach the loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.head = torch.nn.Linear(4, 3).double()
+        self.aux = torch.nn.Linear(4, 2).double()
+
+    def forward(self, z):
+        self.aux(z)
+        return self.head(z)
+
+
+def test_layer_whose_output_misses_the_loss_gets_zero_gradients():
+    """Was "layer 'aux' is called more than once per forward pass": the zero gradient was
+    built by running the layer again under the counting hook."""
+    model, loss = _AuxNet(), torch.nn.CrossEntropyLoss()
+    data = _data((4,))
+    calls = []
+    model.aux.register_forward_hook(lambda *a: calls.append(1))
+    st = capture_statistics(model, loss, data)
+    assert len(calls) == len(data)                      # one forward per batch, no re-run
+    head, aux = st.layers
+    assert (head.name, aux.name) == ("head", "aux")
+    assert aux.output_grads.shape == (12, 2) and aux.output_grads.dtype == torch.float64
+    assert torch.equal(aux.output_grads, torch.zeros(12, 2, dtype=torch.float64))
+    assert torch.equal(aux.activations, torch.cat([x for x, _ in data]))
+    ref = _dense_torch_order_grads(model.head, loss, data)
+    got = _per_sample_from_stats(SimpleNamespace(layers=[head]))
+    assert float((got - ref).abs().max()) <= 1e-13 * float(ref.abs().max())
+    P = kronecker_preconditioner(model, loss, data, "kfac", 1e-2)
+    assert P.shape == (15 + 10, 15 + 10)
+
+
+@pytest.mark.parametrize("method", ["vmap", "loop", "auto"])
+def test_per_sample_gradients_under_no_grad(method):
+    """The loop used to fail under torch.no_grad() ("element 0 of tensors does not require
+    grad") while vmap worked."""
+    model, loss = _cnn(), torch.nn.CrossEntropyLoss()
+    (x, y), = _data((2, 4, 4), n=5, batches=1)
+    ref = _dense_torch_order_grads(model, loss, [(x, y)])
+    with torch.no_grad():
+        G = per_sample_gradients(model, loss, (x, y), method=method)
+        assert not torch.is_grad_enabled()
+    assert float((G - ref).abs().max()) <= 1e-14 * float(ref.abs().max())
+
+
+def _bn_cnn():
+    torch.manual_seed(5)
+    return torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.BatchNorm2d(3),
+                               torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(3 * 4 * 4, 3)).double().train()
+
+
+def _buffers(model):
+    return {k: v.clone() for k, v in model.named_buffers()}
+
+
+def _same_buffers(model, saved):
+    now = dict(model.named_buffers())
+    return now.keys() == saved.keys() and all(
+        v.dtype == saved[k].dtype and torch.equal(v, saved[k]) for k, v in now.items())
+
+
+@pytest.mark.parametrize("call", ["psg_auto", "psg_loop", "capture", "kronecker"])
+def test_train_mode_batchnorm_statistics_are_left_as_they_were(call):
+    """A Conv2d + BatchNorm2d model in training mode: the running statistics (running_mean,
+    running_var, num_batches_tracked) were changed by every successful call."""
+    model, loss = _bn_cnn(), torch.nn.CrossEntropyLoss()
+    data = _data((2, 4, 4))
+    with torch.no_grad():                           # running statistics not at their init
+        model(data[0][0] * 2.0 + 1.0)
+    before = _buffers(model)
+    if call.startswith("psg"):
+        ref = _dense_torch_order_grads(copy.deepcopy(model), loss, data[:1])
+        G = per_sample_gradients(model, loss, data[0], method=call[4:])
+        assert G.shape == (6, 57 + 6 + 147)
+        assert float((G - ref).abs().max()) <= 1e-14 * float(ref.abs().max())
+    elif call == "capture":
+        capture_statistics(model, loss, data, layers=["0", "4"])
+    else:
+        kronecker_preconditioner(model, loss, data, "kfac", 1e-2, layers=["0", "4"])
+    assert model.training
+    assert _same_buffers(model, before)
+    assert int(model[1].num_batches_tracked) == 1

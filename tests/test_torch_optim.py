@@ -316,3 +316,181 @@ def test_gpu_16bit_storage_trains_and_resumes_bit_exactly(storage):
     opt2.load_state_dict(ck["opt"])
     _train(model2, opt2, 5, steps, torch.float32, "cuda")
     assert torch.equal(_flat(model2), _flat(model))
+
+
+# -- parameters without a gradient (torch.optim's convention) --------------------------------
+
+def _reference_missing(model, cfg, present_at, steps):
+    """docs/math.md §10 with an explicit F^{-1}, where ``present_at(t)`` lists per parameter
+    whether it has a gradient at step t: a missing one is zero in g (no weight decay) and
+    its coordinates of v and w are left as they are."""
+    x, y = _data()
+    params = list(model.parameters())
+    sizes = [p.numel() for p in params]
+    held = []
+    v = torch.zeros(sum(sizes), dtype=torch.float64)
+    for t in range(steps):
+        model.zero_grad()
+        _loss(model, x[t], y[t]).backward()
+        has = present_at(t)
+        g = torch.cat([(p.grad + cfg["weight_decay"] * p.detach()).reshape(-1) if h
+                       else torch.zeros(p.numel(), dtype=torch.float64)
+                       for p, h in zip(params, has)])
+        keep = torch.repeat_interleave(torch.tensor(has), torch.tensor(sizes))
+        held = (held + [g])[-M:]
+        G = torch.stack(held)
+        F = LAM * torch.eye(g.numel(), dtype=torch.float64) + G.T @ G / M
+        u = torch.linalg.solve(F, g)
+        mu = cfg["momentum"]
+        v[keep] = mu * v[keep] + (1 - mu) * u[keep]
+        off = 0
+        with torch.no_grad():
+            for p, h in zip(params, has):
+                if h:
+                    p -= cfg["lr"] * v[off:off + p.numel()].view_as(p)
+                off += p.numel()
+    return _flat(model)
+
+
+def _sharded_kw(sharded):
+    if not sharded:
+        return {}
+    from mfac_linalg.distributed import SingleProcessComm
+    return dict(sharded=True, process_group=SingleProcessComm())
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_parameters_without_gradient_are_left_exactly_as_they_are(sharded):
+    """A frozen weight (grad None at every step) and a layer frozen after 4 steps and
+    unfrozen after 8: bit for bit unchanged while frozen (no update, no weight decay, no
+    momentum), the others as in the dense reference where the missing gradients count as
+    zero in the window.  (Before: the frozen weights moved through weight decay, momentum
+    and the coupling in F^-1.)"""
+    cfg = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
+    frozen_at = range(4, 8)          # model[2]'s steps without a gradient
+
+    def present_at(t):
+        return [False, True, t not in frozen_at, t not in frozen_at]
+
+    ref = _reference_missing(_model(), cfg, present_at, 12)
+    model = _model()
+    model[0].weight.requires_grad_(False)                 # frozen from the start
+    w_frozen = model[0].weight.detach().clone()
+    opt = MFAC(model.parameters(), window=M, damping=LAM, **cfg, **_sharded_kw(sharded))
+    x, y = _data()
+    v_at_freeze = None
+    for t in range(12):
+        model[2].requires_grad_(t not in frozen_at)
+        opt.zero_grad()
+        _loss(model, x[t], y[t]).backward()
+        if t == frozen_at[0]:
+            w2 = [p.detach().clone() for p in model[2].parameters()]
+            v_at_freeze = opt.state_dict()["mfac"]["v"].clone()
+            assert all(p.grad is None for p in model[2].parameters())
+        opt.step()
+        if t == frozen_at[-1]:      # frozen for 4 steps: weights and momentum bitwise kept
+            assert all(torch.equal(a, b) for a, b in zip(w2, model[2].parameters()))
+            assert torch.equal(opt.state_dict()["mfac"]["v"][16:], v_at_freeze[16:])
+            assert not torch.equal(opt.state_dict()["mfac"]["v"][12:16], v_at_freeze[12:16])
+    assert torch.equal(model[0].weight, w_frozen)
+    assert torch.equal(opt.state_dict()["mfac"]["v"][:12], torch.zeros(12, dtype=torch.float64))
+    assert opt.window_operator.count == M
+    err = float((_flat(model) - ref).abs().max())
+    assert err <= 1e-10, err
+    assert float((_flat(model)[12:] - _flat(_model())[12:]).abs().min()) > 0   # they moved
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_sparse_mode_skips_parameters_without_gradient(sharded):
+    cfg = dict(lr=0.1, momentum=0.0, weight_decay=1e-2)
+    model = _model(sparse=True)
+    zero0 = _flat(model) == 0
+    model[2].requires_grad_(False)
+    w2 = [p.detach().clone() for p in model[2].parameters()]
+    opt = MFAC(model.parameters(), window=M, damping=LAM, sparse=True, **cfg,
+               **_sharded_kw(sharded))
+    _train(model, opt, 0, 5)
+    assert all(torch.equal(a, b) for a, b in zip(w2, model[2].parameters()))
+    w = _flat(model)
+    assert torch.equal(w[zero0], torch.zeros(int(zero0.sum()), dtype=w.dtype))
+    assert float((w[:16] - _flat(_model(sparse=True))[:16]).abs().max()) > 1e-2
+    # the window held zeros in model[2]'s stored coordinates
+    G = opt.state_dict()["mfac"]["window"]["G"]
+    n0 = int((~zero0[:16]).sum())
+    assert float(G[:, n0:].abs().max()) == 0.0 and float(G[:, :n0].abs().max()) > 0
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_step_without_any_gradient_changes_nothing(sharded):
+    """step() right after zero_grad() (set_to_none) and no backward: nothing moves, the
+    window takes no (all-zero) gradient, the step count stays.  (Before: the parameters
+    moved and the window took a zero gradient.)"""
+    model = _model()
+    opt = MFAC(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2, window=M,
+               damping=LAM, **_sharded_kw(sharded))
+    opt.step()                                            # fresh, no gradient yet
+    assert opt.window_operator.count == 0 and torch.equal(_flat(model), _flat(_model()))
+    _train(model, opt, 0, 3)
+    w0, sd0 = _flat(model).clone(), opt.state_dict()
+    opt.zero_grad(set_to_none=True)
+    x, y = _data()
+    assert float(opt.step(lambda: _loss(model, x[0], y[0]).detach())) > 0   # no backward
+    opt.step()
+    assert torch.equal(_flat(model), w0)
+    sd1 = opt.state_dict()
+    assert sd1["mfac"]["steps"] == sd0["mfac"]["steps"] == 3
+    assert opt.window_operator.count == 3
+    assert torch.equal(sd1["mfac"]["v"], sd0["mfac"]["v"])
+    for key in ("G", "K"):
+        assert torch.equal(sd1["mfac"]["window"][key], sd0["mfac"]["window"][key])
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_failed_step_with_missing_gradients_changes_nothing(sharded):
+    model = _model()
+    opt = MFAC(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2, window=M,
+               damping=LAM, **_sharded_kw(sharded))
+    _train(model, opt, 0, 3)
+    w0, sd0 = _flat(model).clone(), opt.state_dict()
+    opt.zero_grad(set_to_none=True)
+    model[2].weight.grad = torch.full_like(model[2].weight, float("nan"))
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        opt.step()
+    assert torch.equal(_flat(model), w0)
+    sd1 = opt.state_dict()
+    assert sd1["mfac"]["steps"] == 3 and torch.equal(sd1["mfac"]["v"], sd0["mfac"]["v"])
+    for key in ("G", "K"):
+        assert torch.equal(sd1["mfac"]["window"][key], sd0["mfac"]["window"][key])
+
+
+def test_load_state_dict_refuses_parameters_of_other_shapes():
+    """Linear(5, 2) and Linear(3, 3) both have 12 numbers: the state of one used to load
+    into the other."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(5, 2).double(), torch.nn.Linear(3, 3).double()
+    oa = MFAC(a.parameters(), lr=0.1, window=4, damping=LAM)
+    ob = MFAC(b.parameters(), lr=0.1, window=4, damping=LAM)
+    a(torch.ones(2, 5, dtype=torch.float64)).sum().backward()
+    oa.step()
+    sd_a, sd_b = oa.state_dict(), ob.state_dict()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] had shape "
+                                         r"\[2, 5\]; this optimizer's has shape \[3, 3\]"):
+        ob.load_state_dict(sd_a)
+    assert sd_a["mfac"]["shapes"] == [[[2, 5], [2]]]
+    assert ob.window_operator.count == 0 and torch.equal(ob.state_dict()["mfac"]["v"],
+                                                        sd_b["mfac"]["v"])
+    bad = dict(sd_a, mfac=dict(sd_a["mfac"], shapes=[[[2, 5]]]))
+    with pytest.raises(ValueError, match=r"\['shapes'\] must hold, per parameter group"):
+        oa.load_state_dict(bad)
+    bad = dict(sd_a, mfac=dict(sd_a["mfac"], shapes=[[[2, 5], ["two"]]]))
+    with pytest.raises(ValueError, match=r"\['shapes'\]\[0\]\[1\] must be a list of integers"):
+        oa.load_state_dict(bad)
+    # through torch.save / weights_only load, and a state saved without the shapes (by an
+    # earlier version) still loads
+    buf = io.BytesIO()
+    torch.save(sd_a, buf)
+    buf.seek(0)
+    oa.load_state_dict(torch.load(buf, weights_only=True))
+    old = dict(sd_a, mfac={k: v for k, v in sd_a["mfac"].items() if k != "shapes"})
+    ob.load_state_dict(old)
+    assert ob.window_operator.count == 1

@@ -191,7 +191,10 @@ def _mismatch(comm, what):
     _advance(comm, model, opt, ref_model, ref, 0, 5)      # step 0 was checked and passed
 
     def corrupt(m):
-        if comm.rank == comm.size - 1:
+        if what == "presence":                 # the same g, but one rank would not update
+            m[2].bias.grad = None if comm.rank == comm.size - 1 else \
+                torch.zeros_like(m[2].bias)
+        elif comm.rank == comm.size - 1:
             if what == "grad":
                 m[2].bias.grad[1] += 1e-3              # e.g. a forgotten all-reduce
             else:
@@ -206,6 +209,36 @@ def _mismatch(comm, what):
     except Exception as exc:
         seen = (type(exc).__name__, str(exc), getattr(exc, "ranks", None))
     return {"seen": seen, "unchanged": _same_state(before, _state(opt, model))}
+
+
+def _missing(comm, layout_kind, sparse):
+    """Parameters without a gradient (the same on every rank): model[0].bias at odd
+    steps, model[2] at steps 3-5, none at all at step 7; against the single-process MFAC
+    fed the same gradients, checked at every step."""
+    model, opt, ref_model, ref = _pair(comm, layout_kind, sparse, check_every=1)
+    out = {"frozen_kept": True}
+    for t in range(10):
+        _grads(comm, model, t)
+        if t % 2:
+            model[0].bias.grad = None
+        if 3 <= t <= 5:
+            for p in model[2].parameters():
+                p.grad = None
+        if t == 7:
+            model.zero_grad(set_to_none=True)
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            q.grad = None if p.grad is None else p.grad.clone()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        ref.step()
+        for p, q in zip(before, model.parameters()):
+            if q.grad is None and not torch.equal(p, q):
+                out["frozen_kept"] = False
+    out["err"] = float((_flat(model) - _flat(ref_model)).abs().max())
+    out["w"] = _flat(model).numpy().copy()
+    out["count"] = opt.window_operator.count
+    out["steps"] = opt.state_dict()["mfac"]["steps"]
+    return out
 
 
 def _unchecked_mismatch(comm):
@@ -342,15 +375,27 @@ def test_nan_gradient_on_one_rank_raises_everywhere_and_changes_nothing(cluster,
         assert o["err"] <= TOL                       # and the ranks went on in step
 
 
-@pytest.mark.parametrize("what", ["grad", "param"])
+@pytest.mark.parametrize("what", ["grad", "param", "presence"])
 def test_ranks_that_differ_are_reported_on_every_rank(cluster, what):
     res = cluster.ok(_mismatch, what)
-    word = "gradients" if what == "grad" else "parameters"
+    word = "parameters" if what == "param" else "gradients"
     for r, o in enumerate(res):
         assert o["seen"] is not None and o["seen"][0] == "ReplicaDivergenceError", (r, o)
         assert word in o["seen"][1]
         assert o["seen"][2] == [cluster.size - 1]
         assert o["unchanged"]
+
+
+@pytest.mark.parametrize("layout_kind,sparse", [("default", False), ("fsdp", True),
+                                                 ("empty", False)])
+def test_parameters_without_gradient_as_single_process(cluster, layout_kind, sparse):
+    res = cluster.ok(_missing, layout_kind, sparse)
+    for r, o in enumerate(res):
+        assert o["err"] <= TOL, (r, o["err"])
+        assert o["frozen_kept"], f"rank {r}: a parameter without gradient moved"
+        assert o["count"] == M and o["steps"] == 9       # step 7 had no gradient at all
+    for o in res[1:]:
+        assert np.array_equal(o["w"], res[0]["w"])
 
 
 def test_unchecked_gradient_difference_cannot_split_the_ranks(cluster):

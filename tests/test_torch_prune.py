@@ -287,3 +287,41 @@ def test_a_failed_prune_restores_the_model(where, masked_before, monkeypatch):
         assert torch.equal(model[0]._mfac_removed, mask_before)
     else:
         assert not any(hasattr(m, "_mfac_removed") for m in model.children())
+
+
+def _bn_cnn():
+    torch.manual_seed(5)
+    return torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.BatchNorm2d(3),
+                               torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(3 * 4 * 4, 3)).double().train()
+
+
+@pytest.mark.parametrize("with_between", [False, True])
+def test_prune_leaves_train_mode_batchnorm_statistics_as_they_were(with_between):
+    """A Conv2d + BatchNorm2d model in training mode: a successful prune used to change
+    the running statistics (its loss evaluations and per-sample gradients run forward
+    passes).  What ``between`` (fine-tuning) does to them is kept."""
+    model = _bn_cnn()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 2, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (24,), generator=g)
+    with torch.no_grad():
+        model(x * 2.0 + 1.0)                          # running statistics not at their init
+    bn = model[1]
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    seen = []
+
+    def between(model, stage):
+        with torch.no_grad():
+            model(x[:8])                              # a training forward pass
+        seen.append({k: v.clone() for k, v in model[1].state_dict().items()})
+
+    rep = prune(model, torch.nn.CrossEntropyLoss(), (x, y), 0.5, num_grads=16, damping=LAM,
+                block_size=16, steps=2, between=between if with_between else None)
+    assert rep.sparsity == 0.5 and model.training
+    want = seen[-1] if with_between else before
+    assert set(bn.state_dict()) == set(want)
+    assert all(torch.equal(v, want[k]) for k, v in bn.state_dict().items())
+    assert int(bn.num_batches_tracked) == (2 if with_between else 1)
+    if with_between:
+        assert not torch.equal(want["running_mean"], before["running_mean"])

@@ -92,19 +92,34 @@ def compressed_ranges(idx, ranges):
     return [(int(np.searchsorted(idx, a)), int(np.searchsorted(idx, b))) for a, b in ranges]
 
 
+def present(param_groups):
+    """Per parameter (in order, the groups one after the other): whether it has a
+    gradient (``p.grad is not None``, the ``torch.optim`` convention)."""
+    return [p.grad is not None for g in param_groups for p in g["params"]]
+
+
+def present_mask(present, sizes, idx, device):
+    """The boolean vector over the (compressed) coordinates: True where the parameter
+    has a gradient.  O(d)."""
+    flags = torch.tensor(present, dtype=torch.bool, device=device)
+    mask = torch.repeat_interleave(flags, torch.tensor(sizes, device=device))
+    return mask if idx is None else mask[idx]
+
+
 def gradient(param_groups, idx, dtype, device):
-    """g = ∇L + wd · w over all parameters (a missing gradient is zero), in ``dtype``,
-    compressed to the stored weights when ``idx`` is given.  O(d)."""
+    """g = ∇L + wd · w over all parameters, in ``dtype``, compressed to the stored weights
+    when ``idx`` is given.  A parameter without a gradient (``p.grad is None``) counts
+    as zero, with no weight decay.  O(d)."""
     parts = []
     for g in param_groups:
         wd = g["weight_decay"]
         for p in g["params"]:
             if p.grad is None:
-                gr = torch.zeros(p.numel(), dtype=dtype, device=device)
-            else:
-                if p.grad.is_sparse:
-                    raise TypeError("MFAC does not take sparse gradients")
-                gr = p.grad.reshape(-1).to(dtype)
+                parts.append(torch.zeros(p.numel(), dtype=dtype, device=device))
+                continue
+            if p.grad.is_sparse:
+                raise TypeError("MFAC does not take sparse gradients")
+            gr = p.grad.reshape(-1).to(dtype)
             if wd:
                 gr = gr + wd * p.detach().reshape(-1).to(dtype)
             parts.append(gr)
@@ -112,17 +127,20 @@ def gradient(param_groups, idx, dtype, device):
     return g if idx is None else g[idx]
 
 
-def apply_update(param_groups, upd, idx, total):
+def apply_update(param_groups, upd, idx, total, present=None):
     """w ← w − lr · upd for each group (``upd`` over the stored weights; zero elsewhere in
-    the sparse mode).  O(d), in place on the parameters."""
+    the sparse mode), skipping the parameters whose ``present`` flag is False (they stay
+    as they are, bit for bit).  O(d), in place on the parameters."""
     if idx is not None:
         full = torch.zeros(total, dtype=upd.dtype, device=upd.device)
         full[idx] = upd
         upd = full
-    off = 0
+    off = k = 0
     for grp in param_groups:
         lr = grp["lr"]
         for p in grp["params"]:
             n = p.numel()
-            p.add_(upd[off:off + n].view_as(p).to(p.dtype), alpha=-lr)
+            if present is None or present[k]:
+                p.add_(upd[off:off + n].view_as(p).to(p.dtype), alpha=-lr)
             off += n
+            k += 1

@@ -1,8 +1,9 @@
 """Checkpoints of :class:`mfac_linalg.torch.MFAC`: ``state_dict`` / ``load_state_dict``.
 
 A mixin of ``MFAC``: the state holds only tensors and plain Python values (the window,
-the momentum, the sparse mask, the step count and, in the sharded mode, the rank, the
-number of ranks and the layout); a load is validated in full before anything changes.
+the momentum, the sparse mask, the step count, the parameters' shapes and, in the
+sharded mode, the rank, the number of ranks and the layout); a load is validated in full
+before anything changes.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ class _CheckpointMFAC:
                      else torch.zeros(0, dtype=torch.bool)),
             "sparse": self._mask is not None,
             "steps": self._steps,
+            # per group, each parameter's shape: a load refuses other shapes of the same
+            # total size (the window's dimension alone cannot tell them apart)
+            "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
         }
         if self._comm is not None:
             sd["mfac"]["sharded"] = {"rank": self._comm.rank, "size": self._comm.size,
@@ -91,7 +95,30 @@ class _CheckpointMFAC:
                              "number of groups or of parameters per group differs)")
         for k, g in enumerate(groups):
             check_group(g, f"state_dict['param_groups'][{k}]")
+        if "shapes" in m:          # absent from states saved before the shapes were kept
+            self._check_shapes(m["shapes"])
         return m, v, steps
+
+    def _check_shapes(self, shapes):
+        """Refuse a state saved for parameters of other shapes (same count per group)."""
+        mine = [[tuple(p.shape) for p in g["params"]] for g in self.param_groups]
+        if not isinstance(shapes, (list, tuple)) or len(shapes) != len(mine) or any(
+                not isinstance(s, (list, tuple)) or len(s) != len(ms)
+                for s, ms in zip(shapes, mine)):
+            raise ValueError("state_dict['mfac']['shapes'] must hold, per parameter group, "
+                             "the shape of each parameter")
+        for k, (gs, ms) in enumerate(zip(shapes, mine)):
+            for j, (got, want) in enumerate(zip(gs, ms)):
+                try:
+                    got = tuple(int(n) for n in got)
+                except (TypeError, ValueError):
+                    raise ValueError(f"state_dict['mfac']['shapes'][{k}][{j}] must be a list "
+                                     f"of integers; got {got!r}") from None
+                if got != want:
+                    raise ValueError(f"state_dict was saved for parameters of other shapes: "
+                                     f"param_groups[{k}]['params'][{j}] had shape "
+                                     f"{list(got)}; this optimizer's has shape "
+                                     f"{list(want)}")
 
     def _mfac_load_state_dict(self, state_dict):
         """``MFAC.load_state_dict`` (documented there)."""

@@ -155,7 +155,10 @@ class _ShardedMFAC:
             g = self._gradient() if gradient is None else gradient
             if not bool(torch.isfinite(g).all()):
                 raise _not_finite(r)
-            tab[r, 1:5] = _bits_digest([g])
+            # which parameters have a gradient, too: a missing gradient is zero in g, but
+            # its parameter is not updated
+            has = torch.tensor(F.present(self.param_groups), dtype=torch.float64)
+            tab[r, 1:5] = _bits_digest([g, has])
             tab[r, 5:9] = _bits_digest(self._params())
             tab[r, 9:13] = np.frombuffer(bytes.fromhex(self._window.digest()),
                                          dtype=np.uint16).astype(np.float64)

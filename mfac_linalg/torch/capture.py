@@ -88,16 +88,21 @@ def _reduction(loss_fn, reduction):
 
 
 @contextlib.contextmanager
-def _buffers_restored_on_error(model):
-    """Restore the model's buffers (BatchNorm running statistics) if the block raises."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+def _buffers_restored(model):
+    """Put the model's buffers (BatchNorm running statistics, ``num_batches_tracked``)
+    back as they were, bit for bit, when the block ends, whether it returns or raises:
+    the forward passes of a measurement must not change the model.  Keeps one copy of the
+    buffers meanwhile; a buffer the block replaced by another tensor is put back too."""
+    saved = [(mod, name, b, b.detach().clone()) for mod in model.modules()
+             for name, b in mod._buffers.items() if b is not None]
     try:
         yield
-    except BaseException:
+    finally:
         with torch.no_grad():
-            for b, old in saved:
+            for mod, name, b, old in saved:
+                if mod._buffers.get(name) is not b:
+                    mod._buffers[name] = b
                 b.copy_(old)
-        raise
 
 
 def _trainable(model):
@@ -121,8 +126,15 @@ def per_sample_gradients(model, loss_fn, batch, *, method="auto", chunk_size=Non
     ``method="vmap"`` uses ``torch.func`` (``functional_call``, ``grad``, ``vmap``: one
     batched pass); ``"loop"`` one forward and backward per sample (micro-batches of one;
     any model that runs on a batch of one; batch norm in training mode does not: call
-    ``model.eval()`` first); ``"auto"`` tries ``vmap`` and falls back to the loop.  Cost: about n times a single-sample gradient; memory
-    O(n d) for the result (``vmap`` with ``chunk_size`` bounds the working memory).
+    ``model.eval()`` first); ``"auto"`` tries ``vmap`` and falls back to the loop.
+    Gradients are computed also under ``torch.no_grad()``.  Cost: about n times a
+    single-sample gradient; memory O(n d) for the result (``vmap`` with ``chunk_size``
+    bounds the working memory).
+
+    The model is left as it was: its buffers (e.g. the running statistics of a batch
+    norm in training mode, which the per-sample forward passes update) are put back bit
+    for bit when the call returns or raises, and the parameters' ``.grad`` are not
+    touched.
 
     Parameters
     ----------
@@ -165,9 +177,9 @@ def per_sample_gradients(model, loss_fn, batch, *, method="auto", chunk_size=Non
     if chunk_size is not None:
         chunk_size = V.positive_int(chunk_size, "chunk_size")
     params = _trainable(model)
-    # a failed call leaves the model as it was: the per-sample forward passes of the loop
-    # update a train-mode BatchNorm's running statistics before a later sample can fail
-    with _buffers_restored_on_error(model):
+    # the model is left as it was, on success and on failure: the per-sample forward
+    # passes update a train-mode BatchNorm's running statistics
+    with _buffers_restored(model):
         if method in ("auto", "vmap"):
             try:
                 return _psg_vmap(model, loss_fn, x, y, chunk_size)
@@ -193,6 +205,7 @@ def _psg_vmap(model, loss_fn, x, y, chunk_size):
     return torch.cat([g[k].reshape(n, -1) for k in names], dim=1).detach().contiguous()
 
 
+@torch.enable_grad()          # also when called under torch.no_grad(), as vmap works
 def _psg_loop(model, loss_fn, x, y, params):
     rows = []
     for i in range(x.shape[0]):
@@ -345,7 +358,10 @@ def capture_statistics(model, loss_fn, data, *, fisher="empirical", mc_samples=1
 
     For every batch (x, y) of ``data`` one forward pass (hooks store each layer's input)
     and one backward pass per label draw (hooks on the layers' outputs store
-    ∂L/∂z); the parameters' ``.grad`` are left untouched.  The gradients are scaled
+    ∂L/∂z); the parameters' ``.grad`` are left untouched, and the model's buffers (e.g. a
+    train-mode batch norm's running statistics, which the forward passes update) are put
+    back bit for bit when the call returns or raises.  A layer whose output does not
+    reach the loss gets zero output gradients.  The gradients are scaled
     for the reduction (times the batch size B for ``"mean"``: see the module doc), so
     that DW_n = G_nᵀ A_n is the gradient of sample n's own loss.
 
@@ -409,14 +425,14 @@ def capture_statistics(model, loss_fn, data, *, fisher="empirical", mc_samples=1
     dev = weights[0].device
     gen = torch.Generator(device=dev if dev.type == "cuda" else "cpu")
     gen.manual_seed(seed)
-    # a failed call leaves the model as it was (train-mode BatchNorm statistics updated by
-    # the batches before the failing one are restored)
-    with _buffers_restored_on_error(model):
+    # the model is left as it was, on success and on failure (the forward passes update a
+    # train-mode BatchNorm's running statistics)
+    with _buffers_restored(model):
         acts = [[] for _ in mods]
         grads = [[] for _ in mods]
         loss_sum, n_total = 0.0, 0
         for bi, (x, y) in enumerate(batches):
-            inputs, cur = {}, {}
+            inputs, outs, cur = {}, {}, {}
             calls = {}
 
             def fwd(module, inp, out, k):
@@ -425,6 +441,7 @@ def capture_statistics(model, loss_fn, data, *, fisher="empirical", mc_samples=1
                     raise ValueError(f"layer {layout.layers[k].name!r} is called more than once "
                                      "per forward pass; that is not supported")
                 inputs[k] = inp[0].detach()
+                outs[k] = (out.shape, out.dtype, out.device)   # zeros if it misses the loss
                 out.register_hook(lambda g, k=k: cur.__setitem__(k, g.detach()))
                 return None
 
@@ -449,7 +466,8 @@ def capture_statistics(model, loss_fn, data, *, fisher="empirical", mc_samples=1
                         for k, m in enumerate(mods):
                             g = cur.get(k)
                             if g is None:       # the output does not reach the loss
-                                g = torch.zeros_like(_zero_out(m, inputs[k]))
+                                shape, dtype, device = outs[k]
+                                g = torch.zeros(shape, dtype=dtype, device=device)
                             A, G = _layer_rows(m, inputs[k], g * scale)
                             acts[k].append(A)
                             grads[k].append(G)
@@ -465,11 +483,6 @@ def capture_statistics(model, loss_fn, data, *, fisher="empirical", mc_samples=1
                 raise ValueError(f"layer {spec.name!r}: inconsistent positions across batches")
             stats.append(LayerStatistics(spec.name, spec, A, G))
         return CapturedStatistics(layout, stats, n_total, loss_sum / len(batches))
-
-
-def _zero_out(module, x):
-    with torch.no_grad():
-        return module(x)
 
 
 # -- the Kronecker preconditioner ------------------------------------------------------------

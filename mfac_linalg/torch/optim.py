@@ -10,6 +10,11 @@ one after the other):
     v ← μ v + (1 − μ) u  if μ > 0, else v = u        (μ: the group's momentum)
     w ← w − lr · v                        (lr: the group's learning rate)
 
+A parameter without a gradient (``p.grad is None``: frozen, or unused by the loss)
+counts as zero in g (no weight decay), and its coordinates of v and w are left as they
+are (the ``torch.optim`` convention); a step in which no parameter has a gradient
+does nothing.
+
 N = ``window`` (``normalize="window"``, the published convention: the window starts
 as m zero gradients) or the number of gradients held (``normalize="count"``, no
 warm-up damping by empty slots).
@@ -47,6 +52,14 @@ class MFAC(_ShardedMFAC, _CheckpointMFAC, torch.optim.Optimizer):
 
         F = \lambda I + \frac{1}{N} \sum_{i \in \text{window}} g_i g_i^T, \qquad
         v \leftarrow \mu v + (1 - \mu) F^{-1} g, \qquad w \leftarrow w - \text{lr}\, v.
+
+    As in ``torch.optim``, a parameter whose ``.grad`` is None (frozen, or not reached
+    by the loss) is left exactly as it is: no update, no weight decay, its momentum
+    unchanged.  Its coordinates of g are zero when other parameters have gradients (the
+    window holds full-length gradients; F⁻¹ couples the coordinates, so the parameters
+    that are updated see those zeros), and a step in which no parameter has a gradient
+    (e.g. right after ``zero_grad()`` with no backward pass) changes nothing: not the
+    parameters, not the momentum, not the window.
 
     The window lives on the parameters' device (CUDA tensors go in through DLPack,
     no copies to the host).  Cost per step: O(d m + m²) time (two passes over the
@@ -135,14 +148,18 @@ class MFAC(_ShardedMFAC, _CheckpointMFAC, torch.optim.Optimizer):
     of d numbers) and O(d) to apply the update.  Every rank ends the step with
     bitwise identical parameters.
 
-    *Identical gradients are expected on every rank.*  Each rank's update is built
-    from the columns that each rank owns, so gradients that differ between ranks
-    give a patchwork, not a divergence.  :meth:`check_consistency` hashes the
-    gradient, the parameters (O(d), exact integer sums of their bits) and the
-    window's m × m state, and compares the hashes in one all-reduce of 13 P numbers;
-    ``step`` runs it on its first call and every ``check_every`` steps, before it
-    changes anything, and raises :class:`~mfac_linalg.distributed.ReplicaDivergenceError`
-    on every rank naming what differs.  A gradient holding NaN or infinity anywhere on
+    *Identical gradients are expected on every rank*, and the same parameters without
+    a gradient (as DDP leaves them).  Each rank's update is built from the columns that
+    each rank owns, so gradients that differ between ranks give a patchwork, not a
+    divergence.  A step with no gradient at all returns on each rank before any
+    collective, so it must be such a step on every rank (a rank that has gradients
+    would wait for the others in the window's all-reduce).  :meth:`check_consistency`
+    hashes the gradient (with which parameters have one), the parameters (O(d), exact
+    integer sums of their bits) and the window's m × m state, and compares the hashes
+    in one all-reduce of 13 P numbers; ``step`` runs it on its first call and every
+    ``check_every`` steps, before it changes anything, and raises
+    :class:`~mfac_linalg.distributed.ReplicaDivergenceError` on every rank naming what
+    differs.  A gradient holding NaN or infinity anywhere on
     any rank is caught at every step (no extra collective: the rank's flag travels in
     the window's own all-reduce): that rank raises ``ValueError``, the others
     ``RemoteRankError``, and nothing changes on any rank.  A failure of the
@@ -327,15 +344,25 @@ class MFAC(_ShardedMFAC, _CheckpointMFAC, torch.optim.Optimizer):
     def step(self, closure=None):
         """One M-FAC step (docs/math.md §10); returns the closure's loss if one is given.
 
-        O(d m + m²) (sharded: O(d_p m + m² + d) per rank, see the class notes).  Raises
-        ``ValueError`` (nothing changed) if the gradient holds NaN or infinity; with
-        ``sharded=True`` every rank raises (the others
+        O(d m + m²) (sharded: O(d_p m + m² + d) per rank, see the class notes).  The
+        parameters whose ``.grad`` is None are not changed (their gradient counts as zero
+        in the window); with no gradient at all the step does nothing and returns (the
+        closure's loss, if any).  Raises ``ValueError`` (nothing changed) if the gradient
+        holds NaN or infinity; with ``sharded=True`` every rank raises (the others
         :class:`~mfac_linalg.distributed.RemoteRankError`) and nothing changes on any rank.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        present = F.present(self.param_groups)
+        if not any(present):             # no gradient at all: nothing to do
+            return loss
+        keep = None                      # the stored coordinates that get the update
+        if not all(present):
+            keep = self._slice(F.present_mask(present, self._sizes, self._idx, self._device))
+        else:
+            present = None
         if self._comm is None:
             g = self._gradient()
             try:
@@ -351,12 +378,15 @@ class MFAC(_ShardedMFAC, _CheckpointMFAC, torch.optim.Optimizer):
         v = self._v
         for a, b, k in self._segments:
             mu = self.param_groups[k]["momentum"]
-            if mu > 0:                       # v <- mu v + (1 - mu) u
+            if keep is not None:             # only where the parameter has a gradient
+                new = v[a:b].mul(mu).add_(u[a:b], alpha=1.0 - mu) if mu > 0 else u[a:b]
+                v[a:b] = torch.where(keep[a:b], new, v[a:b])
+            elif mu > 0:                     # v <- mu v + (1 - mu) u
                 v[a:b].mul_(mu).add_(u[a:b], alpha=1.0 - mu)
             else:                            # v = u
                 v[a:b].copy_(u[a:b])
         upd = v if self._comm is None else self._allgather(v)
-        F.apply_update(self.param_groups, upd, self._idx, self._total)
+        F.apply_update(self.param_groups, upd, self._idx, self._total, present)
         self._steps += 1
         return loss
 
@@ -365,11 +395,11 @@ class MFAC(_ShardedMFAC, _CheckpointMFAC, torch.optim.Optimizer):
         """Check that every rank holds the same gradient, parameters and window state.
 
         Collective (sharded mode only; every rank calls it).  Each rank hashes its
-        (compressed) gradient with weight decay and its parameters (exact integer sums
-        of their bits, O(d) on their device, order-independent), and the window's
-        replicated m x m state (O(m²) on the host); one all-reduce of P x 13 float64
-        numbers compares them.  ``step`` runs it on its first call and every
-        ``check_every`` steps, before anything changes.
+        (compressed) gradient with weight decay, which parameters have a gradient, and
+        its parameters (exact integer sums of their bits, O(d) on their device,
+        order-independent), and the window's replicated m x m state (O(m²) on the host);
+        one all-reduce of P x 13 float64 numbers compares them.  ``step`` runs it on its
+        first call and every ``check_every`` steps, before anything changes.
 
         Raises
         ------
@@ -397,8 +427,8 @@ class MFAC(_ShardedMFAC, _CheckpointMFAC, torch.optim.Optimizer):
 
     def state_dict(self):
         """The optimizer's state: ``torch.optim`` 's (param groups) plus the window, the
-        momentum and the sparse mask, as CPU tensors and plain Python values (loadable
-        with ``torch.load(..., weights_only=True)``).
+        momentum, the sparse mask and the parameters' shapes, as CPU tensors and plain
+        Python values (loadable with ``torch.load(..., weights_only=True)``).
 
         With ``sharded=True`` this is this rank's state (its columns of the window and
         of the momentum, the replicated m x m state) with the rank, the number of ranks
@@ -407,7 +437,10 @@ class MFAC(_ShardedMFAC, _CheckpointMFAC, torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """Restore a state from :meth:`state_dict` (any device); validated first, nothing
-        changes on error.
+        changes on error.  A state saved for parameters of other shapes is refused
+        (``ValueError`` naming the group and the parameter), also when the number of
+        parameters per group is the same; a state saved without the shapes (by an
+        earlier version) is checked on the number of parameters only.
 
         With ``sharded=True`` it is collective: every rank passes its own state; a state
         of another rank, of another number of ranks or saved under another layout is

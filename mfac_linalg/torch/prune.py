@@ -36,7 +36,8 @@ from ..obs import _joint as _obs_joint
 from ..sliding import SlidingWindowInverseFisher
 from ..static import StaticInverseFisher
 from ._convert import device_spec, to_torch
-from .capture import _batches, _check_loss, _check_model, per_sample_gradients
+from .capture import (_batches, _buffers_restored, _check_loss, _check_model,
+                      per_sample_gradients)
 from .layout import select_layers
 
 __all__ = ["prune", "PruneReport", "PruneStage", "PruneMasks"]
@@ -239,7 +240,10 @@ def _schedule(s_i, s_f, steps, schedule):
 
 @torch.no_grad()
 def _mean_loss(model, loss_fn, batches):
-    return float(np.mean([float(loss_fn(model(x), y)) for x, y in batches]))
+    """The mean loss over ``batches``; the model's buffers (a train-mode batch norm's running
+    statistics) are left as they were."""
+    with _buffers_restored(model):
+        return float(np.mean([float(loss_fn(model(x), y)) for x, y in batches]))
 
 
 def _gradients(model, loss_fn, batches, num_grads, weight_idx):
@@ -314,6 +318,9 @@ def prune(model, loss_fn, data, sparsity, *, method="joint", fisher="block", blo
     saliencies, the removal and the update, then the weights written back in the
     model's dtype with the removed ones exactly zero.  The masks stay on the model
     (:class:`PruneMasks`, a forward pre-hook per layer keeps removed weights at zero).
+    The forward passes of the call itself (the losses, the per-sample gradients) leave
+    the model's buffers as they were, bit for bit (a batch norm in training mode keeps
+    its running statistics); what ``between`` does to them is kept.
 
     Parameters
     ----------
