@@ -444,3 +444,249 @@ def test_check_operator_flags_a_wrong_operator_with_a_good_tolerance_override():
     with pytest.raises(mt.OperatorCheckError, match="matvec: error 0.5"):
         mt.check_operator(_Twice(), 4 * np.eye(3), skip=("pickle",),
                           tolerances={"matvec": 4.0}, methods=("matvec",))
+
+
+# -- a crash is a failure, not a missing method (skipped only what the operator lacks) ------
+
+_DIAG = np.diag([1.0, 2.0, 3.0])
+
+
+class _Plain:
+    """A user operator with shape, dtype, matvec and matmat (nothing else)."""
+    __array_ufunc__ = None          # x @ op defers to op.__rmatmul__
+
+    def __init__(self, A):
+        self.A, self.shape, self.dtype = A, A.shape, A.dtype
+
+    def matvec(self, x):
+        return self.A @ x
+
+    def matmat(self, X):
+        return self.A @ X
+
+
+class _Crashing(_Plain):
+    """matvec and matmat read an attribute never set (a bug inside the operator)."""
+
+    def matvec(self, x):
+        return self.A @ x + self._offset
+
+    def matmat(self, X):
+        return self.A @ X + self._offset
+
+
+class _OneColumnOnly(_Plain):
+    def matmat(self, X):
+        if X.shape[1] > 1:
+            raise NotImplementedError("only one column at a time")
+        return self.A @ X
+
+
+class _MatvecRefuses(_Plain):
+    def matvec(self, x):
+        raise NotImplementedError("matvec is not ready")
+
+
+class _BadTranspose(_Plain):
+    @property
+    def T(self):                    # a bug inside an existing property
+        return self._transposed
+
+
+def test_check_operator_fails_an_operator_whose_matvec_crashes():
+    # the AttributeError from inside matvec was taken for "matvec not implemented": 14
+    # checks skipped and a passing report
+    with pytest.raises(mt.OperatorCheckError, match="matvec: raised AttributeError") as info:
+        mt.check_operator(_Crashing(_DIAG), _DIAG, skip=("pickle",))
+    rep = info.value.report
+    assert "matvec" not in rep.skipped and "matmat" not in rep.skipped
+    assert any(f.startswith("matmat: raised AttributeError") and "_offset" in f
+               for f in rep.failures), rep.failures
+
+
+@pytest.mark.parametrize("cls,expected", [
+    (_OneColumnOnly, "matmat: raised NotImplementedError: only one column"),
+    (_MatvecRefuses, "matvec: raised NotImplementedError: matvec is not ready"),
+    (_BadTranspose, "adjoint: raised AttributeError"),
+])
+def test_check_operator_fails_an_implemented_method_that_raises(cls, expected):
+    with pytest.raises(mt.OperatorCheckError, match=expected) as info:
+        mt.check_operator(cls(_DIAG), _DIAG, skip=("pickle",))
+    name = expected.split(":")[0]
+    assert name not in info.value.report.skipped
+
+
+class _MineCrashing(_Mine):
+    def _matmat(self, X):
+        return super()._matmat(X) * self._scale          # never set
+
+
+def test_check_operator_fails_a_library_operator_whose_hook_crashes():
+    u = np.linspace(0, 1, 4)
+    with pytest.raises(mt.OperatorCheckError, match="matvec: raised AttributeError") as info:
+        mt.check_operator(_MineCrashing(u), _dense(u), skip=("readonly",))
+    rep = info.value.report
+    for name in ("matmat", "diagonal", "entry", "todense", "quad", "algebra"):
+        assert any(f.startswith(f"{name}: raised AttributeError") for f in rep.failures), name
+        assert name not in rep.skipped
+
+
+class _MinePartial(_Mine):
+    def _matmat(self, X):
+        if X.shape[1] > 1:                      # "not yet": the base class's default refuses
+            return ml.Operator._matmat(self, X)
+        return super()._matmat(X)
+
+
+def test_check_operator_fails_an_override_that_falls_back_on_the_base_default():
+    # the NotImplementedError comes from Operator._matmat, but the class overrides
+    # _matmat: it implements the method, for some inputs only
+    u = np.linspace(0, 1, 4)
+    with pytest.raises(mt.OperatorCheckError,
+                       match="matmat: raised NotImplementedError") as info:
+        mt.check_operator(_MinePartial(u), _dense(u), skip=("readonly",))
+    assert "matmat" not in info.value.report.skipped
+    assert "matvec" in info.value.report.ratios         # one column: fine
+
+
+class _NonSymmetric(ml.Operator):
+    """A library operator that is not symmetric and implements only _matmat: the base
+    class's defaults raise NotImplementedError for the transpose products."""
+
+    def __init__(self, M):
+        self.M = M
+        self._init_operator(M.shape[0], np.float64,
+                            ml.StaticInverseFisher(np.ones((1, 1)), 1.0).backend)
+
+    @property
+    def symmetric(self):
+        return False
+
+    def _matmat(self, X):
+        return self.M @ X
+
+
+def test_check_operator_still_skips_what_an_operator_does_not_implement():
+    import scipy.sparse.linalg as spla
+    rep = mt.check_operator(_Plain(_DIAG), _DIAG, skip=("pickle",))
+    assert not rep.failures and "matmat" in rep.ratios
+    assert {"rmatvec", "rmatmat", "adjoint", "diagonal", "entry", "logdet"} <= set(rep.skipped)
+    # a SciPy LinearOperator without rmatvec: its transpose products are skipped (its
+    # adjoint used to fail with "'NoneType' object is not callable")
+    lo = spla.LinearOperator((3, 3), matvec=lambda x: _DIAG @ x, dtype=np.float64)
+    rep = mt.check_operator(lo, _DIAG, skip=("pickle",))
+    assert {"rmatvec", "rmatmat", "adjoint"} <= set(rep.skipped) and "matmat" in rep.ratios
+    # the library's base class defaults (NotImplementedError) for a non-symmetric operator
+    M = np.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [0.5, 0.0, 4.0]])
+    rep = mt.check_operator(_NonSymmetric(M), mt.Oracle.from_dense(M), skip=("pickle",))
+    assert {"rmatvec", "rmatmat", "adjoint"} <= set(rep.skipped)
+    assert "matvec" not in rep.skipped and "entry" in rep.ratios
+
+
+# -- arrays handed out and exact result shapes --------------------------------------------------
+
+class _CachedDiag(_Plain):
+    """diagonal() hands out its own writable cache (the products never read it)."""
+
+    def diagonal(self):
+        if not hasattr(self, "_d"):
+            self._d = np.diag(self.A).copy()
+        return self._d
+
+
+class _CachedDiagReadOnly(_Plain):
+    def diagonal(self):
+        if not hasattr(self, "_d"):
+            self._d = np.diag(self.A).copy()
+        view = self._d.view()           # a read-only view on each call: a flag set on the
+        view.flags.writeable = False    # cache itself would not survive copy.deepcopy
+        return view
+
+
+class _CachedScale(_Plain):
+    """An array-valued property that hands out a writable cache."""
+
+    @property
+    def scales(self):
+        if not hasattr(self, "_s"):
+            self._s = np.diag(self.A).copy()
+        return self._s
+
+
+@pytest.mark.parametrize("cls,label", [(_CachedDiag, "diagonal()"),
+                                       (_CachedScale, "scales[0][0]")])
+def test_check_operator_catches_a_writable_cache_handed_out(cls, label):
+    op = cls(_DIAG)
+    with pytest.raises(mt.OperatorCheckError, match=r"readonly\.handed_out") as info:
+        mt.check_operator(op, _DIAG, skip=("pickle",))
+    assert any(f.startswith("readonly.handed_out") and label in f
+               for f in info.value.report.failures), info.value.report.failures
+    assert "readonly" in info.value.report.ratios      # the products were not changed
+
+
+def test_check_operator_accepts_read_only_arrays_handed_out():
+    rep = mt.check_operator(_CachedDiagReadOnly(_DIAG), _DIAG, skip=("pickle",))
+    assert "readonly.handed_out" in rep.ratios and "diagonal" in rep.ratios
+
+
+class _Column(_Plain):
+    """Products of a (d,) x as a (d, 1) column, where ``defect`` says."""
+
+    def __init__(self, A, defect):
+        super().__init__(A)
+        self.defect = defect
+
+    def _out(self, y, where):
+        return y.reshape(-1, 1) if where == self.defect and y.ndim == 1 else y
+
+    def rmatvec(self, x):
+        return self._out(self.A.T @ x, "rmatvec")
+
+    def rmatmat(self, X):
+        return self.A.T @ X
+
+    def __matmul__(self, x):
+        return self._out(self.A @ x, "matmul")
+
+    def __rmatmul__(self, x):
+        return self._out(x @ self.A, "rmatmul")
+
+
+@pytest.mark.parametrize("defect,expected", [
+    ("rmatvec", r"rmatvec\.shape: .*gave shape \(3, 1\), expected \(3,\)"),
+    ("matmul", r"matmul\.op@x\.shape: .*gave shape \(3, 1\)"),
+    ("rmatmul", r"matmul\.x@op\.shape: .*gave shape \(3, 1\)"),
+])
+def test_check_operator_checks_exact_result_shapes(defect, expected):
+    with pytest.raises(mt.OperatorCheckError, match=expected):
+        mt.check_operator(_Column(_DIAG, defect), _DIAG, skip=("pickle",))
+    rep = mt.check_operator(_Column(_DIAG, None), _DIAG, skip=("pickle",))
+    assert {"rmatvec.shape", "matmul.op@x.shape", "matmul.x@op.shape"} <= set(rep.ratios)
+
+
+def _library_cases():
+    from registry import CASES
+    by_name = {c.name: c for c in CASES}
+    return [by_name[n] for n in ("static-wide-f64", "static-tall-f64",
+                                 "sliding-float64-window-cholesky", "kfac-pi")]
+
+
+@pytest.mark.parametrize("case", _library_cases(), ids=lambda c: c.name)
+def test_library_operators_pass_the_stricter_checks(case):
+    op = case.build("cpu")
+    rep = mt.check_operator(op, case.oracle_for(op), rng=np.random.default_rng(7))
+    for name in ("readonly", "readonly.handed_out", "rmatvec.shape", "rmatmat.shape",
+                 "matmul.op@x.shape", "matmul.x@op.shape", "adjoint.T.shape",
+                 "algebra.op*x.shape", "fisher().readonly.handed_out"):
+        assert name in rep.ratios, (name, rep.skipped)
+    assert rep.skipped == ["fisher().fisher"], rep.skipped
+
+
+def test_an_operator_sum_passes_the_stricter_checks():
+    rng = np.random.default_rng(5)
+    G1, G2 = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
+    F = ml.StaticInverseFisher(G1, 0.1).fisher() + ml.StaticInverseFisher(G2, 0.2).fisher()
+    # F1 + F2 = 0.3 I + [G1; G2]^T [G1; G2] / 4, exactly
+    rep = mt.check_operator(F, mt.fisher_oracle(np.vstack([G1, G2]), 0.3, N=4))
+    assert {"readonly.handed_out", "matmul.op@x.shape", "rmatvec.shape"} <= set(rep.ratios)
+    assert set(rep.skipped) <= {"logdet", "fisher"}, rep.skipped
