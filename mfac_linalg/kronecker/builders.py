@@ -334,7 +334,8 @@ def ekfac(activations, output_grads, damping, *, bias=False, indefinite="abs"):
     Gam, Aa = layer.kfac_factors()
     _, UG = xp.linalg.eigh(Gam)
     _, UA = xp.linalg.eigh(Aa)
-    Sstar = layer.ekfac_scaling(UG, UA)
+    with np.errstate(over="ignore"):     # beyond the float range: refused in _screen
+        Sstar = layer.ekfac_scaling(UG, UA)
     S, nbad = _screen(Sstar + lam, Sstar + lam, indefinite, xp)
     op = KroneckerInverse("ekfac", UG, UA, S, KBinvT=UG, KCinvT=UA, logdet_offset=0.0,
                           ekfac=(UG, UA, Sstar), damping=lam, backend=layer.be, info={},
