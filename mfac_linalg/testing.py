@@ -1467,20 +1467,23 @@ def check_operator(op, oracle, *, rng=None, tolerances=None, eps=None, k=3,
                     if hasattr(b, "shape") and hasattr(b, "dtype") and getattr(b, "size", 0):
                         hand_out(f"{name}[{j}][{kk}]", lambda name=name, j=j, kk=kk:
                                  _nth(getattr(clone, name), j, kk))
-        for _, _, arr, _ in handed:
+        written = []        # only arrays that took the write can have changed anything
+        for item in handed:
+            arr = item[2]
+            if isinstance(arr, np.generic):
+                continue    # a NumPy scalar: immutable
             try:
                 if getattr(getattr(arr, "flags", None), "writeable", True):
                     arr[...] = arr * 2 + 1 + (arr == -1)     # changes every finite value
+                    written.append(item)
             except (ValueError, TypeError):
                 pass        # read-only: fine
-        y1 = _host64(clone.matvec(x))
-        structural("readonly", np.array_equal(y1, yc),
-                   "writing to arrays handed out changed the products: "
-                   + ", ".join(label for label, *_ in handed))
-        # and what the same method or property hands out next (a cache handed out
-        # writable changes it, even where the products do not read the cache)
+        # what the same method or property hands out next, read before any product runs
+        # (a cache handed out writable changes it, even where the products do not read
+        # the cache; a property that legitimately changes with the products, such as a
+        # call counter, is not confused with it)
         changed = []
-        for label, getter, _, before in handed:
+        for label, getter, _, before in written:
             try:
                 again = np.asarray(B.to_host(getter()))
             except Exception as exc:
@@ -1489,6 +1492,10 @@ def check_operator(op, oracle, *, rng=None, tolerances=None, eps=None, k=3,
             if not (again.shape == before.shape
                     and np.array_equal(again, before, equal_nan=before.dtype.kind in "fc")):
                 changed.append(label)
+        y1 = _host64(clone.matvec(x))
+        structural("readonly", np.array_equal(y1, yc),
+                   "writing to arrays handed out changed the products: "
+                   + ", ".join(label for label, *_ in written))
         structural("readonly.handed_out", not changed,
                    "writing to arrays handed out changed what is handed out next: "
                    + ", ".join(changed) + " (hand out read-only arrays or copies)")

@@ -690,3 +690,29 @@ def test_an_operator_sum_passes_the_stricter_checks():
     rep = mt.check_operator(F, mt.fisher_oracle(np.vstack([G1, G2]), 0.3, N=4))
     assert {"readonly.handed_out", "matmul.op@x.shape", "rmatvec.shape"} <= set(rep.ratios)
     assert set(rep.skipped) <= {"logdet", "fisher"}, rep.skipped
+
+
+def test_check_operator_accepts_a_property_that_counts_products():
+    """A NumPy scalar property that changes with every product (a call counter) is not a
+    writable cache: what is handed out is read again before any product runs."""
+    A = np.diag([1.0, 2.0, 3.0])
+
+    class Counting:
+        __array_ufunc__ = None
+
+        def __init__(self):
+            self.shape, self.dtype, self._n = (3, 3), np.dtype(np.float64), np.int64(0)
+
+        @property
+        def calls(self):
+            return self._n
+
+        def matvec(self, x):
+            self._n += 1
+            return A @ x
+
+        def matmat(self, X):
+            self._n += 1
+            return A @ X
+
+    mt.check_operator(Counting(), A, skip=("pickle",))

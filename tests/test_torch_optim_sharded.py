@@ -487,3 +487,34 @@ def test_sharded_arguments_checked():
 def _single():
     from mfac_linalg.distributed import SingleProcessComm
     return SingleProcessComm()
+
+
+def _swapped_presence(comm):
+    """The same gradient bits on every rank and as many parameters without a gradient,
+    but not the same ones (no weight decay, zero gradients): the replica check must see
+    which parameters have one, not only how many."""
+    from mfac_linalg.torch import MFAC
+    torch.manual_seed(0)
+    A, B, C = (torch.nn.Parameter(torch.randn(4, dtype=torch.float64)) for _ in range(3))
+    opt = MFAC([A, B, C], lr=0.1, window=4, damping=1e-2, sharded=True,
+               process_group=comm, check_every=1)
+    for p in (A, B, C):
+        p.grad = torch.randn(4, dtype=torch.float64,
+                             generator=torch.Generator().manual_seed(5))
+    opt.step()
+    C.grad = torch.ones(4, dtype=torch.float64)
+    zero = torch.zeros(4, dtype=torch.float64)
+    A.grad, B.grad = (None, zero) if comm.rank == 0 else (zero, None)
+    before = [p.detach().clone() for p in (A, B, C)]
+    seen = None
+    try:
+        opt.step()
+    except Exception as exc:                  # noqa: BLE001 - reported to the test
+        seen = type(exc).__name__
+    return {"seen": seen,
+            "unchanged": all(bool(torch.equal(p, q)) for p, q in zip((A, B, C), before))}
+
+
+def test_ranks_whose_missing_gradients_differ_are_reported(cluster):
+    for r, o in enumerate(cluster.ok(_swapped_presence)):
+        assert o["seen"] == "ReplicaDivergenceError" and o["unchanged"], (r, o)

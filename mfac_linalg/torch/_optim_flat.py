@@ -102,7 +102,9 @@ def present_mask(present, sizes, idx, device):
     """The boolean vector over the (compressed) coordinates: True where the parameter
     has a gradient.  O(d)."""
     flags = torch.tensor(present, dtype=torch.bool, device=device)
-    mask = torch.repeat_interleave(flags, torch.tensor(sizes, device=device))
+    # output_size given: no device-to-host read of the repeats' sum on a GPU
+    mask = torch.repeat_interleave(flags, torch.tensor(sizes, device=device),
+                                   output_size=int(sum(sizes)))
     return mask if idx is None else mask[idx]
 
 

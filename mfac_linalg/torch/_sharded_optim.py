@@ -156,8 +156,10 @@ class _ShardedMFAC:
             if not bool(torch.isfinite(g).all()):
                 raise _not_finite(r)
             # which parameters have a gradient, too: a missing gradient is zero in g, but
-            # its parameter is not updated
-            has = torch.tensor(F.present(self.param_groups), dtype=torch.float64)
+            # its parameter is not updated; their positions (1-based), not a 0/1 vector,
+            # whose order-independent digest would see only how many there are
+            has = torch.tensor([i + 1.0 for i, f in enumerate(F.present(self.param_groups))
+                                if f], dtype=torch.float64)
             tab[r, 1:5] = _bits_digest([g, has])
             tab[r, 5:9] = _bits_digest(self._params())
             tab[r, 9:13] = np.frombuffer(bytes.fromhex(self._window.digest()),
