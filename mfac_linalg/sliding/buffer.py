@@ -38,7 +38,7 @@ def resolve_accumulate(accumulate, storage, backend=None):
     float64 storage accumulates in float64 (``accumulate="float32"`` is refused).
     "auto" is float64 for float32 storage on a GPU with fast float64
     (``backend.fast_float64``: H100, H200, A100, ...), where the kernels stay
-    memory-bound (measured on an H100: 0.7-1.9 % slower at d = 1e6, docs/benchmarks.md)
+    memory-bound (measured on an H100: 0.7-2.2 % slower at d = 1e6, docs/benchmarks.md)
     and the error falls from up to 1e4-1e6x to 1x the float32 rounding of the exact
     result; float32 elsewhere: for 16-bit storage (float64 costs 9-11 % there, the
     buffer read being half as long), on the CPU (the float64 passes convert the buffer

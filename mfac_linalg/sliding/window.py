@@ -67,7 +67,7 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
         final float32 rounding plus about 1e-16 κ (κ = λ_max(F)/λ), against about
         6e-8 κ in float32 (1 % at κ = 1e5: small damping).  "auto" is "float64" for
         float32 storage on a GPU with fast float64 (H100, H200, A100, V100, P100: one
-        float64 FMA per stored value stays within the memory-bound passes, 0.7-1.9 %
+        float64 FMA per stored value stays within the memory-bound passes, 0.7-2.2 %
         slower on an H100 at d = 1e6) and "float32" otherwise: for 16-bit storage (about
         10 % on an H100), on the CPU (the float64 passes convert the buffer in chunks,
         4-6x slower) and on GPUs with slow float64.  float64 storage always accumulates
