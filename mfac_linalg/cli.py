@@ -610,8 +610,31 @@ def cmd_demo(args) -> int:
 
 # -- the parser ----------------------------------------------------------------------
 
+def _float_arg(text: str) -> float:
+    """A float option as typed: one whose digits are not zero but that rounds to 0 (or to
+    inf) in float64 is refused as typed, not reported later as the 0.0 it became."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    mant = text.strip().lower().lstrip("+-").split("e")[0]
+    if v == 0.0 and any(c in "123456789" for c in mant):
+        raise argparse.ArgumentTypeError(f"{text} underflows to 0 in float64")
+    if math.isinf(v) and "inf" not in text.lower():
+        raise argparse.ArgumentTypeError(f"{text} overflows float64")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line naming the flag (no usage block), exit
+    status 2, as every other input error of the command line (``--help`` has the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mfac-linalg",
+    p = _Parser(prog="mfac-linalg",
                                 description="Inverse empirical Fisher operators (M-FAC).")
     p.add_argument("--version", action="version", version=f"mfac-linalg {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -622,12 +645,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dim", type=int, default=2000,
                    help=f"number of parameters d (2 .. {DEMO_MAX_DIM}, memory permitting)")
     d.add_argument("--grads", type=int, default=256, help="number of gradients m")
-    d.add_argument("--damping", type=float, default=3e-4, help="damping lambda of F (> 0)")
-    d.add_argument("--l2", type=float, default=1e-4,
+    d.add_argument("--damping", type=_float_arg, default=3e-4,
+                   help="damping lambda of F (> 0)")
+    d.add_argument("--l2", type=_float_arg, default=1e-4,
                    help="L2 regularisation (0 .. 1e50) of the logistic loss (in the Hessian)")
     d.add_argument("--dtype", choices=["float64", "float32"], default="float64",
                    help="storage dtype of the gradients for the timings")
-    d.add_argument("--cg-rtol", type=float, default=1e-6, dest="cg_rtol",
+    d.add_argument("--cg-rtol", type=_float_arg, default=1e-6, dest="cg_rtol",
                    help="CG's relative residual tolerance")
     d.add_argument("--seed", type=int, default=0, help="random seed (>= 0)")
     d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -640,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--grads", required=True, help=".npy file with gradients (m, d)")
         if name == "ihvp":
             c.add_argument("--vec", required=True, help=".npy file with x, (d,) or (d, k)")
-        c.add_argument("--damping", type=float, required=True, help="damping lambda > 0")
+        c.add_argument("--damping", type=_float_arg, required=True, help="damping lambda > 0")
         c.add_argument("--out", required=True,
                        help="output file, written as given (atomically; no suffix added)")
         c.set_defaults(func=func)

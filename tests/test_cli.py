@@ -334,3 +334,20 @@ def test_demo_names_grads_when_even_the_smallest_dim_does_not_fit():
     assert r.returncode == 2 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and f"--grads {grads} is too large for the demo" in lines[0]
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["demo", "--dim", "abc"], "argument --dim: invalid int value: 'abc'"),
+    (["demo", "--damping", "1e-400"], "argument --damping: 1e-400 underflows to 0 in float64"),
+    (["demo", "--l2", "1e999"], "argument --l2: 1e999 overflows float64"),
+    (["ihvp", "--grads", "g.npy", "--vec", "v.npy", "--damping", "1e-400", "--out", "o.npy"],
+     "argument --damping: 1e-400 underflows to 0 in float64"),
+    ([], "the following arguments are required: command")])
+def test_parser_errors_are_one_line_naming_the_flag(capsys, argv, msg):
+    """argparse's own errors too: one line, status 2 (no usage block), and a float typed
+    with non-zero digits that rounds to 0 or inf is refused as typed."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
