@@ -172,9 +172,10 @@ def _check_no_overflow(G: np.ndarray, flag: str) -> None:
         return
     Gs = (G / s).astype(np.float64, copy=False)    # |entries| <= 1: exact enough in float64
     sq = float(np.max(np.einsum("ij,ij->i", Gs, Gs))) * s * s
-    if not sq <= float(np.finfo(G.dtype).max):
+    store = np.result_type(G.dtype, np.float32)     # what the library computes in
+    if not sq <= float(np.finfo(store).max):
         raise CLIError(f"{flag} is too large: the squared norm of a gradient ({sq:.3g}) "
-                       f"overflows {G.dtype}; rescale the gradients (and the damping by the "
+                       f"overflows {store}; rescale the gradients (and the damping by the "
                        "square of the scale)")
 
 
@@ -492,7 +493,13 @@ def run_demo(dim: int = 2000, grads: int = 256, damping: float = 3e-4, l2: float
     def dense_factor(Gd):
         F = Gd.T @ Gd / grads
         F[xp.diag_indices(Gd.shape[1])] += lam
-        return be.cholesky_lower(F)                       # F = L Lᵀ
+        try:
+            return be.cholesky_lower(F)                   # F = L Lᵀ
+        except np.linalg.LinAlgError:
+            raise CLIError(f"--damping {lam:g} is too small for the demo's dense reference: "
+                           f"F = lambda I + G^T G / m is numerically singular in "
+                           f"{Gd.dtype} (its Cholesky factorization fails); use a larger "
+                           "--damping") from None
 
     def dense_solve(L, b):
         return be.solve_triangular(L, be.solve_triangular(L, b, lower=True), lower=True,

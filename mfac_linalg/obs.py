@@ -283,9 +283,11 @@ def _independent(S, w, Q, diag, xp):
 
 
 def _select(scores, eligible, count, xp):
-    """Boolean mask of the ``count`` eligible entries with the smallest scores."""
-    sc = xp.where(eligible, scores, xp.inf)
-    order = xp.argsort(sc)[:count]
+    """Boolean mask of the ``count`` eligible entries with the smallest scores (sorted
+    among the eligible ones only: a score that overflowed to inf must not tie with the
+    ineligible entries, which an inf placeholder for them would let in)."""
+    idx = xp.flatnonzero(eligible)
+    order = idx[xp.argsort(scores[idx])[:count]]
     sel = xp.zeros(scores.shape[0], dtype=bool)
     sel[order] = True
     return sel
@@ -469,8 +471,10 @@ def prune(w, op, *, sparsity=None, count=None, method="joint", mask=None, group_
     for stage in range(1, steps + 1):
         target = already + int(round((total - already) * stage / steps))
         n_new = target - int(B.to_host(mask_cur.sum()))
-        w_cur, mask_cur, l_stage = _one_stage(S, op, w_cur, mask_cur, n_new, method, g, xp,
-                                              exact and stage == steps, what)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            # an overflow here (a badly scaled op) is refused by name below
+            w_cur, mask_cur, l_stage = _one_stage(S, op, w_cur, mask_cur, n_new, method, g,
+                                                  xp, exact and stage == steps, what)
         loss += float(l_stage)
         if regrad is not None and stage < steps:
             grads = regrad(w_cur.astype(out_dtype), mask_cur.copy())
@@ -481,7 +485,7 @@ def prune(w, op, *, sparsity=None, count=None, method="joint", mask=None, group_
             S, _ = _structure(op)
     with np.errstate(over="ignore"):
         w_out = w_cur.astype(out_dtype, copy=False)
-    if not bool(xp.isfinite(w_out).all()) or np.isnan(loss):
+    if not bool(xp.isfinite(w_out).all()) or not np.isfinite(loss):
         raise ValueError(f"op is too badly scaled for these weights: the pruned weights "
                          f"({w_out.dtype}) or the predicted loss overflowed to inf/NaN; "
                          "rescale op or w")

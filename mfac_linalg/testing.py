@@ -709,7 +709,9 @@ def _make_gradients(rng, m, d, kind, rank):
         src = rng.integers(0, max(1, m // 2), size=m)
         G = G[src]
     elif kind == "zero_rows" and m > 1:
-        G[rng.random(m) < 0.5] = 0.0
+        zero = rng.random(m) < 0.5
+        zero[rng.integers(m)] = True                  # at least one zero row, as named
+        G[zero] = 0.0
     elif kind == "scaled":
         G = G * (10.0 ** rng.uniform(-4, 4, size=(m, 1)))
     return G

@@ -351,3 +351,25 @@ def test_parser_errors_are_one_line_naming_the_flag(capsys, argv, msg):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0], err
+
+
+def test_demo_damping_too_small_for_the_dense_reference_is_one_line(capsys):
+    """An accepted --damping (1e-18 is inside float64's range) whose dense reference F is
+    numerically singular: one line naming --damping, status 2 (it was a LinAlgError)."""
+    rc = cli.main(["demo", "--dim", "50", "--grads", "5", "--damping", "1e-18",
+                   "--device", "cpu", "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--damping 1e-18 is too small for the demo's dense" in err[0]
+
+
+def test_float16_gradients_are_checked_in_the_dtype_they_are_computed_in(tmp_path,
+                                                                         monkeypatch):
+    """float16 --grads whose squared norms exceed float16 but not float32 (the library
+    computes in float32): accepted, and the result is the library's."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(1)
+    G = (rng.standard_normal((4, 6)) * 300).astype(np.float16)
+    np.save("g16.npy", G)
+    assert cli.main(["diag", "--grads", "g16.npy", "--damping", "1", "--out", "d.npy"]) == 0
+    assert np.array_equal(np.load("d.npy"), ml.StaticInverseFisher(G, 1.0).diagonal())

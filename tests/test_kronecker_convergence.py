@@ -353,3 +353,39 @@ def test_one_small_side_forms_only_its_own_basis():
     R3 = np.stack([(g[:, i] * g[:, j] * (a.T * 1.0)) @ a / 256 for i, j in
                    ((0, 0), (0, 1), (1, 1))])           # blocks F_ij = E[g_i g_j a a^T]
     assert op.info["sigma"][0] >= np.linalg.norm(R3[0]) * 0.999
+
+
+def test_an_indefinite_first_term_under_abs_builds_a_positive_definite_inverse():
+    """band=1 on a 3-position layer: F is indefinite, so is B_1, and B_1 + lambda_B I had
+    no Cholesky factor (deflation and lanczos refused 125 of 300 such layers): "abs" uses
+    |B_1|; the other rules still refuse."""
+    built = 0
+    for seed in range(40):
+        r = np.random.default_rng(seed)
+        a, g = r.standard_normal((1, 3, 3)), r.standard_normal((1, 3, 1))
+        for build in (ml.deflation, ml.lanczos):
+            op = build(a, g, 1e-2, band=1)
+            F, Minv = op.fisher().todense(), op.todense()
+            assert np.linalg.eigvalsh(F).min() > 0
+            assert np.abs(F @ Minv - np.eye(F.shape[0])).max() <= 1e-9
+            assert np.linalg.norm(Minv, 2) <= 1 / 1e-2 * (1 + 1e-9)
+            built += any(op.info["first_term_absolute"])
+    assert built >= 10
+    r = np.random.default_rng(9)                  # C_1 + lambda_C I is indefinite here
+    a, g = r.standard_normal((1, 3, 3)), r.standard_normal((1, 3, 1))
+    assert ml.deflation(a, g, 1e-2, band=1).info["first_term_absolute"] == (False, True)
+    for rule in ("clip", "raise"):
+        with pytest.raises(ValueError, match="not positive definite"):
+            ml.deflation(a, g, 1e-2, band=1, indefinite=rule)
+
+
+def test_ragged_positions_and_huge_activations_are_refused_by_name():
+    rng = np.random.default_rng(0)
+    a, g = rng.standard_normal((4, 5, 3)), rng.standard_normal((4, 5, 2))
+    with pytest.raises(ValueError, match="positions must be an integer array"):
+        ml.kpsvd(a, g, 1e-2, band=1, positions=[[0], [1, 2], [3], [4], [5]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")               # no NumPy overflow warning first
+        for build in (ml.kfac, ml.ekfac, ml.kpsvd, ml.deflation):
+            with pytest.raises(ValueError, match="activations is too large"):
+                build(a * 1e160, g, 1e-2)

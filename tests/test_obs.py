@@ -350,3 +350,22 @@ def test_regrad_returning_the_wrong_width_is_named(rng):
     with pytest.raises(ValueError, match=r"regrad\(weights, mask\) must return grads of shape "
                        r"\(m, 8\); got shape \(4, 5\)"):
         obs.prune(w, op, count=4, steps=2, regrad=lambda w_, m_: G[:, :5])
+
+
+def test_overflowing_saliencies_neither_tie_with_pruned_weights_nor_pass_silently():
+    """Saliencies w^2 / (2 H_qq) that overflow to inf tied with the inf placeholder of
+    the already-pruned weights, and count= took pruned ones (4 removed for 5); the loss
+    then overflows, which is refused by name (it came back as inf with RuntimeWarnings)."""
+    import warnings
+    from mfac_linalg.obs import _select
+    sel = _select(np.array([np.inf, np.inf, 1.0, np.inf]),
+                  np.array([True, False, True, True]), 3, np)
+    assert sel.tolist() == [True, False, True, True]
+    H = 1e-300 * np.eye(6)
+    w = np.array([1e5, 1e5, 1e5, 1e5, 1.0, 1e5])
+    mask = np.array([True, True, True, False, False, False])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for method in ("joint", "independent", "magnitude"):
+            with pytest.raises(ValueError, match="too badly scaled"):
+                ml.obs.prune(w, H, count=5, mask=mask, method=method)

@@ -209,9 +209,24 @@ def _two_term_inverse(method, terms, lam, be, info, indefinite, first_term_dampi
     (B1, C1), (B2, C2) = terms
     lb, lc = _pi_split(B1, C1, lam) if first_term_damping == "split" else (lam, lam)
 
+    absolute = []
+
     def gen(Bf, Bs, shift):
         Mf = _sym(Bf) + shift * xp.eye(Bf.shape[0])
-        L = be.cholesky_lower(Mf)
+        try:
+            L = be.cholesky_lower(Mf)
+        except np.linalg.LinAlgError:
+            if indefinite != "abs":
+                raise
+            # an indefinite first factor (a banded F is indefinite): "abs" takes its
+            # absolute value |B| = U |s| U^T, as it takes |S| elsewhere; then B + shift I
+            # is positive definite for every shift > 0
+            sf, Uf = xp.linalg.eigh(_sym(Bf))
+            Mf = (Uf * xp.abs(sf)) @ Uf.T + shift * xp.eye(Bf.shape[0])
+            L = be.cholesky_lower(_sym(Mf))
+            absolute.append(True)
+        else:
+            absolute.append(False)
         Li = be.solve_triangular(L, xp.eye(L.shape[0]), lower=True)
         s, W = xp.linalg.eigh(_sym(Li @ _sym(Bs) @ Li.T))
         K = Li.T @ W
@@ -222,14 +237,14 @@ def _two_term_inverse(method, terms, lam, be, info, indefinite, first_term_dampi
         sC, KC, KCt, ldC = gen(C1, C2, lc)
     except np.linalg.LinAlgError:
         raise ValueError(f"{method}: the first Kronecker term plus damping is not positive "
-                         "definite (increase damping)") from None
+                         "definite (increase damping, or use indefinite='abs')") from None
     with np.errstate(over="ignore", invalid="ignore"):     # refused in _screen
         S_raw = 1.0 + sB[:, None] * sC[None, :]
         S_abs = 1.0 + xp.abs(sB)[:, None] * xp.abs(sC)[None, :]
     S, nbad = _screen(S_raw, S_abs, indefinite, xp)
     d_out, d_in = KB.shape[0], KC.shape[0]
     info.update(indefinite=indefinite, first_term_damping=first_term_damping,
-                first_term_shifts=(lb, lc))
+                first_term_shifts=(lb, lc), first_term_absolute=tuple(absolute))
     # log det M = sum log S + d_in log det(B1 + lB I) + d_out log det(C1 + lC I)
     return KroneckerInverse(method, KB, KC, S, KBinvT=KBt, KCinvT=KCt,
                             logdet_offset=d_in * ldB + d_out * ldC, terms=terms, damping=lam,

@@ -40,7 +40,12 @@ def _band_mask(T, band, positions, be):
     if positions is None:
         pos = np.arange(T)[:, None]
     else:
-        pos = np.asarray(B.to_host(positions))
+        try:
+            pos = np.asarray(B.to_host(positions))
+        except (ValueError, TypeError) as exc:        # ragged nested lists, and the like
+            raise ValueError(f"positions must be an integer array of shape ({T},) or "
+                             f"({T}, p); got {type(positions).__name__} that is not an "
+                             f"array ({exc})") from None
         if pos.ndim == 1:
             pos = pos[:, None]
         if pos.ndim != 2 or pos.shape[0] != T or pos.shape[1] < 1:
@@ -140,8 +145,9 @@ class LayerData:
     def kfac_factors(self):
         """(Gamma, A) in the expand convention (module docstring); O(n T (d_in^2 + d_out^2))."""
         A2, G2 = self._flat()
-        Gam = G2.T @ G2 / self.n
-        Aa = A2.T @ A2 / (self.n * self.T)
+        with np.errstate(over="ignore", invalid="ignore"):   # refused by name just below
+            Gam = G2.T @ G2 / self.n
+            Aa = A2.T @ A2 / (self.n * self.T)
         V.gram_finite(Gam, "output_grads", self.be)
         V.gram_finite(Aa, "activations", self.be)
         return (Gam + Gam.T) / 2, (Aa + Aa.T) / 2
