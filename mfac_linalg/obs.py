@@ -312,12 +312,52 @@ def _select_groups(scores, masked, n_new, g, exact, what, xp):
             if free[k] <= remaining:
                 sel[k] = True
                 remaining -= int(free[k])
+    if remaining:
+        # the greedy fill by score skipped a group larger than what remained; whether a
+        # choice of whole groups reaches n_new is a subset sum over their free sizes
+        # (1 .. g): solved exactly, then the lowest-scored groups of each size are taken
+        best, counts = _reachable(free[order], n_new)
+        if best > n_new - remaining:
+            sel[:] = False
+            for size, k in counts.items():
+                sel[order[free[order] == size][:k]] = True
+            remaining = n_new - best
     if exact and remaining:
         raise ValueError(f"{what} cannot be reached by removing whole groups of {g}: "
-                         f"{n_new} more weights to remove, {n_new - remaining} reachable; give "
-                         f"a count that whole groups reach (a multiple of {g} when no group "
-                         "is partly masked)")
+                         f"{n_new} more weights to remove, at most {n_new - remaining} "
+                         f"reachable; give a count that whole groups reach (a multiple of "
+                         f"{g} when no group is partly masked)")
     return xp.asarray(sel)
+
+
+def _reachable(sizes, target):
+    """(the largest t <= target that a subset of ``sizes`` sums to, {size: how many of it})
+    by a bounded subset sum over the distinct sizes (each at most the group size):
+    O(distinct sizes x log(count) x target) boolean operations."""
+    values, counts = np.unique(np.asarray(sizes, dtype=np.int64), return_counts=True)
+    reach = np.zeros(target + 1, dtype=bool)
+    reach[0] = True
+    layers = []
+    for s, c in zip(values.tolist(), counts.tolist()):
+        layers.append(reach)
+        new = reach.copy()
+        k, rem = 1, c                        # binary splitting: 1, 2, 4, ... copies
+        while rem > 0:
+            take = min(k, rem)
+            shift = take * s
+            if shift <= target:
+                new[shift:] |= new[:target + 1 - shift].copy()
+            rem -= take
+            k *= 2
+        reach = new
+    best = int(np.flatnonzero(reach)[-1])
+    t, used = best, {}
+    for s, c, prev in zip(values.tolist()[::-1], counts.tolist()[::-1], layers[::-1]):
+        cand = prev[t::-s][:c + 1]           # prev[t - j s] for j = 0 .. c
+        j = int(np.argmax(cand))             # the fewest copies of s that still reach t
+        used[s] = j
+        t -= j * s
+    return best, used
 
 
 def _choose(S, w, mask, n_new, method, g, diag, xp, exact, what):

@@ -369,3 +369,28 @@ def test_overflowing_saliencies_neither_tie_with_pruned_weights_nor_pass_silentl
         for method in ("joint", "independent", "magnitude"):
             with pytest.raises(ValueError, match="too badly scaled"):
                 ml.obs.prune(w, H, count=5, mask=mask, method=method)
+
+
+def test_group_counts_reachable_by_some_choice_of_whole_groups_are_reached():
+    """Free sizes 3, 2, 2 (partly masked groups of 4): 4 more weights are reachable (2 + 2)
+    although the lowest-scored group frees 3; the greedy fill refused count=9 ("3
+    reachable") and sparsity=0.75 stopped at 8."""
+    import itertools
+    from mfac_linalg.obs import _reachable
+    w = np.array([.01, .01, .01, 0, 5, 5, 0, 0, 6, 6, 0, 0])
+    mask = np.array([0, 0, 0, 1, 0, 0, 1, 1, 0, 0, 1, 1], bool)
+    r = ml.obs.prune(w, np.eye(12), count=9, mask=mask, group_size=4)
+    assert r.mask.sum() == 9 and r.mask[4:].all() and not r.mask[:3].any()
+    assert ml.obs.prune(w, np.eye(12), sparsity=0.75, mask=mask, group_size=4).mask.sum() == 9
+    with pytest.raises(ValueError, match="at most 3 reachable"):
+        ml.obs.prune(np.arange(1.0, 9.0), np.eye(8), count=6,
+                     mask=np.array([0, 0, 0, 1, 0, 0, 0, 1], bool), group_size=4)
+    rng = np.random.default_rng(0)
+    for _ in range(300):                                   # the subset sum against brute force
+        sizes = rng.integers(1, 5, size=int(rng.integers(1, 7)))
+        target = int(rng.integers(0, sizes.sum() + 3))
+        sums = {int(sizes[list(c)].sum()) for k in range(len(sizes) + 1)
+                for c in itertools.combinations(range(len(sizes)), k)}
+        best, used = _reachable(sizes, target)
+        assert best == max(t for t in sums if t <= target)
+        assert sum(s * k for s, k in used.items()) == best
