@@ -82,6 +82,8 @@ def count_limit(value, name):
     """A limit on a count: an integer >= 0, or +inf for none.  TypeError for a finite
     float (1.5 or 81.0: a count is an integer), a string or a bool; ValueError for NaN
     or a negative value.  Returns an ``int`` or ``math.inf``."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return integer(value, name, minimum=0)      # any size (2**64 has no float64 twin)
     v = real(value, name, allow_inf=True, low=0)
     if math.isinf(v):
         return v

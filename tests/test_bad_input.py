@@ -439,3 +439,12 @@ def test_quad_of_an_operator_whose_entries_overflow_is_refused():
         with pytest.raises(ValueError, match="x is too large"):
             call(x)
     assert op.quad(np.full(5, 1e200)) == np.inf
+
+
+def test_todense_takes_any_nonnegative_integer_limit():
+    op = ml.StaticInverseFisher(np.random.default_rng(0).standard_normal((3, 6)), 0.5)
+    assert op.todense(max_elements=2**64).shape == (6, 6)        # beyond float64's ints
+    with pytest.raises(ValueError, match="max_elements"):
+        op.todense(max_elements=-(2**64))
+    with pytest.raises(TypeError, match="max_elements"):
+        op.todense(max_elements=True)

@@ -383,3 +383,21 @@ def test_train_mode_batchnorm_statistics_are_left_as_they_were(call):
     assert model.training
     assert _same_buffers(model, before)
     assert int(model[1].num_batches_tracked) == 1
+
+
+def test_preconditioner_of_integer_or_bool_tensors_is_floating():
+    """An integer or bool tensor gets the floating result (as a NumPy array does); it was
+    cast back to the input's dtype, truncated (int) or all True (bool)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    x, y = torch.randn(20, 4), torch.randint(0, 2, (20,))
+    P = kronecker_preconditioner(model, torch.nn.CrossEntropyLoss(), (x, y), "kfac", 1e-1)
+    g = torch.tensor([1, 0, 0, 0] * 5 + [1, 0, 0])
+    ref = P @ g.double()
+    for v in (g, g.bool()):
+        out = P @ v
+        assert out.dtype == torch.float64 and torch.equal(out, ref)
+    assert (P @ g.float()).dtype == torch.float32                # floating stays as it is
+    q = P.quad(torch.ones(23, 2, dtype=torch.int64))
+    assert q.dtype == torch.float64
+    assert torch.allclose(q, P.quad(torch.ones(23, 2, dtype=torch.float64)), rtol=1e-15)

@@ -407,18 +407,30 @@ class Checkpointing:
         write(path, self.state_dict())
 
     @classmethod
-    def load(cls, path, *, device=None, engine="auto", accumulate="auto"):
+    def load(cls, path, *, device=None, engine=None, accumulate="auto"):
         """Read a window written by :meth:`save` from exactly ``path``; every field is
         checked before anything is allocated (ValueError naming the file).  ``device``,
-        ``engine`` and ``accumulate`` as the constructor's (they are not state)."""
+        ``engine`` and ``accumulate`` as the constructor's; ``engine`` defaults to the
+        saved window's m x m scheme (the file holds its state: loaded as it is, bit for
+        bit), ``accumulate`` to "auto" (a choice of the passes, not in the file: give the
+        saved window's for bit-identical products where it was not its "auto")."""
         raw = read(path)
         try:
             st = validate_state(raw)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: {exc}") from None
-        win = cls(st["dim"], st["window"], st["damping"], dtype=st["dtype"], device=device,
-                  normalize=st["normalize"], refresh_every=st["refresh_every"], engine=engine,
-                  accumulate=accumulate)
+        def build(choice):
+            return cls(st["dim"], st["window"], st["damping"], dtype=st["dtype"],
+                       device=device, normalize=st["normalize"],
+                       refresh_every=st["refresh_every"], engine=choice,
+                       accumulate=accumulate)
+        if engine is None:
+            try:
+                win = build(st["engine"])
+            except ValueError:           # that scheme is not offered here (another device)
+                win = build("auto")
+        else:
+            win = build(engine)
         return win.load_state_dict(st, _trusted=True)
 
     def __reduce__(self):

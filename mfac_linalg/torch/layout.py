@@ -458,7 +458,10 @@ class PermutedOperator(Operator):
 
 
 def _back(y, like):
-    """A result as a tensor on ``like``'s device and dtype when ``like`` is a tensor."""
+    """A result as a tensor on ``like``'s device and dtype when ``like`` is a tensor; a
+    tensor of integers or booleans gets the result's floating dtype (as NumPy input does):
+    cast back to int or bool it would be truncated."""
     if is_tensor(like):
-        return to_torch(y, dtype=like.dtype, device=like.device)
+        floating = like.is_floating_point() or like.is_complex()
+        return to_torch(y, dtype=like.dtype if floating else None, device=like.device)
     return y
