@@ -63,25 +63,17 @@ SLOW_FLOAT64_NAMES = re.compile(r"\b(H800|H20)\b")
 
 
 @functools.lru_cache(maxsize=None)
-def _compute_capability(device_id) -> str:
-    """The CUDA device's compute capability as CuPy spells it ("90"); "" if unknown."""
+def _device_traits(device_id):
+    """(compute capability as CuPy spells it, "90"; name, "NVIDIA H100 80GB HBM3") of a
+    CUDA device; ("", "") if unknown."""
     cp = _cupy()
+    dev = 0 if device_id is None else device_id
     try:
-        return str(cp.cuda.Device(0 if device_id is None else device_id).compute_capability)
+        name = cp.cuda.runtime.getDeviceProperties(dev).get("name", b"")
+        return (str(cp.cuda.Device(dev).compute_capability),
+                name.decode() if isinstance(name, bytes) else str(name))
     except Exception:
-        return ""
-
-
-@functools.lru_cache(maxsize=None)
-def _device_name(device_id) -> str:
-    """The CUDA device's name ("NVIDIA H100 80GB HBM3"); "" if unknown."""
-    cp = _cupy()
-    try:
-        props = cp.cuda.runtime.getDeviceProperties(0 if device_id is None else device_id)
-        name = props.get("name", b"")
-        return name.decode() if isinstance(name, bytes) else str(name)
-    except Exception:
-        return ""
+        return "", ""
 
 
 def has_fast_float64(capability: str, name: str) -> bool:
@@ -137,8 +129,7 @@ class Backend:
         H20, whose float64 was cut), where float64 accumulation in a memory-bound pass
         costs little; False elsewhere (the CPU, and GPUs with 1/32 or 1/64 of the float32
         rate)."""
-        return self.is_gpu and has_fast_float64(_compute_capability(self.device_id),
-                                                _device_name(self.device_id))
+        return self.is_gpu and has_fast_float64(*_device_traits(self.device_id))
 
     # -- dense linear algebra on small float64 matrices -------------------
     @property

@@ -347,7 +347,8 @@ class Operator(_Algebra, _SciPyLinearOperator):
         check = (self._check_finite and self._backend.is_host
                  and (not self._checks_own_finite(X) or out_dtype != self._dtype))
         try:
-            with np.errstate(over="ignore", invalid="ignore") if check else contextlib.nullcontext():
+            quiet = np.errstate(over="ignore", invalid="ignore")
+            with quiet if check else contextlib.nullcontext():
                 Y = self._rmatmat(X) if adjoint else self._matmat(X)
                 if Y.dtype != out_dtype:         # the caller's dtype, which may overflow too
                     Y = Y.astype(out_dtype)
@@ -473,10 +474,10 @@ class Operator(_Algebra, _SciPyLinearOperator):
             try:
                 with np.errstate(over="ignore", invalid="ignore"):
                     q = self._quad(X)
+                if not bool(xp.isfinite(q).all()):
+                    raise NonFiniteInput
             except NonFiniteInput:
                 raise self._nonfinite(x, "x") from None
-            if not bool(xp.isfinite(q).all()):
-                raise self._nonfinite(x, "x")
             with np.errstate(over="ignore", under="ignore"):
                 q = xp.ldexp(q, 2 * e)
         else:

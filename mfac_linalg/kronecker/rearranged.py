@@ -169,14 +169,18 @@ def _final(Rop, sig, P, Q, k, info, tol, maxiter, what, scale=0.0):
     return sk, Pk, Qk, info
 
 
-def _align_clusters(s, P, Q, n, tol, Rop):
-    """Within each cluster of (numerically) equal singular values among the n leading
-    converged triples, rotate the triples (the same orthogonal H on both sides, which keeps
-    R q_i = sigma p_i) so that the first one is the cluster's projection of vec(I): with a
-    repeated sigma every basis of the cluster is a valid answer, and an arbitrary one gives
-    indefinite factors (tr P = 0) where the trace-maximal one keeps them semidefinite for a
-    semidefinite F.  Sums over a whole cluster do not change."""
+def _align_clusters(s, P, Q, converged, tol, Rop):
+    """Within each cluster of (numerically) equal singular values among the leading
+    converged triples (``converged``: a host boolean per triple, or None for all), rotate
+    the triples (the same orthogonal H on both sides, which keeps R q_i = sigma p_i) so
+    that the first one is the cluster's projection of vec(I): with a repeated sigma every
+    basis of the cluster is a valid answer, and an arbitrary one gives indefinite factors
+    (tr P = 0) where the trace-maximal one keeps them semidefinite for a semidefinite F.
+    Sums over a whole cluster do not change."""
     xp = Rop.xp
+    n = int(s.shape[0])
+    if converged is not None and not converged.all():
+        n = int(converged.argmin())          # the leading run of converged triples
     sh = np.asarray(B.to_host(s[:n]), dtype=float)
     if n < 2 or sh[0] <= 0:
         return P, Q
@@ -266,7 +270,7 @@ def dense_triples(Rop, k, *, tol, maxiter, info, scale=0.0, seed=0):
             P = big
     info["iterations"] = 1
     info["dense"] = True
-    P, Q = _align_clusters(s, P, Q, int(s.shape[0]), tol, Rop)
+    P, Q = _align_clusters(s, P, Q, None, tol, Rop)
     return _final(Rop, s, P, Q, k, info, tol, maxiter, info["solver"] + " (R formed)", scale)
 
 
@@ -304,8 +308,7 @@ def subspace_triples(Rop, k, *, tol, maxiter, init=None, oversample=2, seed=0, s
             break
         V = Rop.complement(_orth(W, xp), "right")
     if s1 > 0:
-        ok = np.asarray(B.to_host(res)) <= tol
-        P, Q = _align_clusters(s, P, Q, int(ok.argmin()) if not ok.all() else ok.size, tol, Rop)
+        P, Q = _align_clusters(s, P, Q, np.asarray(B.to_host(res)) <= tol, tol, Rop)
     return _final(Rop, s, P, Q, k, info, tol, maxiter, "subspace iteration", scale)
 
 
@@ -362,7 +365,7 @@ class _SumDeflated(Rearranged):
         replaced by a random one, whose projection is not rounding noise."""
         xp = self.xp
         Bm = self._P if side == "left" else self._Q
-        Y = self._project(self._project(X, Bm), Bm)
+        Y = self._project2(X, Bm)
         k = X.shape[0]
         before = xp.linalg.norm(X.reshape(k, -1), axis=1)
         after = B.to_host(xp.linalg.norm(Y.reshape(k, -1), axis=1))
@@ -373,7 +376,7 @@ class _SumDeflated(Rearranged):
             Y = Y.copy()
             for i in np.flatnonzero(small):
                 r = _random_sym(rng, 1, d, xp).reshape((1,) + X.shape[1:])
-                Y[i] = self._project(self._project(r, Bm), Bm)[0]
+                Y[i] = self._project2(r, Bm)[0]
         return _orth(Y.reshape(k, -1), xp).reshape(X.shape)
 
     def complement_basis(self, E, side):
@@ -382,9 +385,14 @@ class _SumDeflated(Rearranged):
         Bm = self._P if side == "left" else self._Q
         if Bm is None:
             return E
-        Y = self._project(self._project(E, Bm), Bm)
+        Y = self._project2(E, Bm)
         _, s, vt = self.xp.linalg.svd(Y, full_matrices=False)
         return vt[np.asarray(B.to_host(s)) > 0.5]
+
+    @classmethod
+    def _project2(cls, X, Bm):
+        """X projected on the complement of Bm's rows twice ('twice is enough')."""
+        return cls._project(cls._project(X, Bm), Bm)
 
     @staticmethod
     def _project(X, Bm):
@@ -544,12 +552,11 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
                 # short cycles (the paper's restart, or thick ones of few steps) explore
                 # too little: go on with thick restarts of the default length (the matrix
                 # itself where that would span a side)
-                K2 = k_default
-                if K2 >= Rop.dim:            # as the default cycle would have been
+                if k_default >= Rop.dim:     # as the default cycle would have been
                     info["krylov"] = Rop.dim
                     return dense_triples(Rop, k, tol=tol, maxiter=maxiter, info=info,
                                          scale=scale, seed=seed)
-                K = K2
+                K = k_default
                 keep = kk + (K - kk) // 2
                 info["krylov"] = K
                 Qb2, Pb2 = xp.zeros((K + 1, d_in * d_in)), xp.zeros((K, d_out * d_out))
@@ -577,9 +584,7 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
             Qb[0] = q / xp.linalg.norm(q)
             start = 0
     if s1 > 0.0:                         # the converged leading pairs: clusters aligned
-        ok = b * np.abs(u[J - 1, :J]) / s1 <= tol
-        P, Q = _align_clusters(s, P, Q, int(ok.argmin()) if not ok.all() else ok.size, tol,
-                               Rop)
+        P, Q = _align_clusters(s, P, Q, b * np.abs(u[J - 1, :J]) / s1 <= tol, tol, Rop)
     return _final(Rop, xp.asarray(s), P, Q, k, info, tol, maxiter, "Lanczos bidiagonalization",
                   scale)
 
