@@ -100,26 +100,30 @@ def bench_window(d, m, dtype, bw, rows):
 
 
 def bench_static(d, m, bw):
-    """(Gram GEMM, set-up, matvec, diagonal) ms and the floor of two reads of V."""
+    """(Gram GEMM, set-up, matvec with the default check_finite, matvec unchecked, two
+    cuBLAS GEMVs V^T (V x), diagonal) ms and the floor of two reads of V."""
     G = cp.random.RandomState(2).standard_normal((m, d), dtype=cp.float32)
     lam = 1e-3 * d
     t_gram = gpu_time(lambda: G @ G.T, repeat=5, warmup=1)
     t_setup = gpu_time(lambda: ml.StaticInverseFisher(G, lam), repeat=5, warmup=1)
-    op = ml.StaticInverseFisher(G, lam, check_finite=False)
+    op = ml.StaticInverseFisher(G, lam)
+    raw = ml.StaticInverseFisher(G, lam, check_finite=False)
     x = cp.random.RandomState(3).standard_normal(d, dtype=cp.float32)
-    t_mv = gpu_time(lambda: op.matvec(x))
+    t_mv = gpu_time(lambda: op.matvec(x), repeat=50)
+    t_raw = gpu_time(lambda: raw.matvec(x), repeat=50)
+    t_gemv = gpu_time(lambda: G.T @ (G @ x), repeat=50)
     t_diag = gpu_time(op.diagonal, repeat=10)
     floor = 2 * m * d * 4 / bw * 1e3
-    del G, op
+    del G, op, raw
     free()
-    return t_gram, t_setup, t_mv, t_diag, floor
+    return t_gram, t_setup, t_mv, t_raw, t_gemv, t_diag, floor
 
 
 def bench_block(d, m, b, bw, rows):
     """Block operator (blocks of b columns, float32): matvec and diagonal against one
     read of the factors V (r = min(m, b) rows per block)."""
     G = cp.random.RandomState(4).standard_normal((m, d), dtype=cp.float32)
-    op = ml.BlockInverseFisher(G, 1.0, block_size=b, check_finite=False)
+    op = ml.BlockInverseFisher(G, 1.0, block_size=b)      # default check_finite
     del G
     free()
     x = cp.random.RandomState(5).standard_normal(d, dtype=cp.float32)
@@ -228,17 +232,19 @@ def main(quick=False, out=None, show_progress=None):
                      f"{steps[key16] / steps[key32]:.2f}")
     lines.append("")
     for d, m in ((100_000, 256), (100_000, 1024), (1_000_000, 1024)):
-        t_gram, t_setup, t_mv, t_diag, floor = bench_static(d, m, bw)
+        t_gram, t_setup, t_mv, t_raw, t_gemv, t_diag, floor = bench_static(d, m, bw)
         lines.append(f"static, d={d:.0e}, m={m}, float32: set-up {t_setup:.2f} ms, one Gram "
                      f"GEMM {t_gram:.2f} ms, set-up / Gram = {t_setup / t_gram:.2f}; matvec "
-                     f"{t_mv:.3f} ms = {t_mv / floor:.2f} x floor (two reads of V); diagonal "
-                     f"{t_diag:.3f} ms = {2 * t_diag / floor:.2f} x one read of V")
+                     f"{t_mv:.3f} ms = {t_mv / floor:.2f} x floor (two reads of V) = "
+                     f"{t_mv / t_gemv:.2f} x two cuBLAS GEMVs ({t_gemv:.3f} ms), unchecked "
+                     f"{t_raw:.3f} ms; diagonal {t_diag:.3f} ms = {2 * t_diag / floor:.2f} x "
+                     "one read of V")
     lines.append("")
     brows = []
     for d, m, b in ((1_000_000, 256, 128), (1_000_000, 64, 1024), (1_000_000, 64, 128)):
         bench_block(d, m, b, bw, brows)
-    lines.append("block operator, float32 (ms; ratio = time / one read of V, "
-                 "V: d x min(m, block) values)")
+    lines.append("block operator, float32, default check_finite (ms; ratio = time / one read "
+                 "of V, V: d x min(m, block) values)")
     lines.append(table(["d", "m", "block", "read ms", "matvec", "ratio", "diagonal", "ratio"],
                        brows))
     lines.append("")

@@ -130,10 +130,10 @@ def bench_static(d, m, lines):
     print(line, flush=True)
 
 
-def bench_block(d, m, b, lines):
+def bench_block(d, m, b, lines, check=False):
     G = cp.random.RandomState(4).standard_normal((m, d), dtype=cp.float32)
-    oo = old.BlockInverseFisher(G, 1.0, block_size=b, check_finite=False)
-    nn = new.BlockInverseFisher(G, 1.0, block_size=b, check_finite=False)
+    oo = old.BlockInverseFisher(G, 1.0, block_size=b, check_finite=check)
+    nn = new.BlockInverseFisher(G, 1.0, block_size=b, check_finite=check)
     x = cp.random.RandomState(5).standard_normal(d, dtype=cp.float32)
     diff = float(cp.linalg.norm(nn.matvec(x) - oo.matvec(x)) / cp.linalg.norm(oo.matvec(x)))
     res = {k: [] for k in ("om", "nm", "od", "nd")}
@@ -145,7 +145,7 @@ def bench_block(d, m, b, lines):
             res[t + "m"].append(gpu_time(lambda: op.matvec(x)))
             res[t + "d"].append(gpu_time(op.diagonal, 5, 1))
     med = {k: float(np.median(v)) for k, v in res.items()}
-    line = (f"| block {d:.0e} | m={m} b={b} | float32 | matvec {med['om']:.3f} → {med['nm']:.3f}"
+    line = (f"| block {d:.0e} | m={m} b={b} | float32, check_finite={check} | matvec {med['om']:.3f} → {med['nm']:.3f}"
             f" ({med['nm'] / med['om']:.3f}) | diagonal {med['od']:.3f} → {med['nd']:.3f} "
             f"({med['nd'] / med['od']:.3f}) | rel. diff {diff:.1e} |")
     lines.append(line)
@@ -183,8 +183,9 @@ def main():
         bench_static(d, m, lines)
         free()
     for d, m, b in ((1_000_000, 256, 128), (1_000_000, 64, 1024)):
-        bench_block(d, m, b, lines)
-        free()
+        for check in (False, True):
+            bench_block(d, m, b, lines, check)
+            free()
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -341,7 +341,8 @@ def asarray(x, name, *, backend=None, dtype=None, allow_half=False):
     # float32 / float64, the common case, pass the policy as they are (a fast path: this
     # runs before the first launch of every GPU call)
     target = arr.dtype if arr.dtype in _NATIVE_FLOATS else _storage_dtype(arr.dtype, name, be)
-    if not allow_half and (target == np.float16 or _is_bfloat16(target)):
+    if not allow_half and target not in _NATIVE_FLOATS and (
+            target == np.float16 or _is_bfloat16(target)):
         target = np.dtype(np.float32)
     if dtype is not None:
         target = dtype

@@ -230,9 +230,10 @@ class LowRank:
         stack of one: two passes over V.
 
         The scale goes on the small (r, k) side and the d-sized result is built in
-        place (no d-sized temporaries beyond the result).  On the GPU one vector per
-        block of a stack goes through one kernel (``kernels/blocks.py``: V read about
-        once, float64 sums).
+        place (no d-sized temporaries beyond the result).  On the GPU one vector goes
+        through kernels (``kernels/blocks.py``, float64 sums rounded once): for one large
+        block (``wide_fits``) the sliding window's two passes, checked by a flag the
+        kernel raises; for a stack one thread block per block, when unchecked.
 
         ``check``: raise ``NonFiniteInput`` when X holds NaN or infinity or a product
         overflows, read from the result Y: with alpha != 0 every x_j enters y_j, and
@@ -241,10 +242,18 @@ class LowRank:
         result that overflows the dtype only when scaled by alpha = 1/lambda).  One
         host read after pass 2."""
         be = self.backend
-        if (not check and be.is_gpu and Xb.ndim == 3 and Xb.shape[2] == 1
-                and Xb.dtype == self.V.dtype):
+        if be.is_gpu and Xb.shape[-1] == 1 and Xb.dtype == self.V.dtype:
             kb = B.kernel_module("blocks")
-            if kb.fits(self.V):
+            if kb.wide_fits(self.V, self.alpha):
+                # one large block (the static operator): the window's two float64-faithful
+                # passes over many thread blocks, the check a flag read once
+                with be.device_context():
+                    y, flag = kb.apply_wide(self.V, Xb.reshape(-1), self.alpha, self.beta,
+                                            check)
+                if check and B.scalar(flag[0]):
+                    raise NonFiniteInput
+                return y.reshape(Xb.shape)
+            if not check and Xb.ndim == 3 and kb.fits(self.V):
                 with be.device_context():
                     return kb.apply(self.V, Xb[:, :, 0], self.alpha, self.beta)[:, :, None]
         V, X = self._squeeze(Xb)

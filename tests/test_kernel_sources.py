@@ -90,3 +90,21 @@ def test_every_launched_sliding_kernel_is_defined():
     for name in ("ggms_coeffs", "chol_delete", "append_row", "gram_update", "gather_f64",
                  "window_gemv", "rank2_rows", "scatter_f32", "scatter_f64"):
         assert name in defined
+
+
+@pytest.mark.parametrize("sms", [1, 16, 132, 1000])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16"])
+@pytest.mark.parametrize("m,ld", [(1, 8), (64, 100_000), (300, 30_000), (4096, 100_000),
+                                  (1024, 1_000_000), (20_000, 8)])
+def test_combine_grid_covers_rows_within_the_scratch_bound(monkeypatch, sms, kind, m, ld):
+    """Pass 2's grid: every row in exactly one split, and for every n <= m no more splits
+    than ``combine_max_splits(m)`` (the size of the window's scratch)."""
+    monkeypatch.setattr(sliding, "_sm_count", lambda: sms)
+    cap = sliding.combine_max_splits(m, ld, kind)
+    for n in sorted({0, 1, 2, m // 3, m - 1, m}):
+        bx, splits, rows_per = sliding.combine_grid(n, ld, kind)
+        assert bx * 256 * (16 // sliding.ITEMSIZE[kind]) >= ld
+        assert 1 <= splits <= cap
+        if n:
+            assert (splits - 1) * rows_per < n <= splits * rows_per
+            assert splits <= -(-n // sliding.MIN_SPLIT_ROWS)

@@ -294,3 +294,88 @@ def test_block_apply_refuses_what_it_cannot_take():
     assert not KB.fits(cp.zeros((2, 3, 8))[:, :, ::2])            # not contiguous
     assert not KB.fits(cp.zeros((1, 8, 8192)))                     # shared memory
     assert KB.fits(cp.zeros((1, 8, 4000)))
+
+
+@pytest.mark.parametrize("r,b", [(1, 4), (3, 8), (63, 1000), (64, 40_000), (65, 40_000),
+                                 (300, 100_000), (1500, 4096)])
+@pytest.mark.parametrize("alpha,beta", [(2.0, -0.5), (1e-3, -1e-3)])
+def test_apply_wide_against_float64(r, b, alpha, beta):
+    """One large block through the sliding window's two float64-faithful passes (the
+    static operator's GPU matvec): one rounding of a float64 result, deterministic, and
+    across the row splits of pass 2 (r from 1 to 1500)."""
+    import cupy as cp
+    from mfac_linalg.kernels import blocks as KB
+    rng = np.random.default_rng(r + b)
+    V = rng.standard_normal((1, r, b)).astype(np.float32)
+    x = rng.standard_normal(b).astype(np.float32)
+    Vd = cp.asarray(V)
+    assert KB.wide_fits(Vd, alpha)
+    y, flag = KB.apply_wide(Vd, cp.asarray(x), alpha, beta, check=True)
+    V64, x64 = V[0].astype(np.float64), x.astype(np.float64)
+    ref = alpha * x64 + beta * (V64.T @ (V64 @ x64))
+    mag = abs(alpha) * np.abs(x64) + abs(beta) * (np.abs(V64).T @ (np.abs(V64) @ np.abs(x64)))
+    tol = 4 * (r + b) * 2.0 ** -53 * mag + 0.5 * np.spacing(np.abs(ref).astype(np.float32))
+    assert y.dtype == np.float32 and y.shape == (b,)
+    assert np.all(np.abs(y.get().astype(np.float64) - ref) <= tol)
+    assert float(flag[0]) == 0.0
+    y2, none = KB.apply_wide(Vd, cp.asarray(x), alpha, beta)
+    assert none is None and np.array_equal(y2.get(), y.get())
+
+
+@pytest.mark.parametrize("what", ["nan", "inf", "overflow"])
+@pytest.mark.parametrize("r,b", [(3, 8), (200, 40_000)])
+def test_apply_wide_flags_non_finite_results(what, r, b):
+    """The kernel's flag (the static operator's check_finite, read once): raised exactly
+    when an entry of the result is not finite, from a NaN/inf input or a result that
+    overflows float32 only in the final scaling."""
+    import cupy as cp
+    from mfac_linalg.kernels import blocks as KB
+    rng = np.random.default_rng(7)
+    V = cp.asarray(rng.standard_normal((1, r, b)).astype(np.float32))
+    x = rng.standard_normal(b).astype(np.float32)
+    alpha, beta = 1.0, -1e-3
+    clean = x.copy()
+    if what == "nan":
+        x[b // 2] = np.nan
+    elif what == "inf":
+        x[0] = np.inf
+    else:
+        x[1] = clean[1] = 3e37
+        alpha = 100.0                                  # alpha x overflows, x is finite
+    y, flag = KB.apply_wide(V, cp.asarray(x), alpha, beta, check=True)
+    assert not bool(cp.isfinite(y).all())
+    assert float(flag[0]) == 1.0
+    if what == "overflow":
+        clean[1] = 0.0
+    y, flag = KB.apply_wide(V, cp.asarray(clean), alpha, beta, check=True)
+    assert bool(cp.isfinite(y).all()) and float(flag[0]) == 0.0
+
+
+@pytest.mark.parametrize("op", ["static", "one block"])
+@pytest.mark.parametrize("d", [16, 40_000, 40_003])
+def test_gpu_matvec_check_finite_through_the_kernels(op, d):
+    """The default check_finite GPU matvec of one large block (the kernels' flag, one
+    host read; d = 40_003 takes the cuBLAS path) agrees with the CPU operator, refuses NaN
+    input and an overflowing result by name, and keeps working after a refusal."""
+    import cupy as cp
+    rng = np.random.default_rng(d)
+    G = rng.standard_normal((12, d)).astype(np.float32)
+    if op == "static":
+        make = lambda g, lam: ml.StaticInverseFisher(g, lam)
+    else:
+        make = lambda g, lam: ml.BlockInverseFisher(g, lam, block_size=d)
+    cpu, gpu = make(G.astype(np.float64), 0.5), make(cp.asarray(G), 0.5)
+    x = rng.standard_normal(d).astype(np.float32)
+    ref = cpu.matvec(x.astype(np.float64))
+    out = B.to_host(gpu.matvec(cp.asarray(x))).astype(np.float64)
+    assert np.allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    bad = x.copy()
+    bad[d // 3] = np.nan
+    with pytest.raises(ValueError, match="^x must be finite"):
+        gpu.matvec(cp.asarray(bad))
+    tiny = make(cp.asarray(G), 1e-36)
+    with pytest.raises(ValueError, match="overflow"):
+        tiny.matvec(cp.full(d, 1e3, dtype=cp.float32))       # x / lambda overflows float32
+    again = B.to_host(gpu.matvec(cp.asarray(x)))
+    assert np.array_equal(again, B.to_host(gpu.matvec(cp.asarray(x))))
+    assert np.allclose(again.astype(np.float64), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

@@ -21,7 +21,7 @@ import numpy as np
 
 from ._compile import function
 
-__all__ = ["apply", "fits"]
+__all__ = ["apply", "apply_wide", "fits", "wide_fits"]
 
 SOURCE = r"""
 template <typename T>
@@ -161,3 +161,38 @@ def apply(V, X, alpha, beta):
                             np.float64(beta)),
         shared_mem=_shared(r, b, threads))
     return Y
+
+
+def wide_fits(V, alpha):
+    """True where :func:`apply_wide` takes V: one float32 block (1, r, b), C-contiguous,
+    16-byte aligned rows (b a multiple of 4), alpha != 0 (the dual form)."""
+    return (V.ndim == 3 and V.shape[0] == 1 and V.shape[1] > 0 and V.dtype == np.float32
+            and V.flags.c_contiguous and V.shape[2] % 4 == 0 and V.data.ptr % 16 == 0
+            and alpha != 0)
+
+
+def apply_wide(V, x, alpha, beta, check=False):
+    """y = alpha x + beta V^T (V x) for one large block V (1, r, b) (``wide_fits``) and x
+    (b,): two passes of the sliding window's float64-faithful kernels (u = V x with float64
+    accumulators, then y = float32(alpha (x - V^T (-beta/alpha) u)) with float64 sums,
+    rounded once; docs/math.md §7), the rows of pass 2 split across blocks so that a
+    small b still fills the GPU.  Returns (y, flag): ``flag`` a one-element float64
+    device array set to 1 when ``check`` and an entry of y is not finite, else None."""
+    import cupy as cp
+    from . import sliding as K
+    _, r, b = V.shape
+    G = V[0]
+    x = x.astype(np.float32, copy=False)
+    if not x.flags.c_contiguous or x.data.ptr % 16:
+        x = x.copy()
+    bx, splits, _ = K.combine_grid(r, b, "float32")
+    # u (r), the flag, and the counters of the split sums (zeroed together, one memset)
+    ws = cp.zeros(r + 1 + (bx + 1) // 2, dtype=np.float64)
+    u, flag = ws[:r], ws[r:r + 1]
+    count = ws[r + 1:].view(np.uint32)[:bx]
+    part = cp.empty(splits * b, dtype=np.float64) if splits > 1 else None
+    K.rows_dot(G, "float32", x, u, rows=r, wide=True)
+    y = cp.empty(b, dtype=np.float32)
+    K.combine_wide(G, "float32", u, x, y, None, part, count, rows=r, cscale=-beta / alpha,
+                   flag=flag if check else None, inv_lam=alpha)
+    return y, (flag if check else None)

@@ -182,35 +182,43 @@ __device__ void combine_impl(const T* __restrict__ G, const float* __restrict__ 
                              float* __restrict__ y, int m, long long ld, int rows_per,
                              float scale) {
     constexpr int V = 16 / sizeof(T);
-    extern __shared__ float cs[];
+    constexpr int TILE = 2048;
+    __shared__ float cs[TILE];
     const int i0 = blockIdx.y * rows_per;
     const int i1 = min(i0 + rows_per, m);
-    for (int i = threadIdx.x; i < i1 - i0; i += blockDim.x) cs[i] = c[i0 + i];
-    __syncthreads();
     const long long j = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * V;
-    if (j >= ld) return;
+    const bool active = j < ld;
     float acc[V];
     #pragma unroll
     for (int t = 0; t < V; ++t) acc[t] = 0.f;
-    int i = i0;
-    for (; i + 4 <= i1; i += 4) {
-        float g0[V], g1[V], g2[V], g3[V];
-        load16(G + (long long)(i + 0) * ld + j, g0);
-        load16(G + (long long)(i + 1) * ld + j, g1);
-        load16(G + (long long)(i + 2) * ld + j, g2);
-        load16(G + (long long)(i + 3) * ld + j, g3);
-        const float a0 = cs[i - i0], a1 = cs[i + 1 - i0], a2 = cs[i + 2 - i0], a3 = cs[i + 3 - i0];
-        #pragma unroll
-        for (int t = 0; t < V; ++t)
-            acc[t] = fmaf(g3[t], a3, fmaf(g2[t], a2, fmaf(g1[t], a1, fmaf(g0[t], a0, acc[t]))));
+    for (int t0 = i0; t0 < i1; t0 += TILE) {
+        const int t1 = min(t0 + TILE, i1);
+        __syncthreads();
+        for (int i = threadIdx.x; i < t1 - t0; i += blockDim.x) cs[i] = c[t0 + i];
+        __syncthreads();
+        if (!active) continue;
+        int i = t0;
+        for (; i + 4 <= t1; i += 4) {
+            float g0[V], g1[V], g2[V], g3[V];
+            load16(G + (long long)(i + 0) * ld + j, g0);
+            load16(G + (long long)(i + 1) * ld + j, g1);
+            load16(G + (long long)(i + 2) * ld + j, g2);
+            load16(G + (long long)(i + 3) * ld + j, g3);
+            const float a0 = cs[i - t0], a1 = cs[i + 1 - t0], a2 = cs[i + 2 - t0],
+                        a3 = cs[i + 3 - t0];
+            #pragma unroll
+            for (int t = 0; t < V; ++t)
+                acc[t] = fmaf(g3[t], a3, fmaf(g2[t], a2, fmaf(g1[t], a1, fmaf(g0[t], a0, acc[t]))));
+        }
+        for (; i < t1; ++i) {
+            float g0[V];
+            load16(G + (long long)i * ld + j, g0);
+            const float a0 = cs[i - t0];
+            #pragma unroll
+            for (int t = 0; t < V; ++t) acc[t] = fmaf(g0[t], a0, acc[t]);
+        }
     }
-    for (; i < i1; ++i) {
-        float g0[V];
-        load16(G + (long long)i * ld + j, g0);
-        const float a0 = cs[i - i0];
-        #pragma unroll
-        for (int t = 0; t < V; ++t) acc[t] = fmaf(g0[t], a0, acc[t]);
-    }
+    if (!active) return;
     if (gridDim.y == 1) {
         float yv[4];
         #pragma unroll
@@ -237,7 +245,8 @@ template <typename T>
 __device__ void combine_wide_impl(const T* __restrict__ G, const double* __restrict__ c,
                                   const float* __restrict__ x, float* __restrict__ y,
                                   double* __restrict__ part, unsigned* __restrict__ count,
-                                  int m, long long ld, int rows_per, double inv_lam) {
+                                  int m, long long ld, int rows_per, double inv_lam,
+                                  double cscale, double* __restrict__ flag) {
     constexpr int V = 16 / sizeof(T);
     constexpr int TILE = 1024;
     __shared__ double cs[TILE];
@@ -252,7 +261,7 @@ __device__ void combine_wide_impl(const T* __restrict__ G, const double* __restr
     for (int t0 = i0; t0 < i1; t0 += TILE) {
         const int t1 = min(t0 + TILE, i1);
         __syncthreads();
-        for (int i = threadIdx.x; i < t1 - t0; i += blockDim.x) cs[i] = c[t0 + i];
+        for (int i = threadIdx.x; i < t1 - t0; i += blockDim.x) cs[i] = c[t0 + i] * cscale;
         __syncthreads();
         if (!active) continue;
         int i = t0;
@@ -301,8 +310,13 @@ __device__ void combine_wide_impl(const T* __restrict__ G, const double* __restr
     if (!active) return;
     float xv[V], yv[V];
     loadx<V>(x + j, xv);
+    bool bad = false;
     #pragma unroll
-    for (int t = 0; t < V; ++t) yv[t] = (float)(((double)xv[t] - acc[t]) * inv_lam);
+    for (int t = 0; t < V; ++t) {
+        yv[t] = (float)(((double)xv[t] - acc[t]) * inv_lam);
+        bad |= !isfinite(yv[t]);
+    }
+    if (bad && flag != nullptr) flag[0] = 1.0;
     #pragma unroll
     for (int t = 0; t < V; t += 4) store16(y + j + t, yv + t);
 }
@@ -335,16 +349,19 @@ __global__ void rows_dot_f16_w(const float* x, __half* G, double* u, int m, long
 
 __global__ void combine_f32_w(const float* G, const double* c, const float* x, float* y,
                               double* part, unsigned* count, int m, long long ld, int rows_per,
-                              double inv_lam)
-{ combine_wide_impl<float>(G, c, x, y, part, count, m, ld, rows_per, inv_lam); }
+                              double inv_lam,
+                              double cscale, double* flag)
+{ combine_wide_impl<float>(G, c, x, y, part, count, m, ld, rows_per, inv_lam, cscale, flag); }
 __global__ void combine_bf16_w(const __nv_bfloat16* G, const double* c, const float* x, float* y,
                               double* part, unsigned* count, int m, long long ld, int rows_per,
-                              double inv_lam)
-{ combine_wide_impl<__nv_bfloat16>(G, c, x, y, part, count, m, ld, rows_per, inv_lam); }
+                              double inv_lam,
+                              double cscale, double* flag)
+{ combine_wide_impl<__nv_bfloat16>(G, c, x, y, part, count, m, ld, rows_per, inv_lam, cscale, flag); }
 __global__ void combine_f16_w(const __half* G, const double* c, const float* x, float* y,
                               double* part, unsigned* count, int m, long long ld, int rows_per,
-                              double inv_lam)
-{ combine_wide_impl<__half>(G, c, x, y, part, count, m, ld, rows_per, inv_lam); }
+                              double inv_lam,
+                              double cscale, double* flag)
+{ combine_wide_impl<__half>(G, c, x, y, part, count, m, ld, rows_per, inv_lam, cscale, flag); }
 
 __global__ void combine_f32(const float* G, const float* c, float* y, int m, long long ld, int rows_per, float scale)
 { combine_impl<float>(G, c, y, m, ld, rows_per, scale); }
@@ -716,6 +733,34 @@ def rows_dot(G, kind, x, u, slot=-1, rows=None, *, backup=None, flag=None, y=Non
 _THREADS = 256
 
 
+def _sm_count():
+    """Streaming multiprocessors of the current device (looked up once per device)."""
+    import cupy as cp
+    return _sms(cp.cuda.runtime.getDevice())
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device):
+    import cupy as cp
+    return int(cp.cuda.Device(device).attributes["MultiProcessorCount"])
+
+
+#: blocks per streaming multiprocessor that pass 2 aims at when it splits the rows
+BLOCKS_PER_SM = 3
+#: fewest rows per split of pass 2
+MIN_SPLIT_ROWS = 64
+
+
+def _splits(m, bx):
+    """Row splits of pass 2 over m rows with bx column blocks: enough blocks for about
+    ``BLOCKS_PER_SM`` per multiprocessor, at least ``MIN_SPLIT_ROWS`` rows each.  Measured
+    on an H100 (docs/benchmarks.md): more splits cost more than they hide (partial sums
+    and their atomics or second read); one split where the columns alone fill the GPU."""
+    if m <= 0:
+        return 1
+    return max(1, min(-(-BLOCKS_PER_SM * _sm_count() // bx), -(-m // MIN_SPLIT_ROWS)))
+
+
 def combine_grid(m, ld, kind):
     """(column blocks, row splits, rows per split) of pass 2 over m rows: the rows are
     split across blocks when the columns alone leave the GPU idle (small d)."""
@@ -723,16 +768,15 @@ def combine_grid(m, ld, kind):
     bx = (ld // vec + _THREADS - 1) // _THREADS
     if m == 0:
         return bx, 1, 0
-    splits = max(1, min((m + 31) // 32, -(-2048 // bx)))
-    rows_per = -(-m // splits)
+    rows_per = -(-m // _splits(m, bx))
     return bx, -(-m // rows_per), rows_per
 
 
 def combine_max_splits(m, ld, kind):
     """An upper bound of the row splits of pass 2 over any n <= m rows (the scratch size
-    of ``combine_wide``: splits x ld values)."""
-    bx = combine_grid(m, ld, kind)[0]
-    return max(1, min((m + 31) // 32, -(-2048 // bx)))
+    of ``combine_wide``: splits x ld values; the splits grow with n)."""
+    vec = 16 // ITEMSIZE[kind]
+    return _splits(m, (ld // vec + _THREADS - 1) // _THREADS)
 
 
 def combine(G, kind, c, y, scale, rows=None):
@@ -746,22 +790,25 @@ def combine(G, kind, c, y, scale, rows=None):
     bx, splits, rows_per = combine_grid(m, ld, kind)
     fn("combine_" + SUFFIX[kind])((bx, splits), (_THREADS,),
                                   (G, c, y, np.int32(m), np.int64(ld), np.int32(rows_per),
-                                   np.float32(scale)),
-                                  shared_mem=rows_per * 4)
+                                   np.float32(scale)))
     return y
 
 
-def combine_wide(G, kind, c, x, y, lam, part, count, rows=None):
-    """y = float32((x - G[:rows]^T c) / lam), float64-faithful (docs/math.md §7).
+def combine_wide(G, kind, c, x, y, lam, part, count, rows=None, *, cscale=1.0, flag=None,
+                 inv_lam=None):
+    """y = float32((x - G[:rows]^T (cscale c)) / lam), float64-faithful (docs/math.md §7).
 
     c: float64 (at least ``rows`` long, slot order); x, y: float32 of length ld;
     ``part``: float64 scratch of at least splits x ld values and ``count``: uint32
     zeros, one per column block (``combine_grid``), left zeroed; both may be None when
-    the grid has one split.  Deterministic: no atomics in the sums.
+    the grid has one split.  ``inv_lam``, where given, is the multiplier instead of
+    1 / lam; ``flag[0]`` (float64), where given, is set to 1 when an entry of y is not
+    finite.  Deterministic: no atomics in the sums.
     """
     _want("combine_wide: c", c, np.float64)
     _want("combine_wide: x", x, np.float32)
     _want("combine_wide: y", y, np.float32)
+    _want("combine_wide: flag", flag, np.float64)
     m = G.shape[0] if rows is None else rows
     ld = G.shape[1]
     bx, splits, rows_per = combine_grid(m, ld, kind)
@@ -770,9 +817,9 @@ def combine_wide(G, kind, c, x, y, lam, part, count, rows=None):
     fn("combine_" + SUFFIX[kind] + "_w")((bx, splits), (_THREADS,),
                                          (G, c, x, y, _ptr(part), _ptr(count), np.int32(m),
                                           np.int64(ld), np.int32(rows_per),
-                                          np.float64(1.0 / lam)))
+                                          np.float64(1.0 / lam if inv_lam is None else inv_lam),
+                                          np.float64(cscale), _ptr(flag)))
     return y
-
 
 
 def round_to(kind, x, out):
