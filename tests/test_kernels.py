@@ -373,9 +373,9 @@ def test_gpu_matvec_check_finite_through_the_kernels(op, d):
     bad[d // 3] = np.nan
     with pytest.raises(ValueError, match="^x must be finite"):
         gpu.matvec(cp.asarray(bad))
-    tiny = make(cp.asarray(G), 1e-36)
+    tiny = make(cp.asarray(G), 1e-18)                 # about the smallest float32 damping
     with pytest.raises(ValueError, match="overflow"):
-        tiny.matvec(cp.full(d, 1e3, dtype=cp.float32))       # x / lambda overflows float32
+        tiny.matvec(cp.full(d, 1e21, dtype=cp.float32))      # x / lambda overflows float32
     again = B.to_host(gpu.matvec(cp.asarray(x)))
     assert np.array_equal(again, B.to_host(gpu.matvec(cp.asarray(x))))
     assert np.allclose(again.astype(np.float64), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
