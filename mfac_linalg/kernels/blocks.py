@@ -164,11 +164,13 @@ def apply(V, X, alpha, beta):
 
 
 def wide_fits(V, alpha):
-    """True where :func:`apply_wide` takes V: one float32 block (1, r, b), C-contiguous,
-    16-byte aligned rows (b a multiple of 4), alpha != 0 (the dual form)."""
+    """True where :func:`apply_wide` takes V: one float32 block (1, r, b) too large for
+    :func:`apply` (a small one, such as the ragged last block of a block operator, is
+    faster there or through cuBLAS than through four launches), C-contiguous, 16-byte
+    aligned rows (b a multiple of 4), alpha != 0 (the dual form)."""
     return (V.ndim == 3 and V.shape[0] == 1 and V.shape[1] > 0 and V.dtype == np.float32
             and V.flags.c_contiguous and V.shape[2] % 4 == 0 and V.data.ptr % 16 == 0
-            and alpha != 0)
+            and alpha != 0 and not fits(V))
 
 
 def apply_wide(V, x, alpha, beta, check=False):
