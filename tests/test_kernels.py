@@ -301,6 +301,13 @@ def test_block_apply_refuses_what_it_cannot_take():
     assert not KB.wide_fits(cp.zeros((1, 8, 8190), dtype=f32), 1.0)   # rows not 16-byte
     assert not KB.wide_fits(cp.zeros((1, 8, 8192)), 1.0)              # float64
     assert not KB.wide_fits(cp.zeros((1, 8, 8192), dtype=f32), 0.0)   # primal form
+    big = cp.zeros((1, 8, 8192), dtype=f32)
+    assert KB.wide_fits(big, 1.0)
+    try:
+        KB.WIDE_MAX_ELEMENTS, saved = 8 * 8192 - 1, KB.WIDE_MAX_ELEMENTS
+        assert not KB.wide_fits(big, 1.0)                   # large: cuBLAS is as fast
+    finally:
+        KB.WIDE_MAX_ELEMENTS = saved
 
 
 @pytest.mark.parametrize("r,b", [(1, 8192), (3, 8200), (63, 10_000), (64, 40_000),

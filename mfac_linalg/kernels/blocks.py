@@ -163,12 +163,20 @@ def apply(V, X, alpha, beta):
     return Y
 
 
+#: largest r b that :func:`apply_wide` takes: measured on an H100 against cuBLAS GEMVs and
+#: elementwise passes (docs/benchmarks.md), 0.55-0.65x the time at r b = 1.5e7-2.6e7 and
+#: 0.98-1.08x at 1e8-1e9, where the passes are at the memory floor either way
+WIDE_MAX_ELEMENTS = 50_000_000
+
+
 def wide_fits(V, alpha):
     """True where :func:`apply_wide` takes V: one float32 block (1, r, b) too large for
     :func:`apply` (a small one, such as the ragged last block of a block operator, is
-    faster there or through cuBLAS than through four launches), C-contiguous, 16-byte
-    aligned rows (b a multiple of 4), alpha != 0 (the dual form)."""
+    faster there or through cuBLAS than through four launches) and at most
+    ``WIDE_MAX_ELEMENTS`` values, C-contiguous, 16-byte aligned rows (b a multiple of 4),
+    alpha != 0 (the dual form)."""
     return (V.ndim == 3 and V.shape[0] == 1 and V.shape[1] > 0 and V.dtype == np.float32
+            and V.shape[1] * V.shape[2] <= WIDE_MAX_ELEMENTS
             and V.flags.c_contiguous and V.shape[2] % 4 == 0 and V.data.ptr % 16 == 0
             and alpha != 0 and not fits(V))
 
