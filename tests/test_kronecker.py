@@ -351,6 +351,15 @@ def test_block_diag_composition_and_inverse(rng):
         ml.block_diag([ops[0], ops[1] + ops[1]]).inverse()
     with pytest.raises(TypeError, match=r"ops\[0\].*no fisher"):
         mixed.fisher()
+    # logdet is log det F of every block's Fisher: one meaning for blocks of one kind only
+    assert np.isclose(inv.logdet(), np.linalg.slogdet(Fd)[1], rtol=1e-12)
+    fwd = ml.block_diag([ops[0].fisher(), ml.block_diag([ops[1].fisher()]), st_op.fisher()])
+    assert np.isclose(fwd.logdet(), np.linalg.slogdet(Fd)[1], rtol=1e-12)
+    with pytest.raises(TypeError, match=r"ops\[0\] is a forward operator.*ops\[1\] is an "
+                                        r"inverse-Fisher operator"):
+        mixed.logdet()
+    with pytest.raises(TypeError, match=r"ops\[1\] is a block_diag of both kinds"):
+        ml.block_diag([st_op, ml.block_diag([ops[0], ops[1].fisher()])]).logdet()
 
 
 def test_pickle_deepcopy_and_read_only(rng):

@@ -281,10 +281,27 @@ class BlockDiagonal(_Picklable, Operator):
         return self._ops[k].entry(int(i - a), int(j - a))
 
     def logdet(self):
-        """Sum of the blocks' log-determinants (each block must have ``logdet``)."""
+        """log det F of the block-diagonal F: the sum of the blocks' ``logdet()``.
+
+        Every block's ``logdet()`` is log det of its Fisher F_k, whether the block applies
+        F_k^{-1} (an inverse-Fisher operator, with ``fisher()``) or F_k (a forward
+        operator), so the sum has one meaning only when the blocks are of one kind:
+        blockdiag(F_1^{-1}, F_2) is the inverse of blockdiag(F_1, F_2^{-1}), whose log det
+        is log det F_1 - log det F_2, not the sum.  A mix is refused."""
         for k, op in enumerate(self._ops):
             if not hasattr(op, "logdet"):
                 raise TypeError(f"ops[{k}] ({type(op).__name__}) has no logdet()")
+        kinds = [_kind(op) for op in self._ops]
+        if "mixed" in kinds:
+            k = kinds.index("mixed")
+            raise TypeError(f"logdet() needs blocks of one kind: ops[{k}] is "
+                            f"{_KIND_NAME['mixed']} (take logdet() of each block)")
+        if len(set(kinds)) > 1:
+            k = next(i for i, kd in enumerate(kinds) if kd != kinds[0])
+            raise TypeError(
+                f"logdet() needs blocks of one kind: ops[0] is {_KIND_NAME[kinds[0]]} and "
+                f"ops[{k}] is {_KIND_NAME[kinds[k]]}; their log det F add different "
+                "meanings (take logdet() of each block)")
         return sum(op.logdet() for op in self._ops)
 
     def fisher(self):
@@ -295,6 +312,20 @@ class BlockDiagonal(_Picklable, Operator):
         """blockdiag of the blocks' ``inverse()``: works for any mix of inverse-Fisher
         operators, their forward operators and anything else with an ``inverse()``."""
         return BlockDiagonal(_each(self._ops, "inverse"))
+
+
+_KIND_NAME = {"inverse": "an inverse-Fisher operator (it has fisher())",
+              "forward": "a forward operator (no fisher())",
+              "mixed": "a block_diag of both kinds"}
+
+
+def _kind(op):
+    """"inverse" (applies F^{-1}: has ``fisher()``), "forward", or for a BlockDiagonal the
+    kind of its blocks ("mixed" where they differ)."""
+    if isinstance(op, BlockDiagonal):
+        kinds = {_kind(b) for b in op._ops}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+    return "inverse" if hasattr(op, "fisher") else "forward"
 
 
 def block_diag(ops):
