@@ -127,12 +127,12 @@ class _Algebra:
             return NotImplemented
         arr, _ = B.asarray(x, "x", backend=self._backend)
         if arr.ndim == 1:
-            return self._protocol_product(arr, "x", adjoint=True)
+            return self._out(self._protocol_product(arr, "x", adjoint=True), x)
         if arr.ndim == 2:
             if arr.shape[1] != self._d:
                 raise ValueError(f"x must have shape ({self._d},) or (k, {self._d}) for "
                                  f"x @ op; got shape {tuple(arr.shape)}")
-            return self._protocol_product(arr.T, "x", adjoint=True).T
+            return self._out(self._protocol_product(arr.T, "x", adjoint=True).T, x)
         raise ValueError(f"x must be 1-D or 2-D; got shape {tuple(arr.shape)}")
 
     def __mul__(self, x):
@@ -358,21 +358,33 @@ class Operator(_Algebra, _SciPyLinearOperator):
             raise self._nonfinite(x, name) from None
         return Y[:, 0] if was_1d else Y
 
+    #: True for operators that give ``torch.Tensor`` results for tensor arguments (the
+    #: torch adapter, ``mfac_linalg.torch.PermutedOperator``, and the lazy sums, scalings
+    #: and products with such a term); the others give arrays, as documented
+    _tensors_out = False
+
+    def _out(self, y, like):
+        """A result back as a tensor like ``like`` where this operator gives tensors."""
+        if not self._tensors_out:
+            return y
+        from .torch.layout import _back
+        return _back(y, like)
+
     def matvec(self, x):
         """``A @ x`` for ``x`` of shape (d,) or (d, 1); same shape and dtype back."""
-        return self._protocol_product(x, "x", shape="vector")
+        return self._out(self._protocol_product(x, "x", shape="vector"), x)
 
     def matmat(self, X):
         """``A @ X`` for ``X`` of shape (d, k), one pass over the operator's data."""
-        return self._protocol_product(X, "X", shape="matrix")
+        return self._out(self._protocol_product(X, "X", shape="matrix"), X)
 
     def rmatvec(self, x):
         """``A^T @ x`` (= ``A @ x`` for a symmetric operator)."""
-        return self._protocol_product(x, "x", adjoint=True, shape="vector")
+        return self._out(self._protocol_product(x, "x", adjoint=True, shape="vector"), x)
 
     def rmatmat(self, X):
         """``A^T @ X`` (= ``A @ X`` for a symmetric operator)."""
-        return self._protocol_product(X, "X", adjoint=True, shape="matrix")
+        return self._out(self._protocol_product(X, "X", adjoint=True, shape="matrix"), X)
 
     def dot(self, x):
         """``A @ x`` for (d,) or (d, k) input; ``A.dot(op2)`` is the lazy product."""
@@ -380,7 +392,7 @@ class Operator(_Algebra, _SciPyLinearOperator):
             return ProductOperator([self, x])
         if _foreign_linop(x):
             return self.to_scipy().dot(x)
-        return self._protocol_product(x, "x")
+        return self._out(self._protocol_product(x, "x"), x)
 
     # -- adjoints --------------------------------------------------------------
     def adjoint(self):
@@ -482,7 +494,7 @@ class Operator(_Algebra, _SciPyLinearOperator):
                 q = xp.ldexp(q, 2 * e)
         else:
             q = self._quad(X)
-        return float(B.to_host(q)[0]) if was_1d else q.astype(out_dtype, copy=False)
+        return float(B.to_host(q)[0]) if was_1d else self._out(q.astype(out_dtype, copy=False), x)
 
     def _quad(self, X):
         return (X * self._matmat(X)).sum(axis=0)
@@ -583,6 +595,7 @@ class SumOperator(Operator):
             flat.extend(op._ops if isinstance(op, SumOperator) else [op])
         self._ops = flat
         self._symmetric = all(op.symmetric for op in flat)
+        self._tensors_out = any(op._tensors_out for op in flat)
         self._init_operator(flat[0].shape[0], np.result_type(*[op.dtype for op in flat]),
                             flat[0].backend)
 
@@ -651,6 +664,7 @@ class ScaledOperator(Operator):
         self._a = float(a)
         self._op = op
         self._symmetric = op.symmetric
+        self._tensors_out = op._tensors_out
         self._init_operator(op.shape[0], op.dtype, op.backend)
 
     @property
@@ -722,6 +736,7 @@ class ProductOperator(Operator):
             flat.extend(op._ops if isinstance(op, ProductOperator) else [op])
         self._ops = flat
         self._symmetric = all(op is flat[0] for op in flat) and flat[0].symmetric
+        self._tensors_out = any(op._tensors_out for op in flat)
         self._init_operator(flat[0].shape[0], np.result_type(*[op.dtype for op in flat]),
                             flat[0].backend)
 

@@ -132,3 +132,19 @@ def test_permuted_operator_equals_P_A_Pt():
     np.testing.assert_allclose(Df @ D, np.eye(lay.dim), atol=1e-9)
     with pytest.raises(ValueError, match="dimension"):
         PermutedOperator(inner, ParameterLayout([(1, 1, False)]))
+    # tensors in, tensors out through the lazy algebra as well; arrays stay arrays
+    X2 = torch.stack([x, 2 * x], 1)
+    for expr, dense in [(2 * op, 2 * D), (op + op.fisher(), D + Df), (op @ op, D @ D),
+                        (-op, -D), (op / 4, D / 4)]:
+        yv = expr.matvec(x)
+        assert isinstance(yv, torch.Tensor) and yv.dtype == torch.float64
+        np.testing.assert_allclose(yv.numpy(), dense @ x.numpy(), rtol=1e-9,
+                                   atol=1e-12 * np.abs(dense @ x.numpy()).max())
+        assert isinstance(expr @ X2, torch.Tensor) and (expr @ X2).shape == X2.shape
+        assert isinstance(expr.rmatvec(x.float()), torch.Tensor)
+        assert (expr.rmatvec(x.float())).dtype == torch.float32
+        assert isinstance(x @ expr, torch.Tensor)
+        assert isinstance(expr.quad(X2), torch.Tensor) and isinstance(expr.quad(x), float)
+        assert (expr @ torch.ones(lay.dim, dtype=torch.int64)).dtype == torch.float64
+        assert isinstance(expr.matvec(x.numpy()), np.ndarray)
+    assert isinstance((2 * inner).matvec(x), np.ndarray)     # no torch operator: arrays

@@ -373,7 +373,8 @@ class PermutedOperator(Operator):
     operator's product (O(d k) on top of it); ``diagonal`` and ``entry`` are the
     wrapped operator's, re-indexed.  Tensors in, tensors out: a ``torch.Tensor``
     argument gives a tensor back on its device and in its dtype (NumPy / CuPy arrays
-    give arrays, as every operator of the library).
+    give arrays, as every operator of the library), also through the lazy algebra
+    (``2 * P``, ``P + P``, ``P @ P``, ``x @ P``).
 
     Parameters
     ----------
@@ -393,6 +394,8 @@ class PermutedOperator(Operator):
     >>> type(y).__name__, y.shape, y.dtype
     ('Tensor', torch.Size([8]), torch.float64)
     """
+
+    _tensors_out = True      # tensors in, tensors out (the base class's products)
 
     def __init__(self, op, layout):
         if not isinstance(op, Operator):
@@ -441,20 +444,6 @@ class PermutedOperator(Operator):
     def inverse(self):
         """The wrapped operator's ``inverse()``, in torch order."""
         return PermutedOperator(self._op.inverse(), self.layout)
-
-    # tensors in, tensors out
-    def matvec(self, x):
-        return _back(super().matvec(x), x)
-
-    def matmat(self, X):
-        return _back(super().matmat(X), X)
-
-    def dot(self, x):
-        return _back(super().dot(x), x)
-
-    def quad(self, x):
-        q = super().quad(x)
-        return _back(q, x) if not isinstance(q, float) else q
 
 
 def _back(y, like):
