@@ -232,8 +232,8 @@ class LowRank:
         The scale goes on the small (r, k) side and the d-sized result is built in
         place (no d-sized temporaries beyond the result).  On the GPU one vector goes
         through kernels (``kernels/blocks.py``, float64 sums rounded once): for one large
-        block (``wide_fits``) the sliding window's two passes, checked by a flag the
-        kernel raises; for a stack one thread block per block, when unchecked.
+        block (``wide_fits``), checked, the sliding window's two passes with a flag the
+        kernel raises; for a stack, unchecked, one thread block per block.
 
         ``check``: raise ``NonFiniteInput`` when X holds NaN or infinity or a product
         overflows, read from the result Y: with alpha != 0 every x_j enters y_j, and
@@ -244,13 +244,14 @@ class LowRank:
         be = self.backend
         if be.is_gpu and Xb.shape[-1] == 1 and Xb.dtype == self.V.dtype:
             kb = B.kernel_module("blocks")
-            if kb.wide_fits(self.V, self.alpha):
-                # one large block (the static operator): the window's two float64-faithful
-                # passes over many thread blocks, the check a flag read once
+            if check and kb.wide_fits(self.V, self.alpha):
+                # one large block (the static operator), checked: the window's two
+                # float64-faithful passes over many thread blocks, the check a flag read
+                # once (unchecked, cuBLAS's two GEMVs are as fast: docs/benchmarks.md)
                 with be.device_context():
                     y, flag = kb.apply_wide(self.V, Xb.reshape(-1), self.alpha, self.beta,
-                                            check)
-                if check and B.scalar(flag[0]):
+                                            True)
+                if B.scalar(flag[0]):
                     raise NonFiniteInput
                 return y.reshape(Xb.shape)
             if not check and Xb.ndim == 3 and kb.fits(self.V):

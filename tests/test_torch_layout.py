@@ -148,3 +148,17 @@ def test_permuted_operator_equals_P_A_Pt():
         assert (expr @ torch.ones(lay.dim, dtype=torch.int64)).dtype == torch.float64
         assert isinstance(expr.matvec(x.numpy()), np.ndarray)
     assert isinstance((2 * inner).matvec(x), np.ndarray)     # no torch operator: arrays
+    assert isinstance(ml.block_diag([op, op.fisher()]) @ torch.cat([X2, X2]), torch.Tensor)
+    # what block_diag's logdet classifies is the wrapped operator, not the adapter
+    with pytest.raises(TypeError, match="one kind"):
+        ml.block_diag([op, op.fisher()]).logdet()
+    assert ml.block_diag([op, op]).logdet() == pytest.approx(2 * op.logdet(), rel=1e-12)
+    # a non-symmetric wrapped operator: its adjoint, in torch order
+    ns = PermutedOperator(inner @ (inner + inner.fisher()), lay)
+    Dn = P.T @ (Dk @ (Dk + np.linalg.inv(Dk))) @ P
+    assert not ns.symmetric
+    xn = x.numpy()
+    np.testing.assert_allclose(ns.rmatvec(xn), Dn.T @ xn, rtol=1e-9)
+    np.testing.assert_allclose((xn @ ns), Dn.T @ xn, rtol=1e-9)
+    np.testing.assert_allclose(ns.T.todense(), Dn.T, rtol=1e-9, atol=1e-12 * np.abs(Dn).max())
+    assert isinstance(ns.rmatvec(x), torch.Tensor)

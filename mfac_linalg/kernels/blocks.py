@@ -14,6 +14,9 @@ second read of V_n (r b values, a few hundred KiB at most) is served mostly from
 which the neighbouring blocks in flight share.  Sums in float64 (free where float64
 throughput matches float32, as on H100/H200; a few percent elsewhere, the kernel being
 bound by memory), one rounding at the end; no atomics, so results are bit-reproducible.
+(``apply_wide``, for one large block, is the sliding window's two passes instead: its
+pass 1 adds column chunks with float64 atomics, so y is reproducible to the rounding of
+a float64 u, not bit for bit.)
 """
 from __future__ import annotations
 
@@ -164,8 +167,9 @@ def apply(V, X, alpha, beta):
 
 
 #: largest r b that :func:`apply_wide` takes: measured on an H100 against cuBLAS GEMVs and
-#: elementwise passes (docs/benchmarks.md), 0.55-0.65x the time at r b = 1.5e7-2.6e7 and
-#: 0.98-1.08x at 1e8-1e9, where the passes are at the memory floor either way
+#: elementwise passes with the check (docs/benchmarks.md), 0.55-0.84x the time at
+#: r b = 1.5e7-2.6e7 and 0.98-1.08x at 1e8-1e9, where the passes are at the memory floor
+#: either way; the cap lies between the two measured ranges
 WIDE_MAX_ELEMENTS = 50_000_000
 
 

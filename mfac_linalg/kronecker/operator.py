@@ -250,6 +250,7 @@ class BlockDiagonal(_Picklable, Operator):
             if op.backend != ops[0].backend:
                 raise TypeError(f"ops[{k}] lives on {op.device}, ops[0] on {ops[0].device}")
         self._ops = ops
+        self._tensors_out = any(op._tensors_out for op in ops)
         sizes = [op.shape[0] for op in ops]
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         dtype = np.result_type(*[op.dtype for op in ops])
@@ -325,6 +326,9 @@ def _kind(op):
     if isinstance(op, BlockDiagonal):
         kinds = {_kind(b) for b in op._ops}
         return kinds.pop() if len(kinds) == 1 else "mixed"
+    inner = getattr(op, "_kind_of", None)     # an adapter (torch order): the wrapped one's
+    if inner is not None:
+        return _kind(inner)
     return "inverse" if hasattr(op, "fisher") else "forward"
 
 

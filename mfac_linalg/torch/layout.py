@@ -406,6 +406,7 @@ class PermutedOperator(Operator):
             raise ValueError(f"op has dimension {op.shape[0]} but layout has {layout.dim}")
         self._op = op
         self.layout = layout
+        self._symmetric = op.symmetric
         xp = op.backend.xp
         self._perm = xp.asarray(layout.perm)
         self._inv = xp.asarray(layout.inverse)
@@ -414,6 +415,12 @@ class PermutedOperator(Operator):
     @property
     def operator(self):
         """The wrapped operator (Kronecker order)."""
+        return self._op
+
+    @property
+    def _kind_of(self):
+        """What ``block_diag(...).logdet()`` classifies (inverse-Fisher or forward): the
+        wrapped operator, whatever methods this adapter forwards."""
         return self._op
 
     @property
@@ -426,6 +433,12 @@ class PermutedOperator(Operator):
 
     def _matmat(self, X):
         return self._op.matmat(X[self._perm])[self._inv]
+
+    def _rmatmat(self, X):
+        return self._op.rmatmat(X[self._perm])[self._inv]
+
+    def _adjoint(self):
+        return PermutedOperator(self._op.adjoint(), self.layout)
 
     def _diagonal(self):
         return self._op.diagonal()[self._inv]
