@@ -982,3 +982,147 @@ def test_sharded_quad_is_float64_faithful_with_float64_accumulation():
 def test_sharded_load_called_on_the_class_says_how_to_load():
     with pytest.raises(TypeError, match="is an instance method"):
         ShardedSlidingWindowInverseFisher.load("w.npz", None)
+
+
+# -- a bad argument on one rank fails every rank (fuzz round five) -------------------------------
+
+def _one_rank_bad(comm, what):
+    """Rank 1 passes a bad argument, rank 0 a good one; both then run a matvec, which must
+    work (the ranks still run the same collectives)."""
+    rng = np.random.default_rng(4)
+    lay = ColumnLayout.contiguous(6, comm.size)
+    J = lay.indices(comm.rank)
+    G = rng.standard_normal((3, 6))
+    op = ShardedStaticInverseFisher(G[:, J], 0.5, comm, layout=lay)
+    xall = rng.standard_normal(6)
+    x = xall[J]
+    bad = comm.rank == 1
+    calls = {
+        "todense": lambda: op.todense(max_elements=float("nan") if bad else 10**6),
+        "todense_small": lambda: op.todense(max_elements=3 if bad else 10**6),
+        "rmatmul": lambda: ("not an array" if bad else x) @ op,
+        "mul_scalar": lambda: op * (2.0 if bad else x),
+        "dot_operator": lambda: op.dot(op if bad else x),
+        "allgather_0d": lambda: allgather(np.float64(1.0) if bad else x, lay, comm),
+        "allgather_axis": lambda: allgather(x, lay, comm, axis=5 if bad else 0),
+        "allgather_ndim": lambda: allgather(x[:, None] if bad else x, lay, comm),
+    }
+    try:
+        calls[what]()
+        first = "no error"
+    except RemoteRankError:
+        first = ("remote",)
+    except (TypeError, ValueError) as exc:
+        first = ("local", type(exc).__name__)
+    y = op.matvec(x)                       # the next collective: both ranks, right result
+    ok = np.allclose(y, ml.StaticInverseFisher(G, 0.5).matvec(xall)[J], rtol=1e-12)
+    return first, y.shape, ok
+
+
+@pytest.mark.parametrize("what", ["todense", "todense_small", "rmatmul", "mul_scalar",
+                                  "dot_operator", "allgather_0d", "allgather_axis",
+                                  "allgather_ndim"])
+def test_a_bad_argument_on_one_rank_fails_every_rank(what):
+    out = run_ranks(2, _one_rank_bad, what)
+    (first0, shape0, ok0), (first1, shape1, ok1) = out
+    if what == "allgather_ndim":          # the header shows the mismatch to every rank
+        assert first0 == first1 == ("local", "ValueError")
+    else:
+        assert first1[0] == "local" and first0 == ("remote",)
+    assert shape0 == shape1 == (3,) and ok0 and ok1   # the next collective runs on both
+
+
+def _flg_bad(comm, kind):
+    bad = comm.rank == 1
+    G = np.random.default_rng(5).standard_normal((3, 4))
+    arg = {"none": None, "str": "grads", "window": G}[kind] if bad else G
+    try:
+        ShardedSlidingWindowInverseFisher.from_local_gradients(
+            arg, 0.5, comm, window=5 if (bad and kind == "window") else None)
+        first = "no error"
+    except RemoteRankError:
+        first = "remote"
+    except (TypeError, ValueError) as exc:
+        first = type(exc).__name__
+    buf = np.ones(3)
+    comm.allreduce_sum(buf)                # the next collective meets the other rank's
+    return first, buf.tolist()
+
+
+@pytest.mark.parametrize("kind", ["none", "str", "window"])
+def test_from_local_gradients_refuses_on_every_rank(kind):
+    out = run_ranks(2, _flg_bad, kind)
+    assert out[0] == ("remote", [2.0, 2.0, 2.0])
+    assert out[1] == ("TypeError" if kind != "window" else "ValueError", [2.0, 2.0, 2.0])
+
+
+def test_from_local_gradients_window_must_match_the_rows():
+    G = np.random.default_rng(6).standard_normal((3, 4))
+    with pytest.raises(ValueError, match=r"window must equal the number of rows of "
+                                         r"local_grads \(3\).*got 5"):
+        ShardedSlidingWindowInverseFisher.from_local_gradients(G, 0.5, window=5)
+    assert ShardedSlidingWindowInverseFisher.from_local_gradients(G, 0.5, window=3).window == 3
+
+
+def _mixed_settings(comm, key):
+    lay = ColumnLayout.contiguous(6, comm.size)
+    J = lay.indices(comm.rank)
+    rng = np.random.default_rng(7)
+    w = ShardedSlidingWindowInverseFisher(lay.local_dim(comm.rank), 3, 0.5, comm, layout=lay,
+                                          dtype="float64")
+    for _ in range(4):
+        w.step(rng.standard_normal(6)[J])
+    st = w.state_dict()
+    if comm.rank == 1:
+        if key == "refresh_every":
+            st["refresh_every"], st["since_refresh"] = 7, 0
+        else:
+            st["normalize"] = "count"
+    w2 = ShardedSlidingWindowInverseFisher(lay.local_dim(comm.rank), 3, 0.5, comm, layout=lay,
+                                           dtype="float64")
+    before = w2.digest()
+    try:
+        w2.load_state_dict(st)
+        res = "loaded"
+    except Exception as exc:
+        res = type(exc).__name__
+    return res, w2.digest() == before
+
+
+@pytest.mark.parametrize("key", ["refresh_every", "normalize"])
+def test_load_state_dict_refuses_states_of_other_settings_on_another_rank(key):
+    for res, unchanged in run_ranks(2, _mixed_settings, key):
+        assert res == "ReplicaDivergenceError" and unchanged
+
+
+def _dtype_mismatch(comm):
+    G = np.ones((2, 3), dtype=np.float64 if comm.rank == 0 else np.float32)
+    try:
+        ShardedStaticInverseFisher(G, 0.5, comm)
+    except ValueError as exc:
+        return str(exc)
+
+
+def test_setup_dtype_mismatch_names_the_dtypes():
+    for msg in run_ranks(2, _dtype_mismatch):
+        assert "['float64', 'float32']" in msg
+
+
+@pytest.mark.parametrize("lam", [1e-2, 1e-5])
+def test_sharded_static_float32_tall_is_as_accurate_as_float32_rounding(lam):
+    """m >= d with float32 gradients: the Gram and V in float64 (the float32 Gram's rounding
+    swamped m lambda, and x - V^T V x cancelled in float32: errors up to 1e-3 at
+    kappa = 1.6e5)."""
+    from mfac_linalg.testing import inverse_fisher_oracle
+    rng = np.random.default_rng(0)
+    G = rng.standard_normal((12, 4)).astype(np.float32)
+    o = inverse_fisher_oracle(G.astype(np.float64), lam)
+    x = rng.standard_normal(4).astype(np.float32)
+    ex = o.matmat(x.astype(np.float64)[:, None])[:, 0]
+    op = ShardedStaticInverseFisher(G, lam, None)
+    y = op.matvec(x)
+    assert y.dtype == np.float32
+    assert np.all(np.abs(y - ex) <= np.spacing(np.abs(ex).astype(np.float32)) + 1e-12 * np.abs(ex))
+    assert abs(op.logdet() - o.logdet) <= 1e-10 * max(1.0, abs(o.logdet))
+    assert op.local_factor().dtype == np.float64
+    assert ShardedStaticInverseFisher(G[:, :3].T.copy(), lam).local_factor().dtype == np.float32

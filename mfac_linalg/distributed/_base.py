@@ -244,8 +244,15 @@ class ShardedOperator(_FlaggedCollectives, Operator):
     def dot(self, x):
         """``matvec`` or ``matmat`` by the shape of this rank's slice.  Collective."""
         if isinstance(x, Operator):
-            return self._no_algebra()
+            return self._refuse(self._algebra_error())
         return self._sharded_apply(x, "x", "dot")
+
+    def _refuse(self, err):
+        """Raise ``err`` on this rank and :class:`RemoteRankError` on the others, through
+        the first collective of a product (the k-agreement header), where the other ranks
+        called a product with valid arguments and wait in it."""
+        self._agree_k(None, err, "x", "dot")
+        raise err        # not reached: the header raises it
 
     __call__ = dot
 
@@ -255,14 +262,20 @@ class ShardedOperator(_FlaggedCollectives, Operator):
     def __rmatmul__(self, x):
         # x @ A = (A x^T)^T for symmetric A
         if isinstance(x, Operator):
-            return self._no_algebra()
-        arr, _ = B.asarray(x, "x", backend=self._backend)
+            return self._refuse(self._algebra_error())
+        try:
+            arr, _ = B.asarray(x, "x", backend=self._backend)
+        except Exception as exc:            # refused on every rank (the product's header)
+            return self._refuse(exc)
         return self.dot(arr.T).T if arr.ndim == 2 else self.dot(arr)
 
+    def _algebra_error(self):
+        return TypeError(f"{type(self).__name__} takes part in no lazy algebra (its products "
+                         "are collective over the ranks' slices); combine the results of "
+                         "its products instead")
+
     def _no_algebra(self, *args):
-        raise TypeError(f"{type(self).__name__} takes part in no lazy algebra (its products are "
-                        "collective over the ranks' slices); combine the results of its "
-                        "products instead")
+        raise self._algebra_error()
 
     __add__ = __radd__ = __sub__ = __rsub__ = __truediv__ = __pow__ = _no_algebra
     __neg__ = __pos__ = _no_algebra
@@ -271,7 +284,8 @@ class ShardedOperator(_FlaggedCollectives, Operator):
         """``op * x`` for an array slice x: ``op @ x`` (SciPy's convention); a scalar or an
         operator is refused (no lazy algebra)."""
         if isinstance(x, Operator) or np.ndim(x) == 0 and not hasattr(x, "__len__"):
-            return self._no_algebra()
+            # refused through the product's header: another rank may hold an array here
+            return self._refuse(self._algebra_error())
         return self.dot(x)
 
     def __rmul__(self, x):
@@ -317,15 +331,22 @@ class ShardedOperator(_FlaggedCollectives, Operator):
     def todense(self, *, max_elements=DENSE_LIMIT):
         """The global dense d x d matrix, on every rank (for tests and small problems).
 
-        Collective: one all-reduce of the m x d factor.  Raises ``ValueError`` (on every
-        rank) when d*d exceeds ``max_elements``.
+        Collective: a flagged header (P numbers), then one all-reduce of the m x d factor.
+        Raises ``ValueError`` on every rank when d*d exceeds ``max_elements`` (or it is
+        not a non-negative integer) on any rank, there its own error, elsewhere
+        :class:`~mfac_linalg.distributed.RemoteRankError`.
         """
         d = self._dglobal
-        limit = V.count_limit(max_elements, "max_elements")   # NaN refused
-        if d * d > limit:
-            raise ValueError(f"todense would build a {d} x {d} matrix ({d * d} entries > "
-                             f"max_elements={max_elements}); raise max_elements explicitly "
-                             "if you mean it")
+        err = None
+        try:
+            limit = V.count_limit(max_elements, "max_elements")   # NaN refused
+            if d * d > limit:
+                raise ValueError(f"todense would build a {d} x {d} matrix ({d * d} entries > "
+                                 f"max_elements={max_elements}); raise max_elements "
+                                 "explicitly if you mean it")
+        except Exception as exc:
+            err = exc
+        self._header([], err, "todense")     # each rank's verdict, before the big all-reduce
         return self._collective_todense()
 
     def check_replicas(self):

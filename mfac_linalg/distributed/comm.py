@@ -584,6 +584,10 @@ def check_replicas(comm, arrays, what="state"):
         raise ReplicaDivergenceError(digests, ranks, what)
 
 
+#: most dimensions :func:`allgather` takes (its shape header has room for this many)
+_GATHER_MAX_NDIM = 8
+
+
 def allgather(part, layout, comm, *, axis=0):
     """The full array on every rank from each rank's slice ``part``.  Collective.
 
@@ -605,6 +609,14 @@ def allgather(part, layout, comm, *, axis=0):
     array
         The full array, in ``part``'s dtype and namespace.
 
+    Raises
+    ------
+    TypeError, ValueError
+        On every rank, when any rank's ``part``, ``layout`` or ``axis`` is wrong (that
+        rank its own error, the others :class:`RemoteRankError`), or when the ranks'
+        parts differ in their number of dimensions, axis or sizes along the other axes
+        (a header all-reduce of P x 11 numbers comes first).
+
     Examples
     --------
     >>> import numpy as np
@@ -615,26 +627,55 @@ def allgather(part, layout, comm, *, axis=0):
     """
     from .layout import ColumnLayout
     comm = as_comm(comm)
-    if not isinstance(layout, ColumnLayout):
-        raise TypeError(f"layout must be a ColumnLayout; got {type(layout).__name__}")
-    arr, be = B.asarray(part, "part")
-    if layout.size != comm.size:
-        raise ValueError(f"layout has {layout.size} ranks but comm has {comm.size}")
-    axis = layout._axis(arr, axis, "part")
-    want = list(arr.shape)
-    want[axis] = layout.local_dim(comm.rank)
-    err = None
+    P, rank = comm.size, comm.rank
+    # every check first, its verdict in a flagged header (with the shape each rank
+    # holds), so a bad argument on one rank fails every rank, never a lone one
+    head = np.zeros(2 + _GATHER_MAX_NDIM, dtype=np.float64)   # ndim, axis, other sizes
+    err = arr = None
+    try:
+        if not isinstance(layout, ColumnLayout):
+            raise TypeError(f"layout must be a ColumnLayout; got {type(layout).__name__}")
+        if layout.size != P:
+            raise ValueError(f"layout has {layout.size} ranks but comm has {P}")
+        arr, be = B.asarray(part, "part")
+        ax = layout._axis(arr, axis, "part")
+        if arr.ndim > _GATHER_MAX_NDIM:
+            raise ValueError(f"part must have at most {_GATHER_MAX_NDIM} dimensions; got "
+                             f"{arr.ndim}")
+        want = list(arr.shape)
+        want[ax] = layout.local_dim(rank)
+        if list(arr.shape) != want:
+            raise ValueError(f"part must have shape {tuple(want)} on rank {rank}; got "
+                             f"{tuple(arr.shape)}")
+        head[0], head[1] = arr.ndim, ax
+        head[2:2 + arr.ndim] = arr.shape
+        head[2 + ax] = -1                    # the sharded axis: sizes differ by design
+    except Exception as exc:
+        err = exc
+    tab = np.zeros((P, 1 + head.size), dtype=np.float64)
+    tab[rank, 0] = 0.0 if err is None else 1.0
+    tab[rank, 1:] = head
+    comm.allreduce_sum(tab)
+    raise_failed(tab[:, 0], err, "allgather")
+    if not (tab[:, 1:] == tab[0, 1:]).all():
+        shapes = [tuple(int(v) for v in row[2:2 + int(row[0])]) for row in tab[:, 1:]]
+        raise ValueError("part must have the same number of dimensions, axis and sizes "
+                         "along the other axes on every rank; got shapes (the sharded axis "
+                         f"as -1) {shapes} and axes {[int(v) for v in tab[:, 2]]} (rank "
+                         "order)")
     shape = list(arr.shape)
-    shape[axis] = layout.dim
-    full = be.xp.zeros(tuple(shape), dtype=np.float64)
-    if list(arr.shape) != want:
-        err = ValueError(f"part must have shape {tuple(want)} on rank {comm.rank}; got "
-                         f"{tuple(arr.shape)}")
-    else:
-        layout.place(arr.astype(np.float64), comm.rank, full, axis=axis)
-    flat = be.xp.concatenate([full.ravel(), be.xp.zeros(comm.size)])
-    if err is not None:
-        flat[full.size + comm.rank] = 1.0
+    shape[ax] = layout.dim
+    full = flat = None
+    try:
+        full = be.xp.zeros(tuple(shape), dtype=np.float64)
+        layout.place(arr.astype(np.float64), rank, full, axis=ax)
+        flat = be.xp.concatenate([full.ravel(), be.xp.zeros(P)])
+    except Exception as exc:                 # e.g. out of memory: still take part
+        err = exc
+        n = int(np.prod(shape))
+        flat = be.xp.zeros(n + P)
+        flat[n + rank] = 1.0
     comm.allreduce_sum(flat)
-    raise_failed(flat[full.size:], err, "allgather")
-    return flat[:full.size].reshape(full.shape).astype(arr.dtype)
+    n = int(np.prod(shape))
+    raise_failed(flat[n:], err, "allgather")
+    return flat[:n].reshape(tuple(shape)).astype(arr.dtype)

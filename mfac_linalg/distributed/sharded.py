@@ -72,13 +72,15 @@ def layout_digest(layout):
     return state_digest(np.frombuffer(layout.fingerprint().encode(), dtype=np.uint8))
 
 
-def agree_setup(comm, table, *, layout, what, name, labels=None):
+def agree_setup(comm, table, *, layout, what, name, labels=None, dtype_codes=None):
     """Checks of a set-up header, identical on every rank (so every rank raises alike).
 
     ``table`` is P x (5 + 4 + ...): m, d_p, dtype code, damping, has_layout, layout
     digest (columns beyond are the caller's to check).
     Returns the layout (built contiguous from the d_p when none was given).
+    ``dtype_codes`` (name -> code, default ``_DTYPE_CODE``) names the dtypes in errors.
     """
+    names = {float(v): str(k) for k, v in (dtype_codes or _DTYPE_CODE).items()}
     P = comm.size
     col = {k: [v for v in table[:, c]] for c, k in enumerate(
         ("m", "d", "dtype", "damping", "has_layout"))}
@@ -87,7 +89,8 @@ def agree_setup(comm, table, *, layout, what, name, labels=None):
                        ("damping", "damping"), ("has_layout", "layout (given or None)")):
         vals = col[key]
         if len(set(vals)) != 1:
-            shown = [int(v) if key in ("m", "has_layout") else v for v in vals]
+            shown = [int(v) if key in ("m", "has_layout")
+                     else names.get(float(v), v) if key == "dtype" else float(v) for v in vals]
             raise ValueError(f"{what}: {label} must be the same on every rank; got {shown} "
                              "(rank order)")
     if any(not np.array_equal(table[p, 5:9], table[0, 5:9]) for p in range(P)):
@@ -221,7 +224,12 @@ class ShardedStaticInverseFisher(ShardedOperator):
         be = self._backend
         m = G.shape[0]
         with be.device_context():
-            K = self._gram(G, False)
+            # m >= d with float32 gradients: G Gᵀ has rank <= d < m, its null space carried
+            # by m λ alone, which a float32 Gram (rounded at eps32 |K|) swamps, and x - Vᵀ V x
+            # cancels to λ-sized results: the Gram and V in float64 (the data is small
+            # then, O(m² d) with d <= m), the products in float64, rounded once
+            tall = G.dtype != np.float64 and m >= layout.dim
+            K = self._gram(G, tall)
             if G.dtype != np.float64 and not bool(be.xp.isfinite(K).all()):
                 K = self._gram(G, True)         # float32 products overflowed: in float64
             V.gram_finite(K, "local_grads", be)  # replicated: raised on every rank alike
@@ -234,7 +242,7 @@ class ShardedStaticInverseFisher(ShardedOperator):
                 L = cap.cholesky_shifted(K, m * lam, be)
             Vp = None
             try:
-                Vp = solve_left(L, G, be)
+                Vp = solve_left(L, G.astype(np.float64) if tall else G, be)
                 colsq = be.xp.einsum("ij,ij->j", G, G)     # diag(GᵀG) on the local columns
                 logdet_L = 2.0 * B.scalar(be.xp.log(be.xp.diagonal(L)).sum())
             except Exception as exc:
@@ -273,7 +281,8 @@ class ShardedStaticInverseFisher(ShardedOperator):
         return B.readonly(self._L)
 
     def local_factor(self):
-        """V_p = L⁻¹ G_p (m x d_p), this rank's columns of V, as a copy."""
+        """V_p = L⁻¹ G_p (m x d_p), this rank's columns of V, as a copy (float64 for float32
+        gradients with m >= d, else in their dtype)."""
         return self._V.copy()
 
     def _repr_fields(self):
@@ -300,8 +309,8 @@ class ShardedStaticInverseFisher(ShardedOperator):
     def _collective_matmat(self, X, k, err, what):
         U = self._pass1(X, k, err)
         Y = self._V.T @ (-U).astype(self._V.dtype)           # pass 2, local
-        Y = Y.astype(X.dtype, copy=False)
-        Y += X
+        Y = Y.astype(np.result_type(X.dtype, self._V.dtype), copy=False)   # float64 V: one
+        Y += X                                                # rounding at the caller's cast
         Y *= 1.0 / self._damping
         return Y
 

@@ -170,7 +170,8 @@ class ShardedSlidingWindowInverseFisher(_WindowUpdates, _WindowQueries, _WindowC
             err = exc
         table = self._header(vals, err, "ShardedSlidingWindowInverseFisher set-up")
         layout = agree_setup(comm, table, layout=layout, what="ShardedSlidingWindowInverseFisher",
-                             name="local_dim", labels={"m": "window", "dtype": "dtype"})
+                             name="local_dim", labels={"m": "window", "dtype": "dtype"},
+                             dtype_codes=_STORAGE_CODE)
         for c, key in enumerate(("normalize", "engine", "refresh_every", "check_every"), 9):
             if len(set(table[:, c].tolist())) != 1:
                 raise ValueError(f"ShardedSlidingWindowInverseFisher: {key} must be the same on "
@@ -205,7 +206,8 @@ class ShardedSlidingWindowInverseFisher(_WindowUpdates, _WindowQueries, _WindowC
         damping : float
         comm : as for the constructor
         window : int, optional
-            m; required with an iterator.
+            m; required with an iterator; with one array, the number of its rows (or
+            None).
         **kwargs
             The constructor's keywords; ``dtype`` defaults to the gradients' dtype and
             ``device`` to where they live.
@@ -224,27 +226,31 @@ class ShardedSlidingWindowInverseFisher(_WindowUpdates, _WindowQueries, _WindowC
         (3, 3, 'float64')
         """
         blocks = local_grads if isinstance(local_grads, collections.abc.Iterator) else None
-        first = next(blocks, None) if blocks is not None else local_grads
-        empty = first is None and blocks is not None
-        arr, be = B.asarray(np.zeros((0, 0)) if empty else first, "local_grads",
-                            allow_half=True)
-        err = None
-        try:
-            if empty:           # still meet the set-up's collectives below
+        err = arr = be = None
+        try:                    # every local check inside: a failure still meets the
+            first = next(blocks, None) if blocks is not None else local_grads  # collectives
+            if first is None and blocks is not None:
                 raise ValueError("local_grads must yield at least one (k, d_p) row block; "
                                  "got an empty iterator")
+            arr, be = B.asarray(first, "local_grads", allow_half=True)
             if arr.ndim != 2:
                 raise ValueError(f"local_grads must be 2-D (m, d_p); got shape "
                                  f"{tuple(arr.shape)}")
-            m = arr.shape[0] if blocks is None else V.positive_int(window, "window")
+            if blocks is None:
+                m = arr.shape[0]
+                if window is not None and V.positive_int(window, "window") != m:
+                    raise ValueError(f"window must equal the number of rows of local_grads "
+                                     f"({m}) when they are one array; got {window}")
+            else:
+                m = V.positive_int(window, "window")
             d_p = arr.shape[1]
         except Exception as exc:
             err, m, d_p = exc, 1, 0
-        kwargs.setdefault("dtype", arr.dtype.name)
-        kwargs.setdefault("device", be)
         if err is not None:         # every rank must still meet the set-up's collectives
             comm = as_comm(comm)
             ShardedOperator._header(_Shell(comm), [0.0] * 13, err, "from_local_gradients")
+        kwargs.setdefault("dtype", arr.dtype.name)
+        kwargs.setdefault("device", be)
         w = cls(d_p, m, damping, comm, **kwargs)
         Kp = None
         try:
@@ -288,8 +294,12 @@ class ShardedSlidingWindowInverseFisher(_WindowUpdates, _WindowQueries, _WindowC
 
     def _replicated(self):
         F, logdet_C = self._eng.export()
+        # the settings that steer later updates too (a checkpoint of another rank's
+        # settings must not load: the replicas would part at the next refresh or reset)
         meta = np.array([self._count, self._since_refresh, self._eng.n, self._eng.start,
-                         self._eng.shift, logdet_C], dtype=np.float64)
+                         self._eng.shift, logdet_C, self._damping,
+                         _NORMALIZE.index(self._normalize), self._refresh_every],
+                        dtype=np.float64)
         return [self._eng.K, F, meta]
 
     def gradients(self):
