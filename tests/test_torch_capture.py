@@ -285,9 +285,20 @@ def test_capture_refuses_what_it_cannot_represent():
     with pytest.raises(ValueError, match="padding_mode='reflect' is not supported"):
         capture_statistics(reflect, loss, (x, y))
     lin = torch.nn.Linear(3, 3).double()
-    twice = torch.nn.Sequential(lin, torch.nn.Tanh(), lin)
-    with pytest.raises(ValueError, match="called more than once"):
+    twice = torch.nn.Sequential(lin, torch.nn.Tanh(), lin)       # registered twice
+    with pytest.raises(ValueError, match="one layer used twice"):
         capture_statistics(twice, loss, (torch.randn(4, 3, dtype=torch.float64), y))
+
+    class Again(torch.nn.Module):                                # registered once, called twice
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, z):
+            return self.lin(torch.tanh(self.lin(z)))
+
+    with pytest.raises(ValueError, match="called more than once"):
+        capture_statistics(Again(), loss, (torch.randn(4, 3, dtype=torch.float64), y))
     assert not lin._forward_hooks                       # the hooks came off
     with pytest.raises(TypeError, match="statistics must be a CapturedStatistics"):
         kronecker_preconditioner(None, None, None, "kfac", 1e-2, statistics={})
@@ -401,3 +412,61 @@ def test_preconditioner_of_integer_or_bool_tensors_is_floating():
     q = P.quad(torch.ones(23, 2, dtype=torch.int64))
     assert q.dtype == torch.float64
     assert torch.allclose(q, P.quad(torch.ones(23, 2, dtype=torch.float64)), rtol=1e-15)
+
+
+class _Tied(torch.nn.Module):
+    """Two Linear layers sharing a weight (or an Embedding tied to the output layer)."""
+
+    def __init__(self, kind, emb_first=True):
+        super().__init__()
+        if kind == "linear":
+            self.a = torch.nn.Linear(3, 3)
+            self.b = torch.nn.Linear(3, 3)
+            self.b.weight = self.a.weight
+            self.out = torch.nn.Linear(3, 2)
+        else:
+            if emb_first:
+                self.emb = torch.nn.Embedding(5, 3)
+                self.out = torch.nn.Linear(3, 5, bias=False)
+            else:
+                self.out = torch.nn.Linear(3, 5, bias=False)
+                self.emb = torch.nn.Embedding(5, 3)
+            self.out.weight = self.emb.weight
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind == "linear":
+            return self.out(torch.tanh(self.b(torch.tanh(self.a(x)))))
+        return self.out(self.emb(x))
+
+
+@pytest.mark.parametrize("kind,emb_first", [("linear", True), ("embedding", True),
+                                            ("embedding", False)])
+def test_shared_parameters_are_refused_by_name(kind, emb_first):
+    """A weight held by two modules was counted twice (a layout longer than the
+    parameter vector), or the Embedding's use of a tied output weight was dropped."""
+    model = _Tied(kind, emb_first)
+    if kind == "linear":
+        data = [(torch.randn(4, 3), torch.randint(0, 2, (4,)))]
+    else:
+        data = [(torch.randint(0, 5, (4,)), torch.randint(0, 5, (4,)))]
+    for call in (lambda: ParameterLayout.from_model(model),
+                 lambda: capture_statistics(model, torch.nn.CrossEntropyLoss(), data),
+                 lambda: kronecker_preconditioner(model, torch.nn.CrossEntropyLoss(), data)):
+        with pytest.raises(ValueError, match="shared between modules.*tied"):
+            call()
+    if kind == "linear":       # layers without the shared weight, or it frozen: fine
+        assert ParameterLayout.from_model(model, layers=["out"]).dim == 8
+        model.a.weight.requires_grad_(False)
+        model.a.bias.requires_grad_(False)
+        model.b.bias.requires_grad_(False)
+        assert ParameterLayout.from_model(model).dim == 8
+
+
+def test_batches_with_other_positions_are_refused_by_name():
+    """Sequences of other lengths gave a raw torch.cat error."""
+    lin = torch.nn.Linear(3, 2)
+    seq = [(torch.randn(2, 5, 3), torch.randn(2, 5, 2)), (torch.randn(2, 7, 3),
+                                                            torch.randn(2, 7, 2))]
+    with pytest.raises(ValueError, match=r"layer '0'.*different positions.*\[\[5\], \[7\]\]"):
+        capture_statistics(torch.nn.Sequential(lin), torch.nn.MSELoss(), seq)

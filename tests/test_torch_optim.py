@@ -494,3 +494,13 @@ def test_load_state_dict_refuses_parameters_of_other_shapes():
     old = dict(sd_a, mfac={k: v for k, v in sd_a["mfac"].items() if k != "shapes"})
     ob.load_state_dict(old)
     assert ob.window_operator.count == 1
+
+
+@pytest.mark.parametrize("key,value", [("damping", 10.0), ("window", 2), ("normalize", "count"),
+                                       ("sparse", True)])
+def test_group_settings_of_the_shared_window_are_refused(key, value):
+    """One window serves every group: a group's own damping/window/... was accepted and
+    ignored."""
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=rf"param_groups\[1\]\['{key}'\].*whole optimizer"):
+        MFAC([{"params": [a]}, {"params": [b], key: value}], lr=0.1, window=4)

@@ -325,3 +325,27 @@ def test_prune_leaves_train_mode_batchnorm_statistics_as_they_were(with_between)
     assert int(bn.num_batches_tracked) == (2 if with_between else 1)
     if with_between:
         assert not torch.equal(want["running_mean"], before["running_mean"])
+
+
+def test_obd_predicts_the_quadratic_model_of_its_removal():
+    """OBD makes no update; its predicted increase is 1/2 d^T F d for d the removed
+    weights' negatives (a number, as documented; nan only for magnitude)."""
+    model, data = _mlp(), _data()
+    rep = prune(model, torch.nn.CrossEntropyLoss(), data, 0.3, method="obd", num_grads=20,
+                damping=LAM)
+    assert np.isfinite(rep.stages[0].predicted_increase)
+    assert rep.stages[0].predicted_increase > 0
+    rep = prune(_mlp(), torch.nn.CrossEntropyLoss(), data, 0.3, method="magnitude")
+    assert np.isnan(rep.stages[0].predicted_increase)
+
+
+def test_prune_refuses_shared_weights():
+    lin = torch.nn.Linear(4, 4)
+    model = torch.nn.Sequential(lin, torch.nn.Tanh(), torch.nn.Linear(4, 4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 2))
+    model[2].weight = lin.weight
+    data = [(torch.randn(6, 4), torch.randint(0, 2, (6,)))]
+    w = lin.weight.detach().clone()
+    with pytest.raises(ValueError, match="shared between modules"):
+        prune(model, torch.nn.CrossEntropyLoss(), data, 0.5, num_grads=4)
+    assert torch.equal(lin.weight, w)

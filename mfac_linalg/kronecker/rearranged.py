@@ -162,10 +162,14 @@ def _final(Rop, sig, P, Q, k, info, tol, maxiter, what, scale=0.0):
     info["converged"] = bool(info["residual"] <= tol)
     info["products"] = Rop.products
     if not info["converged"]:
-        warnings.warn(f"{what} stopped after maxiter={maxiter} iterations with the two-sided "
-                      f"residual {info['residual']:.2e} > tol={tol:.1e}; the factors are "
-                      "accurate to about residual / gap (see op.info)", ConvergenceWarning,
-                      stacklevel=user_stacklevel())
+        its = info.get("iterations", maxiter)
+        why = ("R was formed and its SVD taken, so the residual is the rounding of the "
+               "products: tol is below what this data allows" if info.get("dense")
+               else f"maxiter={maxiter}")
+        warnings.warn(f"{what} stopped after {its} iteration{'s' if its != 1 else ''} "
+                      f"({why}) with the two-sided residual {info['residual']:.2e} > "
+                      f"tol={tol:.1e}; the factors are accurate to about residual / gap "
+                      "(see op.info)", ConvergenceWarning, stacklevel=user_stacklevel())
     return sk, Pk, Qk, info
 
 

@@ -14,9 +14,19 @@ import torch
 from .. import _validate as V
 
 
+#: MFAC's settings that one shared window fixes for all groups (a group's own is refused)
+_SHARED_SETTINGS = ("window", "damping", "normalize", "dtype", "sparse", "refresh_every",
+                    "sharded", "process_group", "layout", "check_every")
+
+
 def check_group(g, name):
     """A parameter group's hyperparameters: lr >= 0, momentum in [0, 1), weight_decay >= 0
     (at construction and in a loaded state dict)."""
+    for key in _SHARED_SETTINGS:
+        if key in g:
+            raise ValueError(f"{name}[{key!r}]: {key} is a setting of the whole optimizer "
+                             "(one window of gradients serves every group), not of a group; "
+                             "pass it to MFAC(...)")
     for key in ("lr", "momentum", "weight_decay"):
         if key not in g:
             raise ValueError(f"{name} is missing {key!r}")

@@ -477,6 +477,16 @@ def capture_statistics(model, loss_fn, data, *, fisher="empirical", mc_samples=1
                     h.remove()
         stats = []
         for k, spec in enumerate(layout.layers):
+            shapes = sorted({tuple(a.shape[1:-1]) for a in acts[k]}
+                            | {tuple(g.shape[1:-1]) for g in grads[k]})
+            if len(shapes) > 1:
+                # a sequence of another length, an image of another size: the statistics
+                # keep the positions of each sample (docs/math.md §8), one count T for all
+                raise ValueError(f"layer {spec.name!r}: the batches give different positions "
+                                 f"per sample ({[list(t) for t in shapes]}); the statistics "
+                                 "keep each sample's positions, which must be one shape: pad "
+                                 "or crop the inputs to one length or size, or capture each "
+                                 "shape separately")
             A = torch.cat(acts[k], 0)
             G = torch.cat(grads[k], 0)
             if A.ndim != G.ndim:

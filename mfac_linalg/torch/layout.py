@@ -304,6 +304,7 @@ def select_layers(model, layers=None, *, strict=True):
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     supported = (torch.nn.Linear, torch.nn.Conv2d)
+    holders = _holders(model, supported)
     named = dict(model.named_modules())
     owner = {}
     for name, mod in named.items():
@@ -316,6 +317,9 @@ def select_layers(model, layers=None, *, strict=True):
         for pname, p in model.named_parameters():
             if not p.requires_grad:
                 continue
+            tied = holders[id(p)]
+            if len(tied) > 1 and any(sup for _, sup in tied):
+                _refuse_tied(tied)
             name, mod, _ = owner[id(p)]
             if isinstance(mod, supported):
                 if id(mod) not in seen:
@@ -363,7 +367,32 @@ def select_layers(model, layers=None, *, strict=True):
         ps = [mod.weight] + ([mod.bias] if mod.bias is not None else [])
         if not all(p.requires_grad for p in ps):
             raise ValueError(f"layer {name!r}: weight and bias must both be trainable")
+        for p in ps:
+            if len(holders[id(p)]) > 1:
+                _refuse_tied(holders[id(p)])
     return chosen
+
+
+def _holders(model, supported):
+    """id(parameter) -> [(qualified name, held by a Linear / Conv2d)], every name under
+    which the model holds it (tied weights, or one module used in two places)."""
+    holders = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append(
+                (f"{name}.{pname}" if name else pname, isinstance(mod, supported)))
+    return holders
+
+
+def _refuse_tied(names):
+    """The layouts, the captured per-sample statistics and the pruner treat each layer's
+    parameters as its own: a shared one would be counted twice (a layout longer than
+    ``parameters_to_vector``) or only one of its uses seen."""
+    shown = [n for n, _ in names]
+    raise ValueError(f"parameters shared between modules are not supported: {shown[0]!r} is "
+                     f"also {shown[1:]} (tied weights, or one layer used twice); the layouts, "
+                     "statistics and pruning count each layer's parameters as its own. Untie "
+                     "them, freeze the shared parameter, or leave its layers out (layers=)")
 
 
 class PermutedOperator(Operator):

@@ -65,8 +65,10 @@ class PruneStage:
     loss_before, loss_after : float
         The mean loss on ``data`` before and after the stage.
     predicted_increase : float
-        The loss increase the quadratic model predicts (``nan`` for ``"magnitude"``
-        and ``"obd"``, which make no update).
+        The loss increase the quadratic model predicts, ½ δᵀFδ (plus ḡ·δ with
+        ``first_order``) for the stage's change δ of the weights (for ``"obd"``, which
+        makes no update, δ zeroes the removed weights); ``nan`` for ``"magnitude"``,
+        which builds no F.
     layer_sparsity : dict of str to float
         Each pruned layer's sparsity (fraction of its weights removed) afterwards.
     seconds : float
