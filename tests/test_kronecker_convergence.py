@@ -144,7 +144,7 @@ def test_lanczos_ends_its_cycle_at_tol():
                          ids=lambda f: f.__name__)
 def test_convergence_warning_at_maxiter(build, rng):
     A, G, Ab, G3, F = layer(rng, 300, 12, 9)
-    with pytest.warns(ml.ConvergenceWarning, match="maxiter=1 "):
+    with pytest.warns(ml.ConvergenceWarning, match=r"after 1 iteration \(maxiter=1\)"):
         op = build(A, G, 0.1, maxiter=1, tol=1e-17)   # below rounding: cannot converge
     assert op.info["converged"] is False and op.info["residual"] > 1e-17
     assert op.info["iterations"] == 1
