@@ -71,7 +71,7 @@ def _init_factors(init, layer, skip=0):
             raise TypeError("init cannot be an EKFAC operator (it has no Kronecker terms); pass "
                             "a kfac/kpsvd/deflation/lanczos/kfac_corrected operator or factors")
         init = init.factors[skip:] if len(init.factors) > skip else init.factors
-    if isinstance(init, (list, tuple)):
+    if isinstance(init, (list, tuple)) and not _numeric_matrix(init):
         mats = []
         for i, pair in enumerate(init):
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
@@ -79,8 +79,21 @@ def _init_factors(init, layer, skip=0):
             mats.append(_check_init(pair[1], f"init[{i}][1]", layer))
         if not mats:
             raise ValueError("init must hold at least one (B, C) pair; got an empty sequence")
-        return mats
-    return [_check_init(init, "init", layer)]
+    else:
+        mats = [_check_init(init, "init", layer)]
+    # a start is a direction: one power of two for all (exact; their sum keeps its
+    # direction), so that symmetrising the largest finite factors cannot overflow
+    top = max(_pow2_scale(C) for C in mats)
+    return [_sym(C / top) for C in mats]
+
+
+def _numeric_matrix(x):
+    """A nested list of numbers of two dimensions (one matrix C, not (B, C) pairs)."""
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError):
+        return False
+    return arr.ndim == 2 and arr.dtype.kind in "biuf"
 
 
 def _check_init(C, name, layer):
@@ -90,7 +103,7 @@ def _check_init(C, name, layer):
                          f"{tuple(C.shape)}")
     C = C.astype(np.float64)
     V.finite(C, name, layer.be)
-    return _sym(C)
+    return C
 
 
 # -- inverses ------------------------------------------------------------------------------
@@ -141,6 +154,24 @@ def _pi_split(Bm, Cm, lam):
     return lb, lc
 
 
+def _psd(M, be):
+    """True when the symmetric M has no eigenvalue below -1e-13 max|diag M| (rounding):
+    one Cholesky of M + 1e-13 max|diag M| I.  Under ``indefinite="abs"`` an indefinite
+    factor (a banded F) must take |M| = U |s| Uᵀ, not M: M + shift I may still be
+    positive definite with s_min + shift arbitrarily close to 0 (an inverse that blows
+    up)."""
+    xp = be.xp
+    Ms = _sym(M)
+    top = float(B.to_host(xp.abs(xp.diagonal(Ms)).max())) if Ms.size else 0.0
+    if top == 0.0:
+        return not bool(B.to_host((Ms != 0).any()))
+    try:
+        L = be.cholesky_lower(Ms + (1e-13 * top) * xp.eye(Ms.shape[0]))
+    except np.linalg.LinAlgError:
+        return False
+    return bool(B.to_host(xp.isfinite(L).all()))
+
+
 def _pi_cholesky(method, Bm, Cm, lam, be, *, terms, info):
     """((B + lam_B I) kron (C + lam_C I))^{-1} through the Cholesky factors of the damped
     factors (docs/math.md §4): K_B = L_B^{-T} (K_B K_B^T = (B + lam_B I)^{-1}), S = 1, and
@@ -151,6 +182,8 @@ def _pi_cholesky(method, Bm, Cm, lam, be, *, terms, info):
     eigendecomposition, whose ``indefinite`` rule handles it."""
     xp = be.xp
     lb, lc = _pi_split(Bm, Cm, lam)
+    if method != "kfac" and not (_psd(Bm, be) and _psd(Cm, be)):
+        return None      # an indefinite factor: |s| + lam through the eigendecomposition
     out = []
     for M, shift in ((Bm, lb), (Cm, lc)):
         Md = _sym(M) + shift * xp.eye(M.shape[0])
@@ -214,6 +247,9 @@ def _two_term_inverse(method, terms, lam, be, info, indefinite, first_term_dampi
     def gen(Bf, Bs, shift):
         Mf = _sym(Bf) + shift * xp.eye(Bf.shape[0])
         try:
+            if indefinite == "abs" and not _psd(Bf, be):
+                # B1 + shift I may be positive definite with s_min + shift near 0
+                raise np.linalg.LinAlgError("indefinite first factor")
             L = be.cholesky_lower(Mf)
         except np.linalg.LinAlgError:
             if indefinite != "abs":
@@ -515,7 +551,9 @@ def kpsvd(activations, output_grads, damping, *, bias=False, damping_mode="exact
 def deflation(activations, output_grads, damping, *, bias=False, solver="lanczos", tol=TOL,
               maxiter=MAXITER, init=None, indefinite="abs", first_term_damping="split",
               band=None, positions=None):
-    r"""Deflation: the best sum of two Kronecker products, the top two triples of R(F).
+    r"""Deflation: the best sum of two Kronecker products of symmetric factors, the top two
+    symmetric triples of R(F) (docs/kronecker.md: with positions, T > 1, R(F) may also have
+    antisymmetric triples, which a preconditioner's factors cannot be).
 
     F ~ B1 kron C1 + B2 kron C2 (docs/math.md §4, §8); the damped approximation
     M = (B1 + lam_B I) kron (C1 + lam_C I) + B2 kron C2 is inverted through generalised
@@ -782,7 +820,7 @@ def fisher_error(approx, activations, output_grads, *, bias=False, kind="frobeni
         ekfac = (UG, UA, Sstar / sa / sa / sg / sg)     # one factor at a time: sa sg may
                                                          # over- or underflow
     else:
-        terms = [(Bi / sg / sg, Ci / sa / sa) for Bi, Ci in approx._terms]
+        terms = [_rescaled_term(Bi, Ci, sg, sa, layer.be.xp) for Bi, Ci in approx._terms]
     K = layer.gram()
     if kind == "spectrum":
         return _spectrum_error(ekfac, terms, B.to_host(K) / n, n)
@@ -796,6 +834,21 @@ def fisher_error(approx, activations, output_grads, *, bias=False, kind="frobeni
         AA = _norm2(terms)
     err2 = max(FF - 2.0 * cross + AA, 0.0)
     return math.sqrt(err2 / FF) if FF > 0 else 0.0
+
+
+def _rescaled_term(Bm, Cm, sg, sa, xp):
+    """(B', C') with B' kron C' = (B kron C) / (sg sa)^2 (sg, sa powers of two) and max|B'|,
+    max|C'| balanced, by exact power-of-two scalings: B / sg^2 and C / sa^2 apart can
+    overflow where the builder split sqrt(sigma) evenly between unbalanced factors (data
+    at 1e-150 and 1e100)."""
+    def exp2(X):
+        top = float(B.to_host(abs(X).max()))
+        return math.frexp(top)[1] if top > 0 else 0
+    eb, ec = exp2(Bm), exp2(Cm)
+    lg, la = math.frexp(sg)[1] - 1, math.frexp(sa)[1] - 1      # sg = 2^lg, sa = 2^la
+    tot = (eb - 2 * lg) + (ec - 2 * la)
+    half = tot // 2
+    return xp.ldexp(Bm, half - eb), xp.ldexp(Cm, tot - half - ec)
 
 
 def _norm2(terms):

@@ -284,7 +284,9 @@ def subspace_triples(Rop, k, *, tol, maxiter, init=None, oversample=2, seed=0, s
     Block of p = k + ``oversample`` vectors (capped by the dimension); the triples i < k
     converge like (sigma_{p+1} / sigma_i)^(2 iterations).  The right residual of each Ritz
     triple costs nothing (R^T U is the next power step); the left one is ~eps by construction.
-    Residuals are relative to max(sigma_1, ``scale``).  Returns
+    Residuals are relative to max(sigma_1, ``scale``).  A stop needs the residuals <= tol
+    and the top-k sigma of two iterations in a row to agree to tol sigma_1 (a warm start at
+    a lower triple has a zero residual at once).  Returns
     ``(sigma (k,), P (k, d_out, d_out), Q (k, d_in, d_in), info)`` with unit-norm P, Q.
     """
     xp = Rop.xp
@@ -296,6 +298,7 @@ def subspace_triples(Rop, k, *, tol, maxiter, init=None, oversample=2, seed=0, s
         return dense_triples(Rop, k, tol=tol, maxiter=maxiter, info=info, scale=scale)
     V = Rop.complement(_start_block(Rop, p, init, rng), "right")
     d_out, d_in = Rop.d_out, Rop.d_in
+    prev = None
     for it in range(1, maxiter + 1):
         U = Rop.complement(_orth(Rop.R(V.reshape(p, d_in, d_in)).reshape(p, -1), xp), "left")
         W = Rop.RT(U.reshape(p, d_out, d_out)).reshape(p, -1)       # rows R^T u_j
@@ -308,8 +311,14 @@ def subspace_triples(Rop, k, *, tol, maxiter, init=None, oversample=2, seed=0, s
         if s1 == 0.0:
             break
         res = xp.linalg.norm(RtP - s[:, None] * Q, axis=1) / s1
-        if float(B.to_host(res[:kk].max())) <= tol:
+        top = np.asarray(B.to_host(s[:kk]), dtype=float)
+        # a stop needs the top-k sigma of two iterations in a row to agree: a start at a
+        # lower triple (a warm start from another term's factor) has a zero residual at
+        # once, while the block's other vectors have not yet grown the larger one
+        if (float(B.to_host(res[:kk].max())) <= tol and prev is not None
+                and float(np.abs(top - prev).max()) <= tol * s1):
             break
+        prev = top
         V = Rop.complement(_orth(W, xp), "right")
     if s1 > 0:
         P, Q = _align_clusters(s, P, Q, np.asarray(B.to_host(res)) <= tol, tol, Rop)
@@ -454,7 +463,9 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
     value, or a fresh vector that has not yet grown a larger one) the cycle runs to its end
     and its triples count only when the next whole cycle, from a fresh continuation, finds
     the same top-k sigma; cycles shorter than the default go on at the default length
-    after such a cycle.  Where the smaller side's symmetric dimension is <= K (a cycle
+    after such a cycle.  The paper's restart (K <= k + 1) can settle on a lower triple
+    (sigma_1, sigma_3 with sigma_2 never in its Krylov space): its converged cycle is
+    confirmed the same way, by a cycle of the default length.  Where the smaller side's symmetric dimension is <= K (a cycle
     would span it) R is formed instead (:func:`dense_triples`).
 
     Restarts are thick where the cycle has room (K >= k + 2): the l = k + (K - k) // 2
@@ -542,7 +553,10 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
         P = ud.T @ Pb[:J]
         Q = vtd @ Qb[:J]
         done = s1 == 0.0 or res.max() <= tol
-        if broke and s1 > 0.0:
+        # the paper's restart (K <= k + 1: one vector, the sum of the Ritz vectors) can
+        # settle on a lower triple, (sigma_1, sigma_3) with sigma_2 never in its Krylov
+        # space; like a breakdown, its verdict needs a whole cycle of the default length
+        if (broke or keep == 0) and s1 > 0.0:
             # a breakdown (an invariant subspace, or the fresh vectors after one) may hide
             # a top triple: a single-vector Krylov space holds one direction per distinct
             # singular value, and a fresh vector's part may not have grown by the cycle's
