@@ -135,3 +135,21 @@ def test_warm_starts_are_directions():
         warnings.simplefilter("error", RuntimeWarning)
         op = ml.deflation(a, g, 1e-2, init=big, solver="subspace")
     assert op.info["converged"]
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "kfac_corrected"])
+def test_kfac_factors_below_full_precision_are_refused_by_name(name):
+    """Data near 1e-160 on one side put K-FAC's A near 1e-320 (subnormal): the results
+    were off by up to 0.13 without a word, the pi inverse overflowed.  Refused; the KPSVD
+    family, whose factors balance the sides, stays exact."""
+    rng = np.random.default_rng(3)
+    a, g = rng.standard_normal((20, 3)), rng.standard_normal((20, 2))
+    sa, sg = 1e-160, 1e150
+    lam = 1e-3 * (sa * sg) ** 2
+    with pytest.raises(ValueError, match="activations are too small for K-FAC's factors"):
+        getattr(ml, name)(a * sa, g * sg, lam)
+    op = ml.kpsvd(a * sa, g * sg, lam)
+    ref = ml.kpsvd(a, g, 1e-3)
+    x = rng.standard_normal(6)
+    np.testing.assert_allclose(op @ x * (sa * sg) ** 2, ref @ x, rtol=1e-10)
+    getattr(ml, name)(a * 1e-140, g, 1e-3)            # 1e-280: full precision, accepted

@@ -154,6 +154,28 @@ def _pi_split(Bm, Cm, lam):
     return lb, lc
 
 
+#: below this a float64 entry has lost bits (subnormal range): 2^-1022 2^52, about 1e-292
+_FULL_PRECISION_MIN = np.finfo(np.float64).tiny * 2.0 ** 52
+
+
+def _kfac_factors_in_range(layer):
+    """K-FAC's (Gamma, A), refused by name where a nonzero factor lies below float64's full
+    precision (data of about 1e-146 or less on one side: Gamma or A near 1e-292, where the
+    products lose digits, and the inverse's factors overflow).  The KPSVD family, whose
+    factors balance the two sides, takes such data."""
+    xp = layer.xp
+    Gam, Aa = layer.kfac_factors()
+    for M, name in ((Gam, "output_grads"), (Aa, "activations")):
+        top = float(B.to_host(xp.abs(M).max())) if M.size else 0.0
+        if 0.0 < top < _FULL_PRECISION_MIN:
+            raise ValueError(f"{name} are too small for K-FAC's factors: their second moments "
+                             f"({top:.1e}) lie below float64's full precision (1e-292); "
+                             f"rescale {name} (the approximation scales with the product of "
+                             "both sides' scales), or use kpsvd/deflation/lanczos, whose "
+                             "factors balance the two sides")
+    return Gam, Aa
+
+
 def _psd(M, be):
     """True when the symmetric M has no eigenvalue below -1e-13 max|diag M| (rounding):
     one Cholesky of M + 1e-13 max|diag M| I.  Under ``indefinite="abs"`` an indefinite
@@ -338,7 +360,7 @@ def kfac(activations, output_grads, damping, *, bias=False, damping_mode="pi",
     """
     layer, lam, _, _, t0 = _begin(activations, output_grads, damping, bias, indefinite,
                                   choices=[(damping_mode, "damping_mode", ("pi", "exact"))])
-    Gam, Aa = layer.kfac_factors()
+    Gam, Aa = _kfac_factors_in_range(layer)
     op = _single_inverse("kfac", Gam, Aa, lam, damping_mode, indefinite, layer.be,
                          terms=[(Gam, Aa)], info={})
     op.damping_mode = damping_mode
@@ -382,7 +404,7 @@ def ekfac(activations, output_grads, damping, *, bias=False, indefinite="abs"):
     """
     layer, lam, _, _, t0 = _begin(activations, output_grads, damping, bias, indefinite)
     xp = layer.xp
-    Gam, Aa = layer.kfac_factors()
+    Gam, Aa = _kfac_factors_in_range(layer)
     _, UG = xp.linalg.eigh(Gam)
     _, UA = xp.linalg.eigh(Aa)
     with np.errstate(over="ignore"):     # beyond the float range: refused in _screen
@@ -692,7 +714,7 @@ def kfac_corrected(activations, output_grads, damping, *, bias=False, solver="la
                  (first_term_damping, "first_term_damping", ("split", "full"))])
     start = _init_factors(init, layer, skip=1)
     xp = layer.xp
-    Gam, Aa = layer.kfac_factors()
+    Gam, Aa = _kfac_factors_in_range(layer)
     # residuals relative to ||vec(Gamma)|| ||vec(A)|| (about sigma_1 of R(F)), not to the
     # residual's own sigma_1, which is 0 when K-FAC is exact (one sample)
     scale = _norm(Gam, xp) * _norm(Aa, xp)
