@@ -154,22 +154,24 @@ def _pi_split(Bm, Cm, lam):
     return lb, lc
 
 
-#: below this a float64 entry has lost bits (subnormal range): 2^-1022 2^52, about 1e-292
-_FULL_PRECISION_MIN = np.finfo(np.float64).tiny * 2.0 ** 52
+#: K-FAC factors whose largest entry lies below this are refused: their entries a million
+#: times smaller are subnormal (2^-1022 2^20, about 2.3e-302)
+_FULL_PRECISION_MIN = np.finfo(np.float64).tiny * 2.0 ** 20
 
 
 def _kfac_factors_in_range(layer):
-    """K-FAC's (Gamma, A), refused by name where a nonzero factor lies below float64's full
-    precision (data of about 1e-146 or less on one side: Gamma or A near 1e-292, where the
-    products lose digits, and the inverse's factors overflow).  The KPSVD family, whose
-    factors balance the two sides, takes such data."""
+    """K-FAC's (Gamma, A), refused by name where a nonzero factor lies at float64's
+    subnormal range (data of about 1e-151 or less on one side: Gamma or A below 2.3e-302,
+    where the entries lose digits and the inverse's factors overflow; at 1e-320 results
+    were off by 0.13).  The KPSVD family, whose factors balance the two sides, takes such
+    data."""
     xp = layer.xp
     Gam, Aa = layer.kfac_factors()
     for M, name in ((Gam, "output_grads"), (Aa, "activations")):
         top = float(B.to_host(xp.abs(M).max())) if M.size else 0.0
         if 0.0 < top < _FULL_PRECISION_MIN:
             raise ValueError(f"{name} are too small for K-FAC's factors: their second moments "
-                             f"({top:.1e}) lie below float64's full precision (1e-292); "
+                             f"({top:.1e}) lie at float64's subnormal range (below 2.3e-302); "
                              f"rescale {name} (the approximation scales with the product of "
                              "both sides' scales), or use kpsvd/deflation/lanczos, whose "
                              "factors balance the two sides")
