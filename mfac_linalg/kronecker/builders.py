@@ -201,9 +201,9 @@ def _pi_cholesky(method, Bm, Cm, lam, be, *, terms, info):
     factors (docs/math.md §4): K_B = L_B^{-T} (K_B K_B^T = (B + lam_B I)^{-1}), S = 1, and
     the explicit inverses kept for a two-GEMM apply, (B + lam_B I)^{-1} V (C + lam_C I)^{-1}.
     About d^3 per factor (Cholesky, triangular inverse, one product) against ~9 d^3 for a
-    symmetric eigendecomposition.  None when a damped factor is not numerically positive
-    definite (rounding left an eigenvalue below -lam_B): the caller takes the
-    eigendecomposition, whose ``indefinite`` rule handles it."""
+    symmetric eigendecomposition.  None when a factor is indefinite (``_psd``; K-FAC's are
+    Gram matrices) or a damped factor is not numerically positive definite: the caller
+    takes the eigendecomposition, whose ``indefinite`` rule (|s| + lam_B) handles it."""
     xp = be.xp
     lb, lc = _pi_split(Bm, Cm, lam)
     if method != "kfac" and not (_psd(Bm, be) and _psd(Cm, be)):
