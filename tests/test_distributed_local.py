@@ -1126,3 +1126,29 @@ def test_sharded_static_float32_tall_is_as_accurate_as_float32_rounding(lam):
     assert abs(op.logdet() - o.logdet) <= 1e-10 * max(1.0, abs(o.logdet))
     assert op.local_factor().dtype == np.float64
     assert ShardedStaticInverseFisher(G[:, :3].T.copy(), lam).local_factor().dtype == np.float32
+
+
+def _one_rank_bad_more(comm, what):
+    lay = ColumnLayout.contiguous(6, comm.size)
+    J = lay.indices(comm.rank)
+    G = np.random.default_rng(8).standard_normal((3, 6))
+    op = ShardedStaticInverseFisher(G[:, J], 0.5, comm, layout=lay)
+    x = np.ones(6)[J]
+    bad = comm.rank == 1
+    calls = {"mul_ragged": lambda: op * ([[1.0], [1.0, 2.0]] if bad else x),
+             "getitem": lambda: op[0] if bad else op[0, 1]}
+    try:
+        calls[what]()
+        first = "no error"
+    except RemoteRankError:
+        first = "remote"
+    except (TypeError, ValueError) as exc:
+        first = type(exc).__name__ + ": " + str(exc)[:40]
+    return first, op.matvec(x).shape
+
+
+@pytest.mark.parametrize("what,msg", [("mul_ragged", "ValueError: x must be a rectangular"),
+                                      ("getitem", "TypeError: index with a pair")])
+def test_more_bad_arguments_on_one_rank_fail_every_rank(what, msg):
+    (f0, s0), (f1, s1) = run_ranks(2, _one_rank_bad_more, what)
+    assert f0 == "remote" and f1.startswith(msg) and s0 == s1 == (3,)

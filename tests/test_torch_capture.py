@@ -286,8 +286,12 @@ def test_capture_refuses_what_it_cannot_represent():
         capture_statistics(reflect, loss, (x, y))
     lin = torch.nn.Linear(3, 3).double()
     twice = torch.nn.Sequential(lin, torch.nn.Tanh(), lin)       # registered twice
-    with pytest.raises(ValueError, match="one layer used twice"):
+    with pytest.raises(ValueError, match="called more than once"):
         capture_statistics(twice, loss, (torch.randn(4, 3, dtype=torch.float64), y))
+    # one module under two names, called once: its parameters counted once
+    alias = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), lin).double()
+    alias.head = alias[2]
+    assert ParameterLayout.from_model(alias).dim == 24
 
     class Again(torch.nn.Module):                                # registered once, called twice
         def __init__(self):

@@ -249,8 +249,10 @@ class ShardedOperator(_FlaggedCollectives, Operator):
 
     def _refuse(self, err):
         """Raise ``err`` on this rank and :class:`RemoteRankError` on the others, through
-        the first collective of a product (the k-agreement header), where the other ranks
-        called a product with valid arguments and wait in it."""
+        the first collective of ``dot`` / ``@`` / ``*`` / ``matmat`` / ``quad`` (the
+        k-agreement header), where the other ranks called one of those with valid
+        arguments and wait in it.  (``matvec`` has no such header, to keep its one
+        all-reduce: ranks must call the same method, as for every collective.)"""
         self._agree_k(None, err, "x", "dot")
         raise err        # not reached: the header raises it
 
@@ -283,7 +285,11 @@ class ShardedOperator(_FlaggedCollectives, Operator):
     def __mul__(self, x):
         """``op * x`` for an array slice x: ``op @ x`` (SciPy's convention); a scalar or an
         operator is refused (no lazy algebra)."""
-        if isinstance(x, Operator) or np.ndim(x) == 0 and not hasattr(x, "__len__"):
+        try:
+            scalar = isinstance(x, Operator) or np.ndim(x) == 0 and not hasattr(x, "__len__")
+        except Exception:                   # e.g. a ragged list: the product refuses it,
+            return self.dot(x)              # by name, on every rank
+        if scalar:
             # refused through the product's header: another rank may hold an array here
             return self._refuse(self._algebra_error())
         return self.dot(x)
@@ -312,6 +318,14 @@ class ShardedOperator(_FlaggedCollectives, Operator):
         k = self._agree_k(X, err, "x", "quad")
         q = self._collective_quad(X, k, err)
         return float(B.to_host(q)[0]) if was_1d else q.astype(out_dtype, copy=False)
+
+    def __getitem__(self, key):
+        """``op[i, j]`` is ``entry(i, j)``; a key that is not a pair fails on every rank
+        (through ``entry``'s collective), not on this one alone."""
+        if not (isinstance(key, tuple) and len(key) == 2):
+            err = TypeError(f"index with a pair of integers, op[i, j]; got {key!r}")
+            return float(self._collective_entry(0, 0, err))
+        return self.entry(*key)
 
     def entry(self, i, j):
         """The global entry ``A[i, j]`` (global indices), the same float on every rank.

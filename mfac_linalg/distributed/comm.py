@@ -663,19 +663,26 @@ def allgather(part, layout, comm, *, axis=0):
                          "along the other axes on every rank; got shapes (the sharded axis "
                          f"as -1) {shapes} and axes {[int(v) for v in tab[:, 2]]} (rank "
                          "order)")
+    return _gather_data(arr, be, layout, comm, ax)
+
+
+def _gather_data(arr, be, layout, comm, ax):
+    """The data all-reduce of :func:`allgather` for a part whose shape every rank shares
+    (checked there by the header; internal callers that build the parts themselves,
+    such as the sharded optimizer's step, skip the header): zeros elsewhere, exact."""
+    P, rank = comm.size, comm.rank
     shape = list(arr.shape)
     shape[ax] = layout.dim
-    full = flat = None
+    n = int(np.prod(shape))
+    err = flat = None
     try:
         full = be.xp.zeros(tuple(shape), dtype=np.float64)
         layout.place(arr.astype(np.float64), rank, full, axis=ax)
         flat = be.xp.concatenate([full.ravel(), be.xp.zeros(P)])
     except Exception as exc:                 # e.g. out of memory: still take part
         err = exc
-        n = int(np.prod(shape))
         flat = be.xp.zeros(n + P)
         flat[n + rank] = 1.0
     comm.allreduce_sum(flat)
-    n = int(np.prod(shape))
     raise_failed(flat[n:], err, "allgather")
     return flat[:n].reshape(tuple(shape)).astype(arr.dtype)

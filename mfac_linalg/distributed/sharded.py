@@ -316,8 +316,10 @@ class ShardedStaticInverseFisher(ShardedOperator):
 
     def _collective_quad(self, X, k, err):
         xp = self._backend.xp
-        S = self._pass1(X, k, err, extra=lambda X_: xp.einsum(
-            "ij,ij->j", X_, X_).astype(np.float64)[None, :])
+        wide = np.result_type(X.dtype, self._V.dtype)     # float64 V (m >= d): xᵀx too,
+        S = self._pass1(X, k, err, extra=lambda X_: xp.einsum(  # it cancels against uᵀu
+            "ij,ij->j", X_.astype(wide, copy=False),
+            X_.astype(wide, copy=False)).astype(np.float64)[None, :])
         U, xx = S[:-1], S[-1]
         return (xx - xp.einsum("ij,ij->j", U, U)) / self._damping
 

@@ -178,19 +178,17 @@ def _kfac_factors_in_range(layer):
     return Gam, Aa
 
 
-def _psd(M, be):
-    """True when the symmetric M has no eigenvalue below -1e-13 max|diag M| (rounding):
-    one Cholesky of M + 1e-13 max|diag M| I.  Under ``indefinite="abs"`` an indefinite
-    factor (a banded F) must take |M| = U |s| Uᵀ, not M: M + shift I may still be
-    positive definite with s_min + shift arbitrarily close to 0 (an inverse that blows
-    up)."""
+def _psd(M, shift, be):
+    """True when the symmetric M has no eigenvalue below -shift / 2: one Cholesky of
+    M + (shift / 2) I.  Under ``indefinite="abs"`` a factor failing this takes
+    |M| = U |s| Uᵀ (a banded F makes factors indefinite; M + shift I may still be positive
+    definite with s_min + shift arbitrarily close to 0, an inverse that blows up); one
+    passing it keeps M + shift I >= (shift / 2) I, the inverse at most twice the |M|
+    route's per factor, and the Cholesky route for the rounding-level negative
+    eigenvalues (-1e-13 max|M|) of factors that are positive semi-definite exactly."""
     xp = be.xp
-    Ms = _sym(M)
-    top = float(B.to_host(xp.abs(xp.diagonal(Ms)).max())) if Ms.size else 0.0
-    if top == 0.0:
-        return not bool(B.to_host((Ms != 0).any()))
     try:
-        L = be.cholesky_lower(Ms + (1e-13 * top) * xp.eye(Ms.shape[0]))
+        L = be.cholesky_lower(_sym(M) + (0.5 * shift) * xp.eye(M.shape[0]))
     except np.linalg.LinAlgError:
         return False
     return bool(B.to_host(xp.isfinite(L).all()))
@@ -201,12 +199,13 @@ def _pi_cholesky(method, Bm, Cm, lam, be, *, terms, info):
     factors (docs/math.md §4): K_B = L_B^{-T} (K_B K_B^T = (B + lam_B I)^{-1}), S = 1, and
     the explicit inverses kept for a two-GEMM apply, (B + lam_B I)^{-1} V (C + lam_C I)^{-1}.
     About d^3 per factor (Cholesky, triangular inverse, one product) against ~9 d^3 for a
-    symmetric eigendecomposition.  None when a factor is indefinite (``_psd``; K-FAC's are
-    Gram matrices) or a damped factor is not numerically positive definite: the caller
+    symmetric eigendecomposition.  None when a factor has an eigenvalue below -lam_B / 2
+    (``_psd``; K-FAC's are Gram matrices) or a damped factor is not numerically positive
+    definite: the caller
     takes the eigendecomposition, whose ``indefinite`` rule (|s| + lam_B) handles it."""
     xp = be.xp
     lb, lc = _pi_split(Bm, Cm, lam)
-    if method != "kfac" and not (_psd(Bm, be) and _psd(Cm, be)):
+    if method != "kfac" and not (_psd(Bm, lb, be) and _psd(Cm, lc, be)):
         return None      # an indefinite factor: |s| + lam through the eigendecomposition
     out = []
     for M, shift in ((Bm, lb), (Cm, lc)):
@@ -271,7 +270,7 @@ def _two_term_inverse(method, terms, lam, be, info, indefinite, first_term_dampi
     def gen(Bf, Bs, shift):
         Mf = _sym(Bf) + shift * xp.eye(Bf.shape[0])
         try:
-            if indefinite == "abs" and not _psd(Bf, be):
+            if indefinite == "abs" and not _psd(Bf, shift, be):
                 # B1 + shift I may be positive definite with s_min + shift near 0
                 raise np.linalg.LinAlgError("indefinite first factor")
             L = be.cholesky_lower(Mf)

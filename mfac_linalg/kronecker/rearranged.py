@@ -556,7 +556,7 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
         # the paper's restart (K <= k + 1: one vector, the sum of the Ritz vectors) can
         # settle on a lower triple, (sigma_1, sigma_3) with sigma_2 never in its Krylov
         # space; like a breakdown, its verdict needs a whole cycle of the default length
-        if (broke or keep == 0) and s1 > 0.0:
+        if (broke or (keep == 0 and done)) and s1 > 0.0:
             # a breakdown (an invariant subspace, or the fresh vectors after one) may hide
             # a top triple: a single-vector Krylov space holds one direction per distinct
             # singular value, and a fresh vector's part may not have grown by the cycle's

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import _backend as B
 from .. import _validate as V
 from . import _optim_flat as F
 from ._convert import device_spec, to_torch
@@ -138,7 +139,10 @@ class _ShardedMFAC:
             gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
             gather(out, send.contiguous(), group=comm.group)
             return out[:self._dim] if self._gather_pos is None else out[self._gather_pos]
-        full = D.allgather(v_p, self._layout, comm)
+        # one all-reduce of d numbers: the parts are this optimizer's own, of one shape
+        # on every rank (no shape header, as allgather's for user parts)
+        arr, be = B.asarray(v_p, "part")
+        full = D.comm._gather_data(arr, be, self._layout, comm, 0)
         return to_torch(full, dtype=self._cdt, device=self._device)
 
     def _check_consistency(self, gradient=None):

@@ -374,14 +374,17 @@ def select_layers(model, layers=None, *, strict=True):
 
 
 def _holders(model, supported):
-    """id(parameter) -> [(qualified name, held by a Linear / Conv2d)], every name under
-    which the model holds it (tied weights, or one module used in two places)."""
+    """id(parameter) -> [(qualified name, held by a Linear / Conv2d)], one entry per module
+    object holding it: more than one are tied weights.  (One module registered under two
+    names is one holder: its parameters are counted once, and a module called twice in a
+    forward pass is refused where that matters, by the statistics' capture.)"""
     holders = {}
     for name, mod in model.named_modules(remove_duplicate=False):
         for pname, p in mod.named_parameters(recurse=False):
-            holders.setdefault(id(p), []).append(
-                (f"{name}.{pname}" if name else pname, isinstance(mod, supported)))
-    return holders
+            per = holders.setdefault(id(p), {})
+            per.setdefault(id(mod), (f"{name}.{pname}" if name else pname,
+                                     isinstance(mod, supported)))
+    return {k: list(v.values()) for k, v in holders.items()}
 
 
 def _refuse_tied(names):
@@ -390,9 +393,9 @@ def _refuse_tied(names):
     ``parameters_to_vector``) or only one of its uses seen."""
     shown = [n for n, _ in names]
     raise ValueError(f"parameters shared between modules are not supported: {shown[0]!r} is "
-                     f"also {shown[1:]} (tied weights, or one layer used twice); the layouts, "
-                     "statistics and pruning count each layer's parameters as its own. Untie "
-                     "them, freeze the shared parameter, or leave its layers out (layers=)")
+                     f"also {shown[1:]} (tied weights); the layouts, statistics and pruning "
+                     "count each layer's parameters as its own. Untie them, freeze the shared "
+                     "parameter, or leave its layers out (layers=)")
 
 
 class PermutedOperator(Operator):
