@@ -201,8 +201,8 @@ def _pi_cholesky(method, Bm, Cm, lam, be, *, terms, info):
     About d^3 per factor (Cholesky, triangular inverse, one product) against ~9 d^3 for a
     symmetric eigendecomposition.  None when a factor has an eigenvalue below -lam_B / 2
     (``_psd``; K-FAC's are Gram matrices) or a damped factor is not numerically positive
-    definite: the caller
-    takes the eigendecomposition, whose ``indefinite`` rule (|s| + lam_B) handles it."""
+    definite: the caller takes the eigendecomposition, whose ``indefinite`` rule
+    (|s| + lam_B) handles it."""
     xp = be.xp
     lb, lc = _pi_split(Bm, Cm, lam)
     if method != "kfac" and not (_psd(Bm, lb, be) and _psd(Cm, lc, be)):

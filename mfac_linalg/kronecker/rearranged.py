@@ -465,7 +465,8 @@ def lanczos_triples(Rop, k, *, tol, maxiter, krylov=None, init=None, seed=0, sca
     the same top-k sigma; cycles shorter than the default go on at the default length
     after such a cycle.  The paper's restart (K <= k + 1) can settle on a lower triple
     (sigma_1, sigma_3 with sigma_2 never in its Krylov space): its converged cycle is
-    confirmed the same way, by a cycle of the default length.  Where the smaller side's symmetric dimension is <= K (a cycle
+    confirmed the same way, by a cycle of the default length.  Where the smaller side's
+    symmetric dimension is <= K (a cycle
     would span it) R is formed instead (:func:`dense_triples`).
 
     Restarts are thick where the cycle has room (K >= k + 2): the l = k + (K - k) // 2
