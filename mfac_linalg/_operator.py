@@ -435,8 +435,25 @@ class Operator(_Algebra, _SciPyLinearOperator):
 
     # -- entries -----------------------------------------------------------
     def diagonal(self):
-        """The diagonal, a (d,) array of the operator's backend and dtype."""
-        return self._diagonal()
+        """The diagonal, a (d,) array of the operator's backend and dtype.  On the host an
+        operator whose entries lie beyond the dtype's range (``1e307 * op``) raises
+        ``ValueError``, as its products do."""
+        return self._in_range(self._diagonal, "diagonal")
+
+    def _in_range(self, compute, what):
+        """``compute()``, refused on the host where it is not finite (entries of the
+        operator beyond the float range: a scaled or summed operator), with no NumPy
+        warning; on the GPU, or with ``check_finite=False``, as computed (no
+        synchronisation, as for products)."""
+        if not (self._backend.is_host and self._check_finite):
+            return compute()
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = compute()
+        if not bool(np.isfinite(out).all()):
+            raise ValueError(f"the operator's {what} is not finite: its entries lie beyond "
+                             f"the range of {np.dtype(self._dtype).name} (a scaled or summed "
+                             "operator too large); rescale it")
+        return out
 
     def _diagonal(self):  # generic fallback: columns in chunks
         xp = self._backend.xp
@@ -453,7 +470,15 @@ class Operator(_Algebra, _SciPyLinearOperator):
         """The entry ``A[i, j]`` as a Python float (negative indices count from the end)."""
         i = _index(i, "i", self._d)
         j = _index(j, "j", self._d)
-        return float(self._entry(i, j))
+        if not self._check_finite:
+            return float(self._entry(i, j))
+        with np.errstate(over="ignore", invalid="ignore"):
+            v = float(self._entry(i, j))
+        if not math.isfinite(v):
+            raise ValueError(f"entry ({i}, {j}) is not finite: the operator's entries lie "
+                             "beyond the float range (a scaled or summed operator too large); "
+                             "rescale it")
+        return v
 
     def _entry(self, i, j):
         xp = self._backend.xp
@@ -512,7 +537,7 @@ class Operator(_Algebra, _SciPyLinearOperator):
             raise ValueError(f"todense would build a {self._d} x {self._d} matrix "
                              f"({self._d * self._d} entries > max_elements={max_elements}); "
                              "raise max_elements explicitly if you mean it")
-        return self._todense()
+        return self._in_range(self._todense, "dense matrix")
 
     def _todense(self):
         xp = self._backend.xp

@@ -363,7 +363,11 @@ def _mp_logdet(Amp, *, rounded=True):
     a float (rounded once) or, with ``rounded=False``, an mpf."""
     mp = _mpmath()
     with mp.workprec(MP_PREC):
-        L = mp.cholesky(mp.matrix(Amp.tolist()))
+        M = mp.matrix(Amp.tolist())
+        # pivots judged relative to the matrix's scale (mpmath's default tolerance is the
+        # absolute eps, 2^-320 ~ 5e-97, which refused lambda I of lambda < 5e-97)
+        top = max((abs(M[i, i]) for i in range(M.rows)), default=mp.mpf(0))
+        L = mp.cholesky(M, tol=mp.eps * top * max(M.rows, 1))
         v = 2 * mp.fsum(mp.log(L[i, i]) for i in range(L.rows))
         return float(v) if rounded else v
 

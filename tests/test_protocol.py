@@ -192,3 +192,25 @@ def test_battery_detects_a_small_damping_error(case):
     op = case.build("cpu", damping=_registered_damping(case) * (1 + rel))
     with pytest.raises(mt.OperatorCheckError, match="matvec"):
         mt.check_operator(op, case.oracle_for(op), methods=("matvec", "matmat"))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_entries_beyond_the_range_are_refused_by_name_not_warned(dtype):
+    """1e307 * op (and sums of such): diagonal, todense and entry let a NumPy overflow
+    warning out and gave inf, where the products raise ValueError."""
+    import warnings
+    G = np.random.default_rng(0).standard_normal((3, 5)).astype(dtype)
+    big = 1e307 if dtype == np.float64 else 1e38
+    A = big * ml.StaticInverseFisher(G, 1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for op in (A, A + A, big * ml.StaticInverseFisher(G * 100, 1e-3).fisher()):
+            with pytest.raises(ValueError, match="not finite"):
+                op.diagonal()
+            with pytest.raises(ValueError, match="not finite"):
+                op.todense()
+            if dtype == np.float64:     # (a float32 operator's entry is a Python float)
+                with pytest.raises(ValueError, match=r"entry \(0, 0\) is not finite"):
+                    op[0, 0]
+    fine = 2.0 * ml.StaticInverseFisher(G, 1e-3)
+    assert np.isfinite(fine.diagonal()).all() and np.isfinite(fine[1, 2])

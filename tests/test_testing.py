@@ -716,3 +716,17 @@ def test_check_operator_accepts_a_property_that_counts_products():
             return A @ X
 
     mt.check_operator(Counting(), A, skip=("pickle",))
+
+
+@pytest.mark.parametrize("lam", [1e-100, 1e-140])
+def test_oracles_take_tiny_dampings(lam):
+    """mpmath's Cholesky judged pivots against an absolute 2^-320: lambda I with lambda
+    below ~5e-97 was 'not positive-definite'."""
+    from mfac_linalg.testing import fisher_oracle, inverse_fisher_oracle
+    G = np.zeros((2, 1))
+    assert fisher_oracle(G, lam).logdet == pytest.approx(np.log(lam), rel=1e-15)
+    assert inverse_fisher_oracle(G, lam).logdet == pytest.approx(np.log(lam), rel=1e-15)
+    G2 = np.random.default_rng(1).standard_normal((3, 4)) * 1e-50
+    o = inverse_fisher_oracle(G2, 1e-99)
+    op = ml.StaticInverseFisher(G2, 1e-99)
+    assert o.logdet == pytest.approx(op.logdet(), rel=1e-12)
