@@ -440,12 +440,18 @@ class Operator(_Algebra, _SciPyLinearOperator):
         ``ValueError``, as its products do."""
         return self._in_range(self._diagonal, "diagonal")
 
+    #: True for the lazy sums, scalings and products, whose entries can lie beyond the
+    #: float range although their terms' do not (``1e307 * op``): their ``diagonal``,
+    #: ``todense`` and ``entry`` are checked (the library's own operators are finite by
+    #: their set-up's checks, and skip the pass)
+    _may_overflow = False
+
     def _in_range(self, compute, what):
         """``compute()``, refused on the host where it is not finite (entries of the
         operator beyond the float range: a scaled or summed operator), with no NumPy
         warning; on the GPU, or with ``check_finite=False``, as computed (no
         synchronisation, as for products)."""
-        if not (self._backend.is_host and self._check_finite):
+        if not (self._may_overflow and self._backend.is_host and self._check_finite):
             return compute()
         with np.errstate(over="ignore", invalid="ignore"):
             out = compute()
@@ -470,7 +476,7 @@ class Operator(_Algebra, _SciPyLinearOperator):
         """The entry ``A[i, j]`` as a Python float (negative indices count from the end)."""
         i = _index(i, "i", self._d)
         j = _index(j, "j", self._d)
-        if not self._check_finite:
+        if not (self._may_overflow and self._check_finite):
             return float(self._entry(i, j))
         with np.errstate(over="ignore", invalid="ignore"):
             v = float(self._entry(i, j))
@@ -614,6 +620,8 @@ class SumOperator(Operator):
     (<SumOperator d=3 terms=2 float64 cpu>, True)
     """
 
+    _may_overflow = True
+
     def __init__(self, ops):
         flat = []
         for op in _operands(ops, "sum"):
@@ -677,6 +685,8 @@ class ScaledOperator(Operator):
     >>> (2 * A).scalar, (-A).symmetric, bool(np.allclose((A / 4).todense(), A.todense() / 4))
     (2.0, True, True)
     """
+
+    _may_overflow = True
 
     def __init__(self, a, op):
         a = _v.real(a, "scalar factor")
@@ -754,6 +764,8 @@ class ProductOperator(Operator):
     >>> bool(np.allclose(P.inverse().todense(), np.linalg.inv(P.todense())))
     True
     """
+
+    _may_overflow = True
 
     def __init__(self, ops):
         flat = []
