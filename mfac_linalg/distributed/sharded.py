@@ -230,13 +230,14 @@ class ShardedStaticInverseFisher(ShardedOperator):
             # then, O(m² d) with d <= m), the products in float64, rounded once
             tall = G.dtype != np.float64 and m >= layout.dim
             K = self._gram(G, tall)
-            if G.dtype != np.float64 and not bool(be.xp.isfinite(K).all()):
+            wide = G.dtype == np.float64 or tall          # K already accumulated in float64
+            if not wide and not bool(be.xp.isfinite(K).all()):
                 K = self._gram(G, True)         # float32 products overflowed: in float64
             V.gram_finite(K, "local_grads", be)  # replicated: raised on every rank alike
             try:
                 L = cap.cholesky_shifted(K, m * lam, be)
             except NotPositiveDefinite:         # replicated: every rank takes this branch
-                if G.dtype == np.float64:
+                if wide:
                     raise
                 K = self._gram(G, True)
                 L = cap.cholesky_shifted(K, m * lam, be)
