@@ -1,7 +1,6 @@
 """The column-sharded sliding window (docs/math.md §2 and §6)."""
 from __future__ import annotations
 
-import collections.abc
 import contextlib
 
 import numpy as np
@@ -9,6 +8,7 @@ import numpy as np
 from .. import _backend as B
 from .. import _validate as V
 from ..sliding.window import SlidingWindowInverseFisher as _Single
+from ..sliding.window import first_block, window_rows
 from ._base import ShardedOperator
 from ._window_checkpoint import FORMAT, FORMAT_VERSION, NORMALIZE as _NORMALIZE  # noqa: F401
 from ._window_checkpoint import _WindowCheckpointing
@@ -225,24 +225,14 @@ class ShardedSlidingWindowInverseFisher(_WindowUpdates, _WindowQueries, _WindowC
         >>> (w.count, w.window, w.storage_dtype)
         (3, 3, 'float64')
         """
-        blocks = local_grads if isinstance(local_grads, collections.abc.Iterator) else None
-        err = arr = be = None
+        blocks = arr = be = None
+        err = None
         try:                    # every local check inside: a failure still meets the
-            first = next(blocks, None) if blocks is not None else local_grads  # collectives
-            if first is None and blocks is not None:
-                raise ValueError("local_grads must yield at least one (k, d_p) row block; "
-                                 "got an empty iterator")
-            arr, be = B.asarray(first, "local_grads", allow_half=True)
+            blocks, arr, be = first_block(local_grads, "local_grads", "d_p")   # collectives
             if arr.ndim != 2:
                 raise ValueError(f"local_grads must be 2-D (m, d_p); got shape "
                                  f"{tuple(arr.shape)}")
-            if blocks is None:
-                m = arr.shape[0]
-                if window is not None and V.positive_int(window, "window") != m:
-                    raise ValueError(f"window must equal the number of rows of local_grads "
-                                     f"({m}) when they are one array; got {window}")
-            else:
-                m = V.positive_int(window, "window")
+            m = window_rows(arr, blocks, window, "local_grads")
             d_p = arr.shape[1]
         except Exception as exc:
             err, m, d_p = exc, 1, 0

@@ -358,24 +358,39 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
             return val
 
 
-def _from_gradients(cls, G, damping, window, kwargs):
-    """The set-up of :meth:`SlidingWindowInverseFisher.from_gradients`."""
+def first_block(G, name, cols):
+    """``(blocks, arr, backend)`` of a ``from_gradients``-style set-up: G one (m, ``cols``)
+    array (``blocks`` None) or an iterator of (k, ``cols``) row blocks (``arr`` its
+    first).  Raises for an empty iterator."""
     blocks = G if isinstance(G, collections.abc.Iterator) else None
     first = next(blocks, None) if blocks is not None else G
     if blocks is not None and first is None:
-        raise ValueError("G must yield at least one (k, dim) row block; got an empty "
-                         "iterator")
-    arr, be = B.asarray(first, "G", allow_half=True)
+        raise ValueError(f"{name} must yield at least one (k, {cols}) row block; got an "
+                         "empty iterator")
+    arr, be = B.asarray(first, name, allow_half=True)
+    return blocks, arr, be
+
+
+def window_rows(arr, blocks, window, name):
+    """m of a ``from_gradients``-style set-up: the rows of one array (``window``, if
+    given, must equal them), or ``window`` for an iterator of blocks."""
+    if blocks is not None:
+        return V.positive_int(window, "window")
+    m = arr.shape[0]
+    if window is not None and V.positive_int(window, "window") != m:
+        raise ValueError(f"window must equal the number of rows of {name} ({m}) when {name} "
+                         f"is an array; got window={window} (pass {name}[-window:] for the "
+                         "last rows)")
+    return m
+
+
+def _from_gradients(cls, G, damping, window, kwargs):
+    """The set-up of :meth:`SlidingWindowInverseFisher.from_gradients`."""
+    blocks, arr, be = first_block(G, "G", "dim")
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ValueError(f"G must be 2-D (m, dim) with m, dim >= 1; got shape "
                          f"{tuple(arr.shape)}")
-    if blocks is None:
-        m = arr.shape[0]
-        if window is not None and V.positive_int(window, "window") != m:
-            raise ValueError(f"window must equal the number of rows of G ({m}) when G is an "
-                             f"array; got window={window} (pass G[-window:] for the last rows)")
-    else:
-        m = V.positive_int(window, "window")
+    m = window_rows(arr, blocks, window, "G")
     kwargs.setdefault("dtype", arr.dtype.name)
     kwargs.setdefault("device", be)
     w = cls(arr.shape[1], m, damping, **kwargs)
