@@ -272,7 +272,9 @@ def _raw(x, name):
         raise TypeError(f"{name} must not be a masked array (its masked entries would be "
                         f"used as they are); pass {name}.filled(value) or a plain array")
     if isinstance(x, np.ndarray):
-        return x, CPU
+        # a subclass (numpy.matrix, a user's) as a plain view: none of its own
+        # arithmetic (``*`` as a matrix product, rows that stay 2-D) reaches the maths
+        return (x if type(x) is np.ndarray else x.view(np.ndarray)), CPU
     if _is_cupy_array(x):
         return x, _gpu_backend(x.device.id)
     if isinstance(x, (str, bytes)):
@@ -307,7 +309,7 @@ def _storage_dtype(dtype, name, backend):
         return dtype if backend.name == "gpu" else np.dtype(np.float32)
     if dtype.itemsize > 8:  # long double: nothing below computes in it
         return np.dtype(np.float64)
-    return dtype
+    return dtype if dtype.isnative else dtype.newbyteorder("=")   # big-endian: native
 
 
 def _is_bfloat16(dtype) -> bool:

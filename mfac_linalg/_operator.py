@@ -24,6 +24,12 @@ are not (``A @ A`` of a symmetric A is).
 Every operator is a :class:`scipy.sparse.linalg.LinearOperator` (a subclass that
 does not use its constructor): ``aslinearoperator(op)`` returns ``op`` itself, so
 SciPy's solvers and ``aslinearoperator(op).matmat(X)`` keep the one-pass matmat.
+
+Arguments of the products and ``quad`` go through the dtype policy of
+:mod:`mfac_linalg._backend`; an ndarray subclass is used as a plain ndarray view
+(its own arithmetic never runs), and results are plain arrays in the machine's byte
+order, except that a 2-D result for a ``numpy.matrix`` argument is a
+``numpy.matrix`` (SciPy's ``LinearOperator`` convention).
 """
 from __future__ import annotations
 
@@ -125,7 +131,7 @@ class _Algebra:
             raise TypeError("scalar @ op is not defined (as for NumPy arrays); use a * op")
         if _foreign_linop(x):
             return NotImplemented
-        arr, _ = B.asarray(x, "x", backend=self._backend)
+        arr, _ = B.asarray(_v.plain_array(x), "x", backend=self._backend)
         if arr.ndim == 1:
             return self._out(self._protocol_product(arr, "x", adjoint=True), x)
         if arr.ndim == 2:
@@ -225,7 +231,8 @@ class Operator(_Algebra, _SciPyLinearOperator):
 
     def _init_operator(self, d, dtype, backend, *, check_finite=True):
         self._d = int(d)
-        self._dtype = np.dtype(dtype)
+        dtype = np.dtype(dtype)
+        self._dtype = dtype if dtype.isnative else dtype.newbyteorder("=")
         self._backend = backend
         self._check_finite = bool(check_finite)
 
@@ -278,8 +285,10 @@ class Operator(_Algebra, _SciPyLinearOperator):
     def _prepare(self, x, name, *, fused=False):
         """Validate x; check it for NaN/inf unless ``fused`` and the operator's
         ``_matmat`` checks it itself, in the same pass (``_checks_own_finite``)."""
-        X0, was_1d = B.as_vector_block(x, name, self._d, self._backend, finite=False)
-        out_dtype = X0.dtype
+        X0, was_1d = B.as_vector_block(_v.plain_array(x), name, self._d, self._backend,
+                                       finite=False)
+        # results in the caller's float type, in the machine's byte order (as NumPy's)
+        out_dtype = X0.dtype if X0.dtype.isnative else X0.dtype.newbyteorder("=")
         if X0.dtype == self._dtype:
             X = X0
         else:
@@ -310,7 +319,8 @@ class Operator(_Algebra, _SciPyLinearOperator):
         """The error for input that a ``_matmat`` flagged itself: NaN or infinity in x,
         finite x that overflows the operator's dtype when cast, or finite x whose
         products with the operator overflow (the same messages as :meth:`_prepare`)."""
-        X0, _ = B.as_vector_block(x, name, self._d, self._backend, finite=False)
+        X0, _ = B.as_vector_block(_v.plain_array(x), name, self._d, self._backend,
+                                  finite=False)
         xp = self._backend.xp
         if not bool(xp.isfinite(X0).all()):
             return ValueError(f"{name} must be finite; got NaN or infinity")
@@ -364,7 +374,11 @@ class Operator(_Algebra, _SciPyLinearOperator):
     _tensors_out = False
 
     def _out(self, y, like):
-        """A result back as a tensor like ``like`` where this operator gives tensors."""
+        """A result back as a tensor like ``like`` where this operator gives tensors; a
+        2-D result for a ``numpy.matrix`` argument as a ``numpy.matrix`` (SciPy's
+        ``LinearOperator`` convention; the product itself ran on a plain array)."""
+        if isinstance(like, np.matrix) and isinstance(y, np.ndarray) and y.ndim == 2:
+            return y.view(np.matrix)
         if not self._tensors_out:
             return y
         from .torch.layout import _back

@@ -22,7 +22,8 @@ from . import _backend as B
 
 __all__ = [
     "integer", "positive_int", "real", "damping", "choice", "boolean", "fraction",
-    "sizes", "path", "gradients", "finite", "gram_finite", "damping_range",
+    "sizes", "path", "gradients", "finite", "gram_finite", "damping_range", "plain_array",
+    "native",
 ]
 
 
@@ -114,6 +115,32 @@ def real(value, name, *, allow_nan=False, allow_inf=False, low=None, high=None,
     return v
 
 
+def plain_array(x):
+    """``x`` as a plain ``numpy.ndarray`` view where it is an instance of a subclass
+    (``numpy.matrix``, a user subclass), so that no subclass semantics (``*`` as a
+    matrix product, rows that stay 2-D, overridden methods) reach the computations;
+    anything else (a masked array, refused by the conversion with its own message, a
+    CuPy array, a list, a tensor) is returned as it is.  A view: nothing is copied."""
+    if isinstance(x, np.ndarray) and type(x) is not np.ndarray and \
+            not isinstance(x, np.ma.MaskedArray):
+        return x.view(np.ndarray)
+    return x
+
+
+def native(arr):
+    """``arr`` in the machine's byte order (a big-endian ``>f8`` array becomes a native
+    float64 copy; a native array is returned as it is)."""
+    dt = getattr(arr, "dtype", None)
+    if dt is not None and not dt.isnative:
+        return arr.astype(dt.newbyteorder("="))
+    return arr
+
+
+def _native_dtype(dtype):
+    dtype = np.dtype(dtype)
+    return dtype if dtype.isnative else dtype.newbyteorder("=")
+
+
 def damping_range(dtype=np.float64):
     """The dampings accepted for results in ``dtype``: ``[sqrt(tiny), sqrt(max)]``.
 
@@ -122,7 +149,7 @@ def damping_range(dtype=np.float64):
     [1.1e-19, 1.8e19]).  Outside it the products overflow or lose every digit;
     rescale the problem instead (F / s has damping lambda / s).
     """
-    fi = np.finfo(np.float32 if np.dtype(dtype) == np.float32 else np.float64)
+    fi = np.finfo(np.float32 if _native_dtype(dtype) == np.float32 else np.float64)
     return math.sqrt(float(fi.tiny)), math.sqrt(float(fi.max))
 
 
@@ -132,7 +159,7 @@ def damping(value, name="damping", *, dtype=np.float64):
     lo, hi = damping_range(dtype)
     if not lo <= v <= hi:
         raise ValueError(f"{name} must be in [{lo:.2g}, {hi:.2g}] for "
-                         f"{np.dtype(dtype).name} results; got {v:g} (rescale the "
+                         f"{_native_dtype(dtype).name} results; got {v:g} (rescale the "
                          "problem: F/s has damping lambda/s)")
     return v
 
@@ -217,9 +244,14 @@ def gram_finite(K, name, backend):
 def gradients(grads, name="grads", *, backend=None, dtype=None, allow_half=False,
               min_rows=1):
     """A gradient matrix: 2-D (m, d) with m >= ``min_rows``, d >= 1, finite after the
-    cast to its storage dtype (``dtype``, or the dtype policy's).  Returns (G, backend).
+    cast to its storage dtype (``dtype``, or the dtype policy's).  Returns (G, backend):
+    G is a plain ndarray (a ``numpy.matrix`` or other subclass is viewed as one) in the
+    machine's byte order (big-endian input is converted: results and the damping range
+    follow its float type, not its byte order).
     """
-    G, be = B.asarray(grads, name, backend=backend, dtype=dtype, allow_half=allow_half)
+    G, be = B.asarray(plain_array(grads), name, backend=backend, dtype=dtype,
+                      allow_half=allow_half)
+    G = native(G)
     if G.ndim != 2:
         raise ValueError(f"{name} must be 2-D (m, d); got shape {tuple(G.shape)}")
     if G.shape[0] < min_rows or G.shape[1] < 1:
