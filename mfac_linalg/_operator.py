@@ -850,7 +850,15 @@ def _adapter_class(backend):
         def __repr__(self):
             return f"<{base.__module__.split('.')[0]} LinearOperator wrapping {self.op!r}>"
 
+        def __reduce__(self):       # the class is built here: pickle the operator instead
+            return _adapt, (self.op,)
+
     _Adapter.__name__ = _Adapter.__qualname__ = (
         "ScipyAdapter" if backend.is_host else "CupyxAdapter")
     _ADAPTERS[base] = _Adapter
     return _Adapter
+
+
+def _adapt(op):
+    """``op``'s SciPy/cupyx adapter (unpickling a :meth:`Operator.to_scipy` result)."""
+    return _adapter_class(op._backend)(op)

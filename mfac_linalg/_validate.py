@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from collections.abc import Mapping, Set
 
 import numpy as np
 
@@ -190,6 +191,9 @@ def sizes(value, name, *, total=None):
     to ``total``.  Returns a list of ``int``."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise TypeError(f"{name} must be a sequence of positive integers; got {_got(value)}")
+    if isinstance(value, (Mapping, Set)):   # keys, or an order that is not the caller's
+        raise TypeError(f"{name} must be an ordered sequence (a list, tuple or 1-D array) of "
+                        f"positive integers; got {type(value).__name__}")
     if hasattr(value, "ndim") and getattr(value, "ndim") != 1:
         raise ValueError(f"{name} must be 1-D; got shape {tuple(value.shape)}")
     out = []

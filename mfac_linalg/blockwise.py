@@ -239,8 +239,16 @@ class BlockInverseFisher(_LowRankInverseFisher):
             yield grp.cols(), grp.alpha, grp.beta, B.readonly(grp.V)
 
     def with_gradients(self, grads):
-        """A new operator of the same layout and damping for new gradients."""
-        return BlockInverseFisher(grads, self._damping, blocks=np.diff(self._bounds).tolist(),
+        """A new operator of the same layout and damping for new gradients (m', d).
+
+        Raises ValueError naming ``grads`` when it does not have the operator's d
+        columns (the layout's message "blocks must sum to ..." named an argument the
+        caller never gave), and as the constructor otherwise."""
+        G, _ = _v.gradients(grads, "grads")
+        if G.shape[1] != self._d:
+            raise ValueError(f"grads must have shape (m, {self._d}) (the operator's layout); "
+                             f"got shape {tuple(G.shape)}")
+        return BlockInverseFisher(G, self._damping, blocks=np.diff(self._bounds).tolist(),
                                   check_finite=self._check_finite)
 
     def _repr_fields(self):

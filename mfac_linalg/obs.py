@@ -14,7 +14,9 @@ With H = F^{-1} and weights w:
 
 ``op`` is any inverse-Fisher operator of the library (static, block, sliding
 window: they expose their blocks as F_k^{-1} = alpha I + beta V_k^T V_k) or a
-dense (d, d) matrix H.  For block operators every solve stays inside a block.
+dense (d, d) matrix H (finite with a positive diagonal, checked on entry; symmetric
+positive definite, checked by a Cholesky factor of each block it is solved with).  For
+block operators every solve stays inside a block.
 """
 from __future__ import annotations
 
@@ -70,6 +72,20 @@ class _Dense:
         self.shape = H.shape
 
 
+def _dense_spd(A, xp, what):
+    """Refuse (ValueError naming op) a block of a dense H = F^-1 that is not numerically
+    positive definite, before it is solved with: a singular one gave NumPy's bare
+    LinAlgError 'Singular matrix', an indefinite one a meaningless update and a negative
+    predicted loss.  A Cholesky of A (the lower triangle; batched for a stack)."""
+    try:
+        ok = bool(xp.isfinite(xp.linalg.cholesky(A)).all())   # CuPy: NaN, no exception
+    except np.linalg.LinAlgError:
+        ok = False
+    if not ok:
+        raise ValueError(f"op (a dense inverse Fisher H = F^-1) must be symmetric positive "
+                         f"definite; {what} is not (numerically)")
+
+
 def _structure(op, name="op"):
     """(structure, backend): an inverse-Fisher operator with ``lowrank_batches``, or a
     dense H = F^{-1} checked here (square, finite, positive diagonal)."""
@@ -105,8 +121,54 @@ def _weights(w, d, be, name="w"):
     return arr.astype(np.float64), arr.dtype
 
 
+def _single_scores(w, diag, xp):
+    """w_q^2 / (2 H_qq) as (|w_q| / sqrt(2 H_qq))^2: no intermediate w_q^2 that overflows
+    (or underflows) where the saliency itself is in range; inf only where it is not."""
+    with np.errstate(over="ignore", under="ignore"):
+        t = xp.abs(w) / xp.sqrt(2.0 * diag)
+        return t * t
+
+
+def _deliver(scores, out, xp):
+    """Saliencies (float64) in the dtype of ``w``; a ValueError where they overflow it
+    (a NumPy overflow warning and inf before)."""
+    with np.errstate(over="ignore"):
+        res = scores.astype(out, copy=False)
+    if not bool(xp.isfinite(res).all()):
+        raise ValueError(f"the saliencies overflow {np.dtype(out).name} (the dtype of w): "
+                         "w is too large for op (saliencies scale as w^2 / H); rescale w")
+    return res
+
+
+def _op_dtype(S):
+    return np.dtype(np.float64 if isinstance(S, _Dense) else S.dtype)
+
+
+def _ill_conditioned(dtype, what):
+    return (f"op is too ill-conditioned for its storage dtype {dtype.name}: {what} "
+            "(kappa_W = lambda_max(F)/lambda near 1/eps); raise the damping, or build it "
+            "from float64 gradients")
+
+
 def _inverse_diagonal(S, xp):
-    return xp.diagonal(S.H).copy() if isinstance(S, _Dense) else S.diagonal().astype(np.float64)
+    """diag(H) in float64.  A dense H is checked at its conversion; an operator's
+    diagonal is checked here: an entry <= 0 (or so small that 1/H_qq overflows) is
+    impossible for F^-1 and comes from an operator too ill-conditioned for its storage
+    dtype (the dual form's 1 - ||v_q||^2 cancels when kappa_W = lambda_max/lambda nears
+    1/eps, float32 first).  It gave negative saliencies, selected first, negative
+    predicted losses and huge updates (a zero: a NumPy warning and an error about an
+    'x' the caller never passed); now a ValueError naming op."""
+    if isinstance(S, _Dense):
+        return xp.diagonal(S.H).copy()
+    diag = S.diagonal().astype(np.float64)
+    if diag.size:
+        q = int(B.to_host(xp.argmin(diag)))
+        dmin = B.scalar(diag[q])
+        if not dmin > 0 or not np.isfinite(1.0 / dmin):
+            raise ValueError(_ill_conditioned(
+                _op_dtype(S), f"its diagonal has an entry [F^-1]_qq = {dmin:g} (q={q}) "
+                f"{'<= 0' if not dmin > 0 else 'whose reciprocal overflows'}"))
+    return diag
 
 
 def saliency(w, op):
@@ -127,7 +189,9 @@ def saliency(w, op):
     Raises
     ------
     TypeError, ValueError
-        As for :func:`prune`.
+        As for :func:`prune`; also a ValueError where the saliencies overflow the
+        dtype of ``w`` (they are computed as (|w_q| / sqrt(2 H_qq))^2: no
+        intermediate overflow where the saliency itself is in range).
 
     Examples
     --------
@@ -141,7 +205,7 @@ def saliency(w, op):
     """
     S, be = _structure(op)
     w, out = _weights(w, S.shape[0], be)
-    return (w * w / (2.0 * _inverse_diagonal(S, be.xp))).astype(out, copy=False)
+    return _deliver(_single_scores(w, _inverse_diagonal(S, be.xp), be.xp), out, be.xp)
 
 
 def _group_blocks(S, g, xp):
@@ -153,7 +217,9 @@ def _group_blocks(S, g, xp):
             raise ValueError(f"group_size={g} must divide d={d}")
         cols = np.arange(d).reshape(-1, g)
         c = xp.asarray(cols)
-        yield cols, S.H[c[:, :, None], c[:, None, :]]
+        Hgg = S.H[c[:, :, None], c[:, None, :]]
+        _dense_spd(Hgg, xp, f"a diagonal block H_gg of a group of {g}")
+        yield cols, Hgg
         return
     for cols, alpha, beta, V in S.lowrank_batches():
         nb, b = cols.shape
@@ -166,13 +232,43 @@ def _group_blocks(S, g, xp):
         yield cols.reshape(-1, g), Hgg
 
 
+def _check_group_size(S, op, g):
+    """Refuse a group size that does not divide every block before any work (prune with
+    count=0, or stages that remove nothing before the last, accepted it, the latter after
+    calling regrad).  d % g is necessary for every layout; the block sizes are checked
+    where the operator states them (``bounds``), else when the groups are built."""
+    d = S.shape[0]
+    if isinstance(S, _Dense) or not hasattr(op, "bounds"):
+        if d % g:
+            raise ValueError(f"group_size={g} must divide d={d}")
+        return
+    sizes = np.diff(B.to_host(op.bounds))
+    bad = sizes[sizes % g != 0]
+    if bad.size:
+        raise ValueError(f"group_size={g} must divide every block size; a block has "
+                         f"{int(bad[0])}")
+
+
 def _group_scores(S, w, g, xp):
-    """1/2 w_g^T (H_gg)^{-1} w_g for every group (the one group-saliency loop)."""
+    """1/2 w_g^T (H_gg)^{-1} w_g for every group (the one group-saliency loop).  Each w_g
+    is scaled by a power of two to a largest entry in [1/2, 1) before the solve and the
+    factor is put back after (exact): no intermediate overflow or underflow where the
+    saliency is in range, inf (no warning) where it is not."""
     out = xp.empty(w.shape[0] // g, dtype=np.float64)
     for cols, Hgg in _group_blocks(S, g, xp):
         wg = w[xp.asarray(cols)]
-        t = xp.linalg.solve(Hgg, wg[..., None])[..., 0]
-        out[xp.asarray(cols[:, 0] // g)] = 0.5 * (wg * t).sum(axis=1)
+        _, e = xp.frexp(xp.abs(wg).max(axis=1))          # max |w_g| = f 2^e
+        wg = xp.ldexp(wg, -e[:, None])
+        try:
+            t = xp.linalg.solve(Hgg, wg[..., None])[..., 0]
+        except np.linalg.LinAlgError:     # exactly singular in floating point
+            raise ValueError(_ill_conditioned(
+                _op_dtype(S), "a group's block H_gg is singular")) from None
+        with np.errstate(over="ignore", under="ignore"):
+            out[xp.asarray(cols[:, 0] // g)] = xp.ldexp(0.5 * (wg * t).sum(axis=1), 2 * e)
+    if out.size and not B.scalar(out.min()) >= 0:   # NaN, or H_gg numerically indefinite
+        raise ValueError(_ill_conditioned(
+            _op_dtype(S), "a group's block H_gg is not numerically positive definite"))
     return out
 
 
@@ -199,7 +295,10 @@ def group_saliency(w, op, group_size=4):
     TypeError
         ``group_size`` not an integer; ``op`` not an inverse-Fisher operator or array.
     ValueError
-        ``group_size`` < 1 or not dividing a block; bad ``w`` or dense ``op``.
+        ``group_size`` < 1 or not dividing a block; bad ``w`` or dense ``op`` (a
+        block H_gg of a dense ``op`` not positive definite included); saliencies
+        overflowing the dtype of ``w``; an operator too ill-conditioned for its
+        dtype (a block H_gg singular or giving a negative saliency).
 
     Examples
     --------
@@ -212,15 +311,24 @@ def group_saliency(w, op, group_size=4):
     S, be = _structure(op)
     w, out = _weights(w, S.shape[0], be)
     g = _v.positive_int(group_size, "group_size")
-    return _group_scores(S, w, g, be.xp).astype(out, copy=False)
+    return _deliver(_group_scores(S, w, g, be.xp), out, be.xp)
 
 
 def _fisher_quad(S, op, delta, xp):
-    """1/2 delta^T F delta."""
+    """1/2 delta^T F delta.  For an operator, delta (float64) is scaled by a power of two
+    to a largest entry below 1 before it is cast to the operator's dtype and the factor
+    is put back in float64: a float64 delta beyond float32's range (or below it) gave
+    NaN/inf or 0 in the cast (a ValueError about an 'x' the caller never passed)."""
     if isinstance(S, _Dense):
+        _dense_spd(S.H, xp, "H")
         return 0.5 * B.scalar(delta @ xp.linalg.solve(S.H, delta))
-    f = op.fisher()
-    return 0.5 * f.quad(delta.astype(op.dtype))
+    top = B.scalar(xp.abs(delta).max()) if delta.size else 0.0
+    if top == 0.0:
+        return 0.0
+    _, e = np.frexp(top)                                  # top = f 2^e, f in [1/2, 1)
+    q = op.fisher().quad(xp.ldexp(delta, -int(e)).astype(op.dtype))
+    with np.errstate(over="ignore", under="ignore"):   # an overflow is refused by prune
+        return 0.5 * float(np.ldexp(np.float64(q), 2 * int(e)))
 
 
 def _block_solve(alpha, beta, Vq, wq, xp):
@@ -247,7 +355,9 @@ def _joint(S, w, Q, xp):
     if isinstance(S, _Dense):
         idx = xp.asarray(np.flatnonzero(Qh))
         if len(idx):
-            t = xp.linalg.solve(S.H[idx[:, None], idx[None, :]], w[idx])
+            HQQ = S.H[idx[:, None], idx[None, :]]
+            _dense_spd(HQQ, xp, "its submatrix H_QQ on the removed weights")
+            t = xp.linalg.solve(HQQ, w[idx])
             dw = -(S.H[:, idx] @ t)
             loss = 0.5 * B.scalar(w[idx] @ t)
         return dw, loss
@@ -258,12 +368,21 @@ def _joint(S, w, Q, xp):
             Vk = V[k].astype(np.float64)
             Vq = Vk[:, xp.asarray(loc)]                   # (r, q)
             wq = w[xp.asarray(cols[k, loc])]
-            t = _block_solve(alpha, beta, Vq, wq, xp)
+            try:
+                t = _block_solve(alpha, beta, Vq, wq, xp)
+            except np.linalg.LinAlgError:     # exactly singular in floating point
+                raise ValueError(_ill_conditioned(
+                    _op_dtype(S), "the block H_QQ of the removed weights is singular")) \
+                    from None
             # dw_block = -H[:, Q] t = -(alpha E_Q t + beta V^T (Vq t))
             blk = -beta * (Vk.T @ (Vq @ t))
             blk[xp.asarray(loc)] -= alpha * t
             dw[xp.asarray(cols[k])] += blk
             loss += 0.5 * B.scalar(wq @ t)
+    if loss < 0:    # 1/2 w_Q^T (H_QQ)^{-1} w_Q >= 0 for a positive definite H_QQ
+        raise ValueError(_ill_conditioned(
+            _op_dtype(S), "the block H_QQ of the removed weights is not numerically positive "
+            "definite"))
     return dw, loss
 
 
@@ -370,7 +489,7 @@ def _choose(S, w, mask, n_new, method, g, diag, xp, exact, what):
         selg = _select_groups(scores, mask.reshape(-1, g).sum(axis=1), n_new, g, exact, what,
                               xp)
         return xp.repeat(selg, g) & ~mask
-    score = xp.abs(w) if method == "magnitude" else w * w / (2.0 * diag)
+    score = xp.abs(w) if method == "magnitude" else _single_scores(w, diag, xp)
     return _select(score, ~mask, n_new, xp)
 
 
@@ -462,8 +581,15 @@ def prune(w, op, *, sparsity=None, count=None, method="joint", mask=None, group_
         A bad value: out-of-range ``sparsity``/``count``, a target below the
         mask, a count groups cannot reach, NaN/inf in ``w`` or a dense ``op``,
         a dense ``op`` with a diagonal entry <= 0 or so small that 1/H_qq
-        overflows, wrong shapes (``regrad``'s grads included), pruned weights or
-        a loss that overflow (in ``w``'s dtype) for a badly scaled ``op``.
+        overflows, or whose block solved with (H_QQ, H_gg, or H itself for the
+        losses of "independent" and "magnitude") is not numerically positive
+        definite; an operator too ill-conditioned for its storage dtype (a
+        diagonal entry <= 0, a block H_QQ or H_gg singular or giving a negative
+        loss: kappa_W near 1/eps, float32 first); a ``group_size`` not dividing
+        every block (refused before any work, whatever the count); wrong shapes
+        (``regrad``'s grads, converted and checked after each call, included);
+        pruned weights or a loss that overflow (in ``w``'s dtype) for a badly
+        scaled ``op``.
 
     Notes
     -----
@@ -494,6 +620,8 @@ def prune(w, op, *, sparsity=None, count=None, method="joint", mask=None, group_
                              f"{tuple(m0.shape)}")
     total, exact, what = _target(sparsity, count, d)
     g = None if group_size is None else _v.positive_int(group_size, "group_size")
+    if g is not None:
+        _check_group_size(S, op, g)
     already = int(B.to_host(m0.sum()))
     if total < already:
         raise ValueError(f"the target ({total} removed) is below the {already} weights the mask "
@@ -517,8 +645,12 @@ def prune(w, op, *, sparsity=None, count=None, method="joint", mask=None, group_
                                                   xp, exact and stage == steps, what)
         loss += float(l_stage)
         if regrad is not None and stage < steps:
-            grads = regrad(w_cur.astype(out_dtype), mask_cur.copy())
-            if getattr(grads, "ndim", None) == 2 and grads.shape[1] != d:
+            # converted and checked here, whatever regrad returns (a list of the wrong
+            # width reached a static operator and failed in the next stage with a NumPy
+            # broadcast error, a block operator with "blocks must sum to ...")
+            grads, _ = _v.gradients(regrad(w_cur.astype(out_dtype), mask_cur.copy()),
+                                    "the grads returned by regrad(weights, mask)", backend=be)
+            if grads.shape[1] != d:
                 raise ValueError(f"regrad(weights, mask) must return grads of shape (m, {d}); "
                                  f"got shape {tuple(grads.shape)}")
             op = op.with_gradients(grads)

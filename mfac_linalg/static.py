@@ -214,8 +214,16 @@ class StaticInverseFisher(_LowRankInverseFisher):
         yield lr.cols(), lr.alpha, lr.beta, B.readonly(lr.V)
 
     def with_gradients(self, grads):
-        """A new operator with the same damping for new gradients."""
-        return StaticInverseFisher(grads, self._damping, check_finite=self._check_finite)
+        """A new operator with the same damping for new gradients (m', d).
+
+        Raises ValueError naming ``grads`` when it does not have the operator's d
+        columns (an operator of another size was built and failed later, where it met
+        vectors of this one's), and as the constructor otherwise."""
+        G, _ = _v.gradients(grads, "grads")
+        if G.shape[1] != self._d:
+            raise ValueError(f"grads must have shape (m, {self._d}) (the operator's d); got "
+                             f"shape {tuple(G.shape)}")
+        return StaticInverseFisher(G, self._damping, check_finite=self._check_finite)
 
     # -- forward products through the factors (used by FisherOperator) -------
     def _fisher_matmat(self, X):

@@ -83,9 +83,17 @@ def _to_float(a):
 
 
 def _host64(a):
-    """Any array (NumPy, CuPy, DLPack) -> float64 NumPy array on the host."""
+    """Any array (NumPy, CuPy, DLPack) -> float64 NumPy array on the host.  A complex
+    array with a non-zero imaginary part is a TypeError: the operators checked here are
+    real, and a cast would drop the imaginary part silently (with a ComplexWarning)."""
     from . import _backend as B
-    return np.asarray(B.to_host(a), dtype=np.float64)
+    h = np.asarray(B.to_host(a))
+    if h.dtype.kind == "c":
+        if np.any(h.imag != 0):
+            raise TypeError(f"a real result was expected; got {h.dtype} values with a "
+                            "non-zero imaginary part")
+        h = h.real
+    return np.asarray(h, dtype=np.float64)
 
 
 def _real_array(a, name, *, ndim=2, square=False, allow_empty=False):
@@ -115,8 +123,10 @@ def refined_solve(apply_exact, solve, X, *, maxiter=60):
     r"""Solve A Y = X to float64 accuracy by iterative refinement with exact residuals.
 
     Repeats ``Y <- Y + solve(round(X - A Y))`` with the residual computed exactly by
-    ``apply_exact`` (mpmath) and Y accumulated in mpmath, until the correction is
-    below 2⁻⁶⁰ of Y; the result is Y rounded once to float64.  Each sweep shrinks the
+    ``apply_exact`` (mpmath) and Y accumulated in mpmath, until the correction of each
+    column is below 2⁻⁶⁰ of that column (max norms: every column is exact on its own
+    scale, however small it is next to the others); the result is Y rounded once to
+    float64.  Each sweep shrinks the
     error by about ε·cond(A) (``solve`` is any float64 solver, e.g. a Cholesky
     factorization), so it converges for cond(A) up to about 10¹⁵ and then is exact
     to one rounding, whatever cond(A) (docs/math.md §5).
@@ -169,16 +179,28 @@ def refined_solve(apply_exact, solve, X, *, maxiter=60):
             R = _to_float(Xmp - apply_exact(Y))
             D = np.asarray(solve(R), dtype=np.float64)
             Y = Y + _to_mp(D)
-            size = float(np.abs(_to_float(Y)).max()) if Y.size else 0.0
-            step = float(np.abs(D).max()) if D.size else 0.0
-            if step <= 2.0 ** -60 * size or step == 0.0:
+            # each column on its own scale: a column whose solution is far smaller than
+            # another's (F's top eigenvector next to a random vector) is refined until its
+            # own correction is below 2^-60 of it, not of the largest column
+            step = _column_max(D)
+            size = _column_max(_to_float(Y))
+            rel = float(np.max(np.where(step == 0, 0.0, step / np.where(size > 0, size, 1.0)),
+                               initial=0.0))
+            if rel <= 2.0 ** -60:
                 return _to_float(Y)
-            if step > 0.5 * last:
+            if rel > 0.5 * last:
                 raise ArithmeticError(
                     "refined_solve: the corrections stopped shrinking (the matrix is too "
                     "ill-conditioned for the float64 solver); use a better-conditioned case")
-            last = step
+            last = rel
     raise ArithmeticError(f"refined_solve: no convergence in {maxiter} sweeps")
+
+
+def _column_max(A):
+    """max |A| per column (a 1-D array: one column) as a float64 vector."""
+    A = np.abs(np.asarray(A, dtype=np.float64))
+    A = A[:, None] if A.ndim == 1 else A.reshape(1, 1) if A.ndim == 0 else A
+    return A.max(axis=0, initial=0.0)
 
 
 # -- oracles ---------------------------------------------------------------------------
@@ -271,7 +293,9 @@ class Oracle:
 
         ``kappa`` defaults to the 2-norm condition number of A; ``logdet``, if not
         given, is computed exactly in mpmath when A is symmetric positive definite
-        (and ``exact_logdet``).  Cost O(d³) mpmath operations once, O(d²k) per product.
+        (and ``exact_logdet``); a matrix positive definite to float64 eigenvalues but
+        not exactly (within rounding of singular) gets ``logdet`` None and
+        ``positive_definite`` False.  Cost O(d³) mpmath operations once, O(d²k) per product.
         """
         A = _real_array(A, "A", square=True, allow_empty=True)
         A.setflags(write=False)
@@ -293,7 +317,8 @@ class Oracle:
                 return _to_float(apply_mp(X))
 
         if logdet is None and pd and exact_logdet:
-            logdet = _mp_logdet(Amp)
+            logdet = _mp_logdet(Amp, exact_pd=True)
+            pd = logdet is not None         # positive definite in float64 only: it is not
         o = cls(d, apply, kappa=kappa, logdet=logdet, fisher=fisher, model_error=model_error,
                 symmetric=symmetric, positive_definite=pd, name="dense")
         o._dense = A
@@ -306,7 +331,9 @@ class Oracle:
         ``solve`` is the float64 solver for the corrections (default: Cholesky of
         ``dense()``, or LU where A is not positive definite).  ``logdet`` stays log det A
         (the library's inverse operators report log det of the matrix they invert), and
-        ``fisher`` is this oracle.
+        ``fisher`` is this oracle.  ``ValueError`` where ``kappa`` is infinite,
+        ``ArithmeticError`` where the float64 factorization of ``dense()`` fails (A
+        singular to float64 precision).
 
         Examples
         --------
@@ -328,12 +355,17 @@ class Oracle:
                              "inverse")
         if solve is None:
             D = self.dense()
-            if self.positive_definite:
-                c = sla.cho_factor(D, lower=True)
-                solve = lambda R: sla.cho_solve(c, R)  # noqa: E731
-            else:
-                lu = sla.lu_factor(D)
-                solve = lambda R: sla.lu_solve(lu, R)  # noqa: E731
+            try:
+                if self.positive_definite:
+                    c = sla.cho_factor(D, lower=True)
+                    solve = lambda R: sla.cho_solve(c, R)  # noqa: E731
+                else:
+                    lu = sla.lu_factor(D, check_finite=False)
+                    solve = lambda R: sla.lu_solve(lu, R)  # noqa: E731
+            except np.linalg.LinAlgError:
+                raise ArithmeticError(
+                    f"the matrix of {self!r} is singular to float64 precision: the "
+                    "refinement needs kappa up to about 1e15") from None
         fwd = self
         exact = getattr(self, "_apply_mp", None)
 
@@ -358,16 +390,25 @@ class Oracle:
         return inv
 
 
-def _mp_logdet(Amp, *, rounded=True):
+def _mp_logdet(Amp, *, rounded=True, exact_pd=False):
     """log det of a symmetric positive definite object array of mpf (Cholesky, mpmath);
-    a float (rounded once) or, with ``rounded=False``, an mpf."""
+    a float (rounded once) or, with ``rounded=False``, an mpf.
+
+    ``exact_pd``: the matrix was judged positive definite in float64 (eigenvalues), which
+    a matrix within rounding of singular can pass while it is not, exactly; return None
+    where the exact Cholesky fails (mpmath's "not positive-definite" escaped otherwise)."""
     mp = _mpmath()
     with mp.workprec(MP_PREC):
         M = mp.matrix(Amp.tolist())
         # pivots judged relative to the matrix's scale (mpmath's default tolerance is the
         # absolute eps, 2^-320 ~ 5e-97, which refused lambda I of lambda < 5e-97)
         top = max((abs(M[i, i]) for i in range(M.rows)), default=mp.mpf(0))
-        L = mp.cholesky(M, tol=mp.eps * top * max(M.rows, 1))
+        try:
+            L = mp.cholesky(M, tol=mp.eps * top * max(M.rows, 1))
+        except ValueError:
+            if exact_pd:
+                return None
+            raise
         v = 2 * mp.fsum(mp.log(L[i, i]) for i in range(L.rows))
         return float(v) if rounded else v
 
@@ -434,7 +475,9 @@ def fisher_oracle(grads, damping=0.0, *, N=None):
                        - m * mp.log(N_mp * lam_mp))
         elif eig.min() > 0:
             Fm = (Gmp.T @ Gmp) / N_mp + np.diag([lam_mp] * d).astype(object)
-            ld = _mp_logdet(Fm)
+            ld = _mp_logdet(Fm, exact_pd=True)
+            if ld is None:        # lambda = 0 and G of rank < d, exactly (float64 SVD: > 0)
+                kappa = math.inf
     scale = float(max(m, d) + np.abs(np.log(eig[eig > 0])).sum())
 
     def apply_mp(X):
@@ -447,7 +490,7 @@ def fisher_oracle(grads, damping=0.0, *, N=None):
             return _to_float(apply_mp(X))
 
     fwd = Oracle(d, apply_F, kappa=kappa, logdet=ld, logdet_scale=scale,
-                 positive_definite=bool(eig.min() > 0), name="F")
+                 positive_definite=bool(eig.min() > 0) and kappa < math.inf, name="F")
     fwd._apply_mp = apply_mp
     return fwd
 
@@ -478,6 +521,13 @@ def inverse_fisher_oracle(grads, damping, *, N=None):
         For F⁻¹, with ``kappa`` = κ_W = λ_max(F)/λ, ``logdet`` = log det F and
         ``fisher`` the oracle of F (same κ).
 
+    Raises
+    ------
+    ArithmeticError
+        F is singular to float64 precision (κ beyond about 10¹⁵-10¹⁶: the refinement
+        has no float64 solver to start from); its products then raise the same when the
+        refinement stops converging.
+
     Examples
     --------
     >>> import numpy as np
@@ -500,12 +550,18 @@ def inverse_fisher_oracle(grads, damping, *, N=None):
     m, d = G.shape
     N = float(m) if N is None else V.real(N, "N", low=0.0, low_open=True)
     # float64 corrections through the dual (Woodbury) form when m < d, else Cholesky of F
-    if m < d:
-        cC = sla.cho_factor(N * lam * np.eye(m) + G @ G.T, lower=True)
-        solve = lambda R: (R - G.T @ sla.cho_solve(cC, G @ R)) / lam  # noqa: E731
-    else:
-        cF = sla.cho_factor(lam * np.eye(d) + G.T @ G / N, lower=True)
-        solve = lambda R: sla.cho_solve(cF, R)  # noqa: E731
+    try:
+        if m < d:
+            cC = sla.cho_factor(N * lam * np.eye(m) + G @ G.T, lower=True)
+            solve = lambda R: (R - G.T @ sla.cho_solve(cC, G @ R)) / lam  # noqa: E731
+        else:
+            cF = sla.cho_factor(lam * np.eye(d) + G.T @ G / N, lower=True)
+            solve = lambda R: sla.cho_solve(cF, R)  # noqa: E731
+    except np.linalg.LinAlgError:
+        raise ArithmeticError(
+            f"inverse_fisher_oracle: F is singular to float64 precision (kappa = "
+            f"{fwd.kappa:.3g}; the refinement needs about 1e15 or less): use a larger "
+            "damping") from None
     inv = fwd.inverse(solve)
     inv.name = "inv(F)"
     return inv
@@ -524,7 +580,9 @@ def kronecker_oracle(terms=(), *, shift=0.0, basis=None, inverse=True):
     Parameters
     ----------
     terms : sequence of (P, Q)
-        Square float64 factors, P (d_out, d_out), Q (d_in, d_in).
+        Square float64 factors, P (d_out, d_out), Q (d_in, d_in).  A factor symmetric up
+        to rounding (max |P − Pᵀ| <= 16 n ε max |P|) is taken as (P + Pᵀ)/2; others as
+        they are (a non-symmetric M).
     shift : float
         The multiple of I added.
     basis : (U, W, S), optional
@@ -535,8 +593,10 @@ def kronecker_oracle(terms=(), *, shift=0.0, basis=None, inverse=True):
     Returns
     -------
     Oracle
-        ``kappa`` = cond(M), ``logdet`` = log det M (mpmath), ``fisher`` = the oracle of
-        M when ``inverse``.
+        ``kappa`` = cond(M) (2-norm), ``logdet`` = log det M (mpmath) where M is
+        symmetric positive definite (else None), ``symmetric`` whether M is, exactly
+        (factors that are not symmetric give a non-symmetric M: its transpose products
+        are checked against Mᵀ), ``fisher`` = the oracle of M when ``inverse``.
 
     Examples
     --------
@@ -559,8 +619,8 @@ def kronecker_oracle(terms=(), *, shift=0.0, basis=None, inverse=True):
                 or hasattr(pq, "dtype"):
             raise TypeError(f"terms[{t}] must be a pair (P, Q) of square matrices; got "
                             f"{type(pq).__name__}")
-        pairs.append((_real_array(pq[0], f"terms[{t}][0]", square=True),
-                      _real_array(pq[1], f"terms[{t}][1]", square=True)))
+        pairs.append((_near_symmetric(_real_array(pq[0], f"terms[{t}][0]", square=True)),
+                      _near_symmetric(_real_array(pq[1], f"terms[{t}][1]", square=True))))
     terms = pairs
     if basis is not None:
         if isinstance(basis, (str, bytes)) or not hasattr(basis, "__len__") \
@@ -612,19 +672,32 @@ def kronecker_oracle(terms=(), *, shift=0.0, basis=None, inverse=True):
         with mp.workprec(MP_PREC):
             return _to_float(apply_mp(X))
 
-    eig = np.linalg.eigvalsh((dense + dense.T) / 2)
-    pd = bool(eig[0] > 0)
-    small = float(np.abs(eig).min())
-    kappa = float(np.abs(eig).max()) / small if small > 0 else math.inf
+    # M is symmetric when every factor is; otherwise decide it exactly (a sum of
+    # non-symmetric terms can still be symmetric)
+    symmetric = all(np.array_equal(P, P.T) and np.array_equal(Q, Q.T) for P, Q in terms)
+    exact = None
+    if not symmetric:
+        exact = apply_mp(np.eye(d))
+        symmetric = bool((exact == exact.T).all())
+    if symmetric:
+        eig = np.linalg.eigvalsh((dense + dense.T) / 2)
+        pd = bool(eig[0] > 0)
+        sv = np.abs(eig)
+    else:          # a non-symmetric M: the 2-norm condition number, no Cholesky, no logdet
+        sv = np.linalg.svd(dense, compute_uv=False)
+        pd = False
+    small = float(sv.min())
+    kappa = float(sv.max()) / small if small > 0 else math.inf
     if inverse and not small > 0:
         raise ValueError("the matrix of terms, shift and basis is singular (an eigenvalue "
                          "is 0): it has no inverse; add a shift or pass inverse=False")
     logdet = None
     if pd:
-        logdet = _mp_logdet(apply_mp(np.eye(d)))
+        logdet = _mp_logdet(apply_mp(np.eye(d)) if exact is None else exact, exact_pd=True)
+        pd = logdet is not None
     fwd = Oracle(d, apply, kappa=kappa, logdet=logdet,
-                 logdet_scale=float(d + np.abs(np.log(np.abs(eig))).sum()),
-                 positive_definite=pd, name="M")
+                 logdet_scale=float(d + np.abs(np.log(sv[sv > 0])).sum()),
+                 symmetric=symmetric, positive_definite=pd, name="M")
     fwd._apply_mp = apply_mp
     fwd._dense = dense
     dense.setflags(write=False)
@@ -633,6 +706,17 @@ def kronecker_oracle(terms=(), *, shift=0.0, basis=None, inverse=True):
     inv = fwd.inverse()
     inv.name = "inv(M)"
     return inv
+
+
+def _near_symmetric(P):
+    """P, or its symmetric part (P + Pᵀ)/2 where P is symmetric up to rounding
+    (max |P − Pᵀ| <= 16 n ε max |P|: a symmetric factor computed in floating point, e.g.
+    U diag(s) Uᵀ); a factor further from symmetric is kept as it is."""
+    n = P.shape[0]
+    asym = float(np.abs(P - P.T).max()) if P.size else 0.0
+    if 0.0 < asym <= 16.0 * n * np.finfo(np.float64).eps * float(np.abs(P).max()):
+        return (P + P.T) / 2
+    return P
 
 
 def block_diag_oracle(oracles):
@@ -869,7 +953,8 @@ def fisher_problems(*, max_m=12, max_d=12, kinds=_KINDS, ratio=(1e-8, 1e2),
     @st.composite
     def strat(draw):
         G = draw(gradient_matrices(max_m=max_m, max_d=max_d, kinds=kinds, dtype=dtype))
-        r = 10.0 ** draw(st.floats(lo, hi))
+        # clamped: 10 ** log10(r) can round past the bound (10 ** log10(5.0) > 5.0)
+        r = min(max(10.0 ** draw(st.floats(lo, hi)), r_lo), r_hi)
         top = float(np.linalg.norm(G.astype(np.float64), 2) ** 2 / G.shape[0])
         return G, r * (top if top > 0 else 1.0)
 
@@ -1262,6 +1347,13 @@ def check_operator(op, oracle, *, rng=None, tolerances=None, eps=None, k=3,
                    f"got {type(y).__name__} {tuple(y.shape)} {y.dtype}, expected "
                    f"{type(x).__name__} {(d,)} {x.dtype}")
         record("matvec", "matvec", _col_err(y, ref_x))
+        # a product hands out a result of its own: the next product (of another vector)
+        # must not overwrite it (an output buffer reused from call to call)
+        kept = np.array(_host64(y), copy=True)
+        op.matvec(-x)
+        structural("matvec.fresh", np.array_equal(_host64(y), kept, equal_nan=True),
+                   "the result of matvec(x) changed when matvec was called again (a "
+                   "buffer reused from call to call; hand out a new array per product)")
         y1 = op.matvec(x[:, None])
         structural("matvec.(d,1)", tuple(y1.shape) == (d, 1), f"shape {tuple(y1.shape)}")
         record("matvec.(d,1)", "matvec", _col_err(y1, ref_x[:, None]))

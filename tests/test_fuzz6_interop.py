@@ -351,3 +351,37 @@ def test_kronecker_builders_take_matrix_and_big_endian_statistics(builder):
         op = fn(*args, 0.1)
         assert op.dtype == np.float64 and op.dtype.isnative
         assert np.array_equal(op @ x, ref @ x)
+
+
+def test_to_scipy_adapters_pickle_and_copy():
+    """op.to_scipy() (a class built at run time) pickles and deep-copies as its operator
+    (before: "Can't pickle ScipyAdapter", so check_operator's pickle check failed it)."""
+    import copy
+    import pickle
+    G = np.random.default_rng(14).standard_normal((5, 7))
+    a = ml.StaticInverseFisher(G, 0.3).to_scipy()
+    x = np.arange(7.0)
+    for b in (pickle.loads(pickle.dumps(a)), copy.deepcopy(a)):
+        assert type(b) is type(a) and b.shape == a.shape and b.dtype == a.dtype
+        assert np.array_equal(b @ x, a @ x) and np.array_equal(b.H @ x, a.H @ x)
+
+
+@pytest.mark.parametrize("blocks", [{4: 1, 6: 2}, {4, 6}, frozenset({4, 6})])
+def test_block_sizes_refuse_unordered_containers(blocks):
+    """blocks= as a dict (its keys were taken) or a set (no order of the caller's)."""
+    G = np.random.default_rng(15).standard_normal((5, 10))
+    with pytest.raises(TypeError, match="^blocks must be an ordered sequence"):
+        ml.BlockInverseFisher(G, 0.3, blocks=blocks)
+
+
+@pytest.mark.parametrize("make", ["static", "block"])
+def test_with_gradients_of_another_width_is_refused_by_name(make):
+    """with_gradients(grads) of another d names grads (the static operator built an
+    operator of the other size)."""
+    G = np.random.default_rng(16).standard_normal((5, 10))
+    op = (ml.StaticInverseFisher(G, 0.3) if make == "static"
+          else ml.BlockInverseFisher(G, 0.3, block_size=5))
+    with pytest.raises(ValueError, match=r"^grads must have shape \(m, 10\)"):
+        op.with_gradients(G[:, :6])
+    new = op.with_gradients(2 * G[:3])
+    assert new.shape == op.shape
