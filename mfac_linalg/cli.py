@@ -2,8 +2,9 @@
 
 Errors in the user's input (missing or unreadable files, wrong shapes, non-finite or
 overflowing values, bad options) print one line naming the flag to stderr and exit
-with status 2, no traceback.  Anything else is a bug of the library and is *not*
-hidden: it ends in a traceback (exit status 1).
+with status 2, no traceback; an interrupt (Ctrl-C) prints one line and exits with status
+130.  Anything else is a bug of the library and is *not* hidden: it ends in a traceback
+(exit status 1).
 
 The library's own input errors are recognised by its contract: a ``ValueError`` or
 ``TypeError`` whose message starts with the name of the argument the command passed
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -26,12 +28,14 @@ from . import __version__
 from . import _backend as B
 from . import _progress
 from . import _validate as V
+from ._capacitance import NotPositiveDefinite
 from .static import StaticInverseFisher
 
 __all__ = ["main", "run_demo", "build_parser", "CLIError", "demo_max_dim"]
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130     # 128 + SIGINT, as shells report an interrupted command
 
 #: The demo forms d x d matrices for its dense reference (O(d^3) time) and an n x d data
 #: matrix (n = 2d) that every CG iteration reads twice: above this d it refuses.
@@ -128,6 +132,8 @@ def _save(path: str, arr: np.ndarray) -> None:
     A symbolic link is written through (its target is replaced, the link kept); an
     existing path that is not a regular file (a device such as /dev/null, a FIFO) is
     refused: replacing it by a file would destroy it."""
+    if not path:
+        raise CLIError("--out must be a file path; got an empty string")
     if os.path.isdir(path):
         raise CLIError(f"--out: {path} is a directory; give a file path such as "
                        f"{os.path.join(path, 'out.npy')}")
@@ -188,8 +194,15 @@ def _operator_from_file(args) -> StaticInverseFisher:
     if G.dtype.kind == "f" and not np.isfinite(G).all():
         raise CLIError("--grads must be finite; got NaN or infinity")
     _check_no_overflow(G, "--grads")
-    return _input_errors(lambda: StaticInverseFisher(G, damping),
-                         {"grads": "--grads", "damping": "--damping"})
+    try:
+        return _input_errors(lambda: StaticInverseFisher(G, damping),
+                             {"grads": "--grads", "damping": "--damping"})
+    except NotPositiveDefinite:
+        # a user error (the damping too small for the gradients' scale), not a bug
+        raise CLIError(f"--damping {damping:g} is too small for the gradients in --grads: "
+                       "lambda I + G^T G / m is numerically singular (the capacitance matrix "
+                       "of docs/math.md §1 fails its Cholesky factorization); use a larger "
+                       "--damping or rescale the gradients") from None
 
 
 def _finite_result(y, what: str, hint: str) -> np.ndarray:
@@ -546,7 +559,19 @@ def run_demo(dim: int = 2000, grads: int = 256, damping: float = 3e-4, l2: float
 
     spla = B.sparse_linalg(be)                 # scipy.sparse.linalg or its cupyx twin
     cg = spla.cg
-    M = op.to_scipy() if be.is_host else op.to_cupyx()
+    Mop = op.to_scipy() if be.is_host else op.to_cupyx()
+
+    def precondition(r):
+        # F^-1 is linear: apply it to r / s (s a power of two near max|r|, exact), so
+        # that residuals of any size (--l2 up to 1e50) reach a float32 operator in range
+        r = r.reshape(-1)
+        top = float(B.to_host(xp.abs(r).max())) if r.size else 0.0
+        if not (top > 0.0 and math.isfinite(top)):
+            return Mop.matvec(r)
+        s = math.ldexp(1.0, math.frexp(top)[1])
+        return Mop.matvec(r / s).astype(np.float64) * s
+
+    M = spla.LinearOperator((dim, dim), matvec=precondition, dtype=np.float64)
     H = spla.LinearOperator((dim, dim), matvec=hess, dtype=np.float64)
     maxiter = min(5 * dim, 3000)
     story.begin(f"CG on the Newton system H p = ∇L (stops at ‖r‖ ≤ {cg_rtol:.0e}·‖∇L‖, "
@@ -567,10 +592,12 @@ def run_demo(dim: int = 2000, grads: int = 256, damping: float = 3e-4, l2: float
     speedup = (t_dsetup + t_dsolve) / (t_setup + t_ihvp)
     meaningful = dim >= 1000 and 4 * grads <= dim
     story.say()
+    rule = (f"10·eps({dtype})·κ" if 10.0 * eps * kappa >= 100.0 * eps else
+            f"100·eps({dtype}), the floor: 10·eps·κ is smaller")
     story.say(f"checks against dense float64 (relative errors; accepted up to {bound:.1e} = "
-              f"10·eps({dtype})·κ, κ = λ_max(F)/λ = {kappa:.1e}: docs/math.md §7)")
+              f"{rule}, κ = λ_max(F)/λ = {kappa:.1e}: docs/math.md §7)")
     rows = [("F⁻¹x (matvec)", err), ("F⁻¹X (matmat, 8 columns, one pass)", err_k),
-            ("diag(F⁻¹) (16 entries)", err_diag), ("log det F", err_logdet)]
+            (f"diag(F⁻¹) ({int(cols.size)} entries)", err_diag), ("log det F", err_logdet)]
     wid = max(len(r[0]) for r in rows)
     for label, e in rows:
         story.say(f"  {label:<{wid}}  {e:.1e}")
@@ -636,6 +663,14 @@ class _Parser(argparse.ArgumentParser):
     """argparse's parser whose errors are one line naming the flag (no usage block), exit
     status 2, as every other input error of the command line (``--help`` has the usage)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes "-1e-3", "-inf" for options (its pattern knows only -1 and -1.5),
+        # so "--damping -1e-3" said "expected one argument"; none of our options looks
+        # like a number, so these are values, refused by name with their value
+        self._negative_number_matcher = re.compile(
+            r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
@@ -680,7 +715,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (0, 1 for a failed demo check, 2 for
-    an input error).  A bug of the library propagates as its exception."""
+    an input error, 130 when interrupted by Ctrl-C).  A bug of the library propagates as
+    its exception."""
     args = build_parser().parse_args(argv)
     for stream in (sys.stdout, sys.stderr):   # λ, ᵀ, ⁻¹ on a console that cannot show them
         enc = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
@@ -694,6 +730,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CLIError as exc:
         print(f"mfac-linalg {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:         # Ctrl-C: one line, no traceback (--out is untouched)
+        print(f"\nmfac-linalg {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:           # `mfac-linalg demo | head`: stop quietly
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

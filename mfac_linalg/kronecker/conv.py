@@ -46,11 +46,11 @@ def _band_mask(T, band, positions, be):
             raise ValueError(f"positions must be an integer array of shape ({T},) or "
                              f"({T}, p); got {type(positions).__name__} that is not an "
                              f"array ({exc})") from None
-        if pos.ndim == 1:
-            pos = pos[:, None]
-        if pos.ndim != 2 or pos.shape[0] != T or pos.shape[1] < 1:
+        if pos.ndim not in (1, 2) or pos.shape[0] != T or (pos.ndim == 2 and pos.shape[1] < 1):
             raise ValueError(f"positions must have shape ({T},) or ({T}, p) (one coordinate row "
                              f"per position); got shape {tuple(pos.shape)}")
+        if pos.ndim == 1:
+            pos = pos[:, None]
         if pos.dtype.kind not in "iu":
             raise TypeError(f"positions must hold integers; got dtype {pos.dtype}")
         pos = pos.astype(object)     # Python ints: int64 differences can overflow, uint wrap
