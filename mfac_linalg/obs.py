@@ -162,9 +162,9 @@ def _inverse_diagonal(S, xp):
         return xp.diagonal(S.H).copy()
     diag = S.diagonal().astype(np.float64)
     if diag.size:
-        q = int(B.to_host(xp.argmin(diag)))
-        dmin = B.scalar(diag[q])
+        dmin = B.scalar(diag.min())                      # one host read (NaN propagates)
         if not dmin > 0 or not np.isfinite(1.0 / dmin):
+            q = int(B.to_host(xp.argmin(diag)))
             raise ValueError(_ill_conditioned(
                 _op_dtype(S), f"its diagonal has an entry [F^-1]_qq = {dmin:g} (q={q}) "
                 f"{'<= 0' if not dmin > 0 else 'whose reciprocal overflows'}"))
@@ -496,7 +496,10 @@ def _choose(S, w, mask, n_new, method, g, diag, xp, exact, what):
 def _one_stage(S, op, w, mask, n_new, method, g, xp, exact, what):
     if n_new == 0:
         return w.copy(), mask.copy(), 0.0
-    diag = _inverse_diagonal(S, xp)
+    # diag(H) only where it is read: single-weight scores of "joint"/"independent" and
+    # the independent update (not for "magnitude", nor for group scores)
+    diag = (_inverse_diagonal(S, xp)
+            if method == "independent" or (not g and method != "magnitude") else None)
     Q = _choose(S, w, mask, n_new, method, g, diag, xp, exact, what)
     new_mask = mask | Q
     if method == "joint":

@@ -446,3 +446,22 @@ def test_block_operator_is_scale_equivariant_far_from_one(e2, dtype):
             op.logdet())
         f, fr = op.fisher().matvec(x).astype(np.float64), ref.fisher().matvec(x)
         np.testing.assert_allclose(f / (s * s), fr, rtol=2 * np.finfo(dtype).eps * 10)
+
+
+@pytest.mark.parametrize("kw", [dict(method="magnitude"), dict(method="magnitude", group_size=1),
+                                dict(method="magnitude", group_size=3)])
+def test_methods_that_do_not_read_the_diagonal_take_an_operator_whose_diagonal_cancels(kw):
+    """diag(F^-1) is read only by the single-weight scores and the independent update:
+    magnitude pruning, single and in groups, of an operator whose float32 diagonal rounds
+    to 0 works as before (the loss through F, which does not cancel)."""
+    G = np.array([[1e4, 1.0, 0.5]], np.float32)
+    op = ml.StaticInverseFisher(G, 1e-3)
+    assert np.min(op.diagonal()) <= 0          # the cancelling entry
+    if kw.get("group_size") == 3:
+        res = ml.obs.prune(np.array([1.0, 2.0, 3.0]), op, count=3, **kw)
+        assert np.array_equal(res.weights, np.zeros(3))
+        return
+    res = ml.obs.prune(np.array([1.0, 2.0, 3.0]), op, count=1, **kw)
+    assert np.array_equal(res.mask, [True, False, False])
+    F = 1e-3 * np.eye(3) + G.T.astype(np.float64) @ G.astype(np.float64)
+    assert res.loss == pytest.approx(0.5 * F[0, 0], rel=1e-6)
