@@ -78,7 +78,11 @@ def _dense_spd(A, xp, what):
     LinAlgError 'Singular matrix', an indefinite one a meaningless update and a negative
     predicted loss.  A Cholesky of A (the lower triangle; batched for a stack)."""
     try:
-        ok = bool(xp.isfinite(xp.linalg.cholesky(A)).all())   # CuPy: NaN, no exception
+        L = xp.linalg.cholesky(A)
+        # CuPy reports a failed factorization only under cupyx.errstate(linalg="raise"):
+        # its factor is then NaN or holds a pivot that is not positive
+        ok = bool(xp.isfinite(L).all()) and bool(
+            (xp.diagonal(L, axis1=-2, axis2=-1) > 0).all())
     except np.linalg.LinAlgError:
         ok = False
     if not ok:
