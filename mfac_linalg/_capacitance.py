@@ -551,8 +551,10 @@ class ExplicitEngine(_Engine):
     Woodbury form amplifies by kappa_W = lambda_max(F)/lambda; the factor stays at
     ~ eps kappa_W (docs/sliding.md, "Accuracy").  Replacements whose cancellation would
     lose more than three (deletion) or six (insertion pivot) digits rebuild exactly,
-    O(m^3).  Prefer the Cholesky engine for a badly conditioned float64 window.  log det C is carried along through
-    det of the 2 x 2 capacitance M (det C_new = det M det C).  Costs: ``replace``
+    O(m^3).  Prefer the Cholesky engine for a badly conditioned float64 window.  log det C
+    is carried along by the two Schur complements: log det C_new = log det C +
+    log (C^{-1})_ss + log sigma (the deletion's and the insertion's pivots; the GPU
+    kernels return the product of the two as det M).  Costs: ``replace``
     O(m^2), O(m^3) when it rebuilds; ``solve`` O(n^2 k); ``logdet`` O(1).
     """
 
