@@ -372,6 +372,20 @@ def _verdict(ok: bool, worst: float, bound: float, meaningful: bool, speedup: fl
         + parts[-1] + "."
 
 
+def _scaled(op, xp):
+    """x -> F^-1 x for CG's preconditioner, applied to x / s with s a power of two near
+    max|x| and multiplied back (exact): residuals of any size (``--l2`` up to 1e50) reach
+    a float32 operator in range; float64 results are those of ``op.matvec(x)``."""
+    def apply(r):
+        r = r.reshape(-1)
+        top = float(B.to_host(xp.abs(r).max())) if r.size else 0.0
+        if not (top > 0.0 and math.isfinite(top)):
+            return op.matvec(r)
+        s = math.ldexp(1.0, math.frexp(top)[1])
+        return op.matvec(r / s).astype(np.float64) * s
+    return apply
+
+
 def run_demo(dim: int = 2000, grads: int = 256, damping: float = 3e-4, l2: float = 1e-4,
              device: str = "auto", seed: int = 0, dtype: str = "float64",
              cg_rtol: float = 1e-6, out: Optional[TextIO] = None,
@@ -559,19 +573,7 @@ def run_demo(dim: int = 2000, grads: int = 256, damping: float = 3e-4, l2: float
 
     spla = B.sparse_linalg(be)                 # scipy.sparse.linalg or its cupyx twin
     cg = spla.cg
-    Mop = op.to_scipy() if be.is_host else op.to_cupyx()
-
-    def precondition(r):
-        # F^-1 is linear: apply it to r / s (s a power of two near max|r|, exact), so
-        # that residuals of any size (--l2 up to 1e50) reach a float32 operator in range
-        r = r.reshape(-1)
-        top = float(B.to_host(xp.abs(r).max())) if r.size else 0.0
-        if not (top > 0.0 and math.isfinite(top)):
-            return Mop.matvec(r)
-        s = math.ldexp(1.0, math.frexp(top)[1])
-        return Mop.matvec(r / s).astype(np.float64) * s
-
-    M = spla.LinearOperator((dim, dim), matvec=precondition, dtype=np.float64)
+    M = spla.LinearOperator((dim, dim), matvec=_scaled(op, xp), dtype=np.float64)
     H = spla.LinearOperator((dim, dim), matvec=hess, dtype=np.float64)
     maxiter = min(5 * dim, 3000)
     story.begin(f"CG on the Newton system H p = ∇L (stops at ‖r‖ ≤ {cg_rtol:.0e}·‖∇L‖, "
