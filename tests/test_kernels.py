@@ -370,8 +370,9 @@ def test_apply_wide_flags_non_finite_results(what, r, b):
 @pytest.mark.parametrize("op", ["static", "one block"])
 @pytest.mark.parametrize("d", [16, 40_000, 40_003])
 def test_gpu_matvec_check_finite_through_the_kernels(op, d):
-    """The default check_finite GPU matvec of one large block (the kernels' flag, one
-    host read; d = 16 and d = 40_003 take the cuBLAS path) agrees with the CPU operator, refuses NaN
+    """The default check_finite GPU matvec of one large block (the static operator: the
+    kernels' flag, one host read, d = 16 and d = 40_003 through cuBLAS; the block
+    operator: a separate check of x, then cuBLAS or the stack kernel) agrees with the CPU operator, refuses NaN
     input and an overflowing result by name, and keeps working after a refusal."""
     import cupy as cp
     rng = np.random.default_rng(d)
