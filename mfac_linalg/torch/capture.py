@@ -370,6 +370,10 @@ def capture_statistics(model, loss_fn, data, *, fisher="empirical", mc_samples=1
     * ``nn.Conv2d`` (groups=1, zero padding): the T unfolded patches of each sample
       (``torch.nn.functional.unfold``, d_in = C_in kh kw in the weight's order) and the
       output gradients at the T output positions.
+    * Each layer must see the batch's samples along its input's first dimension (a
+      time-major (T, B, d) or flattened (B T, d) input would mix the samples):
+      ``ValueError`` naming the layer otherwise (a (T, B, d) input with T = B cannot be
+      told apart).
 
     ``fisher="empirical"`` uses the data's labels; ``fisher="mc"`` draws ``mc_samples``
     labels per data point from the model's predictive distribution (CrossEntropyLoss:
@@ -435,11 +439,20 @@ def capture_statistics(model, loss_fn, data, *, fisher="empirical", mc_samples=1
             inputs, outs, cur = {}, {}, {}
             calls = {}
 
-            def fwd(module, inp, out, k):
+            def fwd(module, inp, out, k, B=x.shape[0]):
                 calls[k] = calls.get(k, 0) + 1
                 if calls[k] > 1:
                     raise ValueError(f"layer {layout.layers[k].name!r} is called more than once "
                                      "per forward pass; that is not supported")
+                # the rows of the statistics are the samples: a layer that sees (T, B, ...)
+                # or (B T, ...) inputs would mix or multiply them silently
+                shapes = (tuple(inp[0].shape), tuple(out.shape))
+                if any(len(s) < 2 or s[0] != B for s in shapes):
+                    raise ValueError(f"layer {layout.layers[k].name!r} gets an input of shape "
+                                     f"{list(shapes[0])} (output {list(shapes[1])}) for a batch "
+                                     f"of {B} samples: the statistics need the samples along "
+                                     "the layer's first dimension (inputs (B, ..., d_in); not "
+                                     "time-major (T, B, d) nor flattened (B T, d))")
                 inputs[k] = inp[0].detach()
                 outs[k] = (out.shape, out.dtype, out.device)   # zeros if it misses the loss
                 out.register_hook(lambda g, k=k: cur.__setitem__(k, g.detach()))
