@@ -350,3 +350,14 @@ def test_prune_over_the_zoo_keeps_parameters_and_reaches_the_target(data):
         removed += int(m._mfac_removed.sum())
     assert rep.sparsity == removed / total
     assert abs(removed - round(sparsity * total)) <= 1
+
+
+def test_an_uninitialised_lazy_layer_is_refused_by_name():
+    """A lazy module before its first forward pass (torch's own RuntimeError before):
+    a ValueError naming the layer; after one forward pass it is an ordinary Linear."""
+    from mfac_linalg.torch import ParameterLayout
+    model = torch.nn.Sequential(torch.nn.LazyLinear(3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="^layer '0' \\(LazyLinear\\) has not been initialised"):
+        ParameterLayout.from_model(model)
+    model(torch.randn(2, 5))
+    assert [(s.d_out, s.d_in) for s in ParameterLayout.from_model(model).layers] == [(3, 5), (2, 3)]

@@ -110,6 +110,11 @@ class LayerSpec:
 
 def _spec_of(name, module):
     nn = torch.nn
+    uninit = getattr(nn.parameter, "UninitializedParameter", ())
+    if uninit and any(isinstance(p, uninit) for p in module.parameters(recurse=False)):
+        raise ValueError(f"layer {name!r} ({type(module).__name__}) has not been initialised: "
+                         "run one forward pass of the model first (a lazy module's shapes are "
+                         "set by its first input)")
     if type(module) is nn.Linear or isinstance(module, nn.Linear):
         d_out, d_in = module.weight.shape
         kind = "linear"
