@@ -126,11 +126,17 @@ def _weights(w, d, be, name="w"):
 
 
 def _single_scores(w, diag, xp):
-    """w_q^2 / (2 H_qq) as (|w_q| / sqrt(2 H_qq))^2: no intermediate w_q^2 that overflows
-    (or underflows) where the saliency itself is in range; inf only where it is not."""
+    """w_q^2 / (2 H_qq) (float64): the published pruner's formula, bit for bit, where w_q^2
+    and 2 H_qq are normal numbers (its choices, near-ties included, are reproduced);
+    elsewhere (|w_q| / sqrt(2 H_qq))^2, which has no intermediate w_q^2 that overflows or
+    underflows where the saliency itself is in range; inf only where it is not."""
+    tiny = np.finfo(np.float64).tiny
     with np.errstate(over="ignore", under="ignore"):
-        t = xp.abs(w) / xp.sqrt(2.0 * diag)
-        return t * t
+        w2, h2 = w * w, 2.0 * diag
+        plain = w2 / h2
+        ok = xp.isfinite(w2) & xp.isfinite(h2) & ((w2 >= tiny) | (w == 0))
+        t = xp.abs(w) / xp.sqrt(h2)
+        return xp.where(ok, plain, t * t)
 
 
 def _deliver(scores, out, xp):

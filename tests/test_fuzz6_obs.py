@@ -465,3 +465,18 @@ def test_methods_that_do_not_read_the_diagonal_take_an_operator_whose_diagonal_c
     assert np.array_equal(res.mask, [True, False, False])
     F = 1e-3 * np.eye(3) + G.T.astype(np.float64) @ G.astype(np.float64)
     assert res.loss == pytest.approx(0.5 * F[0, 0], rel=1e-6)
+
+
+def test_saliencies_in_range_are_the_published_formula_bit_for_bit():
+    """Where w^2 and 2 H_qq are normal numbers the saliency is w^2 / (2 H_qq) exactly as
+    the published pruner computes it (the overflow-free form rounds differently, which
+    could flip its near-ties); outside, the overflow-free form."""
+    rng = np.random.default_rng(21)
+    G = rng.standard_normal((6, 50))
+    op = ml.StaticInverseFisher(G, 0.05)
+    diag = op.diagonal()
+    w = rng.standard_normal(50) * np.logspace(-100, 100, 50)
+    got = ml.obs.saliency(w, op)
+    assert np.array_equal(got, w * w / (2.0 * diag))
+    big = np.array([1e160, 3e160])
+    assert np.allclose(ml.obs.saliency(big, 1e100 * np.eye(2)), [5e219, 4.5e220], rtol=1e-15)
