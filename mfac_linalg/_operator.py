@@ -231,8 +231,7 @@ class Operator(_Algebra, _SciPyLinearOperator):
 
     def _init_operator(self, d, dtype, backend, *, check_finite=True):
         self._d = int(d)
-        dtype = np.dtype(dtype)
-        self._dtype = dtype if dtype.isnative else dtype.newbyteorder("=")
+        self._dtype = np.dtype(dtype)
         self._backend = backend
         self._check_finite = bool(check_finite)
 
@@ -287,8 +286,8 @@ class Operator(_Algebra, _SciPyLinearOperator):
         ``_matmat`` checks it itself, in the same pass (``_checks_own_finite``)."""
         X0, was_1d = B.as_vector_block(_v.plain_array(x), name, self._d, self._backend,
                                        finite=False)
-        # results in the caller's float type, in the machine's byte order (as NumPy's)
-        out_dtype = X0.dtype if X0.dtype.isnative else X0.dtype.newbyteorder("=")
+        # results in the caller's float type (native byte order: the dtype policy's)
+        out_dtype = X0.dtype
         if X0.dtype == self._dtype:
             X = X0
         else:

@@ -24,7 +24,6 @@ from . import _backend as B
 __all__ = [
     "integer", "positive_int", "real", "damping", "choice", "boolean", "fraction",
     "sizes", "path", "gradients", "finite", "gram_finite", "damping_range", "plain_array",
-    "native",
 ]
 
 
@@ -128,16 +127,9 @@ def plain_array(x):
     return x
 
 
-def native(arr):
-    """``arr`` in the machine's byte order (a big-endian ``>f8`` array becomes a native
-    float64 copy; a native array is returned as it is)."""
-    dt = getattr(arr, "dtype", None)
-    if dt is not None and not dt.isnative:
-        return arr.astype(dt.newbyteorder("="))
-    return arr
-
-
 def _native_dtype(dtype):
+    """``dtype`` in the machine's byte order (a dtype given as such, e.g. that of a loaded
+    file: arrays are made native by the dtype policy, ``_backend.asarray``)."""
     dtype = np.dtype(dtype)
     return dtype if dtype.isnative else dtype.newbyteorder("=")
 
@@ -255,7 +247,6 @@ def gradients(grads, name="grads", *, backend=None, dtype=None, allow_half=False
     """
     G, be = B.asarray(plain_array(grads), name, backend=backend, dtype=dtype,
                       allow_half=allow_half)
-    G = native(G)
     if G.ndim != 2:
         raise ValueError(f"{name} must be 2-D (m, d); got shape {tuple(G.shape)}")
     if G.shape[0] < min_rows or G.shape[1] < 1:

@@ -244,11 +244,8 @@ class BlockInverseFisher(_LowRankInverseFisher):
         Raises ValueError naming ``grads`` when it does not have the operator's d
         columns (the layout's message "blocks must sum to ..." named an argument the
         caller never gave), and as the constructor otherwise."""
-        G, _ = _v.gradients(grads, "grads")
-        if G.shape[1] != self._d:
-            raise ValueError(f"grads must have shape (m, {self._d}) (the operator's layout); "
-                             f"got shape {tuple(G.shape)}")
-        return BlockInverseFisher(G, self._damping, blocks=np.diff(self._bounds).tolist(),
+        return BlockInverseFisher(self._gradients_like(grads), self._damping,
+                                  blocks=np.diff(self._bounds).tolist(),
                                   check_finite=self._check_finite)
 
     def _repr_fields(self):

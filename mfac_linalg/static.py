@@ -19,6 +19,15 @@ class _LowRankInverseFisher(Operator):
         """lambda."""
         return self._damping
 
+    def _gradients_like(self, grads):
+        """``grads`` for ``with_gradients``: validated, with this operator's d columns
+        (ValueError naming ``grads`` otherwise, before any set-up work)."""
+        G, _ = _v.gradients(grads, "grads")
+        if G.shape[1] != self._d:
+            raise ValueError(f"grads must have shape (m, {self._d}) (the operator's d); got "
+                             f"shape {tuple(G.shape)}")
+        return G
+
     @property
     def num_grads(self):
         """m, the number of gradients."""
@@ -219,11 +228,8 @@ class StaticInverseFisher(_LowRankInverseFisher):
         Raises ValueError naming ``grads`` when it does not have the operator's d
         columns (an operator of another size was built and failed later, where it met
         vectors of this one's), and as the constructor otherwise."""
-        G, _ = _v.gradients(grads, "grads")
-        if G.shape[1] != self._d:
-            raise ValueError(f"grads must have shape (m, {self._d}) (the operator's d); got "
-                             f"shape {tuple(G.shape)}")
-        return StaticInverseFisher(G, self._damping, check_finite=self._check_finite)
+        return StaticInverseFisher(self._gradients_like(grads), self._damping,
+                                   check_finite=self._check_finite)
 
     # -- forward products through the factors (used by FisherOperator) -------
     def _fisher_matmat(self, X):
