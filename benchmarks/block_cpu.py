@@ -7,7 +7,9 @@ One run, float32 gradients, medians over interleaved rounds (``_timing.compare``
   once), and the single-threaded ``einsum`` the operators used before (the
   "before" column), all on the same V in the same rounds; "alone" times ours and the
   floor each in its own block of rounds (interleaved, the threaded pass shares the
-  cores with OpenBLAS's threads, which still spin after the floor's GEMV).
+  cores with OpenBLAS's threads, which still spin after the floor's GEMV).  Ours is
+  the compiled pass of ``kernels/host.py`` where Numba is installed (the first line
+  says which), else ``einsum`` threaded from 2^25 elements.
 * block / baseline (d = 1e6, m = 64, B = 128 and 1024): set-up, IHVP and diagonal of
   ``BlockInverseFisher`` over a baseline written here that follows the published
   M-FAC block code: the gradients copied into (nblocks, m, B) order, then the
@@ -237,8 +239,10 @@ def main(argv=None) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory rows")
     args = p.parse_args(argv)
     rounds = 7 if args.quick else 15
+    from mfac_linalg.kernels import host
     print(f"baseline: {'torch ' + torch.__version__ if torch is not None else 'NumPy'}; "
-          f"{os.cpu_count()} CPUs; float32")
+          f"{os.cpu_count()} CPUs; float32; host diagonals: "
+          f"{'compiled (Numba)' if host.available() else 'numpy.einsum'}")
     sizes = [("static", 1_000_000, 64, None), ("block", 1_000_000, 64, 128),
              ("block", 1_000_000, 64, 1024)]
     if not args.quick:

@@ -64,6 +64,12 @@ def _sumsq(A, xp):
 #: gained for 6.4e7 (docs/benchmarks.md)
 PARALLEL_MIN = 1 << 25
 
+#: the compiled host pass (kernels/host.py) from this many elements of V (below, one
+#: einsum costs less than the call), and on several threads from PARALLEL_MIN_COMPILED
+#: (a thread's start, about 0.1 ms, against a read of V of 2^20 float32 at 0.1-0.2 ms)
+COMPILED_MIN = 1 << 14
+PARALLEL_MIN_COMPILED = 1 << 20
+
 
 def host_threads():
     """Threads for the host column-norm passes: the CPUs this process may run on, at most 8."""
@@ -79,13 +85,16 @@ def row_sumsq(V, backend, alpha=None, beta=None):
     with ``alpha``, ``beta``: alpha + beta * that, each thread scaling its own slice while
     it is in cache (no further pass over the result).
 
-    One read of V.  On the host, large arrays are cut into pieces (one column
-    range a thread for a 2-D V or a stack of few blocks, else four runs of
-    blocks a thread) and each
-    piece is reduced by ``numpy.einsum`` (which releases the GIL) on its own thread,
-    writing its own slice of the result: the same sums, in the same order per
-    column, as one ``einsum`` over the whole array.  Overflow is not reported here
-    (callers check finiteness where it can happen).  O(size of V)."""
+    One read of V.  On the GPU and, where Numba is installed, on the host
+    (``kernels/host.py``) the sums are float64 and the result is rounded once, after
+    alpha + beta * s; else the host reduces with ``numpy.einsum`` in V's dtype.  On the
+    host, large arrays are cut into pieces (one column range a thread for a 2-D V or a
+    stack of few blocks, else four runs of blocks a thread) and each piece is reduced on
+    its own thread (the compiled kernel releases the GIL; ``einsum`` holds it on some
+    paths, docs/benchmarks.md), writing its own
+    slice of the result: the same sums, in the same order per column, as one call over
+    the whole array.  Overflow is not reported here (callers check finiteness where it
+    can happen).  O(size of V)."""
     xp = backend.xp
     if backend.is_gpu:
         red = B.kernel_module("reduce")
@@ -94,8 +103,21 @@ def row_sumsq(V, backend, alpha=None, beta=None):
                 return (red.sumsq_columns(V) if beta is None
                         else red.sumsq_columns(V, alpha, beta))
     two_d = V.ndim == 2
-    spec = "ij,ij->j" if two_d else "nij,nij->nj"
+    V3 = V[None] if two_d else V
     nthreads = host_threads() if backend.is_host else 1
+    if (backend.is_host and V.size >= COMPILED_MIN and B.kernel_module("host").available()
+            and B.kernel_module("host").supports(V3)):
+        host = B.kernel_module("host")
+        out3 = np.empty((V3.shape[0], V3.shape[-1]), dtype=V.dtype)
+        a, b = (0.0, 1.0) if beta is None else (alpha, beta)
+
+        def piece(sn, sc):
+            host.sumsq_columns(V3, a, b, out3, sn.start, sn.stop, sc.start, sc.stop)
+        _in_pieces(V3, nthreads if V.size >= PARALLEL_MIN_COMPILED else 1, piece,
+                   col_pieces=4, min_cols=host.TILE)
+        return out3[0] if two_d else out3
+
+    spec = "ij,ij->j" if two_d else "nij,nij->nj"
 
     def affine(o):
         if beta is not None:
@@ -107,41 +129,85 @@ def row_sumsq(V, backend, alpha=None, beta=None):
         with np.errstate(over="ignore"):
             return affine(xp.einsum(spec, V, V))
     out = np.empty((V.shape[-1],) if two_d else (V.shape[0], V.shape[-1]), dtype=V.dtype)
-    by_cols = two_d or V.shape[0] < 4 * nthreads    # a few big blocks: cut their columns
-    n = V.shape[-1] if by_cols else V.shape[0]
-    # one column range per thread (einsum is slower on many narrow strided pieces);
-    # runs of whole blocks are contiguous, so four a thread balance the load
-    pieces = min(n, nthreads if by_cols else 4 * nthreads)
+
+    def piece(sn, sc):
+        A, o = (V[:, sc], out[sc]) if two_d else (V[sn, :, sc], out[sn, sc])
+        with np.errstate(over="ignore"):   # finiteness is the caller's check
+            affine(np.einsum(spec, A, A, out=o))
+    _in_pieces(V3, nthreads, piece)
+    return out
+
+
+def _in_pieces(V3, nthreads, piece, col_pieces=1, min_cols=1):
+    """Run ``piece(sn, sc)`` over a partition of the stack V3 (nb, r, c) on ``nthreads``
+    threads (the caller's among them): ``col_pieces`` column ranges a thread, each at
+    least ``min_cols`` wide, when the stack has few blocks (einsum is slower on many
+    narrow strided pieces), else four runs of whole blocks a thread (contiguous).
+    Several pieces a thread, taken in turn, balance the load when a core is busy
+    elsewhere (OpenBLAS's threads spin for a while after each BLAS call).  The first
+    error raised by a piece is re-raised here, after every thread has stopped."""
+    nb, _, c = V3.shape
+    full_n, full_c = slice(0, nb), slice(0, c)
+    if nthreads == 1:
+        piece(full_n, full_c)
+        return
+    by_cols = nb < 4 * nthreads
+    n = c if by_cols else nb
+    pieces = (min(n, max(nthreads, min(col_pieces * nthreads, c // max(1, min_cols))))
+              if by_cols else min(n, 4 * nthreads))
     edges = [n * k // pieces for k in range(pieces + 1)]
-    if by_cols:
-        jobs = [(V[..., s:e], out[..., s:e]) for s, e in zip(edges, edges[1:]) if e > s]
-    else:
-        jobs = [(V[s:e], out[s:e]) for s, e in zip(edges, edges[1:]) if e > s]
+    jobs = [(full_n, slice(s, e)) if by_cols else (slice(s, e), full_c)
+            for s, e in zip(edges, edges[1:]) if e > s]
     lock = threading.Lock()
     errors = []
 
     def worker():
         while True:
             with lock:
-                if not jobs:
+                if not jobs or errors:
                     return
-                A, o = jobs.pop()
+                sn, sc = jobs.pop()
             try:
-                with np.errstate(over="ignore"):   # finiteness is the caller's check
-                    affine(np.einsum(spec, A, A, out=o))
+                piece(sn, sc)
             except BaseException as exc:  # pragma: no cover - re-raised below
                 errors.append(exc)
                 return
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(nthreads - 1)]
-    for t in threads:
-        t.start()
+    # the helpers come from a pool kept between calls (starting a thread costs 0.1-1 ms,
+    # as much as the pass over a V of 1e7 elements); the caller works too, so the jobs
+    # are done even while the pool is busy with another caller's
+    helpers = [_pool().submit(worker) for _ in range(min(nthreads, len(jobs)) - 1)]
     worker()
-    for t in threads:
-        t.join()
+    for h in helpers:
+        h.result()
     if errors:  # pragma: no cover
         raise errors[0]
-    return out
+
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool():
+    """The host passes' helper threads (host_threads() - 1 of them), made on first use
+    and made afresh in a forked child (whose copy has no threads)."""
+    global _POOL
+    if _POOL is None:
+        with _POOL_LOCK:
+            if _POOL is None:
+                from concurrent.futures import ThreadPoolExecutor
+                _POOL = ThreadPoolExecutor(max(1, host_threads() - 1),
+                                           thread_name_prefix="mfac_linalg-host")
+    return _POOL
+
+
+def _forget_pool():  # pragma: no cover - runs in forked children
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 class LowRank:

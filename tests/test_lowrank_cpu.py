@@ -11,9 +11,15 @@ def host():
     return B.asarray(np.zeros(1), "x")[1]
 
 
+@pytest.fixture
+def no_numba(monkeypatch):
+    """The NumPy (einsum) path, with Numba installed or not."""
+    monkeypatch.setenv("MFAC_LINALG_NUMBA", "0")
+
+
 @pytest.mark.parametrize("shape", [(7, 1001), (3, 5, 37), (1, 9, 2000), (40, 2, 3), (2, 3, 50)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_row_sumsq_threaded_is_bitwise_einsum(monkeypatch, host, shape, dtype):
+def test_row_sumsq_threaded_is_bitwise_einsum(monkeypatch, no_numba, host, shape, dtype):
     V = np.random.default_rng(1).standard_normal(shape).astype(dtype)
     spec = "ij,ij->j" if V.ndim == 2 else "nij,nij->nj"
     ref = np.einsum(spec, V, V)
@@ -35,7 +41,7 @@ def test_row_sumsq_threaded_is_bitwise_einsum(monkeypatch, host, shape, dtype):
         assert np.array_equal(LR.row_sumsq(V, host, alpha, beta), want)
 
 
-def test_row_sumsq_default_threads(monkeypatch, host):
+def test_row_sumsq_default_threads(monkeypatch, no_numba, host):
     monkeypatch.setattr(LR, "PARALLEL_MIN", 1 << 16)     # the machine's own thread count
     V = np.random.default_rng(2).standard_normal((8, 1 << 15), dtype=np.float32)
     assert np.array_equal(LR.row_sumsq(V, host), np.einsum("ij,ij->j", V, V))

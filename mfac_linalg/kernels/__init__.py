@@ -1,1 +1,2 @@
-"""CuPy kernels (CUDA sources and thin launchers), used only through the backend layer."""
+"""Kernels, used only through the backend layer: CuPy (CUDA sources and thin launchers)
+and, in ``host.py``, Numba-compiled host passes where Numba is installed."""

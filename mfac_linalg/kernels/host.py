@@ -1,0 +1,180 @@
+"""Host (CPU) kernels compiled with Numba, where Numba is installed (the ``numba`` extra).
+
+``sumsq_columns(V, alpha, beta, out, n0, n1, c0, c1)`` writes
+
+    out[n, j] = alpha + beta * sum_i V[n, i, j]^2,   n0 <= n < n1,  c0 <= j < c1,
+
+for a stack V (nb, r, c) of float32 or float64: the pass behind the static and block
+operators' diagonals (diag(V^T V)) and F's diagonal (diag(G^T G)), with the semantics
+of the GPU kernel in ``reduce.py``: float64 sums (a float32 V loses nothing to the
+accumulation), one rounding to ``out``'s dtype after ``alpha + beta * s``, one read of
+V.  Without it the host reduces with ``numpy.einsum``, which accumulates in V's dtype,
+rounds three times and runs at 2-4x one read of V (it holds the GIL, so threads do not
+help: docs/benchmarks.md).
+
+The kernel walks its columns in tiles of ``TILE`` float64 sums (64 KiB, held in L2)
+and adds eight rows of V per sweep over a tile (a matrix at most ``NARROW`` wide: one
+row a sweep, so a block streams through in memory order), so each element of V is
+read once.  A stack stored as the transpose of a C-contiguous one (each column of V
+a contiguous row) is summed along its rows with four partial sums instead.  It releases the GIL
+(``nogil=True``): ``_lowrank.row_sumsq`` runs one call per thread on disjoint column
+ranges or runs of blocks, with the library's own threads rather than Numba's
+threading layer (whose default is not safe for calls from several Python threads at
+once).  Each column's sum is formed in a fixed order whatever the split, so the result
+does not depend on the number of threads.  Non-finite values propagate (callers check
+finiteness); a float64 sum beyond float32's range rounds to inf.
+
+Set the environment variable ``MFAC_LINALG_NUMBA=0`` to keep the NumPy path with Numba
+installed.  The compiled code is cached on disk by Numba (``cache=True``), so the
+first call on a machine compiles (about a second a dtype) and later processes load it;
+where Numba finds no writable cache directory it compiles in memory in every process.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+__all__ = ["available", "supports", "sumsq_columns", "TILE", "NARROW"]
+
+#: float64 running sums a tile holds (64 KiB)
+TILE = 8192
+#: matrices at most this wide are read row after row (a small block streams through
+#: in order, its sums held in L1); wider ones eight rows a sweep (fewer loads and
+#: stores of the sums).  Chosen by V's width, never by a piece's, so the order of
+#: each column's sum does not depend on the threads.
+NARROW = 2048
+
+_kernel = None          # the compiled function, once built
+_state = None           # None: not tried; True / False: Numba usable or not
+_lock = threading.Lock()
+
+
+def available():
+    """True when Numba imports and ``MFAC_LINALG_NUMBA`` is not ``0``."""
+    global _state
+    if os.environ.get("MFAC_LINALG_NUMBA", "1").strip() == "0":
+        return False
+    if _state is None:
+        try:
+            import numba  # noqa: F401
+            _state = True
+        except Exception:   # not installed, or broken (an llvmlite mismatch): use NumPy
+            _state = False
+    return _state
+
+
+def supports(V):
+    """Whether the kernels take the stack V (nb, r, c): a float32 or float64 host array,
+    C-contiguous or the transpose of one in its last two axes (a primal-form block
+    factor L^-T is stored so)."""
+    import numpy as np
+    return (isinstance(V, np.ndarray) and V.ndim == 3 and V.dtype in (np.float32, np.float64)
+            and (V.flags.c_contiguous or V.transpose(0, 2, 1).flags.c_contiguous))
+
+
+def _build():
+    """The two compiled kernels, cached on disk where Numba finds a writable place (it
+    raises at decoration where it finds none: then compiled in memory, every process)."""
+    try:
+        return _compile(cache=True)
+    except RuntimeError:        # "cannot cache function ...: no locator available"
+        return _compile(cache=False)
+
+
+def _compile(cache):
+    import numba
+    import numpy as np
+
+    @numba.njit(nogil=True, cache=cache, boundscheck=False, fastmath={"contract"})
+    def kernel(V, alpha, beta, out, n0, n1, c0, c1):    # pragma: no cover - compiled
+        nb, r, c = V.shape
+        x = V.reshape(-1)
+        y = out.reshape(-1)
+        acc = np.empty(max(1, min(TILE, c1 - c0)), np.float64)
+        # unsigned flat indices: no negative-index wrap-around, so the loops vectorise
+        for n in range(n0, n1):
+            for s in range(c0, c1, TILE):
+                w = min(c1 - s, TILE)
+                for j in range(w):
+                    acc[j] = 0.0
+                base = n * r * c + s
+                k = 0
+                if c > NARROW:
+                    while k + 8 <= r:
+                        p0 = base + k * c
+                        p1 = p0 + c
+                        p2 = p1 + c
+                        p3 = p2 + c
+                        p4 = p3 + c
+                        p5 = p4 + c
+                        p6 = p5 + c
+                        p7 = p6 + c
+                        for j in range(w):
+                            a0 = np.float64(x[np.uintp(p0 + j)])
+                            a1 = np.float64(x[np.uintp(p1 + j)])
+                            a2 = np.float64(x[np.uintp(p2 + j)])
+                            a3 = np.float64(x[np.uintp(p3 + j)])
+                            a4 = np.float64(x[np.uintp(p4 + j)])
+                            a5 = np.float64(x[np.uintp(p5 + j)])
+                            a6 = np.float64(x[np.uintp(p6 + j)])
+                            a7 = np.float64(x[np.uintp(p7 + j)])
+                            acc[j] = (acc[j] + a0 * a0 + a1 * a1 + a2 * a2 + a3 * a3
+                                      + a4 * a4 + a5 * a5 + a6 * a6 + a7 * a7)
+                        k += 8
+                while k < r:
+                    p0 = base + k * c
+                    for j in range(w):
+                        a0 = np.float64(x[np.uintp(p0 + j)])
+                        acc[j] = acc[j] + a0 * a0
+                    k += 1
+                q = n * c + s
+                for j in range(w):
+                    y[np.uintp(q + j)] = alpha + beta * acc[j]
+
+    @numba.njit(nogil=True, cache=cache, boundscheck=False, fastmath={"contract"})
+    def kernel_t(W, alpha, beta, out, n0, n1, c0, c1):  # pragma: no cover - compiled
+        # V = W^T: column j of V[n] is the contiguous row W[n, j]; four partial sums
+        nb, c, r = W.shape
+        x = W.reshape(-1)
+        y = out.reshape(-1)
+        for n in range(n0, n1):
+            for j in range(c0, c1):
+                p = (n * c + j) * r
+                s0 = 0.0
+                s1 = 0.0
+                s2 = 0.0
+                s3 = 0.0
+                i = 0
+                while i + 4 <= r:
+                    a0 = np.float64(x[np.uintp(p + i)])
+                    a1 = np.float64(x[np.uintp(p + i + 1)])
+                    a2 = np.float64(x[np.uintp(p + i + 2)])
+                    a3 = np.float64(x[np.uintp(p + i + 3)])
+                    s0 = s0 + a0 * a0
+                    s1 = s1 + a1 * a1
+                    s2 = s2 + a2 * a2
+                    s3 = s3 + a3 * a3
+                    i += 4
+                while i < r:
+                    a0 = np.float64(x[np.uintp(p + i)])
+                    s0 = s0 + a0 * a0
+                    i += 1
+                y[np.uintp(n * c + j)] = alpha + beta * ((s0 + s1) + (s2 + s3))
+    return kernel, kernel_t
+
+
+def sumsq_columns(V, alpha, beta, out, n0, n1, c0, c1):
+    """out[n, c0:c1] = alpha + beta * sum_i V[n, :, c0:c1]**2 for n0 <= n < n1 (see the
+    module's docstring).  V: (nb, r, c) float32 or float64 host array that ``supports``
+    takes; out: (nb, c), float32 or float64, C-contiguous.  Releases the GIL while it
+    runs."""
+    global _kernel
+    if _kernel is None:
+        with _lock:
+            if _kernel is None:
+                _kernel = _build()
+    args = (float(alpha), float(beta), out, int(n0), int(n1), int(c0), int(c1))
+    if V.flags.c_contiguous:
+        _kernel[0](V, *args)
+    else:
+        _kernel[1](V.transpose(0, 2, 1), *args)

@@ -1,0 +1,210 @@
+"""The Numba-compiled host pass (kernels/host.py) behind the CPU diagonals: float64 sums,
+one rounding, one read of V, the same result on any number of threads, and the
+operators' diagonals through it against dense oracles.  Skipped without Numba."""
+import contextlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import mfac_linalg as ml
+from mfac_linalg import _backend as B
+from mfac_linalg import _lowrank as LR
+from mfac_linalg.kernels import host as H
+
+from oracles import cond, dense_fisher, dense_inverse, float32_tol, float64_tol, rel_err
+
+pytest.importorskip("numba")
+
+
+@pytest.fixture
+def cpu():
+    return B.backend_for_device("cpu")
+
+
+@contextlib.contextmanager
+def _through_the_kernel():
+    """Every host column-norm pass through the kernel, on three threads; yields the
+    list of the kernel's calls (their block and column ranges)."""
+    calls = []
+    real = H.sumsq_columns
+
+    def counted(*a):
+        calls.append(a[4:])
+        return real(*a)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MFAC_LINALG_NUMBA", raising=False)
+        mp.setattr(LR, "COMPILED_MIN", 0)
+        mp.setattr(LR, "PARALLEL_MIN_COMPILED", 0)
+        mp.setattr(LR, "host_threads", lambda: 3)
+        mp.setattr(H, "sumsq_columns", counted)
+        yield calls
+
+
+@pytest.fixture
+def compiled():
+    with _through_the_kernel() as calls:
+        yield calls
+
+
+def _exact(V, alpha, beta):
+    """alpha + beta * sum_i V[..., i, :]**2 in float64 (squares of float32 are exact)."""
+    V64 = V.astype(np.float64)
+    return alpha + beta * np.einsum("...ij,...ij->...j", V64, V64)
+
+
+SHAPES = [(5, 7), (9, 3000), (1, 8, 20000), (3, 17, 2049), (40, 16, 128), (2, 1, 5),
+          (6, 0, 9), (0, 4, 4), (12, 8193), (33, 130)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernel_is_float64_sums_rounded_once(compiled, cpu, shape, dtype):
+    V = np.random.default_rng(3).standard_normal(shape).astype(dtype)
+    alpha, beta = 0.3, -1.7
+    out = LR.row_sumsq(V, cpu, alpha, beta)
+    assert out.dtype == dtype and out.shape == shape[:-2] + shape[-1:]
+    assert compiled or V.size == 0 or 0 in out.shape
+    ref = _exact(V, alpha, beta)
+    r = max(1, shape[-2])
+    # float64 sums of r terms, then one rounding to dtype
+    bound = np.abs(ref) * np.finfo(dtype).eps / 2 + r * np.finfo(np.float64).eps * (
+        abs(alpha) + abs(beta) * _exact(np.abs(V), 0.0, 1.0))
+    assert np.all(np.abs(out - ref) <= bound)
+    plain = LR.row_sumsq(V, cpu)
+    assert np.all(np.abs(plain - _exact(V, 0.0, 1.0))
+                  <= np.abs(_exact(V, 0.0, 1.0)) * (np.finfo(dtype).eps / 2
+                                                     + r * np.finfo(np.float64).eps))
+
+
+@pytest.mark.parametrize("shape", [(7, 40000), (2, 9, 30000), (64, 5, 300), (3, 16, 2048)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernel_result_does_not_depend_on_the_threads(monkeypatch, compiled, cpu, shape, dtype):
+    V = (np.random.default_rng(4).standard_normal(shape)
+         * np.logspace(-3, 3, shape[-1])).astype(dtype)
+    outs = []
+    for n in (1, 2, 3, 8):
+        monkeypatch.setattr(LR, "host_threads", lambda n=n: n)
+        outs.append(LR.row_sumsq(V, cpu, 0.5, 2.0))
+    assert len(compiled) > 4            # several pieces were made
+    for o in outs[1:]:
+        assert np.array_equal(o, outs[0])
+
+
+def test_kernel_non_finite_and_overflow(compiled, cpu):
+    V = np.ones((4, 40), np.float32)
+    V[1, 3], V[2, 5] = np.nan, np.inf
+    out = LR.row_sumsq(V, cpu)
+    assert np.isnan(out[3]) and np.isinf(out[5]) and np.all(out[[0, 1, 2, 4]] == 4)
+    big = np.full((3, 8), 3e19, np.float32)        # squares overflow float32, not float64
+    assert np.all(np.isinf(LR.row_sumsq(big, cpu)))
+    assert np.allclose(LR.row_sumsq(big, cpu, 0.0, 1e-39), 3 * 9e38 * 1e-39, rtol=1e-6)
+    huge = np.full((2, 8), 1e200)
+    assert np.all(np.isinf(LR.row_sumsq(huge, cpu)))
+
+
+def test_kernel_is_skipped_for_what_it_does_not_take(compiled, cpu):
+    V = np.random.default_rng(5).standard_normal((2, 6, 300)).astype(np.float32)
+    S = V[:, ::2]                                   # neither C-ordered nor its transpose
+    assert not H.supports(S) and not H.supports(V.astype(np.float16)) and H.supports(V)
+    assert H.supports(np.ascontiguousarray(V.transpose(0, 2, 1)).transpose(0, 2, 1))
+    out = LR.row_sumsq(S, cpu)
+    assert not compiled                             # einsum on the strided view
+    assert np.array_equal(out, np.einsum("nij,nij->nj", S, S))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 7, 5), (1, 64, 33), (50, 16, 16), (2, 3, 9000)])
+def test_transposed_stacks_are_summed_along_their_rows(compiled, cpu, shape, dtype):
+    """A stack stored as the transpose of a C-ordered one (primal-form factors)."""
+    nb, r, c = shape
+    W = np.random.default_rng(7).standard_normal((nb, c, r)).astype(dtype)
+    V = W.transpose(0, 2, 1)
+    out = LR.row_sumsq(V, cpu, 0.5, 3.0)
+    assert compiled
+    ref = _exact(V, 0.5, 3.0)
+    bound = np.abs(ref) * np.finfo(dtype).eps / 2 + r * np.finfo(np.float64).eps * ref
+    assert np.all(np.abs(out - ref) <= bound)
+
+
+def test_environment_variable_turns_it_off(monkeypatch, compiled, cpu):
+    monkeypatch.setenv("MFAC_LINALG_NUMBA", "0")
+    assert not H.available()
+    V = np.random.default_rng(6).standard_normal((5, 100)).astype(np.float32)
+    assert np.array_equal(LR.row_sumsq(V, cpu), np.einsum("ij,ij->j", V, V))
+    assert not compiled
+    monkeypatch.setenv("MFAC_LINALG_NUMBA", "1")
+    LR.row_sumsq(V, cpu)
+    assert compiled
+
+
+def test_kernel_errors_reach_the_caller(monkeypatch, compiled, cpu):
+    def broken(*a):
+        raise MemoryError("from a piece")
+    monkeypatch.setattr(H, "sumsq_columns", broken)
+    with pytest.raises(MemoryError, match="from a piece"):
+        LR.row_sumsq(np.ones((4, 50000), np.float32), cpu)
+
+
+@settings(max_examples=20)
+@given(m=st.integers(1, 12), d=st.integers(1, 60), block=st.integers(1, 40),
+       ratio=st.sampled_from([1e-4, 1e-2, 1.0, 1e3]), f32=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_operator_diagonals_through_the_kernel(m, d, block, ratio, f32, seed):
+    """Static and block diag(F^-1) and diag(F) through the kernel: each entry the stored
+    factor's alpha + beta * sum V^2 rounded once, and against dense float64 oracles."""
+    with _through_the_kernel() as compiled:
+        _operator_diagonals(compiled, m, d, block, ratio, f32, seed)
+
+
+def _operator_diagonals(compiled, m, d, block, ratio, f32, seed):
+    rng = np.random.default_rng(seed)
+    G = rng.standard_normal((m, d)) * np.logspace(-1, 1, d)
+    lam = ratio * float(np.sum(G * G)) / (m * d)
+    dt = np.float32 if f32 else np.float64
+    G = G.astype(dt)
+    G64 = G.astype(np.float64)
+    sizes = [min(block, d - s) for s in range(0, d, block)]
+    for op, blocks in ((ml.StaticInverseFisher(G, lam), [d]),
+                       (ml.BlockInverseFisher(G, lam, blocks=sizes), sizes)):
+        del compiled[:]
+        got = op.diagonal()
+        assert got.dtype == dt and compiled
+        # the kernel's part: one rounding of the stored factor's exact diagonal
+        for cols, alpha, beta, V in op.lowrank_batches():
+            want = _exact(np.asarray(V), alpha, beta)
+            scale = abs(alpha) + abs(beta) * _exact(np.abs(np.asarray(V)), 0.0, 1.0)
+            err = np.abs(got[np.asarray(cols)] - want)
+            assert np.all(err <= np.abs(want) * np.finfo(dt).eps / 2
+                          + V.shape[-2] * np.finfo(np.float64).eps * scale)
+        # the operator's: against F^-1 of dense float64 (block-diagonal F)
+        F = np.zeros((d, d))
+        s = 0
+        for b in blocks:
+            F[s:s + b, s:s + b] = dense_fisher(G64[:, s:s + b], lam)
+            s += b
+        kappa = cond(F)
+        tol = float32_tol(kappa, m) if f32 else float64_tol(kappa)
+        assert rel_err(got, np.diag(dense_inverse(F))) <= tol
+        del compiled[:]
+        fd = op.fisher().diagonal()
+        assert np.max(np.abs(fd - np.diag(F)) / np.diag(F)) <= 4 * m * np.finfo(dt).eps
+
+
+def test_no_writable_cache_compiles_in_memory(monkeypatch):
+    """Numba raises at decoration where it finds no cache directory: compiled anyway."""
+    seen = []
+    real = H._compile
+
+    def compile_(cache):
+        seen.append(cache)
+        if cache:
+            raise RuntimeError("cannot cache function 'kernel': no locator available")
+        return real(cache)
+    monkeypatch.setattr(H, "_compile", compile_)
+    monkeypatch.setattr(H, "_kernel", None)
+    V = np.random.default_rng(8).standard_normal((1, 9, 70))
+    out = np.empty((1, 70))
+    H.sumsq_columns(V, 1.0, 2.0, out, 0, 1, 0, 70)
+    assert seen == [True, False]
+    assert np.allclose(out, _exact(V, 1.0, 2.0), rtol=1e-15, atol=0)
