@@ -88,8 +88,8 @@ def row_sumsq(V, backend, alpha=None, beta=None):
     One read of V.  On the GPU and, where Numba is installed, on the host
     (``kernels/host.py``) the sums are float64 and the result is rounded once, after
     alpha + beta * s; else the host reduces with ``numpy.einsum`` in V's dtype.  On the
-    host, large arrays are cut into pieces (one column range a thread for a 2-D V or a
-    stack of few blocks, else four runs of blocks a thread) and each piece is reduced on
+    host, large arrays are cut into pieces (column ranges for a 2-D V or a stack of few
+    blocks, else four runs of blocks a thread: ``_in_pieces``) and each piece is reduced on
     its own thread (the compiled kernel releases the GIL; ``einsum`` holds it on some
     paths, docs/benchmarks.md), writing its own
     slice of the result: the same sums, in the same order per column, as one call over
@@ -175,11 +175,13 @@ def _in_pieces(V3, nthreads, piece, col_pieces=1, min_cols=1):
 
     # the helpers come from a pool kept between calls (starting a thread costs 0.1-1 ms,
     # as much as the pass over a V of 1e7 elements); the caller works too, so the jobs
-    # are done even while the pool is busy with another caller's
+    # are done even while the pool is busy with another caller's (a helper that has not
+    # started by then is cancelled, not waited for)
     helpers = [_pool().submit(worker) for _ in range(min(nthreads, len(jobs)) - 1)]
     worker()
     for h in helpers:
-        h.result()
+        if not h.cancel():
+            h.result()
     if errors:  # pragma: no cover
         raise errors[0]
 

@@ -208,3 +208,20 @@ def test_no_writable_cache_compiles_in_memory(monkeypatch):
     H.sumsq_columns(V, 1.0, 2.0, out, 0, 1, 0, 70)
     assert seen == [True, False]
     assert np.allclose(out, _exact(V, 1.0, 2.0), rtol=1e-15, atol=0)
+
+
+def test_a_busy_pool_does_not_hold_the_caller(monkeypatch, compiled, cpu):
+    """The caller does every piece itself while the pool's threads are taken."""
+    import threading
+    gate = threading.Event()
+    pool = LR._pool()
+    busy = [pool.submit(gate.wait) for _ in range(pool._max_workers)]
+    try:
+        V = np.random.default_rng(9).standard_normal((4, 30000)).astype(np.float32)
+        out = LR.row_sumsq(V, cpu)                   # returns although no helper runs
+        assert np.allclose(out, _exact(V, 0.0, 1.0), rtol=1e-7, atol=0)
+        assert len(compiled) > 1
+    finally:
+        gate.set()
+        for b in busy:
+            b.result()
