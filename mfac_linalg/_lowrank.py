@@ -293,22 +293,36 @@ class LowRank:
         to make), else as they are."""
         return (self.V[0], Xb) if Xb.ndim == 2 else (self.V, Xb)
 
-    def matmat(self, Xb, check=False):
+    def kernel_checks(self, dtype, stacked=True):
+        """True where a checked :meth:`matmat` of one vector of ``dtype`` (``stacked``: Xb
+        of shape (nb, b, 1), else (b, 1)) runs GPU kernels that check the result through
+        a flag: V's dtype, and V one large block (``wide_fits``) or a stack the block
+        kernel takes (``fits``)."""
+        if not (self.backend.is_gpu and np.dtype(dtype) == self.V.dtype):
+            return False
+        kb = B.kernel_module("blocks")
+        return kb.wide_fits(self.V, self.alpha) or (stacked and kb.fits(self.V))
+
+    def matmat(self, Xb, check=False, flag=None):
         """(alpha I + beta V_k^T V_k) X_k for Xb of shape (nb, b, k), or (b, k) for a
         stack of one: two passes over V.
 
         The scale goes on the small (r, k) side and the d-sized result is built in
         place (no d-sized temporaries beyond the result).  On the GPU one vector goes
-        through kernels (``kernels/blocks.py``, float64 sums rounded once): for one large
-        block (``wide_fits``), checked, the sliding window's two passes with a flag the
-        kernel raises; for a stack, unchecked, one thread block per block.
+        through kernels (``kernels/blocks.py``, float64 sums rounded once;
+        :meth:`kernel_checks`): for one large block (``wide_fits``), checked, the sliding
+        window's two passes with a flag the kernel raises (unchecked, cuBLAS's two GEMVs,
+        as fast there); for a stack, one thread block per block, with the flag when
+        checked.
 
         ``check``: raise ``NonFiniteInput`` when X holds NaN or infinity or a product
         overflows, read from the result Y: with alpha != 0 every x_j enters y_j, and
         every u_i enters every y_j (0 * inf is NaN), so Y is finite exactly when X is
         and neither pass nor the final scaling overflows (a check of U alone missed a
         result that overflows the dtype only when scaled by alpha = 1/lambda).  One
-        host read after pass 2."""
+        host read after pass 2.  ``flag`` (with ``check``, where :meth:`kernel_checks`):
+        a zeroed one-element float64 device array the kernels raise instead, not read
+        here (the caller reads it once for several products)."""
         be = self.backend
         if be.is_gpu and Xb.shape[-1] == 1 and Xb.dtype == self.V.dtype:
             kb = B.kernel_module("blocks")
@@ -317,14 +331,21 @@ class LowRank:
                 # float64-faithful passes over many thread blocks, the check a flag read
                 # once (unchecked, cuBLAS's two GEMVs are as fast: docs/benchmarks.md)
                 with be.device_context():
-                    y, flag = kb.apply_wide(self.V, Xb.reshape(-1), self.alpha, self.beta,
-                                            True)
-                if B.scalar(flag[0]):
+                    y, own = kb.apply_wide(self.V, Xb.reshape(-1), self.alpha, self.beta,
+                                           True, flag)
+                if flag is None and B.scalar(own[0]):
                     raise NonFiniteInput
                 return y.reshape(Xb.shape)
-            if not check and Xb.ndim == 3 and kb.fits(self.V):
+            if Xb.ndim == 3 and kb.fits(self.V):
+                # a stack: one thread block per block; checked, a flag the kernel raises
+                # for a non-finite result
                 with be.device_context():
-                    return kb.apply(self.V, Xb[:, :, 0], self.alpha, self.beta)[:, :, None]
+                    out = kb.apply(self.V, Xb[:, :, 0], self.alpha, self.beta, check, flag)
+                if not check:
+                    return out[:, :, None]
+                if flag is None and B.scalar(out[1][0]):
+                    raise NonFiniteInput
+                return out[0][:, :, None]
         V, X = self._squeeze(Xb)
         # with ``check``, NaN/inf flow through on purpose and are reported below
         with np.errstate(invalid="ignore", over="ignore") if check else _no_context():

@@ -6,7 +6,7 @@ import numpy as np
 from . import _backend as B
 from . import _lowrank as LR
 from . import _validate as _v
-from ._operator import _index
+from ._operator import NonFiniteInput, _index
 from .static import _LowRankInverseFisher
 
 __all__ = ["BlockInverseFisher", "block_layout"]
@@ -259,7 +259,22 @@ class BlockInverseFisher(_LowRankInverseFisher):
             grp.scatter(Y, fn(grp, grp.gather(X)))
         return Y
 
+    def _checks_own_finite(self, X):
+        """On the GPU, for one vector whose every stack runs kernels with a flag
+        (``LowRank.kernel_checks``): X's NaN/inf check, and that of an overflowing
+        result, is one flag the kernels raise, read once after the last stack, instead
+        of a separate pass over X and its synchronisation."""
+        if not (self._check_finite and self._backend.is_gpu and X.shape[1] == 1):
+            return False
+        return all(g.kernel_checks(X.dtype) for g in self._groups)
+
     def _matmat(self, X):
+        if self._checks_own_finite(X):
+            flag = self._backend.xp.zeros(1, dtype=np.float64)
+            Y = self._blockwise(X, lambda g, Xg: g.matmat(Xg, check=True, flag=flag))
+            if B.scalar(flag[0]):                       # the one host synchronisation
+                raise NonFiniteInput
+            return Y
         return self._blockwise(X, LR.LowRank.matmat)
 
     def _diagonal(self):

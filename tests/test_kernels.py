@@ -287,6 +287,80 @@ def test_block_apply_against_float64(nb, r, b, dtype, alpha, beta):
     assert np.array_equal(KB.apply(Vd, cp.asarray(X), alpha, beta).get(), Y.get())
 
 
+@pytest.mark.parametrize("what", ["clean", "nan", "inf", "overflow", "overflow in V^T V x"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("alpha", [2.0, 0.0])
+def test_block_apply_flags_non_finite_results(what, dtype, alpha):
+    """The stack kernel's check (the block operator's default check_finite): the flag is
+    raised exactly when an entry of Y is not finite, from NaN/inf in one block's x (also
+    in the primal form, alpha = 0: through u) or a result beyond the dtype's range with
+    finite input (from alpha x or from beta V^T V x); Y is the unchecked kernel's."""
+    import cupy as cp
+    from mfac_linalg.kernels import blocks as KB
+    rng = np.random.default_rng(11)
+    nb, r, b = 9, 64, 128
+    V = cp.asarray(rng.standard_normal((nb, r, b)).astype(dtype))
+    X = rng.standard_normal((nb, b)).astype(dtype)
+    beta = -1e-3
+    if what == "overflow" and alpha == 0.0:
+        pytest.skip("alpha x is 0 in the primal form")
+    if what == "nan":
+        X[5, 77] = np.nan
+    elif what == "inf":
+        X[nb - 1, 0] = -np.inf
+    elif what == "overflow":
+        X[3, 1] = 0.9 * np.finfo(dtype).max      # finite x, alpha x beyond the range
+    elif what == "overflow in V^T V x":
+        beta = 0.5 * float(np.finfo(dtype).max)  # |V^T V x| >= 2 somewhere: beyond
+    Y, flag = KB.apply(V, cp.asarray(X), alpha, beta, check=True)
+    finite = bool(cp.isfinite(Y).all())
+    assert finite == (what == "clean")
+    assert float(flag[0]) == (0.0 if what == "clean" else 1.0)
+    assert np.array_equal(Y.get(), KB.apply(V, cp.asarray(X), alpha, beta).get(), equal_nan=True)
+
+
+@pytest.mark.parametrize("d,block", [(4096, 128), (10_000, 1024), (1000, 64), (1000, 16),
+                                     (40_000, 40_000)])
+def test_block_operator_checked_matvec_through_the_kernels(d, block):
+    """The default check_finite matvec of a block operator on the GPU is the kernels'
+    flag, read once for every stack (a ragged last block included; m > b the primal
+    form; one large block the two float64-faithful passes): no separate pass over x.
+    Agrees with the CPU operator and with the unchecked product bit for bit, refuses NaN
+    in any block and an overflowing result by name, and keeps working after a refusal."""
+    import cupy as cp
+    rng = np.random.default_rng(d + block)
+    G = rng.standard_normal((40, d)).astype(np.float32)
+    cpu = ml.BlockInverseFisher(G.astype(np.float64), 0.3, block_size=block)
+    gpu = ml.BlockInverseFisher(cp.asarray(G), 0.3, block_size=block)
+    x = rng.standard_normal(d).astype(np.float32)
+    assert gpu._checks_own_finite(cp.asarray(x)[:, None])
+    checks = []
+    real = B.check_finite
+    try:       # the separate pass over x is skipped
+        B.check_finite = lambda *a, **k: checks.append(a) or real(*a, **k)
+        out = B.to_host(gpu.matvec(cp.asarray(x))).astype(np.float64)
+    finally:
+        B.check_finite = real
+    assert checks == []
+    ref = cpu.matvec(x.astype(np.float64))
+    assert np.allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    if d != block:              # one large block: unchecked products take cuBLAS
+        unchecked = ml.BlockInverseFisher(cp.asarray(G), 0.3, block_size=block,
+                                          check_finite=False)
+        assert np.array_equal(out, B.to_host(unchecked.matvec(cp.asarray(x))))
+    for j in (0, d // 2, d - 1):              # first block, a middle one, the last
+        bad = x.copy()
+        bad[j] = np.nan
+        with pytest.raises(ValueError, match="^x must be finite"):
+            gpu.matvec(cp.asarray(bad))
+    if block > 40:     # the dual form (m < b): y = (x - V^T V x) / lambda overflows
+        tiny = ml.BlockInverseFisher(cp.asarray(G), 1e-18, block_size=block)
+        with pytest.raises(ValueError, match="overflow"):
+            tiny.matvec(cp.full(d, 1e21, dtype=cp.float32))
+    again = B.to_host(gpu.matvec(cp.asarray(x)))
+    assert np.array_equal(again.astype(np.float64), out)
+
+
 def test_block_apply_refuses_what_it_cannot_take():
     import cupy as cp
     from mfac_linalg.kernels import blocks as KB
@@ -370,9 +444,9 @@ def test_apply_wide_flags_non_finite_results(what, r, b):
 @pytest.mark.parametrize("op", ["static", "one block"])
 @pytest.mark.parametrize("d", [16, 40_000, 40_003])
 def test_gpu_matvec_check_finite_through_the_kernels(op, d):
-    """The default check_finite GPU matvec of one large block (the static operator: the
-    kernels' flag, one host read, d = 16 and d = 40_003 through cuBLAS; the block
-    operator: a separate check of x, then cuBLAS or the stack kernel) agrees with the CPU operator, refuses NaN
+    """The default check_finite GPU matvec of one large block (the kernels' flag, one
+    host read; d = 40_003 takes the cuBLAS path, and d = 16 too for the static operator)
+    agrees with the CPU operator, refuses NaN
     input and an overflowing result by name, and keeps working after a refusal."""
     import cupy as cp
     rng = np.random.default_rng(d)
@@ -390,7 +464,9 @@ def test_gpu_matvec_check_finite_through_the_kernels(op, d):
     bad[d // 3] = np.nan
     with pytest.raises(ValueError, match="^x must be finite"):
         gpu.matvec(cp.asarray(bad))
-    if op == "static":     # the block operator returns inf on the GPU (docs/static.md)
+    # the block operator checks its result where kernels run (d = 16: the stack kernel;
+    # 40_000: the two passes); through cuBLAS (40_003) it returns inf on the GPU
+    if op == "static" or d != 40_003:
         tiny = make(cp.asarray(G), 1e-18)             # about the smallest float32 damping
         with pytest.raises(ValueError, match="overflow"):
             tiny.matvec(cp.full(d, 1e21, dtype=cp.float32))  # x / lambda overflows float32

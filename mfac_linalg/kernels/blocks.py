@@ -29,7 +29,8 @@ __all__ = ["apply", "apply_wide", "fits", "wide_fits"]
 SOURCE = r"""
 template <typename T>
 __device__ void block_apply(const T* __restrict__ V, const T* __restrict__ X,
-                            T* __restrict__ Y, int r, int b, double alpha, double beta) {
+                            T* __restrict__ Y, int r, int b, double alpha, double beta,
+                            double* __restrict__ flag) {
     extern __shared__ double sh[];
     double* xs = sh;            // b values
     double* us = sh + b;        // r values
@@ -81,6 +82,7 @@ __device__ void block_apply(const T* __restrict__ V, const T* __restrict__ X,
     const int G = b < (int)blockDim.x ? (int)blockDim.x / b : 1;
     const int g = threadIdx.x / b;
     T* yn = Y + (long long)n * b;
+    bool bad = false;
     if (G > 1) {
         if (g < G) {
             const int j = threadIdx.x - g * b;
@@ -99,7 +101,9 @@ __device__ void block_apply(const T* __restrict__ V, const T* __restrict__ X,
         for (int j = threadIdx.x; j < b; j += blockDim.x) {
             double acc = 0.0;
             for (int k = 0; k < G; ++k) acc += part[k * b + j];
-            yn[j] = (T)(alpha * xs[j] + beta * acc);
+            const T v = (T)(alpha * xs[j] + beta * acc);
+            bad |= !isfinite((double)v);
+            yn[j] = v;
         }
     } else {
         for (int j = threadIdx.x; j < b; j += blockDim.x) {
@@ -112,18 +116,21 @@ __device__ void block_apply(const T* __restrict__ V, const T* __restrict__ X,
                 c3 = fma((double)Vn[(long long)(i + 3) * b + j], us[i + 3], c3);
             }
             for (; i < r; ++i) c0 = fma((double)Vn[(long long)i * b + j], us[i], c0);
-            yn[j] = (T)(alpha * xs[j] + beta * ((c0 + c1) + (c2 + c3)));
+            const T v = (T)(alpha * xs[j] + beta * ((c0 + c1) + (c2 + c3)));
+            bad |= !isfinite((double)v);
+            yn[j] = v;
         }
     }
+    if (bad && flag != nullptr) flag[0] = 1.0;     // the check: one host read of flag
 }
 
 extern "C" {
 __global__ void block_apply_f32(const float* V, const float* X, float* Y, int r, int b,
-                                double alpha, double beta) {
-    block_apply<float>(V, X, Y, r, b, alpha, beta); }
+                                double alpha, double beta, double* flag) {
+    block_apply<float>(V, X, Y, r, b, alpha, beta, flag); }
 __global__ void block_apply_f64(const double* V, const double* X, double* Y, int r, int b,
-                                double alpha, double beta) {
-    block_apply<double>(V, X, Y, r, b, alpha, beta); }
+                                double alpha, double beta, double* flag) {
+    block_apply<double>(V, X, Y, r, b, alpha, beta, flag); }
 }
 """
 
@@ -151,19 +158,25 @@ def _shared(r, b, threads):
     return 8 * (b + r + (threads // b) * b if b < threads else b + r)
 
 
-def apply(V, X, alpha, beta):
+def apply(V, X, alpha, beta, check=False, flag=None):
     """Y (nb, b) = alpha X + beta V_k^T (V_k X_k) per block, for V (nb, r, b) with
-    ``fits(V)`` and X (nb, b) of V's dtype (copied to contiguous if it is not)."""
+    ``fits(V)`` and X (nb, b) of V's dtype (copied to contiguous if it is not).
+    Returns Y, or with ``check`` (Y, flag): ``flag`` a one-element float64 device array
+    that the kernel sets to 1 when an entry of Y is not finite (a NaN or infinity in X,
+    or a result beyond the dtype's range), read once by the caller; a ``flag`` given is
+    used as it is (zeroed by the caller, shared by several launches)."""
     import cupy as cp
     nb, r, b = V.shape
     X = cp.ascontiguousarray(X, dtype=V.dtype)
     Y = cp.empty((nb, b), dtype=V.dtype)
+    if check and flag is None:
+        flag = cp.zeros(1, dtype=np.float64)
     threads = _threads(r, b)
     function(SOURCE, f"block_apply_{_SUFFIX[np.dtype(V.dtype)]}")(
         (nb,), (threads,), (V, X, Y, np.int32(r), np.int32(b), np.float64(alpha),
-                            np.float64(beta)),
+                            np.float64(beta), np.uintp(0) if flag is None else flag),
         shared_mem=_shared(r, b, threads))
-    return Y
+    return (Y, flag) if check else Y
 
 
 #: largest r b that :func:`apply_wide` takes: measured on an H100 against cuBLAS GEMVs and
@@ -185,13 +198,14 @@ def wide_fits(V, alpha):
             and alpha != 0 and not fits(V))
 
 
-def apply_wide(V, x, alpha, beta, check=False):
+def apply_wide(V, x, alpha, beta, check=False, flag=None):
     """y = alpha x + beta V^T (V x) for one large block V (1, r, b) (``wide_fits``) and x
     (b,): two passes of the sliding window's float64-faithful kernels (u = V x with float64
     accumulators, then y = float32(alpha (x - V^T (-beta/alpha) u)) with float64 sums,
     rounded once; docs/math.md §7), the rows of pass 2 split across blocks so that a
     small b still fills the GPU.  Returns (y, flag): ``flag`` a one-element float64
-    device array set to 1 when ``check`` and an entry of y is not finite, else None."""
+    device array set to 1 when ``check`` and an entry of y is not finite, else None (a
+    ``flag`` given is used instead of a new one: zeroed by the caller)."""
     import cupy as cp
     from . import sliding as K
     _, r, b = V.shape
@@ -202,7 +216,9 @@ def apply_wide(V, x, alpha, beta, check=False):
     bx, splits, _ = K.combine_grid(r, b, "float32")
     # u (r), the flag, and the counters of the split sums (zeroed together, one memset)
     ws = cp.zeros(r + 1 + (bx + 1) // 2, dtype=np.float64)
-    u, flag = ws[:r], ws[r:r + 1]
+    u = ws[:r]
+    if flag is None:
+        flag = ws[r:r + 1]
     count = ws[r + 1:].view(np.uint32)[:bx]
     part = cp.empty(splits * b, dtype=np.float64) if splits > 1 else None
     K.rows_dot(G, "float32", x, u, rows=r, wide=True)

@@ -56,6 +56,7 @@ __device__ __forceinline__ float mac(float g, float x, float a) { return fmaf(g,
 __device__ __forceinline__ double mac(float g, float x, double a) {
     return fma((double)g, (double)x, a);
 }
+__device__ __forceinline__ double mac(float g, double x, double a) { return fma((double)g, x, a); }
 
 // ---- 16-byte loads and stores as float -------------------------------------
 __device__ __forceinline__ void load16(const float* p, float* o) {
@@ -176,25 +177,20 @@ __device__ void rows_dot_impl(const float* __restrict__ x, T* __restrict__ G,
     }
 }
 
-// ---- pass 2: y += scale * G^T c, rows split across blockIdx.y ---------------
-template <typename T>
-__device__ void combine_impl(const T* __restrict__ G, const float* __restrict__ c,
-                             float* __restrict__ y, int m, long long ld, int rows_per,
-                             float scale) {
+// ---- pass 2's column accumulation, shared by both pass-2 kernels -------------------
+// acc[t] += sum_{i0 <= i < i1} G[i, j + t] * (cscale * c[i]) for the V columns of this
+// thread, c staged through the shared tile cs (TILE entries) and rows taken four at a
+// time (one rounding per multiply-add, in the accumulator's precision A: mac()).
+template <typename T, typename A, int TILE>
+__device__ __forceinline__ void accumulate_rows(const T* __restrict__ G, const A* __restrict__ c,
+                                                A cscale, A* cs, int i0, int i1, long long ld,
+                                                long long j, bool active,
+                                                A (&acc)[16 / sizeof(T)]) {
     constexpr int V = 16 / sizeof(T);
-    constexpr int TILE = 2048;
-    __shared__ float cs[TILE];
-    const int i0 = blockIdx.y * rows_per;
-    const int i1 = min(i0 + rows_per, m);
-    const long long j = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * V;
-    const bool active = j < ld;
-    float acc[V];
-    #pragma unroll
-    for (int t = 0; t < V; ++t) acc[t] = 0.f;
     for (int t0 = i0; t0 < i1; t0 += TILE) {
         const int t1 = min(t0 + TILE, i1);
         __syncthreads();
-        for (int i = threadIdx.x; i < t1 - t0; i += blockDim.x) cs[i] = c[t0 + i];
+        for (int i = threadIdx.x; i < t1 - t0; i += blockDim.x) cs[i] = c[t0 + i] * cscale;
         __syncthreads();
         if (!active) continue;
         int i = t0;
@@ -204,20 +200,36 @@ __device__ void combine_impl(const T* __restrict__ G, const float* __restrict__ 
             load16(G + (long long)(i + 1) * ld + j, g1);
             load16(G + (long long)(i + 2) * ld + j, g2);
             load16(G + (long long)(i + 3) * ld + j, g3);
-            const float a0 = cs[i - t0], a1 = cs[i + 1 - t0], a2 = cs[i + 2 - t0],
-                        a3 = cs[i + 3 - t0];
+            const A a0 = cs[i - t0], a1 = cs[i + 1 - t0], a2 = cs[i + 2 - t0], a3 = cs[i + 3 - t0];
             #pragma unroll
             for (int t = 0; t < V; ++t)
-                acc[t] = fmaf(g3[t], a3, fmaf(g2[t], a2, fmaf(g1[t], a1, fmaf(g0[t], a0, acc[t]))));
+                acc[t] = mac(g3[t], a3, mac(g2[t], a2, mac(g1[t], a1, mac(g0[t], a0, acc[t]))));
         }
         for (; i < t1; ++i) {
             float g0[V];
             load16(G + (long long)i * ld + j, g0);
-            const float a0 = cs[i - t0];
+            const A a0 = cs[i - t0];
             #pragma unroll
-            for (int t = 0; t < V; ++t) acc[t] = fmaf(g0[t], a0, acc[t]);
+            for (int t = 0; t < V; ++t) acc[t] = mac(g0[t], a0, acc[t]);
         }
     }
+}
+
+// ---- pass 2: y += scale * G^T c, rows split across blockIdx.y ---------------
+template <typename T>
+__device__ void combine_impl(const T* __restrict__ G, const float* __restrict__ c,
+                             float* __restrict__ y, int m, long long ld, int rows_per,
+                             float scale) {
+    constexpr int V = 16 / sizeof(T);
+    __shared__ float cs[2048];
+    const int i0 = blockIdx.y * rows_per;
+    const int i1 = min(i0 + rows_per, m);
+    const long long j = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * V;
+    const bool active = j < ld;
+    float acc[V];
+    #pragma unroll
+    for (int t = 0; t < V; ++t) acc[t] = 0.f;
+    accumulate_rows<T, float, 2048>(G, c, 1.0f, cs, i0, i1, ld, j, active, acc);
     if (!active) return;
     if (gridDim.y == 1) {
         float yv[4];
@@ -248,8 +260,7 @@ __device__ void combine_wide_impl(const T* __restrict__ G, const double* __restr
                                   int m, long long ld, int rows_per, double inv_lam,
                                   double cscale, double* __restrict__ flag) {
     constexpr int V = 16 / sizeof(T);
-    constexpr int TILE = 1024;
-    __shared__ double cs[TILE];
+    __shared__ double cs[1024];
     __shared__ bool last;
     const int i0 = blockIdx.y * rows_per;
     const int i1 = min(i0 + rows_per, m);
@@ -258,34 +269,7 @@ __device__ void combine_wide_impl(const T* __restrict__ G, const double* __restr
     double acc[V];
     #pragma unroll
     for (int t = 0; t < V; ++t) acc[t] = 0.0;
-    for (int t0 = i0; t0 < i1; t0 += TILE) {
-        const int t1 = min(t0 + TILE, i1);
-        __syncthreads();
-        for (int i = threadIdx.x; i < t1 - t0; i += blockDim.x) cs[i] = c[t0 + i] * cscale;
-        __syncthreads();
-        if (!active) continue;
-        int i = t0;
-        for (; i + 4 <= t1; i += 4) {
-            float g0[V], g1[V], g2[V], g3[V];
-            load16(G + (long long)(i + 0) * ld + j, g0);
-            load16(G + (long long)(i + 1) * ld + j, g1);
-            load16(G + (long long)(i + 2) * ld + j, g2);
-            load16(G + (long long)(i + 3) * ld + j, g3);
-            const double a0 = cs[i - t0], a1 = cs[i + 1 - t0], a2 = cs[i + 2 - t0],
-                         a3 = cs[i + 3 - t0];
-            #pragma unroll
-            for (int t = 0; t < V; ++t)
-                acc[t] = fma((double)g3[t], a3, fma((double)g2[t], a2,
-                         fma((double)g1[t], a1, fma((double)g0[t], a0, acc[t]))));
-        }
-        for (; i < t1; ++i) {
-            float g0[V];
-            load16(G + (long long)i * ld + j, g0);
-            const double a0 = cs[i - t0];
-            #pragma unroll
-            for (int t = 0; t < V; ++t) acc[t] = fma((double)g0[t], a0, acc[t]);
-        }
-    }
+    accumulate_rows<T, double, 1024>(G, c, cscale, cs, i0, i1, ld, j, active, acc);
     if (gridDim.y > 1) {
         if (active) {
             double* pp = part + (long long)blockIdx.y * ld + j;
