@@ -17,6 +17,13 @@ coefficient recursion, in torch), same gradients, interleaved rounds.  torch has
 LU without pivoting on the CPU; the baseline takes it from the Cholesky factor of the
 same (symmetric positive definite) matrix, which is the same factorisation.
 
+Table 4: ``accumulate="float64"`` (float64-faithful passes over the float32 buffer,
+docs/math.md §7) against ``"float32"``, step and matvec, interleaved rounds; with
+Numba installed the float64 passes are the compiled kernels (``kernels/host.py``) and
+the table also times the NumPy route (float64 BLAS over converted chunks,
+``MFAC_LINALG_NUMBA=0``); the error column is |y - y64| / |y64| over the float32
+rounding of y64 for a window of the same gradients in float64.
+
 Times are medians over incremental updates; the exact refresh (every
 ``window`` updates by default, O(m^3)) is reported separately, amortised.
 
@@ -191,14 +198,73 @@ def vs_published(sizes, rng, damp=1e-3):
                  "ours step ms", "peer step ms", "ours/peer", "matvec rel. diff"], rows))
 
 
+def accumulate_rows(sizes, rng):
+    """Table 4: the float64-faithful passes against float32 accumulation."""
+    import os
+    from mfac_linalg.kernels import host
+    compiled = host.available()
+    rows = []
+    for dim, m in sizes:
+        G = rng.standard_normal((m, dim), dtype=np.float32) * np.logspace(
+            -2, 2, dim, dtype=np.float32)
+        lam = 1e-5 * float(np.einsum("ij,ij->", G, G, dtype=np.float64)) / m / m
+        wins = {a: ml.SlidingWindowInverseFisher.from_gradients(
+            G, lam, accumulate=a, refresh_every=10**9) for a in ("float32", "float64")}
+        w64 = ml.SlidingWindowInverseFisher.from_gradients(G.astype(np.float64), lam,
+                                                           refresh_every=10**9)
+        x = rng.standard_normal(dim, dtype=np.float32)
+        y64 = w64.matvec(x.astype(np.float64))
+        rnd = np.linalg.norm(y64.astype(np.float32) - y64)
+        err = {a: np.linalg.norm(w.matvec(x).astype(np.float64) - y64) / rnd
+               for a, w in wins.items()}          # before the steps change the windows
+        gs = rng.standard_normal((8, dim), dtype=np.float32)
+        k = [0]
+
+        def nxt():
+            k[0] += 1
+            return gs[k[0] % 8]
+
+        def numpy_route(fn):
+            def run():
+                os.environ["MFAC_LINALG_NUMBA"] = "0"
+                try:
+                    return fn()
+                finally:
+                    del os.environ["MFAC_LINALG_NUMBA"]
+            return run
+        fns = {"mv32": lambda: wins["float32"].matvec(x),
+               "mv64": lambda: wins["float64"].matvec(x),
+               "st32": lambda: wins["float32"].step(nxt()),
+               "st64": lambda: wins["float64"].step(nxt())}
+        if compiled:
+            fns["mvnp"] = numpy_route(fns["mv64"])
+            fns["stnp"] = numpy_route(fns["st64"])
+        t = compare(fns, rounds=11)
+        for what, a, b in (("matvec", "mv32", "mv64"), ("step", "st32", "st64")):
+            npr = {"matvec": "mvnp", "step": "stnp"}[what]
+            rows.append([f"{dim:,}", f"{m}", what, f"{t[a] * 1e3:.2f}", f"{t[b] * 1e3:.2f}",
+                         f"{t[b] / t[a]:.2f}",
+                         f"{t[npr] * 1e3:.2f}" if npr in t else "-",
+                         f"{t[npr] / t[a]:.2f}" if npr in t else "-",
+                         f"{err['float32']:.0f}" if what == "matvec" else "",
+                         f"{err['float64']:.2f}" if what == "matvec" else ""])
+        print(f"  done dim={dim} m={m}", file=sys.stderr, flush=True)
+    print(f"accumulate='float64' against 'float32' (float32 buffer, lambda = 1e-5 |g|^2 / m); "
+          f"float64 passes: {'compiled (Numba)' if compiled else 'NumPy (no Numba)'}")
+    print(table(["dim", "m", "what", "float32 ms", "float64 ms", "ratio", "NumPy route ms",
+                 "ratio", "err32 / rounding", "err64 / rounding"], rows))
+
+
 if __name__ == "__main__":
     rng = np.random.default_rng(0)
     if "--quick" in sys.argv:
         scaling(10_000, [128, 256, 512], rng)
         floor([(1_000_000, 32)], rng)
         vs_published([(1_000_000, 32)], rng)
+        accumulate_rows([(100_000, 64)], rng)
     else:
         scaling(10_000, [128, 256, 512, 1024, 2048], rng)
         floor([(1_000_000, 128), (400_000, 512), (200_000, 1024)], rng)
         vs_published([(1_000_000, 32), (1_000_000, 64), (1_000_000, 128), (1_000_000, 256),
                       (100_000, 1024)], rng)
+        accumulate_rows([(1_000_000, 64), (100_000, 256), (100_000, 1024)], rng)

@@ -33,13 +33,13 @@ batch; a stack of one block (the static operator) goes through plain 2-D BLAS.
 from __future__ import annotations
 
 import math
-import os
-import threading
 from contextlib import nullcontext as _no_context
 
 import numpy as np
 
 from . import _backend as B
+from . import _threads
+from ._threads import host_threads
 from . import _validate as _v
 from ._capacitance import NotPositiveDefinite   # the library's one such error (public)
 from ._operator import NonFiniteInput
@@ -69,15 +69,6 @@ PARALLEL_MIN = 1 << 25
 #: (a thread's start, about 0.1 ms, against a read of V of 2^20 float32 at 0.1-0.2 ms)
 COMPILED_MIN = 1 << 14
 PARALLEL_MIN_COMPILED = 1 << 20
-
-
-def host_threads():
-    """Threads for the host column-norm passes: the CPUs this process may run on, at most 8."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, 8))
 
 
 def row_sumsq(V, backend, alpha=None, beta=None):
@@ -140,76 +131,20 @@ def row_sumsq(V, backend, alpha=None, beta=None):
 
 def _in_pieces(V3, nthreads, piece, col_pieces=1, min_cols=1):
     """Run ``piece(sn, sc)`` over a partition of the stack V3 (nb, r, c) on ``nthreads``
-    threads (the caller's among them): ``col_pieces`` column ranges a thread, each at
-    least ``min_cols`` wide, when the stack has few blocks (einsum is slower on many
-    narrow strided pieces), else four runs of whole blocks a thread (contiguous).
-    Several pieces a thread, taken in turn, balance the load when a core is busy
-    elsewhere (OpenBLAS's threads spin for a while after each BLAS call).  The first
-    error raised by a piece is re-raised here, after every thread has stopped."""
+    threads (``_threads.run``): ``col_pieces`` column ranges a thread, each at least
+    ``min_cols`` wide, when the stack has few blocks (einsum is slower on many narrow
+    strided pieces), else four runs of whole blocks a thread (contiguous)."""
     nb, _, c = V3.shape
-    full_n, full_c = slice(0, nb), slice(0, c)
     if nthreads == 1:
-        piece(full_n, full_c)
+        piece(slice(0, nb), slice(0, c))
         return
-    by_cols = nb < 4 * nthreads
-    n = c if by_cols else nb
-    pieces = (min(n, max(nthreads, min(col_pieces * nthreads, c // max(1, min_cols))))
-              if by_cols else min(n, 4 * nthreads))
-    edges = [n * k // pieces for k in range(pieces + 1)]
-    jobs = [(full_n, slice(s, e)) if by_cols else (slice(s, e), full_c)
-            for s, e in zip(edges, edges[1:]) if e > s]
-    lock = threading.Lock()
-    errors = []
-
-    def worker():
-        while True:
-            with lock:
-                if not jobs or errors:
-                    return
-                sn, sc = jobs.pop()
-            try:
-                piece(sn, sc)
-            except BaseException as exc:  # pragma: no cover - re-raised below
-                errors.append(exc)
-                return
-
-    # the helpers come from a pool kept between calls (starting a thread costs 0.1-1 ms,
-    # as much as the pass over a V of 1e7 elements); the caller works too, so the jobs
-    # are done even while the pool is busy with another caller's (a helper that has not
-    # started by then is cancelled, not waited for)
-    helpers = [_pool().submit(worker) for _ in range(min(nthreads, len(jobs)) - 1)]
-    worker()
-    for h in helpers:
-        if not h.cancel():
-            h.result()
-    if errors:  # pragma: no cover
-        raise errors[0]
-
-
-_POOL = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool():
-    """The host passes' helper threads (host_threads() - 1 of them), made on first use
-    and made afresh in a forked child (whose copy has no threads)."""
-    global _POOL
-    if _POOL is None:
-        with _POOL_LOCK:
-            if _POOL is None:
-                from concurrent.futures import ThreadPoolExecutor
-                _POOL = ThreadPoolExecutor(max(1, host_threads() - 1),
-                                           thread_name_prefix="mfac_linalg-host")
-    return _POOL
-
-
-def _forget_pool():  # pragma: no cover - runs in forked children
-    global _POOL, _POOL_LOCK
-    _POOL, _POOL_LOCK = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
+    if nb < 4 * nthreads:
+        parts = _threads.split(c, max(nthreads, min(col_pieces * nthreads,
+                                                    c // max(1, min_cols))))
+        jobs = [(slice(0, nb), slice(s, e)) for s, e in parts]
+    else:
+        jobs = [(slice(s, e), slice(0, c)) for s, e in _threads.split(nb, 4 * nthreads)]
+    _threads.run(jobs, nthreads, piece)
 
 
 class LowRank:

@@ -12,7 +12,8 @@ from mfac_linalg import _backend as B
 from mfac_linalg import _lowrank as LR
 from mfac_linalg.kernels import host as H
 
-from oracles import cond, dense_fisher, dense_inverse, float32_tol, float64_tol, rel_err
+from oracles import (EPS32, EPS64, cond, dense_fisher, dense_inverse, float32_tol, float64_tol,
+                     rel_err)
 
 pytest.importorskip("numba")
 
@@ -214,7 +215,8 @@ def test_a_busy_pool_does_not_hold_the_caller(monkeypatch, compiled, cpu):
     """The caller does every piece itself while the pool's threads are taken."""
     import threading
     gate = threading.Event()
-    pool = LR._pool()
+    from mfac_linalg import _threads
+    pool = _threads._pool()
     busy = [pool.submit(gate.wait) for _ in range(pool._max_workers)]
     try:
         V = np.random.default_rng(9).standard_normal((4, 30000)).astype(np.float32)
@@ -225,3 +227,101 @@ def test_a_busy_pool_does_not_hold_the_caller(monkeypatch, compiled, cpu):
         gate.set()
         for b in busy:
             b.result()
+
+
+# -- the sliding window's float64-faithful passes (accumulate="float64", float32 buffer) --
+from mfac_linalg import _threads  # noqa: E402
+from mfac_linalg.sliding import buffer as SB  # noqa: E402
+
+
+@contextlib.contextmanager
+def _passes_through_the_kernels(threads=3):
+    calls = {"project": 0, "combine": 0}
+    real_p, real_c = H.project, H.combine
+
+    def p(*a):
+        calls["project"] += 1
+        return real_p(*a)
+
+    def c(*a):
+        calls["combine"] += 1
+        return real_c(*a)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MFAC_LINALG_NUMBA", raising=False)
+        mp.setattr(SB, "COMPILED_MIN", 0)
+        mp.setattr(SB, "PARALLEL_MIN", 0)
+        mp.setattr(_threads, "host_threads", lambda: threads)
+        mp.setattr(H, "project", p)
+        mp.setattr(H, "combine", c)
+        yield calls
+
+
+@pytest.mark.parametrize("m,d,n", [(1, 5, 1), (7, 300, 5), (9, 20000, 9), (5, 8193, 3),
+                                   (12, 40000, 12)])
+def test_passes_are_float64_sums_rounded_once(m, d, n):
+    rng = np.random.default_rng(10)
+    buf = SB.RingBuffer(m, d, "float32", B.backend_for_device("cpu"), wide=True)
+    buf.G[...] = (rng.standard_normal((m, d)) * np.logspace(-3, 3, d)).astype(np.float32)
+    x = rng.standard_normal((d, 1)).astype(np.float32)
+    c = rng.standard_normal((n, 1))
+    G64, x64 = buf.G[:n].astype(np.float64), x[:, 0].astype(np.float64)
+    with _passes_through_the_kernels() as calls:
+        u = buf.project(x, n)
+        y = buf.combine(x, c, n, 0.37)
+    assert calls["project"] >= 1 and calls["combine"] >= 1
+    assert u.shape == (n, 1) and u.dtype == np.float64
+    # products of float32 values are exact in float64: only the float64 sums round
+    assert np.all(np.abs(u[:, 0] - G64 @ x64) <= d * EPS64 * (np.abs(G64) @ np.abs(x64)))
+    ref = (x64 - G64.T @ c[:, 0]) / 0.37
+    scale = (np.abs(x64) + np.abs(G64.T) @ np.abs(c[:, 0])) / 0.37
+    assert y.dtype == np.float32 and y.shape == (d, 1)
+    assert np.all(np.abs(y[:, 0] - ref) <= np.abs(ref) * EPS32 / 2 + (n + 2) * EPS64 * scale)
+
+
+@pytest.mark.parametrize("m,d", [(16, 50000), (3, 100000), (40, 9000)])
+def test_passes_do_not_depend_on_the_threads(m, d):
+    rng = np.random.default_rng(11)
+    buf = SB.RingBuffer(m, d, "float32", B.backend_for_device("cpu"), wide=True)
+    buf.G[...] = rng.standard_normal((m, d)).astype(np.float32)
+    x = rng.standard_normal((d, 1)).astype(np.float32)
+    c = rng.standard_normal((m, 1))
+    outs = []
+    for t in (1, 2, 3, 8):
+        with _passes_through_the_kernels(threads=t):
+            outs.append((buf.project(x, m), buf.combine(x, c, m, 2.0)))
+    for u, y in outs[1:]:
+        assert np.array_equal(u, outs[0][0]) and np.array_equal(y, outs[0][1])
+
+
+@pytest.mark.parametrize("engine", ["cholesky", "explicit"])
+def test_window_through_the_compiled_passes_is_faithful(engine):
+    """A float32 window with accumulate="float64" whose passes are the compiled
+    kernels: within 10x the float32 rounding of a float64 window's results (small
+    damping, coordinate scales over four decades), and a refused gradient leaves it
+    as it was."""
+    rs = np.random.default_rng(12)
+    d, m = 3000, 24
+    scales = np.logspace(-2, 2, d)
+    lam = 1e-5 * float((scales ** 2).sum()) / m
+    with _passes_through_the_kernels() as calls:
+        w = ml.SlidingWindowInverseFisher(d, m, lam, engine=engine, accumulate="float64")
+        w64 = ml.SlidingWindowInverseFisher(d, m, lam, dtype="float64")
+        worst = 0.0
+        for _ in range(40):
+            g = (rs.standard_normal(d) * scales).astype(np.float32)
+            y = w.step(g).astype(np.float64)
+            y64 = w64.step(g.astype(np.float64))
+            rnd = np.linalg.norm(y64.astype(np.float32) - y64)
+            worst = max(worst, np.linalg.norm(y - y64) / rnd)
+        x = rs.standard_normal(d).astype(np.float32)
+        y, y64 = w.matvec(x).astype(np.float64), w64.matvec(x.astype(np.float64))
+        assert np.linalg.norm(y - y64) <= 10 * np.linalg.norm(y64.astype(np.float32) - y64)
+        before = (w.gradients().copy(), w.matvec(x).copy())
+        bad = g.copy()
+        bad[7] = np.inf
+        with pytest.raises(ValueError, match="g"):
+            w.step(bad)
+        assert np.array_equal(w.gradients(), before[0])
+        assert np.array_equal(w.matvec(x), before[1])
+    assert worst <= 10.0, worst
+    assert calls["project"] > 40 and calls["combine"] > 40

@@ -16,13 +16,20 @@ The kernel walks its columns in tiles of ``TILE`` float64 sums (64 KiB, held in 
 and adds eight rows of V per sweep over a tile (a matrix at most ``NARROW`` wide: one
 row a sweep, so a block streams through in memory order), so each element of V is
 read once.  A stack stored as the transpose of a C-contiguous one (each column of V
-a contiguous row) is summed along its rows with four partial sums instead.  It releases the GIL
-(``nogil=True``): ``_lowrank.row_sumsq`` runs one call per thread on disjoint column
+a contiguous row) is summed along its rows with four partial sums instead.  The
+kernels release the GIL (``nogil=True``): ``_lowrank.row_sumsq`` runs one call per thread on disjoint column
 ranges or runs of blocks, with the library's own threads rather than Numba's
 threading layer (whose default is not safe for calls from several Python threads at
 once).  Each column's sum is formed in a fixed order whatever the split, so the result
 does not depend on the number of threads.  Non-finite values propagate (callers check
 finiteness); a float64 sum beyond float32's range rounds to inf.
+
+``project`` and ``combine`` are the sliding window's two passes over a float32
+buffer with ``accumulate="float64"`` (docs/math.md §7) for one vector: u = G_h x and
+y = (x - G_h^T c) / lambda with float64 products and sums, y rounded once.  Without
+them those passes convert the buffer to float64 chunk by chunk and run float64 BLAS,
+3.7-6.3x the time of a float32 step or matvec on 2 cores; compiled, the conversion
+happens in registers and they take 1.2-1.7x (docs/benchmarks.md).
 
 Set the environment variable ``MFAC_LINALG_NUMBA=0`` to keep the NumPy path with Numba
 installed.  The compiled code is cached on disk by Numba (``cache=True``), so the
@@ -34,7 +41,7 @@ from __future__ import annotations
 import os
 import threading
 
-__all__ = ["available", "supports", "sumsq_columns", "TILE", "NARROW"]
+__all__ = ["available", "supports", "sumsq_columns", "project", "combine", "TILE", "NARROW"]
 
 #: float64 running sums a tile holds (64 KiB)
 TILE = 8192
@@ -44,7 +51,8 @@ TILE = 8192
 #: each column's sum does not depend on the threads.
 NARROW = 2048
 
-_kernel = None          # the compiled function, once built
+_kernel = None          # the compiled column-norm kernels, once built
+_passes = None          # the compiled pass kernels (project, combine), once built
 _state = None           # None: not tried; True / False: Numba usable or not
 _lock = threading.Lock()
 
@@ -72,13 +80,40 @@ def supports(V):
             and (V.flags.c_contiguous or V.transpose(0, 2, 1).flags.c_contiguous))
 
 
-def _build():
-    """The two compiled kernels, cached on disk where Numba finds a writable place (it
-    raises at decoration where it finds none: then compiled in memory, every process)."""
+def _build(compile_=None):
+    """Compiled kernels, cached on disk where Numba finds a writable place (it raises at
+    decoration where it finds none: then compiled in memory, every process)."""
+    compile_ = compile_ or _compile
     try:
-        return _compile(cache=True)
+        return compile_(cache=True)
     except RuntimeError:        # "cannot cache function ...: no locator available"
-        return _compile(cache=False)
+        return compile_(cache=False)
+
+
+def _get_passes():
+    global _passes
+    if _passes is None:
+        with _lock:
+            if _passes is None:
+                _passes = _build(_compile_passes)
+    return _passes
+
+
+def project(G, x, u, r0, r1, d):
+    """u[r0:r1] = G[r0:r1, :d] @ x[:d] with float64 products and sums (pass 1 of the
+    sliding window with ``accumulate="float64"``, docs/math.md §7).  G: (m, ld)
+    C-contiguous float32 or float64; x: float64 or float32 vector; u: float64 (m,).
+    Each row's dot product is one thread's, in a fixed order (SIMD lanes over tiles
+    of ``TILE``).  Releases the GIL."""
+    _get_passes()[0](G, x, u, int(r0), int(r1), int(d))
+
+
+def combine(G, x, c, n, inv_lam, y, c0, c1):
+    """y[c0:c1] = (x[c0:c1] - G[:n, c0:c1]^T c[:n]) * inv_lam, summed in float64 and
+    rounded once to y's dtype (pass 2 with ``accumulate="float64"``).  G as for
+    :func:`project`; x, y vectors (float32 or float64); c float64 (>= n,).  Each
+    column's sum is formed in a fixed order whatever the split.  Releases the GIL."""
+    _get_passes()[1](G, x, c, int(n), float(inv_lam), y, int(c0), int(c1))
 
 
 def _compile(cache):
@@ -161,6 +196,88 @@ def _compile(cache):
                     i += 1
                 y[np.uintp(n * c + j)] = alpha + beta * ((s0 + s1) + (s2 + s3))
     return kernel, kernel_t
+
+
+def _compile_passes(cache):
+    import numba
+    import numpy as np
+
+    @numba.njit(nogil=True, cache=cache, boundscheck=False,
+                fastmath={"contract", "reassoc"})
+    def project(G, x, u, r0, r1, d):                    # pragma: no cover - compiled
+        # u[i] = sum_j G[i, j] x[j] in float64, rows r0..r1, over tiles of x; the
+        # reassociation lets each dot product run in SIMD lanes (a fixed order per row)
+        ld = G.shape[1]
+        g = G.reshape(-1)
+        for i in range(r0, r1):
+            u[i] = 0.0
+        for s in range(0, d, TILE):
+            w = min(d - s, TILE)
+            xs = x[s:s + w]
+            i = r0
+            while i + 4 <= r1:
+                p0 = i * ld + s
+                p1 = p0 + ld
+                p2 = p1 + ld
+                p3 = p2 + ld
+                a0 = 0.0
+                a1 = 0.0
+                a2 = 0.0
+                a3 = 0.0
+                for j in range(w):
+                    xv = np.float64(xs[j])
+                    a0 += np.float64(g[np.uintp(p0 + j)]) * xv
+                    a1 += np.float64(g[np.uintp(p1 + j)]) * xv
+                    a2 += np.float64(g[np.uintp(p2 + j)]) * xv
+                    a3 += np.float64(g[np.uintp(p3 + j)]) * xv
+                u[i] += a0
+                u[i + 1] += a1
+                u[i + 2] += a2
+                u[i + 3] += a3
+                i += 4
+            while i < r1:
+                p0 = i * ld + s
+                a0 = 0.0
+                for j in range(w):
+                    a0 += np.float64(g[np.uintp(p0 + j)]) * np.float64(xs[j])
+                u[i] += a0
+                i += 1
+
+    @numba.njit(nogil=True, cache=cache, boundscheck=False, fastmath={"contract"})
+    def combine(G, x, c, n, inv_lam, y, c0, c1):       # pragma: no cover - compiled
+        # y[j] = (x[j] - sum_k c[k] G[k, j]) * inv_lam in float64, one rounding to y
+        ld = G.shape[1]
+        g = G.reshape(-1)
+        acc = np.empty(max(1, min(TILE, c1 - c0)), np.float64)
+        for s in range(c0, c1, TILE):
+            w = min(c1 - s, TILE)
+            for j in range(w):
+                acc[j] = np.float64(x[s + j])
+            k = 0
+            while k + 4 <= n:
+                p0 = k * ld + s
+                p1 = p0 + ld
+                p2 = p1 + ld
+                p3 = p2 + ld
+                b0 = -c[k]
+                b1 = -c[k + 1]
+                b2 = -c[k + 2]
+                b3 = -c[k + 3]
+                for j in range(w):
+                    acc[j] = (acc[j] + b0 * np.float64(g[np.uintp(p0 + j)])
+                              + b1 * np.float64(g[np.uintp(p1 + j)])
+                              + b2 * np.float64(g[np.uintp(p2 + j)])
+                              + b3 * np.float64(g[np.uintp(p3 + j)]))
+                k += 4
+            while k < n:
+                p0 = k * ld + s
+                b0 = -c[k]
+                for j in range(w):
+                    acc[j] = acc[j] + b0 * np.float64(g[np.uintp(p0 + j)])
+                k += 1
+            for j in range(w):
+                y[s + j] = acc[j] * inv_lam
+    return project, combine
 
 
 def sumsq_columns(V, alpha, beta, out, n0, n1, c0, c1):

@@ -23,11 +23,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _threads
 from .. import _validate as V
 
 __all__ = ["RingBuffer", "Write", "make_buffer", "KERNEL_STORAGE"]
 
 KERNEL_STORAGE = ("float32", "float16", "bfloat16")
+#: the compiled host passes (kernels/host.py) from this many stored values (n dim),
+#: on several threads from PARALLEL_MIN
+COMPILED_MIN = 1 << 14
+PARALLEL_MIN = 1 << 20
 #: values of the window's ``accumulate``
 ACCUMULATE = ("auto", "float32", "float64")
 
@@ -41,8 +46,9 @@ def resolve_accumulate(accumulate, storage, backend=None):
     memory-bound (measured on an H100: 0.7-2.2 % slower at d = 1e6, docs/benchmarks.md)
     and the error falls from up to 1e4-1e6x to 1x the float32 rounding of the exact
     result; float32 elsewhere: for 16-bit storage (float64 costs 9-11 % there, the
-    buffer read being half as long), on the CPU (the float64 passes convert the buffer
-    chunk by chunk: 4-6x a float32 pass on 2 cores) and on GPUs with 1/32-1/64 of the
+    buffer read being half as long), on the CPU (1.2-1.7x a float32 pass on 2 cores with
+    Numba's compiled passes for one vector, else the buffer converted chunk by chunk:
+    4-6x) and on GPUs with 1/32-1/64 of the
     float32 rate in float64.
     """
     accumulate = V.choice(accumulate, "accumulate", ACCUMULATE)
@@ -158,8 +164,26 @@ class RingBuffer:
         """The first n rows (the held gradients in slot order), a view, as floats."""
         return self.G if n == self.m else self.G[:n]
 
+    def _compiled(self, X, n):
+        """The compiled float64-faithful pass (kernels/host.py) for this one-vector
+        pass: a wide float32 host buffer, Numba present, enough work to pay a call."""
+        if not (self.wide and X.shape[1] == 1 and self.backend.is_host
+                and n * self.d >= COMPILED_MIN and self.storage == np.float32):
+            return None
+        from .. import _backend as B
+        host = B.kernel_module("host")
+        return host if host.available() and self.G.flags.c_contiguous else None
+
     def project(self, X, n):
         """Pass 1: U = G_h X in float64, (n, k); X (dim, k)."""
+        host = self._compiled(X, n)
+        if host is not None:            # float64 products and sums, rows split over threads
+            x = np.ascontiguousarray(X[:self.d, 0])
+            u = np.empty(n, dtype=np.float64)
+            nt = _threads.host_threads() if n * self.d >= PARALLEL_MIN else 1
+            _threads.run(_threads.split(n, 4 * nt), nt,
+                         lambda a, b: host.project(self.G, x, u, a, b, self.d))
+            return u[:, None]
         if self.wide:
             X64 = X.astype(np.float64)
             U = self.backend.xp.zeros((n, X.shape[1]), dtype=np.float64)
@@ -176,6 +200,16 @@ class RingBuffer:
 
     def combine(self, X, C, n, lam):
         """Pass 2: (X - G_h^T C) / lambda, in X's dtype; C (n, k) float64."""
+        host = self._compiled(X, n)
+        if host is not None:            # float64 sums, one rounding, columns over threads
+            x = np.ascontiguousarray(X[:self.d, 0])
+            c = np.ascontiguousarray(C[:n, 0], dtype=np.float64)
+            y = np.empty(self.d, dtype=X.dtype)
+            nt = _threads.host_threads() if n * self.d >= PARALLEL_MIN else 1
+            parts = _threads.split(self.d, max(nt, min(4 * nt, self.d // host.TILE)))
+            _threads.run(parts, nt,
+                         lambda a, b: host.combine(self.G, x, c, n, 1.0 / lam, y, a, b))
+            return y[:, None]
         if self.wide:       # float64 sums and subtraction, one rounding (docs/math.md §7)
             Y = self.backend.xp.empty(X.shape, dtype=X.dtype)
             C = C[:n]

@@ -69,8 +69,8 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
         float32 storage on a GPU with fast float64 (H100, H200, A100, V100, P100: one
         float64 FMA per stored value stays within the memory-bound passes, 0.7-2.2 %
         slower on an H100 at d = 1e6) and "float32" otherwise: for 16-bit storage (about
-        10 % on an H100), on the CPU (the float64 passes convert the buffer in chunks,
-        4-6x slower) and on GPUs with slow float64.  float64 storage always accumulates
+        10 % on an H100), on the CPU (1.2-1.7x slower with Numba's compiled passes for one
+        vector, else the buffer converted in chunks, 4-6x) and on GPUs with slow float64.  float64 storage always accumulates
         in float64.  A float64-accumulating window takes gradients whose Gram products
         overflow float32.
 
