@@ -2,6 +2,7 @@
 one rounding, one read of V, the same result on any number of threads, and the
 operators' diagonals through it against dense oracles.  Skipped without Numba."""
 import contextlib
+import os
 
 import numpy as np
 import pytest
@@ -325,3 +326,85 @@ def test_window_through_the_compiled_passes_is_faithful(engine):
         assert np.array_equal(w.matvec(x), before[1])
     assert worst <= 10.0, worst
     assert calls["project"] > 40 and calls["combine"] > 40
+
+
+# -- review findings: shutdown, atomicity, NUMBA_DISABLE_JIT, fork ----------------------
+
+def test_no_helpers_at_shutdown_the_caller_does_every_job(monkeypatch):
+    """While the interpreter shuts down a pool takes no work (RuntimeError from submit):
+    the caller then runs every job itself."""
+    class Closed:
+        def submit(self, fn):
+            raise RuntimeError("cannot schedule new futures after shutdown")
+    monkeypatch.setattr(_threads, "_pool", lambda: Closed())
+    done = []
+    _threads.run([(i,) for i in range(9)], 4, done.append)
+    assert sorted(done) == list(range(9))
+
+
+@pytest.mark.parametrize("compiled_passes", [True, False])
+def test_failed_pass_one_leaves_the_window_as_it_was(monkeypatch, compiled_passes):
+    """An error inside an update's pass 1 (after g is written into its slot) puts the
+    slot back: gradients and products bit for bit as before."""
+    rng = np.random.default_rng(13)
+    d, m = 500, 6
+    w = ml.SlidingWindowInverseFisher(d, m, 0.1, accumulate="float64")
+    for g in rng.standard_normal((m + 2, d)).astype(np.float32):
+        w.update(g)
+    x = rng.standard_normal(d).astype(np.float32)
+    before = (w.gradients().copy(), w.matvec(x).copy(), w.count, w.total)
+
+    def broken(*a, **k):
+        raise MemoryError("in pass 1")
+    if compiled_passes:
+        monkeypatch.delenv("MFAC_LINALG_NUMBA", raising=False)
+        monkeypatch.setattr(SB, "COMPILED_MIN", 0)
+        monkeypatch.setattr(H, "project", broken)
+    else:
+        monkeypatch.setattr(SB.RingBuffer, "project", broken)
+    for call in (w.update, w.step):
+        with pytest.raises(MemoryError, match="in pass 1"):
+            call(np.full(d, 7.0, np.float32))
+        assert np.array_equal(w.gradients(), before[0])
+        assert (w.count, w.total) == before[2:]
+    monkeypatch.undo()
+    assert np.array_equal(w.matvec(x), before[1])
+
+
+def test_disabled_jit_is_not_used(monkeypatch):
+    """NUMBA_DISABLE_JIT=1 turns njit into plain Python (thousands of times slower than
+    einsum): the library keeps NumPy then."""
+    import numba
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
+    monkeypatch.setattr(H, "_state", None)
+    assert not H.available()
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", False)
+    monkeypatch.setattr(H, "_state", None)
+    assert H.available()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_leaves_no_helper_threads_and_the_child_computes(compiled, cpu):
+    import threading
+    V = np.random.default_rng(14).standard_normal((5, 40000)).astype(np.float32)
+    want = LR.row_sumsq(V, cpu)                      # makes the pool and uses it
+    assert _threads._POOL is not None
+    r, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                    # the child: no threads of ours, works
+        try:
+            ok = (not any(t.name.startswith("mfac_linalg-host")
+                          for t in threading.enumerate())
+                  and np.array_equal(LR.row_sumsq(V, cpu), want))
+            os.write(wfd, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    # the parent forked without helpers: the pool was shut down and its threads exited
+    assert _threads._POOL is None
+    assert not any(t.name.startswith("mfac_linalg-host") for t in threading.enumerate())
+    got = os.read(r, 1)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert got == b"1"
+    assert np.array_equal(LR.row_sumsq(V, cpu), want)   # the parent makes a new pool

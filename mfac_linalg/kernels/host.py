@@ -58,14 +58,17 @@ _lock = threading.Lock()
 
 
 def available():
-    """True when Numba imports and ``MFAC_LINALG_NUMBA`` is not ``0``."""
+    """True when Numba imports, compiles (``NUMBA_DISABLE_JIT`` unset) and
+    ``MFAC_LINALG_NUMBA`` is not ``0``."""
     global _state
     if os.environ.get("MFAC_LINALG_NUMBA", "1").strip() == "0":
         return False
     if _state is None:
         try:
-            import numba  # noqa: F401
-            _state = True
+            import numba
+            # NUMBA_DISABLE_JIT=1 (debugging, coverage) makes njit return the Python
+            # function: thousands of times slower than einsum, so not used then
+            _state = not numba.config.DISABLE_JIT
         except Exception:   # not installed, or broken (an llvmlite mismatch): use NumPy
             _state = False
     return _state

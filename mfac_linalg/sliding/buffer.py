@@ -137,9 +137,14 @@ class RingBuffer:
         old[...] = self.G[slot]
         self.G[slot] = row
         x = self.G[slot]
-        u = xp.zeros(self.m, dtype=np.float64)
-        with np.errstate(over="ignore", invalid="ignore"):   # check_gram refuses it
-            u[:rows] = self.project(x[:, None], rows)[:, 0] if self.wide else self.G[:rows] @ x
+        try:
+            u = xp.zeros(self.m, dtype=np.float64)
+            with np.errstate(over="ignore", invalid="ignore"):   # check_gram refuses it
+                u[:rows] = (self.project(x[:, None], rows)[:, 0] if self.wide
+                            else self.G[:rows] @ x)
+        except BaseException:               # MemoryError, KeyboardInterrupt, ...: no Write
+            self.G[slot] = old              # for the caller to undo, so undo it here
+            raise
         return Write(slot, old, u, x)       # x: a view of the row as stored
 
     def check_gram(self, w):
