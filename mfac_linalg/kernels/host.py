@@ -107,7 +107,9 @@ def project(G, x, u, r0, r1, d):
     sliding window with ``accumulate="float64"``, docs/math.md §7).  G: (m, ld)
     C-contiguous float32 or float64; x: float64 or float32 vector; u: float64 (m,).
     Each row's dot product is one thread's, in a fixed order (SIMD lanes over tiles
-    of ``TILE``).  Releases the GIL."""
+    of ``TILE``); rows go four at a time from r0, so callers that split the rows
+    start every piece at a multiple of four (each row then takes the same loop
+    whatever the split).  Releases the GIL."""
     _get_passes()[0](G, x, u, int(r0), int(r1), int(d))
 
 

@@ -186,8 +186,10 @@ class RingBuffer:
             x = np.ascontiguousarray(X[:self.d, 0])
             u = np.empty(n, dtype=np.float64)
             nt = _threads.host_threads() if n * self.d >= PARALLEL_MIN else 1
-            _threads.run(_threads.split(n, 4 * nt), nt,
-                         lambda a, b: host.project(self.G, x, u, a, b, self.d))
+            # runs of whole groups of four rows (the kernel's unit): each row is summed
+            # by the same loop whatever the split, so u does not depend on the threads
+            runs = [(4 * a, min(n, 4 * b)) for a, b in _threads.split(-(-n // 4), 4 * nt)]
+            _threads.run(runs, nt, lambda a, b: host.project(self.G, x, u, a, b, self.d))
             return u[:, None]
         if self.wide:
             X64 = X.astype(np.float64)
