@@ -10,10 +10,10 @@ changes what it computes: every job writes its own part of the result.
 
 Starting a thread costs 0.1-1.3 ms on the 2-core benchmark machine, as much as a pass
 over 1e7 float32 values, hence the pool (``host_threads() - 1`` helpers, made on first
-use).  Before a ``fork`` the pool is shut down (its threads finish and exit: the forking
-process holds no threads of ours) and the next pass makes a new one, in the parent and
-in the child.  While the interpreter shuts down no thread can be started: the caller
-then does every job itself.
+use; a forked child, whose copy of the pool has no threads, makes its own).  The
+helpers stay alive between calls, so a process that forks after a threaded pass is
+multi-threaded (Python 3.12 and later warn about such a fork).  While the interpreter
+shuts down no thread can be started: the caller then does every job itself.
 """
 from __future__ import annotations
 
@@ -93,21 +93,12 @@ def _pool():
     return _POOL
 
 
-def _stop_pool():
-    """Before a fork: let the helpers finish and exit, so the forking process has no
-    threads of ours (Python 3.12 warns about forking a multi-threaded process, and a
-    child cannot use a copy of a lock a helper held).  The next pass makes a new pool."""
-    global _POOL
-    with _POOL_LOCK:
-        pool, _POOL = _POOL, None
-    if pool is not None:
-        pool.shutdown(wait=True)
-
-
 def _forget_pool():  # pragma: no cover - runs in forked children
     global _POOL, _POOL_LOCK
     _POOL, _POOL_LOCK = None, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_stop_pool, after_in_child=_forget_pool)
+    # (no shutdown before a fork: waiting there for the helpers deadlocks against
+    # concurrent.futures' own fork hook when another thread is submitting)
+    os.register_at_fork(after_in_child=_forget_pool)
