@@ -107,12 +107,41 @@ def test_kernel_non_finite_and_overflow(compiled, cpu):
 
 def test_kernel_is_skipped_for_what_it_does_not_take(compiled, cpu):
     V = np.random.default_rng(5).standard_normal((2, 6, 300)).astype(np.float32)
-    S = V[:, ::2]                                   # neither C-ordered nor its transpose
-    assert not H.supports(S) and not H.supports(V.astype(np.float16)) and H.supports(V)
+    assert H.supports(V) and H.supports(V[:, ::2]) and H.supports(V[:, :, 10:200])
     assert H.supports(np.ascontiguousarray(V.transpose(0, 2, 1)).transpose(0, 2, 1))
+    for S in (V[:, :, ::2], V[:, ::-1], V.astype(np.float16), V.astype(">f4")):
+        assert not H.supports(S)
+    S = V[:, :, ::2]                              # no contiguous rows nor columns
     out = LR.row_sumsq(S, cpu)
     assert not compiled                             # einsum on the strided view
     assert np.array_equal(out, np.einsum("nij,nij->nj", S, S))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_column_ranges_of_a_matrix_go_through_the_kernel(compiled, cpu, dtype):
+    """Blocks left in the caller's gradient array by overwrite_grads=True are column
+    ranges of a C-ordered matrix: summed by the kernel in place, rounded once."""
+    G = np.random.default_rng(15).standard_normal((64, 12000)).astype(dtype)
+    for V in (G[None, :, 100:5000], G[:, :6000].reshape(64, 2, 3000).transpose(1, 0, 2),
+              G[None, 3:40, 7:9000]):
+        del compiled[:]
+        out = LR.row_sumsq(V, cpu, 0.5, 2.0)
+        assert compiled
+        ref = _exact(V, 0.5, 2.0)
+        bound = np.abs(ref) * np.finfo(dtype).eps / 2 + V.shape[1] * EPS64 * ref
+        assert np.all(np.abs(out - ref) <= bound)
+    rng = np.random.default_rng(16)
+    G = (rng.standard_normal((64, 12000)) * np.logspace(-2, 2, 12000)).astype(np.float32)
+    lam = 0.1 * float(np.mean(G.astype(np.float64) ** 2))
+    op = ml.BlockInverseFisher(G, lam, blocks=[4000, 6000, 2000], overwrite_grads=True)
+    del compiled[:]
+    d = op.diagonal().astype(np.float64)
+    assert len(compiled) >= 3
+    for cols, a, b, V in op.lowrank_batches():
+        want = _exact(np.asarray(V), a, b)
+        scale = abs(a) + abs(b) * _exact(np.abs(np.asarray(V)), 0.0, 1.0)
+        assert np.all(np.abs(d[np.asarray(cols)] - want) <= np.abs(want) * EPS32 / 2
+                      + V.shape[-2] * EPS64 * scale)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

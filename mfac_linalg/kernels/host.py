@@ -15,8 +15,11 @@ help: docs/benchmarks.md).
 The kernel walks its columns in tiles of ``TILE`` float64 sums (64 KiB, held in L2)
 and adds eight rows of V per sweep over a tile (a matrix at most ``NARROW`` wide: one
 row a sweep, so a block streams through in memory order), so each element of V is
-read once.  A stack stored as the transpose of a C-contiguous one (each column of V
-a contiguous row) is summed along its rows with four partial sums instead.  The
+read once.  V is read in place through its strides wherever its rows are contiguous
+(a C-ordered stack, or column ranges of a C-ordered matrix such as the blocks that
+``overwrite_grads=True`` leaves in the caller's gradient array); a stack whose
+columns are contiguous instead (the transpose of a C-ordered one, as a primal-form
+block factor L^-T is stored) is summed along them with four partial sums.  The
 kernels release the GIL (``nogil=True``): ``_lowrank.row_sumsq`` runs one call per thread on disjoint column
 ranges or runs of blocks, with the library's own threads rather than Numba's
 threading layer (whose default is not safe for calls from several Python threads at
@@ -75,12 +78,35 @@ def available():
 
 
 def supports(V):
-    """Whether the kernels take the stack V (nb, r, c): a float32 or float64 host array,
-    C-contiguous or the transpose of one in its last two axes (a primal-form block
-    factor L^-T is stored so)."""
+    """Whether the kernels take the stack V (nb, r, c): a float32 or float64 host array
+    in native byte order whose strides are non-negative and whose rows (or, as for a
+    primal-form block factor L^-T, columns) are contiguous: C-ordered stacks, their
+    transposes, and column ranges of a C-ordered matrix (the blocks ``overwrite_grads``
+    leaves in the caller's gradient array)."""
     import numpy as np
-    return (isinstance(V, np.ndarray) and V.ndim == 3 and V.dtype in (np.float32, np.float64)
-            and (V.flags.c_contiguous or V.transpose(0, 2, 1).flags.c_contiguous))
+    if not (isinstance(V, np.ndarray) and V.ndim == 3 and V.dtype in (np.float32, np.float64)
+            and V.dtype.isnative):
+        return False
+    if V.size == 0:
+        return True
+    it = V.itemsize
+    st = [s if n > 1 else 0 for s, n in zip(V.strides, V.shape)]   # unused axes: any
+    if any(s < 0 or s % it for s in st):
+        return False
+    return st[2] in (0, it) or st[1] in (0, it)
+
+
+def _flat(V):
+    """(x, element strides): x a 1-D view of the memory from V's first element to its
+    last (V's own buffer: nothing is copied), and V's strides in elements (those of
+    axes of length one set to 0)."""
+    import numpy as np
+    it = V.itemsize
+    st = tuple(s // it if n > 1 else 0 for s, n in zip(V.strides, V.shape))
+    span = 0 if V.size == 0 else 1 + sum(s * (n - 1) for s, n in zip(st, V.shape))
+    x = np.lib.stride_tricks.as_strided(V, shape=(span,), strides=(it,),
+                                        writeable=False)
+    return x, st
 
 
 def _build(compile_=None):
@@ -126,9 +152,8 @@ def _compile(cache):
     import numpy as np
 
     @numba.njit(nogil=True, cache=cache, boundscheck=False, fastmath={"contract"})
-    def kernel(V, alpha, beta, out, n0, n1, c0, c1):    # pragma: no cover - compiled
-        nb, r, c = V.shape
-        x = V.reshape(-1)
+    def kernel(x, r, c, sb, sr, alpha, beta, out, n0, n1, c0, c1):  # pragma: no cover
+        # V[n, k, j] = x[n sb + k sr + j]: x the flat memory of V (rows contiguous)
         y = out.reshape(-1)
         acc = np.empty(max(1, min(TILE, c1 - c0)), np.float64)
         # unsigned flat indices: no negative-index wrap-around, so the loops vectorise
@@ -137,18 +162,18 @@ def _compile(cache):
                 w = min(c1 - s, TILE)
                 for j in range(w):
                     acc[j] = 0.0
-                base = n * r * c + s
+                base = n * sb + s
                 k = 0
                 if c > NARROW:
                     while k + 8 <= r:
-                        p0 = base + k * c
-                        p1 = p0 + c
-                        p2 = p1 + c
-                        p3 = p2 + c
-                        p4 = p3 + c
-                        p5 = p4 + c
-                        p6 = p5 + c
-                        p7 = p6 + c
+                        p0 = base + k * sr
+                        p1 = p0 + sr
+                        p2 = p1 + sr
+                        p3 = p2 + sr
+                        p4 = p3 + sr
+                        p5 = p4 + sr
+                        p6 = p5 + sr
+                        p7 = p6 + sr
                         for j in range(w):
                             a0 = np.float64(x[np.uintp(p0 + j)])
                             a1 = np.float64(x[np.uintp(p1 + j)])
@@ -162,7 +187,7 @@ def _compile(cache):
                                       + a4 * a4 + a5 * a5 + a6 * a6 + a7 * a7)
                         k += 8
                 while k < r:
-                    p0 = base + k * c
+                    p0 = base + k * sr
                     for j in range(w):
                         a0 = np.float64(x[np.uintp(p0 + j)])
                         acc[j] = acc[j] + a0 * a0
@@ -172,14 +197,12 @@ def _compile(cache):
                     y[np.uintp(q + j)] = alpha + beta * acc[j]
 
     @numba.njit(nogil=True, cache=cache, boundscheck=False, fastmath={"contract"})
-    def kernel_t(W, alpha, beta, out, n0, n1, c0, c1):  # pragma: no cover - compiled
-        # V = W^T: column j of V[n] is the contiguous row W[n, j]; four partial sums
-        nb, c, r = W.shape
-        x = W.reshape(-1)
+    def kernel_t(x, r, c, sb, sc, alpha, beta, out, n0, n1, c0, c1):  # pragma: no cover
+        # V[n, i, j] = x[n sb + j sc + i]: each column of V[n] contiguous; four sums
         y = out.reshape(-1)
         for n in range(n0, n1):
             for j in range(c0, c1):
-                p = (n * c + j) * r
+                p = n * sb + j * sc
                 s0 = 0.0
                 s1 = 0.0
                 s2 = 0.0
@@ -295,8 +318,9 @@ def sumsq_columns(V, alpha, beta, out, n0, n1, c0, c1):
         with _lock:
             if _kernel is None:
                 _kernel = _build()
+    x, (sb, sr, sc) = _flat(V)
     args = (float(alpha), float(beta), out, int(n0), int(n1), int(c0), int(c1))
-    if V.flags.c_contiguous:
-        _kernel[0](V, *args)
+    if sc == 1 or V.shape[2] <= 1:
+        _kernel[0](x, V.shape[1], V.shape[2], sb, sr, *args)
     else:
-        _kernel[1](V.transpose(0, 2, 1), *args)
+        _kernel[1](x, V.shape[1], V.shape[2], sb, sc, *args)
