@@ -109,12 +109,34 @@ def test_kernel_is_skipped_for_what_it_does_not_take(compiled, cpu):
     V = np.random.default_rng(5).standard_normal((2, 6, 300)).astype(np.float32)
     assert H.supports(V) and H.supports(V[:, ::2]) and H.supports(V[:, :, 10:200])
     assert H.supports(np.ascontiguousarray(V.transpose(0, 2, 1)).transpose(0, 2, 1))
-    for S in (V[:, :, ::2], V[:, ::-1], V.astype(np.float16), V.astype(">f4")):
+    row = V[0, 0]
+    for S in (V[:, :, ::2], V[:, ::-1], V.astype(np.float16), V.astype(">f4"),
+              np.broadcast_to(row[::2], (2, 6, 150)),        # strides (0, 0, 8)
+              np.broadcast_to(V[:, :, :1], (2, 6, 300))):    # a broadcast column axis
         assert not H.supports(S)
+    # a broadcast row axis over contiguous rows is read correctly
+    Bc = np.broadcast_to(row, (2, 6, 300))
+    assert H.supports(Bc)
+    assert np.allclose(LR.row_sumsq(Bc, cpu), _exact(Bc, 0.0, 1.0), rtol=1e-6, atol=0)
+    del compiled[:]
     S = V[:, :, ::2]                              # no contiguous rows nor columns
     out = LR.row_sumsq(S, cpu)
     assert not compiled                             # einsum on the strided view
     assert np.array_equal(out, np.einsum("nij,nij->nj", S, S))
+
+
+def test_broadcast_gradients_give_the_fisher_diagonal(compiled):
+    """Gradient arrays with a broadcast (stride 0) axis, as the compiled pass sees
+    them through StaticInverseFisher(...).fisher().diagonal()."""
+    rng = np.random.default_rng(17)
+    m, d = 64, 512
+    Bm = rng.standard_normal((3, 2 * d))
+    for G in (np.broadcast_to(Bm[0, ::2], (m, d)), np.broadcast_to(Bm[0, :d], (m, d)),
+              np.broadcast_to(np.ascontiguousarray(rng.standard_normal((m, 3)))[:, :1],
+                              (m, d))):
+        want = 0.1 + np.einsum("ij,ij->j", G, G) / m
+        got = ml.StaticInverseFisher(G, 0.1).fisher().diagonal()
+        assert np.max(np.abs(got - want) / want) <= 1e-13
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

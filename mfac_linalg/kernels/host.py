@@ -90,10 +90,14 @@ def supports(V):
     if V.size == 0:
         return True
     it = V.itemsize
-    st = [s if n > 1 else 0 for s, n in zip(V.strides, V.shape)]   # unused axes: any
-    if any(s < 0 or s % it for s in st):
+    used = [(s, n) for s, n in zip(V.strides, V.shape) if n > 1]   # length-1 axes: any
+    if any(s < 0 or s % it for s, _ in used):
         return False
-    return st[2] in (0, it) or st[1] in (0, it)
+    # the contiguous axis must really be (a broadcast axis has stride 0); the others
+    # may be anything, a broadcast 0 included (the same row read again is right)
+    cols = V.shape[2] <= 1 or V.strides[2] == it
+    rows = V.shape[1] <= 1 or V.strides[1] == it
+    return cols or rows
 
 
 def _flat(V):
