@@ -1132,3 +1132,40 @@ def test_sharded_static_float32_tall_is_as_accurate_as_float32_rounding(lam):
     assert abs(op.logdet() - o.logdet) <= 1e-10 * max(1.0, abs(o.logdet))
     assert op.local_factor().dtype == np.float64
     assert ShardedStaticInverseFisher(G[:, :3].T.copy(), lam).local_factor().dtype == np.float32
+
+
+def _overflow_play(comm, layout):
+    """Rank 1's slice of x overflows float32 when cast, then its slice of the product
+    overflows: every rank refuses each (the failing one by name, the others as remote),
+    as the single-device window refuses them, and a good product still works after."""
+    dl = layout.local_dim(comm.rank)
+    w = ShardedSlidingWindowInverseFisher(dl, 2, 0.1, comm, layout=layout, dtype="float32")
+    w.update(np.ones(dl))
+    got = []
+    for x in (np.full(dl, 1e39), np.full(dl, 3e38, np.float32)):
+        if comm.rank == 0:
+            x = np.ones(dl, x.dtype)
+        for f in (w.matvec, w.fisher().matvec):
+            try:
+                f(x)
+                got.append(None)
+            except ValueError as exc:
+                got.append(str(exc))
+            except RemoteRankError:
+                got.append("remote")
+    ok = w.matvec(np.ones(dl))
+    return got, bool(np.isfinite(ok).all())
+
+
+def test_sharded_products_refuse_overflow_on_every_rank():
+    lay = ColumnLayout.contiguous(10, 2)
+    (got0, ok0), (got1, ok1) = run_ranks(2, _overflow_play, lay)
+    assert ok0 and ok1
+    assert got0[:2] == ["remote"] * 2
+    # rank 1's overflow reaches rank 0's result through the all-reduced u, so rank 0
+    # refuses its own (or, where its result stayed finite, as remote)
+    assert all(g == "remote" or "products with the operator overflow" in g
+               for g in got0[2:])
+    assert "overflow when cast" in got1[0] and "overflow when cast" in got1[1]
+    assert "products with the operator overflow" in got1[2]
+    assert "products with the operator overflow" in got1[3]

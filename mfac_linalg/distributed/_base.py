@@ -8,12 +8,14 @@ always run the same sequence of collectives, and no rank goes on alone.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext as _no_context
+
 import numpy as np
 
 from .. import _backend as B
 from .. import _validate as V
 from .._operator import DENSE_LIMIT, Operator, _index
-from .comm import as_comm, check_replicas, raise_failed
+from .comm import agree, as_comm, check_replicas, raise_failed
 from .layout import ColumnLayout
 
 __all__ = ["ShardedOperator", "ShardedFisherOperator"]
@@ -203,7 +205,13 @@ class ShardedOperator(_FlaggedCollectives, Operator):
                                  f"{self._d} of d={self._dglobal})") from None
             out_dtype = X.dtype
             if X.dtype != self._dtype:
-                X = X.astype(self._dtype)
+                with np.errstate(over="ignore"):     # refused just below, by name
+                    X = X.astype(self._dtype)
+                # x was checked before the cast; a finite float64 x can overflow float32
+                if self._check_finite and not bool(self._backend.xp.isfinite(X).all()):
+                    raise ValueError(f"{name} is too large for the operator's dtype "
+                                     f"{self._dtype.name}: its entries overflow when cast; "
+                                     "rescale it")
             if kind == "matvec" and X.shape[1] != 1:
                 raise ValueError(f"{name} must have shape ({self._d},) or ({self._d}, 1) on rank "
                                  f"{self._comm.rank}; got shape {tuple(X.shape)}")
@@ -218,19 +226,33 @@ class ShardedOperator(_FlaggedCollectives, Operator):
     def _sharded_apply(self, x, name, kind):
         X, was_1d, out_dtype, err = self._local_block(x, name, kind)
         k = 1 if kind == "matvec" else self._agree_k(X, err, name, kind)
-        Y = self._collective_matmat(X, k, err, kind)
-        if Y.dtype != out_dtype:
-            Y = Y.astype(out_dtype)
+        check = self._check_finite and self._backend.is_host
+        with np.errstate(over="ignore", invalid="ignore") if check else _no_context():
+            Y = self._collective_matmat(X, k, err, kind)     # an overflow: refused below
+            if Y.dtype != out_dtype:
+                Y = Y.astype(out_dtype)
+        if check:
+            # as the single-device operators: a result that overflows (in the operator's
+            # dtype or the caller's) is refused; on every rank (one more all-reduce of P
+            # flags on the host; on the GPU it would add a synchronisation, as there)
+            bad = None
+            if not bool(np.isfinite(Y).all()):
+                bad = ValueError(f"{name} is too large: its products with the operator "
+                                 "overflow; rescale it")
+            agree(self._comm, bad, kind)
         return Y[:, 0] if was_1d else Y
 
     def matvec(self, x):
         """This rank's slice of ``A @ x`` from its slice ``x`` (d_p,) or (d_p, 1).  Collective:
-        one all-reduce of m float64 numbers (plus one flag per rank)."""
+        one all-reduce of m float64 numbers (plus one flag per rank); on the host with
+        ``check_finite``, one more of P flags (a result that overflows is refused on every
+        rank)."""
         return self._sharded_apply(x, "x", "matvec")
 
     def matmat(self, X):
         """This rank's rows of ``A @ X`` from its rows of ``X`` (d_p, k).  Collective: a
-        k-agreement all-reduce of P numbers, then one of m k numbers."""
+        k-agreement all-reduce of P numbers, then one of m k numbers (and on the host with
+        ``check_finite`` one of P flags, as ``matvec``)."""
         return self._sharded_apply(X, "X", "matmat")
 
     def rmatvec(self, x):
