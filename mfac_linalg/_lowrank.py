@@ -96,9 +96,8 @@ def row_sumsq(V, backend, alpha=None, beta=None):
     two_d = V.ndim == 2
     V3 = V[None] if two_d else V
     nthreads = host_threads() if backend.is_host else 1
-    if (backend.is_host and V.size >= COMPILED_MIN and B.kernel_module("host").available()
-            and B.kernel_module("host").supports(V3)):
-        host = B.kernel_module("host")
+    host = B.kernel_module("host") if backend.is_host and V.size >= COMPILED_MIN else None
+    if host is not None and host.available() and host.supports(V3):
         out3 = np.empty((V3.shape[0], V3.shape[-1]), dtype=V.dtype)
         a, b = (0.0, 1.0) if beta is None else (alpha, beta)
 

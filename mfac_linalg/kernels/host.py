@@ -113,23 +113,25 @@ def _flat(V):
     return x, st
 
 
-def _build(compile_=None):
+def _build(compile_):
     """Compiled kernels, cached on disk where Numba finds a writable place (it raises at
     decoration where it finds none: then compiled in memory, every process)."""
-    compile_ = compile_ or _compile
     try:
         return compile_(cache=True)
     except RuntimeError:        # "cannot cache function ...: no locator available"
         return compile_(cache=False)
 
 
-def _get_passes():
-    global _passes
-    if _passes is None:
+def _kernels(name, compiler):
+    """The module global ``name`` (``_kernel`` or ``_passes``), built once by the module
+    function ``compiler`` (looked up when first needed) under the lock."""
+    found = globals()[name]
+    if found is None:
         with _lock:
-            if _passes is None:
-                _passes = _build(_compile_passes)
-    return _passes
+            found = globals()[name]
+            if found is None:
+                found = globals()[name] = _build(globals()[compiler])
+    return found
 
 
 def project(G, x, u, r0, r1, d):
@@ -140,7 +142,7 @@ def project(G, x, u, r0, r1, d):
     of ``TILE``); rows go four at a time from r0, so callers that split the rows
     start every piece at a multiple of four (each row then takes the same loop
     whatever the split).  Releases the GIL."""
-    _get_passes()[0](G, x, u, int(r0), int(r1), int(d))
+    _kernels("_passes", "_compile_passes")[0](G, x, u, int(r0), int(r1), int(d))
 
 
 def combine(G, x, c, n, inv_lam, y, c0, c1):
@@ -148,7 +150,8 @@ def combine(G, x, c, n, inv_lam, y, c0, c1):
     rounded once to y's dtype (pass 2 with ``accumulate="float64"``).  G as for
     :func:`project`; x, y vectors (float32 or float64); c float64 (>= n,).  Each
     column's sum is formed in a fixed order whatever the split.  Releases the GIL."""
-    _get_passes()[1](G, x, c, int(n), float(inv_lam), y, int(c0), int(c1))
+    _kernels("_passes", "_compile_passes")[1](G, x, c, int(n), float(inv_lam), y, int(c0),
+                                              int(c1))
 
 
 def _compile(cache):
@@ -317,14 +320,10 @@ def sumsq_columns(V, alpha, beta, out, n0, n1, c0, c1):
     module's docstring).  V: (nb, r, c) float32 or float64 host array that ``supports``
     takes; out: (nb, c), float32 or float64, C-contiguous.  Releases the GIL while it
     runs."""
-    global _kernel
-    if _kernel is None:
-        with _lock:
-            if _kernel is None:
-                _kernel = _build()
+    kernel, kernel_t = _kernels("_kernel", "_compile")
     x, (sb, sr, sc) = _flat(V)
     args = (float(alpha), float(beta), out, int(n0), int(n1), int(c0), int(c1))
     if sc == 1 or V.shape[2] <= 1:
-        _kernel[0](x, V.shape[1], V.shape[2], sb, sr, *args)
+        kernel(x, V.shape[1], V.shape[2], sb, sr, *args)
     else:
-        _kernel[1](x, V.shape[1], V.shape[2], sb, sc, *args)
+        kernel_t(x, V.shape[1], V.shape[2], sb, sc, *args)
