@@ -17,6 +17,7 @@ import numpy as np
 from .. import _backend as B
 from .. import _validate as V
 from .._capacitance import logdet_factor
+from . import gram as G_
 from .conv import layer_data
 from .operator import KroneckerFisher, KroneckerInverse
 from .rearranged import (Rearranged, _sym, factors_from_triples, lanczos_triples,
@@ -419,7 +420,8 @@ def ekfac(activations, output_grads, damping, *, bias=False, indefinite="abs"):
 
 # -- iterative builders ----------------------------------------------------------------------
 
-def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None, scale=0.0):
+def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None, scale=0.0,
+           centred=False):
     # R(F)'s products are of fourth degree in the data: run them on the data divided by
     # powers of two near their largest entries (exact), so that they can neither overflow
     # nor underflow, and scale back: F = c F', sigma = c sigma', (B, C) = sqrt(c) (B', C').
@@ -432,7 +434,25 @@ def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None, s
             deflate = (deflate[0] / sg / sg, deflate[1] / sa / sa)
         scale = scale / r / r if scale > 0 else 0.0
     Rop = Rearranged(layer, deflate)
-    if solver == "lanczos":
+    sig = None
+    space = "matrices"
+    if (solver == "lanczos" and krylov is None and G_.gram_fits(layer)
+            and Rop.dim > max(20, 4 * k) and G_.MIN_SAMPLES <= layer.n <= Rop.dim
+            and (deflate is None or centred) and G_.gram_cheaper(layer, k, centred)):
+        # the samples' coordinates (kronecker/gram.py); a miss goes on in the matrices
+        start = None if init is None else sum(init)
+        sig, P, Q, ginfo = G_.gram_triples(layer, k, tol=tol, start=start, scale=scale,
+                                           centred=centred)
+        Rop.products += ginfo.get("products", 0)
+        if sig is not None:
+            info = ginfo
+        else:
+            space = "matrices, after the samples' coordinates missed"
+    if sig is None and init is None and deflate is None:
+        init = [layer.input_factor()]                 # K-FAC's A
+    if sig is not None:
+        pass
+    elif solver == "lanczos":
         sig, P, Q, info = lanczos_triples(Rop, k, tol=tol, maxiter=maxiter, krylov=krylov,
                                           init=init, scale=scale)
     elif solver == "sequential":
@@ -441,6 +461,7 @@ def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None, s
         sig, P, Q, info = subspace_triples(Rop, k, tol=tol, maxiter=maxiter, init=init,
                                            scale=scale)
     info["band"] = None if layer.mask is None else "positions at distance <= band"
+    info.setdefault("space", space)
     terms = factors_from_triples(sig, P, Q)
     if r != 1.0:
         info["sigma"] = [x * r * r for x in info["sigma"]]
@@ -463,7 +484,8 @@ def _iterative(activations, output_grads, damping, bias, indefinite, k, solver, 
             raise ValueError(f"k must be <= {kmax} for a ({layer.d_out}, {layer.d_in}) layer "
                              "(R(F) has no more singular values on symmetric factors: "
                              f"min(d_in (d_in + 1), d_out (d_out + 1)) / 2); got {k}")
-    start = _init_factors(init, layer) or [layer.kfac_factors()[1]]
+    layer.check_second_moments()
+    start = _init_factors(init, layer)        # None: K-FAC's A (in _terms)
     terms, info = _terms(layer, k, solver, tol, maxiter, start, krylov=krylov)
     return layer, lam, t0, terms, info
 
@@ -720,7 +742,7 @@ def kfac_corrected(activations, output_grads, damping, *, bias=False, solver="la
     # residual's own sigma_1, which is 0 when K-FAC is exact (one sample)
     scale = _norm(Gam, xp) * _norm(Aa, xp)
     res, info = _terms(layer, 1, solver, tol, maxiter, start, deflate=(Gam, Aa),
-                       scale=scale)
+                       scale=scale, centred=layer.dense)
     terms = [(Gam, Aa), res[0]]
     op = _two_term_inverse("kfac_corrected", terms, lam, layer.be, info, indefinite,
                            first_term_damping)

@@ -152,6 +152,21 @@ class LayerData:
         V.gram_finite(Aa, "activations", self.be)
         return (Gam + Gam.T) / 2, (Aa + Aa.T) / 2
 
+    def check_second_moments(self):
+        """Refuse by name data whose second moments (K-FAC's factors) overflow: their
+        diagonals, the largest entries (|M_ij| <= sqrt(M_ii M_jj)), O(n T d)."""
+        A2, G2 = self._flat()
+        xp = self.xp
+        with np.errstate(over="ignore", invalid="ignore"):
+            for X, name in ((G2, "output_grads"), (A2, "activations")):
+                V.gram_finite(xp.einsum("ij,ij->j", X, X), name, self.be)
+
+    def input_factor(self):
+        """K-FAC's A alone (the iterative builders' default start), symmetrised."""
+        A2 = self._flat()[0]
+        Aa = A2.T @ A2 / (self.n * self.T)
+        return (Aa + Aa.T) / 2
+
     def per_sample(self):
         """DW_n = G_n^T A_n, (n, d_out, d_in)."""
         return self.G.transpose(0, 2, 1) @ self.A

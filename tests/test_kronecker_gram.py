@@ -1,0 +1,185 @@
+"""The KPSVD family's solver in the samples' coordinates (mfac_linalg/kronecker/gram.py): the
+same triples as the matrix-space solver and as the SVD of the explicit R(F), on awkward layers
+(n < d, n > dim, duplicate and zero samples, scales over decades), K-FAC corrected's centred
+operator, warm starts, and every way back to the matrix space (docs/kronecker.md)."""
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import mfac_linalg as ml
+from mfac_linalg import kronecker as kr
+from mfac_linalg.kronecker import gram
+
+from test_kronecker import factor_error, kfac_factors, layer, rearranged, svd_terms
+
+
+@pytest.fixture
+def route(monkeypatch):
+    """route("samples") / route("matrices"): force the cost model's choice."""
+    def force(where):
+        monkeypatch.setattr(gram, "gram_cheaper",
+                            lambda layer, k, close=False: where == "samples")
+    return force
+
+
+def _build(route, where, build, a, g, **kw):
+    route(where)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ml.ConvergenceWarning)
+        return build(a, g, 0.1, **kw)
+
+
+@pytest.mark.parametrize("n,d_in,d_out,bias", [(40, 14, 11, False), (50, 12, 10, True),
+                                               (33, 10, 9, False), (36, 8, 8, True)])
+def test_samples_and_matrices_give_the_svd_of_R(route, n, d_in, d_out, bias):
+    """Layers with 32 <= n <= dim R (R's rank is n): every factor within 1e-9 sqrt(sigma_1)
+    of the SVD of the explicit R(F) by both routes, residual <= 1e-12."""
+    rng = np.random.default_rng(n + d_in)
+    A, G, Ab, G3, F = layer(rng, n, d_in, d_out, bias)
+    di = Ab.shape[2]
+    R = rearranged(F, d_out, di)
+    ref, s = svd_terms(R, d_out, di, 2)
+    for where in ("samples", "matrices"):
+        for build, k in ((ml.kpsvd, 1), (ml.deflation, 2)):
+            op = _build(route, where, build, A, G, bias=bias)
+            assert op.info["space"] == where
+            assert op.info["converged"] and op.info["residual"] <= 1e-12
+            assert factor_error(op.factors, ref[:k], s[0], s) <= 1e-9, (where, build)
+            assert np.allclose(op.info["sigma"], s[:k], rtol=1e-11, atol=1e-13 * s[0])
+    # K-FAC corrected: the top triple of R - vec(Gamma) vec(A)^T
+    Gam, Aa = kfac_factors(Ab, G3)
+    refc, sc = svd_terms(R - np.outer(Gam.ravel(), Aa.ravel()), d_out, di, 1)
+    for where in ("samples", "matrices"):
+        op = _build(route, where, ml.kfac_corrected, A, G, bias=bias)
+        assert op.info["space"] == where and op.info["converged"]
+        assert factor_error(op.factors[1:], refc, s[0], sc) <= 1e-9, where
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(4, 120), d_in=st.integers(6, 14),
+       d_out=st.integers(6, 12), decades=st.integers(0, 6), dup=st.booleans(),
+       zero=st.booleans())
+def test_random_layers_both_routes_agree(seed, n, d_in, d_out, decades, dup, zero):
+    """Hypothesis: per-feature scales over up to six decades, duplicated and zero samples;
+    where both routes converge (the fair cases: sigma_k separated from sigma_{k+1}) they give
+    the same two-term sum to 1e-9 ||F|| and the same sigma to 1e-10."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n, d_in)) * np.logspace(0, decades, d_in)
+    g = rng.standard_normal((n, d_out)) * np.logspace(-decades / 2, 0, d_out)
+    if dup:
+        a[n // 2:], g[n // 2:] = a[:n - n // 2], g[:n - n // 2]
+    if zero:
+        g[0] = 0.0
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for where in ("samples", "matrices"):
+            mp.setattr(gram, "gram_cheaper", lambda layer, k, close=False, w=where: w == "samples")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ml.ConvergenceWarning)
+                terms, info = kr.kronecker_terms(a, g, 3)
+            out[where] = (terms, info)
+    (t_s, i_s), (t_m, i_m) = out["samples"], out["matrices"]
+    assert i_m["converged"] and i_s["converged"]
+    s = np.array(i_m["sigma"])
+    assert np.allclose(i_s["sigma"], s, rtol=1e-10, atol=1e-12 * s[0])
+    if (s[1] - s[2]) > 1e-3 * s[0]:                 # the top two are determined
+        Fs = sum(np.kron(Bm, Cm) for Bm, Cm in t_s[:2])
+        Fm = sum(np.kron(Bm, Cm) for Bm, Cm in t_m[:2])
+        assert np.abs(Fs - Fm).max() <= 1e-9 * np.abs(Fm).max()
+
+
+@pytest.mark.parametrize("n,d", [(400, 10), (3000, 6), (20, 12)])
+def test_more_samples_than_dim_R_or_too_few_keep_the_matrices(route, n, d, rng):
+    """n > dim R (the Grams are singular, and coordinates carry null-space parts whose
+    rounding the formed factors would show: 8e-11 against 1e-12 on a 400-sample layer
+    before this rule) or n < 32: the matrix space, whatever the cost model says."""
+    a, g = rng.standard_normal((n, d)), rng.standard_normal((n, d - 1))
+    op = _build(route, "samples", ml.deflation, a, g)
+    assert op.info["space"] == "matrices" and op.info["converged"]
+
+
+def test_warm_start_in_the_samples_coordinates(route, rng):
+    a, g = rng.standard_normal((50, 12)), rng.standard_normal((50, 10))
+    route("samples")
+    cold = ml.deflation(a, g, 1e-2)
+    a2 = a + 1e-4 * rng.standard_normal(a.shape)
+    warm = ml.deflation(a2, g, 1e-2, init=cold)
+    ref = ml.deflation(a2, g, 1e-2)
+    assert warm.info["space"] == "samples" and warm.info["converged"]
+    assert warm.info["products"] < ref.info["products"]
+    assert np.allclose(warm.fisher().todense(), ref.fisher().todense(), atol=1e-9)
+
+
+def test_a_miss_goes_on_in_the_matrix_space(route, monkeypatch, rng):
+    """Three steps cannot reach tol: the matrix-space solver takes over from K-FAC's A, and
+    converges to the same sum; the products of both count."""
+    a, g = rng.standard_normal((40, 12)), rng.standard_normal((40, 10))
+    ref = _build(route, "matrices", ml.deflation, a, g)
+    monkeypatch.setattr(gram, "MAX_STEPS", 3)
+    op = _build(route, "samples", ml.deflation, a, g)
+    assert op.info["space"].startswith("matrices, after")
+    assert op.info["products"] == ref.info["products"] + 6
+    assert op.info["converged"] and op.info["residual"] <= 1e-12
+    assert np.allclose(op.fisher().todense(), ref.fisher().todense(), atol=1e-9)
+
+
+def test_grams_that_overflow_go_to_the_matrix_space(route, rng):
+    """(a . a')^2 overflows at 1e80 before the pow2 scaling could matter: no, the data is
+    scaled first, so these build in the samples' coordinates; a layer whose scaled Gram
+    still overflows cannot exist (entries <= 1 after scaling, n <= 5792)."""
+    a, g = rng.standard_normal((40, 9)) * 1e80, rng.standard_normal((40, 9)) * 1e-80
+    op = _build(route, "samples", ml.kpsvd, a, g)
+    ref = _build(route, "matrices", ml.kpsvd, a, g)
+    assert op.info["space"] == "samples" and op.info["converged"]
+    assert np.allclose(op.info["sigma"], ref.info["sigma"], rtol=1e-11)
+
+
+def test_a_repeated_top_sigma_goes_to_the_matrix_space(route):
+    """Two identical uncorrelated halves give sigma_1 = sigma_2 exactly: a Krylov space from
+    one vector may hold one copy, so the samples' route hands the cluster to the matrix
+    solver, which takes the trace-maximal basis (a semidefinite first term) and builds."""
+    rng = np.random.default_rng(3)
+    h, d = 16, 8
+    a = np.zeros((2 * h, 2 * d))
+    g = np.zeros((2 * h, 8))
+    x = rng.standard_normal((h, d))
+    a[:h, :d], a[h:, d:] = x, x
+    g[:h, 0], g[h:, 1] = 1.0, 1.0
+    route("samples")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ml.ConvergenceWarning)
+        op = ml.deflation(a, g, 1e-2)
+    s = op.info["sigma"]
+    assert abs(s[0] - s[1]) <= 1e-12 * s[0]
+    assert op.info["space"] != "samples"
+    Bm, Cm = op.factors[0]
+    assert np.linalg.eigvalsh(Bm).min() >= -1e-12 * np.abs(Bm).max()
+    assert np.linalg.eigvalsh(Cm).min() >= -1e-12 * np.abs(Cm).max()
+    F = op.fisher().todense()
+    assert np.allclose(F @ op.todense(), np.eye(F.shape[0]), atol=1e-9)
+
+
+def test_the_cost_model_picks_the_samples_for_the_two_term_builders():
+    """The benchmark's layers: n = 4096, d = 256 / 512 take the samples' coordinates for
+    deflation (k = 2) and K-FAC corrected; KPSVD (k = 1) at d = 256 keeps the matrices
+    (measured: 0.26 s there against 0.49 s), at d = 512 the samples (0.67 s against 0.84 s)."""
+    class L:
+        def __init__(self, n, d):
+            self.n, self.d_in, self.d_out = n, d + 1, d
+    assert gram.gram_cheaper(L(4096, 256), 2) and gram.gram_cheaper(L(4096, 512), 2)
+    assert gram.gram_cheaper(L(4096, 256), 1, close=True)
+    assert not gram.gram_cheaper(L(4096, 256), 1)
+    assert gram.gram_cheaper(L(4096, 512), 1)
+    assert not gram.gram_cheaper(L(100000, 64), 2)        # many samples, narrow layer
+
+
+def test_only_dense_host_layers_within_the_memory_cap_take_it(rng):
+    lay = kr.layer_data(rng.standard_normal((10, 3, 4)), rng.standard_normal((10, 3, 5)), False)
+    assert not gram.gram_fits(lay)                       # positions: T > 1
+    lay = kr.layer_data(rng.standard_normal((10, 4)), rng.standard_normal((10, 5)), False)
+    assert gram.gram_fits(lay)
+    n = int(np.sqrt(gram.GRAM_BYTES / 16)) + 1
+    big = kr.LayerData(np.zeros((n, 1, 2)), np.zeros((n, 1, 2)), lay.be)
+    assert not gram.gram_fits(big)
