@@ -17,6 +17,7 @@ Run:  python benchmarks/kronecker_cpu.py [--quick] [--no-progress]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -77,25 +78,58 @@ def run(sizes, rounds, seed=0, show_progress=None):
     return rows
 
 
-LARGE = [("KPSVD", ml.kpsvd, {}), ("deflation", ml.deflation, {}), ("Lanczos", ml.lanczos, {})]
+LARGE = [("KPSVD", ml.kpsvd, {}), ("deflation", ml.deflation, {}), ("Lanczos", ml.lanczos, {}),
+         ("K-FAC corr.", ml.kfac_corrected, {})]
+#: the same builders forced into the matrix space (the solver before the samples'
+#: coordinates), on the first large layer only (at d = 1024 one two-term build takes a minute)
+MATRICES = [("KPSVD", ml.kpsvd), ("deflation", ml.deflation)]
+
+
+@contextlib.contextmanager
+def space(where):
+    """Force the KPSVD family's choice of space ("samples" or "matrices"; None: the cost
+    model's) for the builds inside."""
+    from mfac_linalg.kronecker import gram
+    saved = gram.gram_cheaper
+    if where is not None:
+        gram.gram_cheaper = lambda layer, k, close=False: where == "samples"
+    try:
+        yield
+    finally:
+        gram.gram_cheaper = saved
 
 
 def large(sizes, rounds, seed=1, show_progress=None):
-    """The default iterative builders on the issue's layers (n = 4096, D = 256 / 512):
-    build time / K-FAC's (R products in brackets), as :func:`run` without the slow
-    sequential and subspace variants."""
+    """The default iterative builders on the issue's layers (n = 4096, D = 512 / 1024):
+    build time / K-FAC's (R products and the space the solver ran in, "s" for the
+    samples' coordinates and "m" for the matrices, in brackets), as :func:`run` without the
+    slow sequential and subspace variants; on the first layer also KPSVD and deflation
+    forced into the matrix space, timed in the same rounds."""
     rng = np.random.default_rng(seed)
     rows = []
-    for n, d in progress(sizes, desc="large layers", enabled=show_progress):
+    for i, (n, d) in enumerate(progress(sizes, desc="large layers", enabled=show_progress)):
         a, g = layer(rng, n, d, d)
         fns = {"K-FAC": lambda: ml.kfac(a, g, 1e-3, bias=True)}
         for name, build, kw in LARGE:
             fns[name] = (lambda b=build, k=kw: b(a, g, 1e-3, bias=True, **k))
+        if i == 0:
+            for name, build in MATRICES:
+                def forced(b=build):
+                    with space("matrices"):
+                        return b(a, g, 1e-3, bias=True)
+                fns[name + ", matrices"] = forced
         t = cpu_compare(fns, rounds)
-        prods = {name: build(a, g, 1e-3, bias=True, **kw).info["products"]
-                 for name, build, kw in LARGE}
-        rows.append([f"{n}", f"{d + 1}x{d}", f"{t['K-FAC'] * 1e3:.1f}"]
-                    + [f"{t[name] / t['K-FAC']:.1f} ({prods[name]})" for name, _, _ in LARGE])
+        ops = {name: fns[name]() for name in fns if name != "K-FAC"}
+        cells = [f"{n}", f"{d + 1}x{d}", f"{t['K-FAC'] * 1e3:.1f}"]
+        for name, _, _ in LARGE:
+            info = ops[name].info
+            cells.append(f"{t[name] / t['K-FAC']:.1f} ({info['products']}, "
+                         f"{info['space'][0]})")
+        for name, _ in MATRICES:
+            key = name + ", matrices"
+            cells.append(f"{t[key] / t['K-FAC']:.1f} ({ops[key].info['products']})"
+                         if key in t else "-")
+        rows.append(cells)
     return rows
 
 
@@ -178,10 +212,12 @@ def main():
                                                         for name, _, _ in BUILDERS]
     print(table(header, run(sizes, rounds,
                             show_progress=False if args.no_progress else None)))
-    big = [(1000, 128)] if args.quick else [(4096, 256), (4096, 512)]
-    print("\nDefault iterative builders on larger layers (build / K-FAC, R products)")
+    big = [(1000, 128)] if args.quick else [(4096, 512), (4096, 1024)]
+    print("\nDefault iterative builders on larger layers (build / K-FAC; R products, space: "
+          "s = samples' coordinates, m = matrices)")
     print(table(["n", "(d_in+1)xd_out", "K-FAC CPU ms"]
-                + [f"{name} /K-FAC (R prods)" for name, _, _ in LARGE],
+                + [f"{name} /K-FAC" for name, _, _ in LARGE]
+                + [f"{name}, matrices /K-FAC" for name, _ in MATRICES],
                 large(big, rounds, show_progress=False if args.no_progress else None)))
     cl = vs_curvlinops([(256, 1024)] if args.quick else [(512, 4096), (1024, 4096)],
                        3 if args.quick else 5)

@@ -537,7 +537,8 @@ def kpsvd(activations, output_grads, damping, *, bias=False, damping_mode="exact
     r"""KPSVD: the best single Kronecker product min ||F - B kron C||_F (docs/math.md §4, §8).
 
     The top singular triple (sigma, p, q) of the rearranged Fisher R(F), found matrix-free by
-    Golub-Kahan-Lanczos from K-FAC's A (F and R(F) are never formed); B = sqrt(sigma) p,
+    Golub-Kahan-Lanczos from K-FAC's A (F and R(F) are never formed; for a dense layer
+    where it is cheaper, in the coordinates of the n samples, docs/math.md §8); B = sqrt(sigma) p,
     C = sqrt(sigma) q, symmetric with tr(B) > 0 (PSD for a PSD F).
 
     Parameters
@@ -559,7 +560,10 @@ def kpsvd(activations, output_grads, damping, *, bias=False, damping_mode="exact
     -------
     KroneckerInverse
         ``info``: ``sigma``, ``residual`` (the larger side), ``residual_left``,
-        ``residual_right``, ``iterations``, ``products``, ``converged``, ``build_seconds``.
+        ``residual_right``, ``iterations``, ``products``, ``converged``, ``build_seconds``,
+        ``space`` ("samples": a dense layer's triples found in the samples' coordinates,
+        docs/kronecker.md; "matrices"; or "matrices, after the samples' coordinates
+        missed").
         Build O(iterations n T (d_in^2 + d_out^2)) (T > 1: plus n T^2 (d_in + d_out)).
 
     Raises
