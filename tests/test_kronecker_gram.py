@@ -125,6 +125,31 @@ def test_a_miss_goes_on_in_the_matrix_space(route, monkeypatch, rng):
     assert np.allclose(op.fisher().todense(), ref.fisher().todense(), atol=1e-9)
 
 
+@pytest.mark.parametrize("build", [ml.kpsvd, ml.deflation, ml.kfac_corrected])
+def test_formed_factors_that_miss_the_check_are_refined_in_the_matrices(route, build):
+    """Per-feature scales over six decades on both sides: the Grams are ill-conditioned and
+    the formed factors' residual misses 1e-12 (rounding of the coordinates, not
+    convergence); a few subspace iterations on them in the matrix space reach it (at most
+    REFINE_ITERS iterations of 2k products and the 2k of the final check), with the result
+    of the matrix space."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((40, 11)) * np.logspace(0, 6, 11)
+    g = rng.standard_normal((40, 10)) * np.logspace(-6, 0, 10)
+    op = _build(route, "samples", build, a, g)
+    ref = _build(route, "matrices", build, a, g)
+    if build is not ml.kfac_corrected:
+        assert op.info["space"] == "samples, refined in the matrices"
+    assert op.info["space"].startswith("samples")
+    assert op.info["converged"] and op.info["residual"] <= 1e-12
+    k = len(op.info["sigma"])
+    if op.info["space"] != "samples":
+        assert op.info["products"] <= 2 * 40 + 4 * k + 2 * k * (gram.REFINE_ITERS + 1)
+    s = np.array(ref.info["sigma"])
+    assert np.allclose(op.info["sigma"], s, rtol=1e-10, atol=1e-12 * s[0])
+    Fo, Fr = op.fisher().todense(), ref.fisher().todense()
+    assert np.abs(Fo - Fr).max() <= 1e-9 * np.abs(Fr).max()
+
+
 def test_grams_that_overflow_go_to_the_matrix_space(route, rng):
     """(a . a')^2 overflows at 1e80 before the pow2 scaling could matter: no, the data is
     scaled first, so these build in the samples' coordinates; a layer whose scaled Gram

@@ -20,8 +20,9 @@ from .._capacitance import logdet_factor
 from . import gram as G_
 from .conv import layer_data
 from .operator import KroneckerFisher, KroneckerInverse
-from .rearranged import (Rearranged, _sym, factors_from_triples, lanczos_triples,
-                         sequential_triples, subspace_triples, user_stacklevel)
+from .rearranged import (ConvergenceWarning, Rearranged, _sym, factors_from_triples,
+                         lanczos_triples, sequential_triples, subspace_triples,
+                         user_stacklevel)
 
 __all__ = ["kfac", "ekfac", "kpsvd", "deflation", "lanczos", "kfac_corrected",
            "kronecker_terms", "fisher_error"]
@@ -444,14 +445,25 @@ def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None, s
         sig, P, Q, ginfo = G_.gram_triples(layer, k, tol=tol, start=start, scale=scale,
                                            centred=centred)
         Rop.products += ginfo.get("products", 0)
-        if sig is not None:
-            info = ginfo
-        else:
+        if sig is None and Q is not None:
+            # the formed factors missed tol (rounding, not convergence): a few subspace
+            # iterations on them in the matrix space, 6k products or so
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                sig, P, Q, info = subspace_triples(Rop, k, tol=tol, maxiter=G_.REFINE_ITERS,
+                                                   init=list(Q), oversample=0, scale=scale)
+            if info["converged"]:
+                space = "samples, refined in the matrices"
+            else:
+                sig = None
+        if sig is not None and ginfo.get("converged"):
+            info, space = ginfo, "samples"
+        elif sig is None:
             space = "matrices, after the samples' coordinates missed"
     if sig is None and init is None and deflate is None:
         init = [layer.input_factor()]                 # K-FAC's A
     if sig is not None:
-        pass
+        info["space"] = space
     elif solver == "lanczos":
         sig, P, Q, info = lanczos_triples(Rop, k, tol=tol, maxiter=maxiter, krylov=krylov,
                                           init=init, scale=scale)
@@ -562,8 +574,8 @@ def kpsvd(activations, output_grads, damping, *, bias=False, damping_mode="exact
         ``info``: ``sigma``, ``residual`` (the larger side), ``residual_left``,
         ``residual_right``, ``iterations``, ``products``, ``converged``, ``build_seconds``,
         ``space`` ("samples": a dense layer's triples found in the samples' coordinates,
-        docs/kronecker.md; "matrices"; or "matrices, after the samples' coordinates
-        missed").
+        docs/kronecker.md; "samples, refined in the matrices"; "matrices"; or "matrices,
+        after the samples' coordinates missed").
         Build O(iterations n T (d_in^2 + d_out^2)) (T > 1: plus n T^2 (d_in + d_out)).
 
     Raises

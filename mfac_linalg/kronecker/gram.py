@@ -48,6 +48,9 @@ SYMV_COST = 7.0
 #: a step whose new vector's H-norm is below this fraction of the largest is a breakdown
 #: (an H-norm of a vector that cancelled to rounding is about sqrt(eps) of the scale)
 BREAKDOWN = 1e-7
+#: subspace iterations (k vectors, in the matrix space) that refine formed factors which
+#: missed the check, before the matrix-space solver starts afresh
+REFINE_ITERS = 4
 #: steps one bidiagonalization may take in the samples' coordinates (then the matrix-space
 #: solver goes on from its triples)
 MAX_STEPS = 400
@@ -133,10 +136,12 @@ def gram_triples(layer, k, *, tol, start=None, scale=0.0, centred=False, max_ste
 
     Returns ``(sigma, P, Q, info)`` with P (k, d_out, d_out) and Q (k, d_in, d_in) formed
     and their two-sided residuals checked by explicit products (module docstring), or
-    ``(None, None, None, info)`` when the iteration broke down, ran out of steps, met a
-    repeated sigma or missed ``tol`` in the check: the matrix-space solver then starts as
-    it would have (a near-exact start would look like a breakdown to it and cost it
-    confirmation cycles).
+    ``(None, None, None, info)`` when the iteration broke down, ran out of steps or met a
+    repeated sigma: the matrix-space solver then starts as it would have (a near-exact
+    start would look like a breakdown to it and cost it confirmation cycles); or
+    ``(None, None, Q, info)`` when the formed factors missed ``tol`` in the check (the
+    rounding of coordinates of ill-conditioned Grams: per-feature scales over six decades
+    and more), which the caller refines in the matrix space.
     """
     A2, G2 = layer.A[:, 0, :], layer.G[:, 0, :]
     n = layer.n
@@ -248,6 +253,5 @@ def gram_triples(layer, k, *, tol, start=None, scale=0.0, centred=False, max_ste
     info["products"] = products
     info["converged"] = bool(info["residual"] <= tol)
     if not info["converged"]:
-        info["products"] = products
-        return None, None, None, info
+        return None, None, Q, info
     return sig, P, Q, info
