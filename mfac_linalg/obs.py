@@ -67,16 +67,25 @@ class PruneResult:
 class _Dense:
     """A dense (d, d) H given by the user, as a one-block structure."""
 
-    def __init__(self, H):
+    def __init__(self, H, backend):
         self.H = H
         self.shape = H.shape
+        self.backend = backend
+
+    def solve(self, A, b, what):
+        """A^{-1} b for a positive definite block A of H, refused by name otherwise: one
+        Cholesky factorization (the check of :func:`_dense_spd`) and two triangular
+        solves (it was factored twice, a Cholesky to check and an LU to solve)."""
+        L = _dense_spd(A, self.backend.xp, what)
+        be = self.backend
+        return be.solve_triangular(L, be.solve_triangular(L, b), trans=True)
 
 
 def _dense_spd(A, xp, what):
     """Refuse (ValueError naming op) a block of a dense H = F^-1 that is not numerically
     positive definite, before it is solved with: a singular one gave NumPy's bare
     LinAlgError 'Singular matrix', an indefinite one a meaningless update and a negative
-    predicted loss.  A Cholesky of A (the lower triangle; batched for a stack)."""
+    predicted loss.  A Cholesky of A (the lower triangle; batched for a stack), returned."""
     try:
         L = xp.linalg.cholesky(A)
         # CuPy reports a failed factorization only under cupyx.errstate(linalg="raise"):
@@ -88,6 +97,7 @@ def _dense_spd(A, xp, what):
     if not ok:
         raise ValueError(f"op (a dense inverse Fisher H = F^-1) must be symmetric positive "
                          f"definite; {what} is not (numerically)")
+    return L
 
 
 def _structure(op, name="op"):
@@ -113,7 +123,7 @@ def _structure(op, name="op"):
                          f"entries >= {1 / np.finfo(np.float64).max:.3g} (1/H_qq finite); "
                          f"got a diagonal entry {dmin:g}: rescale H (the updates do not "
                          "depend on its scale)")
-    return _Dense(H), be
+    return _Dense(H, be), be
 
 
 def _weights(w, d, be, name="w"):
@@ -330,8 +340,7 @@ def _fisher_quad(S, op, delta, xp):
     is put back in float64: a float64 delta beyond float32's range (or below it) gave
     NaN/inf or 0 in the cast (a ValueError about an 'x' the caller never passed)."""
     if isinstance(S, _Dense):
-        _dense_spd(S.H, xp, "H")
-        return 0.5 * B.scalar(delta @ xp.linalg.solve(S.H, delta))
+        return 0.5 * B.scalar(delta @ S.solve(S.H, delta, "H"))
     top = B.scalar(xp.abs(delta).max()) if delta.size else 0.0
     if top == 0.0:
         return 0.0
@@ -366,8 +375,7 @@ def _joint(S, w, Q, xp):
         idx = xp.asarray(np.flatnonzero(Qh))
         if len(idx):
             HQQ = S.H[idx[:, None], idx[None, :]]
-            _dense_spd(HQQ, xp, "its submatrix H_QQ on the removed weights")
-            t = xp.linalg.solve(HQQ, w[idx])
+            t = S.solve(HQQ, w[idx], "its submatrix H_QQ on the removed weights")
             dw = -(S.H[:, idx] @ t)
             loss = 0.5 * B.scalar(w[idx] @ t)
         return dw, loss
