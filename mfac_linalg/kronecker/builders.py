@@ -442,8 +442,10 @@ def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None, s
             and (deflate is None or centred) and G_.gram_cheaper(layer, k, centred)):
         # the samples' coordinates (kronecker/gram.py); a miss goes on in the matrices
         start = None if init is None else sum(init)
+        # maxiter counts the matrix solver's cycles of max(20, 4k) steps: as many steps
         sig, P, Q, ginfo = G_.gram_triples(layer, k, tol=tol, start=start, scale=scale,
-                                           centred=centred)
+                                           centred=centred,
+                                           max_steps=maxiter * max(20, 4 * k))
         Rop.products += ginfo.get("products", 0)
         if sig is None and Q is not None:
             # the formed factors missed tol (rounding, not convergence): a few subspace

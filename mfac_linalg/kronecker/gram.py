@@ -168,7 +168,7 @@ def gram_triples(layer, k, *, tol, start=None, scale=0.0, centred=False, max_ste
     if b0 == 0.0:
         info["products"] = products
         return None, None, None, info
-    steps = min(MAX_STEPS if max_steps is None else max_steps, n)
+    steps = min(MAX_STEPS, n) if max_steps is None else min(MAX_STEPS, n, max_steps)
     W = np.zeros((steps + 1, n))          # right coordinates w_j (q_j = Phi_A w_j)
     ZA = np.zeros((steps + 1, n))         # H_A w_j
     Vc = np.zeros((steps, n))             # left coordinates v_j (p_j = Phi_G v_j)
