@@ -89,7 +89,7 @@ def _hadamard_gram(X):
     half a GEMM's), or None when it overflows."""
     from scipy.linalg import blas
     with np.errstate(over="ignore", invalid="ignore"):
-        H = blas.dsyrk(1.0, X)
+        H = blas.dsyrk(1.0, X.T, trans=1)       # (X^T)^T X^T: X^T is X's memory, no copy
         np.multiply(H, H, out=H)
     return H if np.isfinite(H).all() else None
 
