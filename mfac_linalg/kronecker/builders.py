@@ -20,9 +20,8 @@ from .._capacitance import logdet_factor
 from . import gram as G_
 from .conv import layer_data
 from .operator import KroneckerFisher, KroneckerInverse
-from .rearranged import (ConvergenceWarning, Rearranged, _sym, factors_from_triples,
-                         lanczos_triples, sequential_triples, subspace_triples,
-                         user_stacklevel)
+from .rearranged import (Rearranged, _sym, factors_from_triples, lanczos_triples,
+                         sequential_triples, subspace_triples, user_stacklevel)
 
 __all__ = ["kfac", "ekfac", "kpsvd", "deflation", "lanczos", "kfac_corrected",
            "kronecker_terms", "fisher_error"]
@@ -428,7 +427,7 @@ def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None, s
     # nor underflow, and scale back: F = c F', sigma = c sigma', (B, C) = sqrt(c) (B', C').
     sa, sg = _pow2_scale(layer.A), _pow2_scale(layer.G)
     r = sa * sg
-    if r != 1.0:
+    if sa != 1.0 or sg != 1.0:          # (r = 1 with sa = 1 / sg != 1 too: the Grams)
         layer = type(layer)(layer.A / sa, layer.G / sg, layer.be, layer.mask)
         # r and its square may lie outside the float range: divide twice (no ** 2)
         if deflate is not None:
@@ -438,7 +437,7 @@ def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None, s
     sig = None
     space = "matrices"
     if (solver == "lanczos" and krylov is None and G_.gram_fits(layer)
-            and Rop.dim > max(20, 4 * k) and G_.MIN_SAMPLES <= layer.n <= Rop.dim
+            and Rop.dim > max(20, 4 * k) and max(G_.MIN_SAMPLES, 4 * k) <= layer.n <= Rop.dim
             and (deflate is None or centred) and G_.gram_cheaper(layer, k, centred)):
         # the samples' coordinates (kronecker/gram.py); a miss goes on in the matrices
         start = None if init is None else sum(init)
@@ -447,20 +446,9 @@ def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None, s
                                            centred=centred,
                                            max_steps=maxiter * max(20, 4 * k))
         Rop.products += ginfo.get("products", 0)
-        if sig is None and Q is not None:
-            # the formed factors missed tol (rounding, not convergence): a few subspace
-            # iterations on them in the matrix space, 6k products or so
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                sig, P, Q, info = subspace_triples(Rop, k, tol=tol, maxiter=G_.REFINE_ITERS,
-                                                   init=list(Q), oversample=0, scale=scale)
-            if info["converged"]:
-                space = "samples, refined in the matrices"
-            else:
-                sig = None
-        if sig is not None and ginfo.get("converged"):
+        if sig is not None:
             info, space = ginfo, "samples"
-        elif sig is None:
+        else:
             space = "matrices, after the samples' coordinates missed"
     if sig is None and init is None and deflate is None:
         init = [layer.input_factor()]                 # K-FAC's A
@@ -478,7 +466,14 @@ def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None, s
     info.setdefault("space", space)
     terms = factors_from_triples(sig, P, Q)
     if r != 1.0:
-        info["sigma"] = [x * r * r for x in info["sigma"]]
+        with np.errstate(over="ignore"):
+            info["sigma"] = [x * r * r for x in info["sigma"]]
+        if not all(math.isfinite(x) for x in info["sigma"]):
+            # F itself (fourth powers of the data) is beyond float64; data whose sides
+            # are far apart but whose F is representable (a 1e160, g 1e-160) builds
+            raise ValueError("activations and output_grads are too large: F (fourth powers "
+                             "of the data) overflows float64, and so do its Kronecker terms; "
+                             "rescale them (F scales by the squares of both scales)")
         terms = [(Bi * r, Ci * r) for Bi, Ci in terms]
     return terms, info
 
@@ -498,7 +493,6 @@ def _iterative(activations, output_grads, damping, bias, indefinite, k, solver, 
             raise ValueError(f"k must be <= {kmax} for a ({layer.d_out}, {layer.d_in}) layer "
                              "(R(F) has no more singular values on symmetric factors: "
                              f"min(d_in (d_in + 1), d_out (d_out + 1)) / 2); got {k}")
-    layer.check_second_moments()
     start = _init_factors(init, layer)        # None: K-FAC's A (in _terms)
     terms, info = _terms(layer, k, solver, tol, maxiter, start, krylov=krylov)
     return layer, lam, t0, terms, info
@@ -576,8 +570,8 @@ def kpsvd(activations, output_grads, damping, *, bias=False, damping_mode="exact
         ``info``: ``sigma``, ``residual`` (the larger side), ``residual_left``,
         ``residual_right``, ``iterations``, ``products``, ``converged``, ``build_seconds``,
         ``space`` ("samples": a dense layer's triples found in the samples' coordinates,
-        docs/kronecker.md; "samples, refined in the matrices"; "matrices"; or "matrices,
-        after the samples' coordinates missed").
+        docs/kronecker.md; "matrices"; or "matrices, after the samples' coordinates
+        missed").
         Build O(iterations n T (d_in^2 + d_out^2)) (T > 1: plus n T^2 (d_in + d_out)).
 
     Raises
