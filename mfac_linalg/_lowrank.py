@@ -191,6 +191,13 @@ class LowRank:
                      if self.nb and np.array_equal(st, st[0] + self.b * np.arange(self.nb))
                      else None)
 
+    def view(self, Y):
+        """The rows of Y (d, k) in this stack's blocks as a (nb, b, k) view where the
+        blocks tile a contiguous range (``span``), else None."""
+        if self.span is None:
+            return None
+        return Y[self.span[0]:self.span[1]].reshape(self.nb, self.b, *Y.shape[1:])
+
     def gather(self, X):
         """The rows of X (d, k) in this stack's blocks, as (nb, b, k): a view where the
         blocks tile a contiguous range (``span``), else a gathered copy."""
@@ -237,7 +244,7 @@ class LowRank:
         kb = B.kernel_module("blocks")
         return kb.wide_fits(self.V, self.alpha) or (stacked and kb.fits(self.V))
 
-    def matmat(self, Xb, check=False, flag=None):
+    def matmat(self, Xb, check=False, flag=None, out=None):
         """(alpha I + beta V_k^T V_k) X_k for Xb of shape (nb, b, k), or (b, k) for a
         stack of one: two passes over V.
 
@@ -256,7 +263,9 @@ class LowRank:
         result that overflows the dtype only when scaled by alpha = 1/lambda).  One
         host read after pass 2.  ``flag`` (with ``check``, where :meth:`kernel_checks`):
         a zeroed one-element float64 device array the kernels raise instead, not read
-        here (the caller reads it once for several products)."""
+        here (the caller reads it once for several products).  ``out`` (nb, b, 1): where
+        the block kernel may write the result (the caller's array, no copy), which is
+        then returned; other paths ignore it."""
         be = self.backend
         if be.is_gpu and Xb.shape[-1] == 1 and Xb.dtype == self.V.dtype:
             kb = B.kernel_module("blocks")
@@ -273,13 +282,15 @@ class LowRank:
             if Xb.ndim == 3 and kb.fits(self.V):
                 # a stack: one thread block per block; checked, a flag the kernel raises
                 # for a non-finite result
+                dst = None if out is None else out[:, :, 0]
                 with be.device_context():
-                    out = kb.apply(self.V, Xb[:, :, 0], self.alpha, self.beta, check, flag)
+                    res = kb.apply(self.V, Xb[:, :, 0], self.alpha, self.beta, check, flag,
+                                   out=dst)
                 if not check:
-                    return out[:, :, None]
-                if flag is None and B.scalar(out[1][0]):
+                    return res[:, :, None]
+                if flag is None and B.scalar(res[1][0]):
                     raise NonFiniteInput
-                return out[0][:, :, None]
+                return res[0][:, :, None]
         V, X = self._squeeze(Xb)
         # with ``check``, NaN/inf flow through on purpose and are reported below
         with np.errstate(invalid="ignore", over="ignore") if check else _no_context():

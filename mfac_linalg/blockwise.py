@@ -271,7 +271,13 @@ class BlockInverseFisher(_LowRankInverseFisher):
     def _matmat(self, X):
         if self._checks_own_finite(X):
             flag = self._backend.xp.zeros(1, dtype=np.float64)
-            Y = self._blockwise(X, lambda g, Xg: g.matmat(Xg, check=True, flag=flag))
+            Y = self._backend.xp.empty_like(X)
+            for grp in self._groups:
+                # the block kernel writes into Y where the stack's blocks are a range of it
+                dst = grp.view(Y)
+                res = grp.matmat(grp.gather(X), check=True, flag=flag, out=dst)
+                if res is not dst and (dst is None or res.data.ptr != dst.data.ptr):
+                    grp.scatter(Y, res)
             if B.scalar(flag[0]):                       # the one host synchronisation
                 raise NonFiniteInput
             return Y

@@ -158,17 +158,23 @@ def _shared(r, b, threads):
     return 8 * (b + r + (threads // b) * b if b < threads else b + r)
 
 
-def apply(V, X, alpha, beta, check=False, flag=None):
+def apply(V, X, alpha, beta, check=False, flag=None, out=None):
     """Y (nb, b) = alpha X + beta V_k^T (V_k X_k) per block, for V (nb, r, b) with
     ``fits(V)`` and X (nb, b) of V's dtype (copied to contiguous if it is not).
     Returns Y, or with ``check`` (Y, flag): ``flag`` a one-element float64 device array
     that the kernel sets to 1 when an entry of Y is not finite (a NaN or infinity in X,
     or a result beyond the dtype's range), read once by the caller; a ``flag`` given is
-    used as it is (zeroed by the caller, shared by several launches)."""
+    used as it is (zeroed by the caller, shared by several launches).  ``out``: where Y
+    goes when it is a C-contiguous (nb, b) array of V's dtype that does not overlap X
+    (the block operator's result, written in place of a copy), else a new array."""
     import cupy as cp
     nb, r, b = V.shape
     X = cp.ascontiguousarray(X, dtype=V.dtype)
-    Y = cp.empty((nb, b), dtype=V.dtype)
+    if (out is not None and out.shape == (nb, b) and out.dtype == V.dtype
+            and out.flags.c_contiguous and not _overlap(out, X)):
+        Y = out
+    else:
+        Y = cp.empty((nb, b), dtype=V.dtype)
     if check and flag is None:
         flag = cp.zeros(1, dtype=np.float64)
     threads = _threads(r, b)
@@ -177,6 +183,12 @@ def apply(V, X, alpha, beta, check=False, flag=None):
                             np.float64(beta), np.uintp(0) if flag is None else flag),
         shared_mem=_shared(r, b, threads))
     return (Y, flag) if check else Y
+
+
+def _overlap(a, b):
+    """Whether the memory of two contiguous device arrays overlaps."""
+    a0, b0 = a.data.ptr, b.data.ptr
+    return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
 
 
 #: largest r b that :func:`apply_wide` takes: measured on an H100 against cuBLAS GEMVs and
