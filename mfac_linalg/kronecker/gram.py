@@ -33,8 +33,8 @@ from .conv import _quad_rows, _weighted_gram
 
 __all__ = ["gram_fits", "gram_cheaper", "gram_triples"]
 
-#: fewer samples than this keep the matrix space (a Krylov space of the few coordinates
-#: would break down before the tolerance; their products are cheap anyway)
+#: fewer samples than this (or than 4k) keep the matrix space (a Krylov space of the few
+#: coordinates would break down before the tolerance; their products are cheap anyway)
 MIN_SAMPLES = 32
 #: the two n x n Gram matrices may take this many bytes (2 n^2 float64: n <= 5792)
 GRAM_BYTES = 1 << 29
@@ -49,7 +49,7 @@ SYMV_COST = 7.0
 #: (an H-norm of a vector that cancelled to rounding is about sqrt(eps) of the scale)
 BREAKDOWN = 1e-7
 #: steps one bidiagonalization may take in the samples' coordinates (then the matrix-space
-#: solver goes on from its triples)
+#: solver starts as it would have; ``maxiter`` caps them too)
 MAX_STEPS = 400
 
 
