@@ -1,7 +1,8 @@
 """The KPSVD family's solver in the samples' coordinates (mfac_linalg/kronecker/gram.py): the
 same triples as the matrix-space solver and as the SVD of the explicit R(F), on awkward layers
-(n < d, n > dim, duplicate and zero samples, scales over decades), K-FAC corrected's centred
-operator, warm starts, and every way back to the matrix space (docs/kronecker.md)."""
+(fewer samples than R's dimension, duplicate and zero samples, scales over decades, sides far
+apart), K-FAC corrected's centred operator, warm starts, and every way back to the matrix
+space (docs/kronecker.md)."""
 import warnings
 
 import numpy as np
@@ -174,11 +175,18 @@ def test_sides_far_apart_with_a_representable_F_build(route, build, where):
         assert np.allclose(op.info["sigma"], ref.info["sigma"], rtol=1e-10)
 
 
-def test_grams_that_overflow_go_to_the_matrix_space(route, rng):
-    """(a . a')^2 overflows at 1e80 before the pow2 scaling could matter: no, the data is
-    scaled first, so these build in the samples' coordinates; a layer whose scaled Gram
-    still overflows cannot exist (entries <= 1 after scaling, n <= 5792)."""
-    a, g = rng.standard_normal((40, 9)) * 1e80, rng.standard_normal((40, 9)) * 1e-80
+@pytest.mark.parametrize("ea,eg", [(266, -200), (400, -400), (-1000, 0)])
+def test_data_whose_grams_would_overflow_is_scaled_first(route, rng, ea, eg):
+    """(a . a')^2 overflows float64 for a ~ 2^266 (1e80) and underflows for 2^-1000: the
+    data is divided by powers of two first, also when the two sides' factors cancel
+    (2^400 and 2^-400, where F needs no rescaling), so these build in the samples'
+    coordinates with the matrix space's sigma (a scaled Gram has entries of at most n d:
+    it cannot overflow for n <= 5792)."""
+    a, g = rng.standard_normal((40, 9)), rng.standard_normal((40, 9))
+    # largest entries 0.75 2^ea and 0.75 2^eg: the powers of two taken out are exactly
+    # 2^ea and 2^eg, whose product is 1 for the cancelling pair
+    a = np.ldexp(0.75 * a / np.abs(a).max(), ea)
+    g = np.ldexp(0.75 * g / np.abs(g).max(), eg)
     op = _build(route, "samples", ml.kpsvd, a, g)
     ref = _build(route, "matrices", ml.kpsvd, a, g)
     assert op.info["space"] == "samples" and op.info["converged"]
