@@ -209,9 +209,7 @@ class ShardedOperator(_FlaggedCollectives, Operator):
                     X = X.astype(self._dtype)
                 # x was checked before the cast; a finite float64 x can overflow float32
                 if self._check_finite and not bool(self._backend.xp.isfinite(X).all()):
-                    raise ValueError(f"{name} is too large for the operator's dtype "
-                                     f"{self._dtype.name}: its entries overflow when cast; "
-                                     "rescale it")
+                    raise self._cast_overflow(name)
             if kind == "matvec" and X.shape[1] != 1:
                 raise ValueError(f"{name} must have shape ({self._d},) or ({self._d}, 1) on rank "
                                  f"{self._comm.rank}; got shape {tuple(X.shape)}")

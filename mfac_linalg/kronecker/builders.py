@@ -447,21 +447,20 @@ def _terms(layer, k, solver, tol, maxiter, init, *, deflate=None, krylov=None, s
                                            max_steps=maxiter * max(20, 4 * k))
         Rop.products += ginfo.get("products", 0)
         if sig is not None:
-            info, space = ginfo, "samples"
+            info = ginfo                              # its space: "samples"
         else:
             space = "matrices, after the samples' coordinates missed"
-    if sig is None and init is None and deflate is None:
-        init = [layer.input_factor()]                 # K-FAC's A
-    if sig is not None:
-        info["space"] = space
-    elif solver == "lanczos":
-        sig, P, Q, info = lanczos_triples(Rop, k, tol=tol, maxiter=maxiter, krylov=krylov,
-                                          init=init, scale=scale)
-    elif solver == "sequential":
-        sig, P, Q, info = sequential_triples(Rop, k, tol=tol, maxiter=maxiter, init=init)
-    else:
-        sig, P, Q, info = subspace_triples(Rop, k, tol=tol, maxiter=maxiter, init=init,
-                                           scale=scale)
+    if sig is None:
+        if init is None and deflate is None:
+            init = [layer.input_factor()]             # K-FAC's A
+        if solver == "lanczos":
+            sig, P, Q, info = lanczos_triples(Rop, k, tol=tol, maxiter=maxiter,
+                                              krylov=krylov, init=init, scale=scale)
+        elif solver == "sequential":
+            sig, P, Q, info = sequential_triples(Rop, k, tol=tol, maxiter=maxiter, init=init)
+        else:
+            sig, P, Q, info = subspace_triples(Rop, k, tol=tol, maxiter=maxiter, init=init,
+                                               scale=scale)
     info["band"] = None if layer.mask is None else "positions at distance <= band"
     info.setdefault("space", space)
     terms = factors_from_triples(sig, P, Q)

@@ -144,25 +144,17 @@ class LayerData:
 
     def kfac_factors(self):
         """(Gamma, A) in the expand convention (module docstring); O(n T (d_in^2 + d_out^2))."""
-        A2, G2 = self._flat()
+        G2 = self._flat()[1]
         with np.errstate(over="ignore", invalid="ignore"):   # refused by name just below
             Gam = G2.T @ G2 / self.n
-            Aa = A2.T @ A2 / (self.n * self.T)
+            Aa = self.input_factor()
         V.gram_finite(Gam, "output_grads", self.be)
         V.gram_finite(Aa, "activations", self.be)
-        return (Gam + Gam.T) / 2, (Aa + Aa.T) / 2
-
-    def check_second_moments(self):
-        """Refuse by name data whose second moments (K-FAC's factors) overflow: their
-        diagonals, the largest entries (|M_ij| <= sqrt(M_ii M_jj)), O(n T d)."""
-        A2, G2 = self._flat()
-        xp = self.xp
-        with np.errstate(over="ignore", invalid="ignore"):
-            for X, name in ((G2, "output_grads"), (A2, "activations")):
-                V.gram_finite(xp.einsum("ij,ij->j", X, X), name, self.be)
+        return (Gam + Gam.T) / 2, Aa
 
     def input_factor(self):
-        """K-FAC's A alone (the iterative builders' default start), symmetrised."""
+        """K-FAC's A alone (the iterative builders' default start), symmetrised; not
+        checked (:meth:`kfac_factors` refuses an overflow by name)."""
         A2 = self._flat()[0]
         Aa = A2.T @ A2 / (self.n * self.T)
         return (Aa + Aa.T) / 2

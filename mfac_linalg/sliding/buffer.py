@@ -170,22 +170,25 @@ class RingBuffer:
         return self.G if n == self.m else self.G[:n]
 
     def _compiled(self, X, n):
-        """The compiled float64-faithful pass (kernels/host.py) for this one-vector
-        pass: a wide float32 host buffer, Numba present, enough work to pay a call."""
+        """(kernels/host.py, threads) for this one-vector pass where the compiled
+        float64-faithful kernels take it (a wide float32 host buffer, Numba present,
+        enough work to pay a call; threads from ``PARALLEL_MIN`` values), else None."""
         if not (self.wide and X.shape[1] == 1 and self.backend.is_host
                 and n * self.d >= COMPILED_MIN and self.storage == np.float32):
             return None
         from .. import _backend as B
         host = B.kernel_module("host")
-        return host if host.available() and self.G.flags.c_contiguous else None
+        if not (host.available() and self.G.flags.c_contiguous):
+            return None
+        return host, (_threads.host_threads() if n * self.d >= PARALLEL_MIN else 1)
 
     def project(self, X, n):
         """Pass 1: U = G_h X in float64, (n, k); X (dim, k)."""
-        host = self._compiled(X, n)
-        if host is not None:            # float64 products and sums, rows split over threads
+        compiled = self._compiled(X, n)
+        if compiled is not None:        # float64 products and sums, rows split over threads
+            host, nt = compiled
             x = np.ascontiguousarray(X[:self.d, 0])
             u = np.empty(n, dtype=np.float64)
-            nt = _threads.host_threads() if n * self.d >= PARALLEL_MIN else 1
             # runs of whole groups of four rows (the kernel's unit): each row is summed
             # by the same loop whatever the split, so u does not depend on the threads
             runs = [(4 * a, min(n, 4 * b)) for a, b in _threads.split(-(-n // 4), 4 * nt)]
@@ -207,12 +210,12 @@ class RingBuffer:
 
     def combine(self, X, C, n, lam):
         """Pass 2: (X - G_h^T C) / lambda, in X's dtype; C (n, k) float64."""
-        host = self._compiled(X, n)
-        if host is not None:            # float64 sums, one rounding, columns over threads
+        compiled = self._compiled(X, n)
+        if compiled is not None:        # float64 sums, one rounding, columns over threads
+            host, nt = compiled
             x = np.ascontiguousarray(X[:self.d, 0])
             c = np.ascontiguousarray(C[:n, 0], dtype=np.float64)
             y = np.empty(self.d, dtype=X.dtype)
-            nt = _threads.host_threads() if n * self.d >= PARALLEL_MIN else 1
             parts = _threads.split(self.d, max(nt, min(4 * nt, self.d // host.TILE)))
             _threads.run(parts, nt,
                          lambda a, b: host.combine(self.G, x, c, n, 1.0 / lam, y, a, b))
