@@ -239,10 +239,21 @@ class LowRank:
         of shape (nb, b, 1), else (b, 1)) runs GPU kernels that check the result through
         a flag: V's dtype, and V one large block (``wide_fits``) or a stack the block
         kernel takes (``fits``)."""
-        if not (self.backend.is_gpu and np.dtype(dtype) == self.V.dtype):
-            return False
-        kb = B.kernel_module("blocks")
-        return kb.wide_fits(self.V, self.alpha) or (stacked and kb.fits(self.V))
+        key = (np.dtype(dtype).str, bool(stacked))
+        cache = self.__dict__.setdefault("_kernel_checks", {})
+        if key not in cache:       # V never changes: asked once per dtype (every matvec)
+            if not (self.backend.is_gpu and np.dtype(dtype) == self.V.dtype):
+                cache[key] = False
+            else:
+                kb = B.kernel_module("blocks")
+                cache[key] = bool(kb.wide_fits(self.V, self.alpha)
+                                  or (stacked and kb.fits(self.V)))
+        return cache[key]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_kernel_checks", None)     # about this V's memory: asked again there
+        return state
 
     def matmat(self, Xb, check=False, flag=None, out=None):
         """(alpha I + beta V_k^T V_k) X_k for Xb of shape (nb, b, k), or (b, k) for a

@@ -272,7 +272,9 @@ class BlockInverseFisher(_LowRankInverseFisher):
         if self._checks_own_finite(X):
             flag = self._backend.xp.zeros(1, dtype=np.float64)
             Y = self._backend.xp.empty_like(X)
-            for grp in self._groups:
+            # the largest stack first: the small ones' launches (a ragged last block)
+            # then overlap its kernel instead of delaying its start
+            for grp in sorted(self._groups, key=lambda g: -g.V.size):
                 # the block kernel writes into Y where the stack's blocks are a range of it
                 dst = grp.view(Y)
                 res = grp.matmat(grp.gather(X), check=True, flag=flag, out=dst)
