@@ -278,7 +278,7 @@ class BlockInverseFisher(_LowRankInverseFisher):
                 # the block kernel writes into Y where the stack's blocks are a range of it
                 dst = grp.view(Y)
                 res = grp.matmat(grp.gather(X), check=True, flag=flag, out=dst)
-                if res is not dst and (dst is None or res.data.ptr != dst.data.ptr):
+                if dst is None or res.data.ptr != dst.data.ptr:
                     grp.scatter(Y, res)
             if B.scalar(flag[0]):                       # the one host synchronisation
                 raise NonFiniteInput

@@ -205,6 +205,8 @@ def test_kernel_matvec_checks_its_input_in_its_first_pass(explicit):
     ((1_100_000, 1), "c"),        # more runs than the grid's y extent allows
     ((64, 40_000), "c"),          # enough columns: one run
     ((3, 33, 129), "c"), ((4, 50, 10), "f"), ((4, 60, 30), "strided"),
+    ((40, 64, 128), "c"),         # blocks of a block operator: a narrow thread block
+    ((2, 17, 300), "c"),          # two thread blocks a matrix, rows not a multiple of 8
 ])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_sumsq_columns_against_float64(shape, view, dtype):
@@ -261,19 +263,30 @@ def test_sumsq_columns_float32_is_float64_faithful():
 
 
 @pytest.mark.parametrize("nb,r,b", [(1, 1, 1), (3, 5, 7), (40, 64, 128), (7, 256, 128),
-                                    (5, 33, 1000), (2, 700, 40)])
+                                    (5, 33, 1000), (2, 700, 40), (6, 128, 128), (3, 20, 32),
+                                    (5, 9, 64), (4, 100, 16), (2, 3, 4), (3, 1, 8)])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("alpha,beta", [(2.0, -0.5), (0.0, 1.5)])
-def test_block_apply_against_float64(nb, r, b, dtype, alpha, beta):
+@pytest.mark.parametrize("max_threads", [0, 256, 1024])
+def test_block_apply_against_float64(nb, r, b, dtype, alpha, beta, max_threads, monkeypatch):
     """alpha x + beta V^T (V x) per block, float64 sums rounded once: within the float64
-    product's own rounding plus one unit of the dtype; bit-reproducible."""
+    product's own rounding plus one unit of the dtype; bit-reproducible.  Both kernels:
+    the register kernel for small blocks (``max_threads`` its thread cap: 4, 8 or 16
+    16-byte groups a thread) and, where it does not take V (or with the cap 0), the
+    general one."""
     import cupy as cp
     from mfac_linalg.kernels import blocks as KB
+    monkeypatch.setattr(KB, "REG_MAX_THREADS", max_threads)
     rng = np.random.default_rng(nb * r + b)
     V = rng.standard_normal((nb, r, b)).astype(dtype)
     X = rng.standard_normal((nb, b)).astype(dtype)
     Vd = cp.asarray(V)
     assert KB.fits(Vd)
+    vec = 16 // V.itemsize                 # values of a 16-byte group
+    bv = b // vec
+    takes = (b % vec == 0 and bv <= 32 and bv & (bv - 1) == 0
+             and r * bv <= 16 * max_threads)   # every value a register (16 groups a thread)
+    assert (KB._reg_plan(Vd) is not None) == takes
     Y = KB.apply(Vd, cp.asarray(X), alpha, beta)
     V64, X64 = V.astype(np.float64), X.astype(np.float64)
     U = np.einsum("nij,nj->ni", V64, X64)

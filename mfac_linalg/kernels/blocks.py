@@ -124,7 +124,108 @@ __device__ void block_apply(const T* __restrict__ V, const T* __restrict__ X,
     if (bad && flag != nullptr) flag[0] = 1.0;     // the check: one host read of flag
 }
 
+// ---- small blocks held in registers: V_n read once, every load in flight at once ----
+// For b/VEC a power of two <= 32 (VEC = 16 / sizeof(T) values per 16-byte load) and r b
+// <= K VEC blockDim values: thread t owns the 16-byte group c = t % (b/VEC) of the rows
+// g + k blockDim/(b/VEC), k < K (g = t / (b/VEC)), loaded together before any
+// arithmetic, so the block's one read of V_n has K loads in flight per thread and
+// pass 2 reads the registers instead of V again.  Pass 1's row sums: a fixed
+// shuffle tree over the b/VEC threads of a row; pass 2's column sums: each thread
+// over its rows in k order, then the row groups in order (shared memory).  float64
+// sums, one rounding, no atomics: bit-reproducible (not bit-equal to block_apply,
+// whose sums run in another order).
+template <typename T> struct Vec16;
+template <> struct Vec16<float> { typedef float4 type; };
+template <> struct Vec16<double> { typedef double2 type; };
+
+template <typename T, int K>
+__device__ void block_apply_reg(const T* __restrict__ V, const T* __restrict__ X,
+                                T* __restrict__ Y, int r, int b, double alpha, double beta,
+                                double* __restrict__ flag) {
+    typedef typename Vec16<T>::type W;
+    constexpr int VEC = 16 / sizeof(T);
+    extern __shared__ double sh[];
+    const int bv = b / VEC;                   // threads of a row
+    const int rows_per = blockDim.x / bv;     // rows of one k step
+    double* us = sh;                          // r values
+    double* part = sh + r;                    // rows_per x b partial sums of pass 2
+    const int n = blockIdx.x;
+    const W* Vn = reinterpret_cast<const W*>(V + (long long)n * r * b);
+    const T* xn = X + (long long)n * b;
+    const int c = threadIdx.x % bv, g = threadIdx.x / bv;
+    W v[K];
+    #pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const int i = g + k * rows_per;
+        if (i < r) v[k] = __ldcs(Vn + (long long)i * bv + c);     // read once: streamed
+    }
+    double xv[VEC];
+    #pragma unroll
+    for (int q = 0; q < VEC; ++q) xv[q] = (double)xn[VEC * c + q];
+    // pass 1: u_i = V[i, :] . x
+    #pragma unroll
+    for (int k = 0; k < K; ++k) {
+        if (k * rows_per >= r) break;         // the same for every thread of the block
+        const int i = g + k * rows_per;
+        const T* e = reinterpret_cast<const T*>(&v[k]);
+        double p = 0.0;
+        if (i < r) {
+            #pragma unroll
+            for (int q = 0; q < VEC; ++q) p = fma((double)e[q], xv[q], p);
+        }
+        for (int o = bv >> 1; o > 0; o >>= 1) p += __shfl_xor_sync(0xffffffffu, p, o);
+        if (c == 0 && i < r) us[i] = p;
+    }
+    __syncthreads();
+    // pass 2: y_j = alpha x_j + beta sum_i V[i, j] u_i, from the registers
+    double acc[VEC];
+    #pragma unroll
+    for (int q = 0; q < VEC; ++q) acc[q] = 0.0;
+    #pragma unroll
+    for (int k = 0; k < K; ++k) {
+        if (k * rows_per >= r) break;
+        const int i = g + k * rows_per;
+        if (i < r) {
+            const T* e = reinterpret_cast<const T*>(&v[k]);
+            const double ui = us[i];
+            #pragma unroll
+            for (int q = 0; q < VEC; ++q) acc[q] = fma((double)e[q], ui, acc[q]);
+        }
+    }
+    #pragma unroll
+    for (int q = 0; q < VEC; ++q) part[g * b + VEC * c + q] = acc[q];
+    __syncthreads();
+    T* yn = Y + (long long)n * b;
+    bool bad = false;
+    for (int j = threadIdx.x; j < b; j += blockDim.x) {
+        double s = 0.0;
+        for (int h = 0; h < rows_per; ++h) s += part[h * b + j];
+        const T y = (T)(alpha * (double)xn[j] + beta * s);
+        bad |= !isfinite((double)y);
+        yn[j] = y;
+    }
+    if (bad && flag != nullptr) flag[0] = 1.0;
+}
+
 extern "C" {
+__global__ void block_apply_reg_f32_4(const float* V, const float* X, float* Y, int r, int b,
+                                      double alpha, double beta, double* flag) {
+    block_apply_reg<float, 4>(V, X, Y, r, b, alpha, beta, flag); }
+__global__ void block_apply_reg_f64_4(const double* V, const double* X, double* Y, int r, int b,
+                                      double alpha, double beta, double* flag) {
+    block_apply_reg<double, 4>(V, X, Y, r, b, alpha, beta, flag); }
+__global__ void block_apply_reg_f32_8(const float* V, const float* X, float* Y, int r, int b,
+                                      double alpha, double beta, double* flag) {
+    block_apply_reg<float, 8>(V, X, Y, r, b, alpha, beta, flag); }
+__global__ void block_apply_reg_f64_8(const double* V, const double* X, double* Y, int r, int b,
+                                      double alpha, double beta, double* flag) {
+    block_apply_reg<double, 8>(V, X, Y, r, b, alpha, beta, flag); }
+__global__ void block_apply_reg_f32_16(const float* V, const float* X, float* Y, int r, int b,
+                                      double alpha, double beta, double* flag) {
+    block_apply_reg<float, 16>(V, X, Y, r, b, alpha, beta, flag); }
+__global__ void block_apply_reg_f64_16(const double* V, const double* X, double* Y, int r, int b,
+                                      double alpha, double beta, double* flag) {
+    block_apply_reg<double, 16>(V, X, Y, r, b, alpha, beta, flag); }
 __global__ void block_apply_f32(const float* V, const float* X, float* Y, int r, int b,
                                 double alpha, double beta, double* flag) {
     block_apply<float>(V, X, Y, r, b, alpha, beta, flag); }
@@ -177,12 +278,46 @@ def apply(V, X, alpha, beta, check=False, flag=None, out=None):
         Y = cp.empty((nb, b), dtype=V.dtype)
     if check and flag is None:
         flag = cp.zeros(1, dtype=np.float64)
-    threads = _threads(r, b)
-    function(SOURCE, f"block_apply_{_SUFFIX[np.dtype(V.dtype)]}")(
-        (nb,), (threads,), (V, X, Y, np.int32(r), np.int32(b), np.float64(alpha),
-                            np.float64(beta), np.uintp(0) if flag is None else flag),
-        shared_mem=_shared(r, b, threads))
+    args = (V, X, Y, np.int32(r), np.int32(b), np.float64(alpha), np.float64(beta),
+            np.uintp(0) if flag is None else flag)
+    plan = _reg_plan(V)
+    if plan is not None:        # small blocks: held in registers, V read once
+        items, threads, shared = plan
+        function(SOURCE, f"block_apply_reg_{_SUFFIX[np.dtype(V.dtype)]}_{items}")(
+            (nb,), (threads,), args, shared_mem=shared)
+    else:
+        threads = _threads(r, b)
+        function(SOURCE, f"block_apply_{_SUFFIX[np.dtype(V.dtype)]}")(
+            (nb,), (threads,), args, shared_mem=_shared(r, b, threads))
     return (Y, flag) if check else Y
+
+
+#: 16-byte groups of V per thread that the register kernel is compiled for
+REG_ITEMS = (4, 8, 16)
+#: most threads a block of the register kernel may have (the fewest items per thread
+#: that fit under it are taken)
+REG_MAX_THREADS = 256
+
+
+def _reg_plan(V):
+    """(items per thread, threads, shared memory bytes) of the register kernel for the stack V (nb, r, b), or
+    None where it does not take V: rows of b / (16 / itemsize) 16-byte groups, a power
+    of two at most 32 (the threads of a row are one aligned part of a warp), V 16-byte
+    aligned, and r b small enough that every value has a register
+    (``REG_ITEMS[-1]`` groups a thread, at most ``REG_MAX_THREADS`` threads)."""
+    nb, r, b = V.shape
+    vec = 16 // V.itemsize
+    bv = b // vec
+    if b % vec or bv > 32 or bv & (bv - 1) or V.data.ptr % 16:
+        return None
+    for items in REG_ITEMS:
+        per = -(-r * bv // items)                      # threads that hold every value
+        threads = max(32, -(-per // 32) * 32)          # whole warps (bv divides 32)
+        shared = 8 * (r + threads // bv * b)
+        if threads <= REG_MAX_THREADS and shared <= MAX_SHARED:
+            # u (r) and pass 2's partial sums (threads / bv row groups x b), float64
+            return items, threads, shared
+    return None
 
 
 def _overlap(a, b):
