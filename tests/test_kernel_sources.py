@@ -111,40 +111,47 @@ def test_combine_grid_covers_rows_within_the_scratch_bound(monkeypatch, sms, kin
 
 
 class _FakeStack:
-    """What ``blocks._reg_plan`` reads of a device stack: shape, itemsize, data.ptr."""
+    """What ``blocks._reg_plan`` reads of a device stack: shape, itemsize, data.ptr,
+    flags.c_contiguous."""
 
     class _Data:
         def __init__(self, ptr):
             self.ptr = ptr
 
-    def __init__(self, shape, itemsize, ptr=256):
+    class _Flags:
+        def __init__(self, c):
+            self.c_contiguous = c
+
+    def __init__(self, shape, itemsize, ptr=256, contiguous=True):
         self.shape, self.itemsize, self.data = shape, itemsize, self._Data(ptr)
+        self.flags = self._Flags(contiguous)
 
 
 @pytest.mark.parametrize("itemsize", [4, 8])
 @pytest.mark.parametrize("max_threads", [32, 256, 1024])
 @pytest.mark.parametrize("r,b", [(1, 4), (1, 8), (3, 4), (64, 128), (128, 128), (256, 128),
                                  (512, 128), (4096, 4), (100, 16), (9, 64), (7, 24), (5, 6),
-                                 (64, 256), (1, 1)])
+                                 (64, 256), (1, 1), (0, 16), (3, 0)])
 def test_register_kernel_plan_covers_every_value(monkeypatch, itemsize, max_threads, r, b):
     """The register kernel's launch: where it takes V, thread t holds 16-byte group
     t % bv of rows t / bv + k threads / bv (k < items), so every group of every row is
     held by exactly one thread within the compiled items; whole warps, a row's threads
-    one aligned part of a warp, within the thread cap and the shared memory; the kernel
-    it names is defined.  Where it does not take V the reason is one of the documented
-    ones."""
+    one aligned part of a warp, within the thread cap (never above the kernels' launch
+    bound) and the shared memory; the kernel it names is defined.  Where it does not
+    take V the reason is one of the documented ones."""
     monkeypatch.setattr(blocks, "REG_MAX_THREADS", max_threads)
+    cap = min(max_threads, blocks.REG_LAUNCH_BOUND)
     vec = 16 // itemsize
     plan = blocks._reg_plan(_FakeStack((3, r, b), itemsize))
     bv = b // vec
     shape_ok = b % vec == 0 and 1 <= bv <= 32 and bv & (bv - 1) == 0
     if plan is None:
-        assert not shape_ok or r * bv > blocks.REG_ITEMS[-1] * max_threads or \
-            8 * (r + max_threads * vec) > blocks.MAX_SHARED
+        assert not shape_ok or r * bv > blocks.REG_ITEMS[-1] * cap or \
+            8 * (r + cap * vec) > blocks.MAX_SHARED
         return
     items, threads, shared = plan
     assert shape_ok and items in blocks.REG_ITEMS
-    assert threads % 32 == 0 and 32 % bv == 0 and threads <= max_threads
+    assert threads % 32 == 0 and 32 % bv == 0 and threads <= cap
     rows_per = threads // bv
     held = sorted((t // bv + k * rows_per, t % bv) for t in range(threads)
                   for k in range(items) if t // bv + k * rows_per < r)
@@ -153,7 +160,11 @@ def test_register_kernel_plan_covers_every_value(monkeypatch, itemsize, max_thre
     # the fewest items a thread that fit: one fewer step would need more threads
     for k in (k for k in blocks.REG_ITEMS if k < items):
         t = 32 * max(1, -(-r * bv // (32 * k)))          # whole warps holding r bv groups
-        assert t > max_threads or 8 * (r + t // bv * b) > blocks.MAX_SHARED
-    defined = set(re.findall(r"__global__\s+void\s+(\w+)\s*\(", blocks.SOURCE))
+        assert t > cap or 8 * (r + t // bv * b) > blocks.MAX_SHARED
+    defined = set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?"
+                             r"(\w+)\s*\(", blocks.SOURCE))
     assert f"block_apply_reg_{'f32' if itemsize == 4 else 'f64'}_{items}" in defined
     assert blocks._reg_plan(_FakeStack((3, r, b), itemsize, ptr=264)) is None   # misaligned
+    assert blocks._reg_plan(_FakeStack((3, r, b), itemsize, contiguous=False)) is None
+    launch_bound = re.search(r"__launch_bounds__\((\d+)", blocks.SOURCE)
+    assert launch_bound and int(launch_bound.group(1)) == blocks.REG_LAUNCH_BOUND

@@ -262,18 +262,34 @@ def test_sumsq_columns_float32_is_float64_faithful():
     assert np.all(np.abs(out - ref) <= np.spacing(ref.astype(np.float32)).astype(np.float64))
 
 
-@pytest.mark.parametrize("nb,r,b", [(1, 1, 1), (3, 5, 7), (40, 64, 128), (7, 256, 128),
-                                    (5, 33, 1000), (2, 700, 40), (6, 128, 128), (3, 20, 32),
-                                    (5, 9, 64), (4, 100, 16), (2, 3, 4), (3, 1, 8)])
+#: stacks (nb, r, b) of the comparison below: both kernels, every register kernel
+BLOCK_SHAPES = [(1, 1, 1), (3, 5, 7), (40, 64, 128), (7, 256, 128), (5, 33, 1000), (2, 700, 40),
+                (6, 128, 128), (3, 20, 32), (5, 9, 64), (4, 100, 16), (2, 3, 4), (3, 1, 8),
+                (3, 64, 64), (3, 128, 64), (2, 0, 16)]
+
+
+def test_block_shapes_cover_every_register_kernel():
+    """The comparison below runs every compiled register kernel (float32 and float64,
+    4, 8 and 16 groups a thread) with the default cap, and the general kernel."""
+    import cupy as cp
+    from mfac_linalg.kernels import blocks as KB
+    plans = {(dt, KB._reg_plan(cp.zeros(shape, dtype=dt)))
+             for shape in BLOCK_SHAPES for dt in ("float32", "float64")}
+    assert {(dt, p[0]) for dt, p in plans if p is not None} == {
+        (dt, k) for dt in ("float32", "float64") for k in KB.REG_ITEMS}
+    assert any(p is None for _, p in plans)
+
+
+@pytest.mark.parametrize("nb,r,b", BLOCK_SHAPES)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("alpha,beta", [(2.0, -0.5), (0.0, 1.5)])
-@pytest.mark.parametrize("max_threads", [0, 256, 1024])
+@pytest.mark.parametrize("max_threads", [0, 128, 256])
 def test_block_apply_against_float64(nb, r, b, dtype, alpha, beta, max_threads, monkeypatch):
     """alpha x + beta V^T (V x) per block, float64 sums rounded once: within the float64
     product's own rounding plus one unit of the dtype; bit-reproducible.  Both kernels:
     the register kernel for small blocks (``max_threads`` its thread cap: 4, 8 or 16
-    16-byte groups a thread) and, where it does not take V (or with the cap 0), the
-    general one."""
+    16-byte groups a thread, in float32 and float64) and, where it does not take V (or
+    with the cap 0), the general one."""
     import cupy as cp
     from mfac_linalg.kernels import blocks as KB
     monkeypatch.setattr(KB, "REG_MAX_THREADS", max_threads)
@@ -300,25 +316,44 @@ def test_block_apply_against_float64(nb, r, b, dtype, alpha, beta, max_threads, 
     assert np.array_equal(KB.apply(Vd, cp.asarray(X), alpha, beta).get(), Y.get())
 
 
+def test_block_apply_misaligned_stack_takes_the_general_kernel():
+    """A stack whose memory starts off a 16-byte boundary (a view 8 bytes in) is not
+    read with 16-byte loads: the general kernel runs, with the same result to rounding."""
+    import cupy as cp
+    from mfac_linalg.kernels import blocks as KB
+    rng = np.random.default_rng(5)
+    nb, r, b = 5, 32, 64
+    base = cp.asarray(rng.standard_normal(nb * r * b + 2).astype(np.float32))
+    V = base[2:].reshape(nb, r, b)
+    assert V.data.ptr % 16 == 8 and KB.fits(V) and KB._reg_plan(V) is None
+    aligned = V.copy()
+    assert KB._reg_plan(aligned) is not None
+    X = cp.asarray(rng.standard_normal((nb, b)).astype(np.float32))
+    got, ref = KB.apply(V, X, 1.5, -0.25).get(), KB.apply(aligned, X, 1.5, -0.25).get()
+    assert np.allclose(got, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("what", ["clean", "nan", "inf", "overflow", "overflow in V^T V x"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("alpha", [2.0, 0.0])
-def test_block_apply_flags_non_finite_results(what, dtype, alpha):
+@pytest.mark.parametrize("b", [128, 64])
+def test_block_apply_flags_non_finite_results(what, dtype, alpha, b):
     """The stack kernel's check (the block operator's default check_finite): the flag is
     raised exactly when an entry of Y is not finite, from NaN/inf in one block's x (also
     in the primal form, alpha = 0: through u) or a result beyond the dtype's range with
-    finite input (from alpha x or from beta V^T V x); Y is the unchecked kernel's."""
+    finite input (from alpha x or from beta V^T V x); Y is the unchecked kernel's.  Both
+    kernels: b = 64 is the register kernel's in either dtype, b = 128 in float32 only."""
     import cupy as cp
     from mfac_linalg.kernels import blocks as KB
     rng = np.random.default_rng(11)
-    nb, r, b = 9, 64, 128
+    nb, r = 9, 64
     V = cp.asarray(rng.standard_normal((nb, r, b)).astype(dtype))
     X = rng.standard_normal((nb, b)).astype(dtype)
     beta = -1e-3
     if what == "overflow" and alpha == 0.0:
         pytest.skip("alpha x is 0 in the primal form")
     if what == "nan":
-        X[5, 77] = np.nan
+        X[5, b - 51] = np.nan
     elif what == "inf":
         X[nb - 1, 0] = -np.inf
     elif what == "overflow":

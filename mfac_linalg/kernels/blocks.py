@@ -7,13 +7,18 @@ beta = -1/lambda; primal form alpha = 0).  CuPy's batched matmul with a single
 right-hand side launches a batched GEMM per pass and runs far from the memory floor on
 small blocks.
 
-One thread block per matrix n: x_n is staged in shared memory, each warp forms the dot
+One thread block per matrix n.  Small blocks (rows of at most 32 16-byte groups, b <= 128
+in float32 and b <= 64 in float64, a power of two of groups, and r b at most 16 groups
+a thread of 256) are held in registers: every thread loads its part of V_n at once, so
+V_n is read once with many loads in flight, and both passes work on the registers
+(``_reg_plan``).  Otherwise x_n is staged in shared memory, each warp forms the dot
 products u_i = V_n[i, :] . x_n of its rows (coalesced along the row), then each thread
 owns columns j and sums V_n[i, j] u_i over the rows (coalesced across the threads).  The
 second read of V_n (r b values, a few hundred KiB at most) is served mostly from L2,
 which the neighbouring blocks in flight share.  Sums in float64 (free where float64
 throughput matches float32, as on H100/H200; a few percent elsewhere, the kernel being
-bound by memory), one rounding at the end; no atomics, so results are bit-reproducible.
+bound by memory), one rounding at the end; no atomics, so results are bit-reproducible
+(for one kernel: the two kernels sum in different orders).
 (``apply_wide``, for one large block, is the sliding window's two passes instead: its
 pass 1 adds column chunks with float64 atomics, so y is reproducible to the rounding of
 a float64 u, not bit for bit.)
@@ -132,8 +137,10 @@ __device__ void block_apply(const T* __restrict__ V, const T* __restrict__ X,
 // pass 2 reads the registers instead of V again.  Pass 1's row sums: a fixed
 // shuffle tree over the b/VEC threads of a row; pass 2's column sums: each thread
 // over its rows in k order, then the row groups in order (shared memory).  float64
-// sums, one rounding, no atomics: bit-reproducible (not bit-equal to block_apply,
-// whose sums run in another order).
+// sums, one rounding, no atomics: bit-reproducible for a given launch (not bit-equal
+// to block_apply, whose sums run in another order).  Launch bound 256 threads, two
+// blocks a multiprocessor: at most 128 registers a thread (16 float4 of V and the
+// float64 sums; the unbounded compile took 142, one block a multiprocessor).
 template <typename T> struct Vec16;
 template <> struct Vec16<float> { typedef float4 type; };
 template <> struct Vec16<double> { typedef double2 type; };
@@ -157,7 +164,7 @@ __device__ void block_apply_reg(const T* __restrict__ V, const T* __restrict__ X
     #pragma unroll
     for (int k = 0; k < K; ++k) {
         const int i = g + k * rows_per;
-        if (i < r) v[k] = __ldcs(Vn + (long long)i * bv + c);     // read once: streamed
+        if (i < r) v[k] = Vn[(long long)i * bv + c];
     }
     double xv[VEC];
     #pragma unroll
@@ -208,23 +215,29 @@ __device__ void block_apply_reg(const T* __restrict__ V, const T* __restrict__ X
 }
 
 extern "C" {
-__global__ void block_apply_reg_f32_4(const float* V, const float* X, float* Y, int r, int b,
-                                      double alpha, double beta, double* flag) {
+__global__ void __launch_bounds__(256, 2)
+block_apply_reg_f32_4(const float* V, const float* X, float* Y, int r, int b,
+                       double alpha, double beta, double* flag) {
     block_apply_reg<float, 4>(V, X, Y, r, b, alpha, beta, flag); }
-__global__ void block_apply_reg_f64_4(const double* V, const double* X, double* Y, int r, int b,
-                                      double alpha, double beta, double* flag) {
+__global__ void __launch_bounds__(256, 2)
+block_apply_reg_f64_4(const double* V, const double* X, double* Y, int r, int b,
+                       double alpha, double beta, double* flag) {
     block_apply_reg<double, 4>(V, X, Y, r, b, alpha, beta, flag); }
-__global__ void block_apply_reg_f32_8(const float* V, const float* X, float* Y, int r, int b,
-                                      double alpha, double beta, double* flag) {
+__global__ void __launch_bounds__(256, 2)
+block_apply_reg_f32_8(const float* V, const float* X, float* Y, int r, int b,
+                       double alpha, double beta, double* flag) {
     block_apply_reg<float, 8>(V, X, Y, r, b, alpha, beta, flag); }
-__global__ void block_apply_reg_f64_8(const double* V, const double* X, double* Y, int r, int b,
-                                      double alpha, double beta, double* flag) {
+__global__ void __launch_bounds__(256, 2)
+block_apply_reg_f64_8(const double* V, const double* X, double* Y, int r, int b,
+                       double alpha, double beta, double* flag) {
     block_apply_reg<double, 8>(V, X, Y, r, b, alpha, beta, flag); }
-__global__ void block_apply_reg_f32_16(const float* V, const float* X, float* Y, int r, int b,
-                                      double alpha, double beta, double* flag) {
+__global__ void __launch_bounds__(256, 2)
+block_apply_reg_f32_16(const float* V, const float* X, float* Y, int r, int b,
+                       double alpha, double beta, double* flag) {
     block_apply_reg<float, 16>(V, X, Y, r, b, alpha, beta, flag); }
-__global__ void block_apply_reg_f64_16(const double* V, const double* X, double* Y, int r, int b,
-                                      double alpha, double beta, double* flag) {
+__global__ void __launch_bounds__(256, 2)
+block_apply_reg_f64_16(const double* V, const double* X, double* Y, int r, int b,
+                       double alpha, double beta, double* flag) {
     block_apply_reg<double, 16>(V, X, Y, r, b, alpha, beta, flag); }
 __global__ void block_apply_f32(const float* V, const float* X, float* Y, int r, int b,
                                 double alpha, double beta, double* flag) {
@@ -294,27 +307,33 @@ def apply(V, X, alpha, beta, check=False, flag=None, out=None):
 
 #: 16-byte groups of V per thread that the register kernel is compiled for
 REG_ITEMS = (4, 8, 16)
-#: most threads a block of the register kernel may have (the fewest items per thread
-#: that fit under it are taken)
+#: the register kernels' ``__launch_bounds__`` (threads a block, at most)
+REG_LAUNCH_BOUND = 256
+#: most threads a block of the register kernel may have, up to ``REG_LAUNCH_BOUND``
+#: (the fewest items per thread that fit under it are taken)
 REG_MAX_THREADS = 256
 
 
 def _reg_plan(V):
-    """(items per thread, threads, shared memory bytes) of the register kernel for the stack V (nb, r, b), or
-    None where it does not take V: rows of b / (16 / itemsize) 16-byte groups, a power
+    """(items per thread, threads, shared memory bytes) of the register kernel for the
+    stack V (nb, r, b), or None where it does not take V: rows of b / (16 / itemsize) 16-byte groups, a power
     of two at most 32 (the threads of a row are one aligned part of a warp), V 16-byte
-    aligned, and r b small enough that every value has a register
-    (``REG_ITEMS[-1]`` groups a thread, at most ``REG_MAX_THREADS`` threads)."""
+    aligned and C-contiguous, and r b small enough that every value has a register
+    (``REG_ITEMS[-1]`` groups a thread, at most ``REG_MAX_THREADS`` threads).  Which
+    kernel runs (so the order of the float64 sums, and the result's last bit) depends
+    on the shape, V's alignment and the cap; each is bit-reproducible."""
     nb, r, b = V.shape
     vec = 16 // V.itemsize
     bv = b // vec
-    if b % vec or bv > 32 or bv & (bv - 1) or V.data.ptr % 16:
+    if (b % vec or not 0 < bv <= 32 or bv & (bv - 1) or V.data.ptr % 16
+            or not V.flags.c_contiguous):
         return None
+    cap = min(REG_MAX_THREADS, REG_LAUNCH_BOUND)
     for items in REG_ITEMS:
         per = -(-r * bv // items)                      # threads that hold every value
         threads = max(32, -(-per // 32) * 32)          # whole warps (bv divides 32)
         shared = 8 * (r + threads // bv * b)
-        if threads <= REG_MAX_THREADS and shared <= MAX_SHARED:
+        if threads <= cap and shared <= MAX_SHARED:
             # u (r) and pass 2's partial sums (threads / bv row groups x b), float64
             return items, threads, shared
     return None

@@ -123,7 +123,8 @@ def sumsq_columns(V, alpha=0.0, beta=1.0, out_dtype=None):
     run = -(-r // nruns)
     nruns = -(-r // run)
     part = cp.empty((nb, nruns, c), dtype=np.float64) if nruns > 1 else out
-    # a block no wider than the columns (a small block's c < THREADS leaves no thread idle)
+    # a thread block no wider than the columns, in whole warps (c < THREADS: a small
+    # block of the block operator left half of 256 threads idle)
     threads = min(THREADS, -(-c // 32) * 32)
     grid = (-(-c // threads), nruns, nb)
     function(SOURCE, f"sumsq_run_{_SUFFIX[dt]}_{_SUFFIX[od]}")(
