@@ -270,7 +270,7 @@ BLOCK_SHAPES = [(1, 1, 1), (3, 5, 7), (40, 64, 128), (7, 256, 128), (5, 33, 1000
 
 def test_block_shapes_cover_every_register_kernel():
     """The comparison below runs every compiled register kernel (float32 and float64,
-    4, 8 and 16 groups a thread) with the default cap, and the general kernel."""
+    each number of groups a thread) with the default cap, and the general kernel."""
     import cupy as cp
     from mfac_linalg.kernels import blocks as KB
     plans = {(dt, KB._reg_plan(cp.zeros(shape, dtype=dt)))
@@ -287,9 +287,8 @@ def test_block_shapes_cover_every_register_kernel():
 def test_block_apply_against_float64(nb, r, b, dtype, alpha, beta, max_threads, monkeypatch):
     """alpha x + beta V^T (V x) per block, float64 sums rounded once: within the float64
     product's own rounding plus one unit of the dtype; bit-reproducible.  Both kernels:
-    the register kernel for small blocks (``max_threads`` its thread cap: 4, 8 or 16
-    16-byte groups a thread, in float32 and float64) and, where it does not take V (or
-    with the cap 0), the general one."""
+    the register kernel for small blocks (``max_threads`` its thread cap, in float32
+    and float64) and, where it does not take V (or with the cap 0), the general one."""
     import cupy as cp
     from mfac_linalg.kernels import blocks as KB
     monkeypatch.setattr(KB, "REG_MAX_THREADS", max_threads)
@@ -300,8 +299,8 @@ def test_block_apply_against_float64(nb, r, b, dtype, alpha, beta, max_threads, 
     assert KB.fits(Vd)
     vec = 16 // V.itemsize                 # values of a 16-byte group
     bv = b // vec
-    takes = (b % vec == 0 and bv <= 32 and bv & (bv - 1) == 0
-             and r * bv <= 16 * max_threads)   # every value a register (16 groups a thread)
+    takes = (b % vec == 0 and bv <= 32 and bv & (bv - 1) == 0 and max_threads >= 32
+             and r * bv <= KB.REG_ITEMS[-1] * max_threads)    # every value a register
     assert (KB._reg_plan(Vd) is not None) == takes
     Y = KB.apply(Vd, cp.asarray(X), alpha, beta)
     V64, X64 = V.astype(np.float64), X.astype(np.float64)
@@ -336,17 +335,17 @@ def test_block_apply_misaligned_stack_takes_the_general_kernel():
 @pytest.mark.parametrize("what", ["clean", "nan", "inf", "overflow", "overflow in V^T V x"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("alpha", [2.0, 0.0])
-@pytest.mark.parametrize("b", [128, 64])
-def test_block_apply_flags_non_finite_results(what, dtype, alpha, b):
+@pytest.mark.parametrize("r,b", [(64, 128), (32, 64)])
+def test_block_apply_flags_non_finite_results(what, dtype, alpha, r, b):
     """The stack kernel's check (the block operator's default check_finite): the flag is
     raised exactly when an entry of Y is not finite, from NaN/inf in one block's x (also
     in the primal form, alpha = 0: through u) or a result beyond the dtype's range with
     finite input (from alpha x or from beta V^T V x); Y is the unchecked kernel's.  Both
-    kernels: b = 64 is the register kernel's in either dtype, b = 128 in float32 only."""
+    kernels: (32, 64) is the register kernel's in either dtype, (64, 128) the general's."""
     import cupy as cp
     from mfac_linalg.kernels import blocks as KB
     rng = np.random.default_rng(11)
-    nb, r = 9, 64
+    nb = 9
     V = cp.asarray(rng.standard_normal((nb, r, b)).astype(dtype))
     X = rng.standard_normal((nb, b)).astype(dtype)
     beta = -1e-3
@@ -360,6 +359,7 @@ def test_block_apply_flags_non_finite_results(what, dtype, alpha, b):
         X[3, 1] = 0.9 * np.finfo(dtype).max      # finite x, alpha x beyond the range
     elif what == "overflow in V^T V x":
         beta = 0.5 * float(np.finfo(dtype).max)  # |V^T V x| >= 2 somewhere: beyond
+    assert (KB._reg_plan(V) is not None) == (b == 64)
     Y, flag = KB.apply(V, cp.asarray(X), alpha, beta, check=True)
     finite = bool(cp.isfinite(Y).all())
     assert finite == (what == "clean")

@@ -8,11 +8,11 @@ right-hand side launches a batched GEMM per pass and runs far from the memory fl
 small blocks.
 
 One thread block per matrix n.  Small blocks (rows of at most 32 16-byte groups, b <= 128
-in float32 and b <= 64 in float64, a power of two of groups, and r b at most 16 groups
-a thread of 256) are held in registers: every thread loads its part of V_n at once, so
-V_n is read once with many loads in flight, and both passes work on the registers
-(``_reg_plan``).  Otherwise x_n is staged in shared memory, each warp forms the dot
-products u_i = V_n[i, :] . x_n of its rows (coalesced along the row), then each thread
+in float32 and b <= 64 in float64, a power of two of groups, and r b at most four
+groups a thread of 256: 16 KiB) are held in registers: every thread loads its part of
+V_n at once, so V_n is read once with all its loads in flight, and both passes work on
+the registers (``_reg_plan``).  Otherwise x_n is staged in shared memory, each warp
+forms the dot products u_i = V_n[i, :] . x_n of its rows (coalesced along the row), then each thread
 owns columns j and sums V_n[i, j] u_i over the rows (coalesced across the threads).  The
 second read of V_n (r b values, a few hundred KiB at most) is served mostly from L2,
 which the neighbouring blocks in flight share.  Sums in float64 (free where float64
@@ -138,9 +138,8 @@ __device__ void block_apply(const T* __restrict__ V, const T* __restrict__ X,
 // shuffle tree over the b/VEC threads of a row; pass 2's column sums: each thread
 // over its rows in k order, then the row groups in order (shared memory).  float64
 // sums, one rounding, no atomics: bit-reproducible for a given launch (not bit-equal
-// to block_apply, whose sums run in another order).  Launch bound 256 threads, two
-// blocks a multiprocessor: at most 128 registers a thread (16 float4 of V and the
-// float64 sums; the unbounded compile took 142, one block a multiprocessor).
+// to block_apply, whose sums run in another order).  Launch bound 256 threads; K = 4
+// (the one compiled) takes 64 registers a thread, four blocks a multiprocessor.
 template <typename T> struct Vec16;
 template <> struct Vec16<float> { typedef float4 type; };
 template <> struct Vec16<double> { typedef double2 type; };
@@ -223,22 +222,6 @@ __global__ void __launch_bounds__(256, 2)
 block_apply_reg_f64_4(const double* V, const double* X, double* Y, int r, int b,
                        double alpha, double beta, double* flag) {
     block_apply_reg<double, 4>(V, X, Y, r, b, alpha, beta, flag); }
-__global__ void __launch_bounds__(256, 2)
-block_apply_reg_f32_8(const float* V, const float* X, float* Y, int r, int b,
-                       double alpha, double beta, double* flag) {
-    block_apply_reg<float, 8>(V, X, Y, r, b, alpha, beta, flag); }
-__global__ void __launch_bounds__(256, 2)
-block_apply_reg_f64_8(const double* V, const double* X, double* Y, int r, int b,
-                       double alpha, double beta, double* flag) {
-    block_apply_reg<double, 8>(V, X, Y, r, b, alpha, beta, flag); }
-__global__ void __launch_bounds__(256, 2)
-block_apply_reg_f32_16(const float* V, const float* X, float* Y, int r, int b,
-                       double alpha, double beta, double* flag) {
-    block_apply_reg<float, 16>(V, X, Y, r, b, alpha, beta, flag); }
-__global__ void __launch_bounds__(256, 2)
-block_apply_reg_f64_16(const double* V, const double* X, double* Y, int r, int b,
-                       double alpha, double beta, double* flag) {
-    block_apply_reg<double, 16>(V, X, Y, r, b, alpha, beta, flag); }
 __global__ void block_apply_f32(const float* V, const float* X, float* Y, int r, int b,
                                 double alpha, double beta, double* flag) {
     block_apply<float>(V, X, Y, r, b, alpha, beta, flag); }
@@ -305,8 +288,11 @@ def apply(V, X, alpha, beta, check=False, flag=None, out=None):
     return (Y, flag) if check else Y
 
 
-#: 16-byte groups of V per thread that the register kernel is compiled for
-REG_ITEMS = (4, 8, 16)
+#: 16-byte groups of V per thread that the register kernel is compiled for.  Four only:
+#: measured on an H100 (docs/benchmarks.md), 8 and 16 groups a thread (94-142
+#: registers, one or two blocks a multiprocessor) took 1.02-1.24x the general
+#: kernel's time on 32-64 KiB blocks, 4 groups 0.44-0.80x on 8-16 KiB blocks
+REG_ITEMS = (4,)
 #: the register kernels' ``__launch_bounds__`` (threads a block, at most)
 REG_LAUNCH_BOUND = 256
 #: most threads a block of the register kernel may have, up to ``REG_LAUNCH_BOUND``
@@ -316,10 +302,11 @@ REG_MAX_THREADS = 256
 
 def _reg_plan(V):
     """(items per thread, threads, shared memory bytes) of the register kernel for the
-    stack V (nb, r, b), or None where it does not take V: rows of b / (16 / itemsize) 16-byte groups, a power
-    of two at most 32 (the threads of a row are one aligned part of a warp), V 16-byte
-    aligned and C-contiguous, and r b small enough that every value has a register
-    (``REG_ITEMS[-1]`` groups a thread, at most ``REG_MAX_THREADS`` threads).  Which
+    stack V (nb, r, b), or None where it does not take V: rows of b / (16 / itemsize)
+    16-byte groups, a power of two at most 32 (the threads of a row are one aligned
+    part of a warp), V 16-byte aligned and C-contiguous, and r b small enough that
+    every value has a register (``REG_ITEMS[-1]`` groups a thread, at most
+    ``REG_MAX_THREADS`` threads).  Which
     kernel runs (so the order of the float64 sums, and the result's last bit) depends
     on the shape, V's alignment and the cap; each is bit-reproducible."""
     nb, r, b = V.shape

@@ -31,26 +31,16 @@ __device__ void sumsq_run(const T* __restrict__ V, double* __restrict__ part,
     if (j >= c) return;
     const int i0 = k * run, i1 = min(r, i0 + run);
     const T* p = V + n * sb + (long long)i0 * sr + j * sc;
-    // eight rows a step, their loads issued before any arithmetic (eight in flight per
-    // thread: a short run or a small block is otherwise bound by the loads' latency)
-    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    double s0 = 0.0, s1 = 0.0;
     int i = i0;
-    for (; i + 7 < i1; i += 8) {
-        double a[8];
-        #pragma unroll
-        for (int q = 0; q < 8; ++q) a[q] = (double)p[q * sr];
-        s0 = fma(a[0], a[0], s0);
-        s1 = fma(a[1], a[1], s1);
-        s2 = fma(a[2], a[2], s2);
-        s3 = fma(a[3], a[3], s3);
-        s0 = fma(a[4], a[4], s0);
-        s1 = fma(a[5], a[5], s1);
-        s2 = fma(a[6], a[6], s2);
-        s3 = fma(a[7], a[7], s3);
-        p += 8 * sr;
+    for (; i + 1 < i1; i += 2) {
+        const double a = (double)p[0], b = (double)p[sr];
+        s0 = fma(a, a, s0);
+        s1 = fma(b, b, s1);
+        p += 2 * sr;
     }
-    for (; i < i1; ++i) { const double a = (double)p[0]; s0 = fma(a, a, s0); p += sr; }
-    const double s = (s0 + s1) + (s2 + s3);
+    if (i < i1) { const double a = (double)p[0]; s0 = fma(a, a, s0); }
+    const double s = s0 + s1;
     if (nruns == 1) out[(long long)n * c + j] = (O)(alpha + beta * s);
     else part[((long long)n * nruns + k) * c + j] = s;
 }
@@ -123,12 +113,9 @@ def sumsq_columns(V, alpha=0.0, beta=1.0, out_dtype=None):
     run = -(-r // nruns)
     nruns = -(-r // run)
     part = cp.empty((nb, nruns, c), dtype=np.float64) if nruns > 1 else out
-    # a thread block no wider than the columns, in whole warps (c < THREADS: a small
-    # block of the block operator left half of 256 threads idle)
-    threads = min(THREADS, -(-c // 32) * 32)
-    grid = (-(-c // threads), nruns, nb)
+    grid = (-(-c // THREADS), nruns, nb)
     function(SOURCE, f"sumsq_run_{_SUFFIX[dt]}_{_SUFFIX[od]}")(
-        grid, (threads,),
+        grid, (THREADS,),
         (V3, part, out, np.int64(sb), np.int64(sr), np.int64(sc), np.int32(r), np.int32(c),
          np.int32(run), np.int32(nruns), np.float64(alpha), np.float64(beta)))
     if nruns > 1:
