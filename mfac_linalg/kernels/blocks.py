@@ -289,9 +289,9 @@ def apply(V, X, alpha, beta, check=False, flag=None, out=None):
 
 
 #: 16-byte groups of V per thread that the register kernel is compiled for.  Four only:
-#: measured on an H100 (docs/benchmarks.md), 8 and 16 groups a thread (94-142
-#: registers, one or two blocks a multiprocessor) took 1.02-1.24x the general
-#: kernel's time on 32-64 KiB blocks, 4 groups 0.44-0.80x on 8-16 KiB blocks
+#: measured on an H100 (docs/benchmarks.md, "GPU, seventh round"), 8 and 16 groups a
+#: thread (94-142 registers, one or two blocks a multiprocessor) took 1.23-1.36x the
+#: general kernel's time on 32-64 KiB blocks, 4 groups 0.44-0.80x on 4-16 KiB blocks
 REG_ITEMS = (4,)
 #: the register kernels' ``__launch_bounds__`` (threads a block, at most)
 REG_LAUNCH_BOUND = 256
