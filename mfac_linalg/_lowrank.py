@@ -183,7 +183,9 @@ class LowRank:
         self.N, self.damping = N, damping
         self.logdet = float(logdet)
         self.backend = backend
-        self.idx = None     # set by with_index(): queries never write shared state
+        # set by with_index(): queries never write shared state (the one exception,
+        # kernel_checks' cache of facts about V, is idempotent and dropped by pickling)
+        self.idx = None
         st = self.starts
         #: (first, last + 1) column when the blocks tile one contiguous range in order
         #: (then gathers and scatters are reshapes, no index arrays), else None

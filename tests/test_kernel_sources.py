@@ -166,5 +166,6 @@ def test_register_kernel_plan_covers_every_value(monkeypatch, itemsize, max_thre
     assert f"block_apply_reg_{'f32' if itemsize == 4 else 'f64'}_{items}" in defined
     assert blocks._reg_plan(_FakeStack((3, r, b), itemsize, ptr=264)) is None   # misaligned
     assert blocks._reg_plan(_FakeStack((3, r, b), itemsize, contiguous=False)) is None
-    launch_bound = re.search(r"__launch_bounds__\((\d+)", blocks.SOURCE)
-    assert launch_bound and int(launch_bound.group(1)) == blocks.REG_LAUNCH_BOUND
+    bounds = re.findall(r"__launch_bounds__\((\d+)", blocks.SOURCE)
+    assert len(bounds) == 2 * len(blocks.REG_ITEMS)        # every register kernel
+    assert all(int(t) == blocks.REG_LAUNCH_BOUND for t in bounds)

@@ -205,8 +205,8 @@ def test_kernel_matvec_checks_its_input_in_its_first_pass(explicit):
     ((1_100_000, 1), "c"),        # more runs than the grid's y extent allows
     ((64, 40_000), "c"),          # enough columns: one run
     ((3, 33, 129), "c"), ((4, 50, 10), "f"), ((4, 60, 30), "strided"),
-    ((40, 64, 128), "c"),         # blocks of a block operator: a narrow thread block
-    ((2, 17, 300), "c"),          # two thread blocks a matrix, rows not a multiple of 8
+    ((40, 64, 128), "c"),         # blocks of a block operator (block diagonal)
+    ((2, 17, 300), "c"),          # two thread blocks a matrix, an odd number of rows
 ])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_sumsq_columns_against_float64(shape, view, dtype):

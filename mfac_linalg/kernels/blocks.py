@@ -8,14 +8,15 @@ right-hand side launches a batched GEMM per pass and runs far from the memory fl
 small blocks.
 
 One thread block per matrix n.  Small blocks (rows of at most 32 16-byte groups, b <= 128
-in float32 and b <= 64 in float64, a power of two of groups, and r b at most four
-groups a thread of 256: 16 KiB) are held in registers: every thread loads its part of
-V_n at once, so V_n is read once with all its loads in flight, and both passes work on
-the registers (``_reg_plan``).  Otherwise x_n is staged in shared memory, each warp
-forms the dot products u_i = V_n[i, :] . x_n of its rows (coalesced along the row), then each thread
-owns columns j and sums V_n[i, j] u_i over the rows (coalesced across the threads).  The
-second read of V_n (r b values, a few hundred KiB at most) is served mostly from L2,
-which the neighbouring blocks in flight share.  Sums in float64 (free where float64
+in float32 and b <= 64 in float64, a power of two of groups, r b / (16 / itemsize) at
+most four groups a thread of 256 (16 KiB), V 16-byte aligned and C-contiguous) are held
+in registers: every thread loads its part of V_n at once, so V_n is read once with all
+its loads in flight, and both passes work on the registers (``_reg_plan``).  Otherwise
+x_n is staged in shared memory, each warp forms the dot products u_i = V_n[i, :] . x_n
+of its rows (coalesced along the row), then each thread owns columns j and sums
+V_n[i, j] u_i over the rows (coalesced across the threads); its second read of V_n
+(r b values, a few hundred KiB at most) is served mostly from L2, which the
+neighbouring blocks in flight share.  Sums in float64 (free where float64
 throughput matches float32, as on H100/H200; a few percent elsewhere, the kernel being
 bound by memory), one rounding at the end; no atomics, so results are bit-reproducible
 (for one kernel: the two kernels sum in different orders).
@@ -139,7 +140,8 @@ __device__ void block_apply(const T* __restrict__ V, const T* __restrict__ X,
 // over its rows in k order, then the row groups in order (shared memory).  float64
 // sums, one rounding, no atomics: bit-reproducible for a given launch (not bit-equal
 // to block_apply, whose sums run in another order).  Launch bound 256 threads; K = 4
-// (the one compiled) takes 64 registers a thread, four blocks a multiprocessor.
+// (the one compiled) takes 64 registers a thread in float32 (48 in float64): four
+// blocks of 256 threads a multiprocessor.
 template <typename T> struct Vec16;
 template <> struct Vec16<float> { typedef float4 type; };
 template <> struct Vec16<double> { typedef double2 type; };
@@ -296,7 +298,7 @@ REG_ITEMS = (4,)
 #: the register kernels' ``__launch_bounds__`` (threads a block, at most)
 REG_LAUNCH_BOUND = 256
 #: most threads a block of the register kernel may have, up to ``REG_LAUNCH_BOUND``
-#: (the fewest items per thread that fit under it are taken)
+#: (of ``REG_ITEMS``, the fewest items a thread that fit under it are taken)
 REG_MAX_THREADS = 256
 
 
