@@ -308,9 +308,9 @@ def _reg_plan(V):
     16-byte groups, a power of two at most 32 (the threads of a row are one aligned
     part of a warp), V 16-byte aligned and C-contiguous, and r b small enough that
     every value has a register (``REG_ITEMS[-1]`` groups a thread, at most
-    ``REG_MAX_THREADS`` threads).  Which
-    kernel runs (so the order of the float64 sums, and the result's last bit) depends
-    on the shape, V's alignment and the cap; each is bit-reproducible."""
+    ``REG_MAX_THREADS`` threads).  Which kernel runs (so the order of the float64 sums,
+    and the result's last bit) depends on the shape, V's alignment and the cap; each is
+    bit-reproducible."""
     nb, r, b = V.shape
     vec = 16 // V.itemsize
     bv = b // vec
