@@ -204,7 +204,7 @@ def gram_triples(layer, k, *, tol, start=None, scale=0.0, centred=False, max_ste
         if J >= kk + 1 and (J <= 40 or J % 4 == 0 or J == steps):
             # (every step at first, then every fourth: the SVD of B_J grows as J^3 and
             # a step here costs little)
-            u, s, vt = np.linalg.svd(Bm[:J, :J])
+            u, s, vt = np.linalg.svd(Bm[:J, :J])     # kept: the triples when done
             s1 = max(float(s[0]), scale)
             if s1 > 0.0 and (beta * np.abs(u[j, :kk]) / s1).max() <= tol:
                 done = True
@@ -213,7 +213,6 @@ def gram_triples(layer, k, *, tol, start=None, scale=0.0, centred=False, max_ste
     if broke or not done or J < kk:
         info["products"] = products
         return None, None, None, info
-    u, s, vt = np.linalg.svd(Bm[:J, :J])
     if kk > 1 and float(np.min(s[:kk - 1] - s[1:kk])) <= max(0.1 * tol, 1e-15) * s[0]:
         # a repeated sigma among the top k: the matrix-space solver aligns its cluster
         # (rearranged._align_clusters); this single-vector space may hold one copy only
