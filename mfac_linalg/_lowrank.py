@@ -33,6 +33,7 @@ batch; a stack of one block (the static operator) goes through plain 2-D BLAS.
 from __future__ import annotations
 
 import math
+import threading
 from contextlib import nullcontext as _no_context
 
 import numpy as np
@@ -252,9 +253,33 @@ class LowRank:
                                   or (stacked and kb.fits(self.V)))
         return cache[key]
 
+    def _gpu_paths(self):
+        """(wide, stack): whether a one-vector GPU product of V's dtype may take
+        ``apply_wide`` (V one large float32 block) and ``apply`` (a stack the block
+        kernel takes); decided once, V never changing (it is asked on every matvec)."""
+        paths = self.__dict__.get("_paths")
+        if paths is None:
+            kb = B.kernel_module("blocks")
+            paths = self._paths = (bool(kb.wide_fits(self.V, self.alpha)), bool(kb.fits(self.V)))
+        return paths
+
+    def _wide_work(self):
+        """This thread's workspace of ``apply_wide`` for V, made on first use: zeroed by
+        the product itself, reused by this thread's later products (one stream's work
+        is ordered; another thread has its own)."""
+        local = self.__dict__.get("_local")
+        if local is None:
+            local = self.__dict__.setdefault("_local", threading.local())
+        work = getattr(local, "work", None)
+        if work is None:
+            work = local.work = B.kernel_module("blocks").wide_workspace(*self.V.shape[1:])
+        return work
+
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.pop("_kernel_checks", None)     # about this V's memory: asked again there
+        # about this V's memory, and this process's threads: made again there
+        for key in ("_kernel_checks", "_paths", "_local"):
+            state.pop(key, None)
         return state
 
     def matmat(self, Xb, check=False, flag=None, out=None):
@@ -282,17 +307,18 @@ class LowRank:
         be = self.backend
         if be.is_gpu and Xb.shape[-1] == 1 and Xb.dtype == self.V.dtype:
             kb = B.kernel_module("blocks")
-            if check and kb.wide_fits(self.V, self.alpha):
+            wide, stack = self._gpu_paths()
+            if check and wide:
                 # one large block (the static operator), checked: the window's two
                 # float64-faithful passes over many thread blocks, the check a flag read
                 # once (unchecked, cuBLAS's two GEMVs are as fast: docs/benchmarks.md)
                 with be.device_context():
                     y, own = kb.apply_wide(self.V, Xb.reshape(-1), self.alpha, self.beta,
-                                           True, flag)
-                if flag is None and B.scalar(own[0]):
+                                           True, flag, work=self._wide_work())
+                if flag is None and B.to_host(own)[0]:
                     raise NonFiniteInput
                 return y.reshape(Xb.shape)
-            if Xb.ndim == 3 and kb.fits(self.V):
+            if Xb.ndim == 3 and stack:
                 # a stack: one thread block per block; checked, a flag the kernel raises
                 # for a non-finite result
                 dst = None if out is None else out[:, :, 0]

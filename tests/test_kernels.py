@@ -489,6 +489,47 @@ def test_apply_wide_flags_non_finite_results(what, r, b):
     assert bool(cp.isfinite(y).all()) and float(flag[0]) == 0.0
 
 
+def test_static_checked_matvec_workspace_per_thread():
+    """The static operator's checked kernel matvec reuses one workspace per thread
+    (zeroed by each product): products after a refusal, from several threads at once,
+    and of a pickled copy (which makes its own) equal the first product bit for bit."""
+    import pickle
+    import threading
+    import cupy as cp
+    rng = np.random.default_rng(3)
+    d = 40_000
+    G = cp.asarray(rng.standard_normal((64, d)).astype(np.float32))
+    op = ml.StaticInverseFisher(G, 0.5)
+    assert op._lr._gpu_paths()[0]                 # the kernels' path (apply_wide)
+    xs = [cp.asarray(rng.standard_normal(d).astype(np.float32)) for _ in range(4)]
+    ref = [op.matvec(x).get() for x in xs]
+    assert op._lr._wide_work() is op._lr._wide_work()
+    bad = xs[0].copy()
+    bad[7] = cp.nan
+    with pytest.raises(ValueError, match="^x must be finite"):
+        op.matvec(bad)
+    assert np.array_equal(op.matvec(xs[0]).get(), ref[0])     # the flag was cleared
+    out, errors = {}, []
+
+    def worker(t):
+        try:
+            with cp.cuda.Stream(non_blocking=True):
+                out[t] = [op.matvec(xs[(t + k) % 4]).get() for k in range(20)]
+        except Exception as exc:          # pragma: no cover - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for t in range(4):
+        for k in range(20):
+            assert np.array_equal(out[t][k], ref[(t + k) % 4])
+    copy = pickle.loads(pickle.dumps(op))
+    assert np.array_equal(copy.matvec(xs[1]).get(), ref[1])
+
+
 @pytest.mark.parametrize("op", ["static", "one block"])
 @pytest.mark.parametrize("d", [16, 40_000, 40_003])
 def test_gpu_matvec_check_finite_through_the_kernels(op, d):

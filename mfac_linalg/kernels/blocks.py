@@ -30,7 +30,7 @@ import numpy as np
 
 from ._compile import function
 
-__all__ = ["apply", "apply_wide", "fits", "wide_fits"]
+__all__ = ["apply", "apply_wide", "fits", "wide_fits", "wide_workspace"]
 
 SOURCE = r"""
 template <typename T>
@@ -353,14 +353,28 @@ def wide_fits(V, alpha):
             and alpha != 0 and not fits(V))
 
 
-def apply_wide(V, x, alpha, beta, check=False, flag=None):
+def wide_workspace(r, b):
+    """A reusable workspace of :func:`apply_wide` for V (1, r, b) on the current device:
+    (ws, u, flag, count, part), ws float64 holding u (r), the flag and the split sums'
+    counters (``apply_wide`` zeroes it with one memset), part the split sums (None with
+    one split).  One per thread: the products of one stream are ordered."""
+    import cupy as cp
+    from . import sliding as K
+    bx, splits, _ = K.combine_grid(r, b, "float32")
+    ws = cp.zeros(r + 1 + (bx + 1) // 2, dtype=np.float64)
+    part = cp.empty(splits * b, dtype=np.float64) if splits > 1 else None
+    return ws, ws[:r], ws[r:r + 1], ws[r + 1:].view(np.uint32)[:bx], part
+
+
+def apply_wide(V, x, alpha, beta, check=False, flag=None, work=None):
     """y = alpha x + beta V^T (V x) for one large block V (1, r, b) (``wide_fits``) and x
     (b,): two passes of the sliding window's float64-faithful kernels (u = V x with float64
     accumulators, then y = float32(alpha (x - V^T (-beta/alpha) u)) with float64 sums,
     rounded once; docs/math.md §7), the rows of pass 2 split across blocks so that a
     small b still fills the GPU.  Returns (y, flag): ``flag`` a one-element float64
     device array set to 1 when ``check`` and an entry of y is not finite, else None (a
-    ``flag`` given is used instead of a new one: zeroed by the caller)."""
+    ``flag`` given is used instead of a new one: zeroed by the caller).  ``work``: a
+    :func:`wide_workspace` for V's shape to use (zeroed here) instead of a new one."""
     import cupy as cp
     from . import sliding as K
     _, r, b = V.shape
@@ -368,14 +382,14 @@ def apply_wide(V, x, alpha, beta, check=False, flag=None):
     x = x.astype(np.float32, copy=False)
     if not x.flags.c_contiguous or x.data.ptr % 16:
         x = x.copy()
-    bx, splits, _ = K.combine_grid(r, b, "float32")
     # u (r), the flag, and the counters of the split sums (zeroed together, one memset)
-    ws = cp.zeros(r + 1 + (bx + 1) // 2, dtype=np.float64)
-    u = ws[:r]
+    if work is None:
+        work = wide_workspace(r, b)
+    else:
+        work[0].data.memset_async(0, work[0].nbytes)
+    _, u, own, count, part = work
     if flag is None:
-        flag = ws[r:r + 1]
-    count = ws[r + 1:].view(np.uint32)[:bx]
-    part = cp.empty(splits * b, dtype=np.float64) if splits > 1 else None
+        flag = own
     K.rows_dot(G, "float32", x, u, rows=r, wide=True)
     y = cp.empty(b, dtype=np.float32)
     K.combine_wide(G, "float32", u, x, y, None, part, count, rows=r, cscale=-beta / alpha,
