@@ -147,6 +147,10 @@ def _in_pieces(V3, nthreads, piece, col_pieces=1, min_cols=1):
     _threads.run(jobs, nthreads, piece)
 
 
+#: streams a thread keeps a static operator's ``apply_wide`` workspace for
+_WORK_STREAMS = 4
+
+
 class LowRank:
     r"""Stacked blocks of one size b and one form: block k is
     :math:`\alpha I + \beta V_k^T V_k` on the columns ``starts[k] + arange(b)``.
@@ -254,26 +258,40 @@ class LowRank:
         return cache[key]
 
     def _gpu_paths(self):
-        """(wide, stack): whether a one-vector GPU product of V's dtype may take
+        """(wide, stack, plan): whether a one-vector GPU product of V's dtype may take
         ``apply_wide`` (V one large float32 block) and ``apply`` (a stack the block
-        kernel takes); decided once, V never changing (it is asked on every matvec)."""
+        kernel takes), and the stack's register-kernel plan (``_reg_plan``); decided
+        once, V never changing (it is asked on every matvec)."""
         paths = self.__dict__.get("_paths")
         if paths is None:
             kb = B.kernel_module("blocks")
-            paths = self._paths = (bool(kb.wide_fits(self.V, self.alpha)), bool(kb.fits(self.V)))
+            stack = bool(kb.fits(self.V))
+            paths = self._paths = (bool(kb.wide_fits(self.V, self.alpha)), stack,
+                                   kb._reg_plan(self.V) if stack else None)
         return paths
 
     def _wide_work(self):
-        """This thread's workspace of ``apply_wide`` for V, made on first use: zeroed by
-        the product itself, reused by this thread's later products (one stream's work
-        is ordered; another thread has its own)."""
+        """The workspace of ``apply_wide`` for V on this thread's current stream, made on
+        first use: zeroed by each product and reused by the later products of the same
+        stream, whose work is ordered after it (another stream or thread has its own).
+        At most ``_WORK_STREAMS`` streams a thread are kept, the least recently used
+        dropped (its memory goes back to CuPy's pool, which orders reuse by stream)."""
+        import cupy as cp
         local = self.__dict__.get("_local")
         if local is None:
             local = self.__dict__.setdefault("_local", threading.local())
-        work = getattr(local, "work", None)
-        if work is None:
-            work = local.work = B.kernel_module("blocks").wide_workspace(*self.V.shape[1:])
-        return work
+        works = getattr(local, "works", None)
+        if works is None:
+            works = local.works = {}
+        stream = cp.cuda.get_current_stream()
+        entry = works.pop(stream.ptr, None)
+        if entry is None:
+            if len(works) >= _WORK_STREAMS:
+                del works[next(iter(works))]
+            # the stream is held with its workspace: its handle is not reused meanwhile
+            entry = (stream, B.kernel_module("blocks").wide_workspace(*self.V.shape[1:]))
+        works[stream.ptr] = entry                       # most recently used last
+        return entry[1]
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -307,7 +325,7 @@ class LowRank:
         be = self.backend
         if be.is_gpu and Xb.shape[-1] == 1 and Xb.dtype == self.V.dtype:
             kb = B.kernel_module("blocks")
-            wide, stack = self._gpu_paths()
+            wide, stack, plan = self._gpu_paths()
             if check and wide:
                 # one large block (the static operator), checked: the window's two
                 # float64-faithful passes over many thread blocks, the check a flag read
@@ -324,7 +342,7 @@ class LowRank:
                 dst = None if out is None else out[:, :, 0]
                 with be.device_context():
                     res = kb.apply(self.V, Xb[:, :, 0], self.alpha, self.beta, check, flag,
-                                   out=dst)
+                                   out=dst, plan=plan)
                 if not check:
                     return res[:, :, None]
                 if flag is None and B.scalar(res[1][0]):

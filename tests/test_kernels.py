@@ -490,9 +490,10 @@ def test_apply_wide_flags_non_finite_results(what, r, b):
 
 
 def test_static_checked_matvec_workspace_per_thread():
-    """The static operator's checked kernel matvec reuses one workspace per thread
-    (zeroed by each product): products after a refusal, from several threads at once,
-    and of a pickled copy (which makes its own) equal the first product bit for bit."""
+    """The static operator's checked kernel matvec reuses one workspace per thread and
+    stream (zeroed by each product): products after a refusal, on two streams of one
+    thread, from several threads at once, and of a pickled copy (which makes its own)
+    equal the first product bit for bit."""
     import pickle
     import threading
     import cupy as cp
@@ -504,6 +505,18 @@ def test_static_checked_matvec_workspace_per_thread():
     xs = [cp.asarray(rng.standard_normal(d).astype(np.float32)) for _ in range(4)]
     ref = [op.matvec(x).get() for x in xs]
     assert op._lr._wide_work() is op._lr._wide_work()
+    streams = [cp.cuda.Stream(non_blocking=True) for _ in range(2)]
+    with streams[0]:
+        w0 = op._lr._wide_work()
+    with streams[1]:
+        assert op._lr._wide_work() is not w0          # one workspace a stream
+    # one thread, products queued on two streams without waiting between them
+    queued = []
+    for k in range(8):
+        with streams[k % 2]:
+            queued.append(op.matvec(xs[k % 4]))
+    for k, y in enumerate(queued):
+        assert np.array_equal(y.get(), ref[k % 4])
     bad = xs[0].copy()
     bad[7] = cp.nan
     with pytest.raises(ValueError, match="^x must be finite"):

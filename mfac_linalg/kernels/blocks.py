@@ -257,7 +257,10 @@ def _shared(r, b, threads):
     return 8 * (b + r + (threads // b) * b if b < threads else b + r)
 
 
-def apply(V, X, alpha, beta, check=False, flag=None, out=None):
+_ASK = object()
+
+
+def apply(V, X, alpha, beta, check=False, flag=None, out=None, plan=_ASK):
     """Y (nb, b) = alpha X + beta V_k^T (V_k X_k) per block, for V (nb, r, b) with
     ``fits(V)`` and X (nb, b) of V's dtype (copied to contiguous if it is not).
     Returns Y, or with ``check`` (Y, flag): ``flag`` a one-element float64 device array
@@ -265,7 +268,8 @@ def apply(V, X, alpha, beta, check=False, flag=None, out=None):
     or a result beyond the dtype's range), read once by the caller; a ``flag`` given is
     used as it is (zeroed by the caller, shared by several launches).  ``out``: where Y
     goes when it is a C-contiguous (nb, b) array of V's dtype that does not overlap X
-    (the block operator's result, written in place of a copy), else a new array."""
+    (the block operator's result, written in place of a copy), else a new array.
+    ``plan``: ``_reg_plan(V)`` where the caller keeps it (V unchanged), else asked here."""
     import cupy as cp
     nb, r, b = V.shape
     X = cp.ascontiguousarray(X, dtype=V.dtype)
@@ -278,7 +282,8 @@ def apply(V, X, alpha, beta, check=False, flag=None, out=None):
         flag = cp.zeros(1, dtype=np.float64)
     args = (V, X, Y, np.int32(r), np.int32(b), np.float64(alpha), np.float64(beta),
             np.uintp(0) if flag is None else flag)
-    plan = _reg_plan(V)
+    if plan is _ASK:
+        plan = _reg_plan(V)
     if plan is not None:        # small blocks: held in registers, V read once
         items, threads, shared = plan
         function(SOURCE, f"block_apply_reg_{_SUFFIX[np.dtype(V.dtype)]}_{items}")(
