@@ -258,38 +258,45 @@ class LowRank:
         return cache[key]
 
     def _gpu_paths(self):
-        """(wide, stack, plan): whether a one-vector GPU product of V's dtype may take
-        ``apply_wide`` (V one large float32 block) and ``apply`` (a stack the block
-        kernel takes), and the stack's register-kernel plan (``_reg_plan``); decided
-        once, V never changing (it is asked on every matvec)."""
+        """(wide, graph, stack, plan): whether a one-vector GPU product of V's dtype may
+        take ``apply_wide`` (V one large float32 block), whether that product takes it
+        as a ``WideGraph`` when the flag is its own (``graph_fits``), whether it may take
+        ``apply`` (a stack the block kernel takes), and the stack's register-kernel plan
+        (``_reg_plan``); decided once, V never changing (it is asked on every matvec)."""
         paths = self.__dict__.get("_paths")
         if paths is None:
             kb = B.kernel_module("blocks")
             stack = bool(kb.fits(self.V))
-            paths = self._paths = (bool(kb.wide_fits(self.V, self.alpha)), stack,
+            wide = bool(kb.wide_fits(self.V, self.alpha))
+            paths = self._paths = (wide, wide and bool(kb.graph_fits(self.V)), stack,
                                    kb._reg_plan(self.V) if stack else None)
         return paths
 
-    def _wide_work(self):
-        """The workspace of ``apply_wide`` for V on this thread's current stream, made on
-        first use: zeroed by each product and reused by the later products of the same
-        stream, whose work is ordered after it (another stream or thread has its own).
-        At most ``_WORK_STREAMS`` streams a thread are kept, the least recently used
-        dropped (its memory goes back to CuPy's pool, which orders reuse by stream)."""
+    def _per_stream(self, kind):
+        """This thread's ``kind`` (``"work"``: an ``apply_wide`` workspace for V;
+        ``"graph"``: a ``WideGraph``) for its current stream, made on first use and
+        reused by the later products of the same stream, whose work is ordered after
+        it (another stream or thread has its own).  At most ``_WORK_STREAMS`` streams a
+        thread and kind are kept, the least recently used dropped (its memory goes back
+        to CuPy's pool, which orders reuse by stream)."""
         import cupy as cp
         local = self.__dict__.get("_local")
         if local is None:
             local = self.__dict__.setdefault("_local", threading.local())
-        works = getattr(local, "works", None)
+        works = getattr(local, kind, None)
         if works is None:
-            works = local.works = {}
+            works = {}
+            setattr(local, kind, works)
         stream = cp.cuda.get_current_stream()
         entry = works.pop(stream.ptr, None)
         if entry is None:
             if len(works) >= _WORK_STREAMS:
                 del works[next(iter(works))]
-            # the stream is held with its workspace: its handle is not reused meanwhile
-            entry = (stream, B.kernel_module("blocks").wide_workspace(*self.V.shape[1:]))
+            kb = B.kernel_module("blocks")
+            made = (kb.wide_workspace(*self.V.shape[1:]) if kind == "work"
+                    else kb.WideGraph(self.V, self.alpha, self.beta))
+            # the stream is held with its entry: its handle is not reused meanwhile
+            entry = (stream, made)
         works[stream.ptr] = entry                       # most recently used last
         return entry[1]
 
@@ -325,14 +332,20 @@ class LowRank:
         be = self.backend
         if be.is_gpu and Xb.shape[-1] == 1 and Xb.dtype == self.V.dtype:
             kb = B.kernel_module("blocks")
-            wide, stack, plan = self._gpu_paths()
+            wide, graph, stack, plan = self._gpu_paths()
             if check and wide:
                 # one large block (the static operator), checked: the window's two
                 # float64-faithful passes over many thread blocks, the check a flag read
-                # once (unchecked, cuBLAS's two GEMVs are as fast: docs/benchmarks.md)
+                # once (unchecked, cuBLAS's two GEMVs are as fast: docs/benchmarks.md);
+                # with its own flag, as one CUDA graph (``WideGraph``) where it fits
                 with be.device_context():
+                    if flag is None and graph:
+                        y, flagged = self._per_stream("graph")(Xb.reshape(-1))
+                        if flagged:
+                            raise NonFiniteInput
+                        return y.reshape(Xb.shape)
                     y, own = kb.apply_wide(self.V, Xb.reshape(-1), self.alpha, self.beta,
-                                           True, flag, work=self._wide_work())
+                                           True, flag, work=self._per_stream("work"))
                 if flag is None and B.to_host(own)[0]:
                     raise NonFiniteInput
                 return y.reshape(Xb.shape)

@@ -489,27 +489,32 @@ def test_apply_wide_flags_non_finite_results(what, r, b):
     assert bool(cp.isfinite(y).all()) and float(flag[0]) == 0.0
 
 
-def test_static_checked_matvec_workspace_per_thread():
-    """The static operator's checked kernel matvec reuses one workspace per thread and
-    stream (zeroed by each product): products after a refusal, on two streams of one
-    thread, from several threads at once, and of a pickled copy (which makes its own)
-    equal the first product bit for bit."""
+@pytest.mark.parametrize("m, d, graph", [(64, 40_000, True), (4, 1_100_000, False)])
+def test_static_checked_matvec_per_stream_state(m, d, graph):
+    """The static operator's checked kernel matvec keeps its state per thread and stream:
+    a ``WideGraph`` (r >= 16 or r d small) or an ``apply_wide`` workspace (zeroed by each
+    product).  Products after a refusal, queued on two streams of one thread, from
+    several threads at once, and of a pickled copy (which makes its own) equal
+    ``apply_wide`` with a fresh workspace bit for bit."""
     import pickle
     import threading
     import cupy as cp
+    from mfac_linalg.kernels import blocks as KB
     rng = np.random.default_rng(3)
-    d = 40_000
-    G = cp.asarray(rng.standard_normal((64, d)).astype(np.float32))
+    G = cp.asarray(rng.standard_normal((m, d)).astype(np.float32))
     op = ml.StaticInverseFisher(G, 0.5)
-    assert op._lr._gpu_paths()[0]                 # the kernels' path (apply_wide)
+    lr = op._lr
+    assert lr._gpu_paths()[:2] == (True, graph)      # the kernels' path (apply_wide)
+    kind = "graph" if graph else "work"
     xs = [cp.asarray(rng.standard_normal(d).astype(np.float32)) for _ in range(4)]
-    ref = [op.matvec(x).get() for x in xs]
-    assert op._lr._wide_work() is op._lr._wide_work()
+    ref = [KB.apply_wide(lr.V, x, lr.alpha, lr.beta, True)[0].get() for x in xs]
+    assert np.array_equal(op.matvec(xs[0]).get(), ref[0])
+    assert lr._per_stream(kind) is lr._per_stream(kind)
     streams = [cp.cuda.Stream(non_blocking=True) for _ in range(2)]
     with streams[0]:
-        w0 = op._lr._wide_work()
+        w0 = lr._per_stream(kind)
     with streams[1]:
-        assert op._lr._wide_work() is not w0          # one workspace a stream
+        assert lr._per_stream(kind) is not w0         # one a stream
     # one thread, products queued on two streams without waiting between them
     queued = []
     for k in range(8):
@@ -522,12 +527,20 @@ def test_static_checked_matvec_workspace_per_thread():
     with pytest.raises(ValueError, match="^x must be finite"):
         op.matvec(bad)
     assert np.array_equal(op.matvec(xs[0]).get(), ref[0])     # the flag was cleared
+    # a flag given by the caller (a block operator's stack): the workspace, the flag
+    # raised there and not read
+    flag = cp.zeros(1, dtype=np.float64)
+    y = lr.matmat(bad[None, :, None], check=True, flag=flag)
+    assert float(flag[0]) == 1.0 and y.shape == (1, d, 1)
+    flag[:] = 0
+    y = lr.matmat(xs[2][None, :, None], check=True, flag=flag)
+    assert float(flag[0]) == 0.0 and np.array_equal(y[0, :, 0].get(), ref[2])
     out, errors = {}, []
 
     def worker(t):
         try:
             with cp.cuda.Stream(non_blocking=True):
-                out[t] = [op.matvec(xs[(t + k) % 4]).get() for k in range(20)]
+                out[t] = [op.matvec(xs[(t + k) % 4]).get() for k in range(12)]
         except Exception as exc:          # pragma: no cover - reported below
             errors.append(exc)
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
@@ -537,10 +550,27 @@ def test_static_checked_matvec_workspace_per_thread():
         t.join()
     assert not errors
     for t in range(4):
-        for k in range(20):
+        for k in range(12):
             assert np.array_equal(out[t][k], ref[(t + k) % 4])
     copy = pickle.loads(pickle.dumps(op))
     assert np.array_equal(copy.matvec(xs[1]).get(), ref[1])
+
+
+def test_per_stream_state_keeps_the_latest_streams(monkeypatch):
+    """At most ``_WORK_STREAMS`` streams a thread keep their state; the least recently
+    used goes first, and a stream used again keeps its own."""
+    import cupy as cp
+    from mfac_linalg import _lowrank as LRm
+    monkeypatch.setattr(LRm, "_WORK_STREAMS", 2)
+    G = cp.asarray(np.random.default_rng(0).standard_normal((32, 40_000)).astype(np.float32))
+    lr = ml.StaticInverseFisher(G, 0.5)._lr
+    s = [cp.cuda.Stream(non_blocking=True) for _ in range(3)]
+    got = []
+    for k in (0, 1, 0, 2, 0):
+        with s[k]:
+            got.append(lr._per_stream("graph"))
+    assert got[2] is got[0] and got[4] is got[0]       # s0 kept: used most recently
+    assert len(lr._local.graph) == 2 and s[1].ptr not in lr._local.graph
 
 
 @pytest.mark.parametrize("op", ["static", "one block"])

@@ -30,7 +30,7 @@ import numpy as np
 
 from ._compile import function
 
-__all__ = ["apply", "apply_wide", "fits", "wide_fits", "wide_workspace"]
+__all__ = ["WideGraph", "apply", "apply_wide", "fits", "wide_fits", "wide_workspace"]
 
 SOURCE = r"""
 template <typename T>
@@ -400,3 +400,81 @@ def apply_wide(V, x, alpha, beta, check=False, flag=None, work=None):
     K.combine_wide(G, "float32", u, x, y, None, part, count, rows=r, cscale=-beta / alpha,
                    flag=flag if check else None, inv_lam=alpha)
     return y, (flag if check else None)
+
+
+#: ``WideGraph`` is taken for V (1, r, b) with r >= GRAPH_MIN_ROWS or r b <=
+#: GRAPH_SMALL: its copies of x and y (16 b bytes) are then a small part of the two
+#: passes' 8 r b bytes, or the call is latency-bound and the launches are what count
+GRAPH_MIN_ROWS = 16
+GRAPH_SMALL = 1 << 22
+
+
+def graph_fits(V):
+    """Whether the static operator's checked product takes :class:`WideGraph` for V
+    (``wide_fits`` already holding)."""
+    _, r, b = V.shape
+    return r >= GRAPH_MIN_ROWS or r * b <= GRAPH_SMALL
+
+
+class WideGraph:
+    """:func:`apply_wide` with the check, for one V (1, r, b), alpha and beta, as a CUDA
+    graph: its memset, both passes and the flag's copy to pinned host memory captured
+    once, on a private stream, over buffers of its own (x, y, the workspace).  A call
+    copies x in, launches the graph on the current stream, copies y out into a new
+    array and synchronises once: four host calls instead of the allocations, views and
+    two launches with their arguments.  The same kernels in the same order, so the
+    result is bit for bit ``apply_wide``'s.  One instance per stream and thread (its
+    buffers are its own): the caller keeps them (``LowRank``)."""
+
+    def __init__(self, V, alpha, beta):
+        import cupy as cp
+        from . import sliding as K
+        _, r, b = V.shape
+        self.b = b
+        self.x = cp.empty(b, dtype=np.float32)
+        self.y = cp.empty(b, dtype=np.float32)
+        ws, u, flag, count, part = self.work = wide_workspace(r, b)
+        self._pinned = cp.cuda.alloc_pinned_memory(8)
+        self._flag = np.frombuffer(self._pinned, np.float64, 1)
+        G, x, y = V[0], self.x, self.y
+
+        def body():
+            stream = cp.cuda.get_current_stream()
+            ws.data.memset_async(0, ws.nbytes, stream)
+            K.rows_dot(G, "float32", x, u, rows=r, wide=True)
+            K.combine_wide(G, "float32", u, x, y, None, part, count, rows=r,
+                           cscale=-beta / alpha, flag=flag, inv_lam=alpha)
+            cp.cuda.runtime.memcpyAsync(self._flag.ctypes.data, flag.data.ptr, 8,
+                                        cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+
+        x.fill(0)
+        cp.cuda.get_current_stream().synchronize()     # V and x ready for the side stream
+        side = cp.cuda.Stream(non_blocking=True)
+        with side:
+            body()                      # the kernels compiled and loaded before capture
+            side.synchronize()
+            side.begin_capture()
+            try:
+                body()
+            except BaseException:
+                try:
+                    side.end_capture()
+                except Exception:       # pragma: no cover - the capture's own error
+                    pass
+                raise
+            self.graph = side.end_capture()
+
+    def __call__(self, x):
+        """(y, flagged) for x (b,) float32 on V's device: y a new array, flagged True
+        when an entry of y is not finite (NaN or infinity in x, or an overflow)."""
+        import cupy as cp
+        if not x.flags.c_contiguous:
+            x = cp.ascontiguousarray(x)
+        stream = cp.cuda.get_current_stream()
+        nbytes = 4 * self.b
+        self.x.data.copy_from_device_async(x.data, nbytes, stream)
+        self.graph.launch(stream)
+        y = cp.empty(self.b, dtype=np.float32)
+        y.data.copy_from_device_async(self.y.data, nbytes, stream)
+        stream.synchronize()
+        return y, bool(self._flag[0])
