@@ -4,7 +4,7 @@ Same data for both, interleaved rounds (the order alternating), each figure the 
 of the per-round medians of CUDA-event timings (15 calls after 2 warm-up calls); the
 ratio is new / old (< 1: this checkout is faster).  Rows: the sliding window's matvec,
 update and step (float32, bfloat16; d up to 1e7, m up to 4096), the static operator's
-set-up, matvec and diagonal, the block operator's matvec and diagonal, and how far the
+set-up, matvec (checked and unchecked) and diagonal, the block operator's matvec and diagonal, and how far the
 two versions' results differ.
 
 The other version is a folder holding its ``mfac_linalg`` package, e.g.
@@ -110,22 +110,28 @@ def bench_static(d, m, lines):
     G = cp.random.RandomState(2).standard_normal((m, d), dtype=cp.float32)
     lam = 1e-3 * d
     x = cp.random.RandomState(3).standard_normal(d, dtype=cp.float32)
-    res = {k: [] for k in ("os", "ns", "om", "nm", "od", "nd")}
+    res = {k: [] for k in ("os", "ns", "om", "nm", "ou", "nu", "od", "nd")}
     oo = old.StaticInverseFisher(G, lam)
     nn = new.StaticInverseFisher(G, lam)
+    ou = old.StaticInverseFisher(G, lam, check_finite=False)
+    nu = new.StaticInverseFisher(G, lam, check_finite=False)
     for r in range(ROUNDS):
-        pairs = [("o", old, oo), ("n", new, nn)]
+        pairs = [("o", old, oo, ou), ("n", new, nn, nu)]
         if r % 2:
             pairs.reverse()
-        for t, lib, op in pairs:
+        for t, lib, op, raw in pairs:
             res[t + "s"].append(gpu_time(lambda: lib.StaticInverseFisher(G, lam), 5, 1))
             res[t + "m"].append(gpu_time(lambda: op.matvec(x)))
+            res[t + "u"].append(gpu_time(lambda: raw.matvec(x)))
             res[t + "d"].append(gpu_time(op.diagonal, 5, 1))
+    ref = nn.matvec(x)
+    diff = float(cp.abs(oo.matvec(x) - ref).max() / cp.abs(ref).max())
     med = {k: float(np.median(v)) for k, v in res.items()}
     line = (f"| static {d:.0e} | {m} | float32 | set-up {med['os']:.3f} → {med['ns']:.3f} "
             f"({med['ns'] / med['os']:.3f}) | matvec {med['om']:.3f} → {med['nm']:.3f} "
-            f"({med['nm'] / med['om']:.3f}) | diagonal {med['od']:.3f} → {med['nd']:.3f} "
-            f"({med['nd'] / med['od']:.3f}) |")
+            f"({med['nm'] / med['om']:.3f}) | unchecked {med['ou']:.3f} → {med['nu']:.3f} "
+            f"({med['nu'] / med['ou']:.3f}) | diagonal {med['od']:.3f} → {med['nd']:.3f} "
+            f"({med['nd'] / med['od']:.3f}) | matvec rel. diff {diff:.1e} |")
     lines.append(line)
     print(line, flush=True)
 
@@ -179,7 +185,7 @@ def main():
             bench(d, m, dtype, lines)
             free()
     lines.append("")
-    for d, m in ((100_000, 256), (1_000_000, 1024)):
+    for d, m in ((100_000, 256), (100_000, 1024), (1_000_000, 1024)):
         bench_static(d, m, lines)
         free()
     for d, m, b in ((1_000_000, 256, 128), (1_000_000, 64, 1024)):

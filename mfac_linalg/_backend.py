@@ -467,8 +467,14 @@ def kernel_module(name):
     """The GPU kernels' module ``mfac_linalg.kernels.<name>``, imported lazily: code
     outside ``_backend``, ``kernels/`` and the CUDA ring buffer reaches kernels only
     through here."""
-    import importlib
-    return importlib.import_module(f"{__package__}.kernels.{name}")
+    mod = _KERNEL_MODULES.get(name)
+    if mod is None:             # asked on every GPU product: imported once, then looked up
+        import importlib
+        mod = _KERNEL_MODULES[name] = importlib.import_module(f"{__package__}.kernels.{name}")
+    return mod
+
+
+_KERNEL_MODULES = {}
 
 
 def storage_dtype_names(backend):

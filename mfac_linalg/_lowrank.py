@@ -33,7 +33,6 @@ batch; a stack of one block (the static operator) goes through plain 2-D BLAS.
 from __future__ import annotations
 
 import math
-import threading
 from contextlib import nullcontext as _no_context
 
 import numpy as np
@@ -147,10 +146,6 @@ def _in_pieces(V3, nthreads, piece, col_pieces=1, min_cols=1):
     _threads.run(jobs, nthreads, piece)
 
 
-#: streams a thread keeps a static operator's ``apply_wide`` workspace for
-_WORK_STREAMS = 4
-
-
 class LowRank:
     r"""Stacked blocks of one size b and one form: block k is
     :math:`\alpha I + \beta V_k^T V_k` on the columns ``starts[k] + arange(b)``.
@@ -259,51 +254,54 @@ class LowRank:
 
     def _gpu_paths(self):
         """(wide, graph, stack, plan): whether a one-vector GPU product of V's dtype may
-        take ``apply_wide`` (V one large float32 block), whether that product takes it
-        as a ``WideGraph`` when the flag is its own (``graph_fits``), whether it may take
+        take ``apply_wide`` (V one large float32 block, ``wide_fits``), whether one with
+        its own flag (or none) takes a ``WideGraph`` (``graph_fits``), whether it may take
         ``apply`` (a stack the block kernel takes), and the stack's register-kernel plan
         (``_reg_plan``); decided once, V never changing (it is asked on every matvec)."""
         paths = self.__dict__.get("_paths")
         if paths is None:
             kb = B.kernel_module("blocks")
             stack = bool(kb.fits(self.V))
-            wide = bool(kb.wide_fits(self.V, self.alpha))
-            paths = self._paths = (wide, wide and bool(kb.graph_fits(self.V)), stack,
+            paths = self._paths = (bool(kb.wide_fits(self.V, self.alpha)),
+                                   bool(kb.graph_fits(self.V, self.alpha)), stack,
                                    kb._reg_plan(self.V) if stack else None)
         return paths
 
+    def vector(self, x, check):
+        """(alpha I + beta V^T V) x for one vector x (b,) of V's dtype on V's device, as
+        one CUDA graph (``WideGraph``, the float64-faithful passes), or None where the
+        graph does not take V (``graph_fits``) or this is not the GPU.  ``check``: one
+        synchronisation, ``NonFiniteInput`` when the result is not finite (as
+        :meth:`matmat`); without it none."""
+        if not (self.backend.is_gpu and self._gpu_paths()[1]):
+            return None
+        with self.backend.device_context():
+            y, flagged = self._per_stream("graph" if check else "graph0")(x)
+        if flagged:
+            raise NonFiniteInput
+        return y
+
     def _per_stream(self, kind):
         """This thread's ``kind`` (``"work"``: an ``apply_wide`` workspace for V;
-        ``"graph"``: a ``WideGraph``) for its current stream, made on first use and
-        reused by the later products of the same stream, whose work is ordered after
-        it (another stream or thread has its own).  At most ``_WORK_STREAMS`` streams a
-        thread and kind are kept, the least recently used dropped (its memory goes back
-        to CuPy's pool, which orders reuse by stream)."""
-        import cupy as cp
-        local = self.__dict__.get("_local")
-        if local is None:
-            local = self.__dict__.setdefault("_local", threading.local())
-        works = getattr(local, kind, None)
-        if works is None:
-            works = {}
-            setattr(local, kind, works)
-        stream = cp.cuda.get_current_stream()
-        entry = works.pop(stream.ptr, None)
-        if entry is None:
-            if len(works) >= _WORK_STREAMS:
-                del works[next(iter(works))]
+        ``"graph"``, ``"graph0"``: a ``WideGraph`` with and without the check) for its
+        current stream (``kernels/blocks.PerStream``): made on first use, reused by the
+        later products of the same stream and thread."""
+        streams = self.__dict__.get("_streams")
+        if streams is None:
+            streams = self.__dict__.setdefault("_streams", {})
+        keep = streams.get(kind)
+        if keep is None:
             kb = B.kernel_module("blocks")
-            made = (kb.wide_workspace(*self.V.shape[1:]) if kind == "work"
-                    else kb.WideGraph(self.V, self.alpha, self.beta))
-            # the stream is held with its entry: its handle is not reused meanwhile
-            entry = (stream, made)
-        works[stream.ptr] = entry                       # most recently used last
-        return entry[1]
+            shape, V, a, b = self.V.shape[1:], self.V, self.alpha, self.beta
+            make = ((lambda: kb.wide_workspace(*shape)) if kind == "work"
+                    else (lambda: kb.WideGraph(V, a, b, kind == "graph")))
+            keep = streams.setdefault(kind, kb.PerStream(make))
+        return keep.current()
 
     def __getstate__(self):
         state = dict(self.__dict__)
         # about this V's memory, and this process's threads: made again there
-        for key in ("_kernel_checks", "_paths", "_local"):
+        for key in ("_kernel_checks", "_paths", "_streams"):
             state.pop(key, None)
         return state
 
@@ -313,11 +311,12 @@ class LowRank:
 
         The scale goes on the small (r, k) side and the d-sized result is built in
         place (no d-sized temporaries beyond the result).  On the GPU one vector goes
-        through kernels (``kernels/blocks.py``, float64 sums rounded once;
-        :meth:`kernel_checks`): for one large block (``wide_fits``), checked, the sliding
-        window's two passes with a flag the kernel raises (unchecked, cuBLAS's two GEMVs,
-        as fast there); for a stack, one thread block per block, with the flag when
-        checked.
+        through kernels (``kernels/blocks.py``, float64 sums rounded once): for one
+        large block, the sliding window's two passes, as one CUDA graph (:meth:`vector`,
+        ``graph_fits``; checked, a flag the kernel raises, read once) or, for a flag of
+        the caller's, launched one by one (``wide_fits``, :meth:`kernel_checks`); else
+        unchecked, cuBLAS's two GEMVs; for a stack, one thread block per block, with the
+        flag when checked.
 
         ``check``: raise ``NonFiniteInput`` when X holds NaN or infinity or a product
         overflows, read from the result Y: with alpha != 0 every x_j enters y_j, and
@@ -333,17 +332,15 @@ class LowRank:
         if be.is_gpu and Xb.shape[-1] == 1 and Xb.dtype == self.V.dtype:
             kb = B.kernel_module("blocks")
             wide, graph, stack, plan = self._gpu_paths()
+            if graph and flag is None:
+                # one large block (the static operator): the window's two float64-faithful
+                # passes over many thread blocks as one CUDA graph; checked, its flag
+                # read once
+                return self.vector(Xb.reshape(-1), check).reshape(Xb.shape)
             if check and wide:
-                # one large block (the static operator), checked: the window's two
-                # float64-faithful passes over many thread blocks, the check a flag read
-                # once (unchecked, cuBLAS's two GEMVs are as fast: docs/benchmarks.md);
-                # with its own flag, as one CUDA graph (``WideGraph``) where it fits
+                # the same passes launched one by one, for a flag of the caller's (a
+                # stack of a block operator) or a V the graph does not take
                 with be.device_context():
-                    if flag is None and graph:
-                        y, flagged = self._per_stream("graph")(Xb.reshape(-1))
-                        if flagged:
-                            raise NonFiniteInput
-                        return y.reshape(Xb.shape)
                     y, own = kb.apply_wide(self.V, Xb.reshape(-1), self.alpha, self.beta,
                                            True, flag, work=self._per_stream("work"))
                 if flag is None and B.to_host(own)[0]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from . import _backend as B
 from . import _lowrank as LR
 from . import _validate as _v
-from ._operator import Operator
+from ._operator import NonFiniteInput, Operator
 
 __all__ = ["StaticInverseFisher", "FisherOperator"]
 
@@ -194,6 +194,20 @@ class StaticInverseFisher(_LowRankInverseFisher):
 
     def _matmat(self, X):
         return self._lr.matmat(X, check=self._check_finite)
+
+    def _fast_vector(self, x, name):
+        """A CuPy vector (d,) of the operator's dtype on its device goes straight to the
+        CUDA graph of ``LowRank.vector`` (where it takes V), sparing the general path's
+        host time (docs/benchmarks.md); anything else, None."""
+        be = self._backend
+        if not (be.is_gpu and getattr(x, "ndim", 0) == 1 and B._is_cupy_array(x)
+                and x.shape[0] == self._d and x.dtype == self._dtype
+                and x.device.id == be.device_id):
+            return None
+        try:
+            return self._lr.vector(x, self._check_finite)
+        except NonFiniteInput:
+            raise self._nonfinite(x, name) from None
 
     def _diagonal(self):
         return self._lr.diagonal()[0]

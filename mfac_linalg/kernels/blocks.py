@@ -26,11 +26,13 @@ a float64 u, not bit for bit.)
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ._compile import function
 
-__all__ = ["WideGraph", "apply", "apply_wide", "fits", "wide_fits", "wide_workspace"]
+__all__ = ["PerStream", "WideGraph", "apply", "apply_wide", "fits", "wide_fits", "wide_workspace"]
 
 SOURCE = r"""
 template <typename T>
@@ -346,14 +348,14 @@ def _overlap(a, b):
 WIDE_MAX_ELEMENTS = 50_000_000
 
 
-def wide_fits(V, alpha):
+def wide_fits(V, alpha, max_elements=WIDE_MAX_ELEMENTS):
     """True where :func:`apply_wide` takes V: one float32 block (1, r, b) too large for
     :func:`apply` (a small one, such as the ragged last block of a block operator, is
     faster there or through cuBLAS than through four launches) and at most
-    ``WIDE_MAX_ELEMENTS`` values, C-contiguous, 16-byte aligned rows (b a multiple of 4),
+    ``max_elements`` values (``WIDE_MAX_ELEMENTS``), C-contiguous, 16-byte aligned rows (b a multiple of 4),
     alpha != 0 (the dual form)."""
     return (V.ndim == 3 and V.shape[0] == 1 and V.shape[1] > 0 and V.dtype == np.float32
-            and V.shape[1] * V.shape[2] <= WIDE_MAX_ELEMENTS
+            and V.shape[1] * V.shape[2] <= max_elements
             and V.flags.c_contiguous and V.shape[2] % 4 == 0 and V.data.ptr % 16 == 0
             and alpha != 0 and not fits(V))
 
@@ -403,39 +405,47 @@ def apply_wide(V, x, alpha, beta, check=False, flag=None, work=None):
 
 
 #: ``WideGraph`` is taken for V (1, r, b) with r >= GRAPH_MIN_ROWS or r b <=
-#: GRAPH_SMALL: its copies of x and y (16 b bytes) are then a small part of the two
-#: passes' 8 r b bytes, or the call is latency-bound and the launches are what count
+#: GRAPH_SMALL (its copies of x and y, 16 b bytes, are then a small part of the two
+#: passes' 8 r b bytes, or the call is latency-bound and the launches are what count),
+#: up to GRAPH_MAX_ELEMENTS values: beyond ``WIDE_MAX_ELEMENTS``, where the launches
+#: saved still outweigh the passes' 0.98-1.08x of cuBLAS's time (docs/benchmarks.md)
 GRAPH_MIN_ROWS = 16
 GRAPH_SMALL = 1 << 22
+GRAPH_MAX_ELEMENTS = 150_000_000
 
 
-def graph_fits(V):
-    """Whether the static operator's checked product takes :class:`WideGraph` for V
-    (``wide_fits`` already holding)."""
+def graph_fits(V, alpha):
+    """Whether the static operator's product of one vector takes :class:`WideGraph`:
+    ``wide_fits`` up to ``GRAPH_MAX_ELEMENTS`` values, and r >= ``GRAPH_MIN_ROWS`` or
+    r b <= ``GRAPH_SMALL``."""
+    if not wide_fits(V, alpha, GRAPH_MAX_ELEMENTS):
+        return False
     _, r, b = V.shape
     return r >= GRAPH_MIN_ROWS or r * b <= GRAPH_SMALL
 
 
 class WideGraph:
-    """:func:`apply_wide` with the check, for one V (1, r, b), alpha and beta, as a CUDA
-    graph: its memset, both passes and the flag's copy to pinned host memory captured
-    once, on a private stream, over buffers of its own (x, y, the workspace).  A call
-    copies x in, launches the graph on the current stream, copies y out into a new
-    array and synchronises once: four host calls instead of the allocations, views and
-    two launches with their arguments.  The same kernels in the same order, so the
-    result is bit for bit ``apply_wide``'s.  One instance per stream and thread (its
-    buffers are its own): the caller keeps them (``LowRank``)."""
+    """:func:`apply_wide` for one V (1, r, b), alpha and beta as a CUDA graph: its
+    memset, both passes and, with ``check``, the flag's copy to pinned host memory,
+    captured once on a private stream over buffers of its own (x, y, the workspace).
+    A call copies x in, launches the graph on the current stream and copies y out into
+    a new array; with ``check`` it then synchronises once and reads the flag, without
+    it returns at once (the result ordered on the stream, as any CuPy result).  Four
+    host calls instead of the allocations, views and two launches with their
+    arguments; the same kernels in the same order as ``apply_wide``.  One instance per
+    stream and thread (its buffers are its own): the caller keeps them (``LowRank``)."""
 
-    def __init__(self, V, alpha, beta):
+    def __init__(self, V, alpha, beta, check=True):
         import cupy as cp
         from . import sliding as K
         _, r, b = V.shape
-        self.b = b
-        self.x = cp.empty(b, dtype=np.float32)
+        self.b, self.check = b, bool(check)
+        self.x = cp.zeros(b, dtype=np.float32)
         self.y = cp.empty(b, dtype=np.float32)
         ws, u, flag, count, part = self.work = wide_workspace(r, b)
-        self._pinned = cp.cuda.alloc_pinned_memory(8)
-        self._flag = np.frombuffer(self._pinned, np.float64, 1)
+        self._pinned = cp.cuda.alloc_pinned_memory(8) if self.check else None
+        self._flag = (np.frombuffer(self._pinned, np.float64, 1) if self.check
+                      else np.zeros(1))
         G, x, y = V[0], self.x, self.y
 
         def body():
@@ -443,11 +453,12 @@ class WideGraph:
             ws.data.memset_async(0, ws.nbytes, stream)
             K.rows_dot(G, "float32", x, u, rows=r, wide=True)
             K.combine_wide(G, "float32", u, x, y, None, part, count, rows=r,
-                           cscale=-beta / alpha, flag=flag, inv_lam=alpha)
-            cp.cuda.runtime.memcpyAsync(self._flag.ctypes.data, flag.data.ptr, 8,
-                                        cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+                           cscale=-beta / alpha, flag=flag if self.check else None,
+                           inv_lam=alpha)
+            if self.check:
+                cp.cuda.runtime.memcpyAsync(self._flag.ctypes.data, flag.data.ptr, 8,
+                                            cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
 
-        x.fill(0)
         cp.cuda.get_current_stream().synchronize()     # V and x ready for the side stream
         side = cp.cuda.Stream(non_blocking=True)
         with side:
@@ -465,8 +476,9 @@ class WideGraph:
             self.graph = side.end_capture()
 
     def __call__(self, x):
-        """(y, flagged) for x (b,) float32 on V's device: y a new array, flagged True
-        when an entry of y is not finite (NaN or infinity in x, or an overflow)."""
+        """(y, flagged) for x (b,) float32 on V's device: y a new array; flagged True
+        when ``check`` and an entry of y is not finite (NaN or infinity in x, or an
+        overflow), else False."""
         import cupy as cp
         if not x.flags.c_contiguous:
             x = cp.ascontiguousarray(x)
@@ -476,5 +488,43 @@ class WideGraph:
         self.graph.launch(stream)
         y = cp.empty(self.b, dtype=np.float32)
         y.data.copy_from_device_async(self.y.data, nbytes, stream)
+        if not self.check:
+            return y, False
         stream.synchronize()
         return y, bool(self._flag[0])
+
+
+#: streams a thread keeps a :class:`PerStream` object for
+STREAMS_KEPT = 4
+
+
+class PerStream:
+    """Objects made by ``make()`` and kept per thread and current CUDA stream: the
+    products of one stream are ordered after one another, so each may reuse the buffers
+    of the one before (another stream or thread has its own).  At most
+    ``STREAMS_KEPT`` streams a thread are kept, the least recently used dropped (its
+    memory goes back to CuPy's pool, which orders reuse by stream); the stream is held
+    with its object, so its handle is not reused meanwhile."""
+
+    def __init__(self, make):
+        self._make = make
+        self._local = threading.local()
+
+    def current(self):
+        """The object of this thread's current stream, made on first use."""
+        import cupy as cp
+        kept = getattr(self._local, "kept", None)
+        if kept is None:
+            kept = self._local.kept = {}
+        stream = cp.cuda.get_current_stream()
+        entry = kept.pop(stream.ptr, None)
+        if entry is None:
+            while len(kept) >= STREAMS_KEPT:
+                del kept[next(iter(kept))]
+            entry = (stream, self._make())
+        kept[stream.ptr] = entry                 # most recently used last
+        return entry[1]
+
+    def streams(self):
+        """The handles of this thread's kept streams, least recently used first."""
+        return list(getattr(self._local, "kept", {}))
