@@ -425,11 +425,21 @@ def test_block_apply_refuses_what_it_cannot_take():
     assert not KB.wide_fits(cp.zeros((1, 8, 8192), dtype=f32), 0.0)   # primal form
     big = cp.zeros((1, 8, 8192), dtype=f32)
     assert KB.wide_fits(big, 1.0)
+    saved = KB.WIDE_MAX_ELEMENTS, KB.GRAPH_MAX_ELEMENTS
     try:
-        KB.WIDE_MAX_ELEMENTS, saved = 8 * 8192 - 1, KB.WIDE_MAX_ELEMENTS
+        KB.WIDE_MAX_ELEMENTS = 8 * 8192 - 1
         assert not KB.wide_fits(big, 1.0)                   # large: cuBLAS is as fast
+        assert KB.graph_fits(big, 1.0)                      # ... but not as one graph
+        KB.GRAPH_MAX_ELEMENTS = 8 * 8192 - 1
+        assert not KB.graph_fits(big, 1.0)
     finally:
-        KB.WIDE_MAX_ELEMENTS = saved
+        KB.WIDE_MAX_ELEMENTS, KB.GRAPH_MAX_ELEMENTS = saved
+    # few rows over many columns: the graph's copies of x and y would cost more than
+    # the launches it saves
+    few = cp.zeros((1, 8, KB.GRAPH_SMALL // 8 + 4), dtype=f32)
+    assert KB.wide_fits(few, 1.0) and not KB.graph_fits(few, 1.0)
+    assert KB.graph_fits(cp.zeros((1, 16, KB.GRAPH_SMALL // 16 + 4), dtype=f32), 1.0)
+    assert not KB.graph_fits(cp.zeros((1, 8, 8192), dtype=f32), 0.0)   # primal form
 
 
 @pytest.mark.parametrize("r,b", [(1, 8192), (3, 8200), (63, 10_000), (64, 40_000),

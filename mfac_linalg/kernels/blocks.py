@@ -348,12 +348,14 @@ def _overlap(a, b):
 WIDE_MAX_ELEMENTS = 50_000_000
 
 
-def wide_fits(V, alpha, max_elements=WIDE_MAX_ELEMENTS):
+def wide_fits(V, alpha, max_elements=None):
     """True where :func:`apply_wide` takes V: one float32 block (1, r, b) too large for
     :func:`apply` (a small one, such as the ragged last block of a block operator, is
     faster there or through cuBLAS than through four launches) and at most
     ``max_elements`` values (``WIDE_MAX_ELEMENTS``), C-contiguous, 16-byte aligned rows (b a multiple of 4),
     alpha != 0 (the dual form)."""
+    if max_elements is None:
+        max_elements = WIDE_MAX_ELEMENTS
     return (V.ndim == 3 and V.shape[0] == 1 and V.shape[1] > 0 and V.dtype == np.float32
             and V.shape[1] * V.shape[2] <= max_elements
             and V.flags.c_contiguous and V.shape[2] % 4 == 0 and V.data.ptr % 16 == 0
