@@ -183,8 +183,10 @@ class LowRank:
         self.N, self.damping = N, damping
         self.logdet = float(logdet)
         self.backend = backend
-        # set by with_index(): queries never write shared state (the one exception,
-        # kernel_checks' cache of facts about V, is idempotent and dropped by pickling)
+        # set by with_index(): queries never write shared state (the exceptions, the
+        # caches of facts about V (kernel_checks, _gpu_paths) and the GPU products'
+        # buffers and graphs kept per thread and stream (_per_stream), are idempotent
+        # or private to one thread and stream, and dropped by pickling)
         self.idx = None
         st = self.starts
         #: (first, last + 1) column when the blocks tile one contiguous range in order
