@@ -240,9 +240,11 @@ class LowRank:
 
     def kernel_checks(self, dtype, stacked=True):
         """True where a checked :meth:`matmat` of one vector of ``dtype`` (``stacked``: Xb
-        of shape (nb, b, 1), else (b, 1)) runs GPU kernels that check the result through
-        a flag: V's dtype, and V one large block (``wide_fits``) or a stack the block
-        kernel takes (``fits``)."""
+        of shape (nb, b, 1), else (b, 1)) with a flag of the caller's runs GPU kernels
+        that raise it for a non-finite result: V's dtype, and V one large block
+        (``wide_fits``) or a stack the block kernel takes (``fits``).  (Without a flag, V
+        one large block in ``graph_fits``' range checks through the graph too,
+        :meth:`vector`.)"""
         key = (np.dtype(dtype).str, bool(stacked))
         cache = self.__dict__.setdefault("_kernel_checks", {})
         if key not in cache:       # V never changes: asked once per dtype (every matvec)
@@ -272,13 +274,18 @@ class LowRank:
     def vector(self, x, check):
         """(alpha I + beta V^T V) x for one vector x (b,) of V's dtype on V's device, as
         one CUDA graph (``WideGraph``, the float64-faithful passes), or None where the
-        graph does not take V (``graph_fits``) or this is not the GPU.  ``check``: one
-        synchronisation, ``NonFiniteInput`` when the result is not finite (as
-        :meth:`matmat`); without it none."""
+        graph does not take V (``graph_fits``), this is not the GPU, or building the graph
+        failed on this thread and stream (``wide_graph``: the caller's other paths then
+        serve it).  ``check``: one synchronisation, ``NonFiniteInput`` when the result
+        is not finite (as :meth:`matmat`); without it none (the first product of a
+        thread and stream synchronises once, building the graph)."""
         if not (self.backend.is_gpu and self._gpu_paths()[1]):
             return None
         with self.backend.device_context():
-            y, flagged = self._per_stream("graph" if check else "graph0")(x)
+            graph = self._per_stream("graph" if check else "graph0")
+            if graph is None:           # building it failed on this thread and stream
+                return None
+            y, flagged = graph(x)
         if flagged:
             raise NonFiniteInput
         return y
@@ -296,7 +303,7 @@ class LowRank:
             kb = B.kernel_module("blocks")
             shape, V, a, b = self.V.shape[1:], self.V, self.alpha, self.beta
             make = ((lambda: kb.wide_workspace(*shape)) if kind == "work"
-                    else (lambda: kb.WideGraph(V, a, b, kind == "graph")))
+                    else (lambda: kb.wide_graph(V, a, b, kind == "graph")))
             keep = streams.setdefault(kind, kb.PerStream(make))
         return keep.current()
 
@@ -315,10 +322,10 @@ class LowRank:
         place (no d-sized temporaries beyond the result).  On the GPU one vector goes
         through kernels (``kernels/blocks.py``, float64 sums rounded once): for one
         large block, the sliding window's two passes, as one CUDA graph (:meth:`vector`,
-        ``graph_fits``; checked, a flag the kernel raises, read once) or, for a flag of
-        the caller's, launched one by one (``wide_fits``, :meth:`kernel_checks`); else
-        unchecked, cuBLAS's two GEMVs; for a stack, one thread block per block, with the
-        flag when checked.
+        ``graph_fits``; checked, a flag the kernel raises, read once) or, checked, for a
+        flag of the caller's or a V outside the graph's range, launched one by one
+        (``wide_fits``, :meth:`kernel_checks`); else cuBLAS's two GEMVs; for a stack,
+        one thread block per block, with the flag when checked.
 
         ``check``: raise ``NonFiniteInput`` when X holds NaN or infinity or a product
         overflows, read from the result Y: with alpha != 0 every x_j enters y_j, and
@@ -338,10 +345,13 @@ class LowRank:
                 # one large block (the static operator): the window's two float64-faithful
                 # passes over many thread blocks as one CUDA graph; checked, its flag
                 # read once
-                return self.vector(Xb.reshape(-1), check).reshape(Xb.shape)
+                y = self.vector(Xb.reshape(-1), check)
+                if y is not None:
+                    return y.reshape(Xb.shape)
             if check and wide:
                 # the same passes launched one by one, for a flag of the caller's (a
-                # stack of a block operator) or a V the graph does not take
+                # stack of a block operator), a V the graph does not take, or a graph
+                # that could not be built
                 with be.device_context():
                     y, own = kb.apply_wide(self.V, Xb.reshape(-1), self.alpha, self.beta,
                                            True, flag, work=self._per_stream("work"))

@@ -32,7 +32,8 @@ import numpy as np
 
 from ._compile import function
 
-__all__ = ["PerStream", "WideGraph", "apply", "apply_wide", "fits", "wide_fits", "wide_workspace"]
+__all__ = ["PerStream", "WideGraph", "apply", "apply_wide", "fits", "graph_fits", "wide_fits",
+           "wide_graph", "wide_workspace"]
 
 SOURCE = r"""
 template <typename T>
@@ -366,7 +367,8 @@ def wide_workspace(r, b):
     """A reusable workspace of :func:`apply_wide` for V (1, r, b) on the current device:
     (ws, u, flag, count, part), ws float64 holding u (r), the flag and the split sums'
     counters (``apply_wide`` zeroes it with one memset), part the split sums (None with
-    one split).  One per thread: the products of one stream are ordered."""
+    one split).  One per thread and stream (``PerStream``): the products of one stream
+    are ordered."""
     import cupy as cp
     from . import sliding as K
     bx, splits, _ = K.combine_grid(r, b, "float32")
@@ -407,11 +409,12 @@ def apply_wide(V, x, alpha, beta, check=False, flag=None, work=None):
 
 
 #: ``WideGraph`` is taken for V (1, r, b) with r >= GRAPH_MIN_ROWS or r b <=
-#: GRAPH_SMALL (its copies of x and y, 16 b bytes, are then a small part of the two
-#: passes' 8 r b bytes, or the call is latency-bound and the launches are what count),
-#: up to GRAPH_MAX_ELEMENTS values: beyond ``WIDE_MAX_ELEMENTS``, where the launches
-#: saved still outweigh the passes' 0.98-1.08x of cuBLAS's time (docs/benchmarks.md)
-GRAPH_MIN_ROWS = 16
+#: GRAPH_SMALL: its own copies of x and y (16 b bytes of traffic a product, 8 b bytes
+#: of memory per host thread and stream) are then at most 1/32 of the two passes' 8 r b
+#: bytes and of V, or the call is latency-bound and the launches are what count; up to
+#: GRAPH_MAX_ELEMENTS values: beyond ``WIDE_MAX_ELEMENTS``, where the launches saved
+#: still outweigh the passes' 0.98-1.08x of cuBLAS's time (docs/benchmarks.md)
+GRAPH_MIN_ROWS = 64
 GRAPH_SMALL = 1 << 22
 GRAPH_MAX_ELEMENTS = 150_000_000
 
@@ -426,16 +429,31 @@ def graph_fits(V, alpha):
     return r >= GRAPH_MIN_ROWS or r * b <= GRAPH_SMALL
 
 
+def wide_graph(V, alpha, beta, check=True):
+    """A :class:`WideGraph`, or None where building it fails with a CUDA error (no memory
+    for its buffers, a capture spoiled by another thread's device-wide synchronisation):
+    the caller then takes the kernels one by one or cuBLAS for that thread and stream."""
+    import cupy as cp
+    try:
+        return WideGraph(V, alpha, beta, check)
+    except (cp.cuda.memory.OutOfMemoryError, cp.cuda.runtime.CUDARuntimeError,
+            cp.cuda.driver.CUDADriverError):
+        return None
+
+
 class WideGraph:
     """:func:`apply_wide` for one V (1, r, b), alpha and beta as a CUDA graph: its
     memset, both passes and, with ``check``, the flag's copy to pinned host memory,
     captured once on a private stream over buffers of its own (x, y, the workspace).
     A call copies x in, launches the graph on the current stream and copies y out into
     a new array; with ``check`` it then synchronises once and reads the flag, without
-    it returns at once (the result ordered on the stream, as any CuPy result).  Four
-    host calls instead of the allocations, views and two launches with their
-    arguments; the same kernels in the same order as ``apply_wide``.  One instance per
-    stream and thread (its buffers are its own): the caller keeps them (``LowRank``)."""
+    it returns at once (the result ordered on the stream, as any CuPy result): two
+    copies, a launch and y's allocation (and a copy of x first where it is not
+    contiguous) instead of the workspace's allocation and fill, views and two launches
+    with their arguments; the same kernels in the same order as ``apply_wide``.
+    Building one synchronises the current stream and runs the product once before the
+    capture (the kernels compiled and loaded).  One instance per stream and thread (its
+    buffers are its own): the caller keeps them (``LowRank``)."""
 
     def __init__(self, V, alpha, beta, check=True):
         import cupy as cp
