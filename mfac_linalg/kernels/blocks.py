@@ -353,8 +353,8 @@ def wide_fits(V, alpha, max_elements=None):
     """True where :func:`apply_wide` takes V: one float32 block (1, r, b) too large for
     :func:`apply` (a small one, such as the ragged last block of a block operator, is
     faster there or through cuBLAS than through four launches) and at most
-    ``max_elements`` values (``WIDE_MAX_ELEMENTS``), C-contiguous, 16-byte aligned rows (b a multiple of 4),
-    alpha != 0 (the dual form)."""
+    ``max_elements`` values (``WIDE_MAX_ELEMENTS``), C-contiguous, 16-byte aligned rows
+    (b a multiple of 4), alpha != 0 (the dual form)."""
     if max_elements is None:
         max_elements = WIDE_MAX_ELEMENTS
     return (V.ndim == 3 and V.shape[0] == 1 and V.shape[1] > 0 and V.dtype == np.float32
