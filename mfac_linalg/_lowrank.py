@@ -245,16 +245,10 @@ class LowRank:
         (``wide_fits``) or a stack the block kernel takes (``fits``).  (Without a flag, V
         one large block in ``graph_fits``' range checks through the graph too,
         :meth:`vector`.)"""
-        key = (np.dtype(dtype).str, bool(stacked))
-        cache = self.__dict__.setdefault("_kernel_checks", {})
-        if key not in cache:       # V never changes: asked once per dtype (every matvec)
-            if not (self.backend.is_gpu and np.dtype(dtype) == self.V.dtype):
-                cache[key] = False
-            else:
-                kb = B.kernel_module("blocks")
-                cache[key] = bool(kb.wide_fits(self.V, self.alpha)
-                                  or (stacked and kb.fits(self.V)))
-        return cache[key]
+        if not (self.backend.is_gpu and np.dtype(dtype) == self.V.dtype):
+            return False
+        wide, _, stack, _ = self._gpu_paths()
+        return wide or (stacked and stack)
 
     def _gpu_paths(self):
         """(wide, graph, stack, plan): whether a one-vector GPU product of V's dtype may
@@ -310,7 +304,7 @@ class LowRank:
     def __getstate__(self):
         state = dict(self.__dict__)
         # about this V's memory, and this process's threads: made again there
-        for key in ("_kernel_checks", "_paths", "_streams"):
+        for key in ("_paths", "_streams"):
             state.pop(key, None)
         return state
 

@@ -377,7 +377,7 @@ def wide_workspace(r, b):
     return ws, ws[:r], ws[r:r + 1], ws[r + 1:].view(np.uint32)[:bx], part
 
 
-def apply_wide(V, x, alpha, beta, check=False, flag=None, work=None):
+def apply_wide(V, x, alpha, beta, check=False, flag=None, work=None, out=None):
     """y = alpha x + beta V^T (V x) for one large block V (1, r, b) (``wide_fits``) and x
     (b,): two passes of the sliding window's float64-faithful kernels (u = V x with float64
     accumulators, then y = float32(alpha (x - V^T (-beta/alpha) u)) with float64 sums,
@@ -385,7 +385,8 @@ def apply_wide(V, x, alpha, beta, check=False, flag=None, work=None):
     small b still fills the GPU.  Returns (y, flag): ``flag`` a one-element float64
     device array set to 1 when ``check`` and an entry of y is not finite, else None (a
     ``flag`` given is used instead of a new one: zeroed by the caller).  ``work``: a
-    :func:`wide_workspace` for V's shape to use (zeroed here) instead of a new one."""
+    :func:`wide_workspace` for V's shape to use (zeroed here) instead of a new one;
+    ``out``: a contiguous float32 (b,) array that receives y instead of a new one."""
     import cupy as cp
     from . import sliding as K
     _, r, b = V.shape
@@ -402,7 +403,7 @@ def apply_wide(V, x, alpha, beta, check=False, flag=None, work=None):
     if flag is None:
         flag = own
     K.rows_dot(G, "float32", x, u, rows=r, wide=True)
-    y = cp.empty(b, dtype=np.float32)
+    y = cp.empty(b, dtype=np.float32) if out is None else out
     K.combine_wide(G, "float32", u, x, y, None, part, count, rows=r, cscale=-beta / alpha,
                    flag=flag if check else None, inv_lam=alpha)
     return y, (flag if check else None)
@@ -450,34 +451,29 @@ class WideGraph:
     it returns at once (the result ordered on the stream, as any CuPy result): two
     copies, a launch and y's allocation (and a copy of x first where it is not
     contiguous) instead of the workspace's allocation and fill, views and two launches
-    with their arguments; the same kernels in the same order as ``apply_wide``.
+    with their arguments; what it captures is ``apply_wide`` itself.
     Building one synchronises the current stream and runs the product once before the
     capture (the kernels compiled and loaded).  One instance per stream and thread (its
     buffers are its own): the caller keeps them (``LowRank``)."""
 
     def __init__(self, V, alpha, beta, check=True):
         import cupy as cp
-        from . import sliding as K
         _, r, b = V.shape
         self.b, self.check = b, bool(check)
         self.x = cp.zeros(b, dtype=np.float32)
         self.y = cp.empty(b, dtype=np.float32)
-        ws, u, flag, count, part = self.work = wide_workspace(r, b)
+        self.work = wide_workspace(r, b)
+        flag = self.work[2]
         self._pinned = cp.cuda.alloc_pinned_memory(8) if self.check else None
         self._flag = (np.frombuffer(self._pinned, np.float64, 1) if self.check
                       else np.zeros(1))
-        G, x, y = V[0], self.x, self.y
 
         def body():
-            stream = cp.cuda.get_current_stream()
-            ws.data.memset_async(0, ws.nbytes, stream)
-            K.rows_dot(G, "float32", x, u, rows=r, wide=True)
-            K.combine_wide(G, "float32", u, x, y, None, part, count, rows=r,
-                           cscale=-beta / alpha, flag=flag if self.check else None,
-                           inv_lam=alpha)
+            apply_wide(V, self.x, alpha, beta, self.check, work=self.work, out=self.y)
             if self.check:
                 cp.cuda.runtime.memcpyAsync(self._flag.ctypes.data, flag.data.ptr, 8,
-                                            cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+                                            cp.cuda.runtime.memcpyDeviceToHost,
+                                            cp.cuda.get_current_stream().ptr)
 
         cp.cuda.get_current_stream().synchronize()     # V and x ready for the side stream
         side = cp.cuda.Stream(non_blocking=True)
