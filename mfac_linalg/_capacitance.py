@@ -624,7 +624,7 @@ class ExplicitEngine(_Engine):
     def coefficients(self, p, dtype=np.float64):
         """C_new^{-1} u in slot order (n,), from the staged inverse."""
         if p.z is not None:
-            return p.z[:p.n]
+            return p.z if p.n == p.z.shape[0] else p.z[:p.n]
         return self._spare[:p.n, :p.n] @ p.u[:p.n]
 
     def solve(self, U):

@@ -38,6 +38,25 @@ class _KernelChecks:
         if p.u is not None and not bool(self.backend.xp.isfinite(p.u).all()):
             raise GramOverflow()
 
+    def _read_status(self, status):
+        """``status`` (float64, at most 4 values, contiguous, on the device) on the host:
+        one copy into page-locked memory of the engine's own and one synchronisation of
+        the current stream (a copy into pageable memory costs the host more)."""
+        import cupy as cp
+        host = self.__dict__.get("_pinned")
+        if host is None:
+            mem = cp.cuda.alloc_pinned_memory(32)
+            host = self._pinned = (mem, np.frombuffer(mem, np.float64, 4))
+        n = status.size
+        if (n > 4 or status.dtype != np.float64 or not status.flags.c_contiguous
+                or status.device.id != cp.cuda.runtime.getDevice()):
+            return B.to_host(status)
+        stream = cp.cuda.get_current_stream()
+        cp.cuda.runtime.memcpyAsync(host[1].ctypes.data, status.data.ptr, 8 * n,
+                                    cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+        stream.synchronize()
+        return host[1][:n].copy()
+
     def _exact_into_spare(self, p):
         if p.status is not None:
             self._check_status(p)       # a NaN in g must not reach the factorisation
@@ -50,7 +69,7 @@ class _KernelChecks:
         if p.rebuilt or p.deferred:
             self._check_status(p)
             return True
-        value = B.to_host(p.status)                         # the one host synchronisation
+        value = self._read_status(p.status)                 # the one host synchronisation
         p.checked = True
         if value[0]:
             raise NonFiniteGradient()

@@ -49,6 +49,9 @@ class CudaRingBuffer(RingBuffer):
         with backend.device_context():
             self.G = xp.zeros((self.m, self.ld), dtype=self.storage)
             self.ws = xp.zeros(self.m + 4, dtype=np.float64)
+            # its views, made once (every update and vector product passes them)
+            self._u, self._flag, self._st = (self.ws[:self.m], self.ws[self.m:self.m + 1],
+                                             self.ws[self.m:self.m + 4])
             self.Gold = xp.zeros(self.ld, dtype=self.storage)
             self._part = self._count = None
             bx = K_.combine_grid(self.m, self.ld, storage)[0]
@@ -106,14 +109,16 @@ class CudaRingBuffer(RingBuffer):
         return ws
 
     def begin(self, slot, row, rows, *, lam=1.0, want_y=False, check=True):
-        m = self.m
         xq = self._stored(row)
-        ws = self._zero_ws()
-        y = self.backend.xp.empty(self.ld, dtype=np.float32) if want_y else None
-        K_.rows_dot(self.G, self.name, xq, ws[:m], slot=slot, rows=rows, backup=self.Gold,
-                    flag=ws[m:m + 1] if check else None, y=None if self.wide else y,
-                    inv_lam=1.0 / lam, wide=self.wide)
-        return Write(slot, self.Gold, ws[:m], xq, y, ws[m:m + 4])
+        self._zero_ws()
+        xp = self.backend.xp
+        y = xp.empty(self.ld, dtype=np.float32) if want_y and not self.wide else None
+        K_.rows_dot(self.G, self.name, xq, self._u, slot=slot, rows=rows, backup=self.Gold,
+                    flag=self._flag if check else None, y=y, inv_lam=1.0 / lam,
+                    wide=self.wide)
+        if want_y and self.wide:        # pass 2 writes all of y: made after the launch
+            y = xp.empty(self.ld, dtype=np.float32)
+        return Write(slot, self.Gold, self._u, xq, y, self._st)
 
     def check_gram(self, w):
         """Deferred: an overflowed u shows as a non-finite pivot at the engine's commit."""
@@ -128,26 +133,25 @@ class CudaRingBuffer(RingBuffer):
             K_.combine_wide(self.G, self.name, c, x, y, lam, self._part, self._count, rows=n)
         else:
             K_.combine(self.G, self.name, c, y, -1.0 / lam, rows=n)
-        return y[:self.d]
+        return y if self.ld == self.d else y[:self.d]
 
     # -- one vector: the fused matvec ---------------------------------------------------
     def start_vector(self, x, n, lam, check):
         """Pass 1 for one vector: u = G_h x into the workspace (float64; with ``wide``
         float64 accumulators), x's NaN/inf flag raised if ``check``, and without
         ``wide`` y = x / lambda.  Returns (u, pending) for :meth:`combine_vector`."""
-        m = self.m
         if (self.ld == self.d and x.dtype == np.float32 and x.flags.c_contiguous
                 and x.data.ptr % 16 == 0):          # the kernels load 16-byte vectors
             xq = x
         else:
             xq = self.backend.xp.zeros(self.ld, dtype=np.float32)
             xq[:self.d] = x
-        ws = self._zero_ws()
+        self._zero_ws()
         y = self.backend.xp.empty(self.ld, dtype=np.float32)
-        K_.rows_dot(self.G, self.name, xq, ws[:m], rows=n,
-                    flag=ws[m:m + 1] if check else None, y=None if self.wide else y,
+        K_.rows_dot(self.G, self.name, xq, self._u, rows=n,
+                    flag=self._flag if check else None, y=None if self.wide else y,
                     inv_lam=1.0 / lam, wide=self.wide)
-        return ws[:m], (xq, y)
+        return self._u, (xq, y)
 
     def combine_vector(self, pending, c, n, lam):
         """Pass 2 for one vector: y = (x - G_h^T c) / lambda, c in ``coef_dtype`` (float64

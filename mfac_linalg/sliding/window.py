@@ -193,10 +193,16 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
 
     # -- updates ------------------------------------------------------------------------
     def _rows(self, g, *, one=False):
+        """(g's dtype, g prepared for the buffer): one row (d,) as it is (no views to
+        make), else rows (k, d); ``one``: only one row is taken (``step``)."""
         arr, _ = B.asarray(g, "g", backend=self._backend)
         if one and (arr.ndim != 1 or arr.shape[0] != self._d):
             raise ValueError(f"g must have shape ({self._d},) for step; got shape "
                              f"{tuple(arr.shape)}")
+        if arr.ndim == 1 and arr.shape[0] == self._d:
+            # g's NaN/inf check is deferred to its Gram row (buf.check_gram, or the CUDA
+            # kernel's flag): no separate pass over g
+            return arr.dtype, self._buf.prepare(arr, check=False)
         rows = arr[None, :] if arr.ndim == 1 else arr
         if rows.ndim != 2 or rows.shape[1] != self._d:
             raise ValueError(f"g must be (dim,) or (k, dim) with dim={self._d}; got shape "
@@ -239,6 +245,9 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
         """
         with self._lock:
             _, rows = self._rows(g)
+            if rows.ndim == 1:
+                self._push(rows)
+                return self
             if rows.shape[0] == 1:
                 self._push(rows[0])
                 return self
@@ -251,8 +260,8 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
         ``g`` is one gradient (dim,); the result has g's dtype and namespace.
         """
         with self._lock:
-            out_dtype, rows = self._rows(g, one=True)
-            y, w = self._push(rows[0], want_y=True)
+            out_dtype, row = self._rows(g, one=True)
+            y, w = self._push(row, want_y=True)
             if y is None:           # a deferred check rebuilt C exactly: recompute
                 x = w.x[:self._d].astype(self._dtype, copy=False)
                 y = self._matmat(x[:, None])[:, 0]
