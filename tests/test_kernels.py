@@ -81,7 +81,7 @@ def _replace_case(m, s, rng, shift=0.7, near=None):
     return Kg, u, Kg + shift * np.eye(m), Knew + shift * np.eye(m), Knew
 
 
-def _run_replace(Ci, Kg, u, s, shift):
+def _run_replace(Ci, Kg, u, s, shift, rows=None):
     import cupy as cp
     from mfac_linalg.kernels import sliding as K
     m = Kg.shape[0]
@@ -90,8 +90,30 @@ def _run_replace(Ci, Kg, u, s, shift):
     Kold = cp.full(m, np.nan)
     x, z, c = cp.full(m, np.nan), cp.full(m, np.nan), cp.full(m, np.nan, dtype=np.float32)
     ax, dg, status = cp.full(m, np.nan), cp.full(m, np.nan), cp.full(2, np.nan)
-    K.window_replace(Ci, out, cp.asarray(u), Kd, Kold, x, ax, dg, z, c, status, s, shift)
+    K.window_replace(Ci, out, cp.asarray(u), Kd, Kold, x, ax, dg, z, c, status, s, shift,
+                     rows=rows)
     return out, z, c, status, Kd, Kold
+
+
+@pytest.mark.parametrize("m,s", [(1, 0), (5, 4), (37, 0), (300, 123), (2051, 2050)])
+def test_window_replace_rows_per_block_change_no_bit(m, s):
+    """One to four rows of the inverse per thread block (``replace_rows``: four from m =
+    4096): every output the same bits, the ragged last block (m not a multiple of the
+    rows) included."""
+    import cupy as cp
+    from mfac_linalg.kernels import sliding as K
+    rng = np.random.default_rng(m + 7 * s)
+    Kg, u, C, _, _ = _replace_case(m, s, rng)
+    Ci = cp.asarray(np.linalg.inv(C))
+    ref = [a.get() for a in _run_replace(Ci, Kg, u, s, 0.7, rows=1)]
+    assert ref[3][1] == 1.0 and np.isfinite(ref[0]).all()
+    for rows in (2, 3, 4, None):
+        got = [a.get() for a in _run_replace(Ci, Kg, u, s, 0.7, rows=rows)]
+        for a, b in zip(ref, got):
+            assert np.array_equal(a, b)
+    assert K.replace_rows(4095) == 1 and K.replace_rows(4096) == K.REPLACE_ROWS == 4
+    with pytest.raises(ValueError, match="rows must be in"):
+        _run_replace(Ci, Kg, u, s, 0.7, rows=5)
 
 
 @pytest.mark.parametrize("m,s", [(1, 0), (2, 1), (37, 0), (37, 36), (300, 123)])

@@ -504,7 +504,7 @@ __global__ void gather_f64(const double* __restrict__ u, double* __restrict__ ua
 //   window_gemv: x = Ci b, the terms ax[i] = b_i x_i of b.x (summed in rank2_rows in a
 //                fixed order: no atomics, so the result is bit-reproducible) and dg[i] =
 //                Ci[i, i];
-//   rank2_rows:  one block per row of C_new^{-1}; in the same read z = C_new^{-1} u (the
+//   rank2_rows:  rows of C_new^{-1} (one to four a block); in the same read z = C_new^{-1} u (the
 //                step's coefficients, float64 and float32) and K[s, :] = K[:, s] = u (the
 //                old row to oldK).  Block 0 writes status[0] = c_s sigma and status[1] = 1
 //                when the replacement is trusted: c_s > 0, the deletion's growth
@@ -540,37 +540,96 @@ __device__ __forceinline__ double block_max_d(double v, double* red) {
     return red[0];
 }
 
-// one block per row i of Ci: x[i] = (Ci b)_i, ax[i] = b_i x_i, dg[i] = Ci[i, i]
+// Up to REPLACE_ROWS rows of Ci (nr, the same in every block) per thread block: the
+// vectors read for every row (u; c, x, u) are loaded once for nr rows.  Each row's sums
+// are taken in the same order whatever nr (the same threads, strides and reductions), so
+// the results do not depend on it.
+#define REPLACE_ROWS 4
+
+// block sums of v[r], r < nr, each in block_sum_d's order; red: 32 * REPLACE_ROWS values
+__device__ __forceinline__ void block_sum_rows(double* v, int nr, double* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int r = 0; r < REPLACE_ROWS; ++r) {
+        if (r < nr) {
+            const double t = warp_sum_d(v[r]);
+            if (lane == 0) red[r * 32 + warp] = t;
+        }
+    }
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+        for (int r = 0; r < REPLACE_ROWS; ++r) {
+            if (r < nr) {
+                double w = lane < nw ? red[r * 32 + lane] : 0.0;
+                w = warp_sum_d(w);
+                if (lane == 0) red[r * 32] = w;
+            }
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < REPLACE_ROWS; ++r)
+        if (r < nr) v[r] = red[r * 32];
+}
+
+// rows i = nr * blockIdx.x + r of Ci: x[i] = (Ci b)_i, ax[i] = b_i x_i, dg[i] = Ci[i, i]
 __global__ void window_gemv(const double* __restrict__ Ci, const double* __restrict__ u,
                             double* __restrict__ x, double* __restrict__ ax,
-                            double* __restrict__ dg, int m, int s) {
-    __shared__ double red[32];
-    const int i = blockIdx.x;
-    const double* row = Ci + (long long)i * m;
-    double v0 = 0.0, v1 = 0.0;
+                            double* __restrict__ dg, int m, int s, int nr) {
+    __shared__ double red[32 * REPLACE_ROWS];
+    const int i0 = blockIdx.x * nr;
+    nr = min(nr, m - i0);                              // block-uniform
+    const double* rows[REPLACE_ROWS];
+    double v0[REPLACE_ROWS], v1[REPLACE_ROWS];
+#pragma unroll
+    for (int r = 0; r < REPLACE_ROWS; ++r) {
+        rows[r] = Ci + (long long)(i0 + (r < nr ? r : 0)) * m;
+        v0[r] = 0.0;
+        v1[r] = 0.0;
+    }
     int k = threadIdx.x;
     for (; k + (int)blockDim.x < m; k += 2 * blockDim.x) {
         const int k1 = k + blockDim.x;
-        v0 = fma(row[k], k == s ? 0.0 : u[k], v0);
-        v1 = fma(row[k1], k1 == s ? 0.0 : u[k1], v1);
+        const double a = k == s ? 0.0 : u[k], b = k1 == s ? 0.0 : u[k1];
+#pragma unroll
+        for (int r = 0; r < REPLACE_ROWS; ++r) {
+            if (r < nr) {
+                v0[r] = fma(rows[r][k], a, v0[r]);
+                v1[r] = fma(rows[r][k1], b, v1[r]);
+            }
+        }
     }
-    if (k < m) v0 = fma(row[k], k == s ? 0.0 : u[k], v0);
-    const double xi = block_sum_d(v0 + v1, red);
+    if (k < m) {
+        const double a = k == s ? 0.0 : u[k];
+#pragma unroll
+        for (int r = 0; r < REPLACE_ROWS; ++r)
+            if (r < nr) v0[r] = fma(rows[r][k], a, v0[r]);
+    }
+#pragma unroll
+    for (int r = 0; r < REPLACE_ROWS; ++r) v0[r] += v1[r];
+    block_sum_rows(v0, nr, red);
     if (threadIdx.x == 0) {
-        x[i] = xi;
-        ax[i] = (i == s ? 0.0 : u[i]) * xi;
-        dg[i] = row[i];
+#pragma unroll
+        for (int r = 0; r < REPLACE_ROWS; ++r) {
+            if (r < nr) {
+                const int i = i0 + r;
+                x[i] = v0[r];
+                ax[i] = (i == s ? 0.0 : u[i]) * v0[r];
+                dg[i] = rows[r][i];
+            }
+        }
     }
 }
 
-// one block per row i of the new inverse
+// rows i = nr * blockIdx.x + r of the new inverse
 __global__ void rank2_rows(const double* __restrict__ Ci, double* __restrict__ out,
                            const double* __restrict__ x, const double* __restrict__ ax,
                            const double* __restrict__ dg, const double* __restrict__ u,
                            double* __restrict__ K, double* __restrict__ oldK,
                            double* __restrict__ z, float* __restrict__ cz,
-                           double* __restrict__ status, double shift, int m, int s) {
-    __shared__ double red[32];
+                           double* __restrict__ status, double shift, int m, int s, int nr) {
+    __shared__ double red[32 * REPLACE_ROWS];
     double t = 0.0;                                    // b . x, the same order in every block
     for (int k = threadIdx.x; k < m; k += blockDim.x) t += ax[k];
     const double bx = block_sum_d(t, red);
@@ -579,51 +638,68 @@ __global__ void rank2_rows(const double* __restrict__ Ci, double* __restrict__ o
     const double css = c[s], xs = x[s], cnn = shift + u[s];
     const double sigma = cnn - (bx - xs * xs / css);
     const double ics = 1.0 / css, isg = 1.0 / sigma;
-    const int i = blockIdx.x;
-    const double* row = Ci + (long long)i * m;
-    double* orow = out + (long long)i * m;
-    double acc = 0.0, cmax = 0.0, dmax = 0.0;
-    if (i == s) {
-        for (int j = threadIdx.x; j < m; j += blockDim.x) {
-            const double v = j == s ? isg : -(x[j] - c[j] * (xs * ics)) * isg;
-            orow[j] = v;
-            acc = fma(v, u[j], acc);
-        }
-    } else {
-        const double ci = row[s], yi = x[i] - ci * (xs * ics);
-        const double pc = ci * ics, py = yi * isg;
-        for (int j = threadIdx.x; j < m; j += blockDim.x) {
-            const double cj = c[j];
-            const double v = j == s ? -py : row[j] - pc * cj + py * (x[j] - cj * (xs * ics));
-            orow[j] = v;
-            acc = fma(v, u[j], acc);
+    const int i0 = blockIdx.x * nr;
+    nr = min(nr, m - i0);                              // block-uniform
+    const double* rows[REPLACE_ROWS];
+    double* orows[REPLACE_ROWS];
+    double pc[REPLACE_ROWS], py[REPLACE_ROWS], acc[REPLACE_ROWS];
+#pragma unroll
+    for (int r = 0; r < REPLACE_ROWS; ++r) {
+        const int i = i0 + (r < nr ? r : 0);
+        rows[r] = Ci + (long long)i * m;
+        orows[r] = out + (long long)i * m;
+        const double ci = rows[r][s], yi = x[i] - ci * (xs * ics);
+        pc[r] = ci * ics;
+        py[r] = yi * isg;
+        acc[r] = 0.0;
+    }
+    for (int j = threadIdx.x; j < m; j += blockDim.x) {
+        const double cj = c[j], xj = x[j], uj = u[j];
+#pragma unroll
+        for (int r = 0; r < REPLACE_ROWS; ++r) {
+            if (r < nr) {
+                double v;
+                if (i0 + r == s)
+                    v = j == s ? isg : -(xj - cj * (xs * ics)) * isg;
+                else
+                    v = j == s ? -py[r] : rows[r][j] - pc[r] * cj + py[r] * (xj - cj * (xs * ics));
+                orows[r][j] = v;
+                acc[r] = fma(v, uj, acc[r]);
+            }
         }
     }
-    if (i == 0) {                                      // block-uniform branch
+    double cmax = 0.0, dmax = 0.0;
+    if (blockIdx.x == 0) {                             // block-uniform branch
         for (int j = threadIdx.x; j < m; j += blockDim.x) {
             cmax = fmax(cmax, fabs(c[j]));
             dmax = fmax(dmax, dg[j]);
         }
     }
-    const double zi = block_sum_d(acc, red);
-    if (i == 0) {
+    block_sum_rows(acc, nr, red);
+    if (blockIdx.x == 0) {
         cmax = block_max_d(cmax, red);
         dmax = block_max_d(dmax, red);
     }
     if (threadIdx.x == 0) {
-        z[i] = zi;
-        cz[i] = (float)zi;
-        if (i == 0) {
+#pragma unroll
+        for (int r = 0; r < REPLACE_ROWS; ++r) {
+            if (r < nr) {
+                const int i = i0 + r;
+                z[i] = acc[r];
+                cz[i] = (float)acc[r];
+                const double ui = u[i];
+                oldK[i] = K[(long long)s * m + i];
+                K[(long long)s * m + i] = ui;
+                K[(long long)i * m + s] = ui;
+            }
+        }
+        if (blockIdx.x == 0) {
             const double growth = cmax * cmax / (css * dmax), det = css * sigma;
             const bool ok = css > 0.0 && growth <= 1e3 && sigma > 1e-6 * cnn
                             && isfinite(det) && isfinite(growth) && det > 0.0;
             status[0] = det;
             status[1] = ok ? 1.0 : 0.0;
         }
-        const double ui = u[i];
-        oldK[i] = K[(long long)s * m + i];
-        K[(long long)s * m + i] = ui;
-        K[(long long)i * m + s] = ui;
     }
 }
 
@@ -896,17 +972,37 @@ def gram_update(K, u, oldK, s, ua=None, start=0, n=0):
                        np.int32(n)))
 
 
-def window_replace(Ci, out, u, K, oldK, x, ax, dg, z, c, status, s, shift):
+#: most rows of C^{-1} one thread block of ``window_replace`` takes (REPLACE_ROWS in the
+#: CUDA source)
+REPLACE_ROWS = 4
+#: m from which ``window_replace`` gives each thread block REPLACE_ROWS rows (the vectors
+#: every row reads loaded a quarter as often).  Measured on an H100 (docs/benchmarks.md):
+#: at m = 4096 the replacement took 197 us with two or four rows a block against 230 us
+#: with one; at m = 2048 four rows were slower (81 us against 68 us), at m <= 1024 even
+REPLACE_ROWS_FROM = 4096
+
+
+def replace_rows(m):
+    """Rows of C^{-1} a thread block of ``window_replace`` takes for an m x m inverse."""
+    return REPLACE_ROWS if m >= REPLACE_ROWS_FROM else 1
+
+
+def window_replace(Ci, out, u, K, oldK, x, ax, dg, z, c, status, s, shift, *, rows=None):
     """The explicit inverse's slot replacement (deletion and insertion, two kernels; see
     the CUDA source): out = C_new^{-1}, z = out @ u (float64), c = float32(z),
     status[0] = det C_new / det C, status[1] = 1.0 when the replacement passed the
     cancellation guards (else 0.0: rebuild exactly); K row/column s = u with the old row
-    in oldK.  ``x``, ``ax``, ``dg`` (float64, length m) are scratch.  Deterministic (no
-    atomics)."""
+    in oldK.  ``x``, ``ax``, ``dg`` (float64, length m) are scratch.  ``rows``: rows of
+    C^{-1} per thread block (default ``replace_rows(m)``); the results are the same bits
+    whatever it is.  Deterministic (no atomics)."""
     m = Ci.shape[0]
-    fn("window_gemv")((m,), (128,), (Ci, u, x, ax, dg, np.int32(m), np.int32(s)))
-    fn("rank2_rows")((m,), (128,), (Ci, out, x, ax, dg, u, K, oldK, z, c, status,
-                                    np.float64(shift), np.int32(m), np.int32(s)))
+    nr = replace_rows(m) if rows is None else int(rows)
+    if not 1 <= nr <= REPLACE_ROWS:
+        raise ValueError(f"window_replace: rows must be in [1, {REPLACE_ROWS}]; got {nr}")
+    grid = ((m + nr - 1) // nr,)
+    fn("window_gemv")(grid, (128,), (Ci, u, x, ax, dg, np.int32(m), np.int32(s), np.int32(nr)))
+    fn("rank2_rows")(grid, (128,), (Ci, out, x, ax, dg, u, K, oldK, z, c, status,
+                                    np.float64(shift), np.int32(m), np.int32(s), np.int32(nr)))
 
 
 def scatter(ca, c, start, n):
