@@ -199,17 +199,12 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
         if one and (arr.ndim != 1 or arr.shape[0] != self._d):
             raise ValueError(f"g must have shape ({self._d},) for step; got shape "
                              f"{tuple(arr.shape)}")
-        if arr.ndim == 1 and arr.shape[0] == self._d:
-            # g's NaN/inf check is deferred to its Gram row (buf.check_gram, or the CUDA
-            # kernel's flag): no separate pass over g
-            return arr.dtype, self._buf.prepare(arr, check=False)
-        rows = arr[None, :] if arr.ndim == 1 else arr
-        if rows.ndim != 2 or rows.shape[1] != self._d:
+        if arr.ndim not in (1, 2) or arr.shape[-1] != self._d:
             raise ValueError(f"g must be (dim,) or (k, dim) with dim={self._d}; got shape "
                              f"{tuple(arr.shape)}")
         # g's NaN/inf check is deferred to its Gram row (buf.check_gram, or the CUDA
         # kernel's flag): no separate pass over g
-        return arr.dtype, self._buf.prepare(rows, check=False)
+        return arr.dtype, self._buf.prepare(arr, check=False)
 
     def _push(self, row, *, want_y=False, rebuild=False, defer=False):
         """One transaction: pass 1 (write g, u = G g), the engine's staged replacement,
