@@ -296,11 +296,12 @@ class Pending:
     Attributes: ``slot``, ``u`` (the new Gram row), ``old_K`` (the row it replaced),
     ``n``, ``start``, ``shift`` (the state after commit), ``rebuilt`` (the new state
     came from an exact rebuild), ``z`` (engine-specific partial solution), ``status``
-    (device flags, GPU), ``logdet`` (explicit engine: log det C after commit).
+    (device flags, GPU), ``host`` (those flags on the host, where a CUDA graph read
+    them), ``logdet`` (explicit engine: log det C after commit).
     """
 
     __slots__ = ("slot", "u", "old_K", "n", "start", "shift", "rebuilt", "z", "status",
-                 "logdet", "checked", "c32", "ua", "deferred")
+                 "logdet", "checked", "c32", "ua", "deferred", "host")
 
     def __init__(self, slot, u, n, start, shift, status=None):
         self.slot, self.u, self.n, self.start, self.shift = slot, u, n, start, shift
@@ -313,6 +314,7 @@ class Pending:
         self.c32 = None
         self.ua = None
         self.deferred = False
+        self.host = None        # the status as a CUDA graph copied it to the host (GPU)
 
 
 class _Engine:

@@ -87,8 +87,11 @@ def test_every_launched_sliding_kernel_is_defined():
             assert "round_" + suffix in defined
         for stem in ("rows_dot_", "combine_"):
             assert stem + suffix + "_w" in defined
+            for w in ("", "_w"):                        # the step graph's variants
+                assert stem + suffix + w + "_p" in defined
     for name in ("ggms_coeffs", "chol_delete", "append_row", "gram_update", "gather_f64",
-                 "window_gemv", "rank2_rows", "scatter_f32", "scatter_f64"):
+                 "window_gemv", "rank2_rows", "scatter_f32", "scatter_f64", "window_gemv_p",
+                 "rank2_rows_p"):
         assert name in defined
 
 

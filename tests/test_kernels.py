@@ -748,3 +748,44 @@ def test_combine_float32_one_split_over_many_coefficient_tiles(monkeypatch, m):
     ref = y0 - 0.5 * (G64.T @ c64)
     bound = 4 * m * 2.0 ** -24 * (np.abs(y0) + 0.5 * (np.abs(G64).T @ np.abs(c64)))
     assert np.all(np.abs(y.get() - ref) <= bound)
+
+
+def test_pinned_read_equals_get():
+    """The page-locked reader of the engines' status and the buffer's flag: the values
+    of ``.get()`` for up to n float64 values; anything else through ``to_host``."""
+    import cupy as cp
+    from mfac_linalg.kernels import sliding as K
+    read = K.PinnedRead(4)
+    for n in (1, 2, 4):
+        a = cp.asarray(np.array([1.5, -np.inf, np.nan, 3e300])[:n])
+        assert np.array_equal(read(a), a.get(), equal_nan=True)
+    first = read(cp.asarray([7.0, 8.0]))
+    read(cp.asarray([9.0, 10.0]))
+    assert first.tolist() == [7.0, 8.0]              # a copy, not the page-locked memory
+    for a in (cp.arange(5, dtype=cp.float64), cp.arange(8, dtype=cp.float64)[::2],
+              cp.arange(3, dtype=cp.float32)):
+        assert np.array_equal(read(a), a.get()) and read(a).dtype == a.dtype
+
+
+def test_static_unchecked_graphs_evicted_with_launches_queued():
+    """More streams than a thread keeps (``STREAMS_KEPT``), unchecked products queued on
+    each without waiting: the ``WideGraph`` of a dropped stream goes with launches still
+    queued, and every product equals ``apply_wide``'s."""
+    import cupy as cp
+    from mfac_linalg.kernels import blocks as KB
+    rng = np.random.default_rng(9)
+    G = cp.asarray(rng.standard_normal((64, 40_000)).astype(np.float32))
+    loose = ml.StaticInverseFisher(G, 0.5, check_finite=False)
+    lr = loose._lr
+    assert lr._gpu_paths()[1]
+    xs = [cp.asarray(rng.standard_normal(40_000).astype(np.float32)) for _ in range(4)]
+    ref = [KB.apply_wide(lr.V, x, lr.alpha, lr.beta, True)[0].get() for x in xs]
+    streams = [cp.cuda.Stream(non_blocking=True) for _ in range(KB.STREAMS_KEPT + 2)]
+    ys = []
+    for rep in range(3):
+        for k, s in enumerate(streams):
+            with s:
+                ys.append((k + rep, loose.matvec(xs[(k + rep) % 4])))
+    cp.cuda.Device().synchronize()
+    for k, y in ys:
+        _ulp1(y.get(), ref[k % 4])

@@ -39,23 +39,18 @@ class _KernelChecks:
             raise GramOverflow()
 
     def _read_status(self, status):
-        """``status`` (float64, at most 4 values, contiguous, on the device) on the host:
-        one copy into page-locked memory of the engine's own and one synchronisation of
-        the current stream (a copy into pageable memory costs the host more)."""
-        import cupy as cp
-        host = self.__dict__.get("_pinned")
-        if host is None:
-            mem = cp.cuda.alloc_pinned_memory(32)
-            host = self._pinned = (mem, np.frombuffer(mem, np.float64, 4))
-        n = status.size
-        if (n > 4 or status.dtype != np.float64 or not status.flags.c_contiguous
-                or status.device.id != cp.cuda.runtime.getDevice()):
-            return B.to_host(status)
-        stream = cp.cuda.get_current_stream()
-        cp.cuda.runtime.memcpyAsync(host[1].ctypes.data, status.data.ptr, 8 * n,
-                                    cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
-        stream.synchronize()
-        return host[1][:n].copy()
+        """``status`` (float64, at most 4 values, on the device) on the host: one copy
+        into page-locked memory of the engine's own and one synchronisation."""
+        read = self.__dict__.get("_pinned")
+        if read is None:
+            read = self._pinned = K_.PinnedRead(4)
+        return read(status)
+
+    def graph_fits(self, rows, shift):
+        """Whether the next replacement (of ``rows`` held gradients, ``shift`` N lambda)
+        may run inside a :class:`~mfac_linalg.kernels.step_graph.StepGraph`: only the
+        explicit engine's may."""
+        return False
 
     def _exact_into_spare(self, p):
         if p.status is not None:
@@ -69,7 +64,8 @@ class _KernelChecks:
         if p.rebuilt or p.deferred:
             self._check_status(p)
             return True
-        value = self._read_status(p.status)                 # the one host synchronisation
+        # the one host synchronisation (done already where a CUDA graph copied the status)
+        value = self._read_status(p.status) if p.host is None else p.host
         p.checked = True
         if value[0]:
             raise NonFiniteGradient()
@@ -205,6 +201,21 @@ class ExplicitKernelEngine(_KernelChecks, ExplicitEngine):
         p.old_K = self._Kold
         p.z = self._z
         p.c32 = self._c32
+        return p
+
+    def graph_fits(self, rows, shift):
+        """A full window before and after, a valid inverse for this shift: the
+        replacement is the two kernels a :class:`~mfac_linalg.kernels.step_graph.StepGraph`
+        captures (no exact rebuild staged up front)."""
+        return rows == self.m == self.n and self.valid and shift == self.shift
+
+    def graph_pending(self, slot, shift):
+        """The :class:`~mfac_linalg._capacitance.Pending` of a replacement that a
+        ``StepGraph`` runs: the fields ``replace`` sets for its two kernels (the caller
+        adds u, the status and, once synchronised, the status on the host)."""
+        p = self._pending(slot, None, shift, None)
+        p.checked = False
+        p.old_K, p.z, p.c32 = self._Kold, self._z, self._c32
         return p
 
     def _pivot_ok(self, p, value):

@@ -28,6 +28,10 @@ window_gemv, rank2_rows
                 the explicit inverse's slot replacement (a deletion and an insertion):
                 a GEMV, then one block per row writing the new inverse, z = C_new^{-1} u
                 and the cancellation guards' verdict.
+*_p             the same kernels for one CUDA graph that serves every update and step
+                of a full window (``kernels/step_graph``): the slot and the addresses
+                that change from call to call (x, y, C^{-1}, the new C^{-1}, K) read
+                from a device array instead of the launch's arguments.
 """
 from __future__ import annotations
 
@@ -574,9 +578,10 @@ __device__ __forceinline__ void block_sum_rows(double* v, int nr, double* red) {
 }
 
 // rows i = nr * blockIdx.x + r of Ci: x[i] = (Ci b)_i, ax[i] = b_i x_i, dg[i] = Ci[i, i]
-__global__ void window_gemv(const double* __restrict__ Ci, const double* __restrict__ u,
-                            double* __restrict__ x, double* __restrict__ ax,
-                            double* __restrict__ dg, int m, int s, int nr) {
+__device__ __forceinline__ void window_gemv_impl(const double* __restrict__ Ci,
+                                                 const double* __restrict__ u,
+                                                 double* __restrict__ x, double* __restrict__ ax,
+                                                 double* __restrict__ dg, int m, int s, int nr) {
     __shared__ double red[32 * REPLACE_ROWS];
     const int i0 = blockIdx.x * nr;
     nr = min(nr, m - i0);                              // block-uniform
@@ -622,8 +627,16 @@ __global__ void window_gemv(const double* __restrict__ Ci, const double* __restr
     }
 }
 
+__global__ void window_gemv(const double* Ci, const double* u, double* x, double* ax,
+                            double* dg, int m, int s, int nr)
+{ window_gemv_impl(Ci, u, x, ax, dg, m, s, nr); }
+// the step graph's variant (P: _graph_variants below): C^{-1} = P[3], the slot P[2]
+__global__ void window_gemv_p(const long long* P, const double* u, double* x, double* ax,
+                              double* dg, int m, int nr)
+{ window_gemv_impl(reinterpret_cast<const double*>(P[3]), u, x, ax, dg, m, (int)P[2], nr); }
+
 // rows i = nr * blockIdx.x + r of the new inverse
-__global__ void rank2_rows(const double* __restrict__ Ci, double* __restrict__ out,
+__device__ __forceinline__ void rank2_rows_impl(const double* __restrict__ Ci, double* __restrict__ out,
                            const double* __restrict__ x, const double* __restrict__ ax,
                            const double* __restrict__ dg, const double* __restrict__ u,
                            double* __restrict__ K, double* __restrict__ oldK,
@@ -703,6 +716,19 @@ __global__ void rank2_rows(const double* __restrict__ Ci, double* __restrict__ o
     }
 }
 
+__global__ void rank2_rows(const double* Ci, double* out, const double* x, const double* ax,
+                           const double* dg, const double* u, double* K, double* oldK,
+                           double* z, float* cz, double* status, double shift, int m, int s,
+                           int nr)
+{ rank2_rows_impl(Ci, out, x, ax, dg, u, K, oldK, z, cz, status, shift, m, s, nr); }
+// the step graph's variant (P: _graph_variants below): C^{-1} = P[3], the new C^{-1} P[4], K P[5], the slot P[2]
+__global__ void rank2_rows_p(const long long* P, const double* x, const double* ax,
+                             const double* dg, const double* u, double* oldK, double* z,
+                             float* cz, double* status, double shift, int m, int nr)
+{ rank2_rows_impl(reinterpret_cast<const double*>(P[3]), reinterpret_cast<double*>(P[4]), x, ax,
+                  dg, u, reinterpret_cast<double*>(P[5]), oldK, z, cz, status, shift, m,
+                  (int)P[2], nr); }
+
 // slot-order coefficients from the arrival-order solution: c[(start+k)%m] = ca[k]
 __global__ void scatter_f32(const double* __restrict__ ca, float* __restrict__ c,
                             int m, int start, int n) {
@@ -716,6 +742,41 @@ __global__ void scatter_f64(const double* __restrict__ ca, double* __restrict__ 
 }
 }
 """
+
+
+def _graph_variants():
+    """The ``_p`` variants of the passes for a CUDA graph that serves every call
+    (:mod:`mfac_linalg.kernels.step_graph`): what changes from call to call is read from
+    the device array P, which the graph's first node fills: P[0] x, P[1] y, P[2] the
+    slot (window_gemv_p and rank2_rows_p, in the CUDA source above, read P[3] C^{-1},
+    P[4] the new C^{-1} and P[5] K).  Written out per storage type, as the kernels
+    above are."""
+    out = ['extern "C" {']
+    for sfx, T, R in (("f32", "float", 4), ("bf16", "__nv_bfloat16", 8),
+                      ("f16", "__half", 8)):
+        for w, A in (("", "float"), ("_w", "double")):
+            out.append(f"""
+__global__ void rows_dot_{sfx}{w}_p(const long long* P, {T}* G, double* u, int m, long long ld,
+                                    long long chunk, int groups, {T}* backup, double* flag,
+                                    int want_y, float inv_lam)
+{{ rows_dot_impl<{T}, {R}, {A}>(reinterpret_cast<const float*>(P[0]), G, u, m, ld, (int)P[2],
+                               chunk, groups, backup, flag,
+                               want_y ? reinterpret_cast<float*>(P[1]) : nullptr, inv_lam); }}""")
+        out.append(f"""
+__global__ void combine_{sfx}_p(const long long* P, const {T}* G, const float* c, int m,
+                                long long ld, int rows_per, float scale)
+{{ combine_impl<{T}>(G, c, reinterpret_cast<float*>(P[1]), m, ld, rows_per, scale); }}
+__global__ void combine_{sfx}_w_p(const long long* P, const {T}* G, const double* c,
+                                  double* part, unsigned* count, int m, long long ld,
+                                  int rows_per, double inv_lam, double cscale, double* flag)
+{{ combine_wide_impl<{T}>(G, c, reinterpret_cast<const float*>(P[0]),
+                         reinterpret_cast<float*>(P[1]), part, count, m, ld, rows_per,
+                         inv_lam, cscale, flag); }}""")
+    out.append("}\n")
+    return "\n".join(out)
+
+
+SOURCE += _graph_variants()
 
 
 @functools.lru_cache(maxsize=None)
@@ -753,6 +814,38 @@ def _ptr(a):
     return np.uintp(0) if a is None else a
 
 
+#: threads per block of the passes over the buffer
+_THREADS = 256
+
+
+class PinnedRead:
+    """A small float64 device array (at most ``n`` values, contiguous, on the current
+    device) read on the host through page-locked memory of its own: one copy and one
+    synchronisation of the current stream (``.get()``'s copy into pageable memory costs
+    the host more).  Other arrays go through ``B.to_host``.  One caller at a time (the
+    window's lock)."""
+
+    def __init__(self, n):
+        self.n = int(n)
+        self._mem = self._host = None
+
+    def __call__(self, a):
+        """A NumPy copy of ``a``."""
+        import cupy as cp
+        if (a.size > self.n or a.dtype != np.float64 or not a.flags.c_contiguous
+                or a.device.id != cp.cuda.runtime.getDevice()):
+            from .. import _backend as B
+            return B.to_host(a)
+        if self._mem is None:
+            self._mem = cp.cuda.alloc_pinned_memory(8 * self.n)
+            self._host = np.frombuffer(self._mem, np.float64, self.n)
+        stream = cp.cuda.get_current_stream()
+        cp.cuda.runtime.memcpyAsync(self._host.ctypes.data, a.data.ptr, 8 * a.size,
+                                    cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+        stream.synchronize()
+        return self._host[:a.size].copy()
+
+
 def _want(what, a, dtype):
     """The kernels take raw pointers: an array of another dtype would be misread (and was,
     once: float64 coefficients through the float32 pass 2), so every launch checks."""
@@ -778,19 +871,22 @@ def rows_dot(G, kind, x, u, slot=-1, rows=None, *, backup=None, flag=None, y=Non
     ld = G.shape[1]
     if m == 0:
         return u
-    threads = 256
-    vec = 16 // ITEMSIZE[kind]
-    chunk = threads * vec * 8
-    R = 4 if kind == "float32" else 8     # rows per block: the x chunk is loaded once for R rows
-    groups = (m + R - 1) // R
-    grid = (groups * ((ld + chunk - 1) // chunk),)
-    fn("rows_dot_" + SUFFIX[kind] + ("_w" if wide else ""))(grid, (threads,), (
+    grid, chunk, groups = rows_dot_grid(m, ld, kind)
+    fn("rows_dot_" + SUFFIX[kind] + ("_w" if wide else ""))(grid, (_THREADS,), (
         x, G, u, np.int32(m), np.int64(ld), np.int32(slot), np.int64(chunk), np.int32(groups),
         _ptr(backup), _ptr(flag), _ptr(y), np.float32(inv_lam)))
     return u
 
 
-_THREADS = 256
+def rows_dot_grid(m, ld, kind):
+    """(grid, chunk, groups) of pass 1 over m >= 1 rows of length ld: one block per R
+    rows (4 for float32, 8 for 16-bit storage: the x chunk is loaded once for R rows) and
+    column chunk of ``chunk`` values, the row groups first."""
+    vec = 16 // ITEMSIZE[kind]
+    chunk = _THREADS * vec * 8
+    R = 4 if kind == "float32" else 8
+    groups = (m + R - 1) // R
+    return (groups * ((ld + chunk - 1) // chunk),), chunk, groups
 
 
 def _sm_count():
@@ -1003,6 +1099,81 @@ def window_replace(Ci, out, u, K, oldK, x, ax, dg, z, c, status, s, shift, *, ro
     fn("window_gemv")(grid, (128,), (Ci, u, x, ax, dg, np.int32(m), np.int32(s), np.int32(nr)))
     fn("rank2_rows")(grid, (128,), (Ci, out, x, ax, dg, u, K, oldK, z, c, status,
                                     np.float64(shift), np.int32(m), np.int32(s), np.int32(nr)))
+
+
+# -- the ``_p`` variants (one CUDA graph for every call: ``kernels/step_graph``,
+# ``kernels/blocks.WideGraph``); P: a device int64 array [x, y, slot, C^{-1}, the new
+# C^{-1}, K] (addresses as integers; the entries a kernel does not read may be anything)
+def graph_kernels(kind, wide, want_y, replace):
+    """The names of the ``_p`` kernels the launchers below take for a storage kind: a
+    graph loads them (``fn``) before its capture, which must launch only."""
+    sfx = SUFFIX[kind]
+    names = ["rows_dot_" + sfx + ("_w" if wide else "") + "_p"]
+    if replace:
+        names += ["window_gemv_p", "rank2_rows_p"]
+    if want_y:
+        names.append("combine_" + sfx + ("_w" if wide else "") + "_p")
+    return names
+
+
+def rows_dot_p(P, G, kind, u, rows=None, *, backup=None, flag=None, want_y=False,
+               inv_lam=1.0, wide=False):
+    """:func:`rows_dot` with x = P[0], the slot P[2] and, with ``want_y``, y = P[1]."""
+    _want("rows_dot_p: P", P, np.int64)
+    _want("rows_dot_p: u", u, np.float64)
+    _want("rows_dot_p: flag", flag, np.float64)
+    m = G.shape[0] if rows is None else rows
+    ld = G.shape[1]
+    if m == 0:
+        return u
+    grid, chunk, groups = rows_dot_grid(m, ld, kind)
+    fn("rows_dot_" + SUFFIX[kind] + ("_w" if wide else "") + "_p")(grid, (_THREADS,), (
+        P, G, u, np.int32(m), np.int64(ld), np.int64(chunk), np.int32(groups), _ptr(backup),
+        _ptr(flag), np.int32(bool(want_y)), np.float32(inv_lam)))
+    return u
+
+
+def combine_p(P, G, kind, c, scale, rows=None):
+    """:func:`combine` into y = P[1]."""
+    _want("combine_p: P", P, np.int64)
+    _want("combine_p: c", c, np.float32)
+    m = G.shape[0] if rows is None else rows
+    ld = G.shape[1]
+    if m == 0:
+        return
+    bx, splits, rows_per = combine_grid(m, ld, kind)
+    fn("combine_" + SUFFIX[kind] + "_p")((bx, splits), (_THREADS,),
+                                         (P, G, c, np.int32(m), np.int64(ld),
+                                          np.int32(rows_per), np.float32(scale)))
+
+
+def combine_wide_p(P, G, kind, c, lam, part, count, rows=None, *, cscale=1.0, flag=None,
+                   inv_lam=None):
+    """:func:`combine_wide` with x = P[0] and y = P[1]."""
+    _want("combine_wide_p: P", P, np.int64)
+    _want("combine_wide_p: c", c, np.float64)
+    _want("combine_wide_p: flag", flag, np.float64)
+    m = G.shape[0] if rows is None else rows
+    ld = G.shape[1]
+    bx, splits, rows_per = combine_grid(m, ld, kind)
+    if splits > 1 and (part is None or part.size < splits * ld or count.size < bx):
+        raise ValueError("combine_wide_p: scratch too small for the grid")
+    fn("combine_" + SUFFIX[kind] + "_w_p")(
+        (bx, splits), (_THREADS,),
+        (P, G, c, _ptr(part), _ptr(count), np.int32(m), np.int64(ld), np.int32(rows_per),
+         np.float64(1.0 / lam if inv_lam is None else inv_lam), np.float64(cscale),
+         _ptr(flag)))
+
+
+def window_replace_p(P, m, u, oldK, x, ax, dg, z, c, status, shift):
+    """:func:`window_replace` with C^{-1} = P[3], the new C^{-1} P[4], K P[5] and the
+    slot P[2] (m x m, ``replace_rows(m)`` rows a block: the same bits)."""
+    _want("window_replace_p: P", P, np.int64)
+    nr = replace_rows(m)
+    grid = ((m + nr - 1) // nr,)
+    fn("window_gemv_p")(grid, (128,), (P, u, x, ax, dg, np.int32(m), np.int32(nr)))
+    fn("rank2_rows_p")(grid, (128,), (P, x, ax, dg, u, oldK, z, c, status, np.float64(shift),
+                                      np.int32(m), np.int32(nr)))
 
 
 def scatter(ca, c, start, n):

@@ -147,6 +147,10 @@ class RingBuffer:
             raise
         return Write(slot, old, u, x)       # x: a view of the row as stored
 
+    def step_graph(self, eng, rows, lam, shift, want_y):
+        """A CUDA graph for the next update (the CUDA buffer's); None: launch one by one."""
+        return None
+
     def check_gram(self, w):
         """u must be finite: O(m).  This is also g's NaN/inf check (``prepare(...,
         check=False)`` defers it here): a NaN or infinity in g makes u[slot] = g.g

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import _backend as B
 from .. import _validate as V
 from ..kernels import sliding as K_
+from ..kernels.step_graph import step_graph
 from .buffer import RingBuffer, Write
 
 __all__ = ["CudaRingBuffer"]
@@ -36,6 +36,11 @@ class CudaRingBuffer(RingBuffer):
 
     fused = True
     wide_chunk = 1 << 25     # float64 values per converted chunk of the multi-column passes
+    #: a full window's update and step as one CUDA graph (``step_graph``) where the engine
+    #: allows it, instead of the kernels launched one by one (the same results).  Off
+    #: until a device has run its tests and measured it against the launches
+    #: (tests/test_step_graph.py turns it on per window)
+    graphs = False
 
     def __init__(self, window, dim, storage, backend, wide=False):
         self.m, self.d = int(window), int(dim)
@@ -53,6 +58,7 @@ class CudaRingBuffer(RingBuffer):
             self._u, self._flag, self._st = (self.ws[:self.m], self.ws[self.m:self.m + 1],
                                              self.ws[self.m:self.m + 4])
             self.Gold = xp.zeros(self.ld, dtype=self.storage)
+            self._graphs = {}        # want_y -> (engine, lam, shift, StepGraph or None)
             self._part = self._count = None
             bx = K_.combine_grid(self.m, self.ld, storage)[0]
             splits = K_.combine_max_splits(self.m, self.ld, storage)
@@ -133,7 +139,47 @@ class CudaRingBuffer(RingBuffer):
             K_.combine_wide(self.G, self.name, c, x, y, lam, self._part, self._count, rows=n)
         else:
             K_.combine(self.G, self.name, c, y, -1.0 / lam, rows=n)
+        return self._result(y)
+
+    def _result(self, y):
         return y if self.ld == self.d else y[:self.d]
+
+    # -- a full window's update or step as one CUDA graph --------------------------------
+    def step_graph(self, eng, rows, lam, shift, want_y):
+        """The :class:`~mfac_linalg.kernels.step_graph.StepGraph` that runs the next
+        update (``want_y`` False) or step, or None: the engine cannot take one
+        (``eng.graph_fits``: not a full explicit window with a valid inverse for
+        ``shift``), ``graphs`` is off, or building it failed for this engine, damping
+        and shift.  Built on first use (the capture launches nothing) and kept."""
+        if not (self.graphs and eng.graph_fits(rows, shift)):
+            return None
+        kept = self._graphs.get(want_y)
+        if kept is None or kept[0] is not eng or kept[1:3] != (lam, shift):
+            with self.backend.device_context():
+                graph = step_graph(self, eng, lam, shift, want_y)
+            kept = self._graphs[want_y] = (eng, lam, shift, graph)
+        return kept[3]
+
+    def reset(self):
+        self._graphs.clear()        # the old engine's graphs (and its memory) go
+        super().reset()
+
+    def load(self, G):
+        self._graphs.clear()
+        super().load(G)
+
+    def launch_graph(self, graph, slot, row, want_y):
+        """Launch ``graph`` (``step_graph``) for g = ``row`` into ``slot``: the
+        :class:`~.buffer.Write` to undo, its y (length ld) complete once
+        ``graph.status()`` returns.  Nothing has run where this raises."""
+        xq = self._stored(row)
+        y = self.backend.xp.empty(self.ld, dtype=np.float32) if want_y else None
+        graph.launch(slot, xq, y)
+        return Write(slot, self.Gold, self._u, xq, y, self._st)
+
+    def graph_result(self, w):
+        """The step's result of a graph's Write (``launch_graph``), length d."""
+        return self._result(w.y)
 
     # -- one vector: the fused matvec ---------------------------------------------------
     def start_vector(self, x, n, lam, check):
@@ -161,8 +207,12 @@ class CudaRingBuffer(RingBuffer):
         return self._pass2(x, y, c, n, lam)
 
     def flagged(self):
-        """Synchronise and read the vector's NaN/inf flag."""
-        return bool(B.scalar(self.ws[self.m]))
+        """Synchronise and read the vector's NaN/inf flag (through page-locked memory,
+        as the engine reads an update's status)."""
+        read = self.__dict__.get("_read")
+        if read is None:
+            read = self._read = K_.PinnedRead(1)
+        return bool(read(self._flag)[0])
 
     # -- reads -----------------------------------------------------------------------------
     def held(self, n):

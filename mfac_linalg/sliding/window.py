@@ -210,19 +210,30 @@ class SlidingWindowInverseFisher(ckpt.Checkpointing, Operator):
         """One transaction: pass 1 (write g, u = G g), the engine's staged replacement,
         pass 2 if a step, the commit; any error undoes both and re-raises."""
         slot, rows = self._count % self._m, min(self._n() + 1, self._m)
-        buf, eng = self._buf, self._eng
-        w = buf.begin(slot, row, rows, lam=self._damping, want_y=want_y)
-        try:
-            buf.check_gram(w)
-            p = eng.replace(slot, w.u, self._shift(rows), defer=defer, status=w.status,
-                            rebuild=rebuild or self._since_refresh >= self._refresh_every)
-        except BaseException:
-            buf.undo(w)
-            raise
+        buf, eng, lam, shift = self._buf, self._eng, self._damping, self._shift(rows)
+        rebuild = rebuild or self._since_refresh >= self._refresh_every
+        # a full GPU window: the whole update as one CUDA graph where the engine takes it
+        graph = None if rebuild or defer else buf.step_graph(eng, rows, lam, shift, want_y)
+        if graph is not None:
+            p = eng.graph_pending(slot, shift)
+            w = buf.launch_graph(graph, slot, row, want_y)      # nothing ran if it raises
+            p.u, p.status = w.u, w.status
+        else:
+            w = buf.begin(slot, row, rows, lam=lam, want_y=want_y)
+            try:
+                buf.check_gram(w)
+                p = eng.replace(slot, w.u, shift, defer=defer, status=w.status,
+                                rebuild=rebuild)
+            except BaseException:
+                buf.undo(w)
+                raise
         try:
             y = None
-            if want_y:
-                y = buf.finish_step(w, eng.coefficients(p, buf.coef_dtype), p.n, self._damping)
+            if graph is not None:
+                p.host = graph.status()                 # the one host synchronisation
+                y = buf.graph_result(w) if want_y else None
+            elif want_y:
+                y = buf.finish_step(w, eng.coefficients(p, buf.coef_dtype), p.n, lam)
             ok = eng.commit(p)
         except BaseException:
             eng.rollback(p)
