@@ -1101,9 +1101,9 @@ def window_replace(Ci, out, u, K, oldK, x, ax, dg, z, c, status, s, shift, *, ro
                                     np.float64(shift), np.int32(m), np.int32(s), np.int32(nr)))
 
 
-# -- the ``_p`` variants (one CUDA graph for every call: ``kernels/step_graph``,
-# ``kernels/blocks.WideGraph``); P: a device int64 array [x, y, slot, C^{-1}, the new
-# C^{-1}, K] (addresses as integers; the entries a kernel does not read may be anything)
+# -- the ``_p`` variants (one CUDA graph for every call: ``kernels/step_graph``); P: a
+# device int64 array [x, y, slot, C^{-1}, the new C^{-1}, K] (addresses as integers; the
+# entries a kernel does not read may be anything)
 def graph_kernels(kind, wide, want_y, replace):
     """The names of the ``_p`` kernels the launchers below take for a storage kind: a
     graph loads them (``fn``) before its capture, which must launch only."""

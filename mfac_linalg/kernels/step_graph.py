@@ -12,7 +12,12 @@ when it rebuilds).  The kernels' ``_p`` variants (:mod:`mfac_linalg.kernels.slid
 read them there.  The graph's last node copies the status (g's flag, det M and the
 guards' verdict) into page-locked memory, so the call synchronises once and the
 engine's commit reads the status from there.  The arithmetic is the kernels' own: the
-results are bit for bit those of the launches one by one.
+results are bit for bit those of the launches one by one where pass 1 is deterministic
+(d within one column chunk; beyond it its float64 atomics vary from run to run in the
+last bits, as the launches do).
+
+Off for now (``CudaRingBuffer.graphs``): no device has yet run tests/test_step_graph.py
+or timed the graph against the launches.
 """
 from __future__ import annotations
 
@@ -92,6 +97,15 @@ class StepGraph:
                     pass
                 raise
             self.graph = side.end_capture()
+
+    def __del__(self):
+        # the page-locked P goes back to CuPy's pool, which hands it out again at once:
+        # a launch never synchronised (an interrupted call) must have read it first
+        if getattr(self, "_launched", None) is not None:
+            try:
+                self._launched.synchronize()
+            except Exception:           # pragma: no cover - interpreter shutdown
+                pass
 
     def launch(self, slot, x, y):
         """Launch one update (y None) or step on the current stream: g as stored (``x``,
